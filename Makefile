@@ -1,0 +1,29 @@
+# The two commands of the README. Both install what a fresh machine lacks, then run cargo.
+# Everything builds in the release profile: one compile of rocksdb serves the demo, the tests
+# and the benchmarks.
+
+CARGO ?= cargo
+DEMO_ARGS ?=
+
+.PHONY: demo test deps bench clippy fmt
+
+deps:
+	@./scripts/install-deps.sh
+
+## Run the local demo of the whole mesh (origin, two sites, stagers and edges on loopback).
+demo: deps
+	$(CARGO) run --release -p netsim --bin netsim -- demo $(DEMO_ARGS)
+
+## Run every test of the workspace.
+test: deps
+	$(CARGO) test --release --workspace
+
+## Run the criterion benchmarks (slow; not part of `make test`).
+bench: deps
+	$(CARGO) bench -p benches
+
+clippy:
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all

@@ -1,0 +1,332 @@
+//! `edge-agent fetch`: download a bundle from the site's stagers (falling back to a second
+//! stager, then the origin), verifying every 16 KiB group, into the local store.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use proto::bundles;
+use proto::manifest::{BundleId, Manifest};
+use proto::mesh::fetch::{fetch_blob, fetch_manifest, resolve, FetchError};
+use proto::mesh::PeerCounters;
+use proto::metrics::Metrics;
+use proto::net::{client_endpoint, connect, NodeIdentity, Role};
+use proto::store::{Store, StoreOptions};
+use proto::BlobHash;
+use quinn::{Connection, Endpoint};
+
+/// Chunks fetched at once.
+pub const FETCH_CONCURRENCY: usize = 8;
+
+/// The identity directory under an edge's state directory.
+pub fn identity_dir(dir: &Path) -> PathBuf {
+    dir.join("identity")
+}
+
+/// Opens the edge's store.
+pub fn open_store(dir: &Path) -> Result<Store> {
+    let path = dir.join("store");
+    Store::open(&path, StoreOptions::default())
+        .with_context(|| format!("cannot open the store in {}", path.display()))
+}
+
+/// What to fetch: a bundle id, or `NAME@VERSION` (or `NAME` for the newest).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BundleSpec {
+    /// By id.
+    Id(BundleId),
+    /// By name and optional version.
+    Name {
+        /// Bundle name.
+        name: String,
+        /// Version, or the newest.
+        version: Option<String>,
+    },
+}
+
+impl std::str::FromStr for BundleSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return s.parse().map(BundleSpec::Id).map_err(|e| e.to_string());
+        }
+        if s.is_empty() {
+            return Err("empty bundle name".into());
+        }
+        Ok(match s.split_once('@') {
+            Some((name, version)) => BundleSpec::Name {
+                name: name.to_owned(),
+                version: Some(version.to_owned()),
+            },
+            None => BundleSpec::Name {
+                name: s.to_owned(),
+                version: None,
+            },
+        })
+    }
+}
+
+struct Source {
+    addr: SocketAddr,
+    role: &'static str,
+    conn: Option<Connection>,
+    down: bool,
+    banned: bool,
+}
+
+/// The sources of one fetch, in order of preference, with their state.
+pub struct Sources {
+    endpoint: Endpoint,
+    sources: tokio::sync::Mutex<Vec<Source>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Sources {
+    /// Stagers first, in the order given, then the origin.
+    pub fn new(endpoint: Endpoint, stagers: &[SocketAddr], origin: Option<SocketAddr>, metrics: Arc<Metrics>) -> Self {
+        let mut sources: Vec<Source> = stagers
+            .iter()
+            .map(|&addr| Source {
+                addr,
+                role: "stager",
+                conn: None,
+                down: false,
+                banned: false,
+            })
+            .collect();
+        if let Some(addr) = origin {
+            sources.push(Source {
+                addr,
+                role: "origin",
+                conn: None,
+                down: false,
+                banned: false,
+            });
+        }
+        Self {
+            endpoint,
+            sources: tokio::sync::Mutex::new(sources),
+            metrics,
+        }
+    }
+
+    /// The first usable source after `skip` of them: a connection, its index and counters.
+    async fn get(&self, from: usize) -> Option<(usize, Connection, PeerCounters)> {
+        let mut sources = self.sources.lock().await;
+        for index in from..sources.len() {
+            let source = &mut sources[index];
+            if source.down || source.banned {
+                continue;
+            }
+            if let Some(conn) = &source.conn {
+                if conn.close_reason().is_none() {
+                    let counters = PeerCounters::new(&self.metrics, source.role, "");
+                    return Some((index, conn.clone(), counters));
+                }
+            }
+            match connect(&self.endpoint, source.addr).await {
+                Ok(conn) => {
+                    tracing::info!(source = %source.addr, role = source.role, "connected");
+                    source.conn = Some(conn.clone());
+                    let counters = PeerCounters::new(&self.metrics, source.role, "");
+                    return Some((index, conn, counters));
+                }
+                Err(error) => {
+                    tracing::warn!(source = %source.addr, role = source.role, %error, "source unreachable; trying the next");
+                    source.down = true;
+                }
+            }
+        }
+        None
+    }
+
+    async fn mark(&self, index: usize, error: &FetchError) {
+        let mut sources = self.sources.lock().await;
+        let Some(source) = sources.get_mut(index) else { return };
+        if error.is_corrupt_source() {
+            tracing::error!(source = %source.addr, role = source.role, %error, "source sent data that did not verify; banned for this fetch");
+            self.metrics
+                .counter("stagecoach_sources_banned_total", "Sources banned for sending bad data", &[])
+                .inc();
+            source.banned = true;
+        } else if matches!(error, FetchError::Net(_)) {
+            source.down = true;
+        }
+    }
+
+    /// Runs `op` against the sources in order until one succeeds.
+    async fn with_source<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut(Connection, PeerCounters) -> Fut,
+        Fut: std::future::Future<Output = Result<T, FetchError>>,
+    {
+        let mut from = 0;
+        let mut last_error = None;
+        while let Some((index, conn, counters)) = self.get(from).await {
+            match op(conn, counters).await {
+                Ok(value) => return Ok(value),
+                Err(error) if error.is_source_fault() => {
+                    tracing::warn!(%error, what, "source failed; trying the next");
+                    self.mark(index, &error).await;
+                    last_error = Some(error);
+                    from = index + 1;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        match last_error {
+            Some(error) => Err(anyhow::Error::new(error).context(format!("no source could provide {what}"))),
+            None => bail!("no source reachable for {what}"),
+        }
+    }
+}
+
+/// What a finished fetch reports.
+#[derive(Debug, Clone)]
+pub struct FetchReport {
+    /// The bundle.
+    pub id: BundleId,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Bytes received from all sources.
+    pub bytes_received: u64,
+    /// Chunks that were already in the store.
+    pub chunks_present: usize,
+}
+
+/// Fetches `spec` into the store under `dir` from `stagers`, then the origin.
+pub async fn fetch(dir: &Path, spec: &BundleSpec, stagers: &[SocketAddr], show_progress: bool) -> Result<FetchReport> {
+    let identity = NodeIdentity::load(&identity_dir(dir))?;
+    if identity.role() != Role::Edge {
+        bail!("{} holds a {} identity, not an edge's", dir.display(), identity.role());
+    }
+    let store = open_store(dir)?;
+    let metrics = Metrics::new();
+    let endpoint = client_endpoint(&identity)?;
+    let origin = identity.origin_addr().parse().ok();
+    let sources = Sources::new(endpoint.clone(), stagers, origin, metrics.clone());
+    let trusted = [*identity.publisher_key()];
+
+    let id = match spec {
+        BundleSpec::Id(id) => *id,
+        BundleSpec::Name { name, version } => {
+            sources
+                .with_source("the bundle name", |conn, _| {
+                    let (name, version) = (name.clone(), version.clone());
+                    async move { resolve(&conn, &name, version.as_deref()).await }
+                })
+                .await?
+                .id
+        }
+    };
+    let (signed, manifest) = sources
+        .with_source("the manifest", |conn, _| async move { fetch_manifest(&conn, id, &trusted).await })
+        .await?;
+
+    let bar = if show_progress {
+        let bar = ProgressBar::new(manifest.total_stored_bytes);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("{}@{}", manifest.name, manifest.version));
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let mut todo: Vec<(BlobHash, u64)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut chunks_present = 0;
+    for chunk in &manifest.chunks {
+        if !seen.insert(chunk.hash) {
+            continue;
+        }
+        if store.has_blob(&chunk.hash) {
+            chunks_present += 1;
+            bar.inc(chunk.stored_bytes);
+        } else {
+            todo.push((chunk.hash, chunk.stored_bytes));
+        }
+    }
+    let sources = Arc::new(sources);
+    let received = Arc::new(Mutex::new(0u64));
+    let slots = Arc::new(tokio::sync::Semaphore::new(FETCH_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (hash, size) in todo {
+        let permit = slots.clone().acquire_owned().await?;
+        let (sources, store, bar, received) = (sources.clone(), store.clone(), bar.clone(), received.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            let bytes = sources
+                .with_source(&format!("chunk {hash}"), |conn, counters| {
+                    let store = store.clone();
+                    async move { fetch_blob(&conn, &store, hash, size, &counters, None).await }
+                })
+                .await?;
+            bar.inc(size);
+            if let Ok(mut r) = received.lock() {
+                *r += bytes;
+            }
+            anyhow::Ok(())
+        });
+        while let Some(done) = tasks.try_join_next() {
+            done.context("fetch task failed")??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("fetch task failed")??;
+    }
+    tokio::task::block_in_place(|| -> Result<()> {
+        bundles::pin_bundle(&store, &id, &manifest)?;
+        store.put_manifest(&signed)?;
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    endpoint.close(0u32.into(), b"done");
+    let bytes_received = received.lock().map(|r| *r).unwrap_or(0);
+    Ok(FetchReport {
+        id,
+        manifest,
+        bytes_received,
+        chunks_present,
+    })
+}
+
+/// Unpacks bundle `manifest` from the store under `dir` into `to`.
+pub fn unpack_to(dir: &Path, manifest: &Manifest, to: &Path, show_progress: bool) -> Result<()> {
+    let store = open_store(dir)?;
+    let bar = if show_progress {
+        ProgressBar::new(manifest.total_raw_bytes)
+    } else {
+        ProgressBar::hidden()
+    };
+    proto::pack::unpack(manifest, &store, to, &mut |p| bar.set_position(p.raw_bytes_done))
+        .with_context(|| format!("cannot unpack into {}", to.display()))?;
+    bar.finish_and_clear();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundle_specs_parse() {
+        let id = BlobHash::of(b"x");
+        assert_eq!(id.to_string().parse::<BundleSpec>(), Ok(BundleSpec::Id(id)));
+        assert_eq!(
+            "base@1.2".parse::<BundleSpec>(),
+            Ok(BundleSpec::Name { name: "base".into(), version: Some("1.2".into()) })
+        );
+        assert_eq!(
+            "base".parse::<BundleSpec>(),
+            Ok(BundleSpec::Name { name: "base".into(), version: None })
+        );
+        assert!("".parse::<BundleSpec>().is_err());
+    }
+}

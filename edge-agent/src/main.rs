@@ -1,0 +1,459 @@
+//! `edge-agent`: the per-machine agent's command line.
+//!
+//! Every command is a variant of [`Command`] with its own argument struct; add new ones the same
+//! way. Exit codes: 0 success, 1 error, [`EXIT_SWAP_FAILED`] when a swap ended on the old or the
+//! rescue OS, [`REBOOT_EXIT_CODE`] when the agent asks its supervisor to reboot.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use edge_agent::swap::bundles::{parse_trusted_keys, BundleStore};
+use edge_agent::swap::machine::Step;
+use edge_agent::swap::plan::{DEFAULT_BOOT_ATTEMPTS, DEFAULT_IDENTITY_PATHS};
+use edge_agent::swap::sim::{run_sim_machine, BootExit, NoHooks, SimMachineConfig, DEFAULT_MAX_BOOTS};
+use edge_agent::swap::store::open_store;
+use edge_agent::swap::{
+    self, fault, machine_store_dir, status, HealthCheck, MachineSpec, RunEnd, Slot, SwapContext,
+    SwapPlan, REBOOT_EXIT_CODE,
+};
+use proto::BundleId;
+
+/// Exit code of a swap that ended without the new OS (aborted or rolled back); `status` says why.
+pub const EXIT_SWAP_FAILED: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(name = "edge-agent", version, about = "Stagecoach edge agent: swaps this machine's operating system safely")]
+struct Cli {
+    /// Log filter, in RUST_LOG syntax (e.g. `debug`, `edge_agent=trace`).
+    #[arg(long, global = true, env = "EDGE_AGENT_LOG", default_value = "info")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Swap the OS: rescue to slot B, boot it, target to slot A with this machine's identity,
+    /// trial-boot A with health checks, then commit or roll back to the rescue.
+    Swap(SwapArgs),
+    /// Continue the journaled swap, if any. Run at every boot (a systemd unit on a real machine).
+    Resume(MachineArgs),
+    /// Show the slots, the boot loader and the swap journal.
+    Status(StatusArgs),
+    /// Roll back: to the old OS if slot A is not yet wiped, else to the rescue OS.
+    Rollback(RollbackArgs),
+    /// Create a simulated machine running an OS bundle from slot A.
+    SimProvision(SimProvisionArgs),
+    /// Run a simulated machine: firmware, then the agent, rebooting until it settles.
+    SimMachine(SimMachineArgs),
+    /// Obtain this edge's certificate with a token from `origin enroll --role edge`.
+    Enroll(EnrollArgs),
+    /// Download a bundle from the site's stagers (then the origin), verifying every 16 KiB.
+    Fetch(FetchArgs),
+}
+
+/// Arguments of `edge-agent enroll`.
+#[derive(Args, Debug)]
+struct EnrollArgs {
+    /// The token.
+    token: String,
+    /// The edge's state directory (identity and bundle store).
+    #[arg(long, default_value = "/var/lib/stagecoach/edge")]
+    dir: PathBuf,
+}
+
+/// Arguments of `edge-agent fetch`.
+#[derive(Args, Debug)]
+struct FetchArgs {
+    /// NAME@VERSION, NAME (the newest) or a bundle id.
+    bundle: edge_agent::fetch::BundleSpec,
+    /// The edge's state directory (identity and bundle store).
+    #[arg(long, default_value = "/var/lib/stagecoach/edge")]
+    dir: PathBuf,
+    /// A stager of this site (repeatable; tried in order, then the origin).
+    #[arg(long = "stager")]
+    stagers: Vec<std::net::SocketAddr>,
+    /// Also unpack the bundle into this directory.
+    #[arg(long)]
+    to: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// Which machine to act on.
+#[derive(Args, Debug, Clone)]
+struct MachineArgs {
+    /// Root directory of a simulated machine.
+    #[arg(long, required_unless_present = "linux_config", conflicts_with = "linux_config")]
+    root: Option<PathBuf>,
+    /// JSON configuration of a real machine (slot devices, grubenv, storage, reboot command).
+    #[arg(long)]
+    linux_config: Option<PathBuf>,
+    /// The slot running now (default: what the simulator recorded, or the kernel command line).
+    #[arg(long)]
+    booted_slot: Option<Slot>,
+}
+
+impl MachineArgs {
+    fn spec(&self) -> Result<MachineSpec> {
+        match (&self.root, &self.linux_config) {
+            (Some(root), None) => Ok(MachineSpec::Sim { root: root.clone() }),
+            (None, Some(config)) => Ok(MachineSpec::Linux {
+                config: config.clone(),
+            }),
+            _ => bail!("give exactly one of --root (simulated machine) and --linux-config (real machine)"),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct SwapArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Bundle id of the OS to install in slot A.
+    #[arg(long)]
+    target: BundleId,
+    /// Bundle id of the base (rescue) OS for slot B.
+    #[arg(long)]
+    rescue: BundleId,
+    /// Trusted publisher key (64 hex digits); repeat for several.
+    #[arg(long = "trust", required = true)]
+    trusted: Vec<String>,
+    /// Blob store holding both bundles (default: the machine's own store in its storage area).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Identity path to carry over, relative to the slot root; repeat (default: network
+    /// configuration, SSH host keys, etc/stagecoach).
+    #[arg(long = "identity")]
+    identity: Vec<String>,
+    /// Health check: `network-up`, `reach-stager=HOST:PORT` or `command=SHELL COMMAND`; repeat
+    /// (default: network-up and reach-stager with --stager).
+    #[arg(long = "health-check")]
+    health_checks: Vec<HealthCheck>,
+    /// The stager's address, for the default health checks.
+    #[arg(long)]
+    stager: Option<String>,
+    /// Trial boots of the new OS before falling back to the rescue.
+    #[arg(long, default_value_t = DEFAULT_BOOT_ATTEMPTS)]
+    boot_attempts: u8,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct RollbackArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Why, for the journal and the report.
+    #[arg(long, default_value = "operator request")]
+    reason: String,
+}
+
+#[derive(Args, Debug)]
+struct SimProvisionArgs {
+    /// Root directory of the simulated machine to create.
+    #[arg(long)]
+    root: PathBuf,
+    /// Blob store holding the OS bundle.
+    #[arg(long)]
+    store: PathBuf,
+    /// Bundle id of the OS to install in slot A.
+    #[arg(long)]
+    os: BundleId,
+    /// Trusted publisher key (64 hex digits); repeat for several.
+    #[arg(long = "trust", required = true)]
+    trusted: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct SimMachineArgs {
+    /// Root directory of the simulated machine.
+    #[arg(long)]
+    root: PathBuf,
+    /// Boots before giving up.
+    #[arg(long, default_value_t = DEFAULT_MAX_BOOTS)]
+    max_boots: u32,
+    /// The agent command of the first boot, e.g. `swap --target ID ...`; `--root` and
+    /// `--booted-slot` are added. Later boots run `resume`.
+    #[arg(last = true, required = true)]
+    agent_args: Vec<OsString>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    if let Err(e) = fault::init_from_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Swap(args) => cmd_swap(args),
+        Command::Resume(machine) => cmd_resume(&machine),
+        Command::Status(args) => cmd_status(&args),
+        Command::Rollback(args) => cmd_rollback(&args),
+        Command::SimProvision(args) => cmd_sim_provision(&args),
+        Command::SimMachine(args) => cmd_sim_machine(args),
+        Command::Enroll(args) => cmd_enroll(&args),
+        Command::Fetch(args) => cmd_fetch(&args),
+    }
+}
+
+fn cmd_swap(args: SwapArgs) -> Result<ExitCode> {
+    let spec = args.machine.spec()?;
+    let mut platform = spec.open(args.machine.booted_slot).context("cannot open the machine")?;
+    let machine_store = machine_store_dir(platform.as_ref());
+    let source_store = match &args.store {
+        Some(dir) if !same_dir(dir, &machine_store) => Some(
+            dir.canonicalize()
+                .with_context(|| format!("bundle store {} does not exist", dir.display()))?,
+        ),
+        _ => None,
+    };
+    let health_checks = if args.health_checks.is_empty() {
+        let Some(stager) = &args.stager else {
+            bail!("the default health checks (network up, stager reachable) need the stager's address: pass --stager HOST:PORT, or choose checks with --health-check");
+        };
+        vec![
+            HealthCheck::NetworkUp,
+            HealthCheck::ReachStager {
+                addr: stager.clone(),
+            },
+        ]
+    } else {
+        args.health_checks
+    };
+    let identity_paths = if args.identity.is_empty() {
+        DEFAULT_IDENTITY_PATHS.iter().map(|p| (*p).to_owned()).collect()
+    } else {
+        args.identity
+    };
+    let plan = SwapPlan {
+        target: args.target,
+        rescue: args.rescue,
+        identity_paths,
+        health_checks,
+        boot_attempts: args.boot_attempts,
+        trusted_publishers: args.trusted,
+        source_store,
+    };
+    let store = open_store(&machine_store)
+        .with_context(|| format!("cannot open the machine's store {}", machine_store.display()))?;
+    let source = match &plan.source_store {
+        Some(dir) => Some(
+            open_store(dir).with_context(|| format!("cannot open bundle store {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let mut ctx = SwapContext {
+        platform: platform.as_mut(),
+        store: &store,
+        source: source.as_ref().map(|s| s as &dyn BundleStore),
+    };
+    let end = swap::start_swap(&mut ctx, plan).context("swap failed")?;
+    Ok(exit_for(&end))
+}
+
+fn cmd_resume(machine: &MachineArgs) -> Result<ExitCode> {
+    let spec = machine.spec()?;
+    let mut platform = spec.open(machine.booted_slot).context("cannot open the machine")?;
+    let journal = swap::journal::Journal::in_storage(&platform.storage_dir());
+    let Some(state) = journal.load().context("cannot read the swap journal")? else {
+        tracing::info!("no swap on record; nothing to resume");
+        return Ok(ExitCode::SUCCESS);
+    };
+    if state.step.is_terminal() {
+        tracing::info!(step = state.step.name(), "the last swap has ended; nothing to resume");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let machine_store = machine_store_dir(platform.as_ref());
+    let store = open_store(&machine_store)
+        .with_context(|| format!("cannot open the machine's store {}", machine_store.display()))?;
+    // The source store is read only until the bundles are staged into the machine's store.
+    let needs_source = matches!(state.step, Step::VerifyBundles | Step::StageBundles);
+    let source = match (&state.plan.source_store, needs_source) {
+        (Some(dir), true) => Some(
+            open_store(dir).with_context(|| format!("cannot open bundle store {}", dir.display()))?,
+        ),
+        _ => None,
+    };
+    let mut ctx = SwapContext {
+        platform: platform.as_mut(),
+        store: &store,
+        source: source.as_ref().map(|s| s as &dyn BundleStore),
+    };
+    match swap::resume(&mut ctx).context("resuming the swap failed")? {
+        Some(end) => Ok(exit_for(&end)),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+fn cmd_status(args: &StatusArgs) -> Result<ExitCode> {
+    let spec = args.machine.spec()?;
+    let mut platform = spec.open(args.machine.booted_slot).context("cannot open the machine")?;
+    let report = status::collect(platform.as_mut());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).context("cannot encode the status")?);
+    } else {
+        print!("{report}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_rollback(args: &RollbackArgs) -> Result<ExitCode> {
+    let spec = args.machine.spec()?;
+    let mut platform = spec.open(args.machine.booted_slot).context("cannot open the machine")?;
+    let machine_store = machine_store_dir(platform.as_ref());
+    let store = open_store(&machine_store)
+        .with_context(|| format!("cannot open the machine's store {}", machine_store.display()))?;
+    let mut ctx = SwapContext {
+        platform: platform.as_mut(),
+        store: &store,
+        source: None,
+    };
+    let end = swap::rollback(&mut ctx, &args.reason).context("rollback failed")?;
+    Ok(exit_for(&end))
+}
+
+fn cmd_sim_provision(args: &SimProvisionArgs) -> Result<ExitCode> {
+    let trusted = parse_trusted_keys(&args.trusted)?;
+    let store = open_store(&args.store)
+        .with_context(|| format!("cannot open bundle store {}", args.store.display()))?;
+    let marker = swap::provision_sim(&args.root, &store, &args.os, &trusted)
+        .with_context(|| format!("cannot provision {}", args.root.display()))?;
+    println!(
+        "provisioned {}: slot A runs {} {} (bundle {})",
+        args.root.display(),
+        marker.name,
+        marker.version,
+        marker.bundle
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_sim_machine(args: SimMachineArgs) -> Result<ExitCode> {
+    let agent = std::env::current_exe().context("cannot find the edge-agent executable")?;
+    let config = SimMachineConfig {
+        agent,
+        root: args.root.clone(),
+        first_args: args.agent_args,
+        max_boots: args.max_boots,
+    };
+    let boots = run_sim_machine(&config, &mut NoHooks)
+        .with_context(|| format!("simulated machine {} failed", args.root.display()))?;
+    for boot in &boots {
+        println!(
+            "boot {}: slot {} ({} {}) -> {:?}",
+            boot.index, boot.slot, boot.marker.name, boot.marker.version, boot.exit
+        );
+    }
+    let code = match boots.last().map(|b| b.exit) {
+        Some(BootExit::Exited(code)) => u8::try_from(code).unwrap_or(1),
+        _ => 1,
+    };
+    Ok(ExitCode::from(code))
+}
+
+/// The exit code for how a run ended: a swap that ended on the old or rescue OS is a failure
+/// unless an operator asked for the rollback.
+fn exit_for(end: &RunEnd) -> ExitCode {
+    match end {
+        RunEnd::Rebooting(_) => ExitCode::from(REBOOT_EXIT_CODE as u8),
+        RunEnd::Idle(_) => ExitCode::SUCCESS,
+        RunEnd::Finished(state) if state.step == Step::Done || state.rollback_requested => {
+            println!("swap {}", state.step.name());
+            ExitCode::SUCCESS
+        }
+        RunEnd::Finished(state) => {
+            println!(
+                "swap {}: {}",
+                state.step.name(),
+                state.failure.as_deref().unwrap_or("no reason recorded")
+            );
+            ExitCode::from(EXIT_SWAP_FAILED)
+        }
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn cmd_enroll(args: &EnrollArgs) -> Result<ExitCode> {
+    let token = proto::net::EnrollToken::parse(&args.token)?;
+    let dir = edge_agent::fetch::identity_dir(&args.dir);
+    let identity = runtime()?.block_on(proto::net::enroll(&token, &dir))?;
+    println!(
+        "enrolled as {} in site {}; origin at {}",
+        identity.role(),
+        identity.site(),
+        identity.origin_addr()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_fetch(args: &FetchArgs) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let report = runtime()?.block_on(edge_agent::fetch::fetch(
+        &args.dir,
+        &args.bundle,
+        &args.stagers,
+        !args.no_progress,
+    ))?;
+    println!(
+        "bundle {} {}@{}: {} bytes received, {} of {} chunks already here, {:.2} s",
+        report.id,
+        report.manifest.name,
+        report.manifest.version,
+        report.bytes_received,
+        report.chunks_present,
+        report.manifest.chunks.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(to) = &args.to {
+        edge_agent::fetch::unpack_to(&args.dir, &report.manifest, to, !args.no_progress)?;
+        println!("unpacked into {}", to.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,122 @@
+//! Fault injection for crash tests: the agent SIGKILLs itself at a chosen point.
+//!
+//! Off unless [`init_from_env`] finds one of the variables below. A SIGKILL runs no destructor
+//! and flushes nothing, like a power cut seen from the process (the page cache survives it; that
+//! is what the fsyncs are for).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use super::machine::Step;
+
+/// `<step>:<before|after>`: die just before or just after the side effect of that step (the
+/// step's state is already journaled in both cases). Step names are [`Step::name`].
+pub const CRASH_AT_ENV: &str = "STAGECOACH_CRASH_AT";
+
+/// `N`: die at the N-th crash point of this process (journal writes, and every file operation
+/// of unpacking, wiping and copying the identity).
+pub const CRASH_AFTER_OPS_ENV: &str = "STAGECOACH_CRASH_AFTER_OPS";
+
+/// Where around a step's side effect a crash lands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// After the step is journaled, before its side effect.
+    Before,
+    /// After its side effect, before the next state is journaled.
+    After,
+}
+
+#[derive(Debug)]
+struct Faults {
+    at: Option<(Step, Phase)>,
+    after_ops: Option<u64>,
+    ops: AtomicU64,
+}
+
+static FAULTS: OnceLock<Faults> = OnceLock::new();
+
+/// Reads the fault-injection variables. Call once at start-up; an error names the bad value.
+pub fn init_from_env() -> Result<(), String> {
+    let at = match std::env::var(CRASH_AT_ENV) {
+        Ok(text) => Some(parse_crash_at(&text)?),
+        Err(_) => None,
+    };
+    let after_ops = match std::env::var(CRASH_AFTER_OPS_ENV) {
+        Ok(text) => Some(text.parse::<u64>().map_err(|_| {
+            format!("{CRASH_AFTER_OPS_ENV}={text:?} is not a count of operations")
+        })?),
+        Err(_) => None,
+    };
+    if at.is_some() || after_ops.is_some() {
+        tracing::warn!(?at, ?after_ops, "fault injection armed");
+    }
+    // A second call keeps the first setting: the variables do not change within a process.
+    let _ = FAULTS.set(Faults {
+        at,
+        after_ops,
+        ops: AtomicU64::new(0),
+    });
+    Ok(())
+}
+
+/// Parses `<step>:<before|after>`.
+pub fn parse_crash_at(text: &str) -> Result<(Step, Phase), String> {
+    let bad = || {
+        format!("{CRASH_AT_ENV}={text:?}: expected <step>:<before|after>, with a step such as install-target")
+    };
+    let (step, phase) = text.split_once(':').ok_or_else(bad)?;
+    let step = Step::from_name(step).ok_or_else(bad)?;
+    let phase = match phase {
+        "before" => Phase::Before,
+        "after" => Phase::After,
+        _ => return Err(bad()),
+    };
+    Ok((step, phase))
+}
+
+/// A crash point around a step's side effect.
+pub fn step_point(step: Step, phase: Phase) {
+    if let Some(faults) = FAULTS.get() {
+        if faults.at == Some((step, phase)) {
+            die(&format!("{}:{phase:?}", step.name()));
+        }
+    }
+    op_point("step");
+}
+
+/// A crash point after one operation (`what` is logged when it fires).
+pub fn op_point(what: &'static str) {
+    if let Some(faults) = FAULTS.get() {
+        let done = faults.ops.fetch_add(1, Ordering::SeqCst) + 1;
+        if faults.after_ops == Some(done) {
+            die(&format!("operation {done} ({what})"));
+        }
+    }
+}
+
+fn die(point: &str) -> ! {
+    eprintln!("fault injection: SIGKILL at {point}");
+    // SAFETY: kill and getpid have no memory-safety preconditions.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    // SIGKILL cannot be caught; should the kill somehow fail, end just as abruptly.
+    std::process::abort()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_at_parses_step_and_phase() {
+        assert_eq!(
+            parse_crash_at("install-target:before"),
+            Ok((Step::InstallTarget, Phase::Before))
+        );
+        assert_eq!(parse_crash_at("commit:after"), Ok((Step::Commit, Phase::After)));
+        assert!(parse_crash_at("install-target").is_err());
+        assert!(parse_crash_at("nope:before").is_err());
+        assert!(parse_crash_at("commit:during").is_err());
+    }
+}

@@ -1,0 +1,254 @@
+//! Starting the real Stagecoach binaries and making sure every one of them stops.
+//!
+//! Each child is started with `PR_SET_PDEATHSIG = SIGKILL`, so it dies with netsim even when
+//! netsim itself is killed with SIGKILL; [`Fleet`]'s `Drop` kills whatever is left on every
+//! other exit path (error, panic, Ctrl-C).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::process::{Child, Command};
+
+/// How long a daemon may take to write its ready file.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often the ready file is polled.
+const READY_POLL: Duration = Duration::from_millis(20);
+
+/// Where the sibling binaries (`origin`, `stager`, `edge-agent`) live.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    dir: PathBuf,
+}
+
+impl Binaries {
+    /// The directory of the running executable, which `cargo build --bins` fills with all
+    /// workspace binaries.
+    pub fn beside_current_exe() -> Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the running executable")?;
+        let mut dir = exe
+            .parent()
+            .context("the running executable has no parent directory")?
+            .to_path_buf();
+        // Integration tests run from target/<profile>/deps.
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        Self::in_dir(dir)
+    }
+
+    /// Binaries in `dir`; fails with a hint when one is missing.
+    pub fn in_dir(dir: PathBuf) -> Result<Self> {
+        for name in ["origin", "stager", "edge-agent"] {
+            if !dir.join(name).is_file() {
+                bail!(
+                    "binary `{name}` not found in {}: build them with `cargo build --release --bins`",
+                    dir.display()
+                );
+            }
+        }
+        Ok(Self { dir })
+    }
+
+    /// Path of binary `name`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// A command to run, with its log file.
+pub fn command(bin: &Path, args: &[String], log: &Path) -> Result<Command> {
+    let log_file = std::fs::File::create(log)
+        .with_context(|| format!("cannot create log file {}", log.display()))?;
+    let err_file = log_file.try_clone().context("cannot duplicate log file handle")?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log_file))
+        .stderr(Stdio::from(err_file))
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// Every long-running process netsim started. Dropping it kills them all.
+#[derive(Default)]
+pub struct Fleet {
+    children: Vec<(String, Child)>,
+}
+
+impl Fleet {
+    /// Starts `cmd` as `name` and keeps it.
+    pub fn spawn(&mut self, name: &str, mut cmd: Command) -> Result<u32> {
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        let pid = child.id().unwrap_or(0);
+        tracing::debug!(name, pid, "started");
+        self.children.push((name.to_owned(), child));
+        Ok(pid)
+    }
+
+    /// Process ids of every child still held.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().filter_map(|(_, c)| c.id()).collect()
+    }
+
+    /// Fails if any child has exited, naming it and its status.
+    pub fn check_alive(&mut self) -> Result<()> {
+        for (name, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("{name} exited early with {status}; see its log");
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills the child called `name` with SIGKILL and waits for it.
+    pub async fn kill(&mut self, name: &str) -> Result<()> {
+        if let Some(pos) = self.children.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = self.children.remove(pos);
+            child.kill().await.with_context(|| format!("cannot kill {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// Stops every child: SIGTERM, a short grace period, then SIGKILL.
+    pub async fn shutdown(&mut self) {
+        for (_, child) in &self.children {
+            if let Some(pid) = child.id() {
+                // SAFETY: plain kill(2) on a pid we started and have not reaped.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGTERM);
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for (name, child) in &mut self.children {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, child.wait()).await.is_err() {
+                tracing::warn!(name = %name, "did not stop on SIGTERM; killing");
+                let _ = child.kill().await;
+            }
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// Waits until `path` exists and parses as JSON `T` (daemons write it atomically once bound).
+pub async fn wait_ready<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    fleet: &mut Fleet,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Ok(bytes) = std::fs::read(path) {
+            if let Ok(value) = serde_json::from_slice(&bytes) {
+                return Ok(value);
+            }
+        }
+        fleet.check_alive()?;
+        if start.elapsed() > READY_TIMEOUT {
+            bail!("{} did not appear within {:?}", path.display(), READY_TIMEOUT);
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+}
+
+/// Runs a short-lived command to completion and returns its stdout; fails with its stderr.
+pub async fn run_to_end(bin: &Path, args: &[String]) -> Result<String> {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    let output = cmd
+        .output()
+        .await
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if !output.status.success() {
+        bail!(
+            "{} {} failed with {}: {}",
+            bin.display(),
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Fetches the Prometheus text of a daemon's metrics endpoint.
+pub async fn scrape(addr: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot reach metrics endpoint {addr}"))?;
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    socket.read_to_string(&mut text).await?;
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}
+
+/// Sums every series of `name` in Prometheus text whose labels include all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if series_name != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")));
+            if !all {
+                return None;
+            }
+            value.trim().parse::<u64>().ok()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sum_filters_by_labels() {
+        let text = "# HELP x y\nstagecoach_bytes_sent_total{peer_role=\"edge\",peer_site=\"a\"} 10\nstagecoach_bytes_sent_total{peer_role=\"stager\",peer_site=\"a\"} 5\nother 7\n";
+        assert_eq!(metric_sum(text, "stagecoach_bytes_sent_total", &[]), 15);
+        assert_eq!(
+            metric_sum(text, "stagecoach_bytes_sent_total", &[("peer_role", "edge")]),
+            10
+        );
+        assert_eq!(metric_sum(text, "other", &[]), 7);
+        assert_eq!(metric_sum(text, "missing", &[]), 0);
+    }
+}

@@ -1,0 +1,13 @@
+//! The origin: certificate authority, publisher and the source of every bundle.
+//!
+//! - [`home`]: the origin's directory (CA, keys, identities, store, catalog).
+//! - [`catalog`]: published bundles in order, with sequence numbers for subscribers.
+//! - [`tokens`]: one-time enrollment secrets.
+//! - [`server`]: `origin serve` (mesh and enrollment endpoints).
+//! - [`publish`]: `origin publish` (pack, upload, publish).
+
+pub mod catalog;
+pub mod home;
+pub mod publish;
+pub mod server;
+pub mod tokens;

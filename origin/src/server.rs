@@ -1,0 +1,368 @@
+//! `origin serve`: the mesh endpoint (bundles to stagers, uploads from the publisher) and the
+//! enrollment endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use proto::bundles;
+use proto::mesh::serve::{serve_blob, spans_to_ranges, ServeOptions};
+use proto::mesh::server::{self, RequestHandler};
+use proto::mesh::{names, PeerCounters};
+use proto::metrics::Metrics;
+use proto::net::{
+    cert_fingerprint, enroll_endpoint, serve_enrollment, server_endpoint, write_frame,
+    EnrollDenied, EnrollGrant, PeerIdentity, Role,
+};
+use proto::store::Store;
+use proto::wire::{BundleInfo, ErrorCode, Request, Response, MAX_PUT_BLOB_BYTES};
+use proto::BlobHash;
+use quinn::{RecvStream, SendStream};
+use tokio::sync::broadcast;
+
+use crate::catalog::Catalog;
+use crate::home::{write_json_atomic, OriginHome, ServeAddrs};
+use crate::tokens;
+
+/// Announcements buffered for slow subscribers before they must resubscribe.
+pub const ANNOUNCE_QUEUE: usize = 1024;
+
+/// How often the metrics summary is logged.
+pub const METRICS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Where `origin serve` listens.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Mesh (QUIC, mutual TLS).
+    pub listen: SocketAddr,
+    /// Enrollment (QUIC, server TLS only).
+    pub enroll_listen: SocketAddr,
+    /// Prometheus metrics (HTTP).
+    pub metrics_listen: SocketAddr,
+    /// Also write the bound addresses here (the demo waits for it).
+    pub ready_file: Option<std::path::PathBuf>,
+}
+
+/// The running origin.
+pub struct Origin {
+    store: Store,
+    catalog: Catalog,
+    publisher_key: ed25519_dalek::VerifyingKey,
+    announcements: broadcast::Sender<BundleInfo>,
+    metrics: Arc<Metrics>,
+}
+
+impl Origin {
+    fn counters(&self, peer: &PeerIdentity) -> PeerCounters {
+        PeerCounters::new(&self.metrics, peer.role.as_str(), peer.site.as_str())
+    }
+
+    fn request_counter(&self, kind: &'static str) {
+        self.metrics
+            .counter(names::REQUESTS, "Requests served", &[("kind", kind)])
+            .inc();
+    }
+
+    fn forbidden(&self, peer: &PeerIdentity, what: &str) -> Response {
+        self.metrics
+            .counter(names::FORBIDDEN, "Requests refused for the peer's role", &[])
+            .inc();
+        tracing::warn!(%peer, what, "refused: role may not do this");
+        Response::Error {
+            code: ErrorCode::Forbidden,
+            message: format!("a {} certificate may not {what}; only the publisher may", peer.role),
+        }
+    }
+
+    async fn answer(&self, peer: &PeerIdentity, request: Request, send: &mut SendStream) -> Response {
+        match request {
+            Request::ListBundles => {
+                self.request_counter("list");
+                Response::Bundles(self.catalog.all())
+            }
+            Request::Resolve { name, version } => {
+                self.request_counter("resolve");
+                match self.catalog.resolve(&name, version.as_deref()) {
+                    Some(info) => Response::Resolved(info),
+                    None => not_found(format!(
+                        "no bundle {name}{}",
+                        version.map(|v| format!("@{v}")).unwrap_or_default()
+                    )),
+                }
+            }
+            Request::GetManifest { id } => {
+                self.request_counter("manifest");
+                match self.store.get_manifest(&id) {
+                    Ok(Some(signed)) => Response::Manifest(signed),
+                    Ok(None) => not_found(format!("no bundle {id}")),
+                    Err(error) => internal(error),
+                }
+            }
+            Request::PutBlob { hash, data } => {
+                self.request_counter("put_blob");
+                if peer.role != Role::Publisher {
+                    return self.forbidden(peer, "upload blobs");
+                }
+                if data.len() > MAX_PUT_BLOB_BYTES || BlobHash::of(&data) != hash {
+                    return Response::Error {
+                        code: ErrorCode::BadRequest,
+                        message: format!("uploaded bytes do not hash to {hash} (or exceed {MAX_PUT_BLOB_BYTES} bytes)"),
+                    };
+                }
+                self.counters(peer).received.add(data.len() as u64);
+                match tokio::task::block_in_place(|| self.store.put_blob(&data)) {
+                    Ok(_) => Response::Ok,
+                    Err(error) => internal(error),
+                }
+            }
+            Request::Publish { manifest: signed } => {
+                self.request_counter("publish");
+                if peer.role != Role::Publisher {
+                    return self.forbidden(peer, "publish");
+                }
+                match self.publish(signed) {
+                    Ok(info) => {
+                        tracing::info!(bundle = %info.id, name = %info.name, version = %info.version, seq = info.seq, "published");
+                        Response::Resolved(info)
+                    }
+                    Err(message) => Response::Error {
+                        code: ErrorCode::BadRequest,
+                        message,
+                    },
+                }
+            }
+            Request::GetBlob { hash, groups, .. } => {
+                self.request_counter("get_blob");
+                let ranges = match spans_to_ranges(&groups) {
+                    Ok(r) => r,
+                    Err(message) => {
+                        return Response::Error {
+                            code: ErrorCode::BadRequest,
+                            message,
+                        }
+                    }
+                };
+                let counters = self.counters(peer);
+                let options = ServeOptions {
+                    progress: None,
+                    corrupt: false,
+                    counters: &counters,
+                };
+                if let Err(error) = serve_blob(&self.store, send, hash, ranges, options).await {
+                    tracing::debug!(%peer, blob = %hash, %error, "blob stream ended early");
+                }
+                // serve_blob finished the stream itself.
+                Response::Ok
+            }
+            Request::Subscribe { .. } | Request::Enroll { .. } => Response::Error {
+                code: ErrorCode::BadRequest,
+                message: "not a request for this endpoint".into(),
+            },
+        }
+    }
+
+    fn publish(&self, signed: proto::SignedManifest) -> std::result::Result<BundleInfo, String> {
+        let manifest = signed
+            .verify(&[self.publisher_key])
+            .map_err(|e| e.to_string())?;
+        let missing = manifest
+            .chunks
+            .iter()
+            .filter(|c| !self.store.has_blob(&c.hash))
+            .count();
+        if missing > 0 {
+            return Err(format!("{missing} chunks of the bundle were not uploaded"));
+        }
+        let id = signed.id();
+        tokio::task::block_in_place(|| -> std::result::Result<(), String> {
+            bundles::pin_bundle(&self.store, &id, &manifest).map_err(|e| e.to_string())?;
+            self.store.put_manifest(&signed).map_err(|e| e.to_string())?;
+            Ok(())
+        })?;
+        let info = BundleInfo {
+            id,
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            kind: manifest.kind,
+            chunk_count: manifest.chunks.len() as u64,
+            stored_bytes: manifest.total_stored_bytes,
+            raw_bytes: manifest.total_raw_bytes,
+            seq: 0,
+        };
+        let info = self.catalog.append(info).map_err(|e| e.to_string())?;
+        self.metrics
+            .gauge("stagecoach_bundle_stored_bytes", "Stored bytes of the newest bundle", &[])
+            .set(info.stored_bytes);
+        self.metrics
+            .gauge("stagecoach_bundle_raw_bytes", "Payload bytes of the newest bundle", &[])
+            .set(info.raw_bytes);
+        // No subscriber is fine: they catch up from the catalog when they connect.
+        let _ = self.announcements.send(info.clone());
+        Ok(info)
+    }
+
+    async fn subscribe(&self, peer: &PeerIdentity, after_seq: u64, send: &mut SendStream) {
+        self.request_counter("subscribe");
+        // Subscribe before reading the backlog so nothing published in between is lost.
+        let mut live = self.announcements.subscribe();
+        let mut last = after_seq;
+        for info in self.catalog.after(after_seq) {
+            last = info.seq;
+            if write_frame(send, &Response::Announce(info)).await.is_err() {
+                return;
+            }
+        }
+        tracing::info!(%peer, after_seq, "subscriber caught up");
+        loop {
+            match live.recv().await {
+                Ok(info) if info.seq > last => {
+                    last = info.seq;
+                    if write_frame(send, &Response::Announce(info)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    for info in self.catalog.after(last) {
+                        last = info.seq;
+                        if write_frame(send, &Response::Announce(info)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+impl RequestHandler for Origin {
+    async fn handle(
+        self: Arc<Self>,
+        peer: PeerIdentity,
+        request: Request,
+        mut send: SendStream,
+        _recv: RecvStream,
+    ) {
+        if let Request::Subscribe { after_seq } = request {
+            self.subscribe(&peer, after_seq, &mut send).await;
+            return;
+        }
+        let is_blob = matches!(request, Request::GetBlob { .. });
+        let response = self.answer(&peer, request, &mut send).await;
+        if is_blob && matches!(response, Response::Ok) {
+            return;
+        }
+        if let Ok(frame) = proto::wire::encode_frame(&response) {
+            self.counters(&peer).sent.add(frame.len() as u64);
+        }
+        if write_frame(&mut send, &response).await.is_ok() {
+            let _ = send.finish();
+        }
+    }
+}
+
+fn not_found(message: String) -> Response {
+    Response::Error {
+        code: ErrorCode::NotFound,
+        message,
+    }
+}
+
+fn internal(error: impl std::fmt::Display) -> Response {
+    tracing::error!(%error, "request failed");
+    Response::Error {
+        code: ErrorCode::Internal,
+        message: error.to_string(),
+    }
+}
+
+/// Runs `origin serve` until Ctrl-C or SIGTERM.
+pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
+    let identity = home.origin_identity()?;
+    let ca = Arc::new(home.ca()?);
+    let store = home.store()?;
+    let catalog = Catalog::open(&home.catalog_path())?;
+    let metrics = Metrics::new();
+    for info in catalog.all() {
+        metrics
+            .gauge("stagecoach_bundle_stored_bytes", "Stored bytes of the newest bundle", &[])
+            .set(info.stored_bytes);
+        metrics
+            .gauge("stagecoach_bundle_raw_bytes", "Payload bytes of the newest bundle", &[])
+            .set(info.raw_bytes);
+    }
+    let mesh = server_endpoint(config.listen, &identity).context("cannot start the mesh endpoint")?;
+    let mesh_addr = mesh.local_addr()?;
+    let enroll = enroll_endpoint(config.enroll_listen, &identity)
+        .context("cannot start the enrollment endpoint")?;
+    let enroll_addr = enroll.local_addr()?;
+    let metrics_addr = proto::metrics::serve(config.metrics_listen, metrics.clone())
+        .await
+        .context("cannot start the metrics endpoint")?;
+    let addrs = ServeAddrs {
+        mesh: mesh_addr.to_string(),
+        enroll: enroll_addr.to_string(),
+        metrics: metrics_addr.to_string(),
+    };
+    write_json_atomic(&home.serve_file(), &addrs)?;
+    // Tokens embed the fingerprint of the certificate the enrollment endpoint presents.
+    write_json_atomic(
+        &home.dir().join("enroll-fingerprint.json"),
+        &hex::encode(cert_fingerprint(identity.cert_der())),
+    )?;
+    let (announcements, _) = broadcast::channel(ANNOUNCE_QUEUE);
+    let origin = Arc::new(Origin {
+        store,
+        catalog,
+        publisher_key: *identity.publisher_key(),
+        announcements,
+        metrics: metrics.clone(),
+    });
+    let tokens_dir = home.tokens_dir();
+    tokens::check_dir(&tokens_dir)?;
+    let publisher_key = *identity.publisher_key();
+    let origin_addr = mesh_addr.to_string();
+    let enrolled = metrics.counter("stagecoach_enrollments_total", "Nodes enrolled", &[]);
+    tokio::spawn(serve_enrollment(enroll, move |request| {
+        let ca = ca.clone();
+        let tokens_dir = tokens_dir.clone();
+        let origin_addr = origin_addr.clone();
+        let enrolled = enrolled.clone();
+        async move {
+            let (role, site) = tokens::consume(&tokens_dir, &request.secret)
+                .map_err(EnrollDenied::forbidden)?;
+            let grant =
+                EnrollGrant::issue(&ca, &request.csr_pem, role, &site, &publisher_key, origin_addr)?;
+            enrolled.inc();
+            tracing::info!(%role, %site, remote = %request.remote, "enrolled a node");
+            Ok(grant)
+        }
+    }));
+    proto::metrics::spawn_log_summary(metrics.clone(), METRICS_LOG_INTERVAL, "origin");
+    tokio::spawn(server::run(mesh.clone(), origin, metrics));
+    if let Some(path) = &config.ready_file {
+        write_json_atomic(path, &addrs)?;
+    }
+    tracing::info!(mesh = %mesh_addr, enroll = %enroll_addr, metrics = %metrics_addr, "origin serving");
+    shutdown_signal().await;
+    tracing::info!("origin stopping");
+    mesh.close(0u32.into(), b"origin stopping");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,21 @@
+//! Stagecoach core: everything every node links.
+//!
+//! Pure modules (no tokio, no sockets, no filesystem): [`hash`], [`codec`], [`manifest`],
+//! [`verify`], [`chunking`], [`wire`]. I/O modules: [`pack`] (reads and writes trees),
+//! [`store`] (blob store on disk).
+
+pub mod bundles;
+pub mod chunking;
+pub mod codec;
+pub mod hash;
+pub mod manifest;
+pub mod mesh;
+pub mod metrics;
+pub mod net;
+pub mod pack;
+pub mod store;
+pub mod verify;
+pub mod wire;
+
+pub use hash::BlobHash;
+pub use manifest::{BundleId, BundleKind, Manifest, SignedManifest};

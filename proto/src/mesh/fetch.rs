@@ -1,0 +1,310 @@
+//! Fetching manifests and blobs from a peer into a [`Store`], verified group by group.
+
+use std::sync::Arc;
+
+use ed25519_dalek::VerifyingKey;
+use quinn::{Connection, RecvStream};
+use tokio::sync::watch;
+
+use crate::hash::BlobHash;
+use crate::manifest::{BundleId, Manifest, ManifestError, SignedManifest, MAX_MANIFEST_BYTES};
+use crate::net::{call, read_exact, read_frame, send_request, NetError};
+use crate::store::{BlobStatus, Store, StoreError};
+use crate::verify::{GroupRanges, VerifyError};
+use crate::wire::{BundleInfo, ErrorCode, Request, Response, MAX_FRAME_BYTES};
+
+use super::serve::{ranges_to_spans, spans_to_ranges};
+use super::PeerCounters;
+
+/// Largest answer frame expected on a blob stream (headers only; data is raw).
+const MAX_BLOB_HEADER_BYTES: usize = 64 * 1024;
+
+/// Why a fetch failed. [`FetchError::is_source_fault`] tells whether to try another source.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The connection or stream failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The source sent data that did not verify; it should be dropped.
+    #[error("source sent bad data for blob {hash}: {source}")]
+    Verify {
+        /// The blob.
+        hash: BlobHash,
+        /// What failed, naming the group.
+        source: VerifyError,
+    },
+    /// The manifest was refused.
+    #[error("bundle {id}: {source}")]
+    Manifest {
+        /// The bundle.
+        id: BundleId,
+        /// Why.
+        source: ManifestError,
+    },
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The source answered with an error.
+    #[error("source refused: {code:?}: {message}")]
+    Refused {
+        /// Why, for machines.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+    },
+    /// The source broke the protocol.
+    #[error("protocol violation by the source: {0}")]
+    Protocol(String),
+    /// The source did not have every group.
+    #[error("source held only part of blob {hash}: {missing} groups still missing")]
+    Incomplete {
+        /// The blob.
+        hash: BlobHash,
+        /// Groups still missing.
+        missing: u64,
+    },
+}
+
+impl FetchError {
+    /// True when the source (not this node) is at fault, so another source may succeed.
+    pub fn is_source_fault(&self) -> bool {
+        !matches!(self, FetchError::Store(_) | FetchError::Manifest { .. })
+    }
+
+    /// True when the source sent provably wrong bytes: drop and ban it.
+    pub fn is_corrupt_source(&self) -> bool {
+        matches!(self, FetchError::Verify { source, .. } if source.is_corrupt_data())
+    }
+}
+
+fn refused_or_unexpected(response: Response, wanted: &str) -> FetchError {
+    match response {
+        Response::Error { code, message } => FetchError::Refused { code, message },
+        other => FetchError::Protocol(format!("expected {wanted}, got {other:?}")),
+    }
+}
+
+/// Lists the bundles of the server on `conn`.
+pub async fn list_bundles(conn: &Connection) -> Result<Vec<BundleInfo>, FetchError> {
+    match call(conn, &Request::ListBundles, MAX_FRAME_BYTES).await? {
+        Response::Bundles(list) => Ok(list),
+        other => Err(refused_or_unexpected(other, "a bundle list")),
+    }
+}
+
+/// Resolves `name` (at `version`, or the newest) on the server on `conn`.
+pub async fn resolve(
+    conn: &Connection,
+    name: &str,
+    version: Option<&str>,
+) -> Result<BundleInfo, FetchError> {
+    let request = Request::Resolve {
+        name: name.to_owned(),
+        version: version.map(str::to_owned),
+    };
+    match call(conn, &request, MAX_FRAME_BYTES).await? {
+        Response::Resolved(info) => Ok(info),
+        other => Err(refused_or_unexpected(other, "a resolved bundle")),
+    }
+}
+
+/// Fetches the signed manifest of `id` and checks it is that bundle, signed by a `trusted` key.
+pub async fn fetch_manifest(
+    conn: &Connection,
+    id: BundleId,
+    trusted: &[VerifyingKey],
+) -> Result<(SignedManifest, Manifest), FetchError> {
+    let answer = call(conn, &Request::GetManifest { id }, MAX_MANIFEST_BYTES + 4096).await?;
+    let signed = match answer {
+        Response::Manifest(signed) => signed,
+        other => return Err(refused_or_unexpected(other, "a manifest")),
+    };
+    let manifest = signed
+        .verify_as(id, trusted)
+        .map_err(|source| FetchError::Manifest { id, source })?;
+    Ok((signed, manifest))
+}
+
+/// Where a blob fetch reports progress: the number of groups written so far, bumped after
+/// every group (cut-through servers wait on it).
+pub type Progress = watch::Sender<u64>;
+
+/// Fetches the groups of blob `hash` (of `size` bytes) that `store` lacks from the server on
+/// `conn`, resuming a partial blob. Only verified groups are written. Returns the bytes
+/// received. On a verification failure the blob keeps its verified groups, and the error says
+/// which group failed.
+pub async fn fetch_blob(
+    conn: &Connection,
+    store: &Store,
+    hash: BlobHash,
+    size: u64,
+    counters: &PeerCounters,
+    progress: Option<&Progress>,
+) -> Result<u64, FetchError> {
+    if matches!(store.blob_status(&hash)?, BlobStatus::Complete { .. }) {
+        return Ok(0);
+    }
+    let mut partial = tokio::task::block_in_place(|| store.begin_or_resume(hash, size))?;
+    let missing = partial.missing();
+    if missing.is_empty() {
+        tokio::task::block_in_place(|| partial.finish())?;
+        return Ok(0);
+    }
+    let request = Request::GetBlob {
+        hash,
+        size,
+        groups: ranges_to_spans(&missing, size),
+    };
+    let mut recv = send_request(conn, &request).await?;
+    let mut received = 0u64;
+    let mut buf = vec![0u8; crate::verify::GROUP_BYTES as usize];
+    loop {
+        let header: Response = read_frame(&mut recv, MAX_BLOB_HEADER_BYTES)
+            .await?
+            .ok_or_else(|| FetchError::Protocol("stream ended without BlobEnd".into()))?;
+        let spans = match header {
+            Response::BlobPart { groups } => groups,
+            Response::BlobEnd => break,
+            other => return Err(refused_or_unexpected(other, "a blob part")),
+        };
+        received += 16;
+        let part = spans_to_ranges(&spans).map_err(FetchError::Protocol)?;
+        if !missing.is_superset(&part) {
+            return Err(FetchError::Protocol(format!(
+                "part {part} holds groups that were not asked for"
+            )));
+        }
+        received += receive_part(&mut recv, &mut partial, part, &mut buf, hash, counters, progress)
+            .await?;
+    }
+    counters.received.add(16);
+    if partial.is_complete() {
+        tokio::task::block_in_place(|| partial.finish())?;
+        Ok(received)
+    } else {
+        let missing = partial.missing().count(size);
+        tokio::task::block_in_place(|| partial.commit())?;
+        Err(FetchError::Incomplete { hash, missing })
+    }
+}
+
+async fn receive_part(
+    recv: &mut RecvStream,
+    partial: &mut crate::store::PartialBlob,
+    part: GroupRanges,
+    buf: &mut Vec<u8>,
+    hash: BlobHash,
+    counters: &PeerCounters,
+    progress: Option<&Progress>,
+) -> Result<u64, FetchError> {
+    let mut decoder = partial.decoder(part);
+    let mut received = 0u64;
+    while let Some(needed) = decoder.needed() {
+        if buf.len() < needed {
+            buf.resize(needed, 0);
+        }
+        let piece = &mut buf[..needed];
+        read_exact(recv, piece).await?;
+        received += needed as u64;
+        counters.received.add(needed as u64);
+        let item = match decoder.push(piece) {
+            Ok(item) => item,
+            Err(source) => {
+                counters.verify_failures.inc();
+                tracing::warn!(blob = %hash, error = %source, "rejected data that did not verify");
+                tokio::task::block_in_place(|| partial.commit())?;
+                return Err(FetchError::Verify { hash, source });
+            }
+        };
+        let is_group = matches!(item, crate::verify::DecodeItem::Group(_));
+        tokio::task::block_in_place(|| partial.accept(item))?;
+        if is_group {
+            if let Some(progress) = progress {
+                progress.send_modify(|groups| *groups += 1);
+            }
+        }
+    }
+    decoder
+        .finish()
+        .map_err(|source| FetchError::Verify { hash, source })?;
+    Ok(received)
+}
+
+/// What [`fetch_bundle`] did.
+#[derive(Debug, Clone, Default)]
+pub struct BundleFetch {
+    /// Bytes received from the source.
+    pub bytes_received: u64,
+    /// Chunks fetched (the rest were already here).
+    pub chunks_fetched: usize,
+    /// Chunks already complete locally.
+    pub chunks_present: usize,
+}
+
+/// Most chunks of one bundle fetched at once from one source.
+pub const BUNDLE_FETCH_CONCURRENCY: usize = 8;
+
+/// Fetches manifest `id` and every chunk `store` lacks from the server on `conn`, stores the
+/// manifest last (so a stored manifest means a complete bundle), and reports stored bytes done
+/// through `on_bytes`.
+pub async fn fetch_bundle(
+    conn: &Connection,
+    store: &Store,
+    id: BundleId,
+    trusted: &[VerifyingKey],
+    counters: &PeerCounters,
+    on_bytes: Arc<dyn Fn(u64) + Send + Sync>,
+) -> Result<(Manifest, BundleFetch), FetchError> {
+    let (signed, manifest) = fetch_manifest(conn, id, trusted).await?;
+    let mut outcome = BundleFetch::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = Vec::new();
+    for chunk in &manifest.chunks {
+        if !seen.insert(chunk.hash) {
+            continue;
+        }
+        if store.has_blob(&chunk.hash) {
+            outcome.chunks_present += 1;
+            on_bytes(chunk.stored_bytes);
+        } else {
+            todo.push(*chunk);
+        }
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut queue = todo.into_iter();
+    let mut first_error = None;
+    loop {
+        while tasks.len() < BUNDLE_FETCH_CONCURRENCY && first_error.is_none() {
+            let Some(chunk) = queue.next() else { break };
+            let (conn, store, counters, on_bytes) =
+                (conn.clone(), store.clone(), counters.clone(), on_bytes.clone());
+            tasks.spawn(async move {
+                let got =
+                    fetch_blob(&conn, &store, chunk.hash, chunk.stored_bytes, &counters, None)
+                        .await;
+                if got.is_ok() {
+                    on_bytes(chunk.stored_bytes);
+                }
+                got
+            });
+        }
+        let Some(joined) = tasks.join_next().await else { break };
+        match joined {
+            Ok(Ok(bytes)) => {
+                outcome.bytes_received += bytes;
+                outcome.chunks_fetched += 1;
+            }
+            Ok(Err(error)) => {
+                first_error.get_or_insert(error);
+            }
+            Err(join) => {
+                first_error.get_or_insert(FetchError::Protocol(format!("fetch task failed: {join}")));
+            }
+        }
+    }
+    if let Some(error) = first_error {
+        return Err(error);
+    }
+    tokio::task::block_in_place(|| store.put_manifest(&signed))?;
+    Ok((manifest, outcome))
+}

@@ -1,0 +1,719 @@
+//! Enrollment: how a node without a certificate gets one.
+//!
+//! `origin enroll --role R --site S` makes an [`EnrollToken`]: the enrollment server's address,
+//! the BLAKE3 fingerprint of its certificate, a one-time secret, and the role and site it grants.
+//! `stager enroll TOKEN` / `edge-agent enroll TOKEN` call [`enroll`], which generates the node's
+//! ed25519 key, connects to the enrollment endpoint trusting only a server certificate with the
+//! token's fingerprint (the node has no CA certificate yet), sends [`Request::Enroll`] with the
+//! secret and a CSR, and saves the [`NodeIdentity`] it gets back.
+//!
+//! The enrollment endpoint is a separate UDP port with server authentication only: its clients
+//! have no certificate yet. The origin serves it with [`serve_enrollment`] and a handler that
+//! checks the secret and issues the certificate ([`EnrollGrant::issue`]).
+
+use std::fmt;
+use std::future::Future;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use data_encoding::BASE32_DNSSEC;
+use ed25519_dalek::VerifyingKey;
+use quinn::{Endpoint, TransportConfig, VarInt};
+use rand::RngCore;
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use super::ca::{CertAuthority, IssuedCert};
+use super::error::NetError;
+use super::frames::{read_frame, refuse_stream, write_frame};
+use super::identity::{NodeIdentity, Role, Site, MESH_SERVER_NAME};
+use super::tls::{crypto_provider, install_crypto_provider, quic_server_config};
+use crate::codec;
+use crate::wire::{ErrorCode, Request, Response};
+
+/// ALPN protocol of the enrollment endpoint; distinct from the mesh's, so neither side can be
+/// mistaken for the other.
+pub const ENROLL_ALPN: &[u8] = b"stagecoach-enroll/1";
+
+/// What every token starts with: `sc`, the format version, `-`.
+pub const TOKEN_PREFIX: &str = "sc1-";
+
+/// Format version of tokens this build writes and reads.
+pub const TOKEN_VERSION: u32 = 1;
+
+/// Longest token accepted, in characters (real ones are about 150).
+pub const MAX_TOKEN_CHARS: usize = 1024;
+
+/// Bytes of BLAKE3 checksum at the end of a token, to catch copy-paste damage.
+const TOKEN_CHECKSUM_BYTES: usize = 4;
+
+/// Largest enrollment request accepted by the server, in bytes (a CSR is about 400).
+pub const MAX_ENROLL_REQUEST_BYTES: usize = 16 * 1024;
+
+/// Largest enrollment answer accepted by the client, in bytes (two certificates).
+pub const MAX_ENROLL_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// Longest one enrollment may take, handshake to answer, on either side.
+pub const ENROLL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Enrollments served at once; more are refused at the door until one finishes.
+pub const MAX_CONCURRENT_ENROLLMENTS: usize = 64;
+
+/// Idle timeout of enrollment connections, in milliseconds.
+const ENROLL_IDLE_TIMEOUT_MS: u32 = 10_000;
+
+/// A one-time enrollment token, printed by `origin enroll` and pasted into `... enroll TOKEN`.
+///
+/// Its text form is [`TOKEN_PREFIX`] followed by lowercase base32 of the encoded fields and a
+/// checksum. Anyone holding it can enroll one node with its role and site, so it is a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnrollToken {
+    /// Where the enrollment endpoint listens.
+    pub enroll_addr: SocketAddr,
+    /// BLAKE3 of the enrollment server's certificate (DER); see [`cert_fingerprint`].
+    pub server_fingerprint: [u8; 32],
+    /// The one-time secret the origin checks.
+    pub secret: [u8; 32],
+    /// The role the certificate will carry.
+    pub role: Role,
+    /// The site the certificate will carry.
+    pub site: Site,
+}
+
+/// The encoded fields of a token (its body before the checksum).
+#[derive(Serialize, Deserialize)]
+struct TokenBody {
+    enroll_addr: SocketAddr,
+    server_fingerprint: [u8; 32],
+    secret: [u8; 32],
+    role: Role,
+    site: Site,
+}
+
+impl EnrollToken {
+    /// A token with a fresh random secret. The origin stores the secret (with role and site)
+    /// and checks it when the node enrolls.
+    pub fn new(
+        enroll_addr: SocketAddr,
+        server_fingerprint: [u8; 32],
+        role: Role,
+        site: Site,
+    ) -> Self {
+        let mut secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        EnrollToken {
+            enroll_addr,
+            server_fingerprint,
+            secret,
+            role,
+            site,
+        }
+    }
+
+    /// The copy-pasteable text form.
+    pub fn encode(&self) -> String {
+        let body = TokenBody {
+            enroll_addr: self.enroll_addr,
+            server_fingerprint: self.server_fingerprint,
+            secret: self.secret,
+            role: self.role,
+            site: self.site.clone(),
+        };
+        // Encoding plain fixed-size fields and a short string cannot fail; an empty body would
+        // be caught by `parse` as damage, never silently accepted.
+        let mut bytes = codec::encode(&body).unwrap_or_default();
+        let checksum = blake3::hash(&bytes);
+        bytes.extend_from_slice(&checksum.as_bytes()[..TOKEN_CHECKSUM_BYTES]);
+        format!("{TOKEN_PREFIX}{}", BASE32_DNSSEC.encode(&bytes))
+    }
+
+    /// Reads a token's text form (surrounding whitespace is ignored).
+    pub fn parse(text: &str) -> Result<Self, NetError> {
+        let text = text.trim();
+        if text.len() > MAX_TOKEN_CHARS {
+            return Err(NetError::BadToken(format!(
+                "{} characters, more than a token ever has ({MAX_TOKEN_CHARS}); paste only the \
+                 token",
+                text.len()
+            )));
+        }
+        let Some(rest) = text.strip_prefix("sc") else {
+            return Err(NetError::BadToken(format!(
+                "it does not start with `{TOKEN_PREFIX}`; copy the whole line `origin enroll` \
+                 printed"
+            )));
+        };
+        let Some((version, payload)) = rest.split_once('-') else {
+            return Err(NetError::BadToken(format!(
+                "it does not start with `{TOKEN_PREFIX}`; copy the whole line `origin enroll` \
+                 printed"
+            )));
+        };
+        match version.parse::<u32>() {
+            Ok(TOKEN_VERSION) => {}
+            Ok(other) => {
+                return Err(NetError::BadToken(format!(
+                    "token format version {other} is not supported (this build reads version \
+                     {TOKEN_VERSION}); use the same Stagecoach version as the origin"
+                )))
+            }
+            Err(_) => {
+                return Err(NetError::BadToken(format!(
+                    "it does not start with `{TOKEN_PREFIX}`; copy the whole line `origin \
+                     enroll` printed"
+                )))
+            }
+        }
+        let bytes = BASE32_DNSSEC.decode(payload.as_bytes()).map_err(|_| {
+            NetError::BadToken(
+                "it holds characters a token never has; it was damaged in copying".to_owned(),
+            )
+        })?;
+        let damaged = || {
+            NetError::BadToken(
+                "its checksum does not match; it was damaged or cut in copying, copy it again"
+                    .to_owned(),
+            )
+        };
+        let split = bytes
+            .len()
+            .checked_sub(TOKEN_CHECKSUM_BYTES)
+            .ok_or_else(damaged)?;
+        let (body, checksum) = bytes.split_at(split);
+        if blake3::hash(body).as_bytes()[..TOKEN_CHECKSUM_BYTES] != *checksum {
+            return Err(damaged());
+        }
+        let body: TokenBody = codec::decode(body, MAX_TOKEN_CHARS)
+            .map_err(|e| NetError::BadToken(format!("unreadable fields: {e}")))?;
+        Ok(EnrollToken {
+            enroll_addr: body.enroll_addr,
+            server_fingerprint: body.server_fingerprint,
+            secret: body.secret,
+            role: body.role,
+            site: body.site,
+        })
+    }
+}
+
+impl fmt::Display for EnrollToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.encode())
+    }
+}
+
+impl FromStr for EnrollToken {
+    type Err = NetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EnrollToken::parse(s)
+    }
+}
+
+impl fmt::Debug for EnrollToken {
+    // Never prints the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrollToken")
+            .field("enroll_addr", &self.enroll_addr)
+            .field("server_fingerprint", &hex::encode(self.server_fingerprint))
+            .field("role", &self.role)
+            .field("site", &self.site)
+            .finish_non_exhaustive()
+    }
+}
+
+/// BLAKE3 of a certificate's DER: what a token pins.
+pub fn cert_fingerprint(cert_der: &[u8]) -> [u8; 32] {
+    *blake3::hash(cert_der).as_bytes()
+}
+
+/// What the enrollment handler is asked.
+pub struct EnrollRequest {
+    /// The one-time secret from the token.
+    pub secret: [u8; 32],
+    /// The node's certificate signing request, PEM (pass it to [`CertAuthority::issue`]).
+    pub csr_pem: String,
+    /// Where the request came from, for logs.
+    pub remote: SocketAddr,
+}
+
+impl fmt::Debug for EnrollRequest {
+    // Never prints the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("remote", &self.remote)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the enrollment handler grants: the fields of [`Response::Enrolled`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrollGrant {
+    /// The node's certificate, PEM.
+    pub cert_pem: String,
+    /// The mesh CA certificate, PEM.
+    pub ca_pem: String,
+    /// The publisher's ed25519 public key.
+    pub publisher_key: [u8; 32],
+    /// Where the origin's mesh endpoint listens (`host:port`).
+    pub origin_addr: String,
+}
+
+impl EnrollGrant {
+    /// Issues the certificate for `csr_pem` with `role` and `site` and wraps it with the rest of
+    /// what a node needs. A bad request is [`ErrorCode::BadRequest`], anything else
+    /// [`ErrorCode::Internal`].
+    pub fn issue(
+        ca: &CertAuthority,
+        csr_pem: &str,
+        role: Role,
+        site: &Site,
+        publisher_key: &VerifyingKey,
+        origin_addr: String,
+    ) -> Result<Self, EnrollDenied> {
+        let cert_pem = ca.issue(csr_pem, role, site).map_err(|e| match e {
+            NetError::BadCsr(_) => EnrollDenied::new(ErrorCode::BadRequest, e.to_string()),
+            other => EnrollDenied::new(ErrorCode::Internal, other.to_string()),
+        })?;
+        Ok(EnrollGrant {
+            cert_pem,
+            ca_pem: ca.cert_pem(),
+            publisher_key: publisher_key.to_bytes(),
+            origin_addr,
+        })
+    }
+}
+
+/// Why the enrollment handler refuses; sent to the node as [`Response::Error`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrollDenied {
+    /// Why, for machines.
+    pub code: ErrorCode,
+    /// Why, for the operator at the node.
+    pub message: String,
+}
+
+impl EnrollDenied {
+    /// A refusal with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        EnrollDenied {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The secret is unknown, used or expired.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Forbidden, message)
+    }
+
+    /// The origin failed; the node may retry.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+}
+
+/// An enrollment endpoint on `bind` (its own UDP port), presenting `identity`'s certificate and
+/// asking clients for none. Put [`cert_fingerprint`] of `identity.cert_der()` in the tokens.
+pub fn enroll_endpoint(bind: SocketAddr, identity: &NodeIdentity) -> Result<Endpoint, NetError> {
+    install_crypto_provider();
+    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::TlsConfig(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(vec![identity.cert_der().clone()], identity.private_key())
+        .map_err(|e| NetError::TlsConfig(e.to_string()))?;
+    tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
+    let config = quic_server_config(tls, enroll_transport())?;
+    let endpoint =
+        Endpoint::server(config, bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    tracing::info!(addr = %bind, "enrollment endpoint listening");
+    Ok(endpoint)
+}
+
+/// Answers enrollment requests on `endpoint` with `handler` until the endpoint is closed. Each
+/// enrollment runs in its own task, bounded by [`ENROLL_TIMEOUT`] and
+/// [`MAX_CONCURRENT_ENROLLMENTS`]; failures are logged, never fatal.
+pub async fn serve_enrollment<H, F>(endpoint: Endpoint, handler: H)
+where
+    H: Fn(EnrollRequest) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<EnrollGrant, EnrollDenied>> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_ENROLLMENTS));
+    while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, limit = MAX_CONCURRENT_ENROLLMENTS, "too many enrollments at once; refused");
+            incoming.refuse();
+            continue;
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(ENROLL_TIMEOUT, serve_one(incoming, &*handler)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(%remote, error = %e, kind = e.kind(), "enrollment failed")
+                }
+                Err(_) => tracing::warn!(
+                    %remote,
+                    timeout_ms = ENROLL_TIMEOUT.as_millis() as u64,
+                    "enrollment timed out"
+                ),
+            }
+        });
+    }
+    tracing::info!("enrollment endpoint closed");
+}
+
+async fn serve_one<H, F>(incoming: quinn::Incoming, handler: &H) -> Result<(), NetError>
+where
+    H: Fn(EnrollRequest) -> F,
+    F: Future<Output = Result<EnrollGrant, EnrollDenied>>,
+{
+    let remote = incoming.remote_address();
+    let conn = incoming.accept()?.await?;
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let request = match read_frame::<Request>(&mut recv, MAX_ENROLL_REQUEST_BYTES).await {
+        Ok(Some(request)) => request,
+        Ok(None) => {
+            return Err(NetError::UnexpectedMessage(
+                "the client closed the stream without a request".to_owned(),
+            ))
+        }
+        Err(e) if e.is_bad_input() => {
+            refuse_stream(&mut send, &mut recv, &e).await?;
+            let _ = send.stopped().await;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    let answer = match request {
+        Request::Enroll { secret, csr_pem } => {
+            match handler(EnrollRequest {
+                secret,
+                csr_pem,
+                remote,
+            })
+            .await
+            {
+                Ok(grant) => {
+                    tracing::info!(%remote, "enrollment granted");
+                    Response::Enrolled {
+                        cert_pem: grant.cert_pem,
+                        ca_pem: grant.ca_pem,
+                        publisher_key: grant.publisher_key,
+                        origin_addr: grant.origin_addr,
+                    }
+                }
+                Err(denied) => {
+                    tracing::warn!(%remote, code = ?denied.code, reason = %denied.message, "enrollment denied");
+                    Response::Error {
+                        code: denied.code,
+                        message: denied.message,
+                    }
+                }
+            }
+        }
+        _ => Response::Error {
+            code: ErrorCode::BadRequest,
+            message: "this is the enrollment endpoint; it answers only Enroll requests".to_owned(),
+        },
+    };
+    write_frame(&mut send, &answer).await?;
+    send.finish()?;
+    // Dropping the connection before the client has the answer could discard it.
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+/// Enrolls this node with `token` and saves its identity in `dir`, which must not hold one.
+pub async fn enroll(token: &EnrollToken, dir: &Path) -> Result<NodeIdentity, NetError> {
+    if NodeIdentity::exists(dir) {
+        return Err(NetError::AlreadyEnrolled {
+            dir: dir.to_owned(),
+        });
+    }
+    install_crypto_provider();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+    let mut params = CertificateParams::default();
+    // Informational only: the CA names the certificate itself.
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, format!("{}.{}", token.role, token.site));
+    params.distinguished_name = name;
+    let csr_pem = params.serialize_request(&key)?.pem()?;
+
+    let pin_mismatch = Arc::new(AtomicBool::new(false));
+    let client_config = pinned_client_config(token.server_fingerprint, pin_mismatch.clone())?;
+    let bind = if token.enroll_addr.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    };
+    let endpoint =
+        Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    let exchanged = tokio::time::timeout(
+        ENROLL_TIMEOUT,
+        exchange(&endpoint, client_config, token, csr_pem),
+    )
+    .await
+    .unwrap_or(Err(NetError::Timeout {
+        what: "enrollment",
+        after_ms: ENROLL_TIMEOUT.as_millis() as u64,
+    }));
+    endpoint.close(VarInt::from_u32(0), b"enrolled");
+    let answer = match exchanged {
+        Err(_) if pin_mismatch.load(Ordering::SeqCst) => {
+            return Err(NetError::FingerprintMismatch {
+                addr: token.enroll_addr,
+            })
+        }
+        other => other?,
+    };
+
+    let (cert_pem, ca_pem, publisher_key, origin_addr) = match answer {
+        Response::Enrolled {
+            cert_pem,
+            ca_pem,
+            publisher_key,
+            origin_addr,
+        } => (cert_pem, ca_pem, publisher_key, origin_addr),
+        Response::Error { code, message } => return Err(NetError::EnrollRefused { code, message }),
+        other => {
+            return Err(NetError::UnexpectedMessage(format!(
+                "the enrollment server answered {other:?}"
+            )))
+        }
+    };
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| NetError::BadCertificate(format!("issued certificate is not PEM: {e}")))?;
+    let ca_cert = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| NetError::BadCertificate(format!("CA certificate is not PEM: {e}")))?;
+    let publisher_key = VerifyingKey::from_bytes(&publisher_key).map_err(|e| {
+        NetError::UnexpectedMessage(format!("the publisher key is not an ed25519 key: {e}"))
+    })?;
+    let issued = IssuedCert {
+        key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        cert,
+    };
+    let identity = NodeIdentity::new(issued, ca_cert, publisher_key, origin_addr)?;
+    if identity.role() != token.role || identity.site() != &token.site {
+        return Err(NetError::BadCertificate(format!(
+            "the origin issued a certificate for {} in {}, but the token is for {} in {}",
+            identity.role(),
+            identity.site(),
+            token.role,
+            token.site
+        )));
+    }
+    identity.save(dir)?;
+    tracing::info!(node = %identity.identity(), dir = %dir.display(), "enrolled");
+    Ok(identity)
+}
+
+/// Connects, sends the request and reads the answer.
+async fn exchange(
+    endpoint: &Endpoint,
+    client_config: quinn::ClientConfig,
+    token: &EnrollToken,
+    csr_pem: String,
+) -> Result<Response, NetError> {
+    let addr = token.enroll_addr;
+    let conn = endpoint
+        .connect_with(client_config, addr, MESH_SERVER_NAME)
+        .map_err(|e| NetError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let request = Request::Enroll {
+        secret: token.secret,
+        csr_pem,
+    };
+    write_frame(&mut send, &request).await?;
+    send.finish()?;
+    let answer = read_frame::<Response>(&mut recv, MAX_ENROLL_RESPONSE_BYTES)
+        .await?
+        .ok_or_else(|| {
+            NetError::UnexpectedMessage(
+                "the enrollment server closed the stream without answering".to_owned(),
+            )
+        })?;
+    conn.close(VarInt::from_u32(0), b"done");
+    Ok(answer)
+}
+
+fn enroll_transport() -> TransportConfig {
+    let mut transport = TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(1))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_idle_timeout(Some(VarInt::from_u32(ENROLL_IDLE_TIMEOUT_MS).into()));
+    transport
+}
+
+/// A client config that trusts exactly one server certificate: the one whose BLAKE3
+/// fingerprint is `fingerprint`. Sets `mismatch` when the server shows another.
+fn pinned_client_config(
+    fingerprint: [u8; 32],
+    mismatch: Arc<AtomicBool>,
+) -> Result<quinn::ClientConfig, NetError> {
+    let provider = crypto_provider();
+    let verifier = PinnedServerVerifier {
+        fingerprint: blake3::Hash::from_bytes(fingerprint),
+        algorithms: provider.signature_verification_algorithms,
+        mismatch,
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::TlsConfig(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| NetError::TlsConfig(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(enroll_transport()));
+    Ok(config)
+}
+
+/// Accepts only the pinned certificate. The handshake signature is still checked against it,
+/// so the server must hold the certificate's key, not just a copy of the certificate.
+#[derive(Debug)]
+struct PinnedServerVerifier {
+    fingerprint: blake3::Hash,
+    algorithms: WebPkiSupportedAlgorithms,
+    mismatch: Arc<AtomicBool>,
+}
+
+impl ServerCertVerifier for PinnedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // blake3::Hash compares in constant time.
+        if blake3::hash(end_entity.as_ref()) == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            self.mismatch.store(true, Ordering::SeqCst);
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> EnrollToken {
+        EnrollToken::new(
+            "127.0.0.1:4434".parse().expect("addr"),
+            [7; 32],
+            Role::Edge,
+            Site::new("fra1").expect("site"),
+        )
+    }
+
+    #[test]
+    fn tokens_round_trip_through_text() {
+        let token = token();
+        let text = token.encode();
+        assert!(text.starts_with(TOKEN_PREFIX));
+        assert!(
+            text.len() < 200,
+            "{} characters is too long to paste",
+            text.len()
+        );
+        assert_eq!(
+            EnrollToken::parse(&format!("  {text}\n")).expect("parse"),
+            token
+        );
+        // Two tokens never share a secret.
+        assert_ne!(
+            EnrollToken::new(token.enroll_addr, [7; 32], Role::Edge, token.site.clone()).secret,
+            token.secret
+        );
+    }
+
+    #[test]
+    fn damaged_tokens_say_what_is_wrong() {
+        let text = token().encode();
+        let cut = &text[..text.len() - 3];
+        assert!(EnrollToken::parse(cut)
+            .expect_err("cut")
+            .to_string()
+            .contains("checksum"));
+
+        let mut flipped = text.clone().into_bytes();
+        let last = flipped.len() - 10;
+        flipped[last] = if flipped[last] == b'a' { b'b' } else { b'a' };
+        let flipped = String::from_utf8(flipped).expect("ascii");
+        assert!(EnrollToken::parse(&flipped)
+            .expect_err("flipped")
+            .to_string()
+            .contains("checksum"));
+
+        let newer = text.replacen("sc1-", "sc2-", 1);
+        assert!(EnrollToken::parse(&newer)
+            .expect_err("version")
+            .to_string()
+            .contains("version 2"));
+
+        assert!(EnrollToken::parse("hello")
+            .expect_err("junk")
+            .to_string()
+            .contains("sc1-"));
+        assert!(EnrollToken::parse("sc1-!!!")
+            .expect_err("chars")
+            .to_string()
+            .contains("damaged"));
+    }
+
+    #[test]
+    fn debug_output_hides_the_secret() {
+        let token = token();
+        let shown = format!("{token:?}");
+        assert!(!shown.contains(&hex::encode(token.secret)));
+        assert!(!shown.contains("secret"));
+    }
+}

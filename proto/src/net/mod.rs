@@ -1,0 +1,37 @@
+//! QUIC transport and node identity: the I/O shell around [`crate::wire`].
+//!
+//! Every node holds an ed25519 key and a certificate issued by the mesh's certificate authority
+//! (the origin). The certificate carries the node's [`Role`] and [`Site`]; both ends of every
+//! mesh connection present one (mutual TLS), so a node without a valid certificate is refused
+//! during the handshake, before it can open a stream.
+//!
+//! - [`ca`]: the certificate authority (`origin init`) and certificate issuing.
+//! - [`identity`]: roles, sites, node ids, a node's saved identity, and [`peer_identity`].
+//! - [`tls`]: rustls configurations, transport tuning, mesh endpoints and [`connect`].
+//! - [`enroll`]: one-time enrollment tokens, the enrollment server and [`enroll::enroll`].
+//! - [`frames`]: reading and writing [`crate::wire`] frames on QUIC streams.
+//!
+//! One request travels on one bidirectional stream; a subscription is a stream that stays open.
+
+pub mod ca;
+pub mod enroll;
+mod error;
+pub mod frames;
+pub mod identity;
+mod pem;
+pub mod tls;
+
+pub use ca::{CertAuthority, IssuedCert};
+pub use enroll::{
+    cert_fingerprint, enroll, enroll_endpoint, serve_enrollment, EnrollDenied, EnrollGrant,
+    EnrollRequest, EnrollToken,
+};
+pub use error::NetError;
+pub use frames::{
+    call, read_exact, read_frame, read_up_to, refuse_stream, send_request, write_frame,
+};
+pub use identity::{peer_identity, NodeId, NodeIdentity, PeerIdentity, Role, Site};
+pub use tls::{
+    accept, client_endpoint, connect, install_crypto_provider, server_endpoint, MESH_ALPN,
+    MESH_SERVER_NAME,
+};

@@ -1,0 +1,230 @@
+//! TLS configurations and QUIC endpoints of the mesh.
+//!
+//! Mesh endpoints use mutual TLS 1.3: the server demands a client certificate signed by the
+//! mesh CA (a node without one is refused in the handshake), and the client verifies the
+//! server's certificate against the same CA under the name [`MESH_SERVER_NAME`]. Every config
+//! is built on an explicit ring provider, so it works whatever provider the process default is.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, TransportConfig, VarInt};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+use super::error::NetError;
+pub use super::identity::MESH_SERVER_NAME;
+use super::identity::{peer_identity, NodeIdentity, PeerIdentity};
+
+/// ALPN protocol of mesh connections.
+pub const MESH_ALPN: &[u8] = b"stagecoach/1";
+
+/// Receive window of one stream, in bytes: enough to keep a WAN link with a large
+/// bandwidth-delay product full on a single stream.
+pub const STREAM_RECEIVE_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+
+/// Receive window of one connection, in bytes (several busy streams at once).
+pub const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+
+/// Send window of one connection, in bytes.
+pub const CONNECTION_SEND_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Bidirectional streams (requests) a peer may have open at once on one connection.
+pub const MAX_CONCURRENT_BIDI_STREAMS: u32 = 1024;
+
+/// How often an idle connection sends a keep-alive, so NATs and the idle timeout spare it.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a connection may hear nothing before it is dropped, in milliseconds.
+pub const IDLE_TIMEOUT_MS: u32 = 30_000;
+
+/// How long [`connect`] and [`accept`] wait for the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Installs rustls' ring provider as the process default, once; later calls do nothing. Call it
+/// at start-up: when a second provider is linked (libp2p's QUIC brings one), rustls builders
+/// that rely on the default panic unless one was installed.
+pub fn install_crypto_provider() {
+    // An error means a default is already installed, which is all this function promises.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The provider every Stagecoach TLS config is built on.
+pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// QUIC transport settings of mesh connections, tuned for throughput on fat, long links.
+pub fn transport_config() -> TransportConfig {
+    let mut transport = TransportConfig::default();
+    transport
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW_BYTES))
+        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES))
+        .send_window(CONNECTION_SEND_WINDOW_BYTES)
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_BIDI_STREAMS))
+        // The protocol uses bidirectional streams only.
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .max_idle_timeout(Some(VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
+    transport
+}
+
+/// A mesh server endpoint on `bind`: it accepts only clients holding a certificate from the
+/// mesh CA, and can also connect out (with [`connect`]) as `identity`.
+pub fn server_endpoint(bind: SocketAddr, identity: &NodeIdentity) -> Result<Endpoint, NetError> {
+    install_crypto_provider();
+    let server_config = mesh_server_config(identity)?;
+    let mut endpoint = Endpoint::server(server_config, bind)
+        .map_err(|source| NetError::Bind { addr: bind, source })?;
+    endpoint.set_default_client_config(mesh_client_config(identity)?);
+    tracing::info!(addr = %bind, node = %identity.identity(), "mesh endpoint listening");
+    Ok(endpoint)
+}
+
+/// A client-only mesh endpoint on an ephemeral IPv4 port. (To reach IPv6 peers, use a
+/// [`server_endpoint`] bound to `[::]:0`, which connects out too.)
+pub fn client_endpoint(identity: &NodeIdentity) -> Result<Endpoint, NetError> {
+    install_crypto_provider();
+    let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+    let mut endpoint =
+        Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    endpoint.set_default_client_config(mesh_client_config(identity)?);
+    Ok(endpoint)
+}
+
+/// Connects to the mesh node at `addr`, verifying its certificate against the mesh CA.
+///
+/// In TLS 1.3 the client finishes its handshake before the server has checked the client's
+/// certificate, so a server that refuses this node closes the connection just after this
+/// returns; the first stream operation then fails with [`NetError::RefusedByPeer`].
+pub async fn connect(endpoint: &Endpoint, addr: SocketAddr) -> Result<Connection, NetError> {
+    let connecting = endpoint
+        .connect(addr, MESH_SERVER_NAME)
+        .map_err(|e| NetError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+        .await
+        .map_err(|_| NetError::Timeout {
+            what: "TLS handshake",
+            after_ms: HANDSHAKE_TIMEOUT.as_millis() as u64,
+        })??;
+    tracing::debug!(peer = %addr, "connected");
+    Ok(conn)
+}
+
+/// Completes an incoming mesh connection and returns it with the client's verified identity.
+/// Clients without a valid certificate fail here, in the handshake.
+pub async fn accept(incoming: quinn::Incoming) -> Result<(Connection, PeerIdentity), NetError> {
+    let remote = incoming.remote_address();
+    let connecting = incoming.accept()?;
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+        .await
+        .map_err(|_| NetError::Timeout {
+            what: "TLS handshake",
+            after_ms: HANDSHAKE_TIMEOUT.as_millis() as u64,
+        })?
+        .inspect_err(|e| tracing::info!(%remote, error = %e, "refused connection"))?;
+    let peer = peer_identity(&conn)?;
+    tracing::debug!(%remote, %peer, "accepted connection");
+    Ok((conn, peer))
+}
+
+/// The quinn server config of a mesh endpoint (mutual TLS, [`MESH_ALPN`], tuned transport).
+pub fn mesh_server_config(identity: &NodeIdentity) -> Result<quinn::ServerConfig, NetError> {
+    let provider = crypto_provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        ca_roots(identity.ca_cert_der())?,
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| NetError::TlsConfig(format!("client verifier: {e}")))?;
+    let mut tls = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_config)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![identity.cert_der().clone()], identity.private_key())
+        .map_err(tls_config)?;
+    tls.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    quic_server_config(tls, transport_config())
+}
+
+/// The quinn client config of a mesh endpoint (mutual TLS, [`MESH_ALPN`], tuned transport).
+pub fn mesh_client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig, NetError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_config)?
+        .with_root_certificates(ca_roots(identity.ca_cert_der())?)
+        .with_client_auth_cert(vec![identity.cert_der().clone()], identity.private_key())
+        .map_err(tls_config)?;
+    tls.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(tls_config)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// Checks that `cert` chains to `ca` and is usable both as a mesh server (under
+/// [`MESH_SERVER_NAME`]) and as a mesh client, as every node certificate must be.
+pub(crate) fn verify_node_cert(
+    cert: &CertificateDer<'static>,
+    ca: &CertificateDer<'static>,
+) -> Result<(), NetError> {
+    let provider = crypto_provider();
+    let roots = ca_roots(ca)?;
+    let now = UnixTime::since_unix_epoch(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default(),
+    );
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| NetError::TlsConfig(format!("client verifier: {e}")))?;
+    client_verifier
+        .verify_client_cert(cert, &[], now)
+        .map_err(|e| NetError::BadCertificate(format!("not valid for this mesh's CA: {e}")))?;
+    let server_verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|e| NetError::TlsConfig(format!("server verifier: {e}")))?;
+    let name = ServerName::try_from(MESH_SERVER_NAME)
+        .map_err(|e| NetError::TlsConfig(format!("server name: {e}")))?;
+    server_verifier
+        .verify_server_cert(cert, &[], &name, &[], now)
+        .map_err(|e| NetError::BadCertificate(format!("not valid as a mesh server: {e}")))?;
+    Ok(())
+}
+
+/// Wraps a rustls server config for quinn with `transport`.
+pub(crate) fn quic_server_config(
+    tls: ServerConfig,
+    transport: TransportConfig,
+) -> Result<quinn::ServerConfig, NetError> {
+    let quic = QuicServerConfig::try_from(tls).map_err(tls_config)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+fn ca_roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, NetError> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca.clone())
+        .map_err(|e| NetError::BadCertificate(format!("unusable CA certificate: {e}")))?;
+    Ok(Arc::new(roots))
+}
+
+fn tls_config(err: impl std::fmt::Display) -> NetError {
+    NetError::TlsConfig(err.to_string())
+}

@@ -1,0 +1,669 @@
+//! Packing trees and images into bundles, and unpacking them. I/O.
+//!
+//! [`pack_path`] turns a directory into a deterministic tar stream (or takes one image file as
+//! it is), cuts it with [`crate::chunking`], compresses each chunk with zstd, hands every chunk to a
+//! [`ChunkSink`] as one blob named by the BLAKE3 hash of its compressed bytes, and signs the
+//! [`Manifest`] that lists them. [`unpack`] fetches the chunks from a [`ChunkSource`], verifies
+//! each one completely before any of its bytes is used, and restores the tree.
+//!
+//! # The tar stream
+//!
+//! Entries in depth-first order, each directory's children sorted by the bytes of their names,
+//! so every parent comes before its children and the order does not depend on the filesystem.
+//! The root directory is the entry `./`. Every header is GNU format with uid and gid 0, empty
+//! user and group names, `mode & 0o7777`, and the mtime in whole seconds (times before 1970 are
+//! recorded as 0). Names and symlink targets of 100 bytes or more use GNU long-name entries and
+//! are stored byte for byte, not normalised. Hard links become independent regular files.
+//! Character and block devices and fifos are recorded (device nodes are recreated only when
+//! unpacking as root, and skipped with a warning otherwise); sockets are skipped with a warning,
+//! since a socket means nothing without the process that listens on it.
+//!
+//! Packing the same tree with the same [`PackOptions`] and signing key gives the same bundle id.
+//! The compressed bytes come from zstd, so a different zstd release may change the stored chunks
+//! and therefore the id; it never changes what unpacks.
+//!
+//! # Safety of unpacking
+//!
+//! A bundle's signature says who published it, not that it is harmless. Unpacking refuses
+//! absolute paths, `..` components, hard links and tar extensions it did not write, never
+//! creates anything through a symlink (each parent directory is checked with `lstat`), and
+//! creates files with `O_NOFOLLOW | O_EXCL`. It assumes no other process changes `dest` while it
+//! runs.
+
+mod archive;
+mod extract;
+mod payload;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+
+use crate::chunking::{ChunkerParams, ChunkerParamsError, MAX_BYTES_HIGHEST};
+use crate::hash::BlobHash;
+use crate::manifest::{
+    BundleId, BundleKind, Dependency, Manifest, ManifestError, PayloadLayout, Selector,
+    SignedManifest, MANIFEST_FORMAT,
+};
+
+use payload::{ChunkPipeline, VerifiedPayload};
+
+/// zstd level used unless told otherwise (zstd's own default). Level 3 compresses text-like
+/// trees to about a third at 250–300 MB/s on one core here; higher levels cost speed at publish
+/// time for a few percent of WAN bytes (see the `bundle` benchmark).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// Largest chunk any bundle may hold once decompressed, in bytes: FastCDC's largest maximum.
+/// Unpacking refuses a manifest that claims more, before allocating anything.
+pub const MAX_CHUNK_RAW_BYTES: u64 = MAX_BYTES_HIGHEST as u64;
+
+/// Size of the buffer files are read through when packing, in bytes.
+const READ_BUFFER_BYTES: usize = 1024 * 1024;
+
+/// A boxed error from a [`ChunkSink`] or [`ChunkSource`] implementation.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Where packing puts the compressed chunks (the blob store, or [`MemChunks`] in tests).
+pub trait ChunkSink {
+    /// Why a chunk could not be stored.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Stores `stored` (zstd-compressed chunk bytes) under `hash`, the BLAKE3 hash of `stored`.
+    /// Called once per chunk in payload order; the same chunk may come more than once.
+    fn put_chunk(&mut self, hash: BlobHash, stored: &[u8]) -> Result<(), Self::Error>;
+}
+
+/// Where unpacking fetches compressed chunks from. It need not be trusted: every chunk is
+/// checked against its hash before use.
+pub trait ChunkSource {
+    /// Why a chunk could not be fetched.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Returns the stored (compressed) bytes of the chunk named `hash`.
+    fn get_chunk(&self, hash: BlobHash) -> Result<Vec<u8>, Self::Error>;
+}
+
+/// Chunks held in memory, for tests, benchmarks and tools. Stores whatever it is given without
+/// checking it.
+#[derive(Clone, Debug, Default)]
+pub struct MemChunks {
+    chunks: HashMap<BlobHash, Vec<u8>>,
+}
+
+/// [`MemChunks`] does not hold the chunk asked for.
+#[derive(Debug, thiserror::Error)]
+#[error("chunk {0} is not in this in-memory chunk set")]
+pub struct MissingChunk(pub BlobHash);
+
+impl MemChunks {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of distinct chunks held.
+    pub fn len(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Whether no chunk is held.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Whether the chunk named `hash` is held.
+    pub fn contains(&self, hash: &BlobHash) -> bool {
+        self.chunks.contains_key(hash)
+    }
+
+    /// The stored bytes of a chunk, if held.
+    pub fn get(&self, hash: &BlobHash) -> Option<&[u8]> {
+        self.chunks.get(hash).map(Vec::as_slice)
+    }
+
+    /// Stores `stored` under `hash` without checking that it hashes to it (tests use this to
+    /// plant corrupt chunks). Returns the bytes it replaced.
+    pub fn insert(&mut self, hash: BlobHash, stored: Vec<u8>) -> Option<Vec<u8>> {
+        self.chunks.insert(hash, stored)
+    }
+
+    /// Sum of the sizes of the distinct chunks held, in bytes.
+    pub fn stored_bytes(&self) -> u64 {
+        self.chunks.values().map(|c| c.len() as u64).sum()
+    }
+
+    /// The hashes of the chunks held, in no particular order.
+    pub fn hashes(&self) -> impl Iterator<Item = &BlobHash> {
+        self.chunks.keys()
+    }
+}
+
+impl ChunkSink for MemChunks {
+    type Error = std::convert::Infallible;
+
+    fn put_chunk(&mut self, hash: BlobHash, stored: &[u8]) -> Result<(), Self::Error> {
+        self.chunks.entry(hash).or_insert_with(|| stored.to_vec());
+        Ok(())
+    }
+}
+
+impl ChunkSource for MemChunks {
+    type Error = MissingChunk;
+
+    fn get_chunk(&self, hash: BlobHash) -> Result<Vec<u8>, MissingChunk> {
+        self.chunks.get(&hash).cloned().ok_or(MissingChunk(hash))
+    }
+}
+
+/// What to record in the manifest, and how to cut and compress the payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackOptions {
+    /// Bundle name; must not be empty.
+    pub name: String,
+    /// Bundle version; must not be empty.
+    pub version: String,
+    /// What the bundle is for.
+    pub kind: BundleKind,
+    /// Machines it suits, recorded in the given order.
+    pub selectors: Vec<Selector>,
+    /// Bundles it needs, recorded in the given order.
+    pub dependencies: Vec<Dependency>,
+    /// Free-form metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Chunk sizes; the same tree packed with other sizes shares few chunks.
+    pub chunker: ChunkerParams,
+    /// zstd compression level (see `zstd::compression_level_range`).
+    pub zstd_level: i32,
+}
+
+impl PackOptions {
+    /// Options with no selectors, dependencies or metadata, [`ChunkerParams::DEFAULT`] and
+    /// [`DEFAULT_ZSTD_LEVEL`].
+    pub fn new(name: impl Into<String>, version: impl Into<String>, kind: BundleKind) -> Self {
+        PackOptions {
+            name: name.into(),
+            version: version.into(),
+            kind,
+            selectors: Vec::new(),
+            dependencies: Vec::new(),
+            metadata: BTreeMap::new(),
+            chunker: ChunkerParams::DEFAULT,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+        }
+    }
+}
+
+/// How far packing has got; passed to the progress callback after every chunk and at the end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackProgress {
+    /// File content read so far, in bytes.
+    pub bytes_read: u64,
+    /// File content to read in all, in bytes (from a walk before packing).
+    pub total_bytes: u64,
+    /// Chunks stored so far.
+    pub chunks: u64,
+    /// Compressed bytes handed to the sink so far.
+    pub stored_bytes: u64,
+}
+
+/// What was packed and skipped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PackStats {
+    /// Regular files (hard links count once per name).
+    pub files: u64,
+    /// Directories, the root included.
+    pub dirs: u64,
+    /// Symbolic links.
+    pub symlinks: u64,
+    /// Character and block devices and fifos.
+    pub specials: u64,
+    /// Sockets, which are not packed.
+    pub skipped: Vec<PathBuf>,
+}
+
+/// A packed and signed bundle.
+#[derive(Clone, Debug)]
+pub struct PackedBundle {
+    /// The manifest bytes and signature, ready to store and announce.
+    pub signed: SignedManifest,
+    /// The manifest as signed (publisher filled in).
+    pub manifest: Manifest,
+    /// The bundle id (hash of the manifest bytes).
+    pub id: BundleId,
+    /// What was packed.
+    pub stats: PackStats,
+}
+
+/// Why packing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    /// The chunk sizes are unusable.
+    #[error("invalid chunker settings: {0}")]
+    Chunker(#[from] ChunkerParamsError),
+    /// Name, version or zstd level are unusable.
+    #[error("invalid pack options: {0}")]
+    Options(String),
+    /// The path to pack is neither a directory nor a regular file.
+    #[error("cannot pack {path}: it is a {found}; pack a directory or a regular (image) file")]
+    NotPackable {
+        /// The path given.
+        path: PathBuf,
+        /// What it is instead.
+        found: &'static str,
+    },
+    /// Reading the input failed.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A file changed size while it was read; the bundle would not match the tree.
+    #[error("{path} changed while it was packed (expected {expected_bytes} bytes): pack from a snapshot or stop what writes to it")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+        /// Size when its header was written.
+        expected_bytes: u64,
+    },
+    /// A name or symlink target does not fit the tar format.
+    #[error("cannot record {path} in the tar stream: {detail}")]
+    Unrecordable {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// zstd failed.
+    #[error("zstd compression failed: {0}")]
+    Compress(io::Error),
+    /// The sink refused a chunk.
+    #[error("cannot store chunk {hash}: {source}")]
+    Sink {
+        /// The chunk.
+        hash: BlobHash,
+        /// The sink's error.
+        source: BoxError,
+    },
+    /// The finished manifest is inconsistent (a bug, or too many chunks).
+    #[error("the packed manifest is invalid: {0}")]
+    Manifest(#[from] ManifestError),
+}
+
+/// Packs `path` (a directory, or a regular file taken as an image) into chunks stored in `sink`
+/// and returns the signed manifest.
+///
+/// Memory stays bounded (about three maximum chunk sizes plus a 1 MiB read buffer) whatever the
+/// size of the tree. `progress` is called after each stored chunk and once at the end.
+pub fn pack_path<S: ChunkSink>(
+    path: &Path,
+    options: &PackOptions,
+    key: &SigningKey,
+    sink: &mut S,
+    progress: &mut dyn FnMut(PackProgress),
+) -> Result<PackedBundle, PackError> {
+    check_options(options)?;
+    // The top-level path is followed, so a symlink to the tree or image can be packed.
+    let metadata = fs::metadata(path).map_err(|source| PackError::Io {
+        action: "read metadata of",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file_type = metadata.file_type();
+    let (layout, stats, chunks) = if file_type.is_dir() {
+        let totals = archive::walk_totals(path)?;
+        let mut pipeline =
+            ChunkPipeline::new(options.chunker, options.zstd_level, sink, totals, progress)?;
+        let stats = archive::write_tree(path, &mut pipeline)?;
+        (PayloadLayout::Tree, stats, pipeline.finish()?)
+    } else if file_type.is_file() {
+        let file_name = image_file_name(path)?;
+        let mut pipeline = ChunkPipeline::new(
+            options.chunker,
+            options.zstd_level,
+            sink,
+            metadata.len(),
+            progress,
+        )?;
+        archive::write_image(path, &mut pipeline)?;
+        let stats = PackStats {
+            files: 1,
+            ..PackStats::default()
+        };
+        (
+            PayloadLayout::Image { file_name },
+            stats,
+            pipeline.finish()?,
+        )
+    } else {
+        return Err(PackError::NotPackable {
+            path: path.to_path_buf(),
+            found: describe_file_type(&file_type),
+        });
+    };
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        name: options.name.clone(),
+        version: options.version.clone(),
+        kind: options.kind,
+        selectors: options.selectors.clone(),
+        dependencies: options.dependencies.clone(),
+        layout,
+        total_raw_bytes: chunks.iter().map(|c| c.raw_bytes).sum(),
+        total_stored_bytes: chunks.iter().map(|c| c.stored_bytes).sum(),
+        chunks,
+        metadata: options.metadata.clone(),
+        publisher: key.verifying_key().to_bytes(),
+    };
+    manifest.check()?;
+    let signed = manifest.clone().sign(key);
+    let id = signed.id();
+    tracing::info!(
+        bundle = %id,
+        name = %manifest.name,
+        version = %manifest.version,
+        chunks = manifest.chunks.len(),
+        raw_bytes = manifest.total_raw_bytes,
+        stored_bytes = manifest.total_stored_bytes,
+        "packed bundle"
+    );
+    Ok(PackedBundle {
+        signed,
+        manifest,
+        id,
+        stats,
+    })
+}
+
+/// How far unpacking has got; passed to the progress callback after every verified chunk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnpackProgress {
+    /// Chunks fetched and verified so far.
+    pub chunks_done: u64,
+    /// Chunks in the bundle.
+    pub chunks_total: u64,
+    /// Payload bytes verified so far.
+    pub raw_bytes_done: u64,
+    /// Payload bytes in all.
+    pub raw_bytes_total: u64,
+}
+
+/// What unpacking created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnpackStats {
+    /// Regular files written (1 for an image).
+    pub files: u64,
+    /// Directories restored, the root included.
+    pub dirs: u64,
+    /// Symbolic links created.
+    pub symlinks: u64,
+    /// Device nodes and fifos created.
+    pub specials: u64,
+    /// Device nodes skipped because the process is not root.
+    pub specials_skipped: u64,
+    /// Payload bytes verified.
+    pub raw_bytes: u64,
+    /// Chunks verified.
+    pub chunks: u64,
+}
+
+/// Why unpacking failed. Chunk errors name the chunk by position and hash; none of a failing
+/// chunk's bytes reach the destination.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    /// The manifest's totals or format are wrong.
+    #[error("invalid manifest: {0}")]
+    Manifest(#[from] ManifestError),
+    /// The manifest claims a chunk larger than any packer makes.
+    #[error("chunk {index} ({hash}) claims {raw_bytes} bytes, more than the limit of {limit}: the manifest is not from a Stagecoach packer")]
+    ChunkTooLarge {
+        /// Position in the chunk list.
+        index: usize,
+        /// Chunk hash.
+        hash: BlobHash,
+        /// Claimed size.
+        raw_bytes: u64,
+        /// [`MAX_CHUNK_RAW_BYTES`].
+        limit: u64,
+    },
+    /// The source could not provide a chunk.
+    #[error("cannot fetch chunk {index} ({hash}): {source}")]
+    Fetch {
+        /// Position in the chunk list.
+        index: usize,
+        /// Chunk hash.
+        hash: BlobHash,
+        /// The source's error.
+        source: BoxError,
+    },
+    /// The stored bytes are not the chunk: a corrupt store or a lying source.
+    #[error("chunk {index} is corrupt: expected hash {hash} and {expected_bytes} bytes, got hash {actual_hash} and {actual_bytes} bytes; nothing from it was written, fetch it again from another source")]
+    Corrupt {
+        /// Position in the chunk list.
+        index: usize,
+        /// Expected hash.
+        hash: BlobHash,
+        /// Expected stored size.
+        expected_bytes: u64,
+        /// Hash of what was received.
+        actual_hash: BlobHash,
+        /// Size of what was received.
+        actual_bytes: u64,
+    },
+    /// The chunk's hash matches but it does not decompress to the size the manifest gives.
+    #[error("chunk {index} ({hash}) does not decompress to the {raw_bytes} bytes the manifest gives: {detail}")]
+    BadCompression {
+        /// Position in the chunk list.
+        index: usize,
+        /// Chunk hash.
+        hash: BlobHash,
+        /// Expected size.
+        raw_bytes: u64,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The payload is not a tar stream this packer writes.
+    #[error("malformed tree payload: {0}")]
+    Malformed(String),
+    /// An entry would land outside the destination or pass through a symlink.
+    #[error("refusing to unpack entry {path:?}: {reason}")]
+    UnsafePath {
+        /// The entry's path as recorded.
+        path: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// A tar entry type this packer never writes.
+    #[error("refusing to unpack entry {path:?}: unsupported tar entry type {entry_type:?}")]
+    UnsupportedEntry {
+        /// The entry's path as recorded.
+        path: String,
+        /// The raw type byte, as a character.
+        entry_type: char,
+    },
+    /// Something already in the destination is in the way.
+    #[error("cannot unpack {path}: {detail}")]
+    Conflict {
+        /// The path in the destination.
+        path: PathBuf,
+        /// What is in the way.
+        detail: String,
+    },
+    /// The manifest's layout does not suit the call.
+    #[error("this bundle's payload is {found}, but {wanted} was asked for")]
+    WrongLayout {
+        /// What the call needs.
+        wanted: &'static str,
+        /// What the manifest says.
+        found: String,
+    },
+    /// Writing the destination failed.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Restores the bundle described by `manifest` under `dest` (created if missing): a tree's
+/// entries, or an image as `dest/<file_name>`.
+///
+/// The caller verifies the manifest's signature first ([`SignedManifest::verify`]). Every chunk
+/// is fetched from `source` and checked (hash, size, decompressed size) before any of its bytes
+/// is used. On error, what was written before the failing chunk stays in `dest`. Nothing is
+/// synced to disk: call `syncfs` (or `sync_all` on an image) once at the end, which is far
+/// cheaper than a sync per file.
+pub fn unpack<S: ChunkSource>(
+    manifest: &Manifest,
+    source: &S,
+    dest: &Path,
+    progress: &mut dyn FnMut(UnpackProgress),
+) -> Result<UnpackStats, UnpackError> {
+    manifest.check()?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .create(dest)
+        .map_err(|source| UnpackError::Io {
+            action: "create destination directory",
+            path: dest.to_path_buf(),
+            source,
+        })?;
+    let mut payload = VerifiedPayload::new(&manifest.chunks, source, progress);
+    let mut stats = match &manifest.layout {
+        PayloadLayout::Tree => {
+            let result = extract::extract_tree(&mut payload, dest);
+            // A chunk failure surfaces inside tar as an I/O error; report the chunk instead.
+            if let Some(failure) = payload.take_failure() {
+                return Err(failure);
+            }
+            let stats = result?;
+            // Verify the rest (the tar end marker's padding) so a success means the whole
+            // bundle checked out.
+            payload.drain()?;
+            stats
+        }
+        PayloadLayout::Image { file_name } => {
+            let name = image_name_in_dest(file_name)?;
+            let path = dest.join(name);
+            let mut file = extract::create_file_replacing(&path, 0o644)?;
+            payload.copy_to(&mut file).map_err(|e| e.at_path(&path))?;
+            UnpackStats {
+                files: 1,
+                ..UnpackStats::default()
+            }
+        }
+    };
+    stats.raw_bytes = payload.raw_bytes_done();
+    stats.chunks = payload.chunks_done();
+    Ok(stats)
+}
+
+/// Streams the verified payload of `manifest` into `writer` (an image to a block device, or a
+/// tree's tar stream to a file); returns the bytes written.
+///
+/// Each chunk is verified before any of it is written. `writer` is not flushed or synced.
+pub fn unpack_to_writer<S: ChunkSource, W: Write + ?Sized>(
+    manifest: &Manifest,
+    source: &S,
+    writer: &mut W,
+    progress: &mut dyn FnMut(UnpackProgress),
+) -> Result<u64, UnpackError> {
+    manifest.check()?;
+    let mut payload = VerifiedPayload::new(&manifest.chunks, source, progress);
+    payload
+        .copy_to(writer)
+        .map_err(|e| e.at_path(Path::new("<writer>")))?;
+    Ok(payload.raw_bytes_done())
+}
+
+fn check_options(options: &PackOptions) -> Result<(), PackError> {
+    options.chunker.validate()?;
+    if options.name.is_empty() || options.version.is_empty() {
+        return Err(PackError::Options(
+            "bundle name and version must not be empty".into(),
+        ));
+    }
+    let levels = zstd::compression_level_range();
+    if !levels.contains(&options.zstd_level) {
+        return Err(PackError::Options(format!(
+            "zstd level {} is outside {}..={}",
+            options.zstd_level,
+            levels.start(),
+            levels.end()
+        )));
+    }
+    Ok(())
+}
+
+/// The image's file name, which must be valid UTF-8 to go into the manifest.
+fn image_file_name(path: &Path) -> Result<String, PackError> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .ok_or_else(|| PackError::Unrecordable {
+            path: path.to_path_buf(),
+            detail: "an image's file name must be valid UTF-8".into(),
+        })
+}
+
+/// Checks that a manifest's image file name is one plain path component.
+fn image_name_in_dest(file_name: &str) -> Result<&Path, UnpackError> {
+    let plain = !file_name.is_empty()
+        && file_name != "."
+        && file_name != ".."
+        && !file_name.contains('/')
+        && !file_name.contains('\0');
+    if plain {
+        Ok(Path::new(file_name))
+    } else {
+        Err(UnpackError::UnsafePath {
+            path: file_name.to_owned(),
+            reason: "an image file name must be one plain path component",
+        })
+    }
+}
+
+fn describe_file_type(file_type: &fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_symlink() {
+        "symbolic link"
+    } else if file_type.is_block_device() {
+        "block device"
+    } else if file_type.is_char_device() {
+        "character device"
+    } else if file_type.is_fifo() {
+        "fifo"
+    } else if file_type.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
+}
+
+/// Creates a directory with owner-only access, to be given its recorded mode after its contents.
+fn private_dir_builder() -> fs::DirBuilder {
+    let mut builder = fs::DirBuilder::new();
+    builder.mode(0o700);
+    builder
+}
+
+/// Options for creating a new file that never follows a symlink and never reuses a file.
+fn new_file_options(mode: u32) -> fs::OpenOptions {
+    let mut options = fs::OpenOptions::new();
+    options
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    options
+}

@@ -1,0 +1,297 @@
+//! [`PartialBlob`]: writes verified items of a download into a blob's files and makes progress
+//! durable in batches.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, RwLock};
+
+use super::files::{io_error, BlobPaths};
+use super::{Store, StoreError};
+use crate::hash::BlobHash;
+use crate::verify::{self, DecodeItem, Decoder, GroupRanges};
+
+/// Unregisters a blob's writer when dropped, on every exit path.
+pub(super) struct WriterGuard {
+    store: Store,
+    hash: BlobHash,
+}
+
+impl WriterGuard {
+    pub(super) fn new(store: Store, hash: BlobHash) -> Self {
+        Self { store, hash }
+    }
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        self.store.release_writer(&self.hash);
+    }
+}
+
+/// What [`Store::begin_or_resume`] hands to [`PartialBlob::new`].
+pub(super) struct PartialParts {
+    pub store: Store,
+    pub guard: WriterGuard,
+    pub hash: BlobHash,
+    pub size: u64,
+    pub paths: BlobPaths,
+    pub data: File,
+    pub outboard: File,
+    pub complete: bool,
+    pub verified: GroupRanges,
+    pub live: Arc<RwLock<GroupRanges>>,
+}
+
+/// A download in progress into the store, from [`Store::begin_or_resume`].
+///
+/// Feed it the items of a [`Decoder`] ([`PartialBlob::decoder`] makes one for this blob) with
+/// [`accept`](PartialBlob::accept), or a whole stream with
+/// [`write_stream`](PartialBlob::write_stream). Group bytes go to their offset in the data file
+/// and tree entries to their post-order slot in the outboard. Every
+/// [`StoreOptions::commit_batch_bytes`](super::StoreOptions) of new groups, on
+/// [`commit`](PartialBlob::commit), on [`finish`](PartialBlob::finish) and when dropped, both
+/// files are fsynced and only then are the groups recorded as verified (a synced index write), so
+/// a crash never leaves the index claiming bytes the disk does not hold. Groups are served to
+/// other readers as soon as they are written.
+pub struct PartialBlob {
+    store: Store,
+    hash: BlobHash,
+    size: u64,
+    paths: BlobPaths,
+    data: File,
+    outboard: File,
+    /// The blob was already complete: nothing to write.
+    complete: bool,
+    /// Groups recorded as verified in the index.
+    committed: GroupRanges,
+    /// Groups verified and written since the last commit.
+    pending: GroupRanges,
+    pending_bytes: u64,
+    /// `committed ∪ pending`, shared with readers of the store.
+    live: Arc<RwLock<GroupRanges>>,
+    finished: bool,
+    // Last field: dropped after `Drop::drop` committed, it lets another writer open the blob.
+    _guard: WriterGuard,
+}
+
+impl PartialBlob {
+    pub(super) fn new(parts: PartialParts) -> Self {
+        Self {
+            store: parts.store,
+            hash: parts.hash,
+            size: parts.size,
+            paths: parts.paths,
+            data: parts.data,
+            outboard: parts.outboard,
+            complete: parts.complete,
+            committed: parts.verified,
+            pending: GroupRanges::empty(),
+            pending_bytes: 0,
+            live: parts.live,
+            finished: false,
+            _guard: parts.guard,
+        }
+    }
+
+    /// The blob being written.
+    pub fn hash(&self) -> BlobHash {
+        self.hash
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Groups verified and written so far (durable or about to be).
+    pub fn verified(&self) -> GroupRanges {
+        self.committed.union(&self.pending)
+    }
+
+    /// Groups recorded durably in the index.
+    pub fn committed(&self) -> &GroupRanges {
+        &self.committed
+    }
+
+    /// Groups still to fetch: request these from a source.
+    pub fn missing(&self) -> GroupRanges {
+        GroupRanges::all()
+            .clamped(self.size)
+            .difference(&self.verified())
+    }
+
+    /// True once every group is verified.
+    pub fn is_complete(&self) -> bool {
+        self.complete || self.missing().is_empty()
+    }
+
+    /// A decoder for a response carrying `ranges` of this blob; it refuses a stream that claims
+    /// another size.
+    pub fn decoder(&self, ranges: GroupRanges) -> Decoder {
+        Decoder::with_size(self.hash, self.size, ranges)
+    }
+
+    /// Writes one verified item. Items verified against another blob are refused.
+    pub fn accept(&mut self, item: DecodeItem<'_>) -> Result<(), StoreError> {
+        match item {
+            DecodeItem::Size(claimed) => {
+                if claimed != self.size {
+                    return Err(StoreError::SizeMismatch {
+                        hash: self.hash,
+                        recorded: self.size,
+                        requested: claimed,
+                    });
+                }
+            }
+            DecodeItem::Parent(parent) => {
+                self.check_origin(parent.hash(), parent.blob_size())?;
+                if self.complete {
+                    return Ok(());
+                }
+                if let Some(offset) = parent.outboard_offset() {
+                    self.outboard
+                        .write_all_at(parent.pair(), offset)
+                        .map_err(io_error("writing", &self.paths.outboard))?;
+                }
+            }
+            DecodeItem::Group(group) => {
+                self.check_origin(group.hash(), group.blob_size())?;
+                let index = group.index();
+                if self.complete || self.committed.contains(index) || self.pending.contains(index) {
+                    return Ok(());
+                }
+                self.data
+                    .write_all_at(group.data(), group.offset())
+                    .map_err(io_error("writing", &self.paths.data))?;
+                self.pending.insert(index);
+                self.pending_bytes += group.data().len() as u64;
+                self.live
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(index);
+                if self.pending_bytes >= self.store.options().commit_batch_bytes {
+                    self.commit()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies the response stream for `ranges` read from `reader` and writes it; returns the
+    /// number of groups it carried. On a verification error, everything before the bad item is
+    /// kept (and committed on the next commit); the error names the bad group.
+    pub fn write_stream<R: Read>(
+        &mut self,
+        reader: R,
+        ranges: GroupRanges,
+    ) -> Result<u64, StoreError> {
+        let decoder = self.decoder(ranges);
+        let mut groups = 0u64;
+        decoder.decode_reader(reader, |item| {
+            if matches!(item, DecodeItem::Group(_)) {
+                groups += 1;
+            }
+            self.accept(item)
+        })?;
+        Ok(groups)
+    }
+
+    /// Makes every written group durable: fsyncs data and outboard, then records the groups as
+    /// verified with a synced index write.
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let synced = self
+            .data
+            .sync_data()
+            .map_err(io_error("syncing", &self.paths.data))
+            .and_then(|()| {
+                self.outboard
+                    .sync_data()
+                    .map_err(io_error("syncing", &self.paths.outboard))
+            });
+        if let Err(error) = synced {
+            // Not durable, so not verified: readers fall back to what is committed.
+            *self.live.write().unwrap_or_else(|e| e.into_inner()) = self.committed.clone();
+            self.pending = GroupRanges::empty();
+            self.pending_bytes = 0;
+            return Err(error);
+        }
+        let verified = self.committed.union(&self.pending);
+        self.store
+            .commit_progress(self.hash, self.size, &verified)?;
+        tracing::debug!(
+            blob = %self.hash,
+            verified_groups = verified.count(self.size),
+            total_groups = verify::group_count(self.size),
+            "committed verified groups"
+        );
+        self.committed = verified;
+        self.pending = GroupRanges::empty();
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Commits, and records the blob as complete if every group is verified; otherwise fails
+    /// with [`StoreError::Incomplete`] (progress stays, resume with
+    /// [`Store::begin_or_resume`]).
+    pub fn finish(mut self) -> Result<(), StoreError> {
+        self.commit()?;
+        if self.complete {
+            self.finished = true;
+            return Ok(());
+        }
+        let total = verify::group_count(self.size);
+        let verified = self.committed.count(self.size);
+        if verified < total {
+            return Err(StoreError::Incomplete {
+                hash: self.hash,
+                verified,
+                total,
+            });
+        }
+        self.store.commit_complete(self.hash, self.size)?;
+        self.finished = true;
+        tracing::debug!(blob = %self.hash, size = self.size, "blob complete");
+        Ok(())
+    }
+}
+
+impl PartialBlob {
+    fn check_origin(&self, hash: BlobHash, size: u64) -> Result<(), StoreError> {
+        if hash != self.hash || size != self.size {
+            return Err(StoreError::ForeignItem {
+                hash: self.hash,
+                size: self.size,
+                item_hash: hash,
+                item_size: size,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PartialBlob {
+    fn drop(&mut self) {
+        if self.finished || self.pending.is_empty() {
+            return;
+        }
+        // Keep what was downloaded; a failure here only costs a refetch of these groups.
+        if let Err(error) = self.commit() {
+            tracing::warn!(blob = %self.hash, %error, "cannot commit partial blob on drop");
+        }
+    }
+}
+
+impl std::fmt::Debug for PartialBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartialBlob")
+            .field("hash", &self.hash)
+            .field("size", &self.size)
+            .field("committed", &self.committed)
+            .field("pending", &self.pending)
+            .finish()
+    }
+}

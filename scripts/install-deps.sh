@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian machine lacks to build Stagecoach, then returns.
+# Idempotent: prints nothing and exits quickly when everything is present.
+set -euo pipefail
+
+need=()
+# rocksdb's build runs bindgen, which loads libclang at run time.
+if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/*/libclang*.so* >/dev/null 2>&1; then
+  need+=(libclang-dev)
+fi
+command -v c++ >/dev/null 2>&1 || need+=(g++)
+command -v make >/dev/null 2>&1 || need+=(make)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "stagecoach: installing ${need[*]} (needed to build rocksdb)" >&2
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "stagecoach: cargo is not on PATH; install Rust from https://rustup.rs and retry" >&2
+  exit 1
+fi

@@ -1,0 +1,97 @@
+//! `stager`: a site's stage server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use proto::net::{enroll, EnrollToken};
+use stager::node::{self, StagerConfig};
+
+#[derive(Parser)]
+#[command(name = "stager", version, about = "Stagecoach stager: pulls bundles once per site and serves the site")]
+struct Cli {
+    /// The stager's state directory.
+    #[arg(long, global = true, default_value = "/var/lib/stagecoach/stager", env = "STAGECOACH_STAGER_DIR")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Obtain this stager's certificate with a token from `origin enroll --role stager`.
+    Enroll {
+        /// The token.
+        token: String,
+    },
+    /// Follow the origin and serve the site.
+    Serve {
+        /// The site this stager serves (checked against its certificate).
+        #[arg(long)]
+        site: Option<String>,
+        /// The origin's mesh address (default: the one learnt at enrollment).
+        #[arg(long)]
+        origin: Option<SocketAddr>,
+        /// Mesh address for the site's edges.
+        #[arg(long, default_value = "0.0.0.0:7410")]
+        listen: SocketAddr,
+        /// Prometheus metrics address (HTTP).
+        #[arg(long, default_value = "127.0.0.1:9410")]
+        metrics_listen: SocketAddr,
+        /// Write the bound addresses as JSON to this file once listening.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// Cache bound for bundles no longer announced, in GiB.
+        #[arg(long, default_value_t = 64)]
+        cache_gib: u64,
+        /// Test hook: corrupt every blob part served to edges.
+        #[arg(long, hide = true)]
+        test_corrupt_serving: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Enroll { token } => {
+            let token = EnrollToken::parse(&token)?;
+            let identity = enroll(&token, &node::identity_dir(&cli.dir)).await?;
+            println!(
+                "enrolled as {} in site {}; origin at {}",
+                identity.role(),
+                identity.site(),
+                identity.origin_addr()
+            );
+        }
+        Command::Serve {
+            site,
+            origin,
+            listen,
+            metrics_listen,
+            ready_file,
+            cache_gib,
+            test_corrupt_serving,
+        } => {
+            node::serve(StagerConfig {
+                dir: cli.dir,
+                site,
+                origin,
+                listen,
+                metrics_listen,
+                ready_file,
+                cache_limit_bytes: cache_gib * 1024 * 1024 * 1024,
+                test_corrupt_serving,
+            })
+            .await?
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,429 @@
+//! `stager serve`: the subscription to the origin, preheating, and serving the site.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ed25519_dalek::VerifyingKey;
+use proto::bundles;
+use proto::manifest::{BundleId, Manifest};
+use proto::mesh::fetch::{fetch_manifest, FetchError};
+use proto::mesh::serve::{serve_blob, spans_to_ranges, ServeOptions};
+use proto::mesh::server::{self, RequestHandler};
+use proto::mesh::{names, PeerCounters};
+use proto::metrics::Metrics;
+use proto::net::{
+    read_frame, send_request, server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role,
+    Site,
+};
+use proto::store::{Store, StoreOptions};
+use proto::wire::{BundleInfo, ErrorCode, Request, Response, MAX_FRAME_BYTES};
+use proto::{BlobHash, SignedManifest};
+use quinn::{RecvStream, SendStream};
+
+use crate::upstream::{Flights, Upstream};
+
+/// Chunks of one bundle prefetched at once.
+pub const PREHEAT_CONCURRENCY: usize = 8;
+
+/// Delay before resubscribing after the origin connection drops.
+pub const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
+
+/// How often the metrics summary is logged.
+pub const METRICS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How `stager serve` runs.
+#[derive(Clone, Debug)]
+pub struct StagerConfig {
+    /// State directory (identity, store, last sequence number).
+    pub dir: PathBuf,
+    /// Expected site; must match the certificate.
+    pub site: Option<String>,
+    /// Origin mesh address (default: from enrollment).
+    pub origin: Option<SocketAddr>,
+    /// Mesh address for the site's edges.
+    pub listen: SocketAddr,
+    /// Prometheus metrics address.
+    pub metrics_listen: SocketAddr,
+    /// Write bound addresses as JSON here once listening.
+    pub ready_file: Option<PathBuf>,
+    /// Cache bound of the store, in bytes.
+    pub cache_limit_bytes: u64,
+    /// Test hook: corrupt every blob part served to edges.
+    pub test_corrupt_serving: bool,
+}
+
+/// The identity directory under a stager's state directory.
+pub fn identity_dir(dir: &Path) -> PathBuf {
+    dir.join("identity")
+}
+
+struct Known {
+    manifests: HashMap<BundleId, (SignedManifest, Manifest)>,
+    chunk_sizes: HashMap<BlobHash, u64>,
+    catalog: Vec<BundleInfo>,
+}
+
+/// The running stager.
+pub struct Stager {
+    site: Site,
+    store: Store,
+    trusted: [VerifyingKey; 1],
+    flights: Arc<Flights>,
+    known: Mutex<Known>,
+    metrics: Arc<Metrics>,
+    seq_file: PathBuf,
+    corrupt: bool,
+}
+
+impl Stager {
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        match self.known.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn request_counter(&self, kind: &'static str) {
+        self.metrics
+            .counter(names::REQUESTS, "Requests served", &[("kind", kind)])
+            .inc();
+    }
+
+    /// The verified manifest of `id`: from memory, the store, or the origin.
+    async fn manifest(&self, id: BundleId) -> Result<(SignedManifest, Manifest), FetchError> {
+        if let Some(found) = self.known().manifests.get(&id) {
+            return Ok(found.clone());
+        }
+        let stored = self.store.get_manifest(&id)?;
+        let (signed, manifest) = match stored {
+            Some(signed) => {
+                let manifest = signed
+                    .verify_as(id, &self.trusted)
+                    .map_err(|source| FetchError::Manifest { id, source })?;
+                (signed, manifest)
+            }
+            None => {
+                let conn = self.flights.upstream().connection().await?;
+                fetch_manifest(&conn, id, &self.trusted).await?
+            }
+        };
+        let mut known = self.known();
+        for chunk in &manifest.chunks {
+            known.chunk_sizes.insert(chunk.hash, chunk.stored_bytes);
+        }
+        known
+            .manifests
+            .insert(id, (signed.clone(), manifest.clone()));
+        Ok((signed, manifest))
+    }
+
+    /// Pulls every chunk of bundle `info` the site lacks, then records it as held.
+    async fn preheat(self: &Arc<Self>, info: &BundleInfo) -> Result<()> {
+        let (signed, manifest) = self.manifest(info.id).await?;
+        let mut unique: Vec<(BlobHash, u64)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for chunk in &manifest.chunks {
+            if seen.insert(chunk.hash) {
+                unique.push((chunk.hash, chunk.stored_bytes));
+            }
+        }
+        let slots = Arc::new(tokio::sync::Semaphore::new(PREHEAT_CONCURRENCY));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (hash, size) in unique {
+            let permit = slots.clone().acquire_owned().await?;
+            let flights = self.flights.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                flights.fetch(hash, size).await
+            });
+        }
+        let mut missing = 0usize;
+        while let Some(done) = tasks.join_next().await {
+            if !matches!(done, Ok(true)) {
+                missing += 1;
+            }
+        }
+        if missing > 0 {
+            bail!("{missing} chunks of {} could not be fetched", info.id);
+        }
+        tokio::task::block_in_place(|| -> Result<()> {
+            bundles::pin_bundle(&self.store, &info.id, &manifest)?;
+            self.store.put_manifest(&signed)?;
+            Ok(())
+        })?;
+        let mut known = self.known();
+        if !known.catalog.iter().any(|b| b.id == info.id) {
+            known.catalog.push(info.clone());
+        }
+        tracing::info!(bundle = %info.id, name = %info.name, version = %info.version, "bundle held by the site");
+        Ok(())
+    }
+
+    /// Follows the origin's announcements forever, preheating each bundle in order.
+    async fn follow(self: Arc<Self>) {
+        loop {
+            if let Err(error) = self.follow_once().await {
+                tracing::warn!(%error, "subscription to the origin ended; resubscribing");
+            }
+            tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+        }
+    }
+
+    async fn follow_once(self: &Arc<Self>) -> Result<()> {
+        let after_seq = read_seq(&self.seq_file);
+        let conn = self.flights.upstream().connection().await?;
+        let mut recv = send_request(&conn, &Request::Subscribe { after_seq }).await?;
+        tracing::info!(after_seq, "subscribed to the origin");
+        while let Some(message) = read_frame::<Response>(&mut recv, MAX_FRAME_BYTES).await? {
+            let Response::Announce(info) = message else {
+                bail!("unexpected message on the subscription: {message:?}");
+            };
+            tracing::info!(bundle = %info.id, name = %info.name, version = %info.version, seq = info.seq, "announced");
+            let mut delay = RESUBSCRIBE_DELAY;
+            loop {
+                match self.preheat(&info).await {
+                    Ok(()) => break,
+                    Err(error) => {
+                        tracing::warn!(bundle = %info.id, %error, "preheat failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+            write_seq(&self.seq_file, info.seq)?;
+        }
+        Ok(())
+    }
+
+    async fn answer_blob(
+        &self,
+        peer: &PeerIdentity,
+        hash: BlobHash,
+        groups: Vec<(u64, u64)>,
+        send: &mut SendStream,
+    ) -> Option<Response> {
+        self.request_counter("get_blob");
+        let ranges = match spans_to_ranges(&groups) {
+            Ok(r) => r,
+            Err(message) => {
+                return Some(Response::Error {
+                    code: ErrorCode::BadRequest,
+                    message,
+                })
+            }
+        };
+        // Only chunks of verified manifests are fetched upstream: an edge cannot make the
+        // stager pull arbitrary blobs or trust a size it made up.
+        let size = self.known().chunk_sizes.get(&hash).copied();
+        let progress = match size {
+            Some(size) => self.flights.join(hash, size),
+            None if self.store.blob_status(&hash).is_ok() => None,
+            None => None,
+        };
+        let counters = PeerCounters::new(&self.metrics, peer.role.as_str(), peer.site.as_str());
+        let options = ServeOptions {
+            progress,
+            corrupt: self.corrupt,
+            counters: &counters,
+        };
+        match serve_blob(&self.store, send, hash, ranges, options).await {
+            Ok(served) => {
+                tracing::debug!(%peer, blob = %hash, groups = served.groups, complete = served.complete, "served");
+            }
+            Err(error) => tracing::debug!(%peer, blob = %hash, %error, "blob stream ended early"),
+        }
+        None
+    }
+
+    async fn answer(&self, peer: &PeerIdentity, request: Request, send: &mut SendStream) -> Option<Response> {
+        if peer.role == Role::Edge && peer.site != self.site {
+            self.metrics
+                .counter(names::FORBIDDEN, "Requests refused for the peer's role", &[])
+                .inc();
+            return Some(Response::Error {
+                code: ErrorCode::Forbidden,
+                message: format!("this stager serves site {}, not {}", self.site, peer.site),
+            });
+        }
+        Some(match request {
+            Request::ListBundles => {
+                self.request_counter("list");
+                Response::Bundles(self.known().catalog.clone())
+            }
+            Request::Resolve { name, version } => {
+                self.request_counter("resolve");
+                let local = self
+                    .known()
+                    .catalog
+                    .iter()
+                    .rev()
+                    .find(|b| b.name == name && version.as_deref().is_none_or(|v| b.version == v))
+                    .cloned();
+                match local {
+                    Some(info) => Response::Resolved(info),
+                    None => match self.flights.upstream().connection().await {
+                        Ok(conn) => match proto::mesh::fetch::resolve(&conn, &name, version.as_deref()).await {
+                            Ok(info) => Response::Resolved(info),
+                            Err(error) => error_response(error),
+                        },
+                        Err(error) => error_response(FetchError::Net(error)),
+                    },
+                }
+            }
+            Request::GetManifest { id } => {
+                self.request_counter("manifest");
+                match self.manifest(id).await {
+                    Ok((signed, _)) => Response::Manifest(signed),
+                    Err(error) => error_response(error),
+                }
+            }
+            Request::GetBlob { hash, groups, .. } => {
+                return self.answer_blob(peer, hash, groups, send).await;
+            }
+            Request::PutBlob { .. } | Request::Publish { .. } => {
+                self.metrics
+                    .counter(names::FORBIDDEN, "Requests refused for the peer's role", &[])
+                    .inc();
+                Response::Error {
+                    code: ErrorCode::Forbidden,
+                    message: "a stager does not accept uploads; publish to the origin".into(),
+                }
+            }
+            Request::Subscribe { .. } | Request::Enroll { .. } => Response::Error {
+                code: ErrorCode::BadRequest,
+                message: "not a request for a stager".into(),
+            },
+        })
+    }
+}
+
+fn error_response(error: FetchError) -> Response {
+    match error {
+        FetchError::Refused { code, message } => Response::Error { code, message },
+        other => Response::Error {
+            code: ErrorCode::Internal,
+            message: other.to_string(),
+        },
+    }
+}
+
+impl RequestHandler for Stager {
+    async fn handle(
+        self: Arc<Self>,
+        peer: PeerIdentity,
+        request: Request,
+        mut send: SendStream,
+        _recv: RecvStream,
+    ) {
+        if let Some(response) = self.answer(&peer, request, &mut send).await {
+            if write_frame(&mut send, &response).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+    }
+}
+
+fn read_seq(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn write_seq(path: &Path, seq: u64) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, seq.to_string()).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Runs `stager serve` until Ctrl-C or SIGTERM.
+pub async fn serve(config: StagerConfig) -> Result<()> {
+    let identity = NodeIdentity::load(&identity_dir(&config.dir))?;
+    if identity.role() != Role::Stager {
+        bail!("{} holds a {} identity, not a stager's", config.dir.display(), identity.role());
+    }
+    if let Some(site) = &config.site {
+        if site != identity.site().as_str() {
+            bail!(
+                "--site {site} does not match the certificate's site {}; enroll with a token for {site}",
+                identity.site()
+            );
+        }
+    }
+    let origin = match config.origin {
+        Some(addr) => addr,
+        None => identity
+            .origin_addr()
+            .parse()
+            .with_context(|| format!("bad origin address {:?} from enrollment; pass --origin", identity.origin_addr()))?,
+    };
+    let store = Store::open(
+        config.dir.join("store"),
+        StoreOptions {
+            cache_limit_bytes: config.cache_limit_bytes,
+            ..StoreOptions::default()
+        },
+    )
+    .context("cannot open the stager's store")?;
+    let metrics = Metrics::new();
+    let endpoint = server_endpoint(config.listen, &identity).context("cannot start the mesh endpoint")?;
+    let listen = endpoint.local_addr()?;
+    let upstream = Arc::new(Upstream::new(endpoint.clone(), origin));
+    let origin_counters = PeerCounters::new(&metrics, Role::Origin.as_str(), "origin");
+    let flights = Flights::new(upstream, store.clone(), origin_counters);
+    let stager = Arc::new(Stager {
+        site: identity.site().clone(),
+        store,
+        trusted: [*identity.publisher_key()],
+        flights,
+        known: Mutex::new(Known {
+            manifests: HashMap::new(),
+            chunk_sizes: HashMap::new(),
+            catalog: Vec::new(),
+        }),
+        metrics: metrics.clone(),
+        seq_file: config.dir.join("last_seq"),
+        corrupt: config.test_corrupt_serving,
+    });
+    if config.test_corrupt_serving {
+        tracing::warn!("TEST HOOK: every blob part served will be corrupted");
+    }
+    let metrics_addr = proto::metrics::serve(config.metrics_listen, metrics.clone()).await?;
+    proto::metrics::spawn_log_summary(metrics.clone(), METRICS_LOG_INTERVAL, "stager");
+    tokio::spawn(server::run(endpoint.clone(), stager.clone(), metrics));
+    tokio::spawn(stager.clone().follow());
+    if let Some(path) = &config.ready_file {
+        let ready = serde_json::json!({
+            "mesh": listen.to_string(),
+            "metrics": metrics_addr.to_string(),
+        });
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&ready)?)?;
+        std::fs::rename(&tmp, path)?;
+    }
+    tracing::info!(site = %stager.site, %listen, metrics = %metrics_addr, %origin, "stager serving");
+    shutdown_signal().await;
+    endpoint.close(0u32.into(), b"stager stopping");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
