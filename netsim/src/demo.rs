@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::datagen;
-use crate::procs::{self, Binaries, Fleet};
+use crate::mesh::{site_name, Mesh};
+use crate::procs::{self, Binaries};
 
 /// How long the whole fan-out may take before the demo gives up.
 pub const FANOUT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -27,18 +28,6 @@ pub struct DemoConfig {
     pub work_dir: Option<PathBuf>,
     /// Where the binaries live.
     pub binaries: Binaries,
-}
-
-/// Addresses a daemon writes to its ready file once it listens.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Ready {
-    /// The QUIC mesh endpoint.
-    pub mesh: String,
-    /// The enrollment endpoint (origin only).
-    #[serde(default)]
-    pub enroll: Option<String>,
-    /// The Prometheus metrics endpoint.
-    pub metrics: String,
 }
 
 /// One site's line of the result.
@@ -113,14 +102,6 @@ impl DemoResult {
     }
 }
 
-fn s(x: impl AsRef<str>) -> String {
-    x.as_ref().to_owned()
-}
-
-fn path_arg(p: &Path) -> String {
-    p.display().to_string()
-}
-
 /// Runs the demo; stops every process it started before returning, on success or failure.
 pub async fn run(config: DemoConfig) -> Result<DemoResult> {
     let temp;
@@ -137,197 +118,70 @@ pub async fn run(config: DemoConfig) -> Result<DemoResult> {
             temp.path().to_path_buf()
         }
     };
-    let mut fleet = Fleet::default();
+    let mut mesh = None;
     let result = tokio::select! {
-        result = run_in(&config, &work, &mut fleet) => result,
+        result = run_in(&config, &work, &mut mesh) => result,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
-    fleet.shutdown().await;
-    if result.is_err() {
-        eprintln!("demo failed; daemon logs were in {}", work.display());
+    if let Some(mesh) = mesh.as_mut() {
+        mesh.shutdown().await;
+    }
+    if result.is_err() && config.work_dir.is_some() {
+        eprintln!("demo failed; daemon logs are in {}", work.join("logs").display());
     }
     result
 }
 
-async fn run_in(config: &DemoConfig, work: &Path, fleet: &mut Fleet) -> Result<DemoResult> {
-    let bins = &config.binaries;
-    let origin_bin = bins.path("origin");
-    let stager_bin = bins.path("stager");
-    let edge_bin = bins.path("edge-agent");
-    let logs = work.join("logs");
-    std::fs::create_dir_all(&logs)?;
-
-    // Origin.
-    let origin_dir = work.join("origin");
-    procs::run_to_end(&origin_bin, &[s("init"), s("--dir"), path_arg(&origin_dir)]).await?;
-    let origin_ready_file = work.join("origin.ready.json");
-    let cmd = procs::command(
-        &origin_bin,
-        &[
-            s("serve"),
-            s("--dir"),
-            path_arg(&origin_dir),
-            s("--listen"),
-            s("127.0.0.1:0"),
-            s("--enroll-listen"),
-            s("127.0.0.1:0"),
-            s("--metrics-listen"),
-            s("127.0.0.1:0"),
-            s("--ready-file"),
-            path_arg(&origin_ready_file),
-        ],
-        &logs.join("origin.log"),
-    )?;
-    fleet.spawn("origin", cmd)?;
-    let origin: Ready = procs::wait_ready(&origin_ready_file, fleet).await?;
-    tracing::info!(mesh = %origin.mesh, "origin up");
-
-    // Stagers, one per site.
-    let site_names: Vec<String> = (0..config.sites)
-        .map(|i| format!("site-{}", (b'a' + i as u8) as char))
-        .collect();
-    let mut stagers = Vec::new();
-    for site in &site_names {
-        let dir = work.join(format!("stager-{site}"));
-        let token = enroll_token(&origin_bin, &origin_dir, "stager", site).await?;
-        procs::run_to_end(&stager_bin, &[s("enroll"), token, s("--dir"), path_arg(&dir)]).await?;
-        let ready_file = work.join(format!("stager-{site}.ready.json"));
-        let cmd = procs::command(
-            &stager_bin,
-            &[
-                s("serve"),
-                s("--dir"),
-                path_arg(&dir),
-                s("--site"),
-                site.clone(),
-                s("--origin"),
-                origin.mesh.clone(),
-                s("--listen"),
-                s("127.0.0.1:0"),
-                s("--metrics-listen"),
-                s("127.0.0.1:0"),
-                s("--ready-file"),
-                path_arg(&ready_file),
-            ],
-            &logs.join(format!("stager-{site}.log")),
-        )?;
-        fleet.spawn(&format!("stager-{site}"), cmd)?;
-        let ready: Ready = procs::wait_ready(&ready_file, fleet).await?;
-        stagers.push(ready);
-    }
-
-    // Edges: enrolled now, started after the publish.
-    let mut edges = Vec::new();
-    for site in &site_names {
-        for e in 0..config.edges_per_site {
-            let dir = work.join(format!("edge-{site}-{e}"));
-            let token = enroll_token(&origin_bin, &origin_dir, "edge", site).await?;
-            procs::run_to_end(&edge_bin, &[s("enroll"), token, s("--dir"), path_arg(&dir)])
-                .await?;
-            edges.push((site.clone(), e, dir));
-        }
-    }
-
-    // The bundle.
+async fn run_in(config: &DemoConfig, work: &Path, slot: &mut Option<Mesh>) -> Result<DemoResult> {
     let tree = work.join("tree");
     datagen::generate_tree(&tree, config.bundle_bytes, config.seed)?;
+    let mesh = slot.insert(
+        Mesh::start(
+            config.binaries.clone(),
+            work,
+            config.sites,
+            config.edges_per_site,
+            &[],
+        )
+        .await?,
+    );
     let publish_start = Instant::now();
-    let published = procs::run_to_end(
-        &origin_bin,
-        &[
-            s("publish"),
-            path_arg(&tree),
-            s("--dir"),
-            path_arg(&origin_dir),
-            s("--name"),
-            s("demo-os"),
-            s("--version"),
-            s("1.0.0"),
-            s("--kind"),
-            s("os-image"),
-            s("--no-progress"),
-        ],
-    )
-    .await?;
+    let bundle_id = mesh.publish(&tree, "demo-os", "1.0.0").await?;
     let publish_s = publish_start.elapsed().as_secs_f64();
-    let bundle_id = published
-        .lines()
-        .find_map(|l| l.strip_prefix("bundle "))
-        .map(|rest| rest.split_whitespace().next().unwrap_or_default().to_owned())
-        .context("origin publish did not print the bundle id")?;
     let fanout_start = Instant::now();
-
-    // Every edge fetches at once from its site's stager.
-    let mut fetches = tokio::task::JoinSet::new();
-    for (site, e, dir) in &edges {
-        let site_index = site_names.iter().position(|n| n == site).unwrap_or(0);
-        let args = vec![
-            s("fetch"),
-            bundle_id.clone(),
-            s("--dir"),
-            path_arg(dir),
-            s("--stager"),
-            stagers[site_index].mesh.clone(),
-            s("--no-progress"),
-        ];
-        let log = logs.join(format!("edge-{site}-{e}.log"));
-        let cmd = procs::command(&edge_bin, &args, &log)?;
-        let name = format!("edge-{site}-{e}");
-        let site = site.clone();
-        fetches.spawn(async move {
-            let mut cmd = cmd;
-            let status = cmd.status().await;
-            (name, site, status, fanout_start.elapsed().as_secs_f64())
-        });
-    }
-    let mut done: Vec<(String, f64)> = Vec::new();
-    let deadline = tokio::time::sleep(FANOUT_TIMEOUT);
-    tokio::pin!(deadline);
-    while !fetches.is_empty() {
-        tokio::select! {
-            joined = fetches.join_next() => {
-                let Some(joined) = joined else { break };
-                let (name, site, status, at) = joined.context("edge task failed")?;
-                match status {
-                    Ok(st) if st.success() => done.push((site, at)),
-                    Ok(st) => bail!("{name} failed with {st}; see {}", logs.join(format!("{name}.log")).display()),
-                    Err(e) => bail!("cannot run {name}: {e}"),
-                }
-            }
-            _ = &mut deadline => bail!("edges did not finish within {FANOUT_TIMEOUT:?}"),
-        }
-        fleet.check_alive()?;
-    }
+    let edges = mesh.edges.clone();
+    let fetches = tokio::time::timeout(FANOUT_TIMEOUT, mesh.fetch_all(&edges, &bundle_id))
+        .await
+        .context("edges did not finish in time")??;
     let all_edges_done_s = fanout_start.elapsed().as_secs_f64();
+    if let Some(failed) = fetches.iter().find(|f| !f.ok) {
+        let log = std::fs::read_to_string(&failed.log).unwrap_or_default();
+        bail!("{} failed to fetch the bundle:\n{}", failed.edge.name, log.trim());
+    }
 
-    // Bytes, from the daemons' own counters.
-    let origin_metrics = procs::scrape(&origin.metrics).await?;
-    let origin_egress_bytes =
-        procs::metric_sum(&origin_metrics, "stagecoach_bytes_sent_total", &[]);
+    let origin_metrics = mesh.origin_metrics().await?;
+    let origin_egress_bytes = procs::metric_sum(
+        &origin_metrics,
+        "stagecoach_bytes_sent_total",
+        &[("peer_role", "stager")],
+    );
     let bundle_bytes = procs::metric_sum(&origin_metrics, "stagecoach_bundle_stored_bytes", &[]);
     let tree_bytes = procs::metric_sum(&origin_metrics, "stagecoach_bundle_raw_bytes", &[]);
     let mut sites = Vec::new();
-    for (i, name) in site_names.iter().enumerate() {
-        let text = procs::scrape(&stagers[i].metrics).await?;
-        let wan_bytes = procs::metric_sum(
-            &text,
-            "stagecoach_bytes_received_total",
-            &[("peer_role", "origin")],
-        );
-        let lan_bytes =
-            procs::metric_sum(&text, "stagecoach_bytes_sent_total", &[("peer_role", "edge")]);
-        let site_done: Vec<f64> = done
+    for i in 0..config.sites {
+        let name = site_name(i);
+        let site_done: Vec<f64> = fetches
             .iter()
-            .filter(|(s, _)| s == name)
-            .map(|(_, t)| *t)
+            .filter(|f| f.edge.site == name && f.ok)
+            .map(|f| f.done_s)
             .collect();
         sites.push(SiteResult {
-            name: name.clone(),
-            wan_bytes,
-            lan_bytes,
+            wan_bytes: mesh.wan_bytes(&name).await?,
+            lan_bytes: mesh.lan_bytes(&name).await?,
             edges_done: site_done.len(),
             edges: config.edges_per_site,
             done_s: site_done.iter().cloned().fold(0.0, f64::max),
+            name,
         });
     }
     Ok(DemoResult {
@@ -339,25 +193,4 @@ async fn run_in(config: &DemoConfig, work: &Path, fleet: &mut Fleet) -> Result<D
         all_edges_done_s,
         sites,
     })
-}
-
-async fn enroll_token(origin_bin: &Path, origin_dir: &Path, role: &str, site: &str) -> Result<String> {
-    let out = procs::run_to_end(
-        origin_bin,
-        &[
-            s("enroll"),
-            s("--dir"),
-            path_arg(origin_dir),
-            s("--role"),
-            s(role),
-            s("--site"),
-            s(site),
-        ],
-    )
-    .await?;
-    out.lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("sc1-"))
-        .map(str::to_owned)
-        .context("origin enroll printed no token")
 }

@@ -5,4 +5,5 @@
 
 pub mod datagen;
 pub mod demo;
+pub mod mesh;
 pub mod procs;

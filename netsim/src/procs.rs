@@ -58,10 +58,24 @@ impl Binaries {
     }
 }
 
-/// A command to run, with its log file.
+/// A command to run, with its log file (truncated).
 pub fn command(bin: &Path, args: &[String], log: &Path) -> Result<Command> {
     let log_file = std::fs::File::create(log)
         .with_context(|| format!("cannot create log file {}", log.display()))?;
+    command_with_log(bin, args, log_file)
+}
+
+/// A command to run, appending to its log file.
+pub fn command_appending(bin: &Path, args: &[String], log: &Path) -> Result<Command> {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open log file {}", log.display()))?;
+    command_with_log(bin, args, log_file)
+}
+
+fn command_with_log(bin: &Path, args: &[String], log_file: std::fs::File) -> Result<Command> {
     let err_file = log_file.try_clone().context("cannot duplicate log file handle")?;
     let mut cmd = Command::new(bin);
     cmd.args(args)

@@ -303,7 +303,7 @@ fn install(
         ));
     }
     let trusted = trusted_keys(plan)?;
-    install_bundle(ctx.platform, ctx.store, slot, bundle, &trusted).map_err(|e| text(&e))
+    install_bundle(ctx.platform, ctx.store, slot, bundle, &trusted).map(|_| ()).map_err(|e| text(&e))
 }
 
 /// Why a slot could not be filled.

@@ -1,0 +1,393 @@
+//! A whole mesh of real processes on loopback: one origin, stagers, enrolled edges. Used by the
+//! demo and the integration tests.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::procs::{self, Binaries, Fleet};
+
+/// How long one edge fetch may take before it counts as failed.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Addresses a daemon writes to its ready file once it listens.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Ready {
+    /// The QUIC mesh endpoint.
+    pub mesh: String,
+    /// The enrollment endpoint (origin only).
+    #[serde(default)]
+    pub enroll: Option<String>,
+    /// The Prometheus metrics endpoint.
+    pub metrics: String,
+}
+
+/// One stager of the mesh.
+#[derive(Clone, Debug)]
+pub struct StagerNode {
+    /// Its site.
+    pub site: String,
+    /// Its process name in the fleet.
+    pub name: String,
+    /// State directory.
+    pub dir: PathBuf,
+    /// Addresses (from its ready file).
+    pub ready: Ready,
+    /// Extra flags it was started with.
+    pub extra_args: Vec<String>,
+}
+
+/// One enrolled edge.
+#[derive(Clone, Debug)]
+pub struct EdgeNode {
+    /// Its site.
+    pub site: String,
+    /// Its name, e.g. `edge-site-a-0`.
+    pub name: String,
+    /// State directory.
+    pub dir: PathBuf,
+}
+
+/// What one edge fetch did.
+#[derive(Clone, Debug)]
+pub struct EdgeFetch {
+    /// The edge.
+    pub edge: EdgeNode,
+    /// Seconds from the start of the fan-out until it finished.
+    pub done_s: f64,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// Its output (stdout and stderr).
+    pub log: PathBuf,
+}
+
+/// The running mesh. Dropping it stops every process.
+pub struct Mesh {
+    /// Binaries used.
+    pub bins: Binaries,
+    /// Work directory.
+    pub work: PathBuf,
+    /// Daemons.
+    pub fleet: Fleet,
+    /// The origin's state directory.
+    pub origin_dir: PathBuf,
+    /// The origin's addresses.
+    pub origin: Ready,
+    /// Stagers, one or more per site.
+    pub stagers: Vec<StagerNode>,
+    /// Edges.
+    pub edges: Vec<EdgeNode>,
+}
+
+fn s(x: impl AsRef<str>) -> String {
+    x.as_ref().to_owned()
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// The name of site `index`: `site-a`, `site-b`, ...
+pub fn site_name(index: usize) -> String {
+    let letter = (b'a' + (index % 26) as u8) as char;
+    if index < 26 {
+        format!("site-{letter}")
+    } else {
+        format!("site-{letter}{}", index / 26)
+    }
+}
+
+impl Mesh {
+    /// Starts an origin, one stager per site (with `stager_args` added), and enrolls
+    /// `edges_per_site` edges per site.
+    pub async fn start(
+        bins: Binaries,
+        work: &Path,
+        sites: usize,
+        edges_per_site: usize,
+        stager_args: &[String],
+    ) -> Result<Mesh> {
+        let logs = work.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let origin_bin = bins.path("origin");
+        let origin_dir = work.join("origin");
+        procs::run_to_end(&origin_bin, &[s("init"), s("--dir"), p(&origin_dir)]).await?;
+        let ready_file = work.join("origin.ready.json");
+        let mut fleet = Fleet::default();
+        let cmd = procs::command(
+            &origin_bin,
+            &[
+                s("serve"),
+                s("--dir"),
+                p(&origin_dir),
+                s("--listen"),
+                s("127.0.0.1:0"),
+                s("--enroll-listen"),
+                s("127.0.0.1:0"),
+                s("--metrics-listen"),
+                s("127.0.0.1:0"),
+                s("--ready-file"),
+                p(&ready_file),
+            ],
+            &logs.join("origin.log"),
+        )?;
+        fleet.spawn("origin", cmd)?;
+        let origin: Ready = procs::wait_ready(&ready_file, &mut fleet).await?;
+        let mut mesh = Mesh {
+            bins,
+            work: work.to_owned(),
+            fleet,
+            origin_dir,
+            origin,
+            stagers: Vec::new(),
+            edges: Vec::new(),
+        };
+        for i in 0..sites {
+            let site = site_name(i);
+            mesh.add_stager(&site, stager_args).await?;
+            for e in 0..edges_per_site {
+                mesh.add_edge(&site, e).await?;
+            }
+        }
+        Ok(mesh)
+    }
+
+    /// A one-time token from the origin.
+    pub async fn token(&self, role: &str, site: &str) -> Result<String> {
+        let out = procs::run_to_end(
+            &self.bins.path("origin"),
+            &[
+                s("enroll"),
+                s("--dir"),
+                p(&self.origin_dir),
+                s("--role"),
+                s(role),
+                s("--site"),
+                s(site),
+            ],
+        )
+        .await?;
+        out.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("sc1-"))
+            .map(str::to_owned)
+            .context("origin enroll printed no token")
+    }
+
+    /// Enrolls and starts a stager for `site`.
+    pub async fn add_stager(&mut self, site: &str, extra_args: &[String]) -> Result<StagerNode> {
+        let index = self.stagers.iter().filter(|st| st.site == site).count();
+        let name = format!("stager-{site}-{index}");
+        let dir = self.work.join(&name);
+        let token = self.token("stager", site).await?;
+        procs::run_to_end(&self.bins.path("stager"), &[s("enroll"), token, s("--dir"), p(&dir)])
+            .await?;
+        let mut node = StagerNode {
+            site: site.to_owned(),
+            name,
+            dir,
+            ready: Ready {
+                mesh: String::new(),
+                enroll: None,
+                metrics: String::new(),
+            },
+            extra_args: extra_args.to_vec(),
+        };
+        node.ready = self.start_stager(&node, "127.0.0.1:0").await?;
+        self.stagers.push(node.clone());
+        Ok(node)
+    }
+
+    async fn start_stager(&mut self, node: &StagerNode, listen: &str) -> Result<Ready> {
+        let ready_file = self.work.join(format!("{}.ready.json", node.name));
+        let _ = std::fs::remove_file(&ready_file);
+        let mut args = vec![
+            s("serve"),
+            s("--dir"),
+            p(&node.dir),
+            s("--site"),
+            node.site.clone(),
+            s("--origin"),
+            self.origin.mesh.clone(),
+            s("--listen"),
+            s(listen),
+            s("--metrics-listen"),
+            s("127.0.0.1:0"),
+            s("--ready-file"),
+            p(&ready_file),
+        ];
+        args.extend(node.extra_args.iter().cloned());
+        let log = self.work.join("logs").join(format!("{}.log", node.name));
+        // Append, so a restarted stager keeps its earlier log.
+        let cmd = procs::command_appending(&self.bins.path("stager"), &args, &log)?;
+        self.fleet.spawn(&node.name, cmd)?;
+        procs::wait_ready(&ready_file, &mut self.fleet).await
+    }
+
+    /// Kills stager `name` with SIGKILL.
+    pub async fn kill_stager(&mut self, name: &str) -> Result<()> {
+        self.fleet.kill(name).await
+    }
+
+    /// Restarts stager `name` on the same mesh address (after [`Mesh::kill_stager`]).
+    pub async fn restart_stager(&mut self, name: &str) -> Result<()> {
+        let index = self
+            .stagers
+            .iter()
+            .position(|st| st.name == name)
+            .context("no such stager")?;
+        let node = self.stagers[index].clone();
+        let ready = self.start_stager(&node, &node.ready.mesh.clone()).await?;
+        self.stagers[index].ready = ready;
+        Ok(())
+    }
+
+    /// Enrolls edge number `index` of `site`.
+    pub async fn add_edge(&mut self, site: &str, index: usize) -> Result<EdgeNode> {
+        let name = format!("edge-{site}-{index}");
+        let dir = self.work.join(&name);
+        let token = self.token("edge", site).await?;
+        procs::run_to_end(&self.bins.path("edge-agent"), &[s("enroll"), token, s("--dir"), p(&dir)])
+            .await?;
+        let edge = EdgeNode {
+            site: site.to_owned(),
+            name,
+            dir,
+        };
+        self.edges.push(edge.clone());
+        Ok(edge)
+    }
+
+    /// Publishes `tree` as `name@version`; returns the bundle id.
+    pub async fn publish(&self, tree: &Path, name: &str, version: &str) -> Result<String> {
+        let out = procs::run_to_end(
+            &self.bins.path("origin"),
+            &[
+                s("publish"),
+                p(tree),
+                s("--dir"),
+                p(&self.origin_dir),
+                s("--name"),
+                s(name),
+                s("--version"),
+                s(version),
+                s("--kind"),
+                s("os-image"),
+                s("--no-progress"),
+            ],
+        )
+        .await?;
+        out.lines()
+            .find_map(|l| l.strip_prefix("bundle "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+            .context("origin publish did not print the bundle id")
+    }
+
+    /// The mesh addresses of the stagers of `site`.
+    pub fn stager_addrs(&self, site: &str) -> Vec<String> {
+        self.stagers
+            .iter()
+            .filter(|st| st.site == site)
+            .map(|st| st.ready.mesh.clone())
+            .collect()
+    }
+
+    /// Starts `edge-agent fetch` for `bundle` on each of `edges` at once and waits for all.
+    pub async fn fetch_all(&self, edges: &[EdgeNode], bundle: &str) -> Result<Vec<EdgeFetch>> {
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for edge in edges {
+            let mut args = vec![s("fetch"), s(bundle), s("--dir"), p(&edge.dir), s("--no-progress")];
+            for addr in self.stager_addrs(&edge.site) {
+                args.push(s("--stager"));
+                args.push(addr);
+            }
+            let log = self.work.join("logs").join(format!("{}.fetch.log", edge.name));
+            let mut cmd = procs::command(&self.bins.path("edge-agent"), &args, &log)?;
+            let edge = edge.clone();
+            tasks.spawn(async move {
+                let status = tokio::time::timeout(FETCH_TIMEOUT, cmd.status()).await;
+                let ok = matches!(status, Ok(Ok(st)) if st.success());
+                EdgeFetch {
+                    edge,
+                    done_s: start.elapsed().as_secs_f64(),
+                    ok,
+                    log,
+                }
+            });
+        }
+        let mut results = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            results.push(done.context("fetch task panicked")?);
+        }
+        Ok(results)
+    }
+
+    /// Prometheus text of the origin.
+    pub async fn origin_metrics(&self) -> Result<String> {
+        procs::scrape(&self.origin.metrics).await
+    }
+
+    /// Prometheus text of stager `name`.
+    pub async fn stager_metrics(&self, name: &str) -> Result<String> {
+        let node = self
+            .stagers
+            .iter()
+            .find(|st| st.name == name)
+            .context("no such stager")?;
+        procs::scrape(&node.ready.metrics).await
+    }
+
+    /// Bytes the stagers of `site` received from the origin.
+    pub async fn wan_bytes(&self, site: &str) -> Result<u64> {
+        let mut total = 0;
+        for st in self.stagers.iter().filter(|st| st.site == site) {
+            let text = procs::scrape(&st.ready.metrics).await?;
+            total += procs::metric_sum(&text, "stagecoach_bytes_received_total", &[("peer_role", "origin")]);
+        }
+        Ok(total)
+    }
+
+    /// Bytes the stagers of `site` sent to edges.
+    pub async fn lan_bytes(&self, site: &str) -> Result<u64> {
+        let mut total = 0;
+        for st in self.stagers.iter().filter(|st| st.site == site) {
+            let text = procs::scrape(&st.ready.metrics).await?;
+            total += procs::metric_sum(&text, "stagecoach_bytes_sent_total", &[("peer_role", "edge")]);
+        }
+        Ok(total)
+    }
+
+    /// Waits until every stager of `site` holds bundle `id` (its preheat finished).
+    pub async fn wait_preheated(&mut self, site: &str, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let mut all = true;
+            for st in self.stagers.iter().filter(|st| st.site == site) {
+                let log = std::fs::read_to_string(self.work.join("logs").join(format!("{}.log", st.name)))
+                    .unwrap_or_default();
+                let held = log.matches("bundle held by the site").count();
+                let announced = log.matches("announced").count();
+                if held == 0 || held < announced {
+                    all = false;
+                }
+            }
+            if all {
+                return Ok(());
+            }
+            self.fleet.check_alive()?;
+            if start.elapsed() > timeout {
+                bail!("stagers of {site} did not finish preheating within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops every process.
+    pub async fn shutdown(&mut self) {
+        self.fleet.shutdown().await;
+    }
+}
