@@ -57,7 +57,7 @@ fn generate_tree(root: &Path) -> u64 {
     };
     while written < TREE_BYTES / 3 {
         let len = (1024.0 * 1024f64.powf(rng.gen::<f64>())) as usize;
-        let dir = format!("d{}", index % 16);
+        let dir = format!("d{}", len % 16);
         written += write(&mut rng, &dir, len);
     }
     let large = ((TREE_BYTES - written) / LARGE_FILES) as usize;

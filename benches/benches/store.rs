@@ -15,7 +15,7 @@ const SIZES: [(&str, usize); 2] = [("1MiB", 1 << 20), ("4MiB", 4 << 20)];
 const BENCH_CACHE_LIMIT_BYTES: u64 = 256 << 20;
 
 fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
+    let mut state = seed.wrapping_mul(2).wrapping_add(1);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
         state ^= state << 13;

@@ -257,3 +257,56 @@ fn timing_swap_of_a_256_mib_image() {
         boots.len()
     );
 }
+
+#[test]
+fn the_cli_provisions_and_runs_a_simulated_machine_from_a_separate_store() {
+    use std::process::Command;
+    let fixture = Fixture::new();
+    let root = fixture.dir.path().join("cli-machine");
+    let provision = Command::new(swap_support::agent())
+        .arg("sim-provision")
+        .arg("--root")
+        .arg(&root)
+        .arg("--store")
+        .arg(&fixture.publisher_store)
+        .args(["--os", &fixture.old.id.to_string(), "--trust", &fixture.trusted_hex])
+        .output()
+        .expect("run sim-provision");
+    assert!(provision.status.success(), "{}", String::from_utf8_lossy(&provision.stderr));
+    assert!(String::from_utf8_lossy(&provision.stdout).contains("slot A runs old 1.0"));
+
+    // The bundles come from the publisher's store; the swap copies them into the machine's.
+    let run = Command::new(swap_support::agent())
+        .arg("sim-machine")
+        .arg("--root")
+        .arg(&root)
+        .arg("--")
+        .args(fixture.swap_args(&fixture.target))
+        .arg("--store")
+        .arg(&fixture.publisher_store)
+        .env("EDGE_AGENT_LOG", "warn")
+        .output()
+        .expect("run sim-machine");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("boot 1: slot A (old 1.0) -> Rebooted"), "{stdout}");
+    assert!(stdout.contains("boot 2: slot B (rescue 0.9) -> Rebooted"), "{stdout}");
+    assert!(stdout.contains("boot 3: slot A (new 2.0) -> Exited(0)"), "{stdout}");
+    assert!(fs::read_to_string(root.join("boots.log")).expect("boots.log").contains("boot 3: slot A (new 2.0)"));
+
+    let (code, out, _) = agent_command(&root, &["status", "--json"]);
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(status["swap"]["Ok"]["step"], "done", "{out}");
+    assert_eq!(status["booted"], "A", "{out}");
+    assert_eq!(status["slots"][1]["os"]["name"], "rescue", "{out}");
+    // Both bundles are now kept in the machine's own store, pinned for the slots.
+    let store = edge_agent::swap::store::open_store(&sim::store_dir(&root)).expect("machine store");
+    for id in [fixture.target.id, fixture.rescue.id] {
+        let manifest = store.get_manifest(&id).expect("read").expect("staged").verify(&[]).expect("valid");
+        for chunk in &manifest.chunks {
+            assert!(store.has_blob(&chunk.hash));
+            assert!(!store.pins(&chunk.hash).is_empty(), "chunk of {id} is pinned");
+        }
+    }
+}

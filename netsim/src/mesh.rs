@@ -367,8 +367,12 @@ impl Mesh {
         loop {
             let mut all = true;
             for st in self.stagers.iter().filter(|st| st.site == site) {
-                let log = std::fs::read_to_string(self.work.join("logs").join(format!("{}.log", st.name)))
+                let whole = std::fs::read_to_string(self.work.join("logs").join(format!("{}.log", st.name)))
                     .unwrap_or_default();
+                // Only the current run of the stager counts (its log is appended across restarts).
+                let log = whole
+                    .rfind("stager serving")
+                    .map_or(whole.as_str(), |at| &whole[at..]);
                 let held = log.matches("bundle held by the site").count();
                 let announced = log.matches("announced").count();
                 if held == 0 || held < announced {

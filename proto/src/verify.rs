@@ -279,9 +279,13 @@ impl GroupRanges {
     /// the end stand for the last group (the bao convention, so asking past the end yields a proof
     /// of the size), and nothing lies beyond the blob. Encoder and decoder both apply this.
     pub fn normalized(&self, size: u64) -> GroupRanges {
-        let truncated = truncate_ranges(&self.0, size);
-        let inside = Self::groups(0..group_count(size));
-        Self(truncated.intersection(&inside.0))
+        let last = group_count(size) - 1;
+        let inside = self.clamped(size);
+        if self.intersection(&Self::from_group(last)).is_empty() {
+            inside
+        } else {
+            inside.union(&Self::group(last))
+        }
     }
 
     /// The runs of the set inside a blob of `size` bytes, in group units.
@@ -1255,6 +1259,8 @@ mod tests {
             GroupRanges::all(),
             GroupRanges::groups(1..3),
             GroupRanges::group(18),
+            GroupRanges::from_group(40),
+            GroupRanges::groups(17..60),
             GroupRanges::groups(0..1).union(&GroupRanges::from_group(10)),
         ] {
             let mut ours = Vec::new();

@@ -87,20 +87,25 @@ fn one_percent_of_files_edited_reuses_most_stored_bytes() {
 #[ignore = "packs 2 × 256 MiB per setting; about a minute"]
 fn measure_chunker_params() {
     let versions = versions();
-    println!("| avg     | min/max          | reused | new MB | chunks | manifest KB | pack MB/s |");
-    println!("|---------|------------------|--------|--------|--------|-------------|-----------|");
-    for avg_kib in [64usize, 256, 1024, 4096] {
+    println!(
+        "| avg      | min/max             | reused | new MB | stored MB | chunks | manifest KB | pack MB/s |"
+    );
+    println!(
+        "|----------|---------------------|--------|--------|-----------|--------|-------------|-----------|"
+    );
+    for avg_kib in [64usize, 256, 512, 1024, 4096] {
         let params = ChunkerParams::with_avg(avg_kib * 1024);
         let (v1, _) = timed_pack(&versions.v1, params);
         let (v2, secs) = timed_pack(&versions.v2, params);
         let (fraction, new_bytes) = reuse(&v1.manifest, &v2.manifest);
         println!(
-            "| {:>4} KiB | {:>5} KiB/{:>5} KiB | {:>5.1}% | {:>6.1} | {:>6} | {:>11.1} | {:>9.0} |",
+            "| {:>4} KiB | {:>5} KiB/{:>5} KiB | {:>5.1}% | {:>6.1} | {:>9.1} | {:>6} | {:>11.1} | {:>9.0} |",
             avg_kib,
             params.min_bytes / 1024,
             params.max_bytes / 1024,
             fraction * 100.0,
             new_bytes as f64 / 1e6,
+            v2.manifest.total_stored_bytes as f64 / 1e6,
             v2.manifest.chunks.len(),
             v2.signed.manifest_bytes.len() as f64 / 1e3,
             v2.manifest.total_raw_bytes as f64 / 1e6 / secs,

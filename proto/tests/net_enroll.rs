@@ -35,6 +35,9 @@ fn site(name: &str) -> Site {
     Site::new(name).expect("site")
 }
 
+/// One-time secrets the test origin has handed out, with what each grants.
+type Secrets = Arc<Mutex<HashMap<[u8; 32], (Role, Site)>>>;
+
 /// An origin: CA, its own identity, a mesh endpoint, and an enrollment endpoint whose handler
 /// accepts each secret it issued once.
 struct Origin {
@@ -44,7 +47,7 @@ struct Origin {
     mesh: quinn::Endpoint,
     mesh_addr: SocketAddr,
     enroll_addr: SocketAddr,
-    secrets: Arc<Mutex<HashMap<[u8; 32], (Role, Site)>>>,
+    secrets: Secrets,
 }
 
 impl Origin {
@@ -63,7 +66,7 @@ impl Origin {
         let mesh_addr = mesh.local_addr().expect("addr");
         let enrollment = enroll_endpoint(loopback(), &identity).expect("enroll endpoint");
         let enroll_addr = enrollment.local_addr().expect("addr");
-        let secrets: Arc<Mutex<HashMap<[u8; 32], (Role, Site)>>> = Arc::default();
+        let secrets: Secrets = Arc::default();
 
         let handler_ca = ca.clone();
         let handler_secrets = secrets.clone();
@@ -175,10 +178,11 @@ async fn enrolled_node_gets_its_role_and_site_and_joins_the_mesh() {
     let again = within("enroll again", enroll(&token, &dir.path().join("other")))
         .await
         .expect_err("a used token must be refused");
-    assert!(
-        matches!(&again, NetError::EnrollRefused { code: ErrorCode::Forbidden, message } if message.contains("already used")),
-        "{again:?}"
-    );
+    let NetError::EnrollRefused { code, message } = &again else {
+        panic!("expected a refusal, got {again:?}");
+    };
+    assert_eq!(*code, ErrorCode::Forbidden);
+    assert!(message.contains("already used"), "{message}");
 
     // And a node never enrolls over its existing identity.
     let fresh = origin.token(Role::Stager, "fra1");

@@ -16,7 +16,7 @@ use proto::verify::{
 use proto::{BlobHash, BundleKind, Manifest};
 
 fn blob(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
+    let mut state = seed.wrapping_mul(2).wrapping_add(1);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
         state ^= state << 13;
@@ -257,10 +257,11 @@ fn writers_refuse_foreign_items_wrong_sizes_and_a_second_writer() {
         let item = decoder.push(&other_stream[at..at + n]).unwrap();
         at += n;
         if !matches!(item, DecodeItem::Size(_)) {
-            assert!(matches!(
-                writer.accept(item),
-                Err(StoreError::ForeignItem { .. })
-            ));
+            let result = writer.accept(item);
+            assert!(
+                matches!(result, Err(StoreError::ForeignItem { .. })),
+                "{result:?}"
+            );
             refused += 1;
         }
     }

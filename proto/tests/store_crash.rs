@@ -42,7 +42,7 @@ impl Rng {
 }
 
 fn blob(len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng(seed.wrapping_mul(2).wrapping_add(1));
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
         let take = (len - out.len()).min(8);

@@ -10,7 +10,7 @@ use proto::BlobHash;
 const MIB: usize = 1024 * 1024;
 
 fn blob(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
+    let mut state = seed.wrapping_mul(2).wrapping_add(1);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
         state ^= state << 13;

@@ -44,7 +44,19 @@ pub fn run_check(check: &HealthCheck, slot: Slot, slot_root: &Path) -> Result<()
         Ok(()) => tracing::info!(check = %check, elapsed_ms, "health check passed"),
         Err(reason) => tracing::warn!(check = %check, elapsed_ms, %reason, "health check failed"),
     }
-    result.map_err(|reason| format!("health check {check} failed: {reason}"))
+    result.map_err(|reason| format!("health check {} failed: {reason}", short(&check.to_string())))
+}
+
+/// Longest check description quoted in a failure reason, in characters.
+const MAX_CHECK_CHARS: usize = 60;
+
+/// A check's description, cut to [`MAX_CHECK_CHARS`] so reasons stay readable.
+fn short(text: &str) -> String {
+    if text.chars().count() <= MAX_CHECK_CHARS {
+        return text.to_owned();
+    }
+    let cut: String = text.chars().take(MAX_CHECK_CHARS).collect();
+    format!("{cut}...")
 }
 
 fn network_up() -> Result<(), String> {

@@ -42,8 +42,11 @@ pub const MAX_CSR_PEM_BYTES: usize = 8 * 1024;
 /// Bytes of random serial number in every certificate (RFC 5280 allows up to 20).
 const SERIAL_BYTES: usize = 16;
 
-/// Common name of the CA certificate.
+/// Common name of the CA certificate, before the mesh tag.
 const CA_COMMON_NAME: &str = "Stagecoach mesh CA";
+
+/// Random bytes in the CA's name that tell one mesh's CA from another's.
+const MESH_TAG_BYTES: usize = 8;
 
 /// A freshly issued node key and certificate.
 pub struct IssuedCert {
@@ -64,8 +67,15 @@ impl CertAuthority {
     pub fn generate() -> Result<Self, NetError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
         let mut params = CertificateParams::default();
+        // A random suffix keeps two meshes' CAs apart: TLS finds an issuer by name, so with
+        // equal names a foreign certificate fails as a bad signature instead of an unknown CA.
+        let mut mesh_tag = [0u8; MESH_TAG_BYTES];
+        rand::thread_rng().fill_bytes(&mut mesh_tag);
         let mut name = DistinguishedName::new();
-        name.push(DnType::CommonName, CA_COMMON_NAME);
+        name.push(
+            DnType::CommonName,
+            format!("{CA_COMMON_NAME} {}", hex::encode(mesh_tag)),
+        );
         params.distinguished_name = name;
         // May sign node certificates, never other CAs.
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));

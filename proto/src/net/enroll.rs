@@ -174,11 +174,20 @@ impl EnrollToken {
                 )))
             }
         }
-        let bytes = BASE32_DNSSEC.decode(payload.as_bytes()).map_err(|_| {
-            NetError::BadToken(
-                "it holds characters a token never has; it was damaged in copying".to_owned(),
-            )
-        })?;
+        let bytes = BASE32_DNSSEC
+            .decode(payload.as_bytes())
+            .map_err(|e| match e.kind {
+                // A cut can also leave stray bits in the last character.
+                data_encoding::DecodeKind::Length | data_encoding::DecodeKind::Trailing => {
+                    NetError::BadToken(
+                        "it is cut short or has extra characters; copy the whole token again"
+                            .to_owned(),
+                    )
+                }
+                _ => NetError::BadToken(
+                    "it holds characters a token never has; it was damaged in copying".to_owned(),
+                ),
+            })?;
         let damaged = || {
             NetError::BadToken(
                 "its checksum does not match; it was damaged or cut in copying, copy it again"
@@ -336,7 +345,8 @@ pub fn enroll_endpoint(bind: SocketAddr, identity: &NodeIdentity) -> Result<Endp
     let config = quic_server_config(tls, enroll_transport())?;
     let endpoint =
         Endpoint::server(config, bind).map_err(|source| NetError::Bind { addr: bind, source })?;
-    tracing::info!(addr = %bind, "enrollment endpoint listening");
+    let addr = endpoint.local_addr().unwrap_or(bind);
+    tracing::info!(%addr, "enrollment endpoint listening");
     Ok(endpoint)
 }
 
@@ -353,7 +363,11 @@ where
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, limit = MAX_CONCURRENT_ENROLLMENTS, "too many enrollments at once; refused");
+            tracing::warn!(
+                %remote,
+                limit = MAX_CONCURRENT_ENROLLMENTS,
+                "too many enrollments at once; refused"
+            );
             incoming.refuse();
             continue;
         };
@@ -417,7 +431,12 @@ where
                     }
                 }
                 Err(denied) => {
-                    tracing::warn!(%remote, code = ?denied.code, reason = %denied.message, "enrollment denied");
+                    tracing::warn!(
+                        %remote,
+                        code = ?denied.code,
+                        reason = %denied.message,
+                        "enrollment denied"
+                    );
                     Response::Error {
                         code: denied.code,
                         message: denied.message,
@@ -678,11 +697,16 @@ mod tests {
     #[test]
     fn damaged_tokens_say_what_is_wrong() {
         let text = token().encode();
-        let cut = &text[..text.len() - 3];
-        assert!(EnrollToken::parse(cut)
-            .expect_err("cut")
-            .to_string()
-            .contains("checksum"));
+        // However much is lost, a cut token is refused, never misread.
+        for lost in 1..=8 {
+            let cut = &text[..text.len() - lost];
+            let err = EnrollToken::parse(cut).expect_err("cut");
+            let shown = err.to_string();
+            assert!(
+                shown.contains("cut short") || shown.contains("checksum"),
+                "{lost}: {shown}"
+            );
+        }
 
         let mut flipped = text.clone().into_bytes();
         let last = flipped.len() - 10;
@@ -703,7 +727,7 @@ mod tests {
             .expect_err("junk")
             .to_string()
             .contains("sc1-"));
-        assert!(EnrollToken::parse("sc1-!!!")
+        assert!(EnrollToken::parse("sc1-!!!!!!!!")
             .expect_err("chars")
             .to_string()
             .contains("damaged"));

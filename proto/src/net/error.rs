@@ -189,7 +189,10 @@ pub enum NetError {
     #[error("malformed frame: {0}")]
     MalformedFrame(String),
     /// The peer speaks another protocol version.
-    #[error("peer speaks protocol version {found}, this node speaks {PROTOCOL_VERSION}; upgrade the older side")]
+    #[error(
+        "peer speaks protocol version {found}, this node speaks {PROTOCOL_VERSION}; upgrade the \
+         older side"
+    )]
     ProtocolVersion {
         /// The version found.
         found: u16,

@@ -14,7 +14,6 @@ use quinn::{Connection, Endpoint, TransportConfig, VarInt};
 use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
@@ -86,7 +85,8 @@ pub fn server_endpoint(bind: SocketAddr, identity: &NodeIdentity) -> Result<Endp
     let mut endpoint = Endpoint::server(server_config, bind)
         .map_err(|source| NetError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(mesh_client_config(identity)?);
-    tracing::info!(addr = %bind, node = %identity.identity(), "mesh endpoint listening");
+    let addr = endpoint.local_addr().unwrap_or(bind);
+    tracing::info!(%addr, node = %identity.identity(), "mesh endpoint listening");
     Ok(endpoint)
 }
 

@@ -27,7 +27,6 @@ mod files;
 mod index;
 mod partial;
 
-use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::ops::Range;
