@@ -86,7 +86,12 @@ pub struct Sources {
 
 impl Sources {
     /// Stagers first, in the order given, then the origin.
-    pub fn new(endpoint: Endpoint, stagers: &[SocketAddr], origin: Option<SocketAddr>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        endpoint: Endpoint,
+        stagers: &[SocketAddr],
+        origin: Option<SocketAddr>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let mut sources: Vec<Source> = stagers
             .iter()
             .map(|&addr| Source {
@@ -145,11 +150,17 @@ impl Sources {
 
     async fn mark(&self, index: usize, error: &FetchError) {
         let mut sources = self.sources.lock().await;
-        let Some(source) = sources.get_mut(index) else { return };
+        let Some(source) = sources.get_mut(index) else {
+            return;
+        };
         if error.is_corrupt_source() {
             tracing::error!(source = %source.addr, role = source.role, %error, "source sent data that did not verify; banned for this fetch");
             self.metrics
-                .counter("stagecoach_sources_banned_total", "Sources banned for sending bad data", &[])
+                .counter(
+                    "stagecoach_sources_banned_total",
+                    "Sources banned for sending bad data",
+                    &[],
+                )
                 .inc();
             source.banned = true;
         } else if matches!(error, FetchError::Net(_)) {
@@ -178,7 +189,9 @@ impl Sources {
             }
         }
         match last_error {
-            Some(error) => Err(anyhow::Error::new(error).context(format!("no source could provide {what}"))),
+            Some(error) => {
+                Err(anyhow::Error::new(error).context(format!("no source could provide {what}")))
+            }
             None => bail!("no source reachable for {what}"),
         }
     }
@@ -198,10 +211,19 @@ pub struct FetchReport {
 }
 
 /// Fetches `spec` into the store under `dir` from `stagers`, then the origin.
-pub async fn fetch(dir: &Path, spec: &BundleSpec, stagers: &[SocketAddr], show_progress: bool) -> Result<FetchReport> {
+pub async fn fetch(
+    dir: &Path,
+    spec: &BundleSpec,
+    stagers: &[SocketAddr],
+    show_progress: bool,
+) -> Result<FetchReport> {
     let identity = NodeIdentity::load(&identity_dir(dir))?;
     if identity.role() != Role::Edge {
-        bail!("{} holds a {} identity, not an edge's", dir.display(), identity.role());
+        bail!(
+            "{} holds a {} identity, not an edge's",
+            dir.display(),
+            identity.role()
+        );
     }
     let store = open_store(dir)?;
     let metrics = Metrics::new();
@@ -223,15 +245,19 @@ pub async fn fetch(dir: &Path, spec: &BundleSpec, stagers: &[SocketAddr], show_p
         }
     };
     let (signed, manifest) = sources
-        .with_source("the manifest", |conn, _| async move { fetch_manifest(&conn, id, &trusted).await })
+        .with_source("the manifest", |conn, _| async move {
+            fetch_manifest(&conn, id, &trusted).await
+        })
         .await?;
 
     let bar = if show_progress {
         let bar = ProgressBar::new(manifest.total_stored_bytes);
         bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.set_message(format!("{}@{}", manifest.name, manifest.version));
         bar
@@ -259,7 +285,12 @@ pub async fn fetch(dir: &Path, spec: &BundleSpec, stagers: &[SocketAddr], show_p
     let mut tasks = tokio::task::JoinSet::new();
     for (hash, size) in todo {
         let permit = slots.clone().acquire_owned().await?;
-        let (sources, store, bar, received) = (sources.clone(), store.clone(), bar.clone(), received.clone());
+        let (sources, store, bar, received) = (
+            sources.clone(),
+            store.clone(),
+            bar.clone(),
+            received.clone(),
+        );
         tasks.spawn(async move {
             let _permit = permit;
             let bytes = sources
@@ -305,8 +336,10 @@ pub fn unpack_to(dir: &Path, manifest: &Manifest, to: &Path, show_progress: bool
     } else {
         ProgressBar::hidden()
     };
-    proto::pack::unpack(manifest, &store, to, &mut |p| bar.set_position(p.raw_bytes_done))
-        .with_context(|| format!("cannot unpack into {}", to.display()))?;
+    proto::pack::unpack(manifest, &store, to, &mut |p| {
+        bar.set_position(p.raw_bytes_done)
+    })
+    .with_context(|| format!("cannot unpack into {}", to.display()))?;
     bar.finish_and_clear();
     Ok(())
 }
@@ -321,11 +354,17 @@ mod tests {
         assert_eq!(id.to_string().parse::<BundleSpec>(), Ok(BundleSpec::Id(id)));
         assert_eq!(
             "base@1.2".parse::<BundleSpec>(),
-            Ok(BundleSpec::Name { name: "base".into(), version: Some("1.2".into()) })
+            Ok(BundleSpec::Name {
+                name: "base".into(),
+                version: Some("1.2".into())
+            })
         );
         assert_eq!(
             "base".parse::<BundleSpec>(),
-            Ok(BundleSpec::Name { name: "base".into(), version: None })
+            Ok(BundleSpec::Name {
+                name: "base".into(),
+                version: None
+            })
         );
         assert!("".parse::<BundleSpec>().is_err());
     }

@@ -14,7 +14,9 @@ use clap::{Args, Parser, Subcommand};
 use edge_agent::swap::bundles::{parse_trusted_keys, BundleStore};
 use edge_agent::swap::machine::Step;
 use edge_agent::swap::plan::{DEFAULT_BOOT_ATTEMPTS, DEFAULT_IDENTITY_PATHS};
-use edge_agent::swap::sim::{run_sim_machine, BootExit, NoHooks, SimMachineConfig, DEFAULT_MAX_BOOTS};
+use edge_agent::swap::sim::{
+    run_sim_machine, BootExit, NoHooks, SimMachineConfig, DEFAULT_MAX_BOOTS,
+};
 use edge_agent::swap::store::open_store;
 use edge_agent::swap::{
     self, fault, machine_store_dir, status, HealthCheck, MachineSpec, RunEnd, Slot, SwapContext,
@@ -26,7 +28,11 @@ use proto::BundleId;
 pub const EXIT_SWAP_FAILED: u8 = 3;
 
 #[derive(Parser, Debug)]
-#[command(name = "edge-agent", version, about = "Stagecoach edge agent: swaps this machine's operating system safely")]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Stagecoach edge agent: swaps this machine's operating system safely"
+)]
 struct Cli {
     /// Log filter, in RUST_LOG syntax (e.g. `debug`, `edge_agent=trace`).
     #[arg(long, global = true, env = "EDGE_AGENT_LOG", default_value = "info")]
@@ -90,7 +96,11 @@ struct FetchArgs {
 #[derive(Args, Debug, Clone)]
 struct MachineArgs {
     /// Root directory of a simulated machine.
-    #[arg(long, required_unless_present = "linux_config", conflicts_with = "linux_config")]
+    #[arg(
+        long,
+        required_unless_present = "linux_config",
+        conflicts_with = "linux_config"
+    )]
     root: Option<PathBuf>,
     /// JSON configuration of a real machine (slot devices, grubenv, storage, reboot command).
     #[arg(long)]
@@ -107,7 +117,9 @@ impl MachineArgs {
             (None, Some(config)) => Ok(MachineSpec::Linux {
                 config: config.clone(),
             }),
-            _ => bail!("give exactly one of --root (simulated machine) and --linux-config (real machine)"),
+            _ => bail!(
+                "give exactly one of --root (simulated machine) and --linux-config (real machine)"
+            ),
         }
     }
 }
@@ -232,7 +244,9 @@ fn run(command: Command) -> Result<ExitCode> {
 
 fn cmd_swap(args: SwapArgs) -> Result<ExitCode> {
     let spec = args.machine.spec()?;
-    let mut platform = spec.open(args.machine.booted_slot).context("cannot open the machine")?;
+    let mut platform = spec
+        .open(args.machine.booted_slot)
+        .context("cannot open the machine")?;
     let machine_store = machine_store_dir(platform.as_ref());
     let source_store = match &args.store {
         Some(dir) if !same_dir(dir, &machine_store) => Some(
@@ -255,7 +269,10 @@ fn cmd_swap(args: SwapArgs) -> Result<ExitCode> {
         args.health_checks
     };
     let identity_paths = if args.identity.is_empty() {
-        DEFAULT_IDENTITY_PATHS.iter().map(|p| (*p).to_owned()).collect()
+        DEFAULT_IDENTITY_PATHS
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect()
     } else {
         args.identity
     };
@@ -268,11 +285,16 @@ fn cmd_swap(args: SwapArgs) -> Result<ExitCode> {
         trusted_publishers: args.trusted,
         source_store,
     };
-    let store = open_store(&machine_store)
-        .with_context(|| format!("cannot open the machine's store {}", machine_store.display()))?;
+    let store = open_store(&machine_store).with_context(|| {
+        format!(
+            "cannot open the machine's store {}",
+            machine_store.display()
+        )
+    })?;
     let source = match &plan.source_store {
         Some(dir) => Some(
-            open_store(dir).with_context(|| format!("cannot open bundle store {}", dir.display()))?,
+            open_store(dir)
+                .with_context(|| format!("cannot open bundle store {}", dir.display()))?,
         ),
         None => None,
     };
@@ -287,24 +309,34 @@ fn cmd_swap(args: SwapArgs) -> Result<ExitCode> {
 
 fn cmd_resume(machine: &MachineArgs) -> Result<ExitCode> {
     let spec = machine.spec()?;
-    let mut platform = spec.open(machine.booted_slot).context("cannot open the machine")?;
+    let mut platform = spec
+        .open(machine.booted_slot)
+        .context("cannot open the machine")?;
     let journal = swap::journal::Journal::in_storage(&platform.storage_dir());
     let Some(state) = journal.load().context("cannot read the swap journal")? else {
         tracing::info!("no swap on record; nothing to resume");
         return Ok(ExitCode::SUCCESS);
     };
     if state.step.is_terminal() {
-        tracing::info!(step = state.step.name(), "the last swap has ended; nothing to resume");
+        tracing::info!(
+            step = state.step.name(),
+            "the last swap has ended; nothing to resume"
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let machine_store = machine_store_dir(platform.as_ref());
-    let store = open_store(&machine_store)
-        .with_context(|| format!("cannot open the machine's store {}", machine_store.display()))?;
+    let store = open_store(&machine_store).with_context(|| {
+        format!(
+            "cannot open the machine's store {}",
+            machine_store.display()
+        )
+    })?;
     // The source store is read only until the bundles are staged into the machine's store.
     let needs_source = matches!(state.step, Step::VerifyBundles | Step::StageBundles);
     let source = match (&state.plan.source_store, needs_source) {
         (Some(dir), true) => Some(
-            open_store(dir).with_context(|| format!("cannot open bundle store {}", dir.display()))?,
+            open_store(dir)
+                .with_context(|| format!("cannot open bundle store {}", dir.display()))?,
         ),
         _ => None,
     };
@@ -321,10 +353,15 @@ fn cmd_resume(machine: &MachineArgs) -> Result<ExitCode> {
 
 fn cmd_status(args: &StatusArgs) -> Result<ExitCode> {
     let spec = args.machine.spec()?;
-    let mut platform = spec.open(args.machine.booted_slot).context("cannot open the machine")?;
+    let mut platform = spec
+        .open(args.machine.booted_slot)
+        .context("cannot open the machine")?;
     let report = status::collect(platform.as_mut());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).context("cannot encode the status")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("cannot encode the status")?
+        );
     } else {
         print!("{report}");
     }
@@ -333,10 +370,16 @@ fn cmd_status(args: &StatusArgs) -> Result<ExitCode> {
 
 fn cmd_rollback(args: &RollbackArgs) -> Result<ExitCode> {
     let spec = args.machine.spec()?;
-    let mut platform = spec.open(args.machine.booted_slot).context("cannot open the machine")?;
+    let mut platform = spec
+        .open(args.machine.booted_slot)
+        .context("cannot open the machine")?;
     let machine_store = machine_store_dir(platform.as_ref());
-    let store = open_store(&machine_store)
-        .with_context(|| format!("cannot open the machine's store {}", machine_store.display()))?;
+    let store = open_store(&machine_store).with_context(|| {
+        format!(
+            "cannot open the machine's store {}",
+            machine_store.display()
+        )
+    })?;
     let mut ctx = SwapContext {
         platform: platform.as_mut(),
         store: &store,

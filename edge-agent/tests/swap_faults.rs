@@ -47,15 +47,26 @@ fn outcome(fixture: &Fixture, root: &Path) -> Result<&'static str, String> {
         Some(Step::Done) => (Slot::A, "new", "completed on the new OS"),
         Some(Step::RolledBack) => (Slot::B, "rescue", "rolled back to the rescue OS"),
         Some(Step::Aborted) => (Slot::A, "old", "aborted: old OS kept"),
-        Some(step) => return Err(format!("the machine settled in the middle of the procedure, at {step:?}")),
+        Some(step) => {
+            return Err(format!(
+                "the machine settled in the middle of the procedure, at {step:?}"
+            ))
+        }
     };
     if next_boot(root) != slot {
-        return Err(format!("{label}, but the firmware's next boot is not slot {slot}"));
+        return Err(format!(
+            "{label}, but the firmware's next boot is not slot {slot}"
+        ));
     }
     if fixture.check_slot(root, slot)? != expect {
-        return Err(format!("{label}, but slot {slot} does not hold the {expect} OS"));
+        return Err(format!(
+            "{label}, but slot {slot} does not hold the {expect} OS"
+        ));
     }
-    if label != "aborted: old OS kept" && state.is_some() && fixture.check_slot(root, Slot::B)? != "rescue" {
+    if label != "aborted: old OS kept"
+        && state.is_some()
+        && fixture.check_slot(root, Slot::B)? != "rescue"
+    {
         return Err(format!("{label}, but slot B lost the rescue OS"));
     }
     Ok(label)
@@ -111,8 +122,10 @@ fn crash_before_and_after_every_step_still_boots_a_complete_os_and_finishes() {
         for step in scenario.steps {
             for phase in ["before", "after"] {
                 let crash_at = format!("{}:{phase}", step.name());
-                let root = fixture.machine(&format!("{}-{crash_at}", scenario.name.replace(' ', "-")));
-                fs::write(root.join("health-fails"), scenario.health_fails.to_string()).expect("write");
+                let root =
+                    fixture.machine(&format!("{}-{crash_at}", scenario.name.replace(' ', "-")));
+                fs::write(root.join("health-fails"), scenario.health_fails.to_string())
+                    .expect("write");
                 let mut hooks = CheckingHooks::new(&fixture, &root);
                 let armed = crash_at.clone();
                 hooks.env = Box::new(move |_, history| {
@@ -124,9 +137,24 @@ fn crash_before_and_after_every_step_still_boots_a_complete_os_and_finishes() {
                 });
                 let boots = run_machine(&root, fixture.swap_args(&fixture.target), &mut hooks)
                     .unwrap_or_else(|e| panic!("{} / {crash_at}: {e}", scenario.name));
-                assert!(hooks.problems.is_empty(), "{} / {crash_at}: {:?}", scenario.name, hooks.problems);
-                assert_eq!(killed(&boots), 1, "{} / {crash_at}: the crash point was never reached", scenario.name);
-                assert_eq!(outcome(&fixture, &root), Ok(scenario.expect), "{} / {crash_at}", scenario.name);
+                assert!(
+                    hooks.problems.is_empty(),
+                    "{} / {crash_at}: {:?}",
+                    scenario.name,
+                    hooks.problems
+                );
+                assert_eq!(
+                    killed(&boots),
+                    1,
+                    "{} / {crash_at}: the crash point was never reached",
+                    scenario.name
+                );
+                assert_eq!(
+                    outcome(&fixture, &root),
+                    Ok(scenario.expect),
+                    "{} / {crash_at}",
+                    scenario.name
+                );
                 trials += 1;
             }
         }
@@ -145,13 +173,19 @@ fn crash_before_and_after_every_step_still_boots_a_complete_os_and_finishes() {
                 // A swap that died as it was about to boot the rescue.
                 let status = Command::new(agent())
                     .args(fixture.swap_args(&fixture.target))
-                    .args(["--root".as_ref(), root.as_os_str(), "--booted-slot".as_ref(), "A".as_ref()])
+                    .args([
+                        "--root".as_ref(),
+                        root.as_os_str(),
+                        "--booted-slot".as_ref(),
+                        "A".as_ref(),
+                    ])
                     .env(CRASH_AT_ENV, "boot-rescue-once:before")
                     .status()
                     .expect("run");
                 assert_eq!(status.code(), None, "killed");
             } else {
-                run_machine(&root, fixture.swap_args(&fixture.target), &mut sim::NoHooks).expect("swap");
+                run_machine(&root, fixture.swap_args(&fixture.target), &mut sim::NoHooks)
+                    .expect("swap");
                 assert_eq!(journal(&root).map(|s| s.step), Some(Step::Done));
             }
             let mut hooks = CheckingHooks::new(&fixture, &root);
@@ -165,14 +199,26 @@ fn crash_before_and_after_every_step_still_boots_a_complete_os_and_finishes() {
             });
             let boots = run_machine(&root, vec![OsString::from("rollback")], &mut hooks)
                 .unwrap_or_else(|e| panic!("rollback / {crash_at}: {e}"));
-            assert!(hooks.problems.is_empty(), "rollback / {crash_at}: {:?}", hooks.problems);
-            assert_eq!(killed(&boots), 1, "rollback / {crash_at}: the crash point was never reached");
+            assert!(
+                hooks.problems.is_empty(),
+                "rollback / {crash_at}: {:?}",
+                hooks.problems
+            );
+            assert_eq!(
+                killed(&boots),
+                1,
+                "rollback / {crash_at}: the crash point was never reached"
+            );
             let expect = if before_wipe {
                 "aborted: old OS kept"
             } else {
                 "rolled back to the rescue OS"
             };
-            assert_eq!(outcome(&fixture, &root), Ok(expect), "rollback / {crash_at}");
+            assert_eq!(
+                outcome(&fixture, &root),
+                Ok(expect),
+                "rollback / {crash_at}"
+            );
             trials += 1;
         }
     }
@@ -184,7 +230,9 @@ fn randomized_trials(trials: u32) {
         Ok(text) => text.parse().expect("STAGECOACH_TRIAL_SEED is a u64"),
         Err(_) => rand::random(),
     };
-    println!("randomized crash trials: {trials} trials, seed {seed} (rerun with {SEED_ENV}={seed})");
+    println!(
+        "randomized crash trials: {trials} trials, seed {seed} (rerun with {SEED_ENV}={seed})"
+    );
     let fixture = Fixture::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut outcomes: BTreeMap<&'static str, u32> = BTreeMap::new();
@@ -212,7 +260,9 @@ fn randomized_trials(trials: u32) {
                 Vec::new()
             }
         });
-        let context = format!("trial {trial} (seed {seed}, trial seed {trial_seed}, health fails {health_fails})");
+        let context = format!(
+            "trial {trial} (seed {seed}, trial seed {trial_seed}, health fails {health_fails})"
+        );
         let boots = run_machine(&root, fixture.swap_args(&fixture.target), &mut hooks)
             .unwrap_or_else(|e| panic!("{context}: {e}"));
         assert!(hooks.problems.is_empty(), "{context}: {:?}", hooks.problems);
@@ -239,8 +289,18 @@ fn randomized_trials(trials: u32) {
         .map(|(_, n)| n)
         .sum();
     // Aborting (the rescue lost three boots in a row to kills) is allowed but must stay rare.
-    assert!(settled * 10 >= trials * 9, "too few trials completed or rolled back: {outcomes:?}");
-    assert!(outcomes.get("completed on the new OS").copied().unwrap_or(0) > 0, "{outcomes:?}");
+    assert!(
+        settled * 10 >= trials * 9,
+        "too few trials completed or rolled back: {outcomes:?}"
+    );
+    assert!(
+        outcomes
+            .get("completed on the new OS")
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "{outcomes:?}"
+    );
 }
 
 #[test]

@@ -98,15 +98,22 @@ fn attach_partitions(image: &Path, cleanup: &mut Cleanup) -> Result<[PathBuf; 2]
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().ok_or("sfdisk stdin")?;
-        stdin.write_all(table.as_bytes()).map_err(|e| format!("sfdisk: {e}"))?;
+        stdin
+            .write_all(table.as_bytes())
+            .map_err(|e| format!("sfdisk: {e}"))?;
     }
     let status = child.wait().map_err(|e| format!("sfdisk: {e}"))?;
     if !status.success() {
         return Err(format!("sfdisk failed: {status}"));
     }
-    let device = run(Command::new("losetup").args(["-f", "--show", "-P"]).arg(image))?;
+    let device = run(Command::new("losetup")
+        .args(["-f", "--show", "-P"])
+        .arg(image))?;
     cleanup.loops.push(device.clone());
-    let parts = [PathBuf::from(format!("{device}p1")), PathBuf::from(format!("{device}p2"))];
+    let parts = [
+        PathBuf::from(format!("{device}p1")),
+        PathBuf::from(format!("{device}p2")),
+    ];
     // Without udev the partition nodes may need partx to appear.
     let deadline = std::time::Instant::now() + Duration::from_millis(PARTITION_WAIT_MS);
     let mut asked_partx = false;
@@ -154,7 +161,11 @@ fn linux_platform_swaps_between_two_ext4_partitions_with_real_grubenv_edits() {
         booted_slot_is_root: false,
     };
     let config_path = work.join("machine.json");
-    fs::write(&config_path, serde_json::to_vec_pretty(&config).expect("json")).expect("write");
+    fs::write(
+        &config_path,
+        serde_json::to_vec_pretty(&config).expect("json"),
+    )
+    .expect("write");
 
     // The machine's store holds the bundles; slot A gets the old OS and the machine's identity.
     let store_dir = config.storage_dir.join("store");
@@ -163,14 +174,33 @@ fn linux_platform_swaps_between_two_ext4_partitions_with_real_grubenv_edits() {
         (&fixture.rescue, "0.9", BundleKind::BaseOs),
         (&fixture.target, "2.0", BundleKind::OsImage),
     ] {
-        assert_eq!(pack_into(&store_dir, &bundle.tree, bundle.name, version, kind, &fixture.key), bundle.id);
+        assert_eq!(
+            pack_into(
+                &store_dir,
+                &bundle.tree,
+                bundle.name,
+                version,
+                kind,
+                &fixture.key
+            ),
+            bundle.id
+        );
     }
-    run(Command::new("mkfs.ext4").args(["-F", "-q"]).arg(&config.slot_a_device)).expect("mkfs A");
+    run(Command::new("mkfs.ext4")
+        .args(["-F", "-q"])
+        .arg(&config.slot_a_device))
+    .expect("mkfs A");
     {
         let store = open_store(&store_dir).expect("store");
         let mut platform = LinuxPlatform::open(config.clone(), Some(Slot::B)).expect("platform");
-        install_bundle(&mut platform, &store, Slot::A, &fixture.old.id, &[fixture.key.verifying_key()])
-            .expect("install old OS");
+        install_bundle(
+            &mut platform,
+            &store,
+            Slot::A,
+            &fixture.old.id,
+            &[fixture.key.verifying_key()],
+        )
+        .expect("install old OS");
         let root_a = platform.slot_root(Slot::A).expect("mount A");
         swap_support::overlay_identity(&fixture.identity_src, &root_a);
         platform.set_default(Slot::A).expect("grubenv");
@@ -196,8 +226,16 @@ fn linux_platform_swaps_between_two_ext4_partitions_with_real_grubenv_edits() {
         } else {
             vec!["resume".into()]
         };
-        args.extend(["--linux-config".into(), config_path.clone().into(), "--booted-slot".into(), slot.as_str().into()]);
-        let status = Command::new(agent()).args(&args).status().expect("run agent");
+        args.extend([
+            "--linux-config".into(),
+            config_path.clone().into(),
+            "--booted-slot".into(),
+            slot.as_str().into(),
+        ]);
+        let status = Command::new(agent())
+            .args(&args)
+            .status()
+            .expect("run agent");
         match status.code() {
             Some(REBOOT_EXIT_CODE) => continue,
             code => {
@@ -206,7 +244,11 @@ fn linux_platform_swaps_between_two_ext4_partitions_with_real_grubenv_edits() {
             }
         }
     }
-    assert_eq!(exit, Some(0), "the swap ended on its own; boots: {booted:?}");
+    assert_eq!(
+        exit,
+        Some(0),
+        "the swap ended on its own; boots: {booted:?}"
+    );
     assert_eq!(booted, ["old", "rescue", "new"]);
 
     // Slot A holds the new OS and the identity, byte for byte; B the rescue.
@@ -222,7 +264,11 @@ fn linux_platform_swaps_between_two_ext4_partitions_with_real_grubenv_edits() {
         actual.retain(|p, _| !p.starts_with("lost+found"));
         let mut expected = fixture.expected_tree(bundle);
         expected.retain(|p, _| !p.starts_with("lost+found"));
-        assert_eq!(actual.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "slot {slot}");
+        assert_eq!(
+            actual.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "slot {slot}"
+        );
         assert!(actual == expected, "slot {slot} content differs");
     }
     drop(platform);
@@ -236,11 +282,16 @@ fn linux_platform_swaps_between_two_ext4_partitions_with_real_grubenv_edits() {
     match find_tool("grub-editenv") {
         None => println!("grub-editenv not installed: grubenv cross-check skipped"),
         Some(tool) => {
-            let listed = run(Command::new(&tool).arg(&config.grubenv).arg("list")).expect("grub-editenv list");
+            let listed = run(Command::new(&tool).arg(&config.grubenv).arg("list"))
+                .expect("grub-editenv list");
             assert!(listed.lines().any(|l| l == "saved_entry=A"), "{listed}");
             assert!(listed.lines().any(|l| l == "status_A=good"), "{listed}");
-            run(Command::new(&tool).arg(&config.grubenv).args(["set", "next_entry=B", "boot_counter=2"]))
-                .expect("grub-editenv set");
+            run(Command::new(&tool).arg(&config.grubenv).args([
+                "set",
+                "next_entry=B",
+                "boot_counter=2",
+            ]))
+            .expect("grub-editenv set");
             let bytes = fs::read(&config.grubenv).expect("grubenv");
             assert_eq!(bytes.len(), 1024);
             let env = GrubEnv::parse(&bytes).expect("parse grub-editenv's block");

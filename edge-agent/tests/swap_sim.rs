@@ -20,19 +20,33 @@ fn healthy_swap_installs_the_new_os_with_the_identity_byte_identical() {
     let fixture = Fixture::new();
     let root = fixture.machine("healthy");
     let mut hooks = CheckingHooks::new(&fixture, &root);
-    let boots = run_machine(&root, fixture.swap_args(&fixture.target), &mut hooks).expect("machine runs");
+    let boots =
+        run_machine(&root, fixture.swap_args(&fixture.target), &mut hooks).expect("machine runs");
     assert!(hooks.problems.is_empty(), "{:?}", hooks.problems);
     // old (swap) -> rescue (wipe, install) -> new (health check, commit).
     assert_eq!(hooks.booted, ["old", "rescue", "new"]);
     assert_eq!(boots.last().map(|b| b.exit), Some(BootExit::Exited(0)));
     assert_eq!(journal(&root).map(|s| s.step), Some(Step::Done));
     assert_eq!(fixture.check_slot(&root, Slot::A), Ok("new"));
-    assert_eq!(fixture.check_slot(&root, Slot::B), Ok("rescue"), "the rescue OS stays");
-    assert_eq!(next_boot(&root), Slot::A, "the new OS is the default for good");
+    assert_eq!(
+        fixture.check_slot(&root, Slot::B),
+        Ok("rescue"),
+        "the rescue OS stays"
+    );
+    assert_eq!(
+        next_boot(&root),
+        Slot::A,
+        "the new OS is the default for good"
+    );
 
     // The preserved files, byte for byte, against the machine's identity before the swap.
     let slot_a = sim::slot_dir(&root, Slot::A);
-    for path in ["etc/hostname", "etc/ssh/ssh_host_ed25519_key", "etc/network/interfaces", "etc/stagecoach/node.key"] {
+    for path in [
+        "etc/hostname",
+        "etc/ssh/ssh_host_ed25519_key",
+        "etc/network/interfaces",
+        "etc/stagecoach/node.key",
+    ] {
         assert_eq!(
             fs::read(slot_a.join(path)).expect("identity file"),
             fs::read(fixture.identity_src.join(path)).expect("original"),
@@ -41,7 +55,10 @@ fn healthy_swap_installs_the_new_os_with_the_identity_byte_identical() {
     }
     // The image's own default key was replaced, and the image's other files are the image's.
     assert!(!slot_a.join("etc/stagecoach/defaults").exists());
-    assert_eq!(fs::read(slot_a.join("etc/os-release")).expect("read"), b"NAME=new\nVERSION=2.0\n");
+    assert_eq!(
+        fs::read(slot_a.join("etc/os-release")).expect("read"),
+        b"NAME=new\nVERSION=2.0\n"
+    );
 
     let (code, out, _) = agent_command(&root, &["status"]);
     assert_eq!(code, 0);
@@ -55,10 +72,14 @@ fn target_failing_its_health_check_three_times_rolls_back_to_rescue_and_reports_
     let fixture = Fixture::new();
     let root = fixture.machine("broken");
     let mut hooks = CheckingHooks::new(&fixture, &root);
-    let boots = run_machine(&root, fixture.swap_args(&fixture.broken), &mut hooks).expect("machine runs");
+    let boots =
+        run_machine(&root, fixture.swap_args(&fixture.broken), &mut hooks).expect("machine runs");
     assert!(hooks.problems.is_empty(), "{:?}", hooks.problems);
     // Three trial boots of the broken OS, then the firmware falls back to the rescue.
-    assert_eq!(hooks.booted, ["old", "rescue", "broken", "broken", "broken", "rescue"]);
+    assert_eq!(
+        hooks.booted,
+        ["old", "rescue", "broken", "broken", "broken", "rescue"]
+    );
     assert_eq!(
         boots.last().map(|b| b.exit),
         Some(BootExit::Exited(3)),
@@ -76,7 +97,10 @@ fn target_failing_its_health_check_three_times_rolls_back_to_rescue_and_reports_
     let (code, out, _) = agent_command(&root, &["status"]);
     assert_eq!(code, 0);
     assert!(out.contains("swap: rolled-back (finished)"), "{out}");
-    assert!(out.contains("did not pass its health checks within 3 boot attempts"), "{out}");
+    assert!(
+        out.contains("did not pass its health checks within 3 boot attempts"),
+        "{out}"
+    );
     assert!(out.contains("usr/bin/app is missing"), "{out}");
     assert!(out.contains("[bad]"), "{out}");
     assert_eq!(out.matches("health failure ").count(), 3, "{out}");
@@ -98,7 +122,10 @@ fn tampered_target_is_refused_before_any_slot_is_touched() {
     swap_support::copy_dir(&fixture.publisher_store, &bad_signature);
     {
         let store = edge_agent::swap::store::open_store(&bad_signature).expect("store");
-        let mut signed = store.get_manifest(&fixture.target.id).expect("read").expect("held");
+        let mut signed = store
+            .get_manifest(&fixture.target.id)
+            .expect("read")
+            .expect("held");
         signed.signature[10] ^= 1;
         store.put_manifest(&signed).expect("put");
     }
@@ -107,10 +134,16 @@ fn tampered_target_is_refused_before_any_slot_is_touched() {
     swap_support::copy_dir(&fixture.publisher_store, &bad_chunk);
     {
         let store = edge_agent::swap::store::open_store(&bad_chunk).expect("store");
-        let signed = store.get_manifest(&fixture.target.id).expect("read").expect("held");
+        let signed = store
+            .get_manifest(&fixture.target.id)
+            .expect("read")
+            .expect("held");
         let manifest = signed.verify(&[]).expect("valid");
         let hash = manifest.chunks[0].hash.to_string();
-        let data = bad_chunk.join("blobs").join(&hash[..2]).join(format!("{hash}.data"));
+        let data = bad_chunk
+            .join("blobs")
+            .join(&hash[..2])
+            .join(format!("{hash}.data"));
         let mut bytes = fs::read(&data).expect("chunk file");
         bytes[0] ^= 0xff;
         fs::write(&data, bytes).expect("tamper");
@@ -146,7 +179,11 @@ fn tampered_target_is_refused_before_any_slot_is_touched() {
             slots_before,
             "{case}: a slot was touched"
         );
-        assert_eq!(fs::read(sim::grubenv_path(&root)).expect("grubenv"), grubenv_before, "{case}");
+        assert_eq!(
+            fs::read(sim::grubenv_path(&root)).expect("grubenv"),
+            grubenv_before,
+            "{case}"
+        );
         let (_, out, _) = agent_command(&root, &["status"]);
         assert!(out.contains("swap: aborted (finished)"), "{case}: {out}");
     }
@@ -163,7 +200,11 @@ fn operator_rollback_after_commit_boots_the_rescue_with_the_identity() {
     let mut hooks = CheckingHooks::new(&fixture, &root);
     let boots = run_machine(
         &root,
-        vec!["rollback".into(), "--reason".into(), "customer complaint".into()],
+        vec![
+            "rollback".into(),
+            "--reason".into(),
+            "customer complaint".into(),
+        ],
         &mut hooks,
     )
     .expect("rollback");
@@ -172,7 +213,10 @@ fn operator_rollback_after_commit_boots_the_rescue_with_the_identity() {
     assert_eq!(boots.last().map(|b| b.exit), Some(BootExit::Exited(0)));
     let state = journal(&root).expect("journal");
     assert_eq!(state.step, Step::RolledBack);
-    assert!(state.failure.unwrap_or_default().contains("customer complaint"));
+    assert!(state
+        .failure
+        .unwrap_or_default()
+        .contains("customer complaint"));
     assert_eq!(next_boot(&root), Slot::B);
     // Identity byte-identical in the rescue the machine now runs.
     assert_eq!(fixture.check_slot(&root, Slot::B), Ok("rescue"));
@@ -249,7 +293,9 @@ fn timing_swap_of_a_256_mib_image() {
     let swap_secs = started.elapsed().as_secs_f64();
     assert_eq!(journal(&root).map(|s| s.step), Some(Step::Done));
     assert_eq!(
-        fs::read(sim::slot_dir(&root, Slot::A).join("os.img")).expect("image").len(),
+        fs::read(sim::slot_dir(&root, Slot::A).join("os.img"))
+            .expect("image")
+            .len(),
         IMAGE_BYTES
     );
     println!(
@@ -269,10 +315,19 @@ fn the_cli_provisions_and_runs_a_simulated_machine_from_a_separate_store() {
         .arg(&root)
         .arg("--store")
         .arg(&fixture.publisher_store)
-        .args(["--os", &fixture.old.id.to_string(), "--trust", &fixture.trusted_hex])
+        .args([
+            "--os",
+            &fixture.old.id.to_string(),
+            "--trust",
+            &fixture.trusted_hex,
+        ])
         .output()
         .expect("run sim-provision");
-    assert!(provision.status.success(), "{}", String::from_utf8_lossy(&provision.stderr));
+    assert!(
+        provision.status.success(),
+        "{}",
+        String::from_utf8_lossy(&provision.stderr)
+    );
     assert!(String::from_utf8_lossy(&provision.stdout).contains("slot A runs old 1.0"));
 
     // The bundles come from the publisher's store; the swap copies them into the machine's.
@@ -288,11 +343,26 @@ fn the_cli_provisions_and_runs_a_simulated_machine_from_a_separate_store() {
         .output()
         .expect("run sim-machine");
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
-    assert!(stdout.contains("boot 1: slot A (old 1.0) -> Rebooted"), "{stdout}");
-    assert!(stdout.contains("boot 2: slot B (rescue 0.9) -> Rebooted"), "{stdout}");
-    assert!(stdout.contains("boot 3: slot A (new 2.0) -> Exited(0)"), "{stdout}");
-    assert!(fs::read_to_string(root.join("boots.log")).expect("boots.log").contains("boot 3: slot A (new 2.0)"));
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("boot 1: slot A (old 1.0) -> Rebooted"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("boot 2: slot B (rescue 0.9) -> Rebooted"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("boot 3: slot A (new 2.0) -> Exited(0)"),
+        "{stdout}"
+    );
+    assert!(fs::read_to_string(root.join("boots.log"))
+        .expect("boots.log")
+        .contains("boot 3: slot A (new 2.0)"));
 
     let (code, out, _) = agent_command(&root, &["status", "--json"]);
     assert_eq!(code, 0);
@@ -303,10 +373,18 @@ fn the_cli_provisions_and_runs_a_simulated_machine_from_a_separate_store() {
     // Both bundles are now kept in the machine's own store, pinned for the slots.
     let store = edge_agent::swap::store::open_store(&sim::store_dir(&root)).expect("machine store");
     for id in [fixture.target.id, fixture.rescue.id] {
-        let manifest = store.get_manifest(&id).expect("read").expect("staged").verify(&[]).expect("valid");
+        let manifest = store
+            .get_manifest(&id)
+            .expect("read")
+            .expect("staged")
+            .verify(&[])
+            .expect("valid");
         for chunk in &manifest.chunks {
             assert!(store.has_blob(&chunk.hash));
-            assert!(!store.pins(&chunk.hash).is_empty(), "chunk of {id} is pinned");
+            assert!(
+                !store.pins(&chunk.hash).is_empty(),
+                "chunk of {id} is pinned"
+            );
         }
     }
 }

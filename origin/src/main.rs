@@ -169,7 +169,7 @@ async fn main() -> Result<()> {
             for b in list {
                 println!(
                     "{:<4} {:<24} {:<12} {:<10} {:>12} {:>12}  {}",
-                    b.seq, b.name, b.version, b.kind, b.stored_bytes, b.raw_bytes, b.id
+                    b.seq, b.name, b.version, b.kind.to_string(), b.stored_bytes, b.raw_bytes, b.id
                 );
             }
         }

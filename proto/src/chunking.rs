@@ -40,35 +40,34 @@ pub const MAX_BYTES_HIGHEST: usize = v2020::MAXIMUM_MAX;
 const NORMALIZATION: Normalization = Normalization::Level1;
 
 impl ChunkerParams {
-    /// The chunk sizes every publisher uses unless told otherwise: 256 KiB minimum, 1 MiB
-    /// average, 4 MiB maximum.
+    /// The chunk sizes every publisher uses unless told otherwise: 128 KiB minimum, 512 KiB
+    /// average, 2 MiB maximum.
     ///
     /// Chosen by measurement (`cargo test --release -p proto --test bundle_dedup -- --ignored
-    /// --nocapture measure_chunker_params`): a 256 MiB tree of 2,000 mixed files (text-like and
-    /// incompressible, a few of 8–24 MiB), then a v2 with 1% of the files edited in one place and
-    /// 10 files added. Share of v2's stored bytes already held from v1, chunks in v2, pack speed
-    /// (2-core VM, zstd level 3):
+    /// --nocapture measure_chunker_params`): v1 is a 265 MB tree of 2,000 files (half text-like,
+    /// half incompressible, log-uniform from 200 B to 256 KiB, plus 10 mixed files of 9–27 MiB);
+    /// v2 edits 1% of the files in two places (16 bytes replaced, 8 inserted) and adds 10 files.
+    /// "reused" is the share of v2's distinct stored bytes that v1 already holds, "new MB" what
+    /// a site holding v1 must fetch, "stored MB" what a site holding nothing must fetch:
     ///
-    /// | avg     | min/max        | reused | chunks | pack MB/s |
-    /// |---------|----------------|--------|--------|-----------|
-    /// | 64 KiB  | 16 KiB/256 KiB | 97.9%  | 3,985  | 277       |
-    /// | 256 KiB | 64 KiB/1 MiB   | 94.5%  | 1,097  | 283       |
-    /// | 1 MiB   | 256 KiB/4 MiB  | 87.2%  | 325    | 280       |
-    /// | 4 MiB   | 1 MiB/16 MiB   | 58.3%  | 103    | 272       |
+    /// | avg     | min/max        | reused | new MB | stored MB | chunks | manifest KB |
+    /// |---------|----------------|--------|--------|-----------|--------|-------------|
+    /// | 64 KiB  | 16 KiB/256 KiB | 98.1%  | 3.4    | 182.6     | 2,947  | 118.7       |
+    /// | 256 KiB | 64 KiB/1 MiB   | 95.7%  | 7.3    | 170.4     | 744    | 31.3        |
+    /// | 512 KiB | 128 KiB/2 MiB  | 91.8%  | 13.5   | 163.7     | 370    | 15.6        |
+    /// | 1 MiB   | 256 KiB/4 MiB  | 86.1%  | 22.2   | 159.6     | 183    | 7.7         |
+    /// | 4 MiB   | 1 MiB/16 MiB   | 70.9%  | 45.6   | 156.7     | 43     | 1.9         |
     ///
-    /// Why 1 MiB: every chunk is a blob with its own manifest entry (~40 bytes), request, bao
-    /// outboard and fsync. At 64 KiB a 20 GiB OS image would need 330k chunks, beyond the 16 MiB
-    /// manifest bound; at 1 MiB it needs 20k and a 300 GiB image still fits. Going from 256 KiB to
-    /// 1 MiB costs 7 points of reuse on this scattered-edit workload (the worst case for big
-    /// chunks: each edit rewrites a whole chunk) and saves 4× the per-chunk work everywhere; a 4 MiB
-    /// average halves reuse and needs a 16 MiB maximum, four times the memory a server holds per
-    /// stream. The 4 MiB maximum is that per-stream bound; 256 KiB minimum keeps every chunk far
-    /// above the 16 KiB verification group.
-    pub const DEFAULT: ChunkerParams = ChunkerParams {
-        min_bytes: 256 * 1024,
-        avg_bytes: 1024 * 1024,
-        max_bytes: 4 * 1024 * 1024,
-    };
+    /// Smaller chunks deduplicate better but compress worse (zstd sees less context: 64 KiB
+    /// chunks store 14% more than 1 MiB ones) and cost more per byte: each chunk is a blob with
+    /// its own manifest entry (~42 bytes), request, bao outboard and fsync. A first install plus
+    /// one update costs least at 256–512 KiB (177.7 and 177.2 MB against 181.8 at 1 MiB); 512 KiB
+    /// halves the per-chunk work of 256 KiB, fetches 40% fewer new bytes per update than 1 MiB,
+    /// keeps a 20 GiB image near 40k chunks (a 1.7 MB manifest, far below the 16 MiB bound),
+    /// and its 2 MiB maximum bounds what a server holds per stream. Pack speed hardly depends on
+    /// the chunk size (zstd dominates). The minimum stays far above the 16 KiB verification
+    /// group.
+    pub const DEFAULT: ChunkerParams = ChunkerParams::with_avg(512 * 1024);
 
     /// Params with `min = avg / 4` and `max = avg * 4`, the ratio [`ChunkerParams::DEFAULT`] uses.
     pub const fn with_avg(avg_bytes: usize) -> ChunkerParams {

@@ -11,8 +11,12 @@ use std::time::Instant;
 use bundle_common::*;
 use proptest::prelude::*;
 use proto::chunking::ChunkerParams;
+use proto::hash::BlobHash;
 use proto::manifest::PayloadLayout;
-use proto::pack::{pack_path, unpack, unpack_to_writer, MemChunks, PackProgress, UnpackProgress};
+use proto::pack::{
+    pack_path, unpack, unpack_to_writer, ChunkSink, MemChunks, PackError, PackProgress,
+    UnpackProgress,
+};
 
 /// Small chunks, so that even small trees span many chunks and entries straddle cuts.
 const SMALL_CHUNKS: ChunkerParams = ChunkerParams {
@@ -143,6 +147,72 @@ fn awkward_tree_round_trips_exactly() {
     round_trip(src.path(), ChunkerParams::DEFAULT);
 }
 
+/// A sink that accepts `room` chunks and then fails, like a full disk.
+struct FailingSink {
+    room: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("disk full")]
+struct DiskFull;
+
+impl ChunkSink for FailingSink {
+    type Error = DiskFull;
+
+    fn put_chunk(&mut self, _hash: BlobHash, _stored: &[u8]) -> Result<(), DiskFull> {
+        if self.room == 0 {
+            return Err(DiskFull);
+        }
+        self.room -= 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failing_sink_stops_packing_with_its_error() {
+    let src = tempfile::tempdir().unwrap();
+    fs::write(src.path().join("big"), vec![7u8; 400_000]).unwrap();
+    let mut sink = FailingSink { room: 5 };
+    let err = pack_path(
+        src.path(),
+        &options(SMALL_CHUNKS),
+        &test_key(),
+        &mut sink,
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, PackError::Sink { .. }), "{err:?}");
+    assert!(err.to_string().contains("disk full"), "{err}");
+}
+
+#[test]
+fn unreadable_input_is_reported_with_its_path() {
+    let src = tempfile::tempdir().unwrap();
+    let missing = src.path().join("no-such-tree");
+    let err = pack_path(
+        &missing,
+        &options(SMALL_CHUNKS),
+        &test_key(),
+        &mut MemChunks::new(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("no-such-tree"), "{err}");
+    mkfifo(&src.path().join("pipe"), 0o600);
+    let err = pack_path(
+        &src.path().join("pipe"),
+        &options(SMALL_CHUNKS),
+        &test_key(),
+        &mut MemChunks::new(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, PackError::NotPackable { found: "fifo", .. }),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn hard_links_unpack_as_independent_files() {
     let src = tempfile::tempdir().unwrap();
@@ -216,7 +286,15 @@ fn same_tree_packs_to_the_same_bundle_id_whatever_the_inode_order_and_atimes() {
         "a copy of the tree must give the same bundle id"
     );
 
-    // A different signing key or version gives another id; a touched file too.
+    // The number of compression threads does not change the output.
+    for threads in [1, 3] {
+        let mut threaded = options(SMALL_CHUNKS);
+        threaded.compress_threads = threads;
+        let (t, _) = pack_mem(first.path(), &threaded);
+        assert_eq!(t.id, a.id, "{threads} compression threads");
+    }
+
+    // Another version gives another id; a touched file too.
     let mut other = options(SMALL_CHUNKS);
     other.version = "1.1".into();
     let (d, _) = pack_mem(first.path(), &other);

@@ -229,9 +229,12 @@ fn assert_refused(payload: Vec<u8>, tmp: &Path) -> UnpackError {
     err
 }
 
+/// Builds a crafted payload given the test's temporary directory.
+type PayloadIn = Box<dyn Fn(&Path) -> Vec<u8>>;
+
 #[test]
 fn path_traversal_entries_are_refused() {
-    let cases: Vec<(&str, Box<dyn Fn(&Path) -> Vec<u8>>)> = vec![
+    let cases: Vec<(&str, PayloadIn)> = vec![
         (
             "parent",
             Box::new(|_| CraftedTar::new().file(b"../evil", b"x").finish()),

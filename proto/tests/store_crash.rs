@@ -79,7 +79,7 @@ fn write_blob(dir: &Path, seed: u64) {
         let mut stream = Vec::new();
         encode_ranges(&data, &outboard.data, outboard.hash, &ranges, &mut stream).unwrap();
         writer.write_stream(&stream[..], ranges).unwrap();
-        if rng.next() % 7 == 0 {
+        if rng.next().is_multiple_of(7) {
             writer.commit().unwrap();
         }
     }

@@ -169,12 +169,11 @@ impl GrubEnv {
             if line.first() == Some(&GRUBENV_PAD) || line.is_empty() {
                 continue;
             }
-            let text = std::str::from_utf8(line).map_err(|_| GrubEnvError::BadLine {
-                line: line_number,
-            })?;
-            let (key, value) = text.split_once('=').ok_or(GrubEnvError::BadLine {
-                line: line_number,
-            })?;
+            let text = std::str::from_utf8(line)
+                .map_err(|_| GrubEnvError::BadLine { line: line_number })?;
+            let (key, value) = text
+                .split_once('=')
+                .ok_or(GrubEnvError::BadLine { line: line_number })?;
             let value = unescape(value);
             match vars.iter_mut().find(|(k, _)| k == key) {
                 Some(slot) => slot.1 = value,
@@ -393,7 +392,10 @@ mod tests {
 
     #[test]
     fn rejects_wrong_size_missing_header_and_overflow() {
-        assert_eq!(GrubEnv::parse(&[b'#'; 10]), Err(GrubEnvError::WrongSize(10)));
+        assert_eq!(
+            GrubEnv::parse(&[b'#'; 10]),
+            Err(GrubEnvError::WrongSize(10))
+        );
         assert_eq!(
             GrubEnv::parse(&[b'#'; GRUBENV_BYTES]),
             Err(GrubEnvError::NoHeader)

@@ -102,9 +102,9 @@ pub enum BundleError {
     Unpack {
         /// The bundle.
         id: BundleId,
-        /// Why.
+        /// Why (boxed: it is large, and errors are rare).
         #[source]
-        source: UnpackError,
+        source: Box<UnpackError>,
     },
 }
 
@@ -179,10 +179,12 @@ pub fn stage_bundle(
         .verify_as(*id, trusted)
         .map_err(|source| BundleError::Manifest { id: *id, source })?;
     for (index, chunk) in manifest.chunks.iter().enumerate() {
-        let held = to.has_chunk(&chunk.hash).map_err(|source| BundleError::Store {
-            action: "looking up a chunk",
-            source,
-        })?;
+        let held = to
+            .has_chunk(&chunk.hash)
+            .map_err(|source| BundleError::Store {
+                action: "looking up a chunk",
+                source,
+            })?;
         if !held {
             let bytes = read_chunk(from, id, index, &chunk.hash)?;
             check_chunk(id, index, chunk, &bytes)?;
@@ -194,10 +196,11 @@ pub fn stage_bundle(
         }
         each_chunk();
     }
-    to.put_manifest(&signed).map_err(|source| BundleError::Store {
-        action: "storing a manifest",
-        source,
-    })?;
+    to.put_manifest(&signed)
+        .map_err(|source| BundleError::Store {
+            action: "storing a manifest",
+            source,
+        })?;
     to.pin(id, tag).map_err(|source| BundleError::Store {
         action: "pinning a bundle",
         source,
@@ -214,8 +217,12 @@ pub fn unpack_bundle(
     dest: &Path,
     progress: &mut dyn FnMut(UnpackProgress),
 ) -> Result<UnpackStats, BundleError> {
-    pack::unpack(manifest, &StoreChunks(store), dest, progress)
-        .map_err(|source| BundleError::Unpack { id: *id, source })
+    pack::unpack(manifest, &StoreChunks(store), dest, progress).map_err(|source| {
+        BundleError::Unpack {
+            id: *id,
+            source: Box::new(source),
+        }
+    })
 }
 
 fn read_chunk(

@@ -119,7 +119,12 @@ pub fn rollback(ctx: &mut SwapContext<'_>, reason: &str) -> Result<RunEnd, SwapE
     let state = journal.load()?.ok_or(SwapError::NoSwap)?;
     let next = machine::request_rollback(&state, reason)?;
     if next != state {
-        tracing::warn!(from = state.step.name(), to = next.step.name(), reason, "rollback requested");
+        tracing::warn!(
+            from = state.step.name(),
+            to = next.step.name(),
+            reason,
+            "rollback requested"
+        );
         journal.save(&next)?;
     }
     run(ctx, &journal, next)
@@ -187,7 +192,9 @@ fn run(
 
 fn report_end(state: &SwapState) {
     match state.step {
-        Step::Done => tracing::info!(target = %state.plan.target, "swap complete: the new OS is committed"),
+        Step::Done => {
+            tracing::info!(target = %state.plan.target, "swap complete: the new OS is committed")
+        }
         step => tracing::error!(
             step = step.name(),
             reason = state.failure.as_deref().unwrap_or("none recorded"),
@@ -203,7 +210,11 @@ fn perform(ctx: &mut SwapContext<'_>, state: &SwapState, action: &Action) -> Out
     }
 }
 
-fn try_perform(ctx: &mut SwapContext<'_>, state: &SwapState, action: &Action) -> Result<(), String> {
+fn try_perform(
+    ctx: &mut SwapContext<'_>,
+    state: &SwapState,
+    action: &Action,
+) -> Result<(), String> {
     let plan = &state.plan;
     let text = |e: &dyn std::fmt::Display| e.to_string();
     match action {
@@ -215,7 +226,11 @@ fn try_perform(ctx: &mut SwapContext<'_>, state: &SwapState, action: &Action) ->
                 .map_err(|e| format!("target {e}"))?;
             let rescue = bundles::verify_bundle(source, &plan.rescue, &trusted, &mut tick)
                 .map_err(|e| format!("rescue {e}"))?;
-            check_kind("target", &target, &[BundleKind::OsImage, BundleKind::BaseOs])?;
+            check_kind(
+                "target",
+                &target,
+                &[BundleKind::OsImage, BundleKind::BaseOs],
+            )?;
             check_kind("rescue", &rescue, &[BundleKind::BaseOs])?;
             Ok(())
         }
@@ -224,9 +239,14 @@ fn try_perform(ctx: &mut SwapContext<'_>, state: &SwapState, action: &Action) ->
             for id in [plan.rescue, plan.target] {
                 match ctx.source {
                     Some(source) => {
-                        bundles::stage_bundle(source, ctx.store, &id, &trusted, &slot_pin_tag(&id), &mut || {
-                            fault::op_point("stage chunk")
-                        })
+                        bundles::stage_bundle(
+                            source,
+                            ctx.store,
+                            &id,
+                            &trusted,
+                            &slot_pin_tag(&id),
+                            &mut || fault::op_point("stage chunk"),
+                        )
                         .map_err(|e| text(&e))?;
                     }
                     None => ctx.store.pin(&id, &slot_pin_tag(&id)).map_err(|e| {
@@ -289,7 +309,7 @@ fn install(
 ) -> Result<(), String> {
     let text = |e: &dyn std::fmt::Display| e.to_string();
     let current = ctx.platform.slot_marker(slot).unwrap_or_else(|e| {
-        tracing::warn!(slot = %slot, error = %e, "unreadable slot marker; reinstalling");
+        tracing::warn!(slot = %slot, error = %e, "cannot read the slot marker; treating the slot as empty");
         None
     });
     if current.as_ref().map(|m| m.bundle) == Some(*bundle) {
@@ -299,25 +319,36 @@ fn install(
     if slot == ctx.platform.booted_slot() {
         return Err(format!(
             "slot {slot} is running {} and cannot be reinstalled with {bundle} while it runs",
-            current.map_or("an unknown OS".to_owned(), |m| format!("{} {}", m.name, m.version))
+            current.map_or("an unknown OS".to_owned(), |m| format!(
+                "{} {}",
+                m.name, m.version
+            ))
         ));
     }
     let trusted = trusted_keys(plan)?;
-    install_bundle(ctx.platform, ctx.store, slot, bundle, &trusted).map(|_| ()).map_err(|e| text(&e))
+    install_bundle(ctx.platform, ctx.store, slot, bundle, &trusted)
+        .map(|_| ())
+        .map_err(|e| text(&e))
 }
 
 /// Why a slot could not be filled.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    /// The bundle is refused or unreadable.
+    /// The bundle is refused or unreadable (boxed: the error is large and rare).
     #[error(transparent)]
-    Bundle(#[from] BundleError),
+    Bundle(Box<BundleError>),
     /// The platform failed.
     #[error(transparent)]
     Platform(#[from] PlatformError),
     /// The bundle carries the slot marker's own path.
     #[error("bundle {0} contains {SLOT_MARKER_FILE}, a path reserved for the agent: repack it without that file")]
     ReservedPath(proto::BundleId),
+}
+
+impl From<BundleError> for InstallError {
+    fn from(e: BundleError) -> Self {
+        InstallError::Bundle(Box::new(e))
+    }
 }
 
 /// Fills `slot` with bundle `id` from `store`: verifies the manifest, removes the marker, formats
@@ -363,7 +394,11 @@ fn trusted_keys(plan: &SwapPlan) -> Result<Vec<VerifyingKey>, String> {
     bundles::parse_trusted_keys(&plan.trusted_publishers).map_err(|e| e.to_string())
 }
 
-fn check_kind(role: &str, manifest: &proto::Manifest, allowed: &[BundleKind]) -> Result<(), String> {
+fn check_kind(
+    role: &str,
+    manifest: &proto::Manifest,
+    allowed: &[BundleKind],
+) -> Result<(), String> {
     if allowed.contains(&manifest.kind) {
         return Ok(());
     }

@@ -41,12 +41,13 @@ pub fn init_from_env() -> Result<(), String> {
         Ok(text) => Some(parse_crash_at(&text)?),
         Err(_) => None,
     };
-    let after_ops = match std::env::var(CRASH_AFTER_OPS_ENV) {
-        Ok(text) => Some(text.parse::<u64>().map_err(|_| {
-            format!("{CRASH_AFTER_OPS_ENV}={text:?} is not a count of operations")
-        })?),
-        Err(_) => None,
-    };
+    let after_ops =
+        match std::env::var(CRASH_AFTER_OPS_ENV) {
+            Ok(text) => Some(text.parse::<u64>().map_err(|_| {
+                format!("{CRASH_AFTER_OPS_ENV}={text:?} is not a count of operations")
+            })?),
+            Err(_) => None,
+        };
     if at.is_some() || after_ops.is_some() {
         tracing::warn!(?at, ?after_ops, "fault injection armed");
     }
@@ -114,7 +115,10 @@ mod tests {
             parse_crash_at("install-target:before"),
             Ok((Step::InstallTarget, Phase::Before))
         );
-        assert_eq!(parse_crash_at("commit:after"), Ok((Step::Commit, Phase::After)));
+        assert_eq!(
+            parse_crash_at("commit:after"),
+            Ok((Step::Commit, Phase::After))
+        );
         assert!(parse_crash_at("install-target").is_err());
         assert!(parse_crash_at("nope:before").is_err());
         assert!(parse_crash_at("commit:during").is_err());

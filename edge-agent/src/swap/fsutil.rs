@@ -227,7 +227,10 @@ mod tests {
         assert_eq!(fs::read(dst.join("ssh/key")).expect("read"), b"secret");
         let mode = fs::metadata(dst.join("ssh/key")).expect("meta").mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(fs::read_link(dst.join("ssh/link")).expect("link"), Path::new("key"));
+        assert_eq!(
+            fs::read_link(dst.join("ssh/link")).expect("link"),
+            Path::new("key")
+        );
         empty_dir(&dst, &mut || {}).expect("empty");
         assert_eq!(fs::read_dir(&dst).expect("list").count(), 0);
     }

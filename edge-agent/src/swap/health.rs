@@ -44,7 +44,12 @@ pub fn run_check(check: &HealthCheck, slot: Slot, slot_root: &Path) -> Result<()
         Ok(()) => tracing::info!(check = %check, elapsed_ms, "health check passed"),
         Err(reason) => tracing::warn!(check = %check, elapsed_ms, %reason, "health check failed"),
     }
-    result.map_err(|reason| format!("health check {} failed: {reason}", short(&check.to_string())))
+    result.map_err(|reason| {
+        format!(
+            "health check {} failed: {reason}",
+            short(&check.to_string())
+        )
+    })
 }
 
 /// Longest check description quoted in a failure reason, in characters.
@@ -113,8 +118,14 @@ fn run_command(command: &str, slot: Slot, slot_root: &Path) -> Result<(), String
         .map_err(|e| format!("cannot start sh: {e}"))?;
     // Drain the pipes on threads so a chatty command cannot block on a full pipe.
     let readers: Vec<_> = [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -148,7 +159,9 @@ fn run_command(command: &str, slot: Slot, slot_root: &Path) -> Result<(), String
         return Ok(());
     }
     let tail_start = output.len().saturating_sub(MAX_REPORTED_OUTPUT_BYTES);
-    let tail = String::from_utf8_lossy(&output[tail_start..]).trim().to_owned();
+    let tail = String::from_utf8_lossy(&output[tail_start..])
+        .trim()
+        .to_owned();
     Err(if tail.is_empty() {
         format!("{status}")
     } else {
@@ -163,9 +176,14 @@ mod tests {
     #[test]
     fn command_check_reports_status_and_output() {
         let root = Path::new("/");
-        assert_eq!(run_check(&"command=true".parse().expect("check"), Slot::A, root), Ok(()));
+        assert_eq!(
+            run_check(&"command=true".parse().expect("check"), Slot::A, root),
+            Ok(())
+        );
         let err = run_check(
-            &"command=echo stager down >&2; exit 3".parse().expect("check"),
+            &"command=echo stager down >&2; exit 3"
+                .parse()
+                .expect("check"),
             Slot::A,
             root,
         )
@@ -176,9 +194,10 @@ mod tests {
 
     #[test]
     fn command_sees_the_slot_under_test() {
-        let check = "command=test \"$STAGECOACH_SLOT\" = B && test \"$STAGECOACH_SLOT_ROOT\" = /tmp"
-            .parse()
-            .expect("check");
+        let check =
+            "command=test \"$STAGECOACH_SLOT\" = B && test \"$STAGECOACH_SLOT_ROOT\" = /tmp"
+                .parse()
+                .expect("check");
         assert_eq!(run_check(&check, Slot::B, Path::new("/tmp")), Ok(()));
         assert!(run_check(&check, Slot::A, Path::new("/tmp")).is_err());
     }

@@ -221,8 +221,14 @@ mod tests {
         assert_eq!(saved.generation, 2);
         restore(&storage, &new).expect("restore");
         restore(&storage, &new).expect("restore is idempotent");
-        assert_eq!(fs::read(new.join("etc/ssh/host_key")).expect("read"), b"old key");
-        assert_eq!(fs::read(new.join("etc/hostname")).expect("read"), b"edge-17\n");
+        assert_eq!(
+            fs::read(new.join("etc/ssh/host_key")).expect("read"),
+            b"old key"
+        );
+        assert_eq!(
+            fs::read(new.join("etc/hostname")).expect("read"),
+            b"edge-17\n"
+        );
         assert!(!new.join("etc/missing").exists());
     }
 

@@ -59,9 +59,8 @@ fn default_true() -> bool {
 impl LinuxConfig {
     /// Reads a configuration file.
     pub fn load(path: &Path) -> Result<Self, PlatformError> {
-        let bytes = fsutil::read_optional(path)?.ok_or_else(|| {
-            PlatformError::Config(format!("{} does not exist", path.display()))
-        })?;
+        let bytes = fsutil::read_optional(path)?
+            .ok_or_else(|| PlatformError::Config(format!("{} does not exist", path.display())))?;
         if bytes.len() > MAX_CONFIG_BYTES {
             return Err(PlatformError::Config(format!(
                 "{} is {} bytes, more than the limit of {MAX_CONFIG_BYTES}",
@@ -186,7 +185,11 @@ impl Platform for LinuxPlatform {
             return Ok(dir);
         }
         fsutil::create_dirs(&dir)?;
-        run(Command::new("mount").arg("-t").arg("ext4").arg(&device).arg(&dir))?;
+        run(Command::new("mount")
+            .arg("-t")
+            .arg("ext4")
+            .arg(&device)
+            .arg(&dir))?;
         self.mounted.insert(slot, dir.clone());
         Ok(dir)
     }

@@ -355,10 +355,9 @@ pub fn on_boot(state: &SwapState, booted: Slot) -> SwapState {
             ),
         ),
         // The trial counter was written (the firmware chose A): this is a trial boot.
-        (
-            Step::ArmTrial | Step::RebootToTarget | Step::HealthCheck | Step::RetryTrial,
-            A,
-        ) => state.trial_boot(),
+        (Step::ArmTrial | Step::RebootToTarget | Step::HealthCheck | Step::RetryTrial, A) => {
+            state.trial_boot()
+        }
         // On trial but the firmware chose B: the attempts ran out.
         (Step::RebootToTarget | Step::HealthCheck | Step::RetryTrial | Step::Commit, B) => {
             state.attempts_exhausted()
@@ -421,11 +420,13 @@ pub fn advance(state: &SwapState, booted: Slot, outcome: Outcome) -> SwapState {
     match state.step {
         // Nothing was touched yet: the swap simply did not start.
         Step::VerifyBundles => state.failing(Step::Aborted, reason),
-        step if step.before_wipe() && step != Step::RebootToRescue => state.failing(
-            Step::Abandon,
-            format!("{} failed: {reason}", step.name()),
-        ),
-        Step::WipeTarget | Step::InstallTarget | Step::TargetIdentity | Step::ArmTrial
+        step if step.before_wipe() && step != Step::RebootToRescue => {
+            state.failing(Step::Abandon, format!("{} failed: {reason}", step.name()))
+        }
+        Step::WipeTarget
+        | Step::InstallTarget
+        | Step::TargetIdentity
+        | Step::ArmTrial
         | Step::Commit => state.failing(
             Step::RollBack,
             format!("{} failed: {reason}", state.step.name()),
@@ -567,7 +568,8 @@ mod tests {
                 }
                 Action::Install { slot, .. } => {
                     assert_ne!(slot, self.booted, "installing into the running slot");
-                    self.slots[slot as usize] = Some(if slot == Slot::A { "new" } else { "rescue" });
+                    self.slots[slot as usize] =
+                        Some(if slot == Slot::A { "new" } else { "rescue" });
                     Outcome::Succeeded
                 }
                 Action::RestoreIdentity { .. } => Outcome::Succeeded,
@@ -652,7 +654,11 @@ mod tests {
         assert_eq!(m.booted, Slot::A);
         assert_eq!(m.holds(Slot::A), Some("new"));
         assert_eq!(m.holds(Slot::B), Some("rescue"), "the rescue OS stays");
-        assert_eq!(firmware_boot(&m.env).0, Slot::A, "A is the default for good");
+        assert_eq!(
+            firmware_boot(&m.env).0,
+            Slot::A,
+            "A is the default for good"
+        );
         assert_eq!(m.env.boot_counter(), None);
     }
 
@@ -726,7 +732,12 @@ mod tests {
         m.run(None);
         assert_eq!(m.journal.step, Step::Aborted);
         assert_eq!(m.holds(Slot::A), Some("old"));
-        assert!(m.journal.failure.as_deref().unwrap_or("").contains("disk full"));
+        assert!(m
+            .journal
+            .failure
+            .as_deref()
+            .unwrap_or("")
+            .contains("disk full"));
     }
 
     #[test]
@@ -745,9 +756,15 @@ mod tests {
     #[test]
     fn operator_rollback_goes_to_old_os_before_wipe_and_rescue_after() {
         let state = SwapState::new(plan(), Slot::A).at(Step::InstallRescue);
-        assert_eq!(request_rollback(&state, "ops").map(|s| s.step), Ok(Step::Abandon));
+        assert_eq!(
+            request_rollback(&state, "ops").map(|s| s.step),
+            Ok(Step::Abandon)
+        );
         let state = state.at(Step::Done);
-        assert_eq!(request_rollback(&state, "ops").map(|s| s.step), Ok(Step::RollBack));
+        assert_eq!(
+            request_rollback(&state, "ops").map(|s| s.step),
+            Ok(Step::RollBack)
+        );
         let state = state.at(Step::RolledBack);
         assert!(request_rollback(&state, "ops").is_err());
     }

@@ -127,7 +127,9 @@ pub enum PlanError {
     #[error("no trusted publisher key: pass --trust HEX (the publisher's ed25519 public key)")]
     NoTrustedPublisher,
     /// Target and rescue are the same bundle.
-    #[error("the target and the rescue are the same bundle {0}: the rescue must be a separate base OS")]
+    #[error(
+        "the target and the rescue are the same bundle {0}: the rescue must be a separate base OS"
+    )]
     SameBundle(BundleId),
 }
 
@@ -177,7 +179,10 @@ mod tests {
         SwapPlan {
             target: BlobHash::of(b"target"),
             rescue: BlobHash::of(b"rescue"),
-            identity_paths: DEFAULT_IDENTITY_PATHS.iter().map(|s| s.to_string()).collect(),
+            identity_paths: DEFAULT_IDENTITY_PATHS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             health_checks: vec![HealthCheck::NetworkUp],
             boot_attempts: DEFAULT_BOOT_ATTEMPTS,
             trusted_publishers: vec!["00".repeat(32)],

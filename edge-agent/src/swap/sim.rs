@@ -161,7 +161,10 @@ impl Platform for SimPlatform {
     }
 
     fn reboot(&mut self) -> Result<(), PlatformError> {
-        tracing::info!(exit_code = REBOOT_EXIT_CODE, "rebooting (simulated: exiting for the supervisor)");
+        tracing::info!(
+            exit_code = REBOOT_EXIT_CODE,
+            "rebooting (simulated: exiting for the supervisor)"
+        );
         Ok(())
     }
 }
@@ -252,7 +255,12 @@ pub struct SimMachineConfig {
 /// Per-boot decisions of a test harness.
 pub trait SimHooks {
     /// Extra environment for the agent of boot `index` (fault injection, health flags).
-    fn env_for_boot(&mut self, _index: u32, _slot: Slot, _history: &[BootRecord]) -> Vec<(String, String)> {
+    fn env_for_boot(
+        &mut self,
+        _index: u32,
+        _slot: Slot,
+        _history: &[BootRecord],
+    ) -> Vec<(String, String)> {
         Vec::new()
     }
 
@@ -291,7 +299,11 @@ pub fn run_sim_machine(
             })?,
         };
         // What /proc/cmdline is on a real machine: the agent's default idea of where it runs.
-        fsutil::write_atomic(&booted_slot_path(&config.root), slot.as_str().as_bytes(), 0o644)?;
+        fsutil::write_atomic(
+            &booted_slot_path(&config.root),
+            slot.as_str().as_bytes(),
+            0o644,
+        )?;
         hooks.on_power_on(index, slot, &marker);
         let mut command = Command::new(&config.agent);
         if index == 1 {

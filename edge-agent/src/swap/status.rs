@@ -123,13 +123,26 @@ pub fn collect(platform: &mut dyn Platform) -> StatusReport {
 
 impl fmt::Display for StatusReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "platform: {}   running: slot {}", self.platform, self.booted)?;
+        writeln!(
+            f,
+            "platform: {}   running: slot {}",
+            self.platform, self.booted
+        )?;
         for slot in &self.slots {
             let os = match &slot.os {
-                Some(m) => format!("{} {} ({}, bundle {})", m.name, m.version, m.kind, m.bundle.short()),
+                Some(m) => format!(
+                    "{} {} ({}, bundle {})",
+                    m.name,
+                    m.version,
+                    m.kind,
+                    m.bundle.short()
+                ),
                 None => "empty (no complete OS)".to_owned(),
             };
-            let health = slot.health.map(|h| format!(" [{}]", h.as_str())).unwrap_or_default();
+            let health = slot
+                .health
+                .map(|h| format!(" [{}]", h.as_str()))
+                .unwrap_or_default();
             writeln!(f, "slot {} ({:6}): {os}{health}", slot.slot, slot.role)?;
             if let Some(problem) = &slot.problem {
                 writeln!(f, "    problem: {problem}")?;
@@ -153,7 +166,11 @@ impl fmt::Display for StatusReport {
                     f,
                     "swap: {} ({}) target {} rescue {} (started on slot {}, {} trial boots)",
                     swap.step,
-                    if swap.finished { "finished" } else { "in progress" },
+                    if swap.finished {
+                        "finished"
+                    } else {
+                        "in progress"
+                    },
                     &swap.target[..8.min(swap.target.len())],
                     &swap.rescue[..8.min(swap.rescue.len())],
                     swap.started_on,

@@ -145,7 +145,11 @@ impl Fixture {
                 vec![
                     ("etc/os-release", b"NAME=new\nVERSION=2.0\n", 0o644),
                     ("etc/hostname", b"localhost\n", 0o644),
-                    ("etc/ssh/ssh_host_ed25519_key", b"IMAGE DEFAULT KEY\n", 0o600),
+                    (
+                        "etc/ssh/ssh_host_ed25519_key",
+                        b"IMAGE DEFAULT KEY\n",
+                        0o600,
+                    ),
                     ("etc/stagecoach/defaults", b"image defaults\n", 0o644),
                     ("usr/bin/app", b"#!/bin/sh\necho new\n", 0o755),
                     ("usr/share/doc/big", &[7u8; 20_000], 0o644),
@@ -171,9 +175,21 @@ impl Fixture {
             &identity_src,
             &[
                 ("etc/hostname", b"edge-17\n", 0o644),
-                ("etc/ssh/ssh_host_ed25519_key", b"HOST KEY OF edge-17\n", 0o600),
-                ("etc/ssh/ssh_host_ed25519_key.pub", b"ssh-ed25519 AAAA edge-17\n", 0o644),
-                ("etc/network/interfaces", b"auto eth0\niface eth0 inet static\n  address 10.1.2.3/24\n", 0o644),
+                (
+                    "etc/ssh/ssh_host_ed25519_key",
+                    b"HOST KEY OF edge-17\n",
+                    0o600,
+                ),
+                (
+                    "etc/ssh/ssh_host_ed25519_key.pub",
+                    b"ssh-ed25519 AAAA edge-17\n",
+                    0o644,
+                ),
+                (
+                    "etc/network/interfaces",
+                    b"auto eth0\niface eth0 inet static\n  address 10.1.2.3/24\n",
+                    0o644,
+                ),
                 ("etc/stagecoach/acl", b"allow origin.example\n", 0o640),
                 ("etc/stagecoach/node.key", b"NODE KEY\n", 0o600),
             ],
@@ -194,7 +210,14 @@ impl Fixture {
             (&target, "2.0", BundleKind::OsImage),
             (&broken, "2.1", BundleKind::OsImage),
         ] {
-            let id = pack_into(&machine_store, &bundle.tree, bundle.name, version, kind, &key);
+            let id = pack_into(
+                &machine_store,
+                &bundle.tree,
+                bundle.name,
+                version,
+                kind,
+                &key,
+            );
             assert_eq!(id, bundle.id, "packing is deterministic");
         }
         Self {
@@ -359,17 +382,26 @@ fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, Entry>) {
         let meta = fs::symlink_metadata(root.join(&path)).expect("meta");
         let mode = meta.permissions().mode() & 0o7777;
         if meta.file_type().is_symlink() {
-            out.insert(path, Entry::Link(fs::read_link(entry.path()).expect("link")));
+            out.insert(
+                path,
+                Entry::Link(fs::read_link(entry.path()).expect("link")),
+            );
         } else if meta.is_dir() {
             out.insert(path.clone(), Entry::Dir(mode));
             walk(root, &path, out);
         } else {
-            out.insert(path, Entry::File(mode, fs::read(entry.path()).expect("read")));
+            out.insert(
+                path,
+                Entry::File(mode, fs::read(entry.path()).expect("read")),
+            );
         }
     }
 }
 
-fn describe_difference(expected: &BTreeMap<PathBuf, Entry>, actual: &BTreeMap<PathBuf, Entry>) -> String {
+fn describe_difference(
+    expected: &BTreeMap<PathBuf, Entry>,
+    actual: &BTreeMap<PathBuf, Entry>,
+) -> String {
     let mut notes = Vec::new();
     for (path, entry) in expected {
         match actual.get(path) {
@@ -410,6 +442,9 @@ pub fn run_machine(
     )
 }
 
+/// Decides the extra environment of a boot from its number and the boots before it.
+pub type BootEnvFn<'a> = dyn FnMut(u32, &[BootRecord]) -> Vec<(String, String)> + 'a;
+
 /// Hooks checking, at every power-on, that the chosen slot holds a complete OS with the
 /// machine's identity, and counting which OS booted.
 pub struct CheckingHooks<'a> {
@@ -418,7 +453,7 @@ pub struct CheckingHooks<'a> {
     pub booted: Vec<&'static str>,
     pub problems: Vec<String>,
     /// Environment for each boot, decided by the test.
-    pub env: Box<dyn FnMut(u32, &[BootRecord]) -> Vec<(String, String)> + 'a>,
+    pub env: Box<BootEnvFn<'a>>,
 }
 
 impl<'a> CheckingHooks<'a> {
@@ -434,7 +469,12 @@ impl<'a> CheckingHooks<'a> {
 }
 
 impl SimHooks for CheckingHooks<'_> {
-    fn env_for_boot(&mut self, index: u32, _slot: Slot, history: &[BootRecord]) -> Vec<(String, String)> {
+    fn env_for_boot(
+        &mut self,
+        index: u32,
+        _slot: Slot,
+        history: &[BootRecord],
+    ) -> Vec<(String, String)> {
         let mut env = (self.env)(index, history);
         // Hundreds of agent runs: keep their logs to warnings unless asked.
         if std::env::var_os("EDGE_AGENT_LOG").is_none() {

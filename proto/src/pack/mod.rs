@@ -49,7 +49,9 @@ use crate::manifest::{
     SignedManifest, MANIFEST_FORMAT,
 };
 
-use payload::{ChunkPipeline, VerifiedPayload};
+use payload::{pack_payload, PipelineConfig, VerifiedPayload};
+
+pub use payload::MAX_COMPRESS_THREADS;
 
 /// zstd level used unless told otherwise (zstd's own default). Level 3 compresses text-like
 /// trees to about a third at 250–300 MB/s on one core here; higher levels cost speed at publish
@@ -177,11 +179,14 @@ pub struct PackOptions {
     pub chunker: ChunkerParams,
     /// zstd compression level (see `zstd::compression_level_range`).
     pub zstd_level: i32,
+    /// Threads compressing chunks beside the one reading the input; 0 means one per core (at
+    /// most [`MAX_COMPRESS_THREADS`]). The output does not depend on it.
+    pub compress_threads: usize,
 }
 
 impl PackOptions {
-    /// Options with no selectors, dependencies or metadata, [`ChunkerParams::DEFAULT`] and
-    /// [`DEFAULT_ZSTD_LEVEL`].
+    /// Options with no selectors, dependencies or metadata, [`ChunkerParams::DEFAULT`],
+    /// [`DEFAULT_ZSTD_LEVEL`], and one compression thread per core.
     pub fn new(name: impl Into<String>, version: impl Into<String>, kind: BundleKind) -> Self {
         PackOptions {
             name: name.into(),
@@ -192,6 +197,7 @@ impl PackOptions {
             metadata: BTreeMap::new(),
             chunker: ChunkerParams::DEFAULT,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            compress_threads: 0,
         }
     }
 }
@@ -299,8 +305,9 @@ pub enum PackError {
 /// Packs `path` (a directory, or a regular file taken as an image) into chunks stored in `sink`
 /// and returns the signed manifest.
 ///
-/// Memory stays bounded (about three maximum chunk sizes plus a 1 MiB read buffer) whatever the
-/// size of the tree. `progress` is called after each stored chunk and once at the end.
+/// Memory stays bounded whatever the size of the tree: two maximum chunk sizes of chunker
+/// buffer, a 1 MiB read buffer, and per compression thread two chunks in flight (raw and
+/// compressed). `progress` is called after each stored chunk and once at the end.
 pub fn pack_path<S: ChunkSink>(
     path: &Path,
     options: &PackOptions,
@@ -316,31 +323,27 @@ pub fn pack_path<S: ChunkSink>(
         source,
     })?;
     let file_type = metadata.file_type();
-    let (layout, stats, chunks) = if file_type.is_dir() {
-        let totals = archive::walk_totals(path)?;
-        let mut pipeline =
-            ChunkPipeline::new(options.chunker, options.zstd_level, sink, totals, progress)?;
-        let stats = archive::write_tree(path, &mut pipeline)?;
-        (PayloadLayout::Tree, stats, pipeline.finish()?)
+    let config = PipelineConfig {
+        chunker: options.chunker,
+        zstd_level: options.zstd_level,
+        threads: options.compress_threads,
+    };
+    let (layout, (stats, chunks)) = if file_type.is_dir() {
+        let total_bytes = archive::walk_totals(path)?;
+        let packed = pack_payload(config, sink, total_bytes, progress, |pipeline| {
+            archive::write_tree(path, pipeline)
+        })?;
+        (PayloadLayout::Tree, packed)
     } else if file_type.is_file() {
         let file_name = image_file_name(path)?;
-        let mut pipeline = ChunkPipeline::new(
-            options.chunker,
-            options.zstd_level,
-            sink,
-            metadata.len(),
-            progress,
-        )?;
-        archive::write_image(path, &mut pipeline)?;
-        let stats = PackStats {
-            files: 1,
-            ..PackStats::default()
-        };
-        (
-            PayloadLayout::Image { file_name },
-            stats,
-            pipeline.finish()?,
-        )
+        let packed = pack_payload(config, sink, metadata.len(), progress, |pipeline| {
+            archive::write_image(path, pipeline)?;
+            Ok(PackStats {
+                files: 1,
+                ..PackStats::default()
+            })
+        })?;
+        (PayloadLayout::Image { file_name }, packed)
     } else {
         return Err(PackError::NotPackable {
             path: path.to_path_buf(),

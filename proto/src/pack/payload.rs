@@ -1,9 +1,16 @@
 //! The payload as chunks: cutting, compressing and storing it when packing
 //! ([`ChunkPipeline`]); fetching, verifying and decompressing it when unpacking
 //! ([`VerifiedPayload`]).
+//!
+//! Packing spends most of its time in zstd, so chunks are compressed on worker threads while
+//! the calling thread reads files and cuts chunks. Results are put back in payload order before
+//! they reach the sink, so the sink and the progress callback run on the calling thread only and
+//! the output does not depend on thread timing.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::path::Path;
+use std::sync::{mpsc, Mutex};
 
 use crate::chunking::{Chunk, ChunkerParams, StreamChunker};
 use crate::hash::BlobHash;
@@ -14,58 +21,125 @@ use super::{
     MAX_CHUNK_RAW_BYTES,
 };
 
-/// Receives the payload in pieces, cuts it, and stores each chunk compressed.
-pub(super) struct ChunkPipeline<'a, S: ChunkSink> {
-    chunker: StreamChunker,
-    storer: ChunkStorer<'a, S>,
+/// Most compression threads a pack uses, whatever the core count.
+pub const MAX_COMPRESS_THREADS: usize = 16;
+
+/// Chunks in flight (queued, compressing, or waiting for their turn) per compression thread.
+/// Bounds pack memory to about `2 × threads × (max chunk + its compressed copy)`.
+const IN_FLIGHT_PER_THREAD: usize = 2;
+
+/// How to cut and compress.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PipelineConfig {
+    pub(super) chunker: ChunkerParams,
+    pub(super) zstd_level: i32,
+    /// Compression threads; 0 means one per core.
+    pub(super) threads: usize,
 }
 
-/// The half of the pipeline that compresses and stores finished chunks (a separate struct so it
-/// can be borrowed while the chunker's iterator is live).
-struct ChunkStorer<'a, S: ChunkSink> {
-    compressor: zstd::bulk::Compressor<'static>,
-    /// Reused output buffer, so compression allocates once.
-    compressed: Vec<u8>,
-    sink: &'a mut S,
-    chunks: Vec<ChunkRef>,
-    progress: &'a mut dyn FnMut(PackProgress),
-    state: PackProgress,
-    /// Payload bytes in the chunks stored so far.
-    raw_in_chunks: u64,
-}
-
-impl<'a, S: ChunkSink> ChunkPipeline<'a, S> {
-    /// A pipeline for a payload whose file content totals `total_bytes` (for progress only).
-    pub(super) fn new(
-        params: ChunkerParams,
-        zstd_level: i32,
-        sink: &'a mut S,
-        total_bytes: u64,
-        progress: &'a mut dyn FnMut(PackProgress),
-    ) -> Result<Self, PackError> {
-        let chunker = StreamChunker::new(params)?;
-        let compressor = zstd::bulk::Compressor::new(zstd_level).map_err(PackError::Compress)?;
-        Ok(ChunkPipeline {
+/// Runs `produce`, which writes the payload into a [`ChunkPipeline`], with compression threads
+/// alongside; returns what `produce` returned and the chunk list.
+pub(super) fn pack_payload<S: ChunkSink, T>(
+    config: PipelineConfig,
+    sink: &mut S,
+    total_bytes: u64,
+    progress: &mut dyn FnMut(PackProgress),
+    produce: impl FnOnce(&mut ChunkPipeline<'_, S>) -> Result<T, PackError>,
+) -> Result<(T, Vec<ChunkRef>), PackError> {
+    let chunker = StreamChunker::new(config.chunker)?;
+    // Fail early, on this thread, if zstd refuses the level.
+    zstd::bulk::Compressor::new(config.zstd_level).map_err(PackError::Compress)?;
+    let threads = match config.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+    .min(MAX_COMPRESS_THREADS);
+    let max_in_flight = threads * IN_FLIGHT_PER_THREAD;
+    let (job_tx, job_rx) = mpsc::sync_channel::<CompressJob>(max_in_flight);
+    let job_rx = Mutex::new(job_rx);
+    let (done_tx, done_rx) = mpsc::channel::<CompressDone>();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let job_rx = &job_rx;
+            let level = config.zstd_level;
+            scope.spawn(move || compress_worker(job_rx, done_tx, level));
+        }
+        drop(done_tx);
+        let mut pipeline = ChunkPipeline {
             chunker,
+            jobs: job_tx,
+            done: done_rx,
+            max_in_flight,
+            next_seq: 0,
+            submitted_raw_bytes: 0,
             storer: ChunkStorer {
-                compressor,
-                compressed: Vec::with_capacity(zstd::zstd_safe::compress_bound(params.max_bytes)),
                 sink,
                 chunks: Vec::new(),
+                waiting: BTreeMap::new(),
                 progress,
                 state: PackProgress {
                     total_bytes,
                     ..PackProgress::default()
                 },
-                raw_in_chunks: 0,
             },
-        })
-    }
+        };
+        let value = produce(&mut pipeline)?;
+        let chunks = pipeline.finish()?;
+        Ok((value, chunks))
+        // On error the pipeline is dropped here: the job queue closes, the workers finish
+        // what they hold and exit, and the scope joins them.
+    })
+}
 
+/// Receives the payload in pieces, cuts it, and has each chunk compressed and stored.
+pub(super) struct ChunkPipeline<'a, S: ChunkSink> {
+    chunker: StreamChunker,
+    /// Dropping it closes the queue, which stops the workers.
+    jobs: mpsc::SyncSender<CompressJob>,
+    done: mpsc::Receiver<CompressDone>,
+    max_in_flight: usize,
+    next_seq: u64,
+    submitted_raw_bytes: u64,
+    storer: ChunkStorer<'a, S>,
+}
+
+/// A chunk to compress, numbered in payload order.
+struct CompressJob {
+    seq: u64,
+    data: Vec<u8>,
+}
+
+/// A compressed chunk, or why it could not be compressed.
+struct CompressDone {
+    seq: u64,
+    raw_bytes: u64,
+    result: io::Result<(BlobHash, Vec<u8>)>,
+}
+
+/// Puts compressed chunks back in payload order and hands them to the sink.
+struct ChunkStorer<'a, S: ChunkSink> {
+    sink: &'a mut S,
+    chunks: Vec<ChunkRef>,
+    /// Compressed chunks that finished before an earlier one, by sequence number.
+    waiting: BTreeMap<u64, CompressDone>,
+    progress: &'a mut dyn FnMut(PackProgress),
+    state: PackProgress,
+}
+
+impl<S: ChunkSink> ChunkPipeline<'_, S> {
     /// Appends tar headers, padding or other bytes that are not file content.
     pub(super) fn write(&mut self, data: &[u8]) -> Result<(), PackError> {
         for chunk in self.chunker.push(data) {
-            self.storer.store(chunk)?;
+            Self::submit(
+                chunk,
+                &self.jobs,
+                &self.done,
+                &mut self.storer,
+                self.max_in_flight,
+                &mut self.next_seq,
+                &mut self.submitted_raw_bytes,
+            )?;
         }
         Ok(())
     }
@@ -78,47 +152,139 @@ impl<'a, S: ChunkSink> ChunkPipeline<'a, S> {
 
     /// Bytes appended so far.
     pub(super) fn position(&self) -> u64 {
-        self.storer.raw_in_chunks + self.chunker.pending_bytes() as u64
+        self.submitted_raw_bytes + self.chunker.pending_bytes() as u64
     }
 
-    /// Cuts and stores the rest; returns the chunk list.
-    pub(super) fn finish(self) -> Result<Vec<ChunkRef>, PackError> {
+    /// Cuts the rest, waits for every chunk to be stored, and returns the chunk list.
+    fn finish(self) -> Result<Vec<ChunkRef>, PackError> {
         let ChunkPipeline {
             chunker,
+            jobs,
+            done,
+            max_in_flight,
+            mut next_seq,
+            mut submitted_raw_bytes,
             mut storer,
         } = self;
         for chunk in chunker.finish() {
-            storer.store(chunk)?;
+            Self::submit(
+                chunk,
+                &jobs,
+                &done,
+                &mut storer,
+                max_in_flight,
+                &mut next_seq,
+                &mut submitted_raw_bytes,
+            )?;
+        }
+        // Closing the queue lets the workers exit once it is empty.
+        drop(jobs);
+        while storer.stored() < next_seq {
+            storer.receive_one(&done)?;
         }
         (storer.progress)(storer.state);
         Ok(storer.chunks)
     }
+
+    /// Queues a chunk for compression, first storing finished ones while too many are in flight.
+    /// (An associated function over the fields, so it can run while the chunker is borrowed.)
+    fn submit(
+        chunk: Chunk,
+        jobs: &mpsc::SyncSender<CompressJob>,
+        done: &mpsc::Receiver<CompressDone>,
+        storer: &mut ChunkStorer<'_, S>,
+        max_in_flight: usize,
+        next_seq: &mut u64,
+        submitted_raw_bytes: &mut u64,
+    ) -> Result<(), PackError> {
+        while *next_seq - storer.stored() >= max_in_flight as u64 {
+            storer.receive_one(done)?;
+        }
+        *submitted_raw_bytes += chunk.data.len() as u64;
+        let job = CompressJob {
+            seq: *next_seq,
+            data: chunk.data,
+        };
+        jobs.send(job).map_err(|_| workers_gone())?;
+        *next_seq += 1;
+        Ok(())
+    }
 }
 
 impl<S: ChunkSink> ChunkStorer<'_, S> {
-    fn store(&mut self, chunk: Chunk) -> Result<(), PackError> {
-        self.compressed.clear();
-        self.compressor
-            .compress_to_buffer(&chunk.data, &mut self.compressed)
-            .map_err(PackError::Compress)?;
-        let hash = BlobHash::of(&self.compressed);
+    /// Chunks handed to the sink so far (also the sequence number of the next one).
+    fn stored(&self) -> u64 {
+        self.chunks.len() as u64
+    }
+
+    /// Waits for one compressed chunk, then stores every chunk that is now next in order.
+    fn receive_one(&mut self, done: &mpsc::Receiver<CompressDone>) -> Result<(), PackError> {
+        let finished = done.recv().map_err(|_| workers_gone())?;
+        self.waiting.insert(finished.seq, finished);
+        while let Some(next) = self.waiting.remove(&self.stored()) {
+            self.store(next)?;
+        }
+        Ok(())
+    }
+
+    fn store(&mut self, done: CompressDone) -> Result<(), PackError> {
+        let (hash, compressed) = done.result.map_err(PackError::Compress)?;
         self.sink
-            .put_chunk(hash, &self.compressed)
+            .put_chunk(hash, &compressed)
             .map_err(|e| PackError::Sink {
                 hash,
                 source: Box::new(e),
             })?;
         self.chunks.push(ChunkRef {
             hash,
-            stored_bytes: self.compressed.len() as u64,
-            raw_bytes: chunk.data.len() as u64,
+            stored_bytes: compressed.len() as u64,
+            raw_bytes: done.raw_bytes,
         });
         self.state.chunks += 1;
-        self.state.stored_bytes += self.compressed.len() as u64;
-        self.raw_in_chunks += chunk.data.len() as u64;
+        self.state.stored_bytes += compressed.len() as u64;
         (self.progress)(self.state);
         Ok(())
     }
+}
+
+/// Compresses and hashes chunks until the job queue closes.
+fn compress_worker(
+    jobs: &Mutex<mpsc::Receiver<CompressJob>>,
+    done: mpsc::Sender<CompressDone>,
+    level: i32,
+) {
+    let mut compressor = zstd::bulk::Compressor::new(level);
+    loop {
+        // The lock is held only while waiting for a job, not while compressing.
+        let job = match jobs.lock() {
+            Ok(receiver) => receiver.recv(),
+            Err(_) => return, // Another worker panicked; the pipeline reports it.
+        };
+        let Ok(job) = job else {
+            return; // Queue closed: the payload ended or packing failed.
+        };
+        let result = match &mut compressor {
+            Ok(compressor) => compressor.compress(&job.data).map(|compressed| {
+                let hash = BlobHash::of(&compressed);
+                (hash, compressed)
+            }),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        };
+        let finished = CompressDone {
+            seq: job.seq,
+            raw_bytes: job.data.len() as u64,
+            result,
+        };
+        if done.send(finished).is_err() {
+            return; // The pipeline is gone.
+        }
+    }
+}
+
+fn workers_gone() -> PackError {
+    PackError::Compress(io::Error::other(
+        "the compression threads stopped unexpectedly",
+    ))
 }
 
 /// Reads the payload of a chunk list, fetching and verifying one chunk at a time. Implements

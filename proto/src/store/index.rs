@@ -33,6 +33,9 @@ const MAX_LOG_FILE_BYTES: usize = 1024 * 1024;
 /// Rotated RocksDB info log files kept.
 const KEPT_LOG_FILES: usize = 2;
 
+/// A raw key and value from a scan.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 const FORMAT_KEY: &[u8] = b"Fformat";
 const BLOB_PREFIX: u8 = b'b';
 const MANIFEST_PREFIX: u8 = b'm';
@@ -180,7 +183,7 @@ impl Index {
         self.db.get(key).map_err(|e| self.db_error("read", e))
     }
 
-    fn scan(&self, prefix: u8) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>, StoreError> {
+    fn scan(&self, prefix: u8) -> Result<Vec<KeyValue>, StoreError> {
         let start = [prefix];
         let mut out = Vec::new();
         for item in self

@@ -345,7 +345,7 @@ impl Store {
             verified = GroupRanges::empty();
             complete = false;
             let now = self.lock().tick();
-            self.write_partial_record(hash, size, &verified, now)?;
+            self.write_partial_record(hash, size, &verified, now, Durability::Synced)?;
             let mut state = self.lock();
             if let Some(entry) = state.blobs.get(&hash).copied() {
                 state.set_entry(
@@ -696,7 +696,13 @@ impl Store {
                     });
                 }
                 // Nothing was verified under the old size, so nothing is lost by taking the new.
-                self.write_partial_record(hash, size, &GroupRanges::empty(), now)?;
+                self.write_partial_record(
+                    hash,
+                    size,
+                    &GroupRanges::empty(),
+                    now,
+                    Durability::Lazy,
+                )?;
                 state.set_entry(
                     hash,
                     Entry {
@@ -708,7 +714,13 @@ impl Store {
                 Ok((false, GroupRanges::empty()))
             }
             None => {
-                self.write_partial_record(hash, size, &GroupRanges::empty(), now)?;
+                self.write_partial_record(
+                    hash,
+                    size,
+                    &GroupRanges::empty(),
+                    now,
+                    Durability::Lazy,
+                )?;
                 state.set_entry(
                     hash,
                     Entry {
@@ -722,13 +734,16 @@ impl Store {
         }
     }
 
-    /// Durably records the verified groups of a partial blob. The caller has fsynced the files.
+    /// Records the verified groups of a partial blob. The caller has fsynced the files.
+    /// [`Durability::Lazy`] is only for records that claim no groups: losing one in a crash
+    /// loses nothing (its files become orphans, removed at the next open).
     fn write_partial_record(
         &self,
         hash: BlobHash,
         size: u64,
         verified: &GroupRanges,
         last_access: u64,
+        durability: Durability,
     ) -> Result<(), StoreError> {
         let mut batch = self.inner.index.batch();
         batch.put_blob(
@@ -741,7 +756,10 @@ impl Store {
                 last_access,
             },
         )?;
-        batch.commit()
+        match durability {
+            Durability::Synced => batch.commit(),
+            Durability::Lazy => batch.commit_lazy(),
+        }
     }
 
     /// Progress of a registered writer: durable record, then the mirror's access time.
@@ -855,6 +873,15 @@ impl std::fmt::Debug for Store {
             .field("options", &self.inner.options)
             .finish()
     }
+}
+
+/// Whether an index write waits for the disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Fsync the write-ahead log before returning.
+    Synced,
+    /// Return once RocksDB has the write; a crash may lose it.
+    Lazy,
 }
 
 fn check_tag(tag: &str) -> Result<(), StoreError> {

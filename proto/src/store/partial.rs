@@ -170,7 +170,11 @@ impl PartialBlob {
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(index);
-                if self.pending_bytes >= self.store.options().commit_batch_bytes {
+                // The batch that completes the blob is left for `finish`, which records it as
+                // complete in one step (or for drop, which commits it).
+                if self.pending_bytes >= self.store.options().commit_batch_bytes
+                    && !self.missing().is_empty()
+                {
                     self.commit()?;
                 }
             }
@@ -203,22 +207,7 @@ impl PartialBlob {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let synced = self
-            .data
-            .sync_data()
-            .map_err(io_error("syncing", &self.paths.data))
-            .and_then(|()| {
-                self.outboard
-                    .sync_data()
-                    .map_err(io_error("syncing", &self.paths.outboard))
-            });
-        if let Err(error) = synced {
-            // Not durable, so not verified: readers fall back to what is committed.
-            *self.live.write().unwrap_or_else(|e| e.into_inner()) = self.committed.clone();
-            self.pending = GroupRanges::empty();
-            self.pending_bytes = 0;
-            return Err(error);
-        }
+        self.sync_files()?;
         let verified = self.committed.union(&self.pending);
         self.store
             .commit_progress(self.hash, self.size, &verified)?;
@@ -234,25 +223,53 @@ impl PartialBlob {
         Ok(())
     }
 
+    /// Fsyncs data and outboard. On failure the pending groups are no longer claimed by anyone:
+    /// not durable, so not verified.
+    fn sync_files(&mut self) -> Result<(), StoreError> {
+        let synced = self
+            .data
+            .sync_data()
+            .map_err(io_error("syncing", &self.paths.data))
+            .and_then(|()| {
+                self.outboard
+                    .sync_data()
+                    .map_err(io_error("syncing", &self.paths.outboard))
+            });
+        if synced.is_err() {
+            *self.live.write().unwrap_or_else(|e| e.into_inner()) = self.committed.clone();
+            self.pending = GroupRanges::empty();
+            self.pending_bytes = 0;
+        }
+        synced
+    }
+
     /// Commits, and records the blob as complete if every group is verified; otherwise fails
     /// with [`StoreError::Incomplete`] (progress stays, resume with
     /// [`Store::begin_or_resume`]).
     pub fn finish(mut self) -> Result<(), StoreError> {
-        self.commit()?;
         if self.complete {
             self.finished = true;
             return Ok(());
         }
         let total = verify::group_count(self.size);
-        let verified = self.committed.count(self.size);
+        let verified = self.verified().count(self.size);
         if verified < total {
+            self.commit()?;
             return Err(StoreError::Incomplete {
                 hash: self.hash,
                 verified,
                 total,
             });
         }
+        // One durable step from here: files first, then the record that says complete (no
+        // intermediate partial record needed).
+        if !self.pending.is_empty() {
+            self.sync_files()?;
+        }
         self.store.commit_complete(self.hash, self.size)?;
+        self.committed = self.committed.union(&self.pending);
+        self.pending = GroupRanges::empty();
+        self.pending_bytes = 0;
         self.finished = true;
         tracing::debug!(blob = %self.hash, size = self.size, "blob complete");
         Ok(())
