@@ -78,7 +78,9 @@ impl DemoResult {
             mib(self.bundle_bytes),
             self.publish_s
         ));
-        out.push_str("site     WAN MiB  (× bundle)  in-site MiB  (× bundle)  edges done   done after\n");
+        out.push_str(
+            "site     WAN MiB  (× bundle)  in-site MiB  (× bundle)  edges done   done after\n",
+        );
         for site in &self.sites {
             out.push_str(&format!(
                 "{:<8} {:>7.1}  ({:>6.2}×)  {:>11.1}  ({:>6.2}×)  {:>5}/{:<5} {:>8.2} s\n",
@@ -127,7 +129,10 @@ pub async fn run(config: DemoConfig) -> Result<DemoResult> {
         mesh.shutdown().await;
     }
     if result.is_err() && config.work_dir.is_some() {
-        eprintln!("demo failed; daemon logs are in {}", work.join("logs").display());
+        eprintln!(
+            "demo failed; daemon logs are in {}",
+            work.join("logs").display()
+        );
     }
     result
 }
@@ -156,7 +161,11 @@ async fn run_in(config: &DemoConfig, work: &Path, slot: &mut Option<Mesh>) -> Re
     let all_edges_done_s = fanout_start.elapsed().as_secs_f64();
     if let Some(failed) = fetches.iter().find(|f| !f.ok) {
         let log = std::fs::read_to_string(&failed.log).unwrap_or_default();
-        bail!("{} failed to fetch the bundle:\n{}", failed.edge.name, log.trim());
+        bail!(
+            "{} failed to fetch the bundle:\n{}",
+            failed.edge.name,
+            log.trim()
+        );
     }
 
     let origin_metrics = mesh.origin_metrics().await?;

@@ -7,7 +7,11 @@ use netsim::demo::{self, DemoConfig};
 use netsim::procs::Binaries;
 
 #[derive(Parser)]
-#[command(name = "netsim", version, about = "Run and measure a Stagecoach mesh on this machine")]
+#[command(
+    name = "netsim",
+    version,
+    about = "Run and measure a Stagecoach mesh on this machine"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

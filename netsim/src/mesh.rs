@@ -182,8 +182,11 @@ impl Mesh {
         let name = format!("stager-{site}-{index}");
         let dir = self.work.join(&name);
         let token = self.token("stager", site).await?;
-        procs::run_to_end(&self.bins.path("stager"), &[s("enroll"), token, s("--dir"), p(&dir)])
-            .await?;
+        procs::run_to_end(
+            &self.bins.path("stager"),
+            &[s("enroll"), token, s("--dir"), p(&dir)],
+        )
+        .await?;
         let mut node = StagerNode {
             site: site.to_owned(),
             name,
@@ -249,8 +252,11 @@ impl Mesh {
         let name = format!("edge-{site}-{index}");
         let dir = self.work.join(&name);
         let token = self.token("edge", site).await?;
-        procs::run_to_end(&self.bins.path("edge-agent"), &[s("enroll"), token, s("--dir"), p(&dir)])
-            .await?;
+        procs::run_to_end(
+            &self.bins.path("edge-agent"),
+            &[s("enroll"), token, s("--dir"), p(&dir)],
+        )
+        .await?;
         let edge = EdgeNode {
             site: site.to_owned(),
             name,
@@ -300,12 +306,21 @@ impl Mesh {
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for edge in edges {
-            let mut args = vec![s("fetch"), s(bundle), s("--dir"), p(&edge.dir), s("--no-progress")];
+            let mut args = vec![
+                s("fetch"),
+                s(bundle),
+                s("--dir"),
+                p(&edge.dir),
+                s("--no-progress"),
+            ];
             for addr in self.stager_addrs(&edge.site) {
                 args.push(s("--stager"));
                 args.push(addr);
             }
-            let log = self.work.join("logs").join(format!("{}.fetch.log", edge.name));
+            let log = self
+                .work
+                .join("logs")
+                .join(format!("{}.fetch.log", edge.name));
             let mut cmd = procs::command(&self.bins.path("edge-agent"), &args, &log)?;
             let edge = edge.clone();
             tasks.spawn(async move {
@@ -346,7 +361,11 @@ impl Mesh {
         let mut total = 0;
         for st in self.stagers.iter().filter(|st| st.site == site) {
             let text = procs::scrape(&st.ready.metrics).await?;
-            total += procs::metric_sum(&text, "stagecoach_bytes_received_total", &[("peer_role", "origin")]);
+            total += procs::metric_sum(
+                &text,
+                "stagecoach_bytes_received_total",
+                &[("peer_role", "origin")],
+            );
         }
         Ok(total)
     }
@@ -356,7 +375,11 @@ impl Mesh {
         let mut total = 0;
         for st in self.stagers.iter().filter(|st| st.site == site) {
             let text = procs::scrape(&st.ready.metrics).await?;
-            total += procs::metric_sum(&text, "stagecoach_bytes_sent_total", &[("peer_role", "edge")]);
+            total += procs::metric_sum(
+                &text,
+                "stagecoach_bytes_sent_total",
+                &[("peer_role", "edge")],
+            );
         }
         Ok(total)
     }
@@ -367,8 +390,10 @@ impl Mesh {
         loop {
             let mut all = true;
             for st in self.stagers.iter().filter(|st| st.site == site) {
-                let whole = std::fs::read_to_string(self.work.join("logs").join(format!("{}.log", st.name)))
-                    .unwrap_or_default();
+                let whole = std::fs::read_to_string(
+                    self.work.join("logs").join(format!("{}.log", st.name)),
+                )
+                .unwrap_or_default();
                 // Only the current run of the stager counts (its log is appended across restarts).
                 let log = whole
                     .rfind("stager serving")

@@ -76,13 +76,18 @@ pub fn command_appending(bin: &Path, args: &[String], log: &Path) -> Result<Comm
 }
 
 fn command_with_log(bin: &Path, args: &[String], log_file: std::fs::File) -> Result<Command> {
-    let err_file = log_file.try_clone().context("cannot duplicate log file handle")?;
+    let err_file = log_file
+        .try_clone()
+        .context("cannot duplicate log file handle")?;
     let mut cmd = Command::new(bin);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log_file))
         .stderr(Stdio::from(err_file))
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .env("NO_COLOR", "1")
         .kill_on_drop(true);
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
@@ -134,7 +139,10 @@ impl Fleet {
     pub async fn kill(&mut self, name: &str) -> Result<()> {
         if let Some(pos) = self.children.iter().position(|(n, _)| n == name) {
             let (_, mut child) = self.children.remove(pos);
-            child.kill().await.with_context(|| format!("cannot kill {name}"))?;
+            child
+                .kill()
+                .await
+                .with_context(|| format!("cannot kill {name}"))?;
         }
         Ok(())
     }
@@ -183,7 +191,11 @@ pub async fn wait_ready<T: serde::de::DeserializeOwned>(
         }
         fleet.check_alive()?;
         if start.elapsed() > READY_TIMEOUT {
-            bail!("{} did not appear within {:?}", path.display(), READY_TIMEOUT);
+            bail!(
+                "{} did not appear within {:?}",
+                path.display(),
+                READY_TIMEOUT
+            );
         }
         tokio::time::sleep(READY_POLL).await;
     }
@@ -259,7 +271,11 @@ mod tests {
         let text = "# HELP x y\nstagecoach_bytes_sent_total{peer_role=\"edge\",peer_site=\"a\"} 10\nstagecoach_bytes_sent_total{peer_role=\"stager\",peer_site=\"a\"} 5\nother 7\n";
         assert_eq!(metric_sum(text, "stagecoach_bytes_sent_total", &[]), 15);
         assert_eq!(
-            metric_sum(text, "stagecoach_bytes_sent_total", &[("peer_role", "edge")]),
+            metric_sum(
+                text,
+                "stagecoach_bytes_sent_total",
+                &[("peer_role", "edge")]
+            ),
             10
         );
         assert_eq!(metric_sum(text, "other", &[]), 7);

@@ -60,7 +60,10 @@ impl Catalog {
 
     /// Entries with a sequence number above `after_seq`.
     pub fn after(&self, after_seq: u64) -> Vec<BundleInfo> {
-        self.all().into_iter().filter(|b| b.seq > after_seq).collect()
+        self.all()
+            .into_iter()
+            .filter(|b| b.seq > after_seq)
+            .collect()
     }
 
     /// The newest entry named `name` (with `version`, if given).

@@ -98,7 +98,10 @@ impl OriginHome {
         let ca = CertAuthority::create(&self.ca_dir()).context("cannot create the mesh CA")?;
         let signing = proto::manifest::generate_signing_key();
         std::fs::create_dir_all(self.publisher_dir())?;
-        write_secret(&self.signing_key_path(), hex::encode(signing.to_bytes()).as_bytes())?;
+        write_secret(
+            &self.signing_key_path(),
+            hex::encode(signing.to_bytes()).as_bytes(),
+        )?;
         let site = Site::new(ORIGIN_SITE)?;
         let origin = ca.node_identity(
             Role::Origin,

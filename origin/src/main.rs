@@ -13,10 +13,19 @@ use proto::pack::PackOptions;
 use proto::BundleKind;
 
 #[derive(Parser)]
-#[command(name = "origin", version, about = "Stagecoach origin: the mesh's CA, publisher and source")]
+#[command(
+    name = "origin",
+    version,
+    about = "Stagecoach origin: the mesh's CA, publisher and source"
+)]
 struct Cli {
     /// The origin's state directory.
-    #[arg(long, global = true, default_value = "/var/lib/stagecoach/origin", env = "STAGECOACH_ORIGIN_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/stagecoach/origin",
+        env = "STAGECOACH_ORIGIN_DIR"
+    )]
     dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -157,7 +166,13 @@ async fn main() -> Result<()> {
             let info = origin::publish::publish(&home, &path, options, !no_progress).await?;
             println!(
                 "bundle {} {}@{} ({} chunks, {} bytes stored, {} bytes raw, seq {})",
-                info.id, info.name, info.version, info.chunk_count, info.stored_bytes, info.raw_bytes, info.seq
+                info.id,
+                info.name,
+                info.version,
+                info.chunk_count,
+                info.stored_bytes,
+                info.raw_bytes,
+                info.seq
             );
         }
         Command::Bundles => {
@@ -165,11 +180,20 @@ async fn main() -> Result<()> {
             let endpoint = client_endpoint(&identity)?;
             let conn = connect(&endpoint, home.mesh_addr()?).await?;
             let list = proto::mesh::fetch::list_bundles(&conn).await?;
-            println!("{:<4} {:<24} {:<12} {:<10} {:>12} {:>12}  id", "seq", "name", "version", "kind", "stored", "raw");
+            println!(
+                "{:<4} {:<24} {:<12} {:<10} {:>12} {:>12}  id",
+                "seq", "name", "version", "kind", "stored", "raw"
+            );
             for b in list {
                 println!(
                     "{:<4} {:<24} {:<12} {:<10} {:>12} {:>12}  {}",
-                    b.seq, b.name, b.version, b.kind.to_string(), b.stored_bytes, b.raw_bytes, b.id
+                    b.seq,
+                    b.name,
+                    b.version,
+                    b.kind.to_string(),
+                    b.stored_bytes,
+                    b.raw_bytes,
+                    b.id
                 );
             }
         }

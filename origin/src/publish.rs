@@ -90,7 +90,8 @@ pub async fn publish(
                 let conn = conn.clone();
                 tasks.spawn(async move {
                     let _permit = permit;
-                    let answer = call(&conn, &Request::PutBlob { hash, data }, MAX_FRAME_BYTES).await?;
+                    let answer =
+                        call(&conn, &Request::PutBlob { hash, data }, MAX_FRAME_BYTES).await?;
                     match answer {
                         Response::Ok => Ok(()),
                         Response::Error { code, message } => {
@@ -132,7 +133,9 @@ pub async fn publish(
     endpoint.wait_idle().await;
     match answer {
         Response::Resolved(info) => Ok(info),
-        Response::Error { code, message } => bail!("origin refused the bundle: {code:?}: {message}"),
+        Response::Error { code, message } => {
+            bail!("origin refused the bundle: {code:?}: {message}")
+        }
         other => bail!("unexpected answer to publish: {other:?}"),
     }
 }

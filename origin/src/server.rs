@@ -66,16 +66,28 @@ impl Origin {
 
     fn forbidden(&self, peer: &PeerIdentity, what: &str) -> Response {
         self.metrics
-            .counter(names::FORBIDDEN, "Requests refused for the peer's role", &[])
+            .counter(
+                names::FORBIDDEN,
+                "Requests refused for the peer's role",
+                &[],
+            )
             .inc();
         tracing::warn!(%peer, what, "refused: role may not do this");
         Response::Error {
             code: ErrorCode::Forbidden,
-            message: format!("a {} certificate may not {what}; only the publisher may", peer.role),
+            message: format!(
+                "a {} certificate may not {what}; only the publisher may",
+                peer.role
+            ),
         }
     }
 
-    async fn answer(&self, peer: &PeerIdentity, request: Request, send: &mut SendStream) -> Response {
+    async fn answer(
+        &self,
+        peer: &PeerIdentity,
+        request: Request,
+        send: &mut SendStream,
+    ) -> Response {
         match request {
             Request::ListBundles => {
                 self.request_counter("list");
@@ -177,7 +189,9 @@ impl Origin {
         let id = signed.id();
         tokio::task::block_in_place(|| -> std::result::Result<(), String> {
             bundles::pin_bundle(&self.store, &id, &manifest).map_err(|e| e.to_string())?;
-            self.store.put_manifest(&signed).map_err(|e| e.to_string())?;
+            self.store
+                .put_manifest(&signed)
+                .map_err(|e| e.to_string())?;
             Ok(())
         })?;
         let info = BundleInfo {
@@ -192,10 +206,18 @@ impl Origin {
         };
         let info = self.catalog.append(info).map_err(|e| e.to_string())?;
         self.metrics
-            .gauge("stagecoach_bundle_stored_bytes", "Stored bytes of the newest bundle", &[])
+            .gauge(
+                "stagecoach_bundle_stored_bytes",
+                "Stored bytes of the newest bundle",
+                &[],
+            )
             .set(info.stored_bytes);
         self.metrics
-            .gauge("stagecoach_bundle_raw_bytes", "Payload bytes of the newest bundle", &[])
+            .gauge(
+                "stagecoach_bundle_raw_bytes",
+                "Payload bytes of the newest bundle",
+                &[],
+            )
             .set(info.raw_bytes);
         // No subscriber is fine: they catch up from the catalog when they connect.
         let _ = self.announcements.send(info.clone());
@@ -287,13 +309,22 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     let metrics = Metrics::new();
     for info in catalog.all() {
         metrics
-            .gauge("stagecoach_bundle_stored_bytes", "Stored bytes of the newest bundle", &[])
+            .gauge(
+                "stagecoach_bundle_stored_bytes",
+                "Stored bytes of the newest bundle",
+                &[],
+            )
             .set(info.stored_bytes);
         metrics
-            .gauge("stagecoach_bundle_raw_bytes", "Payload bytes of the newest bundle", &[])
+            .gauge(
+                "stagecoach_bundle_raw_bytes",
+                "Payload bytes of the newest bundle",
+                &[],
+            )
             .set(info.raw_bytes);
     }
-    let mesh = server_endpoint(config.listen, &identity).context("cannot start the mesh endpoint")?;
+    let mesh =
+        server_endpoint(config.listen, &identity).context("cannot start the mesh endpoint")?;
     let mesh_addr = mesh.local_addr()?;
     let enroll = enroll_endpoint(config.enroll_listen, &identity)
         .context("cannot start the enrollment endpoint")?;
@@ -331,10 +362,16 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         let origin_addr = origin_addr.clone();
         let enrolled = enrolled.clone();
         async move {
-            let (role, site) = tokens::consume(&tokens_dir, &request.secret)
-                .map_err(EnrollDenied::forbidden)?;
-            let grant =
-                EnrollGrant::issue(&ca, &request.csr_pem, role, &site, &publisher_key, origin_addr)?;
+            let (role, site) =
+                tokens::consume(&tokens_dir, &request.secret).map_err(EnrollDenied::forbidden)?;
+            let grant = EnrollGrant::issue(
+                &ca,
+                &request.csr_pem,
+                role,
+                &site,
+                &publisher_key,
+                origin_addr,
+            )?;
             enrolled.inc();
             tracing::info!(%role, %site, remote = %request.remote, "enrolled a node");
             Ok(grant)

@@ -124,16 +124,25 @@ mod tests {
         let hash = BlobHash::of(b"json");
         let json = serde_json::to_string(&hash).expect("json");
         assert_eq!(json, format!("\"{hash}\""));
-        assert_eq!(serde_json::from_str::<BlobHash>(&json).expect("parse"), hash);
+        assert_eq!(
+            serde_json::from_str::<BlobHash>(&json).expect("parse"),
+            hash
+        );
         let bytes = crate::codec::encode(&hash).expect("encode");
         assert_eq!(bytes.len(), HASH_BYTES);
-        assert_eq!(crate::codec::decode::<BlobHash>(&bytes, 64).expect("decode"), hash);
+        assert_eq!(
+            crate::codec::decode::<BlobHash>(&bytes, 64).expect("decode"),
+            hash
+        );
     }
 
     #[test]
     fn parse_rejects_bad_input() {
         assert_eq!("abc".parse::<BlobHash>(), Err(ParseHashError::Length(3)));
         let not_hex = "z".repeat(64);
-        assert!(matches!(not_hex.parse::<BlobHash>(), Err(ParseHashError::Hex(_))));
+        assert!(matches!(
+            not_hex.parse::<BlobHash>(),
+            Err(ParseHashError::Hex(_))
+        ));
     }
 }

@@ -169,7 +169,9 @@ pub enum ManifestError {
         publisher: String,
     },
     /// A format this build does not know.
-    #[error("manifest format {found} is not supported (this build reads format {MANIFEST_FORMAT})")]
+    #[error(
+        "manifest format {found} is not supported (this build reads format {MANIFEST_FORMAT})"
+    )]
     UnsupportedFormat {
         /// The format number found.
         found: u32,
@@ -271,10 +273,11 @@ impl SignedManifest {
     pub fn verify(&self, trusted: &[VerifyingKey]) -> Result<Manifest, ManifestError> {
         let manifest: Manifest = codec::decode(&self.manifest_bytes, MAX_MANIFEST_BYTES)?;
         let publisher = hex::encode(manifest.publisher);
-        let key = VerifyingKey::from_bytes(&manifest.publisher)
-            .map_err(|_| ManifestError::BadSignature {
+        let key = VerifyingKey::from_bytes(&manifest.publisher).map_err(|_| {
+            ManifestError::BadSignature {
                 publisher: publisher.clone(),
-            })?;
+            }
+        })?;
         let signature = Signature::from_bytes(&self.signature);
         key.verify(&self.manifest_bytes, &signature)
             .map_err(|_| ManifestError::BadSignature {
@@ -311,9 +314,9 @@ mod signature_bytes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
         let bytes: Vec<u8> = serde_bytes_vec(d)?;
-        bytes
-            .try_into()
-            .map_err(|v: Vec<u8>| D::Error::custom(format!("signature is {} bytes, not 64", v.len())))
+        bytes.try_into().map_err(|v: Vec<u8>| {
+            D::Error::custom(format!("signature is {} bytes, not 64", v.len()))
+        })
     }
 
     fn serde_bytes_vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
@@ -395,7 +398,9 @@ mod tests {
         let key = SigningKey::from_bytes(&[7; 32]);
         let other = SigningKey::from_bytes(&[8; 32]);
         let signed = sample_manifest().sign(&key);
-        let err = signed.verify(&[other.verifying_key()]).expect_err("untrusted");
+        let err = signed
+            .verify(&[other.verifying_key()])
+            .expect_err("untrusted");
         assert!(matches!(err, ManifestError::UntrustedPublisher { .. }));
     }
 

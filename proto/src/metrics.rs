@@ -65,12 +65,22 @@ impl Metrics {
     }
 
     /// The counter `name{labels}`, created at zero on first use.
-    pub fn counter(&self, name: &'static str, help: &'static str, labels: &[(&str, &str)]) -> Counter {
+    pub fn counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&str, &str)],
+    ) -> Counter {
         self.get_or_create(name, help, "counter", labels)
     }
 
     /// The gauge `name{labels}`, created at zero on first use.
-    pub fn gauge(&self, name: &'static str, help: &'static str, labels: &[(&str, &str)]) -> Counter {
+    pub fn gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&str, &str)],
+    ) -> Counter {
         self.get_or_create(name, help, "gauge", labels)
     }
 
@@ -255,10 +265,18 @@ mod tests {
     fn renders_prometheus_text_with_labels() {
         let metrics = Metrics::new();
         metrics
-            .counter("stagecoach_bytes_sent_total", "Bytes sent", &[("peer_role", "edge")])
+            .counter(
+                "stagecoach_bytes_sent_total",
+                "Bytes sent",
+                &[("peer_role", "edge")],
+            )
             .add(42);
         metrics
-            .counter("stagecoach_bytes_sent_total", "Bytes sent", &[("peer_role", "stager")])
+            .counter(
+                "stagecoach_bytes_sent_total",
+                "Bytes sent",
+                &[("peer_role", "stager")],
+            )
             .add(8);
         let text = metrics.render();
         assert!(text.contains("# TYPE stagecoach_bytes_sent_total counter"));
@@ -273,7 +291,9 @@ mod tests {
     #[tokio::test]
     async fn serves_over_http() {
         let metrics = Metrics::new();
-        metrics.counter("stagecoach_requests_total", "Requests", &[]).add(3);
+        metrics
+            .counter("stagecoach_requests_total", "Requests", &[])
+            .add(3);
         let addr = serve("127.0.0.1:0".parse().expect("addr"), metrics)
             .await
             .expect("bind");

@@ -263,7 +263,9 @@ mod tests {
         assert_eq!(used, frame.len());
         // Every strict prefix is "not yet".
         for cut in 0..frame.len() {
-            assert!(decode_frame::<Request>(&frame[..cut]).expect("prefix").is_none());
+            assert!(decode_frame::<Request>(&frame[..cut])
+                .expect("prefix")
+                .is_none());
         }
     }
 

@@ -9,10 +9,19 @@ use proto::net::{enroll, EnrollToken};
 use stager::node::{self, StagerConfig};
 
 #[derive(Parser)]
-#[command(name = "stager", version, about = "Stagecoach stager: pulls bundles once per site and serves the site")]
+#[command(
+    name = "stager",
+    version,
+    about = "Stagecoach stager: pulls bundles once per site and serves the site"
+)]
 struct Cli {
     /// The stager's state directory.
-    #[arg(long, global = true, default_value = "/var/lib/stagecoach/stager", env = "STAGECOACH_STAGER_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/stagecoach/stager",
+        env = "STAGECOACH_STAGER_DIR"
+    )]
     dir: PathBuf,
     #[command(subcommand)]
     command: Command,

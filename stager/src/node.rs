@@ -16,8 +16,7 @@ use proto::mesh::server::{self, RequestHandler};
 use proto::mesh::{names, PeerCounters};
 use proto::metrics::Metrics;
 use proto::net::{
-    read_frame, send_request, server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role,
-    Site,
+    read_frame, send_request, server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role, Site,
 };
 use proto::store::{Store, StoreOptions};
 use proto::wire::{BundleInfo, ErrorCode, Request, Response, MAX_FRAME_BYTES};
@@ -239,10 +238,19 @@ impl Stager {
         None
     }
 
-    async fn answer(&self, peer: &PeerIdentity, request: Request, send: &mut SendStream) -> Option<Response> {
+    async fn answer(
+        &self,
+        peer: &PeerIdentity,
+        request: Request,
+        send: &mut SendStream,
+    ) -> Option<Response> {
         if peer.role == Role::Edge && peer.site != self.site {
             self.metrics
-                .counter(names::FORBIDDEN, "Requests refused for the peer's role", &[])
+                .counter(
+                    names::FORBIDDEN,
+                    "Requests refused for the peer's role",
+                    &[],
+                )
                 .inc();
             return Some(Response::Error {
                 code: ErrorCode::Forbidden,
@@ -266,10 +274,14 @@ impl Stager {
                 match local {
                     Some(info) => Response::Resolved(info),
                     None => match self.flights.upstream().connection().await {
-                        Ok(conn) => match proto::mesh::fetch::resolve(&conn, &name, version.as_deref()).await {
-                            Ok(info) => Response::Resolved(info),
-                            Err(error) => error_response(error),
-                        },
+                        Ok(conn) => {
+                            match proto::mesh::fetch::resolve(&conn, &name, version.as_deref())
+                                .await
+                            {
+                                Ok(info) => Response::Resolved(info),
+                                Err(error) => error_response(error),
+                            }
+                        }
                         Err(error) => error_response(FetchError::Net(error)),
                     },
                 }
@@ -286,7 +298,11 @@ impl Stager {
             }
             Request::PutBlob { .. } | Request::Publish { .. } => {
                 self.metrics
-                    .counter(names::FORBIDDEN, "Requests refused for the peer's role", &[])
+                    .counter(
+                        names::FORBIDDEN,
+                        "Requests refused for the peer's role",
+                        &[],
+                    )
                     .inc();
                 Response::Error {
                     code: ErrorCode::Forbidden,
@@ -336,7 +352,8 @@ fn read_seq(path: &Path) -> u64 {
 
 fn write_seq(path: &Path, seq: u64) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, seq.to_string()).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(&tmp, seq.to_string())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
@@ -346,7 +363,11 @@ fn write_seq(path: &Path, seq: u64) -> Result<()> {
 pub async fn serve(config: StagerConfig) -> Result<()> {
     let identity = NodeIdentity::load(&identity_dir(&config.dir))?;
     if identity.role() != Role::Stager {
-        bail!("{} holds a {} identity, not a stager's", config.dir.display(), identity.role());
+        bail!(
+            "{} holds a {} identity, not a stager's",
+            config.dir.display(),
+            identity.role()
+        );
     }
     if let Some(site) = &config.site {
         if site != identity.site().as_str() {
@@ -358,10 +379,12 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     }
     let origin = match config.origin {
         Some(addr) => addr,
-        None => identity
-            .origin_addr()
-            .parse()
-            .with_context(|| format!("bad origin address {:?} from enrollment; pass --origin", identity.origin_addr()))?,
+        None => identity.origin_addr().parse().with_context(|| {
+            format!(
+                "bad origin address {:?} from enrollment; pass --origin",
+                identity.origin_addr()
+            )
+        })?,
     };
     let store = Store::open(
         config.dir.join("store"),
@@ -372,7 +395,8 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     )
     .context("cannot open the stager's store")?;
     let metrics = Metrics::new();
-    let endpoint = server_endpoint(config.listen, &identity).context("cannot start the mesh endpoint")?;
+    let endpoint =
+        server_endpoint(config.listen, &identity).context("cannot start the mesh endpoint")?;
     let listen = endpoint.local_addr()?;
     let upstream = Arc::new(Upstream::new(endpoint.clone(), origin));
     let origin_counters = PeerCounters::new(&metrics, Role::Origin.as_str(), "origin");

@@ -114,7 +114,12 @@ pub async fn fetch_manifest(
     id: BundleId,
     trusted: &[VerifyingKey],
 ) -> Result<(SignedManifest, Manifest), FetchError> {
-    let answer = call(conn, &Request::GetManifest { id }, MAX_MANIFEST_BYTES + 4096).await?;
+    let answer = call(
+        conn,
+        &Request::GetManifest { id },
+        MAX_MANIFEST_BYTES + 4096,
+    )
+    .await?;
     let signed = match answer {
         Response::Manifest(signed) => signed,
         other => return Err(refused_or_unexpected(other, "a manifest")),
@@ -174,8 +179,16 @@ pub async fn fetch_blob(
                 "part {part} holds groups that were not asked for"
             )));
         }
-        received += receive_part(&mut recv, &mut partial, part, &mut buf, hash, counters, progress)
-            .await?;
+        received += receive_part(
+            &mut recv,
+            &mut partial,
+            part,
+            &mut buf,
+            hash,
+            counters,
+            progress,
+        )
+        .await?;
     }
     counters.received.add(16);
     if partial.is_complete() {
@@ -276,19 +289,31 @@ pub async fn fetch_bundle(
     loop {
         while tasks.len() < BUNDLE_FETCH_CONCURRENCY && first_error.is_none() {
             let Some(chunk) = queue.next() else { break };
-            let (conn, store, counters, on_bytes) =
-                (conn.clone(), store.clone(), counters.clone(), on_bytes.clone());
+            let (conn, store, counters, on_bytes) = (
+                conn.clone(),
+                store.clone(),
+                counters.clone(),
+                on_bytes.clone(),
+            );
             tasks.spawn(async move {
-                let got =
-                    fetch_blob(&conn, &store, chunk.hash, chunk.stored_bytes, &counters, None)
-                        .await;
+                let got = fetch_blob(
+                    &conn,
+                    &store,
+                    chunk.hash,
+                    chunk.stored_bytes,
+                    &counters,
+                    None,
+                )
+                .await;
                 if got.is_ok() {
                     on_bytes(chunk.stored_bytes);
                 }
                 got
             });
         }
-        let Some(joined) = tasks.join_next().await else { break };
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
         match joined {
             Ok(Ok(bytes)) => {
                 outcome.bytes_received += bytes;
@@ -298,7 +323,8 @@ pub async fn fetch_bundle(
                 first_error.get_or_insert(error);
             }
             Err(join) => {
-                first_error.get_or_insert(FetchError::Protocol(format!("fetch task failed: {join}")));
+                first_error
+                    .get_or_insert(FetchError::Protocol(format!("fetch task failed: {join}")));
             }
         }
     }

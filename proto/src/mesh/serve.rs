@@ -39,7 +39,11 @@ pub fn spans_to_ranges(spans: &[GroupSpan]) -> Result<GroupRanges, String> {
 
 /// Converts ranges into wire spans for a blob of `size` bytes.
 pub fn ranges_to_spans(ranges: &GroupRanges, size: u64) -> Vec<GroupSpan> {
-    ranges.runs(size).into_iter().map(|r| (r.start, r.end)).collect()
+    ranges
+        .runs(size)
+        .into_iter()
+        .map(|r| (r.start, r.end))
+        .collect()
 }
 
 /// How the answer to one `GetBlob` ended.
