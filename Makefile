@@ -12,6 +12,7 @@ deps:
 
 ## Run the local demo of the whole mesh (origin, two sites, stagers and edges on loopback).
 demo: deps
+	$(CARGO) build --release --bins
 	$(CARGO) run --release -p netsim --bin netsim -- demo $(DEMO_ARGS)
 
 ## Run every test of the workspace.
