@@ -358,28 +358,21 @@ impl Mesh {
 
     /// Bytes the stagers of `site` received from the origin.
     pub async fn wan_bytes(&self, site: &str) -> Result<u64> {
-        let mut total = 0;
-        for st in self.stagers.iter().filter(|st| st.site == site) {
-            let text = procs::scrape(&st.ready.metrics).await?;
-            total += procs::metric_sum(
-                &text,
-                "stagecoach_bytes_received_total",
-                &[("peer_role", "origin")],
-            );
-        }
-        Ok(total)
+        self.site_stager_sum(site, "stagecoach_bytes_received_total", "origin")
+            .await
     }
 
     /// Bytes the stagers of `site` sent to edges.
     pub async fn lan_bytes(&self, site: &str) -> Result<u64> {
+        self.site_stager_sum(site, "stagecoach_bytes_sent_total", "edge")
+            .await
+    }
+
+    async fn site_stager_sum(&self, site: &str, metric: &str, peer_role: &str) -> Result<u64> {
         let mut total = 0;
         for st in self.stagers.iter().filter(|st| st.site == site) {
             let text = procs::scrape(&st.ready.metrics).await?;
-            total += procs::metric_sum(
-                &text,
-                "stagecoach_bytes_sent_total",
-                &[("peer_role", "edge")],
-            );
+            total += procs::metric_sum(&text, metric, &[("peer_role", peer_role)]);
         }
         Ok(total)
     }

@@ -383,23 +383,8 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         write_json_atomic(path, &addrs)?;
     }
     tracing::info!(mesh = %mesh_addr, enroll = %enroll_addr, metrics = %metrics_addr, "origin serving");
-    shutdown_signal().await;
+    server::shutdown_signal().await;
     tracing::info!("origin stopping");
     mesh.close(0u32.into(), b"origin stopping");
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

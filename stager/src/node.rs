@@ -432,22 +432,7 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
         std::fs::rename(&tmp, path)?;
     }
     tracing::info!(site = %stager.site, %listen, metrics = %metrics_addr, %origin, "stager serving");
-    shutdown_signal().await;
+    server::shutdown_signal().await;
     endpoint.close(0u32.into(), b"stager stopping");
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -106,3 +106,18 @@ async fn handle_stream<H: RequestHandler>(
 fn is_bad_input(error: &NetError) -> bool {
     error.is_bad_input()
 }
+
+/// Resolves on Ctrl-C or SIGTERM: how every daemon knows to stop.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
