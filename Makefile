@@ -15,8 +15,9 @@ demo: deps
 	$(CARGO) build --release --bins
 	$(CARGO) run --release -p netsim --bin netsim -- demo $(DEMO_ARGS)
 
-## Run every test of the workspace.
+## Run every test of the workspace. The binaries are built first: netsim's tests start them.
 test: deps
+	$(CARGO) build --release --bins
 	$(CARGO) test --release --workspace
 
 ## Run the criterion benchmarks (slow; not part of `make test`).
