@@ -696,42 +696,30 @@ impl Store {
                     });
                 }
                 // Nothing was verified under the old size, so nothing is lost by taking the new.
-                self.write_partial_record(
-                    hash,
-                    size,
-                    &GroupRanges::empty(),
-                    now,
-                    Durability::Lazy,
-                )?;
-                state.set_entry(
-                    hash,
-                    Entry {
-                        size,
-                        complete: false,
-                        last_access: now,
-                    },
-                );
-                Ok((false, GroupRanges::empty()))
+                self.start_fresh_partial(state, hash, size, now)
             }
-            None => {
-                self.write_partial_record(
-                    hash,
-                    size,
-                    &GroupRanges::empty(),
-                    now,
-                    Durability::Lazy,
-                )?;
-                state.set_entry(
-                    hash,
-                    Entry {
-                        size,
-                        complete: false,
-                        last_access: now,
-                    },
-                );
-                Ok((false, GroupRanges::empty()))
-            }
+            None => self.start_fresh_partial(state, hash, size, now),
         }
+    }
+
+    /// Under the lock: records a new, empty partial blob of `size` bytes.
+    fn start_fresh_partial(
+        &self,
+        state: &mut State,
+        hash: BlobHash,
+        size: u64,
+        now: u64,
+    ) -> Result<(bool, GroupRanges), StoreError> {
+        self.write_partial_record(hash, size, &GroupRanges::empty(), now, Durability::Lazy)?;
+        state.set_entry(
+            hash,
+            Entry {
+                size,
+                complete: false,
+                last_access: now,
+            },
+        );
+        Ok((false, GroupRanges::empty()))
     }
 
     /// Records the verified groups of a partial blob. The caller has fsynced the files.
