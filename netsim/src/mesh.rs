@@ -176,17 +176,20 @@ impl Mesh {
             .context("origin enroll printed no token")
     }
 
+    /// Enrolls the node of `bin` as a `role` of `site`, keeping its state in `dir`.
+    async fn enroll(&self, bin: &Path, role: &str, site: &str, dir: &Path) -> Result<()> {
+        let token = self.token(role, site).await?;
+        procs::run_to_end(bin, &[s("enroll"), token, s("--dir"), p(dir)]).await?;
+        Ok(())
+    }
+
     /// Enrolls and starts a stager for `site`.
     pub async fn add_stager(&mut self, site: &str, extra_args: &[String]) -> Result<StagerNode> {
         let index = self.stagers.iter().filter(|st| st.site == site).count();
         let name = format!("stager-{site}-{index}");
         let dir = self.work.join(&name);
-        let token = self.token("stager", site).await?;
-        procs::run_to_end(
-            &self.bins.path("stager"),
-            &[s("enroll"), token, s("--dir"), p(&dir)],
-        )
-        .await?;
+        self.enroll(&self.bins.path("stager"), "stager", site, &dir)
+            .await?;
         let mut node = StagerNode {
             site: site.to_owned(),
             name,
@@ -251,12 +254,8 @@ impl Mesh {
     pub async fn add_edge(&mut self, site: &str, index: usize) -> Result<EdgeNode> {
         let name = format!("edge-{site}-{index}");
         let dir = self.work.join(&name);
-        let token = self.token("edge", site).await?;
-        procs::run_to_end(
-            &self.bins.path("edge-agent"),
-            &[s("enroll"), token, s("--dir"), p(&dir)],
-        )
-        .await?;
+        self.enroll(&self.bins.path("edge-agent"), "edge", site, &dir)
+            .await?;
         let edge = EdgeNode {
             site: site.to_owned(),
             name,

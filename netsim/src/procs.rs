@@ -120,11 +120,6 @@ impl Fleet {
         Ok(pid)
     }
 
-    /// Process ids of every child still held.
-    pub fn pids(&self) -> Vec<u32> {
-        self.children.iter().filter_map(|(_, c)| c.id()).collect()
-    }
-
     /// Fails if any child has exited, naming it and its status.
     pub fn check_alive(&mut self) -> Result<()> {
         for (name, child) in &mut self.children {

@@ -74,11 +74,6 @@ impl Catalog {
             .find(|b| b.name == name && version.is_none_or(|v| b.version == v))
     }
 
-    /// The entry of bundle `id`.
-    pub fn get(&self, id: &proto::BundleId) -> Option<BundleInfo> {
-        self.all().into_iter().find(|b| &b.id == id)
-    }
-
     /// Appends `info` with the next sequence number and returns it; a bundle already in the
     /// catalog is returned as it is (publishing is idempotent).
     pub fn append(&self, mut info: BundleInfo) -> Result<BundleInfo> {

@@ -82,12 +82,7 @@ impl Origin {
         }
     }
 
-    async fn answer(
-        &self,
-        peer: &PeerIdentity,
-        request: Request,
-        send: &mut SendStream,
-    ) -> Response {
+    async fn answer(&self, peer: &PeerIdentity, request: Request) -> Response {
         match request {
             Request::ListBundles => {
                 self.request_counter("list");
@@ -144,29 +139,10 @@ impl Origin {
                     },
                 }
             }
-            Request::GetBlob { hash, groups, .. } => {
-                self.request_counter("get_blob");
-                let ranges = match spans_to_ranges(&groups) {
-                    Ok(r) => r,
-                    Err(message) => {
-                        return Response::Error {
-                            code: ErrorCode::BadRequest,
-                            message,
-                        }
-                    }
-                };
-                let counters = self.counters(peer);
-                let options = ServeOptions {
-                    progress: None,
-                    corrupt: false,
-                    counters: &counters,
-                };
-                if let Err(error) = serve_blob(&self.store, send, hash, ranges, options).await {
-                    tracing::debug!(%peer, blob = %hash, %error, "blob stream ended early");
-                }
-                // serve_blob finished the stream itself.
-                Response::Ok
-            }
+            Request::GetBlob { .. } => Response::Error {
+                code: ErrorCode::Internal,
+                message: "blob requests are answered as streams".into(),
+            },
             Request::Subscribe { .. } | Request::Enroll { .. } => Response::Error {
                 code: ErrorCode::BadRequest,
                 message: "not a request for this endpoint".into(),
@@ -205,23 +181,44 @@ impl Origin {
             seq: 0,
         };
         let info = self.catalog.append(info).map_err(|e| e.to_string())?;
-        self.metrics
-            .gauge(
-                "stagecoach_bundle_stored_bytes",
-                "Stored bytes of the newest bundle",
-                &[],
-            )
-            .set(info.stored_bytes);
-        self.metrics
-            .gauge(
-                "stagecoach_bundle_raw_bytes",
-                "Payload bytes of the newest bundle",
-                &[],
-            )
-            .set(info.raw_bytes);
+        set_newest_bundle_gauges(&self.metrics, &info);
         // No subscriber is fine: they catch up from the catalog when they connect.
         let _ = self.announcements.send(info.clone());
         Ok(info)
+    }
+
+    /// Answers a `GetBlob` with the blob's verified stream; only complete blobs live here.
+    async fn serve_blob(
+        &self,
+        peer: &PeerIdentity,
+        hash: BlobHash,
+        groups: &[(u64, u64)],
+        send: &mut SendStream,
+    ) {
+        self.request_counter("get_blob");
+        let counters = self.counters(peer);
+        let ranges = match spans_to_ranges(groups) {
+            Ok(ranges) => ranges,
+            Err(message) => {
+                let answer = Response::Error {
+                    code: ErrorCode::BadRequest,
+                    message,
+                };
+                if let Ok(bytes) = write_frame(send, &answer).await {
+                    counters.sent.add(bytes as u64);
+                }
+                let _ = send.finish();
+                return;
+            }
+        };
+        let options = ServeOptions {
+            progress: None,
+            corrupt: false,
+            counters: &counters,
+        };
+        if let Err(error) = serve_blob(&self.store, send, hash, ranges, options).await {
+            tracing::debug!(%peer, blob = %hash, %error, "blob stream ended early");
+        }
     }
 
     async fn subscribe(&self, peer: &PeerIdentity, after_seq: u64, send: &mut SendStream) {
@@ -267,22 +264,38 @@ impl RequestHandler for Origin {
         mut send: SendStream,
         _recv: RecvStream,
     ) {
-        if let Request::Subscribe { after_seq } = request {
-            self.subscribe(&peer, after_seq, &mut send).await;
-            return;
-        }
-        let is_blob = matches!(request, Request::GetBlob { .. });
-        let response = self.answer(&peer, request, &mut send).await;
-        if is_blob && matches!(response, Response::Ok) {
-            return;
-        }
-        if let Ok(frame) = proto::wire::encode_frame(&response) {
-            self.counters(&peer).sent.add(frame.len() as u64);
-        }
-        if write_frame(&mut send, &response).await.is_ok() {
-            let _ = send.finish();
+        match request {
+            Request::Subscribe { after_seq } => self.subscribe(&peer, after_seq, &mut send).await,
+            Request::GetBlob { hash, groups, .. } => {
+                self.serve_blob(&peer, hash, &groups, &mut send).await
+            }
+            request => {
+                let response = self.answer(&peer, request).await;
+                if let Ok(bytes) = write_frame(&mut send, &response).await {
+                    self.counters(&peer).sent.add(bytes as u64);
+                    let _ = send.finish();
+                }
+            }
         }
     }
+}
+
+/// Sizes of the newest bundle, which the demo reads to express traffic as multiples of it.
+fn set_newest_bundle_gauges(metrics: &Metrics, info: &BundleInfo) {
+    metrics
+        .gauge(
+            "stagecoach_bundle_stored_bytes",
+            "Stored bytes of the newest bundle",
+            &[],
+        )
+        .set(info.stored_bytes);
+    metrics
+        .gauge(
+            "stagecoach_bundle_raw_bytes",
+            "Payload bytes of the newest bundle",
+            &[],
+        )
+        .set(info.raw_bytes);
 }
 
 fn not_found(message: String) -> Response {
@@ -307,21 +320,8 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     let store = home.store()?;
     let catalog = Catalog::open(&home.catalog_path())?;
     let metrics = Metrics::new();
-    for info in catalog.all() {
-        metrics
-            .gauge(
-                "stagecoach_bundle_stored_bytes",
-                "Stored bytes of the newest bundle",
-                &[],
-            )
-            .set(info.stored_bytes);
-        metrics
-            .gauge(
-                "stagecoach_bundle_raw_bytes",
-                "Payload bytes of the newest bundle",
-                &[],
-            )
-            .set(info.raw_bytes);
+    if let Some(info) = catalog.all().last() {
+        set_newest_bundle_gauges(&metrics, info);
     }
     let mesh =
         server_endpoint(config.listen, &identity).context("cannot start the mesh endpoint")?;

@@ -218,11 +218,7 @@ impl Stager {
         // Only chunks of verified manifests are fetched upstream: an edge cannot make the
         // stager pull arbitrary blobs or trust a size it made up.
         let size = self.known().chunk_sizes.get(&hash).copied();
-        let progress = match size {
-            Some(size) => self.flights.join(hash, size),
-            None if self.store.blob_status(&hash).is_ok() => None,
-            None => None,
-        };
+        let progress = size.and_then(|size| self.flights.join(hash, size));
         let counters = PeerCounters::new(&self.metrics, peer.role.as_str(), peer.site.as_str());
         let options = ServeOptions {
             progress,
@@ -336,7 +332,10 @@ impl RequestHandler for Stager {
         _recv: RecvStream,
     ) {
         if let Some(response) = self.answer(&peer, request, &mut send).await {
-            if write_frame(&mut send, &response).await.is_ok() {
+            if let Ok(bytes) = write_frame(&mut send, &response).await {
+                PeerCounters::new(&self.metrics, peer.role.as_str(), peer.site.as_str())
+                    .sent
+                    .add(bytes as u64);
                 let _ = send.finish();
             }
         }

@@ -1,14 +1,12 @@
 //! Fetching manifests and blobs from a peer into a [`Store`], verified group by group.
 
-use std::sync::Arc;
-
 use ed25519_dalek::VerifyingKey;
 use quinn::{Connection, RecvStream};
 use tokio::sync::watch;
 
 use crate::hash::BlobHash;
 use crate::manifest::{BundleId, Manifest, ManifestError, SignedManifest, MAX_MANIFEST_BYTES};
-use crate::net::{call, read_exact, read_frame, send_request, NetError};
+use crate::net::{call, read_exact, read_frame_counted, send_request, NetError};
 use crate::store::{BlobStatus, Store, StoreError};
 use crate::verify::{GroupRanges, VerifyError};
 use crate::wire::{BundleInfo, ErrorCode, Request, Response, MAX_FRAME_BYTES};
@@ -164,15 +162,17 @@ pub async fn fetch_blob(
     let mut received = 0u64;
     let mut buf = vec![0u8; crate::verify::GROUP_BYTES as usize];
     loop {
-        let header: Response = read_frame(&mut recv, MAX_BLOB_HEADER_BYTES)
-            .await?
-            .ok_or_else(|| FetchError::Protocol("stream ended without BlobEnd".into()))?;
+        let (header, header_bytes): (Response, usize) =
+            read_frame_counted(&mut recv, MAX_BLOB_HEADER_BYTES)
+                .await?
+                .ok_or_else(|| FetchError::Protocol("stream ended without BlobEnd".into()))?;
+        received += header_bytes as u64;
+        counters.received.add(header_bytes as u64);
         let spans = match header {
             Response::BlobPart { groups } => groups,
             Response::BlobEnd => break,
             other => return Err(refused_or_unexpected(other, "a blob part")),
         };
-        received += 16;
         let part = spans_to_ranges(&spans).map_err(FetchError::Protocol)?;
         if !missing.is_superset(&part) {
             return Err(FetchError::Protocol(format!(
@@ -190,7 +190,6 @@ pub async fn fetch_blob(
         )
         .await?;
     }
-    counters.received.add(16);
     if partial.is_complete() {
         tokio::task::block_in_place(|| partial.finish())?;
         Ok(received)
@@ -241,96 +240,4 @@ async fn receive_part(
         .finish()
         .map_err(|source| FetchError::Verify { hash, source })?;
     Ok(received)
-}
-
-/// What [`fetch_bundle`] did.
-#[derive(Debug, Clone, Default)]
-pub struct BundleFetch {
-    /// Bytes received from the source.
-    pub bytes_received: u64,
-    /// Chunks fetched (the rest were already here).
-    pub chunks_fetched: usize,
-    /// Chunks already complete locally.
-    pub chunks_present: usize,
-}
-
-/// Most chunks of one bundle fetched at once from one source.
-pub const BUNDLE_FETCH_CONCURRENCY: usize = 8;
-
-/// Fetches manifest `id` and every chunk `store` lacks from the server on `conn`, stores the
-/// manifest last (so a stored manifest means a complete bundle), and reports stored bytes done
-/// through `on_bytes`.
-pub async fn fetch_bundle(
-    conn: &Connection,
-    store: &Store,
-    id: BundleId,
-    trusted: &[VerifyingKey],
-    counters: &PeerCounters,
-    on_bytes: Arc<dyn Fn(u64) + Send + Sync>,
-) -> Result<(Manifest, BundleFetch), FetchError> {
-    let (signed, manifest) = fetch_manifest(conn, id, trusted).await?;
-    let mut outcome = BundleFetch::default();
-    let mut seen = std::collections::HashSet::new();
-    let mut todo = Vec::new();
-    for chunk in &manifest.chunks {
-        if !seen.insert(chunk.hash) {
-            continue;
-        }
-        if store.has_blob(&chunk.hash) {
-            outcome.chunks_present += 1;
-            on_bytes(chunk.stored_bytes);
-        } else {
-            todo.push(*chunk);
-        }
-    }
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut queue = todo.into_iter();
-    let mut first_error = None;
-    loop {
-        while tasks.len() < BUNDLE_FETCH_CONCURRENCY && first_error.is_none() {
-            let Some(chunk) = queue.next() else { break };
-            let (conn, store, counters, on_bytes) = (
-                conn.clone(),
-                store.clone(),
-                counters.clone(),
-                on_bytes.clone(),
-            );
-            tasks.spawn(async move {
-                let got = fetch_blob(
-                    &conn,
-                    &store,
-                    chunk.hash,
-                    chunk.stored_bytes,
-                    &counters,
-                    None,
-                )
-                .await;
-                if got.is_ok() {
-                    on_bytes(chunk.stored_bytes);
-                }
-                got
-            });
-        }
-        let Some(joined) = tasks.join_next().await else {
-            break;
-        };
-        match joined {
-            Ok(Ok(bytes)) => {
-                outcome.bytes_received += bytes;
-                outcome.chunks_fetched += 1;
-            }
-            Ok(Err(error)) => {
-                first_error.get_or_insert(error);
-            }
-            Err(join) => {
-                first_error
-                    .get_or_insert(FetchError::Protocol(format!("fetch task failed: {join}")));
-            }
-        }
-    }
-    if let Some(error) = first_error {
-        return Err(error);
-    }
-    tokio::task::block_in_place(|| store.put_manifest(&signed))?;
-    Ok((manifest, outcome))
 }

@@ -119,9 +119,9 @@ pub async fn serve_blob(
             let header = Response::BlobPart {
                 groups: ranges_to_spans(&sent_ranges, size),
             };
-            write_frame(send, &header).await?;
+            let header_bytes = write_frame(send, &header).await?;
             send.write_all(&encoded).await?;
-            let bytes = encoded.len() as u64 + 16;
+            let bytes = (header_bytes + encoded.len()) as u64;
             options.counters.sent.add(bytes);
             served.bytes += bytes;
             served.groups += sent_ranges.count(size);
@@ -145,15 +145,17 @@ pub async fn serve_blob(
             }
         }
     }
-    if served.groups == 0 && !served.complete {
-        let answer = Response::Error {
+    let last = if served.groups == 0 && !served.complete {
+        Response::Error {
             code: ErrorCode::NotFound,
             message: format!("blob {hash} is not here"),
-        };
-        write_frame(send, &answer).await?;
+        }
     } else {
-        write_frame(send, &Response::BlobEnd).await?;
-    }
+        Response::BlobEnd
+    };
+    let last_bytes = write_frame(send, &last).await? as u64;
+    options.counters.sent.add(last_bytes);
+    served.bytes += last_bytes;
     send.finish()?;
     Ok(served)
 }

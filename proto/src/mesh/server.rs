@@ -7,7 +7,7 @@ use std::sync::Arc;
 use quinn::{Endpoint, RecvStream, SendStream};
 
 use crate::metrics::{Counter, Metrics};
-use crate::net::{accept, read_frame, refuse_stream, NetError, PeerIdentity};
+use crate::net::{accept, read_frame, refuse_stream, PeerIdentity};
 use crate::wire::{Request, MAX_FRAME_BYTES};
 
 use super::names;
@@ -90,7 +90,7 @@ async fn handle_stream<H: RequestHandler>(
         Ok(Some(request)) => request,
         Ok(None) => return,
         Err(error) => {
-            if is_bad_input(&error) {
+            if error.is_bad_input() {
                 bad_frames.inc();
                 tracing::warn!(%peer, %error, "refused a stream with a bad frame");
                 let _ = refuse_stream(&mut send, &mut recv, &error).await;
@@ -101,10 +101,6 @@ async fn handle_stream<H: RequestHandler>(
         }
     };
     handler.handle(peer, request, send, recv).await;
-}
-
-fn is_bad_input(error: &NetError) -> bool {
-    error.is_bad_input()
 }
 
 /// Resolves on Ctrl-C or SIGTERM: how every daemon knows to stop.

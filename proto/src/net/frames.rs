@@ -18,11 +18,15 @@ use crate::wire::{
 /// Application error code with which a server stops reading a stream whose request it refused.
 pub const BAD_REQUEST_STOP_CODE: u32 = 1;
 
-/// Writes `message` as one frame. Does not finish the stream.
-pub async fn write_frame<T: Serialize>(send: &mut SendStream, message: &T) -> Result<(), NetError> {
+/// Writes `message` as one frame and returns its size in bytes (for traffic counters). Does not
+/// finish the stream.
+pub async fn write_frame<T: Serialize>(
+    send: &mut SendStream,
+    message: &T,
+) -> Result<usize, NetError> {
     let frame = encode_frame(message)?;
     send.write_all(&frame).await?;
-    Ok(())
+    Ok(frame.len())
 }
 
 /// Reads one frame of at most `max_bytes` (capped at [`crate::wire::MAX_FRAME_BYTES`]).
@@ -32,6 +36,17 @@ pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut RecvStream,
     max_bytes: usize,
 ) -> Result<Option<T>, NetError> {
+    Ok(read_frame_counted(recv, max_bytes)
+        .await?
+        .map(|(message, _)| message))
+}
+
+/// [`read_frame`] that also returns the frame's size in bytes, length prefix included (for
+/// traffic counters).
+pub async fn read_frame_counted<T: DeserializeOwned>(
+    recv: &mut RecvStream,
+    max_bytes: usize,
+) -> Result<Option<(T, usize)>, NetError> {
     let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
     let got = read_up_to(recv, &mut prefix).await?;
     if got == 0 {
@@ -47,7 +62,7 @@ pub async fn read_frame<T: DeserializeOwned>(
     let len = decode_length(prefix, max_bytes)?;
     let mut payload = vec![0u8; len];
     read_exact(recv, &mut payload).await?;
-    Ok(Some(decode_payload(&payload)?))
+    Ok(Some((decode_payload(&payload)?, LENGTH_PREFIX_BYTES + len)))
 }
 
 /// Fills `buf` completely from the stream; a stream that ends first is

@@ -28,7 +28,8 @@ pub use enroll::{
 };
 pub use error::NetError;
 pub use frames::{
-    call, read_exact, read_frame, read_up_to, refuse_stream, send_request, write_frame,
+    call, read_exact, read_frame, read_frame_counted, read_up_to, refuse_stream, send_request,
+    write_frame,
 };
 pub use identity::{peer_identity, NodeId, NodeIdentity, PeerIdentity, Role, Site};
 pub use tls::{
