@@ -5,4 +5,5 @@
 //! with ext4 slots and GRUB). The mesh (enrolment, fetching and serving bundles) comes next.
 
 pub mod fetch;
+pub mod inventory;
 pub mod swap;

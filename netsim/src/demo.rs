@@ -104,6 +104,11 @@ impl DemoResult {
     }
 }
 
+/// The demo was stopped with Ctrl-C (SIGINT); `netsim` exits with 130 for it, as shells do.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted;
+
 /// Runs the demo; stops every process it started before returning, on success or failure.
 pub async fn run(config: DemoConfig) -> Result<DemoResult> {
     let temp;
@@ -123,7 +128,7 @@ pub async fn run(config: DemoConfig) -> Result<DemoResult> {
     let mut mesh = None;
     let result = tokio::select! {
         result = run_in(&config, &work, &mut mesh) => result,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = tokio::signal::ctrl_c() => Err(Interrupted.into()),
     };
     if let Some(mesh) = mesh.as_mut() {
         mesh.shutdown().await;

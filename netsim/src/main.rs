@@ -43,8 +43,31 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+/// Exit status after Ctrl-C, as shells report a SIGINT death (128 + 2).
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) if error.is::<demo::Interrupted>() => {
+            eprintln!("netsim: interrupted; every process it started was stopped");
+            std::process::ExitCode::from(EXIT_INTERRUPTED)
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

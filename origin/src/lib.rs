@@ -8,6 +8,8 @@
 
 pub mod catalog;
 pub mod home;
+pub mod policy;
 pub mod publish;
+pub mod rollout;
 pub mod server;
 pub mod tokens;

@@ -1,18 +1,21 @@
 //! Stagecoach core: everything every node links.
 //!
 //! Pure modules (no tokio, no sockets, no filesystem): [`hash`], [`codec`], [`manifest`],
-//! [`verify`], [`chunking`], [`wire`]. I/O modules: [`pack`] (reads and writes trees),
+//! [`verify`], [`chunking`], [`wire`], [`planner`] (which source to ask for which piece),
+//! [`inventory`] (the facts a node reports). I/O modules: [`pack`] (reads and writes trees),
 //! [`store`] (blob store on disk).
 
 pub mod bundles;
 pub mod chunking;
 pub mod codec;
 pub mod hash;
+pub mod inventory;
 pub mod manifest;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
 pub mod pack;
+pub mod planner;
 pub mod store;
 pub mod verify;
 pub mod wire;

@@ -19,6 +19,11 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest frame payload accepted, in bytes. Manifests are the largest frames.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024 + 4096;
 
+/// Most 16 KiB groups one [`Response::BlobPart`] may carry. A server never sends more, and a
+/// client refuses a part that claims more: it bounds the memory either side spends on one part
+/// (about 512 KiB of data plus its parents), whatever the blob size.
+pub const MAX_PART_GROUPS: u64 = 32;
+
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
 

@@ -9,7 +9,7 @@ use crate::manifest::{BundleId, Manifest, ManifestError, SignedManifest, MAX_MAN
 use crate::net::{call, read_exact, read_frame_counted, send_request, NetError};
 use crate::store::{BlobStatus, Store, StoreError};
 use crate::verify::{GroupRanges, VerifyError};
-use crate::wire::{BundleInfo, ErrorCode, Request, Response, MAX_FRAME_BYTES};
+use crate::wire::{BundleInfo, ErrorCode, Request, Response, MAX_FRAME_BYTES, MAX_PART_GROUPS};
 
 use super::serve::{ranges_to_spans, spans_to_ranges};
 use super::PeerCounters;
@@ -160,7 +160,7 @@ pub async fn fetch_blob(
     };
     let mut recv = send_request(conn, &request).await?;
     let mut received = 0u64;
-    let mut buf = vec![0u8; crate::verify::GROUP_BYTES as usize];
+    let mut buf = Vec::new();
     loop {
         let (header, header_bytes): (Response, usize) =
             read_frame_counted(&mut recv, MAX_BLOB_HEADER_BYTES)
@@ -200,6 +200,10 @@ pub async fn fetch_blob(
     }
 }
 
+/// Reads one part whole (at most [`MAX_PART_GROUPS`] groups, so its size is bounded), then
+/// verifies and writes it in one blocking step: one hand-off to a blocking thread per part
+/// instead of one per 16 KiB group. On a bad group, the groups before it are kept and nothing
+/// of it or after it is written.
 async fn receive_part(
     recv: &mut RecvStream,
     partial: &mut crate::store::PartialBlob,
@@ -209,35 +213,31 @@ async fn receive_part(
     counters: &PeerCounters,
     progress: Option<&Progress>,
 ) -> Result<u64, FetchError> {
-    let mut decoder = partial.decoder(part);
-    let mut received = 0u64;
-    while let Some(needed) = decoder.needed() {
-        if buf.len() < needed {
-            buf.resize(needed, 0);
-        }
-        let piece = &mut buf[..needed];
-        read_exact(recv, piece).await?;
-        received += needed as u64;
-        counters.received.add(needed as u64);
-        let item = match decoder.push(piece) {
-            Ok(item) => item,
-            Err(source) => {
-                counters.verify_failures.inc();
-                tracing::warn!(blob = %hash, error = %source, "rejected data that did not verify");
-                tokio::task::block_in_place(|| partial.commit())?;
-                return Err(FetchError::Verify { hash, source });
-            }
-        };
-        let is_group = matches!(item, crate::verify::DecodeItem::Group(_));
-        tokio::task::block_in_place(|| partial.accept(item))?;
-        if is_group {
-            if let Some(progress) = progress {
-                progress.send_modify(|groups| *groups += 1);
-            }
-        }
+    let size = partial.size();
+    let groups = part.count(size);
+    if groups > MAX_PART_GROUPS {
+        return Err(FetchError::Protocol(format!(
+            "part {part} carries {groups} groups; at most {MAX_PART_GROUPS} are allowed"
+        )));
     }
-    decoder
-        .finish()
-        .map_err(|source| FetchError::Verify { hash, source })?;
-    Ok(received)
+    let encoded_len = crate::verify::encoded_len(size, &part) as usize;
+    buf.resize(encoded_len, 0);
+    read_exact(recv, &mut buf[..]).await?;
+    counters.received.add(encoded_len as u64);
+    let written = tokio::task::block_in_place(|| partial.write_stream(&buf[..], part));
+    match written {
+        Ok(written_groups) => {
+            if let Some(progress) = progress {
+                progress.send_modify(|done| *done += written_groups);
+            }
+            Ok(encoded_len as u64)
+        }
+        Err(StoreError::Verify(source)) => {
+            counters.verify_failures.inc();
+            tracing::warn!(blob = %hash, error = %source, "rejected data that did not verify");
+            tokio::task::block_in_place(|| partial.commit())?;
+            Err(FetchError::Verify { hash, source })
+        }
+        Err(other) => Err(other.into()),
+    }
 }

@@ -70,6 +70,10 @@ pub struct StoreOptions {
     pub cache_limit_bytes: u64,
     /// Newly verified bytes a [`PartialBlob`] gathers before it commits them durably.
     pub commit_batch_bytes: u64,
+    /// How [`Store::encode_ranges`] checks groups read from disk before sending them: re-hash
+    /// every group (the default: a disk that rotted is caught here, not by every client), or
+    /// trust what verified when it was written (saves a BLAKE3 pass over every byte served).
+    pub serve_check: verify::GroupCheck,
 }
 
 impl Default for StoreOptions {
@@ -77,6 +81,7 @@ impl Default for StoreOptions {
         Self {
             cache_limit_bytes: DEFAULT_CACHE_LIMIT_BYTES,
             commit_batch_bytes: DEFAULT_COMMIT_BATCH_BYTES,
+            serve_check: verify::GroupCheck::Rehash,
         }
     }
 }
@@ -396,8 +401,9 @@ impl Store {
 
     /// Writes the response stream for the requested groups that are present (all of a complete
     /// blob, the verified ones of a partial blob, even while it is being written) and returns the
-    /// groups it carried; the client must decode with exactly those. Every byte is checked against
-    /// the hash before it is sent.
+    /// groups it carried; the client must decode with exactly those. Every parent is checked
+    /// against the hash before it is sent, and every group too unless
+    /// [`StoreOptions::serve_check`] says to trust the data.
     pub fn encode_ranges<W: Write + ?Sized>(
         &self,
         hash: &BlobHash,
@@ -422,13 +428,14 @@ impl Store {
         let not_found = || StoreError::NotFound { hash: *hash };
         let data = open_existing(&paths.data)?.ok_or_else(not_found)?;
         let outboard = open_existing(&paths.outboard)?.ok_or_else(not_found)?;
-        verify::encode_ranges_from(
+        verify::encode_ranges_checked(
             &FileData { file: &data },
             &FileOutboard { file: &outboard },
             *hash,
             size,
             &ranges,
             out,
+            self.options().serve_check,
         )
         .map_err(to_encode_error)?;
         // Serving is use: a blob peers keep asking for stays cached.

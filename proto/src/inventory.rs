@@ -1,0 +1,69 @@
+//! A machine's inventory: the facts an edge agent reports on enrollment and at every start, and
+//! the input of the origin's policy resolution (seed 004's "policy criteria data").
+//!
+//! Pure data. The edge agent fills it (`edge_agent::inventory::collect`); the origin matches
+//! rules against it (`origin::policy`). Every fact a machine may not be able to tell is an
+//! `Option`, so an unreadable file never stops a report, and `#[serde(default)]` lets an origin
+//! read reports from agents older or newer than itself.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Facts about one machine, as collected by its edge agent plus what its operator configured.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Inventory {
+    /// CPU model name, e.g. `Intel(R) Xeon(R) Gold 6130 CPU @ 2.10GHz`.
+    pub cpu_model: Option<String>,
+    /// Logical CPUs the kernel lists.
+    pub cpu_count: Option<u32>,
+    /// Total memory the kernel manages, in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Physical block devices, by kernel name.
+    pub disks: Vec<Disk>,
+    /// Network interfaces with a hardware address (loopback excluded), by kernel name.
+    pub nics: Vec<Nic>,
+    /// DMI system vendor, e.g. `Dell Inc.`.
+    pub manufacturer: Option<String>,
+    /// DMI product name, e.g. `PowerEdge R640`.
+    pub model: Option<String>,
+    /// DMI serial number (readable by root only on most machines).
+    pub serial: Option<String>,
+    /// Address of the interface that holds the default route.
+    pub address: Option<IpAddr>,
+    /// The subnet of that interface in CIDR notation, e.g. `10.1.2.0/24`.
+    pub subnet: Option<String>,
+    /// Role the operator configured, e.g. `web`.
+    pub role: Option<String>,
+    /// Class the operator configured, e.g. `edge-cache`.
+    pub class: Option<String>,
+    /// Site (datacenter) the operator configured.
+    pub site: Option<String>,
+    /// Features the node asks for instead of (or on top of) a rule's bundles (seed 002).
+    pub features: Vec<String>,
+}
+
+/// One block device.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Disk {
+    /// Kernel name, e.g. `sda` or `nvme0n1`.
+    pub name: String,
+    /// Capacity in bytes.
+    pub size_bytes: Option<u64>,
+    /// True for spinning disks, false for solid state.
+    pub rotational: Option<bool>,
+    /// Model string the device reports.
+    pub model: Option<String>,
+}
+
+/// One network interface.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Nic {
+    /// Kernel name, e.g. `eth0`.
+    pub name: String,
+    /// Hardware address, lower-case and colon-separated, e.g. `52:54:00:12:34:56`.
+    pub mac: String,
+}
