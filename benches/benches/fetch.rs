@@ -233,6 +233,7 @@ async fn serve(endpoint: quinn::Endpoint, store: Arc<Store>, data: Bytes) {
                                 progress: None,
                                 corrupt: false,
                                 counters: &counters,
+                                pace: None,
                             };
                             let _ = size;
                             if let Err(error) =

@@ -3,22 +3,20 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use proto::bundles;
-use proto::manifest::{BundleId, Manifest};
-use proto::mesh::fetch::{fetch_blob, fetch_manifest, resolve, FetchError};
+use proto::manifest::{BundleId, Manifest, SignedManifest};
+use proto::mesh::fetch::{fetch_manifest, resolve, FetchError};
 use proto::mesh::PeerCounters;
 use proto::metrics::Metrics;
 use proto::net::{client_endpoint, connect, NodeIdentity, Role};
 use proto::store::{Store, StoreOptions};
-use proto::BlobHash;
 use quinn::{Connection, Endpoint};
 
-/// Chunks fetched at once.
-pub const FETCH_CONCURRENCY: usize = 8;
+use crate::peers::download::{Download, PeerHave};
 
 /// The identity directory under an edge's state directory.
 pub fn identity_dir(dir: &Path) -> PathBuf {
@@ -206,126 +204,167 @@ pub struct FetchReport {
     pub manifest: Manifest,
     /// Bytes received from all sources.
     pub bytes_received: u64,
+    /// Of those, bytes received from peers of the site.
+    pub bytes_from_peers: u64,
     /// Chunks that were already in the store.
     pub chunks_present: usize,
 }
 
-/// Fetches `spec` into the store under `dir` from `stagers`, then the origin.
+/// An edge node's means to fetch: identity, store, client endpoint, sources and metrics. The
+/// one-shot `edge-agent fetch` builds one; the daemon keeps one.
+#[derive(Clone)]
+pub struct Node {
+    /// The node's identity.
+    pub identity: NodeIdentity,
+    /// The node's store.
+    pub store: Store,
+    /// Client endpoint with the node's certificate.
+    pub endpoint: Endpoint,
+    /// The site's stagers, in order of preference.
+    pub stagers: Vec<SocketAddr>,
+    /// Where bytes are counted.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Node {
+    /// Loads the edge under `dir` (identity and store).
+    pub fn open(dir: &Path, stagers: &[SocketAddr], metrics: Arc<Metrics>) -> Result<Self> {
+        let identity = NodeIdentity::load(&identity_dir(dir))?;
+        if identity.role() != Role::Edge {
+            bail!(
+                "{} holds a {} identity, not an edge's",
+                dir.display(),
+                identity.role()
+            );
+        }
+        let store = open_store(dir)?;
+        let endpoint = client_endpoint(&identity)?;
+        Ok(Self {
+            identity,
+            store,
+            endpoint,
+            stagers: stagers.to_vec(),
+            metrics,
+        })
+    }
+
+    fn origin(&self) -> Option<SocketAddr> {
+        self.identity.origin_addr().parse().ok()
+    }
+
+    /// Resolves `spec` and fetches the bundle's verified manifest from the stagers (then the
+    /// origin).
+    pub async fn manifest(&self, spec: &BundleSpec) -> Result<(SignedManifest, Manifest)> {
+        let sources = Sources::new(
+            self.endpoint.clone(),
+            &self.stagers,
+            self.origin(),
+            self.metrics.clone(),
+        );
+        let trusted = [*self.identity.publisher_key()];
+        let id = match spec {
+            BundleSpec::Id(id) => *id,
+            BundleSpec::Name { name, version } => {
+                sources
+                    .with_source("the bundle name", |conn, _| {
+                        let (name, version) = (name.clone(), version.clone());
+                        async move { resolve(&conn, &name, version.as_deref()).await }
+                    })
+                    .await?
+                    .id
+            }
+        };
+        sources
+            .with_source("the manifest", |conn, _| async move {
+                fetch_manifest(&conn, id, &trusted).await
+            })
+            .await
+    }
+
+    /// Fetches bundle `spec` into the store: chunks from the stagers, from `peers` when given
+    /// (announcements of the site's edges), and from the origin when nothing else can serve.
+    /// `on_piece` sees each chunk completed (for progress and announcements). The bundle is
+    /// pinned and its manifest stored at the end.
+    pub async fn fetch(
+        &self,
+        spec: &BundleSpec,
+        peers: Option<tokio::sync::mpsc::Receiver<PeerHave>>,
+        on_manifest: impl FnOnce(&Manifest),
+        on_piece: impl FnMut(u32, &[bool], u64),
+    ) -> Result<FetchReport> {
+        let (signed, manifest) = self.manifest(spec).await?;
+        let id = signed.id();
+        on_manifest(&manifest);
+        let download = Download {
+            endpoint: self.endpoint.clone(),
+            store: self.store.clone(),
+            stagers: self.stagers.clone(),
+            origin: self.origin(),
+            metrics: self.metrics.clone(),
+            site: self.identity.site().as_str().to_owned(),
+            seed: u64::from_le_bytes(
+                self.identity.node_id().as_bytes()[..8]
+                    .try_into()
+                    .unwrap_or([0; 8]),
+            ),
+        };
+        let moved = download.run(&manifest, peers, on_piece).await?;
+        let store = self.store.clone();
+        tokio::task::block_in_place(|| -> Result<()> {
+            bundles::pin_bundle(&store, &id, &manifest)?;
+            store.put_manifest(&signed)?;
+            Ok(())
+        })?;
+        Ok(FetchReport {
+            id,
+            manifest,
+            bytes_received: moved.bytes_received,
+            bytes_from_peers: moved.bytes_from_peers,
+            chunks_present: moved.pieces_present as usize,
+        })
+    }
+}
+
+/// Fetches `spec` into the store under `dir` from `stagers`, then the origin (no peers).
 pub async fn fetch(
     dir: &Path,
     spec: &BundleSpec,
     stagers: &[SocketAddr],
     show_progress: bool,
 ) -> Result<FetchReport> {
-    let identity = NodeIdentity::load(&identity_dir(dir))?;
-    if identity.role() != Role::Edge {
-        bail!(
-            "{} holds a {} identity, not an edge's",
-            dir.display(),
-            identity.role()
-        );
-    }
-    let store = open_store(dir)?;
-    let metrics = Metrics::new();
-    let endpoint = client_endpoint(&identity)?;
-    let origin = identity.origin_addr().parse().ok();
-    let sources = Sources::new(endpoint.clone(), stagers, origin, metrics.clone());
-    let trusted = [*identity.publisher_key()];
-
-    let id = match spec {
-        BundleSpec::Id(id) => *id,
-        BundleSpec::Name { name, version } => {
-            sources
-                .with_source("the bundle name", |conn, _| {
-                    let (name, version) = (name.clone(), version.clone());
-                    async move { resolve(&conn, &name, version.as_deref()).await }
-                })
-                .await?
-                .id
-        }
-    };
-    let (signed, manifest) = sources
-        .with_source("the manifest", |conn, _| async move {
-            fetch_manifest(&conn, id, &trusted).await
-        })
-        .await?;
-
+    let node = Node::open(dir, stagers, Metrics::new())?;
     let bar = if show_progress {
-        let bar = ProgressBar::new(manifest.total_stored_bytes);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_message(format!("{}@{}", manifest.name, manifest.version));
-        bar
+        progress_bar(0)
     } else {
         ProgressBar::hidden()
     };
-
-    let mut todo: Vec<(BlobHash, u64)> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut chunks_present = 0;
-    for chunk in &manifest.chunks {
-        if !seen.insert(chunk.hash) {
-            continue;
-        }
-        if store.has_blob(&chunk.hash) {
-            chunks_present += 1;
-            bar.inc(chunk.stored_bytes);
-        } else {
-            todo.push((chunk.hash, chunk.stored_bytes));
-        }
-    }
-    let sources = Arc::new(sources);
-    let received = Arc::new(Mutex::new(0u64));
-    let slots = Arc::new(tokio::sync::Semaphore::new(FETCH_CONCURRENCY));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (hash, size) in todo {
-        let permit = slots.clone().acquire_owned().await?;
-        let (sources, store, bar, received) = (
-            sources.clone(),
-            store.clone(),
-            bar.clone(),
-            received.clone(),
-        );
-        tasks.spawn(async move {
-            let _permit = permit;
-            let bytes = sources
-                .with_source(&format!("chunk {hash}"), |conn, counters| {
-                    let store = store.clone();
-                    async move { fetch_blob(&conn, &store, hash, size, &counters, None).await }
-                })
-                .await?;
-            bar.inc(size);
-            if let Ok(mut r) = received.lock() {
-                *r += bytes;
-            }
-            anyhow::Ok(())
-        });
-        while let Some(done) = tasks.try_join_next() {
-            done.context("fetch task failed")??;
-        }
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.context("fetch task failed")??;
-    }
-    tokio::task::block_in_place(|| -> Result<()> {
-        bundles::pin_bundle(&store, &id, &manifest)?;
-        store.put_manifest(&signed)?;
-        Ok(())
-    })?;
+    let report = node
+        .fetch(
+            spec,
+            None,
+            |manifest| {
+                bar.set_length(manifest.total_stored_bytes);
+                bar.set_message(format!("{}@{}", manifest.name, manifest.version));
+            },
+            |_, _, done| bar.set_position(done),
+        )
+        .await?;
     bar.finish_and_clear();
-    endpoint.close(0u32.into(), b"done");
-    let bytes_received = received.lock().map(|r| *r).unwrap_or(0);
-    Ok(FetchReport {
-        id,
-        manifest,
-        bytes_received,
-        chunks_present,
-    })
+    node.endpoint.close(0u32.into(), b"done");
+    Ok(report)
+}
+
+/// A byte progress bar for a download of `total` bytes.
+pub fn progress_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
 }
 
 /// Unpacks bundle `manifest` from the store under `dir` into `to`.
@@ -350,7 +389,7 @@ mod tests {
 
     #[test]
     fn bundle_specs_parse() {
-        let id = BlobHash::of(b"x");
+        let id = proto::BlobHash::of(b"x");
         assert_eq!(id.to_string().parse::<BundleSpec>(), Ok(BundleSpec::Id(id)));
         assert_eq!(
             "base@1.2".parse::<BundleSpec>(),

@@ -6,4 +6,5 @@
 
 pub mod fetch;
 pub mod inventory;
+pub mod peers;
 pub mod swap;

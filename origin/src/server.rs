@@ -143,9 +143,13 @@ impl Origin {
                 code: ErrorCode::Internal,
                 message: "blob requests are answered as streams".into(),
             },
-            Request::Subscribe { .. } | Request::Enroll { .. } => Response::Error {
+            Request::Subscribe { .. }
+            | Request::Enroll { .. }
+            | Request::SitePeers { .. }
+            | Request::Fetch { .. }
+            | Request::StartSwap { .. } => Response::Error {
                 code: ErrorCode::BadRequest,
-                message: "not a request for this endpoint".into(),
+                message: "not a request for the origin".into(),
             },
         }
     }
@@ -215,6 +219,7 @@ impl Origin {
             progress: None,
             corrupt: false,
             counters: &counters,
+            pace: None,
         };
         if let Err(error) = serve_blob(&self.store, send, hash, ranges, options).await {
             tracing::debug!(%peer, blob = %hash, %error, "blob stream ended early");

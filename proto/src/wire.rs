@@ -87,6 +87,56 @@ pub enum Request {
         /// PEM certificate signing request for the node's key.
         csr_pem: String,
     },
+    /// An edge joins its site's peer list on the stager and gets the others' addresses back
+    /// (the bootstrap list for peer discovery where multicast is off).
+    SitePeers {
+        /// Where the edge serves blobs to its peers (QUIC).
+        data_addr: String,
+        /// The edge's peer-discovery (libp2p) addresses.
+        p2p_addrs: Vec<String>,
+    },
+    /// Ask an edge agent to fetch a bundle (from its own node or the origin).
+    Fetch {
+        /// A bundle id, `NAME@VERSION` or `NAME`.
+        bundle: String,
+    },
+    /// Ask an edge agent to swap its OS (origin only).
+    StartSwap {
+        /// The OS to install.
+        target: BundleId,
+        /// The rescue OS.
+        rescue: BundleId,
+    },
+}
+
+/// An edge of the site, as the stager knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SitePeer {
+    /// The edge's node id (hex).
+    pub node_id: String,
+    /// Where it serves blobs (QUIC).
+    pub data_addr: String,
+    /// Its peer-discovery (libp2p) addresses.
+    pub p2p_addrs: Vec<String>,
+}
+
+/// What a finished fetch moved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchSummary {
+    /// The bundle.
+    pub id: BundleId,
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Bytes received from all sources.
+    pub bytes_received: u64,
+    /// Of those, bytes received from peers of the site.
+    pub bytes_from_peers: u64,
+    /// Chunks that were already held.
+    pub chunks_present: u64,
+    /// Chunks in the bundle.
+    pub chunks: u64,
 }
 
 /// A bundle as listed by a server.
@@ -156,6 +206,24 @@ pub enum Response {
         publisher_key: [u8; 32],
         /// Where the origin's mesh endpoint listens.
         origin_addr: String,
+    },
+    /// Answer to [`Request::SitePeers`]: the other edges of the site.
+    SitePeers(Vec<SitePeer>),
+    /// Progress of a [`Request::Fetch`]; zero or more precede [`Response::Fetched`].
+    FetchProgress {
+        /// Bytes of the bundle now held.
+        done_bytes: u64,
+        /// Bytes of the bundle in all.
+        total_bytes: u64,
+    },
+    /// A [`Request::Fetch`] finished: the bundle is held and pinned.
+    Fetched(FetchSummary),
+    /// A [`Request::StartSwap`] ended.
+    Swapped {
+        /// The swap's final step (`done`, `rolled-back`, `aborted`).
+        outcome: String,
+        /// Why, when it did not end on the new OS.
+        failure: Option<String>,
     },
     /// The request failed.
     Error {

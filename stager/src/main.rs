@@ -57,6 +57,9 @@ enum Command {
         /// Test hook: corrupt every blob part served to edges.
         #[arg(long, hide = true)]
         test_corrupt_serving: bool,
+        /// Upload limit to the site's edges, in Mbit/s (default: none).
+        #[arg(long)]
+        upload_limit_mbit: Option<u64>,
     },
 }
 
@@ -88,6 +91,7 @@ async fn main() -> Result<()> {
             ready_file,
             cache_gib,
             test_corrupt_serving,
+            upload_limit_mbit,
         } => {
             node::serve(StagerConfig {
                 dir: cli.dir,
@@ -98,6 +102,7 @@ async fn main() -> Result<()> {
                 ready_file,
                 cache_limit_bytes: cache_gib * 1024 * 1024 * 1024,
                 test_corrupt_serving,
+                upload_limit_bits_per_s: upload_limit_mbit.map(|m| m * 1_000_000),
             })
             .await?
         }

@@ -1,6 +1,6 @@
 //! `stager serve`: the subscription to the origin, preheating, and serving the site.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -11,6 +11,7 @@ use ed25519_dalek::VerifyingKey;
 use proto::bundles;
 use proto::manifest::{BundleId, Manifest};
 use proto::mesh::fetch::{fetch_manifest, FetchError};
+use proto::mesh::pace::RateLimit;
 use proto::mesh::serve::{serve_blob, spans_to_ranges, ServeOptions};
 use proto::mesh::server::{self, RequestHandler};
 use proto::mesh::{names, PeerCounters};
@@ -19,7 +20,7 @@ use proto::net::{
     read_frame, send_request, server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role, Site,
 };
 use proto::store::{Store, StoreOptions};
-use proto::wire::{BundleInfo, ErrorCode, Request, Response, MAX_FRAME_BYTES};
+use proto::wire::{BundleInfo, ErrorCode, Request, Response, SitePeer, MAX_FRAME_BYTES};
 use proto::{BlobHash, SignedManifest};
 use quinn::{RecvStream, SendStream};
 
@@ -53,7 +54,12 @@ pub struct StagerConfig {
     pub cache_limit_bytes: u64,
     /// Test hook: corrupt every blob part served to edges.
     pub test_corrupt_serving: bool,
+    /// Upload limit to the site's edges, in bits per second (`None`: as fast as QUIC goes).
+    pub upload_limit_bits_per_s: Option<u64>,
 }
+
+/// Most edges a stager lists for one site: bounds the registry and the answer frame.
+pub const MAX_SITE_PEERS: usize = 4096;
 
 /// The identity directory under a stager's state directory.
 pub fn identity_dir(dir: &Path) -> PathBuf {
@@ -76,6 +82,10 @@ pub struct Stager {
     metrics: Arc<Metrics>,
     seq_file: PathBuf,
     corrupt: bool,
+    pace: Option<RateLimit>,
+    /// The site's edges that asked for the peer list, by node id: the bootstrap list of the
+    /// site's peer discovery.
+    site_peers: Mutex<BTreeMap<String, SitePeer>>,
 }
 
 impl Stager {
@@ -224,6 +234,7 @@ impl Stager {
             progress,
             corrupt: self.corrupt,
             counters: &counters,
+            pace: self.pace.as_ref(),
         };
         match serve_blob(&self.store, send, hash, ranges, options).await {
             Ok(served) => {
@@ -305,11 +316,57 @@ impl Stager {
                     message: "a stager does not accept uploads; publish to the origin".into(),
                 }
             }
-            Request::Subscribe { .. } | Request::Enroll { .. } => Response::Error {
+            Request::SitePeers {
+                data_addr,
+                p2p_addrs,
+            } => {
+                self.request_counter("site_peers");
+                if peer.role != Role::Edge {
+                    return Some(Response::Error {
+                        code: ErrorCode::Forbidden,
+                        message: "only the site's edges join its peer list".into(),
+                    });
+                }
+                Response::SitePeers(self.join_site_peers(peer, data_addr, p2p_addrs))
+            }
+            Request::Subscribe { .. }
+            | Request::Enroll { .. }
+            | Request::Fetch { .. }
+            | Request::StartSwap { .. } => Response::Error {
                 code: ErrorCode::BadRequest,
                 message: "not a request for a stager".into(),
             },
         })
+    }
+}
+
+impl Stager {
+    /// Records `peer` (an edge of this site) and returns the other edges.
+    fn join_site_peers(
+        &self,
+        peer: &PeerIdentity,
+        data_addr: String,
+        p2p_addrs: Vec<String>,
+    ) -> Vec<SitePeer> {
+        let node_id = peer.node_id.to_string();
+        let mut peers = self.site_peers.lock().unwrap_or_else(|e| e.into_inner());
+        if peers.len() < MAX_SITE_PEERS || peers.contains_key(&node_id) {
+            peers.insert(
+                node_id.clone(),
+                SitePeer {
+                    node_id: node_id.clone(),
+                    data_addr,
+                    p2p_addrs: p2p_addrs.into_iter().take(8).collect(),
+                },
+            );
+        } else {
+            tracing::warn!(%peer, limit = MAX_SITE_PEERS, "site peer list full; not recording");
+        }
+        peers
+            .values()
+            .filter(|p| p.node_id != node_id)
+            .cloned()
+            .collect()
     }
 }
 
@@ -413,6 +470,10 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
         metrics: metrics.clone(),
         seq_file: config.dir.join("last_seq"),
         corrupt: config.test_corrupt_serving,
+        pace: config
+            .upload_limit_bits_per_s
+            .map(RateLimit::from_bits_per_s),
+        site_peers: Mutex::new(BTreeMap::new()),
     });
     if config.test_corrupt_serving {
         tracing::warn!("TEST HOOK: every blob part served will be corrupted");

@@ -3,9 +3,11 @@
 //!
 //! - [`serve`]: answering `GetBlob` from a store, including the cut-through case where the blob
 //!   is still arriving from upstream.
+//! - [`pace`]: the upload rate limit shared by every answer of a node.
 //! - [`fetch`]: asking a connection for manifests and blobs and writing only verified groups.
 
 pub mod fetch;
+pub mod pace;
 pub mod serve;
 pub mod server;
 

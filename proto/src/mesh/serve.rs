@@ -11,6 +11,7 @@ use crate::store::{Store, StoreError};
 use crate::verify::GroupRanges;
 use crate::wire::{ErrorCode, GroupSpan, Response, MAX_PART_GROUPS};
 
+use super::pace::RateLimit;
 use super::PeerCounters;
 
 /// How long a cut-through answer waits for the next group from upstream before giving up.
@@ -62,6 +63,8 @@ pub struct ServeOptions<'a> {
     pub corrupt: bool,
     /// Where to count bytes sent.
     pub counters: &'a PeerCounters,
+    /// The node's upload limit, shared by all its answers; `None` sends as fast as QUIC goes.
+    pub pace: Option<&'a RateLimit>,
 }
 
 /// Answers a `GetBlob` for `requested` groups of `hash` on `send`: one or more
@@ -115,8 +118,11 @@ pub async fn serve_blob(
             let header = Response::BlobPart {
                 groups: ranges_to_spans(&sent_ranges, size),
             };
-            let header_bytes = write_frame(send, &header).await?;
             let encoded_bytes = encoded.len();
+            if let Some(pace) = options.pace {
+                pace.acquire(encoded_bytes as u64).await;
+            }
+            let header_bytes = write_frame(send, &header).await?;
             // Handing quinn the buffer itself saves a copy of every byte served.
             send.write_chunk(encoded.into()).await?;
             let bytes = (header_bytes + encoded_bytes) as u64;
