@@ -354,6 +354,81 @@ pub async fn fetch(
     Ok(report)
 }
 
+/// The daemon running for the edge under `dir`, if its address file is there.
+pub fn running_daemon(dir: &Path) -> Option<crate::daemon::DaemonReady> {
+    let text = std::fs::read(dir.join(crate::daemon::DAEMON_FILE)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Asks this edge's daemon to fetch `bundle` and shows its progress. `Ok(None)` when the
+/// daemon does not answer (it left its address file behind when it died).
+pub async fn fetch_via_daemon(
+    dir: &Path,
+    daemon: &crate::daemon::DaemonReady,
+    bundle: &str,
+    show_progress: bool,
+) -> Result<Option<proto::wire::FetchSummary>> {
+    use proto::wire::{Request, Response};
+    let identity = NodeIdentity::load(&identity_dir(dir))?;
+    let addr: SocketAddr = daemon
+        .mesh
+        .parse()
+        .with_context(|| format!("bad daemon address {:?}", daemon.mesh))?;
+    let endpoint = client_endpoint(&identity)?;
+    let conn = match connect(&endpoint, addr).await {
+        Ok(conn) => conn,
+        Err(error) => {
+            tracing::warn!(daemon = %addr, %error, "the daemon does not answer; fetching without it");
+            return Ok(None);
+        }
+    };
+    let mut recv = proto::net::send_request(
+        &conn,
+        &Request::Fetch {
+            bundle: bundle.to_owned(),
+        },
+    )
+    .await?;
+    let bar = if show_progress {
+        progress_bar(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    let result = loop {
+        let frame: Option<Response> =
+            proto::net::read_frame(&mut recv, proto::wire::MAX_FRAME_BYTES).await?;
+        match frame {
+            Some(Response::FetchProgress {
+                done_bytes,
+                total_bytes,
+            }) => {
+                bar.set_length(total_bytes);
+                bar.set_position(done_bytes);
+            }
+            Some(Response::Fetched(summary)) => break Ok(summary),
+            Some(Response::Error { code, message }) => {
+                break Err(anyhow::anyhow!(
+                    "the daemon could not fetch {bundle} ({code:?}): {message}"
+                ))
+            }
+            Some(other) => {
+                break Err(anyhow::anyhow!(
+                    "unexpected answer from the daemon: {other:?}"
+                ))
+            }
+            None => {
+                break Err(anyhow::anyhow!(
+                    "the daemon closed the stream without an answer"
+                ))
+            }
+        }
+    };
+    bar.finish_and_clear();
+    conn.close(0u32.into(), b"done");
+    endpoint.close(0u32.into(), b"done");
+    result.map(Some)
+}
+
 /// A byte progress bar for a download of `total` bytes.
 pub fn progress_bar(total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);

@@ -60,7 +60,49 @@ enum Command {
     /// Obtain this edge's certificate with a token from `origin enroll --role edge`.
     Enroll(EnrollArgs),
     /// Download a bundle from the site's stagers (then the origin), verifying every 16 KiB.
+    /// When this edge's daemon (`edge-agent serve`) runs, it does the download, with peers.
     Fetch(FetchArgs),
+    /// Run the edge's daemon: serve what this edge holds to the peers of its site, and fetch
+    /// bundles (from stagers and peers at once) when this node or the origin asks.
+    Serve(ServeArgs),
+}
+
+/// Arguments of `edge-agent serve`.
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// The edge's state directory (identity and bundle store).
+    #[arg(long, default_value = "/var/lib/stagecoach/edge")]
+    dir: PathBuf,
+    /// A stager of this site (repeatable).
+    #[arg(long = "stager")]
+    stagers: Vec<std::net::SocketAddr>,
+    /// Address to serve the site's peers on (QUIC).
+    #[arg(long, default_value = "0.0.0.0:7420")]
+    listen: std::net::SocketAddr,
+    /// Prometheus metrics address (HTTP).
+    #[arg(long, default_value = "127.0.0.1:9420")]
+    metrics_listen: std::net::SocketAddr,
+    /// Write the bound addresses as JSON to this file once listening.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Fetch from and serve the site's peers (`on`), or only the stagers (`off`).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    peers: String,
+    /// Peer discovery (libp2p) listen address.
+    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+    p2p_listen: String,
+    /// Discover peers with mDNS too (besides the stager's peer list).
+    #[arg(long)]
+    mdns: bool,
+    /// Upload limit to peers, in Mbit/s (default: none).
+    #[arg(long)]
+    upload_limit_mbit: Option<u64>,
+    /// Uploads to peers served at once; more are refused as busy.
+    #[arg(long, default_value_t = edge_agent::daemon::DEFAULT_MAX_UPLOADS)]
+    max_uploads: usize,
+    /// Test hook: corrupt every blob part served to peers.
+    #[arg(long, hide = true)]
+    test_corrupt_serving: bool,
 }
 
 /// Arguments of `edge-agent enroll`.
@@ -77,7 +119,8 @@ struct EnrollArgs {
 #[derive(Args, Debug)]
 struct FetchArgs {
     /// NAME@VERSION, NAME (the newest) or a bundle id.
-    bundle: edge_agent::fetch::BundleSpec,
+    #[arg(value_name = "BUNDLE")]
+    bundle_text: String,
     /// The edge's state directory (identity and bundle store).
     #[arg(long, default_value = "/var/lib/stagecoach/edge")]
     dir: PathBuf,
@@ -239,6 +282,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::SimMachine(args) => cmd_sim_machine(args),
         Command::Enroll(args) => cmd_enroll(&args),
         Command::Fetch(args) => cmd_fetch(&args),
+        Command::Serve(args) => cmd_serve(args),
     }
 }
 
@@ -476,11 +520,66 @@ fn cmd_enroll(args: &EnrollArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
+    let config = edge_agent::daemon::DaemonConfig {
+        dir: args.dir,
+        stagers: args.stagers,
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        peers: args.peers == "on",
+        upload_limit_bits_per_s: args.upload_limit_mbit.map(|m| m * 1_000_000),
+        max_uploads: args.max_uploads,
+        test_corrupt_serving: args.test_corrupt_serving,
+    };
+    let ready_file = args.ready_file;
+    let p2p = edge_agent::peers::P2pConfig {
+        listen: args.p2p_listen,
+        mdns: args.mdns,
+    };
+    runtime()?.block_on(edge_agent::peers::serve_with_peers(
+        config,
+        p2p,
+        move |ready| {
+            if let Some(path) = &ready_file {
+                edge_agent::daemon::write_json_atomically(path, ready)?;
+            }
+            Ok(())
+        },
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn cmd_fetch(args: &FetchArgs) -> Result<ExitCode> {
+    if let Some(daemon) = edge_agent::fetch::running_daemon(&args.dir) {
+        if args.to.is_some() {
+            bail!("this edge's daemon holds the store; stop it to unpack with --to, or unpack after it stops");
+        }
+        let summary = runtime()?.block_on(edge_agent::fetch::fetch_via_daemon(
+            &args.dir,
+            &daemon,
+            &args.bundle_text,
+            !args.no_progress,
+        ))?;
+        if let Some(summary) = summary {
+            println!(
+                "bundle {} {}@{}: {} bytes received ({} from peers), {} of {} chunks already here (via the daemon)",
+                summary.id,
+                summary.name,
+                summary.version,
+                summary.bytes_received,
+                summary.bytes_from_peers,
+                summary.chunks_present,
+                summary.chunks
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     let started = std::time::Instant::now();
+    let spec: edge_agent::fetch::BundleSpec =
+        args.bundle_text.parse().map_err(anyhow::Error::msg)?;
     let report = runtime()?.block_on(edge_agent::fetch::fetch(
         &args.dir,
-        &args.bundle,
+        &spec,
         &args.stagers,
         !args.no_progress,
     ))?;

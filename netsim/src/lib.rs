@@ -1,9 +1,15 @@
 //! netsim: runs the real Stagecoach binaries as a mesh and measures it.
 //!
-//! Today: the local demo ([`demo`]), the process supervision it needs ([`procs`]) and the
-//! deterministic trees it publishes ([`datagen`]).
+//! The local demo ([`demo`]) of real processes ([`mesh`], [`procs`], [`datagen`]); the WAN
+//! relay ([`relay`]); and fleet-scale simulation in virtual time ([`topology`], [`simulate`],
+//! [`report`], [`compare`]).
 
+pub mod compare;
 pub mod datagen;
 pub mod demo;
 pub mod mesh;
 pub mod procs;
+pub mod relay;
+pub mod report;
+pub mod simulate;
+pub mod topology;

@@ -48,6 +48,10 @@ pub struct EdgeNode {
     pub name: String,
     /// State directory.
     pub dir: PathBuf,
+    /// Its daemon's addresses, once started ([`Mesh::start_edge_daemon`]).
+    pub daemon: Option<Ready>,
+    /// Flags its daemon was started with.
+    pub daemon_args: Vec<String>,
 }
 
 /// What one edge fetch did.
@@ -260,9 +264,114 @@ impl Mesh {
             site: site.to_owned(),
             name,
             dir,
+            daemon: None,
+            daemon_args: Vec::new(),
         };
         self.edges.push(edge.clone());
         Ok(edge)
+    }
+
+    /// Starts the daemon (`edge-agent serve`) of every edge, with `--peers on|off` and
+    /// `extra_args`; `edge-agent fetch` then goes through the daemon.
+    pub async fn start_edge_daemons(&mut self, peers: bool, extra_args: &[String]) -> Result<()> {
+        for index in 0..self.edges.len() {
+            let mut args = vec![s("--peers"), s(if peers { "on" } else { "off" })];
+            args.extend(extra_args.iter().cloned());
+            self.edges[index].daemon_args = args;
+            let edge = self.edges[index].clone();
+            let ready = self.start_edge_daemon(&edge, "127.0.0.1:0").await?;
+            self.edges[index].daemon = Some(ready);
+        }
+        Ok(())
+    }
+
+    async fn start_edge_daemon(&mut self, edge: &EdgeNode, listen: &str) -> Result<Ready> {
+        let ready_file = self.work.join(format!("{}.ready.json", edge.name));
+        let _ = std::fs::remove_file(&ready_file);
+        let mut args = vec![
+            s("serve"),
+            s("--dir"),
+            p(&edge.dir),
+            s("--listen"),
+            s(listen),
+            s("--metrics-listen"),
+            s("127.0.0.1:0"),
+            s("--p2p-listen"),
+            s("/ip4/127.0.0.1/tcp/0"),
+            s("--ready-file"),
+            p(&ready_file),
+        ];
+        for addr in self.stager_addrs(&edge.site) {
+            args.push(s("--stager"));
+            args.push(addr);
+        }
+        args.extend(edge.daemon_args.iter().cloned());
+        let log = self.work.join("logs").join(format!("{}.log", edge.name));
+        let cmd = procs::command_appending(&self.bins.path("edge-agent"), &args, &log)?;
+        self.fleet.spawn(&edge.name, cmd)?;
+        procs::wait_ready(&ready_file, &mut self.fleet).await
+    }
+
+    /// Kills edge `name`'s daemon with SIGKILL.
+    pub async fn kill_edge(&mut self, name: &str) -> Result<()> {
+        self.fleet.kill(name).await
+    }
+
+    /// Restarts edge `name`'s daemon on the same address (after [`Mesh::kill_edge`]).
+    pub async fn restart_edge(&mut self, name: &str) -> Result<()> {
+        let index = self
+            .edges
+            .iter()
+            .position(|e| e.name == name)
+            .context("no such edge")?;
+        let edge = self.edges[index].clone();
+        let listen = edge
+            .daemon
+            .as_ref()
+            .map(|d| d.mesh.clone())
+            .context("the edge has no daemon to restart")?;
+        let ready = self.start_edge_daemon(&edge, &listen).await?;
+        self.edges[index].daemon = Some(ready);
+        Ok(())
+    }
+
+    /// Prometheus text of edge `name`'s daemon.
+    pub async fn edge_metrics(&self, name: &str) -> Result<String> {
+        let edge = self
+            .edges
+            .iter()
+            .find(|e| e.name == name)
+            .context("no such edge")?;
+        let daemon = edge.daemon.as_ref().context("the edge has no daemon")?;
+        procs::scrape(&daemon.metrics).await
+    }
+
+    /// Bytes the edges of `site` sent to peers, split into (same site, other sites).
+    pub async fn peer_bytes(&self, site: &str) -> Result<(u64, u64)> {
+        let (mut same, mut other) = (0, 0);
+        for edge in self.edges.iter().filter(|e| e.site == site) {
+            let Some(daemon) = &edge.daemon else { continue };
+            let text = procs::scrape(&daemon.metrics).await?;
+            for line in text.lines() {
+                if !line.starts_with("stagecoach_bytes_sent_total{")
+                    || !line.contains("peer_role=\"edge\"")
+                {
+                    continue;
+                }
+                let value: u64 = line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .map(|v| v as u64)
+                    .unwrap_or(0);
+                if line.contains(&format!("peer_site=\"{site}\"")) {
+                    same += value;
+                } else {
+                    other += value;
+                }
+            }
+        }
+        Ok((same, other))
     }
 
     /// Publishes `tree` as `name@version`; returns the bundle id.

@@ -102,6 +102,10 @@ const MIN_SAMPLE_ELAPSED: Duration = Duration::from_micros(1);
 pub struct PlannerConfig {
     /// Requests in flight at one source at most (default 4).
     pub max_in_flight_per_source: u32,
+    /// Requests in flight at one seed at most, when lower than `max_in_flight_per_source`
+    /// (default: no lower). A site's stager serves every edge: one request per edge keeps it
+    /// busy while leaving the edges to trade the rest among themselves.
+    pub max_in_flight_per_seed: Option<u32>,
     /// Extra concurrent requests per piece in endgame (default 1; 0 disables endgame).
     pub endgame_max_duplicates: u32,
     /// A piece held by some peer goes to a seed only after it has waited this long with no peer
@@ -116,10 +120,23 @@ pub struct PlannerConfig {
     pub max_failures_per_source: u32,
 }
 
+impl PlannerConfig {
+    /// Requests in flight allowed at a source of `kind`.
+    fn cap(&self, kind: SourceKind) -> usize {
+        let per_source = self.max_in_flight_per_source;
+        let cap = match (kind, self.max_in_flight_per_seed) {
+            (SourceKind::Seed, Some(seed)) => seed.clamp(1, per_source.max(1)),
+            _ => per_source,
+        };
+        cap as usize
+    }
+}
+
 impl Default for PlannerConfig {
     fn default() -> Self {
         PlannerConfig {
             max_in_flight_per_source: DEFAULT_MAX_IN_FLIGHT_PER_SOURCE,
+            max_in_flight_per_seed: None,
             endgame_max_duplicates: DEFAULT_ENDGAME_MAX_DUPLICATES,
             seed_fallback_after: DEFAULT_SEED_FALLBACK_AFTER,
             backoff_base: DEFAULT_BACKOFF_BASE,
@@ -526,13 +543,12 @@ impl Planner {
         if self.dirty {
             return Some(self.last_now);
         }
-        let max_in_flight = self.config.max_in_flight_per_source as usize;
         let mut next: Option<Duration> = None;
         let mut any_seed = false;
         for &s in &self.active {
             let src = &self.sources[s];
             any_seed |= src.kind == SourceKind::Seed;
-            if src.flights.len() < max_in_flight && src.backoff_until > self.last_now {
+            if src.flights.len() < self.config.cap(src.kind) && src.backoff_until > self.last_now {
                 next = Some(next.map_or(src.backoff_until, |t| t.min(src.backoff_until)));
             }
         }
@@ -606,10 +622,9 @@ impl Planner {
     fn collect_free(&mut self, now: Duration, need_idle: bool) {
         self.free_peers.clear();
         self.free_seeds.clear();
-        let max_in_flight = self.config.max_in_flight_per_source as usize;
         for &s in &self.active {
             let src = &self.sources[s];
-            if src.flights.len() < max_in_flight
+            if src.flights.len() < self.config.cap(src.kind)
                 && src.backoff_until <= now
                 && (!need_idle || src.idle_held > 0)
             {
@@ -630,10 +645,11 @@ impl Planner {
 
     /// Drops from the free lists the sources that filled up or ran out of idle pieces.
     fn prune_free(&mut self, need_idle: bool) {
-        let max_in_flight = self.config.max_in_flight_per_source as usize;
         let sources = &self.sources;
+        let config = &self.config;
         let keep = |&s: &usize| {
-            sources[s].flights.len() < max_in_flight && (!need_idle || sources[s].idle_held > 0)
+            sources[s].flights.len() < config.cap(sources[s].kind)
+                && (!need_idle || sources[s].idle_held > 0)
         };
         self.free_peers.retain(keep);
         self.free_seeds.retain(keep);

@@ -94,6 +94,8 @@ pub enum Request {
         data_addr: String,
         /// The edge's peer-discovery (libp2p) addresses.
         p2p_addrs: Vec<String>,
+        /// What the edge holds now (the stager is the site's tracker).
+        have: Vec<Holding>,
     },
     /// Ask an edge agent to fetch a bundle (from its own node or the origin).
     Fetch {
@@ -118,7 +120,25 @@ pub struct SitePeer {
     pub data_addr: String,
     /// Its peer-discovery (libp2p) addresses.
     pub p2p_addrs: Vec<String>,
+    /// What it held when it last reported.
+    pub have: Vec<Holding>,
 }
+
+/// What a node holds of one bundle: ranges `[start, end)` of the bundle's pieces (its distinct
+/// chunks in manifest order).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    /// Bundle id (hex).
+    pub bundle: String,
+    /// Held piece ranges, ascending and disjoint.
+    pub pieces: Vec<(u32, u32)>,
+}
+
+/// Most bundles one node reports holding at once (newest first).
+pub const MAX_HOLDINGS: usize = 16;
+
+/// Most piece ranges one holding may list.
+pub const MAX_HOLDING_RANGES: usize = 4096;
 
 /// What a finished fetch moved.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

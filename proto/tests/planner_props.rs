@@ -89,16 +89,28 @@ fn seed(pieces: usize) -> impl Strategy<Value = (Option<Vec<bool>>, Behaviour, u
 }
 
 fn config() -> impl Strategy<Value = PlannerConfig> {
-    (1u32..=4, 0u32..=2, 0u64..=3000, 1u64..=300, 1u32..=8).prop_map(
-        |(in_flight, duplicates, fallback_ms, backoff_ms, failures)| PlannerConfig {
-            max_in_flight_per_source: in_flight,
-            endgame_max_duplicates: duplicates,
-            seed_fallback_after: Duration::from_millis(fallback_ms),
-            backoff_base: Duration::from_millis(backoff_ms),
-            backoff_max: Duration::from_millis(backoff_ms * 20),
-            max_failures_per_source: failures,
-        },
+    (
+        1u32..=4,
+        0u32..=2,
+        0u32..=2,
+        0u64..=3000,
+        1u64..=300,
+        1u32..=8,
     )
+        .prop_map(
+            |(in_flight, seed_in_flight, duplicates, fallback_ms, backoff_ms, failures)| {
+                PlannerConfig {
+                    max_in_flight_per_source: in_flight,
+                    // 0 draws "no separate bound for seeds".
+                    max_in_flight_per_seed: (seed_in_flight > 0).then_some(seed_in_flight),
+                    endgame_max_duplicates: duplicates,
+                    seed_fallback_after: Duration::from_millis(fallback_ms),
+                    backoff_base: Duration::from_millis(backoff_ms),
+                    backoff_max: Duration::from_millis(backoff_ms * 20),
+                    max_failures_per_source: failures,
+                }
+            },
+        )
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {

@@ -20,7 +20,10 @@ use proto::net::{
     read_frame, send_request, server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role, Site,
 };
 use proto::store::{Store, StoreOptions};
-use proto::wire::{BundleInfo, ErrorCode, Request, Response, SitePeer, MAX_FRAME_BYTES};
+use proto::wire::{
+    BundleInfo, ErrorCode, Holding, Request, Response, SitePeer, MAX_FRAME_BYTES, MAX_HOLDINGS,
+    MAX_HOLDING_RANGES,
+};
 use proto::{BlobHash, SignedManifest};
 use quinn::{RecvStream, SendStream};
 
@@ -83,8 +86,8 @@ pub struct Stager {
     seq_file: PathBuf,
     corrupt: bool,
     pace: Option<RateLimit>,
-    /// The site's edges that asked for the peer list, by node id: the bootstrap list of the
-    /// site's peer discovery.
+    /// The site's edges that asked for the peer list, by node id, with what each holds: the
+    /// site's tracker.
     site_peers: Mutex<BTreeMap<String, SitePeer>>,
 }
 
@@ -319,6 +322,7 @@ impl Stager {
             Request::SitePeers {
                 data_addr,
                 p2p_addrs,
+                have,
             } => {
                 self.request_counter("site_peers");
                 if peer.role != Role::Edge {
@@ -327,7 +331,7 @@ impl Stager {
                         message: "only the site's edges join its peer list".into(),
                     });
                 }
-                Response::SitePeers(self.join_site_peers(peer, data_addr, p2p_addrs))
+                Response::SitePeers(self.join_site_peers(peer, data_addr, p2p_addrs, have))
             }
             Request::Subscribe { .. }
             | Request::Enroll { .. }
@@ -347,7 +351,14 @@ impl Stager {
         peer: &PeerIdentity,
         data_addr: String,
         p2p_addrs: Vec<String>,
+        have: Vec<Holding>,
     ) -> Vec<SitePeer> {
+        // Bounded: a misbehaving edge cannot grow the registry without limit.
+        let have: Vec<Holding> = have
+            .into_iter()
+            .take(MAX_HOLDINGS)
+            .filter(|h| h.pieces.len() <= MAX_HOLDING_RANGES)
+            .collect();
         let node_id = peer.node_id.to_string();
         let mut peers = self.site_peers.lock().unwrap_or_else(|e| e.into_inner());
         if peers.len() < MAX_SITE_PEERS || peers.contains_key(&node_id) {
@@ -357,6 +368,7 @@ impl Stager {
                     node_id: node_id.clone(),
                     data_addr,
                     p2p_addrs: p2p_addrs.into_iter().take(8).collect(),
+                    have,
                 },
             );
         } else {

@@ -28,6 +28,9 @@ use tokio::task::AbortHandle;
 /// Chunk requests in flight at one source.
 pub const MAX_IN_FLIGHT_PER_SOURCE: u32 = 4;
 
+/// Chunk requests in flight at a stager when peers share the work.
+pub const MAX_IN_FLIGHT_PER_SEED_WITH_PEERS: u32 = 1;
+
 /// How long a piece held by busy peers waits before a seed (the stager) is asked instead.
 pub const SEED_FALLBACK_AFTER: Duration = Duration::from_millis(1500);
 
@@ -167,6 +170,9 @@ impl Download {
             .sum();
         let config = PlannerConfig {
             max_in_flight_per_source: MAX_IN_FLIGHT_PER_SOURCE,
+            // With peers, one request per edge keeps the stager busy and leaves the rest of the
+            // site's traffic to the peers; alone, the edge keeps the stager's pipe full.
+            max_in_flight_per_seed: peers.is_some().then_some(MAX_IN_FLIGHT_PER_SEED_WITH_PEERS),
             // One writer per blob in the store: duplicates would only wait on each other.
             endgame_max_duplicates: 0,
             seed_fallback_after: SEED_FALLBACK_AFTER,

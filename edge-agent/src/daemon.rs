@@ -1,0 +1,436 @@
+//! `edge-agent serve`: the edge's daemon. It keeps the node's store open, serves what it holds
+//! to the peers of its site (complete chunks, or the verified groups of chunks still arriving),
+//! fetches bundles when its own node or the origin asks (from stagers and peers at once), and
+//! runs an OS swap when the origin asks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use proto::manifest::BundleId;
+use proto::mesh::pace::RateLimit;
+use proto::mesh::serve::{serve_blob, spans_to_ranges, ServeOptions};
+use proto::mesh::server::{self, RequestHandler};
+use proto::mesh::{names, PeerCounters};
+use proto::metrics::Metrics;
+use proto::net::{server_endpoint, write_frame, PeerIdentity, Role};
+use proto::wire::{ErrorCode, FetchSummary, Request, Response};
+use quinn::{RecvStream, SendStream};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::fetch::{BundleSpec, Node};
+use crate::peers::download::{held_ranges, PeerHave};
+
+/// Default cap on uploads to peers served at once.
+pub const DEFAULT_MAX_UPLOADS: usize = 8;
+
+/// Queue of announcements waiting for a download, per download.
+const PEER_QUEUE: usize = 1024;
+
+/// Least time between two progress frames of one `Fetch` answer.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The file in the edge's directory where a running daemon writes its addresses.
+pub const DAEMON_FILE: &str = "daemon.json";
+
+/// How `edge-agent serve` runs.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// The edge's state directory.
+    pub dir: PathBuf,
+    /// The site's stagers.
+    pub stagers: Vec<SocketAddr>,
+    /// Address to serve peers on.
+    pub listen: SocketAddr,
+    /// Prometheus metrics address.
+    pub metrics_listen: SocketAddr,
+    /// Fetch from peers of the site too (and serve them).
+    pub peers: bool,
+    /// Upload limit to peers, in bits per second.
+    pub upload_limit_bits_per_s: Option<u64>,
+    /// Uploads served at once; more wait their turn.
+    pub max_uploads: usize,
+    /// Test hook: corrupt every blob part served to peers.
+    pub test_corrupt_serving: bool,
+}
+
+/// What a running daemon writes to [`DAEMON_FILE`] (and `--ready-file`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DaemonReady {
+    /// Where it serves peers and takes requests.
+    pub mesh: String,
+    /// Prometheus metrics.
+    pub metrics: String,
+}
+
+/// What the site's peers announced, by bundle, and the downloads listening for more.
+#[derive(Default)]
+pub struct PeerBoard {
+    held: HashMap<(String, String), PeerHave>,
+    listeners: HashMap<String, Vec<mpsc::Sender<PeerHave>>>,
+}
+
+impl PeerBoard {
+    /// Records an announcement for `bundle` and hands it to the downloads of that bundle.
+    pub fn record(&mut self, bundle: &str, have: PeerHave) {
+        if let Some(listeners) = self.listeners.get_mut(bundle) {
+            listeners.retain(|tx| !tx.is_closed());
+            for tx in listeners.iter() {
+                // A full queue drops this one; the peer announces again.
+                let _ = tx.try_send(have.clone());
+            }
+        }
+        self.held
+            .insert((bundle.to_owned(), have.node_id.clone()), have);
+    }
+
+    /// Forgets a peer that left.
+    pub fn forget(&mut self, node_id: &str) {
+        self.held.retain(|(_, node), _| node != node_id);
+    }
+
+    /// A receiver of every announcement for `bundle`: those known now, then new ones.
+    pub fn subscribe(&mut self, bundle: &str) -> mpsc::Receiver<PeerHave> {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        for ((b, _), have) in &self.held {
+            if b == bundle {
+                let _ = tx.try_send(have.clone());
+            }
+        }
+        self.listeners
+            .entry(bundle.to_owned())
+            .or_default()
+            .push(tx);
+        rx
+    }
+}
+
+/// Where this node's own holdings are announced to the site.
+pub trait Announcer: Send + Sync + 'static {
+    /// This node now holds `pieces` of `bundle` (`complete` when all).
+    fn announce(&self, bundle: &str, pieces: Vec<(u32, u32)>, complete: bool);
+}
+
+/// No peers: announcements go nowhere.
+pub struct Silent;
+
+impl Announcer for Silent {
+    fn announce(&self, _bundle: &str, _pieces: Vec<(u32, u32)>, _complete: bool) {}
+}
+
+/// The running daemon.
+pub struct Daemon {
+    node: Node,
+    site: String,
+    peers_enabled: bool,
+    board: Arc<Mutex<PeerBoard>>,
+    announcer: Arc<dyn Announcer>,
+    pace: Option<RateLimit>,
+    uploads: Semaphore,
+    corrupt: bool,
+    metrics: Arc<Metrics>,
+    /// Bundles being fetched, so two asks for one bundle share a download.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl Daemon {
+    fn count_request(&self, kind: &'static str) {
+        self.metrics
+            .counter(names::REQUESTS, "Requests served", &[("kind", kind)])
+            .inc();
+    }
+
+    fn forbidden(&self, peer: &PeerIdentity, what: &str) -> Response {
+        self.metrics
+            .counter(
+                names::FORBIDDEN,
+                "Requests refused for the peer's role",
+                &[],
+            )
+            .inc();
+        tracing::warn!(%peer, what, "refused");
+        Response::Error {
+            code: ErrorCode::Forbidden,
+            message: format!("a {} of site {} may not {what}", peer.role, peer.site),
+        }
+    }
+
+    fn is_site_peer(&self, peer: &PeerIdentity) -> bool {
+        peer.role == Role::Edge && peer.site.as_str() == self.site
+    }
+
+    fn is_self_or_origin(&self, peer: &PeerIdentity) -> bool {
+        peer.role == Role::Origin || peer.node_id == self.node.identity.node_id()
+    }
+
+    async fn serve_peer_blob(
+        &self,
+        peer: &PeerIdentity,
+        hash: proto::BlobHash,
+        groups: &[(u64, u64)],
+        send: &mut SendStream,
+    ) -> Option<Response> {
+        self.count_request("get_blob");
+        let ranges = match spans_to_ranges(groups) {
+            Ok(ranges) => ranges,
+            Err(message) => {
+                return Some(Response::Error {
+                    code: ErrorCode::BadRequest,
+                    message,
+                })
+            }
+        };
+        let Ok(_permit) = self.uploads.try_acquire() else {
+            self.metrics
+                .counter(
+                    "stagecoach_uploads_refused_busy_total",
+                    "Peer requests refused because every upload slot was taken",
+                    &[],
+                )
+                .inc();
+            return Some(Response::Error {
+                code: ErrorCode::Busy,
+                message: "every upload slot is taken; ask another source".into(),
+            });
+        };
+        let counters = PeerCounters::new(&self.metrics, peer.role.as_str(), peer.site.as_str());
+        let options = ServeOptions {
+            progress: None,
+            corrupt: self.corrupt,
+            counters: &counters,
+            pace: self.pace.as_ref(),
+        };
+        if let Err(error) = serve_blob(&self.node.store, send, hash, ranges, options).await {
+            tracing::debug!(%peer, blob = %hash, %error, "peer stream ended early");
+        }
+        None
+    }
+
+    /// Fetches `bundle`, streaming progress frames on `send`; returns the final answer.
+    async fn fetch(&self, bundle: &str, send: &mut SendStream) -> Response {
+        self.count_request("fetch");
+        let spec: BundleSpec = match bundle.parse() {
+            Ok(spec) => spec,
+            Err(message) => {
+                return Response::Error {
+                    code: ErrorCode::BadRequest,
+                    message,
+                }
+            }
+        };
+        let _one_at_a_time = self.fetching.lock().await;
+        // Peers announce by bundle id: resolve first, then listen for that id.
+        let (signed, manifest) = match self.node.manifest(&spec).await {
+            Ok(found) => found,
+            Err(error) => {
+                return Response::Error {
+                    code: ErrorCode::NotFound,
+                    message: format!("{error:#}"),
+                }
+            }
+        };
+        let id = signed.id();
+        let id_text = id.to_string();
+        let total_bytes = manifest.total_stored_bytes;
+        let peers = self.peers_enabled.then(|| {
+            self.board
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .subscribe(&id_text)
+        });
+        let (progress_tx, mut progress_rx) = tokio::sync::watch::channel(0u64);
+        let announcer = self.announcer.clone();
+        let peers_enabled = self.peers_enabled;
+        let by_id = BundleSpec::Id(id);
+        let fetch = self.node.fetch(
+            &by_id,
+            peers,
+            |_| {},
+            |_, held, done| {
+                let _ = progress_tx.send(done);
+                if peers_enabled {
+                    announcer.announce(&id_text, held_ranges(held), held.iter().all(|h| *h));
+                }
+            },
+        );
+        tokio::pin!(fetch);
+        let mut last = tokio::time::Instant::now();
+        let report = loop {
+            tokio::select! {
+                report = &mut fetch => break report,
+                changed = progress_rx.changed() => {
+                    if changed.is_err() { continue; }
+                    if last.elapsed() >= PROGRESS_INTERVAL {
+                        last = tokio::time::Instant::now();
+                        let done_bytes = *progress_rx.borrow();
+                        let _ = write_frame(send, &Response::FetchProgress { done_bytes, total_bytes }).await;
+                    }
+                }
+            }
+        };
+        match report {
+            Ok(report) => {
+                if peers_enabled {
+                    let pieces = crate::peers::download::pieces_of(&report.manifest).len() as u32;
+                    self.announcer
+                        .announce(&report.id.to_string(), vec![(0, pieces)], true);
+                }
+                tracing::info!(bundle = %report.id, name = %report.manifest.name, version = %report.manifest.version, bytes = report.bytes_received, from_peers = report.bytes_from_peers, "fetched");
+                Response::Fetched(FetchSummary {
+                    id: report.id,
+                    name: report.manifest.name.clone(),
+                    version: report.manifest.version.clone(),
+                    bytes_received: report.bytes_received,
+                    bytes_from_peers: report.bytes_from_peers,
+                    chunks_present: report.chunks_present as u64,
+                    chunks: report.manifest.chunks.len() as u64,
+                })
+            }
+            Err(error) => Response::Error {
+                code: ErrorCode::Internal,
+                message: format!("{error:#}"),
+            },
+        }
+    }
+
+    async fn answer(
+        &self,
+        peer: &PeerIdentity,
+        request: Request,
+        send: &mut SendStream,
+    ) -> Option<Response> {
+        Some(match request {
+            Request::GetBlob { hash, groups, .. } => {
+                if !self.is_site_peer(peer) {
+                    return Some(self.forbidden(peer, "fetch blobs from an edge of another site"));
+                }
+                return self.serve_peer_blob(peer, hash, &groups, send).await;
+            }
+            Request::GetManifest { id } => {
+                self.count_request("manifest");
+                if !self.is_site_peer(peer) {
+                    return Some(
+                        self.forbidden(peer, "fetch manifests from an edge of another site"),
+                    );
+                }
+                match self.node.store.get_manifest(&id) {
+                    Ok(Some(signed)) => Response::Manifest(signed),
+                    Ok(None) => Response::Error {
+                        code: ErrorCode::NotFound,
+                        message: format!("no bundle {id} here"),
+                    },
+                    Err(error) => Response::Error {
+                        code: ErrorCode::Internal,
+                        message: error.to_string(),
+                    },
+                }
+            }
+            Request::Fetch { bundle } => {
+                if !self.is_self_or_origin(peer) {
+                    return Some(self.forbidden(peer, "ask this edge to fetch"));
+                }
+                self.fetch(&bundle, send).await
+            }
+            Request::StartSwap { target, rescue } => {
+                if peer.role != Role::Origin {
+                    return Some(self.forbidden(peer, "start a swap"));
+                }
+                self.start_swap(target, rescue).await
+            }
+            _ => Response::Error {
+                code: ErrorCode::BadRequest,
+                message: "not a request for an edge agent".into(),
+            },
+        })
+    }
+
+    async fn start_swap(&self, target: BundleId, rescue: BundleId) -> Response {
+        self.count_request("swap");
+        Response::Error {
+            code: ErrorCode::BadRequest,
+            message: format!(
+                "this edge has no machine configured for swaps (target {target}, rescue {rescue})"
+            ),
+        }
+    }
+}
+
+impl RequestHandler for Daemon {
+    async fn handle(
+        self: Arc<Self>,
+        peer: PeerIdentity,
+        request: Request,
+        mut send: SendStream,
+        _recv: RecvStream,
+    ) {
+        if let Some(response) = self.answer(&peer, request, &mut send).await {
+            if let Ok(bytes) = write_frame(&mut send, &response).await {
+                PeerCounters::new(&self.metrics, peer.role.as_str(), peer.site.as_str())
+                    .sent
+                    .add(bytes as u64);
+                let _ = send.finish();
+            }
+        }
+    }
+}
+
+/// Runs `edge-agent serve` until Ctrl-C or SIGTERM. `ready` gets the bound addresses.
+pub async fn serve(
+    config: DaemonConfig,
+    board: Arc<Mutex<PeerBoard>>,
+    announcer: Arc<dyn Announcer>,
+    ready: impl FnOnce(&DaemonReady) -> Result<()>,
+) -> Result<()> {
+    let metrics = Metrics::new();
+    let node = Node::open(&config.dir, &config.stagers, metrics.clone())?;
+    let endpoint = server_endpoint(config.listen, &node.identity)
+        .context("cannot start the edge's mesh endpoint")?;
+    let listen = endpoint.local_addr()?;
+    let metrics_addr = proto::metrics::serve(config.metrics_listen, metrics.clone()).await?;
+    let site = node.identity.site().as_str().to_owned();
+    let daemon = Arc::new(Daemon {
+        node,
+        site,
+        peers_enabled: config.peers,
+        board,
+        announcer,
+        pace: config
+            .upload_limit_bits_per_s
+            .map(RateLimit::from_bits_per_s),
+        uploads: Semaphore::new(config.max_uploads.max(1)),
+        corrupt: config.test_corrupt_serving,
+        metrics: metrics.clone(),
+        fetching: tokio::sync::Mutex::new(()),
+    });
+    if config.test_corrupt_serving {
+        tracing::warn!("TEST HOOK: every blob part served to peers will be corrupted");
+    }
+    let ready_info = DaemonReady {
+        mesh: listen.to_string(),
+        metrics: metrics_addr.to_string(),
+    };
+    write_json_atomically(&config.dir.join(DAEMON_FILE), &ready_info)?;
+    ready(&ready_info)?;
+    tracing::info!(mesh = %listen, metrics = %metrics_addr, peers = config.peers, "edge agent serving");
+    proto::metrics::spawn_log_summary(metrics.clone(), Duration::from_secs(10), "edge-agent");
+    let accept = tokio::spawn(server::run(endpoint.clone(), daemon, metrics));
+    server::shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = std::fs::remove_file(config.dir.join(DAEMON_FILE));
+    endpoint.close(0u32.into(), b"shutdown");
+    accept.abort();
+    Ok(())
+}
+
+/// Writes `value` as JSON to `path` through a temporary file and a rename.
+pub fn write_json_atomically<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

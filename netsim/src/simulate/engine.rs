@@ -1,0 +1,631 @@
+//! The event loop: nodes with real planners, flows over links, one global event queue.
+//!
+//! See the parent module for the model. This file is the mechanics: issuing the planners'
+//! requests as flows, finishing flows, and keeping each component's rates and next completion
+//! current. [`build`] lays out the (folded) fleet.
+
+mod build;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use proto::planner::{Planner, Request};
+
+use super::component::Component;
+use super::network::{FlowLinks, LinkId, MaxMinSolver};
+use crate::topology::Strategy;
+
+/// The origin's node id (and its `SourceId` in every planner).
+pub(super) const ORIGIN: u32 = 0;
+
+/// The origin uplink's link id.
+const UPLINK: LinkId = 0;
+
+/// The component holding every flow that starts at the origin.
+const WAN_COMPONENT: u32 = 0;
+
+/// Nanoseconds per second.
+const NS_PER_S: f64 = 1e9;
+
+/// A flow whose remaining bytes would take less than this to send counts as finished, in
+/// seconds. Event times are whole nanoseconds, so completions can be up to 1 ns early.
+const FINISH_SLACK_S: f64 = 2e-9;
+
+/// Most events one run may process before it is declared stuck.
+const MAX_EVENTS: u64 = 20_000_000_000;
+
+/// What a node does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Role {
+    Origin,
+    Stager,
+    Edge,
+}
+
+/// One simulated site: a representative standing for `multiplicity` identical sites.
+pub(super) struct SimSite {
+    /// How many identical sites this one stands for (weight on the origin uplink).
+    pub multiplicity: u32,
+    wan_link: LinkId,
+    lan_component: u32,
+    /// Node ids of the site's edges.
+    pub edge_nodes: std::ops::Range<u32>,
+    origin_rtt_ns: u64,
+    lan_rtt_ns: u64,
+    /// Loss-limited rate of one origin → node connection, bytes/s (infinite without loss).
+    connection_cap: f64,
+    /// Bytes over the site's WAN (partial bytes of cancelled requests included).
+    pub wan_bytes: f64,
+    /// Bytes the site's stagers sent.
+    pub stager_egress_bytes: f64,
+    /// Bytes edges sent to edges.
+    pub peer_bytes: f64,
+    /// Edges holding the whole bundle.
+    pub edges_done: u32,
+    /// (seconds, fraction of the site's edges complete), one point per completion.
+    pub completion: Vec<(f64, f64)>,
+    /// When the last edge finished.
+    pub done_ns: Option<u64>,
+}
+
+struct Node {
+    site: u32,
+    role: Role,
+    up_link: LinkId,
+    down_link: LinkId,
+    planner: Option<Planner>,
+    /// Nodes whose planners list this node as a source.
+    subscribers: Vec<u32>,
+    /// Flows in flight to this node (waiting or active).
+    downloads: Vec<u32>,
+    /// Pieces this node holds.
+    holds: Vec<bool>,
+    needs_poll: bool,
+    /// The wake-up currently scheduled, `u64::MAX` for none.
+    wakeup_ns: u64,
+    done: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlowState {
+    Free,
+    /// Paying its round trip before it moves bytes.
+    Waiting,
+    Active,
+}
+
+struct Flow {
+    state: FlowState,
+    generation: u32,
+    src: u32,
+    dst: u32,
+    piece: u32,
+    size: f64,
+    remaining: f64,
+    rate: f64,
+    component: u32,
+    /// Its pair group in the component while active.
+    group: u32,
+    requested_ns: u64,
+    /// Index in its component's `active` list while active.
+    slot: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum EventKind {
+    Activate { flow: u32, generation: u32 },
+    ComponentDone { component: u32, version: u64 },
+    Wakeup { node: u32 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Event {
+    at_ns: u64,
+    seq: u64,
+    kind: EventKind,
+}
+
+pub(super) struct Engine {
+    strategy: Strategy,
+    piece_sizes: Vec<u64>,
+    max_in_flight_per_source: u32,
+    now_ns: u64,
+    max_ns: u64,
+    nodes: Vec<Node>,
+    pub sites: Vec<SimSite>,
+    capacities: Vec<f64>,
+    components: Vec<Component>,
+    flows: Vec<Flow>,
+    free_flows: Vec<u32>,
+    events: BinaryHeap<Reverse<Event>>,
+    seq: u64,
+    events_handled: u64,
+    dirty: Vec<u32>,
+    to_poll: Vec<u32>,
+    edges_left: u64,
+    solver: MaxMinSolver,
+    solver_flows: Vec<FlowLinks>,
+    rates: Vec<f64>,
+}
+
+impl Engine {
+    fn add_link(&mut self, capacity: f64) -> LinkId {
+        self.capacities.push(capacity);
+        (self.capacities.len() - 1) as LinkId
+    }
+
+    /// Runs until every edge holds the bundle. Returns the virtual time then, in ns.
+    pub fn run(&mut self) -> Result<u64> {
+        loop {
+            self.poll_marked()?;
+            self.recompute_dirty();
+            if self.edges_left == 0 {
+                break;
+            }
+            let Some(Reverse(event)) = self.events.pop() else {
+                bail!("{}", self.stuck_message("nothing left to happen"));
+            };
+            if event.at_ns > self.max_ns {
+                bail!(
+                    "{}",
+                    self.stuck_message(&format!(
+                        "virtual time passed the limit of {} s",
+                        self.max_ns as f64 / NS_PER_S
+                    ))
+                );
+            }
+            self.now_ns = event.at_ns;
+            self.handle(event.kind)?;
+            while let Some(Reverse(next)) = self.events.peek() {
+                if next.at_ns != self.now_ns {
+                    break;
+                }
+                let kind = next.kind;
+                self.events.pop();
+                self.handle(kind)?;
+            }
+        }
+        self.settle_leftovers();
+        Ok(self.now_ns)
+    }
+
+    fn handle(&mut self, kind: EventKind) -> Result<()> {
+        self.events_handled += 1;
+        if self.events_handled > MAX_EVENTS {
+            bail!("{}", self.stuck_message("too many events"));
+        }
+        match kind {
+            EventKind::Activate { flow, generation } => {
+                let f = &self.flows[flow as usize];
+                if f.generation == generation && f.state == FlowState::Waiting {
+                    self.activate(flow);
+                }
+            }
+            EventKind::ComponentDone { component, version } => {
+                if self.components[component as usize].version == version {
+                    self.finish_due(component)?;
+                }
+            }
+            EventKind::Wakeup { node } => {
+                if self.nodes[node as usize].wakeup_ns == self.now_ns {
+                    self.nodes[node as usize].wakeup_ns = u64::MAX;
+                    self.mark_poll(node);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn push_event(&mut self, at_ns: u64, kind: EventKind) {
+        self.seq += 1;
+        self.events.push(Reverse(Event {
+            at_ns,
+            seq: self.seq,
+            kind,
+        }));
+    }
+
+    fn mark_poll(&mut self, node: u32) {
+        let n = &mut self.nodes[node as usize];
+        if !n.needs_poll && !n.done {
+            n.needs_poll = true;
+            self.to_poll.push(node);
+        }
+    }
+
+    fn mark_dirty(&mut self, component: u32) {
+        let c = &mut self.components[component as usize];
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(component);
+        }
+    }
+
+    /// Asks every marked planner what to request now, and starts those requests.
+    fn poll_marked(&mut self) -> Result<()> {
+        let now = Duration::from_nanos(self.now_ns);
+        let mut queue = std::mem::take(&mut self.to_poll);
+        for &node in &queue {
+            let n = &mut self.nodes[node as usize];
+            n.needs_poll = false;
+            if n.done {
+                continue;
+            }
+            let Some(planner) = n.planner.as_mut() else {
+                continue;
+            };
+            let requests = planner.poll(now);
+            let wakeup = planner.next_wakeup();
+            for request in requests {
+                self.start_request(node, request)?;
+            }
+            if let Some(wakeup) = wakeup {
+                let at_ns = duration_ns(wakeup).max(self.now_ns + 1);
+                let n = &mut self.nodes[node as usize];
+                if at_ns != n.wakeup_ns {
+                    n.wakeup_ns = at_ns;
+                    self.push_event(at_ns, EventKind::Wakeup { node });
+                }
+            }
+        }
+        queue.clear();
+        if self.to_poll.is_empty() {
+            self.to_poll = queue;
+        }
+        Ok(())
+    }
+
+    fn start_request(&mut self, dst: u32, request: Request) -> Result<()> {
+        let src = request.source;
+        let piece = request.piece;
+        let Some(&size) = self.piece_sizes.get(piece as usize) else {
+            bail!("node {dst}'s planner asked for piece {piece}, which does not exist");
+        };
+        if src as usize >= self.nodes.len() || src == dst {
+            bail!("node {dst}'s planner asked unknown source {src} for piece {piece}");
+        }
+        let site = self.nodes[dst as usize].site;
+        let (component, rtt_ns) = if src == ORIGIN {
+            (WAN_COMPONENT, self.sites[site as usize].origin_rtt_ns)
+        } else {
+            if self.nodes[src as usize].site != site {
+                bail!("node {dst}'s planner asked node {src} of another site");
+            }
+            (
+                self.sites[site as usize].lan_component,
+                self.sites[site as usize].lan_rtt_ns,
+            )
+        };
+        let flow = Flow {
+            state: FlowState::Waiting,
+            generation: 0,
+            src,
+            dst,
+            piece,
+            size: size as f64,
+            remaining: size as f64,
+            rate: 0.0,
+            component,
+            group: u32::MAX,
+            requested_ns: self.now_ns,
+            slot: u32::MAX,
+        };
+        let id = match self.free_flows.pop() {
+            Some(id) => {
+                let generation = self.flows[id as usize].generation;
+                self.flows[id as usize] = Flow { generation, ..flow };
+                id
+            }
+            None => {
+                self.flows.push(flow);
+                (self.flows.len() - 1) as u32
+            }
+        };
+        self.nodes[dst as usize].downloads.push(id);
+        if rtt_ns == 0 {
+            self.activate(id);
+        } else {
+            let generation = self.flows[id as usize].generation;
+            self.push_event(
+                self.now_ns + rtt_ns,
+                EventKind::Activate {
+                    flow: id,
+                    generation,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The flow's round trip is paid: it starts moving bytes.
+    fn activate(&mut self, id: u32) {
+        let component = self.flows[id as usize].component;
+        self.advance(component);
+        let c = &mut self.components[component as usize];
+        let slot = c.active.len() as u32;
+        c.active.push(id);
+        let f = &mut self.flows[id as usize];
+        f.state = FlowState::Active;
+        f.slot = slot;
+        f.group = c.join_group(f.src, f.dst);
+        self.mark_dirty(component);
+    }
+
+    /// Brings a component's flows' remaining bytes up to now at their current rates.
+    fn advance(&mut self, component: u32) {
+        let c = &mut self.components[component as usize];
+        if c.last_ns == self.now_ns {
+            return;
+        }
+        let dt = (self.now_ns - c.last_ns) as f64 / NS_PER_S;
+        c.last_ns = self.now_ns;
+        for &id in &c.active {
+            let f = &mut self.flows[id as usize];
+            f.remaining = (f.remaining - f.rate * dt).max(0.0);
+        }
+    }
+
+    /// Takes an active flow out of its component (its bytes so far already advanced).
+    fn deactivate(&mut self, id: u32) {
+        let (component, slot, group) = {
+            let f = &self.flows[id as usize];
+            (f.component, f.slot as usize, f.group)
+        };
+        let c = &mut self.components[component as usize];
+        c.leave_group(group);
+        c.active.swap_remove(slot);
+        if let Some(&moved) = c.active.get(slot) {
+            self.flows[moved as usize].slot = slot as u32;
+        }
+        self.mark_dirty(component);
+    }
+
+    /// Completes every flow of `component` that is done by now.
+    fn finish_due(&mut self, component: u32) -> Result<()> {
+        self.advance(component);
+        let mut finished = Vec::new();
+        for &id in &self.components[component as usize].active {
+            let f = &self.flows[id as usize];
+            if f.remaining <= f.rate * FINISH_SLACK_S {
+                finished.push((id, f.generation));
+            }
+        }
+        // Whatever finished, the set changed or the schedule needs renewing.
+        self.mark_dirty(component);
+        for (id, generation) in finished {
+            // An earlier completion may have cancelled this one as its duplicate.
+            let f = &self.flows[id as usize];
+            if f.generation != generation || f.state != FlowState::Active {
+                continue;
+            }
+            self.deactivate(id);
+            self.flows[id as usize].remaining = 0.0;
+            self.complete(id)?;
+        }
+        Ok(())
+    }
+
+    /// A flow delivered its whole piece.
+    fn complete(&mut self, id: u32) -> Result<()> {
+        let (src, dst, piece, requested_ns) = {
+            let f = &self.flows[id as usize];
+            (f.src, f.dst, f.piece, f.requested_ns)
+        };
+        self.release(id);
+        let now = Duration::from_nanos(self.now_ns);
+        let elapsed = Duration::from_nanos(self.now_ns - requested_ns);
+        let duplicates = match self.nodes[dst as usize].planner.as_mut() {
+            Some(planner) => planner.on_success(src, piece, elapsed, now),
+            None => bail!("node {dst} received a piece but has no planner"),
+        };
+        // The planner no longer counts these as in flight; stop their flows.
+        for duplicate in duplicates {
+            self.cancel(dst, duplicate);
+        }
+        self.got_piece(dst, piece);
+        Ok(())
+    }
+
+    /// Stops the flow for `request` to `dst`, if there is one.
+    fn cancel(&mut self, dst: u32, request: Request) {
+        let found = self.nodes[dst as usize]
+            .downloads
+            .iter()
+            .copied()
+            .find(|&id| {
+                let f = &self.flows[id as usize];
+                f.src == request.source && f.piece == request.piece
+            });
+        if let Some(id) = found {
+            if self.flows[id as usize].state == FlowState::Active {
+                let component = self.flows[id as usize].component;
+                self.advance(component);
+                self.deactivate(id);
+            }
+            self.release(id);
+        }
+    }
+
+    /// Counts a flow's bytes and frees its slot.
+    fn release(&mut self, id: u32) {
+        let f = &mut self.flows[id as usize];
+        let bytes = f.size - f.remaining;
+        let (src, dst) = (f.src, f.dst);
+        f.state = FlowState::Free;
+        f.generation = f.generation.wrapping_add(1);
+        self.free_flows.push(id);
+        let downloads = &mut self.nodes[dst as usize].downloads;
+        if let Some(pos) = downloads.iter().position(|&d| d == id) {
+            downloads.swap_remove(pos);
+        }
+        let site = &mut self.sites[self.nodes[dst as usize].site as usize];
+        match self.nodes[src as usize].role {
+            Role::Origin => site.wan_bytes += bytes,
+            Role::Stager => site.stager_egress_bytes += bytes,
+            Role::Edge => site.peer_bytes += bytes,
+        }
+    }
+
+    /// `node` now holds `piece`: tell whoever lists it as a source, and check if it is done.
+    fn got_piece(&mut self, node: u32, piece: u32) {
+        let n = &mut self.nodes[node as usize];
+        if n.holds[piece as usize] {
+            return;
+        }
+        n.holds[piece as usize] = true;
+        let subscribers = std::mem::take(&mut n.subscribers);
+        for &sub in &subscribers {
+            let wants = {
+                let s = &mut self.nodes[sub as usize];
+                if let Some(planner) = s.planner.as_mut() {
+                    planner.source_has(node, piece);
+                }
+                !s.done && !s.holds[piece as usize]
+            };
+            // A poll can only add requests to `node`, and only below the in-flight limit.
+            if wants && self.in_flight_between(node, sub) < self.max_in_flight_per_source {
+                self.mark_poll(sub);
+            }
+        }
+        self.nodes[node as usize].subscribers = subscribers;
+
+        let n = &mut self.nodes[node as usize];
+        let done = n.planner.as_ref().is_some_and(|p| p.is_done());
+        if done && !n.done {
+            n.done = true;
+            let (role, site) = (n.role, n.site);
+            if role == Role::Edge {
+                self.edges_left -= 1;
+                let now_s = self.now_ns as f64 / NS_PER_S;
+                let site = &mut self.sites[site as usize];
+                site.edges_done += 1;
+                let edges = site.edge_nodes.len() as f64;
+                site.completion
+                    .push((now_s, f64::from(site.edges_done) / edges));
+                if site.edges_done as usize == site.edge_nodes.len() {
+                    site.done_ns = Some(self.now_ns);
+                }
+            }
+        } else if !done {
+            self.mark_poll(node);
+        }
+    }
+
+    fn in_flight_between(&self, src: u32, dst: u32) -> u32 {
+        self.nodes[dst as usize]
+            .downloads
+            .iter()
+            .filter(|&&id| self.flows[id as usize].src == src)
+            .count() as u32
+    }
+
+    /// Recomputes the rates of every component whose flow set changed, and schedules each one's
+    /// next completion.
+    fn recompute_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &component in &dirty {
+            self.components[component as usize].dirty = false;
+            self.recompute(component);
+        }
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+            self.dirty.clear();
+        }
+    }
+
+    fn recompute(&mut self, component: u32) {
+        self.advance(component);
+        let c = &mut self.components[component as usize];
+        c.version += 1;
+        let version = c.version;
+        if c.active.is_empty() {
+            return;
+        }
+        self.solver_flows.clear();
+        for &g in &c.live_groups {
+            let group = &c.groups[g as usize];
+            let count = f64::from(group.flows);
+            let dst = &self.nodes[group.dst as usize];
+            let links = if group.src == ORIGIN {
+                let site = &self.sites[dst.site as usize];
+                let mut links = FlowLinks::new(&[UPLINK, site.wan_link, dst.down_link])
+                    .with_weight(0, count * f64::from(site.multiplicity))
+                    .with_weight(1, count)
+                    .with_weight(2, count);
+                if site.connection_cap.is_finite() {
+                    // The group is the node's one connection to the origin.
+                    links = links.with_cap(site.connection_cap / count);
+                }
+                links
+            } else {
+                FlowLinks::new(&[self.nodes[group.src as usize].up_link, dst.down_link])
+                    .with_weight(0, count)
+                    .with_weight(1, count)
+            };
+            self.solver_flows.push(links);
+        }
+        self.solver
+            .solve(&self.capacities, &self.solver_flows, &mut self.rates);
+        for (&g, &rate) in c.live_groups.iter().zip(&self.rates) {
+            c.groups[g as usize].rate = rate;
+        }
+        let mut next_s = f64::INFINITY;
+        for &id in &c.active {
+            let f = &mut self.flows[id as usize];
+            f.rate = c.groups[f.group as usize].rate;
+            if f.rate > 0.0 {
+                next_s = next_s.min(f.remaining / f.rate);
+            }
+        }
+        if next_s.is_finite() {
+            let at_ns = self.now_ns + (next_s * NS_PER_S).ceil() as u64;
+            self.push_event(at_ns, EventKind::ComponentDone { component, version });
+        }
+    }
+
+    /// Counts the bytes of flows still moving when the last edge finished (endgame leftovers).
+    fn settle_leftovers(&mut self) {
+        for component in 0..self.components.len() as u32 {
+            self.advance(component);
+            let active = std::mem::take(&mut self.components[component as usize].active);
+            for id in active {
+                self.release(id);
+            }
+        }
+    }
+
+    fn stuck_message(&self, why: &str) -> String {
+        let waiting: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.role == Role::Edge && !n.done)
+            .take(3)
+            .map(|(id, n)| {
+                let (missing, in_flight, unavailable) = n.planner.as_ref().map_or((0, 0, 0), |p| {
+                    (p.missing(), p.in_flight(), p.unavailable_pieces().len())
+                });
+                format!(
+                    "node {id}: {missing} pieces missing, {in_flight} in flight, \
+                     {unavailable} unavailable"
+                )
+            })
+            .collect();
+        format!(
+            "simulation stuck at {:.3} s ({why}) with {} edges unfinished; e.g. {}",
+            self.now_ns as f64 / NS_PER_S,
+            self.edges_left,
+            waiting.join("; ")
+        )
+    }
+}
+
+fn seconds_ns(seconds: f64) -> u64 {
+    (seconds * NS_PER_S).round() as u64
+}
+
+fn duration_ns(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,302 @@
+//! `netsim simulate`: the fleet in virtual time, on a flow-level network model, with the real
+//! download planner (`proto::planner`) deciding every request.
+//!
+//! # The model
+//!
+//! **Nodes.** One origin; per site its stagers and edges. The bundle is cut into pieces of
+//! `bundle.piece_kib` (the last one shorter). Every stager and edge that fetches runs its own
+//! `Planner` over those pieces:
+//!
+//! - `direct`: each edge's only source is the origin (a seed holding everything). Stagers idle.
+//! - `staged`: each stager's source is the origin; each edge's sources are its site's stagers
+//!   (seeds that hold a piece from the moment it arrives at the stager: cut-through at piece
+//!   granularity).
+//! - `mesh`: as `staged`, plus each edge's peers (other edges of its site, as `Peer` sources,
+//!   told of each piece the moment the peer completes it). Each edge knows
+//!   `mesh.peers_per_edge` peers (all other edges when the site is smaller): a seeded circulant
+//!   graph, so knowing is mutual and every edge has the same number of peers. Real swarms bound
+//!   the peer set the same way, and it keeps the cost per completed piece bounded.
+//!
+//! A site with several stagers has each stager pull from the origin itself (as the stager code
+//! does today), so its WAN carries one copy per stager. Everything starts at t = 0, the moment the
+//! bundle is published.
+//!
+//! **Links**, in bytes per second, each one direction: the origin uplink (shared by every site);
+//! per site a WAN link origin → site at `wan.mbit × (1 − loss)`; per node a LAN port up and a LAN
+//! port down at the site's LAN rate. No bundle byte flows site → origin, so there is no WAN up
+//! link. Paths: origin → node is uplink, site WAN, node's LAN down; node → node (same site) is
+//! source's LAN up, destination's LAN down. Sites never exchange bytes.
+//!
+//! **Flows.** Each request is a flow of one piece over its path. It first pays its path's round
+//! trip (twice the one-way latencies: WAN plus one LAN hop from the origin, one LAN hop inside a
+//! site), moving nothing, then moves bytes at its max-min fair rate (progressive filling, see
+//! [`network`]) until the piece is there. Rates are recomputed whenever the set of moving flows
+//! changes. Jitter is ignored (its mean is zero).
+//!
+//! **Loss.** A lossy WAN costs twice: its capacity shrinks to `mbit × (1 − loss)` (retransmitted
+//! bytes), and each node's one connection to the origin is capped at the mean rate of a
+//! congestion-controlled flow at that loss, shared by the connection's concurrent requests.
+//! quinn's default controller is CUBIC, whose mean window is the larger of its cubic response
+//! `1.054 × (RTT / loss)^(3/4)` segments (RFC 8312 §5.1, C = 0.4, β = 0.7) and its TCP-friendly
+//! (Reno, Mathis et al.) window `sqrt(3/2) / sqrt(loss)`; the rate is that window × 1200-byte
+//! segments per round trip. Without loss there is no cap. Inside a site the LAN is lossless.
+//!
+//! # Making it fast
+//!
+//! - **Components.** Flows from the origin (the WAN component) and flows inside one site (that
+//!   site's LAN component) never cross a common link, so a change recomputes only its own
+//!   component's rates, and each component keeps one pending "next completion" event. A
+//!   staged/mesh site's LAN therefore never waits on other sites' events.
+//! - **Folding identical sites.** Sites equal in everything but the name, given the same seeds,
+//!   behave identically, so one representative is simulated and its flows count `n` times on the
+//!   origin uplink, the only link sites share. That is exact for a fleet whose identical sites
+//!   share seeds; unfolded runs seed every site differently and land within about 1% (a test
+//!   checks 3%). Results say when folding was used; [`SimOptions::fold_identical_sites`] turns
+//!   it off.
+//! - **Pair groups.** Flows with the same source and destination share a path and so a rate: the
+//!   solver sees one weighted flow per pair.
+//! - **Batching.** Events at the same nanosecond are applied together before any rate is
+//!   recomputed or any planner polled; a planner is polled only when it learnt something it can
+//!   act on (a piece arrived, a source gained a piece it lacks and has room for, a wake-up).
+//! - **Coarse pieces.** Cost grows with edges × pieces, so large fleets use large `piece_kib`.
+//!
+//! What is left is the LAN solve in `mesh`, about 100 ns per (source, destination) pair in flight
+//! per rate change: a 500-edge mesh site with 64 pieces costs about 3 s on one core. Folded, 200
+//! sites in four classes take seconds; unfolded, every distinct site pays its own.
+
+mod component;
+mod engine;
+mod fleet;
+pub mod network;
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::report::{Mode, RunResult, SiteResult};
+use crate::topology::Topology;
+
+pub use crate::topology::Strategy;
+pub use network::{max_min_rates, FlowLinks, LinkId, MaxMinSolver};
+
+/// Most pieces one bundle may be cut into for the simulator.
+pub const MAX_PIECES: u64 = 1 << 20;
+
+/// Most points kept in a site's completion series.
+pub const MAX_COMPLETION_POINTS: usize = 256;
+
+/// Default limit on virtual time: 30 days.
+pub const DEFAULT_MAX_VIRTUAL_TIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How to run a simulation.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    /// Seed of every planner and of the peer graphs; equal seeds give equal results.
+    pub seed: u64,
+    /// Simulate one representative per class of identical sites (exact; much faster).
+    pub fold_identical_sites: bool,
+    /// Give up (with an error) when virtual time passes this.
+    pub max_virtual_time: Duration,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            seed: 1,
+            fold_identical_sites: true,
+            max_virtual_time: DEFAULT_MAX_VIRTUAL_TIME,
+        }
+    }
+}
+
+/// Simulates `topo` under `strategy` with default options and the given seed, folding identical
+/// sites. Returns every edge's completion over time and who moved how many bytes.
+pub fn simulate(topo: &Topology, strategy: Strategy, seed: u64) -> Result<RunResult> {
+    simulate_with(
+        topo,
+        strategy,
+        &SimOptions {
+            seed,
+            ..SimOptions::default()
+        },
+    )
+}
+
+/// Simulates `topo` under `strategy` with explicit options.
+pub fn simulate_with(
+    topo: &Topology,
+    strategy: Strategy,
+    options: &SimOptions,
+) -> Result<RunResult> {
+    let bundle_bytes = topo.bundle_bytes()?;
+    anyhow::ensure!(bundle_bytes > 0, "the bundle is empty: nothing to simulate");
+
+    // Classes of identical sites: representative index, members.
+    let mut class_of_site = Vec::with_capacity(topo.sites.len());
+    let mut representatives: Vec<usize> = Vec::new();
+    let mut multiplicities: Vec<u32> = Vec::new();
+    let mut class_by_shape = std::collections::HashMap::new();
+    for (i, site) in topo.sites.iter().enumerate() {
+        let class = if options.fold_identical_sites {
+            *class_by_shape.entry(site.shape_key()).or_insert_with(|| {
+                representatives.push(i);
+                multiplicities.push(0);
+                representatives.len() - 1
+            })
+        } else {
+            representatives.push(i);
+            multiplicities.push(0);
+            representatives.len() - 1
+        };
+        multiplicities[class] += 1;
+        class_of_site.push(class);
+    }
+
+    let mut engine = engine::Engine::new(
+        topo,
+        strategy,
+        bundle_bytes,
+        &representatives,
+        &multiplicities,
+        options,
+    )?;
+    let end_ns = engine.run()?;
+
+    let mut notes = Vec::new();
+    if representatives.len() < topo.sites.len() {
+        let classes = representatives.len();
+        notes.push(format!(
+            "{} sites simulated as {classes} {} of identical sites (exact: identical sites behave \
+             identically; each class's flows count once per member on the origin uplink)",
+            topo.sites.len(),
+            if classes == 1 { "class" } else { "classes" },
+        ));
+    }
+    if strategy == Strategy::Mesh {
+        let capped = topo
+            .sites
+            .iter()
+            .any(|s| s.edges.saturating_sub(1) > topo.peers_per_edge);
+        if capped {
+            notes.push(format!(
+                "each edge knows {} peers in sites larger than that (mesh.peers_per_edge)",
+                topo.peers_per_edge
+            ));
+        }
+    }
+    if topo.sites.iter().any(|s| s.wan.loss > 0.0) {
+        notes.push(
+            "WAN loss modelled as capacity × (1 − loss) and a CUBIC/Reno loss-limited rate per origin connection"
+                .to_string(),
+        );
+    }
+    let pieces = bundle_bytes.div_ceil(topo.bundle.piece_bytes);
+    notes.push(format!(
+        "{pieces} pieces of {} KiB",
+        topo.bundle.piece_bytes / 1024
+    ));
+
+    let mut sites = Vec::with_capacity(topo.sites.len());
+    let mut origin_egress = 0.0;
+    for sim in &engine.sites {
+        origin_egress += sim.wan_bytes * f64::from(sim.multiplicity);
+    }
+    for (i, site) in topo.sites.iter().enumerate() {
+        let sim = &engine.sites[class_of_site[i]];
+        sites.push(SiteResult {
+            name: site.name.clone(),
+            edges: site.edges,
+            wan_bytes: sim.wan_bytes.round() as u64,
+            lan_bytes: (sim.stager_egress_bytes + sim.peer_bytes).round() as u64,
+            stager_egress_bytes: sim.stager_egress_bytes.round() as u64,
+            peer_bytes: sim.peer_bytes.round() as u64,
+            edges_done: sim.edges_done,
+            done_s: sim.done_ns.map(|ns| ns as f64 / 1e9),
+            completion: downsample(&sim.completion, MAX_COMPLETION_POINTS),
+        });
+    }
+    Ok(RunResult {
+        topology: topo.name.clone(),
+        strategy,
+        mode: Mode::Simulate,
+        bundle_bytes,
+        all_edges_done_s: Some(end_ns as f64 / 1e9),
+        line_rate_floor_s: topo.line_rate_floor_s(bundle_bytes),
+        origin_egress_bytes: origin_egress.round() as u64,
+        sites,
+        notes,
+    })
+}
+
+/// Keeps at most about `max_points` points of a completion series: the first point at or past
+/// each `1 / max_points` step of the fraction, and always the last point.
+fn downsample(points: &[(f64, f64)], max_points: usize) -> Vec<(f64, f64)> {
+    if points.len() <= max_points {
+        return points.to_vec();
+    }
+    let steps = (max_points - 1) as f64;
+    let mut out = Vec::with_capacity(max_points + 1);
+    let mut last_bucket = -1.0;
+    for (i, &(t, fraction)) in points.iter().enumerate() {
+        let bucket = (fraction * steps).floor();
+        if bucket > last_bucket || i + 1 == points.len() {
+            out.push((t, fraction));
+            last_bucket = bucket;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fleet::{loss_limited_rate, peer_graph};
+    use super::*;
+
+    #[test]
+    fn peer_graph_is_mutual_and_regular() {
+        for (edges, k) in [(10, 4), (11, 5), (12, 5), (500, 16), (4, 16), (2, 1)] {
+            let graph = peer_graph(edges, k, 7);
+            let expected = if k >= edges - 1 {
+                edges - 1
+            } else if k % 2 == 1 && edges % 2 == 1 {
+                k - 1
+            } else {
+                k
+            };
+            for (i, peers) in graph.iter().enumerate() {
+                assert_eq!(peers.len() as u32, expected, "edges {edges}, k {k}");
+                for &p in peers {
+                    assert_ne!(p as usize, i);
+                    assert!(graph[p as usize].contains(&(i as u32)));
+                }
+                let mut unique = peers.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                assert_eq!(unique.len(), peers.len());
+            }
+        }
+    }
+
+    #[test]
+    fn loss_limited_rate_is_cubic_on_long_paths_and_reno_on_short_ones() {
+        assert_eq!(loss_limited_rate(0.0, 0.1), f64::INFINITY);
+        // 240 ms, 1e-4: CUBIC's window 1.054 × 2400^0.75 ≈ 363 segments beats Reno's 122.
+        let long = loss_limited_rate(1e-4, 0.24);
+        assert!((long - 363.4 * 1200.0 / 0.24).abs() < 0.01 * long, "{long}");
+        // 2 ms, 1e-2: Reno's 12.2 segments beat CUBIC's 0.6.
+        let short = loss_limited_rate(1e-2, 0.002);
+        assert!(
+            (short - 12.247 * 1200.0 / 0.002).abs() < 0.01 * short,
+            "{short}"
+        );
+    }
+
+    #[test]
+    fn downsample_keeps_ends() {
+        let points: Vec<(f64, f64)> = (0..=1000).map(|i| (i as f64, i as f64 / 1000.0)).collect();
+        let out = downsample(&points, 100);
+        assert!(out.len() <= 101);
+        assert_eq!(out.first(), points.first());
+        assert_eq!(out.last(), points.last());
+    }
+}
