@@ -114,10 +114,11 @@ fn ctrl_c_during_the_fanout_stops_every_process() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The demo, the origin and two stagers at least; edge fetches start one by one.
     let running = processes_mentioning(&work_dir);
     assert!(
-        running.len() >= 5,
-        "expected the origin, stagers and edges to be running, found {running:#?}"
+        running.len() >= 4,
+        "expected the demo, the origin and the stagers to be running, found {running:#?}"
     );
 
     // SAFETY: kill(2) with a pid we own.
