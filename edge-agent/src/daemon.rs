@@ -17,13 +17,14 @@ use proto::mesh::server::{self, RequestHandler};
 use proto::mesh::{names, PeerCounters};
 use proto::metrics::Metrics;
 use proto::net::{server_endpoint, write_frame, PeerIdentity, Role};
-use proto::wire::{ErrorCode, FetchSummary, Request, Response};
+use proto::wire::{ErrorCode, FetchSummary, Holding, Request, Response, SitePeer};
 use quinn::{RecvStream, SendStream};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::fetch::{BundleSpec, Node};
 use crate::peers::download::{held_ranges, PeerHave};
+use crate::remote_swap::{self, RemoteSwapConfig};
 
 /// Default cap on uploads to peers served at once.
 pub const DEFAULT_MAX_UPLOADS: usize = 8;
@@ -56,6 +57,8 @@ pub struct DaemonConfig {
     pub max_uploads: usize,
     /// Test hook: corrupt every blob part served to peers.
     pub test_corrupt_serving: bool,
+    /// The machine the origin may ask this daemon to swap; `None` refuses swaps.
+    pub swap: Option<RemoteSwapConfig>,
 }
 
 /// What a running daemon writes to [`DAEMON_FILE`] (and `--ready-file`).
@@ -113,6 +116,12 @@ impl PeerBoard {
 pub trait Announcer: Send + Sync + 'static {
     /// This node now holds `pieces` of `bundle` (`complete` when all).
     fn announce(&self, bundle: &str, pieces: Vec<(u32, u32)>, complete: bool);
+
+    /// What this node holds, as announced (newest bundles first, at most
+    /// [`proto::wire::MAX_HOLDINGS`]); a peer that found this node without the tracker asks.
+    fn holdings(&self) -> Vec<Holding> {
+        Vec::new()
+    }
 }
 
 /// No peers: announcements go nowhere.
@@ -135,6 +144,14 @@ pub struct Daemon {
     metrics: Arc<Metrics>,
     /// Bundles being fetched, so two asks for one bundle share a download.
     fetching: tokio::sync::Mutex<()>,
+    /// The machine to swap when the origin asks.
+    swap: Option<RemoteSwapConfig>,
+    /// Held while a swap runs: one at a time.
+    swapping: tokio::sync::Mutex<()>,
+    /// The site's stagers (the first is the default health check's target).
+    stagers: Vec<SocketAddr>,
+    /// The address peers reach this daemon at.
+    advertised: String,
 }
 
 impl Daemon {
@@ -329,6 +346,20 @@ impl Daemon {
                     },
                 }
             }
+            Request::SitePeers { .. } => {
+                // A peer that found this edge without the stager's tracker (mDNS, say) asks
+                // what it holds; the answer is this edge alone.
+                self.count_request("site_peers");
+                if !self.is_site_peer(peer) {
+                    return Some(self.forbidden(peer, "list an edge of another site"));
+                }
+                Response::SitePeers(vec![SitePeer {
+                    node_id: self.node.identity.node_id().to_string(),
+                    data_addr: self.advertised.clone(),
+                    p2p_addrs: Vec::new(),
+                    have: self.announcer.holdings(),
+                }])
+            }
             Request::Fetch { bundle } => {
                 if !self.is_self_or_origin(peer) {
                     return Some(self.forbidden(peer, "ask this edge to fetch"));
@@ -339,7 +370,7 @@ impl Daemon {
                 if peer.role != Role::Origin {
                     return Some(self.forbidden(peer, "start a swap"));
                 }
-                self.start_swap(target, rescue).await
+                self.start_swap(target, rescue, send).await
             }
             _ => Response::Error {
                 code: ErrorCode::BadRequest,
@@ -348,13 +379,98 @@ impl Daemon {
         })
     }
 
-    async fn start_swap(&self, target: BundleId, rescue: BundleId) -> Response {
+    /// Fetches both bundles (with progress frames), then swaps the machine and answers how it
+    /// ended. One swap at a time; a second ask while one runs is refused as busy.
+    async fn start_swap(
+        &self,
+        target: BundleId,
+        rescue: BundleId,
+        send: &mut SendStream,
+    ) -> Response {
         self.count_request("swap");
-        Response::Error {
-            code: ErrorCode::BadRequest,
-            message: format!(
-                "this edge has no machine configured for swaps (target {target}, rescue {rescue})"
-            ),
+        let Some(config) = self.swap.clone() else {
+            return Response::Error {
+                code: ErrorCode::BadRequest,
+                message: format!(
+                    "this edge has no machine configured for swaps (target {target}, rescue {rescue}); start its daemon with --machine-root"
+                ),
+            };
+        };
+        let Ok(_one_at_a_time) = self.swapping.try_lock() else {
+            return Response::Error {
+                code: ErrorCode::Busy,
+                message: "a swap is already running on this edge".into(),
+            };
+        };
+        for (what, id) in [("rescue", rescue), ("target", target)] {
+            match self.fetch(&id.to_string(), send).await {
+                fetched @ Response::Fetched(_) => {
+                    // Tells the origin this bundle is here; a lost frame changes nothing.
+                    let _ = write_frame(send, &fetched).await;
+                }
+                Response::Error { code, message } => {
+                    return Response::Error {
+                        code,
+                        message: format!("cannot fetch the {what} bundle {id}: {message}"),
+                    }
+                }
+                other => {
+                    return Response::Error {
+                        code: ErrorCode::Internal,
+                        message: format!("fetching the {what} bundle ended oddly: {other:?}"),
+                    }
+                }
+            }
+        }
+        let store = self.node.store.clone();
+        let publisher = *self.node.identity.publisher_key();
+        let stager = self.stagers.first().copied();
+        let outcome = tokio::task::spawn_blocking(move || {
+            remote_swap::run(&config, &store, &publisher, stager, target, rescue)
+        })
+        .await;
+        let counter = |outcome: &str| {
+            self.metrics
+                .counter(
+                    "stagecoach_swaps_total",
+                    "OS swaps the origin started here, by how they ended",
+                    &[("outcome", outcome)],
+                )
+                .inc();
+        };
+        match outcome {
+            Ok(Ok(end)) => {
+                counter(if end.failure.is_none() {
+                    "done"
+                } else {
+                    "failed"
+                });
+                match &end.failure {
+                    None => tracing::info!(%target, boots = end.boots, "swap done"),
+                    Some(why) => {
+                        tracing::warn!(%target, outcome = %end.outcome, why, "swap did not end on the new OS")
+                    }
+                }
+                Response::Swapped {
+                    outcome: end.outcome,
+                    failure: end.failure,
+                }
+            }
+            Ok(Err(error)) => {
+                counter("error");
+                tracing::error!(%target, error = format!("{error:#}"), "swap failed to run");
+                Response::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("{error:#}"),
+                }
+            }
+            Err(join) => {
+                counter("error");
+                Response::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("the swap task failed: {join}"),
+                }
+            }
         }
     }
 }
@@ -385,6 +501,9 @@ pub async fn serve(
     announcer: Arc<dyn Announcer>,
     ready: impl FnOnce(&DaemonReady) -> Result<()>,
 ) -> Result<()> {
+    if let Some(swap) = &config.swap {
+        remote_swap::check_machine(&swap.machine_root)?;
+    }
     let metrics = Metrics::new();
     let node = Node::open(&config.dir, &config.stagers, metrics.clone())?;
     let endpoint = server_endpoint(config.listen, &node.identity)
@@ -405,6 +524,10 @@ pub async fn serve(
         corrupt: config.test_corrupt_serving,
         metrics: metrics.clone(),
         fetching: tokio::sync::Mutex::new(()),
+        swap: config.swap.clone(),
+        swapping: tokio::sync::Mutex::new(()),
+        stagers: config.stagers.clone(),
+        advertised: advertised(listen).to_string(),
     });
     if config.test_corrupt_serving {
         tracing::warn!("TEST HOOK: every blob part served to peers will be corrupted");
@@ -424,6 +547,15 @@ pub async fn serve(
     endpoint.close(0u32.into(), b"shutdown");
     accept.abort();
     Ok(())
+}
+
+/// The address peers should use: an unspecified bind address is advertised as loopback.
+pub fn advertised(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    }
 }
 
 /// Writes `value` as JSON to `path` through a temporary file and a rename.

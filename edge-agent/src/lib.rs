@@ -2,10 +2,13 @@
 //!
 //! [`swap`] performs the crash-safe A/B operating-system swap: a pure state machine
 //! ([`swap::machine`]) driven against a [`swap::Platform`] (a simulated machine or a real one
-//! with ext4 slots and GRUB). The mesh (enrolment, fetching and serving bundles) comes next.
+//! with ext4 slots and GRUB). [`fetch`] and [`peers`] move bundles over the mesh; [`daemon`] is
+//! `edge-agent serve`, which serves the site's peers and runs fetches and swaps
+//! ([`remote_swap`]) when the origin asks.
 
 pub mod daemon;
 pub mod fetch;
 pub mod inventory;
 pub mod peers;
+pub mod remote_swap;
 pub mod swap;

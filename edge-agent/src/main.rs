@@ -103,6 +103,17 @@ struct ServeArgs {
     /// Test hook: corrupt every blob part served to peers.
     #[arg(long, hide = true)]
     test_corrupt_serving: bool,
+    /// Root of the simulated machine this daemon swaps when the origin asks (made by
+    /// `sim-provision`); without it, swap requests are refused.
+    #[arg(long)]
+    machine_root: Option<PathBuf>,
+    /// Health check of remote swaps: `network-up`, `reach-stager=HOST:PORT` or
+    /// `command=SHELL COMMAND`; repeat (default: network-up and the first --stager reachable).
+    #[arg(long = "swap-health-check")]
+    swap_health_checks: Vec<HealthCheck>,
+    /// Trial boots of the new OS in a remote swap before the rescue takes over.
+    #[arg(long, default_value_t = DEFAULT_BOOT_ATTEMPTS)]
+    swap_boot_attempts: u8,
 }
 
 /// Arguments of `edge-agent enroll`.
@@ -223,13 +234,21 @@ struct SimProvisionArgs {
     #[arg(long)]
     root: PathBuf,
     /// Blob store holding the OS bundle.
+    #[arg(
+        long,
+        required_unless_present = "edge_dir",
+        conflicts_with = "edge_dir"
+    )]
+    store: Option<PathBuf>,
+    /// An enrolled edge's directory: take the bundle from its store (the daemon must not be
+    /// running) and trust its mesh's publisher.
     #[arg(long)]
-    store: PathBuf,
+    edge_dir: Option<PathBuf>,
     /// Bundle id of the OS to install in slot A.
     #[arg(long)]
     os: BundleId,
     /// Trusted publisher key (64 hex digits); repeat for several.
-    #[arg(long = "trust", required = true)]
+    #[arg(long = "trust", required_unless_present = "edge_dir")]
     trusted: Vec<String>,
 }
 
@@ -434,9 +453,20 @@ fn cmd_rollback(args: &RollbackArgs) -> Result<ExitCode> {
 }
 
 fn cmd_sim_provision(args: &SimProvisionArgs) -> Result<ExitCode> {
-    let trusted = parse_trusted_keys(&args.trusted)?;
-    let store = open_store(&args.store)
-        .with_context(|| format!("cannot open bundle store {}", args.store.display()))?;
+    let mut trusted = parse_trusted_keys(&args.trusted)?;
+    let store_dir = match (&args.store, &args.edge_dir) {
+        (Some(store), _) => store.clone(),
+        (None, Some(edge_dir)) => {
+            let identity =
+                proto::net::NodeIdentity::load(&edge_agent::fetch::identity_dir(edge_dir))
+                    .with_context(|| format!("{} holds no enrolled edge", edge_dir.display()))?;
+            trusted.push(*identity.publisher_key());
+            edge_dir.join("store")
+        }
+        (None, None) => bail!("give --store or --edge-dir"),
+    };
+    let store = open_store(&store_dir)
+        .with_context(|| format!("cannot open bundle store {}", store_dir.display()))?;
     let marker = swap::provision_sim(&args.root, &store, &args.os, &trusted)
         .with_context(|| format!("cannot provision {}", args.root.display()))?;
     println!(
@@ -530,6 +560,19 @@ fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
         upload_limit_bits_per_s: args.upload_limit_mbit.map(|m| m * 1_000_000),
         max_uploads: args.max_uploads,
         test_corrupt_serving: args.test_corrupt_serving,
+        swap: match args.machine_root {
+            Some(machine_root) => Some(edge_agent::remote_swap::RemoteSwapConfig {
+                machine_root,
+                health_checks: args
+                    .swap_health_checks
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                boot_attempts: args.swap_boot_attempts,
+                agent: std::env::current_exe().context("cannot find the edge-agent executable")?,
+            }),
+            None => None,
+        },
     };
     let ready_file = args.ready_file;
     let p2p = edge_agent::peers::P2pConfig {

@@ -1,12 +1,14 @@
 //! netsim: runs the real Stagecoach binaries as a mesh and measures it.
 //!
-//! The local demo ([`demo`]) of real processes ([`mesh`], [`procs`], [`datagen`]); the WAN
+//! The local demo ([`demo`]) of real processes ([`mesh`], [`procs`], [`datagen`]), with
+//! simulated machines behind the edges ([`machines`]); the WAN
 //! relay ([`relay`]); and fleet-scale simulation in virtual time ([`topology`], [`simulate`],
 //! [`report`], [`compare`]).
 
 pub mod compare;
 pub mod datagen;
 pub mod demo;
+pub mod machines;
 pub mod mesh;
 pub mod procs;
 pub mod relay;

@@ -1,9 +1,9 @@
 //! `netsim`: the local demo of the whole mesh.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use netsim::demo::{self, DemoConfig};
+use netsim::demo::{self, DemoConfig, DemoStrategy};
 use netsim::procs::Binaries;
 
 #[derive(Parser)]
@@ -20,7 +20,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start an origin and two sites (a stager and four edges each) on loopback, publish a
-    /// generated bundle, let every edge fetch it, and print who moved how many bytes.
+    /// generated bundle, let every edge fetch it (from the stager, and with `mesh` from each
+    /// other too), and print who moved how many bytes.
     Demo {
         /// Print the result as one JSON object instead of a table.
         #[arg(long)]
@@ -34,6 +35,17 @@ enum Command {
         /// Edges per site.
         #[arg(long, default_value_t = 4)]
         edges: usize,
+        /// How edges get the bundle.
+        #[arg(long, value_enum, default_value_t = DemoStrategy::Mesh)]
+        strategy: DemoStrategy,
+        /// Upload limit of each stager to its edges, in Mbit/s (default: unlimited). A slow
+        /// stager shows what peers take off it.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        stager_upload_mbit: Option<u64>,
+        /// End with an OS swap on every edge: each edge gets a simulated machine running a
+        /// small factory OS, and `origin swap` moves them all to the demo bundle.
+        #[arg(long)]
+        swap: bool,
         /// Keep state and logs in this directory instead of a temporary one.
         #[arg(long)]
         work_dir: Option<std::path::PathBuf>,
@@ -137,6 +149,9 @@ async fn run() -> Result<()> {
             bundle_mib,
             sites,
             edges,
+            strategy,
+            stager_upload_mbit,
+            swap,
             work_dir,
             bin_dir,
         } => {
@@ -146,14 +161,19 @@ async fn run() -> Result<()> {
             };
             if !json {
                 eprintln!(
-                    "netsim demo: origin + {sites} sites × (1 stager + {edges} edges), {bundle_mib} MiB bundle, all on loopback"
+                    "netsim demo ({strategy}): origin + {sites} sites × (1 stager + {edges} edges), {bundle_mib} MiB bundle, all on loopback"
                 );
             }
             let result = demo::run(DemoConfig {
                 sites,
                 edges_per_site: edges,
-                bundle_bytes: bundle_mib * 1024 * 1024,
+                bundle_bytes: bundle_mib
+                    .checked_mul(1024 * 1024)
+                    .context("--bundle-mib is too large")?,
                 seed: 1,
+                strategy,
+                stager_upload_mbit,
+                swap,
                 work_dir,
                 binaries,
             })
@@ -162,6 +182,15 @@ async fn run() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&result)?);
             } else {
                 print!("{}", result.table());
+            }
+            if let Some(swap) = &result.swap {
+                if swap.done < swap.edges {
+                    anyhow::bail!(
+                        "{} of {} edges did not end on the new OS",
+                        swap.edges - swap.done,
+                        swap.edges
+                    );
+                }
             }
         }
     }

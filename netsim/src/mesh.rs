@@ -274,9 +274,22 @@ impl Mesh {
     /// Starts the daemon (`edge-agent serve`) of every edge, with `--peers on|off` and
     /// `extra_args`; `edge-agent fetch` then goes through the daemon.
     pub async fn start_edge_daemons(&mut self, peers: bool, extra_args: &[String]) -> Result<()> {
+        self.start_edge_daemons_with(peers, extra_args, |_| Vec::new())
+            .await
+    }
+
+    /// Like [`Mesh::start_edge_daemons`], with flags of each edge's own after `extra_args`
+    /// (`per_edge` gets the edge: its machine root, say).
+    pub async fn start_edge_daemons_with(
+        &mut self,
+        peers: bool,
+        extra_args: &[String],
+        per_edge: impl Fn(&EdgeNode) -> Vec<String>,
+    ) -> Result<()> {
         for index in 0..self.edges.len() {
             let mut args = vec![s("--peers"), s(if peers { "on" } else { "off" })];
             args.extend(extra_args.iter().cloned());
+            args.extend(per_edge(&self.edges[index]));
             self.edges[index].daemon_args = args;
             let edge = self.edges[index].clone();
             let ready = self.start_edge_daemon(&edge, "127.0.0.1:0").await?;
@@ -376,6 +389,18 @@ impl Mesh {
 
     /// Publishes `tree` as `name@version`; returns the bundle id.
     pub async fn publish(&self, tree: &Path, name: &str, version: &str) -> Result<String> {
+        self.publish_as(tree, name, version, "os-image").await
+    }
+
+    /// Publishes `tree` as `name@version` of `kind` (`os-image`, `base-os`, `package`, ...);
+    /// returns the bundle id.
+    pub async fn publish_as(
+        &self,
+        tree: &Path,
+        name: &str,
+        version: &str,
+        kind: &str,
+    ) -> Result<String> {
         let out = procs::run_to_end(
             &self.bins.path("origin"),
             &[
@@ -388,7 +413,7 @@ impl Mesh {
                 s("--version"),
                 s(version),
                 s("--kind"),
-                s("os-image"),
+                s(kind),
                 s("--no-progress"),
             ],
         )
@@ -474,6 +499,12 @@ impl Mesh {
     pub async fn lan_bytes(&self, site: &str) -> Result<u64> {
         self.site_stager_sum(site, "stagecoach_bytes_sent_total", "edge")
             .await
+    }
+
+    /// Bytes the stagers of `site` sent to its edges (the same as [`Mesh::lan_bytes`], which
+    /// counts only the stagers; with peers, edges serve each other too: [`Mesh::peer_bytes`]).
+    pub async fn stager_egress_bytes(&self, site: &str) -> Result<u64> {
+        self.lan_bytes(site).await
     }
 
     async fn site_stager_sum(&self, site: &str, metric: &str, peer_role: &str) -> Result<u64> {

@@ -5,11 +5,14 @@
 //! - [`tokens`]: one-time enrollment secrets.
 //! - [`server`]: `origin serve` (mesh and enrollment endpoints).
 //! - [`publish`]: `origin publish` (pack, upload, publish).
+//! - [`remote`]: `origin swap` (commands to edge daemons over mutual TLS).
+//! - [`policy`], [`rollout`]: which bundle a node should run, and waves of a rollout.
 
 pub mod catalog;
 pub mod home;
 pub mod policy;
 pub mod publish;
+pub mod remote;
 pub mod rollout;
 pub mod server;
 pub mod tokens;

@@ -84,6 +84,22 @@ enum Command {
     },
     /// List published bundles.
     Bundles,
+    /// Swap the OS of edges remotely: each edge fetches the bundles from its site, verifies
+    /// them, and runs the crash-safe swap (its daemon needs --machine-root).
+    Swap {
+        /// The OS to install: a bundle id, NAME@VERSION or NAME (the newest).
+        #[arg(long)]
+        target: String,
+        /// The rescue (base) OS, likewise.
+        #[arg(long)]
+        rescue: String,
+        /// An edge daemon's mesh address (repeatable).
+        #[arg(long = "edge", required = true)]
+        edges: Vec<SocketAddr>,
+        /// No progress display.
+        #[arg(long)]
+        no_progress: bool,
+    },
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -194,6 +210,35 @@ async fn main() -> Result<()> {
                     b.stored_bytes,
                     b.raw_bytes,
                     b.id
+                );
+            }
+        }
+        Command::Swap {
+            target,
+            rescue,
+            edges,
+            no_progress,
+        } => {
+            let target = origin::remote::resolve_bundle(&home, &target).await?;
+            let rescue = origin::remote::resolve_bundle(&home, &rescue).await?;
+            let identity = home.origin_identity()?;
+            let results =
+                origin::remote::swap_edges(&identity, &edges, target, rescue, !no_progress).await?;
+            let mut failed = 0;
+            for r in &results {
+                match &r.result {
+                    Ok((outcome, None)) => println!("{}  {outcome}", r.edge),
+                    Ok((outcome, Some(why))) => println!("{}  {outcome}: {why}", r.edge),
+                    Err(e) => println!("{}  error: {e}", r.edge),
+                }
+                if !r.succeeded() {
+                    failed += 1;
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!(
+                    "{failed} of {} edges did not end on the new OS",
+                    results.len()
                 );
             }
         }

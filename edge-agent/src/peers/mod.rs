@@ -1,5 +1,6 @@
 //! Peer caching inside a site: downloads from many sources at once ([`download`]), and the
-//! site's control plane that tells who is here and who holds what.
+//! site's control plane that tells who is here and who holds what ([`discovery`] and the
+//! stager's tracker).
 //!
 //! The control plane is a tracker on the site's stager: every edge daemon reports what it holds
 //! ([`Request::SitePeers`]) every [`TRACKER_INTERVAL`] and gets the other edges of its site
@@ -9,7 +10,15 @@
 //! site's peers (the stager only lists edges whose certificate names its site). Its cost is one
 //! small request per edge per interval. Announcements are hints: data from a peer is verified
 //! like any other, and a peer that lies is banned.
+//!
+//! Discovery is libp2p ([`discovery`]): every daemon listens for libp2p connections and reports
+//! its libp2p addresses to the tracker, so the stager's answer is also the site's list of known
+//! peers, which each daemon dials (where multicast is off); with `--mdns`, peers on the LAN find
+//! each other without any stager. A discovered peer is asked directly what it holds (the same
+//! [`Request::SitePeers`], answered by the peer's daemon with itself alone) whenever no stager
+//! answers the tracker request, so a site whose stager is down still shares among its edges.
 
+pub mod discovery;
 pub mod download;
 
 use std::collections::BTreeMap;
@@ -19,10 +28,12 @@ use std::time::Duration;
 
 use anyhow::Result;
 use proto::net::{call, client_endpoint, connect, NodeIdentity};
-use proto::wire::{Holding, Request, Response, MAX_FRAME_BYTES, MAX_HOLDINGS};
+use proto::wire::{Holding, Request, Response, SitePeer, MAX_FRAME_BYTES, MAX_HOLDINGS};
+use tokio::sync::mpsc;
 
 use crate::daemon::{self, Announcer, DaemonConfig, DaemonReady, PeerBoard, Silent};
 use crate::fetch::identity_dir;
+use discovery::{Discovery, DiscoveryConfig};
 use download::PeerHave;
 
 /// How often an edge reports to its stager's tracker and learns what its peers hold.
@@ -31,11 +42,20 @@ pub const TRACKER_INTERVAL: Duration = Duration::from_millis(300);
 /// Peer discovery settings of the daemon.
 #[derive(Clone, Debug)]
 pub struct P2pConfig {
-    /// libp2p listen address (multiaddr), for discovery beyond the tracker (not yet used).
+    /// libp2p listen address (multiaddr).
     pub listen: String,
-    /// Also discover peers with mDNS (not yet used).
+    /// Also discover peers with mDNS.
     pub mdns: bool,
 }
+
+/// Peers found by libp2p discovery: node id → data address.
+type Direct = Arc<Mutex<BTreeMap<String, SocketAddr>>>;
+
+/// How long the tracker waits for a stager's handshake before it asks the peers it discovered.
+const TRACKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Most libp2p addresses of the stager's list dialed per tracker answer.
+const MAX_DIALS_PER_ROUND: usize = 64;
 
 /// This node's holdings, reported to the tracker.
 #[derive(Default)]
@@ -72,6 +92,13 @@ impl Announcer for TrackerAnnouncer {
         }
         holdings.by_bundle.insert(bundle.to_owned(), pieces);
     }
+
+    fn holdings(&self) -> Vec<Holding> {
+        self.holdings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .report()
+    }
 }
 
 /// Runs the daemon; with `config.peers` on, it reports to and learns from the stager's
@@ -85,9 +112,6 @@ pub async fn serve_with_peers(
     if !config.peers {
         return daemon::serve(config, board, Arc::new(Silent), ready).await;
     }
-    if p2p.mdns {
-        tracing::warn!("mDNS discovery is not built yet; using the stager's tracker only");
-    }
     let identity = NodeIdentity::load(&identity_dir(&config.dir))?;
     let holdings = Arc::new(Mutex::new(Holdings::default()));
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
@@ -97,25 +121,74 @@ pub async fn serve_with_peers(
         holdings.clone(),
         board.clone(),
         addr_rx,
+        p2p,
     ));
     let announcer = Arc::new(TrackerAnnouncer { holdings });
     daemon::serve(config, board, announcer, move |info| {
         if let Ok(addr) = info.mesh.parse::<SocketAddr>() {
-            let _ = addr_tx.send(advertised(addr));
+            let _ = addr_tx.send(daemon::advertised(addr));
         }
         ready(info)
     })
     .await
 }
 
+/// Starts libp2p discovery and a task that feeds it dials and records what it finds in
+/// `direct`. Returns this node's libp2p addresses and where to send addresses to dial; `None`
+/// when discovery could not start (the tracker still works).
+async fn start_discovery(
+    identity: &NodeIdentity,
+    p2p: P2pConfig,
+    data_addr: SocketAddr,
+    direct: Direct,
+) -> Option<(Vec<String>, mpsc::Sender<String>)> {
+    let config = DiscoveryConfig {
+        listen: p2p.listen.clone(),
+        mdns: p2p.mdns,
+        site: identity.site().as_str().to_owned(),
+        node_id: identity.node_id().to_string(),
+        data_addr,
+    };
+    let mut discovery = match Discovery::start(config).await {
+        Ok(discovery) => discovery,
+        Err(error) => {
+            tracing::error!(listen = %p2p.listen, error = format!("{error:#}"), "peer discovery (libp2p) did not start; using the stager's tracker only");
+            return None;
+        }
+    };
+    let addrs = discovery.listen_addrs();
+    tracing::info!(addrs = ?addrs, mdns = p2p.mdns, "peer discovery listening");
+    let (dial_tx, mut dial_rx) = mpsc::channel::<String>(MAX_DIALS_PER_ROUND);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                found = discovery.next() => {
+                    let Some(peer) = found else { break };
+                    tracing::info!(node = %peer.node_id, data = %peer.data_addr, via = ?peer.via, "discovered a peer of the site");
+                    direct.lock().unwrap_or_else(|e| e.into_inner()).insert(peer.node_id, peer.data_addr);
+                }
+                addr = dial_rx.recv() => {
+                    let Some(addr) = addr else { break };
+                    if let Err(error) = discovery.dial(&addr) {
+                        tracing::debug!(%addr, %error, "cannot dial a listed peer");
+                    }
+                }
+            }
+        }
+    });
+    Some((addrs, dial_tx))
+}
+
 /// Reports to the first stager that answers, every [`TRACKER_INTERVAL`], and records what the
-/// other edges of the site hold.
+/// other edges of the site hold; dials the libp2p addresses the stager lists. When no stager
+/// answers, asks the peers discovery found directly.
 async fn track(
     identity: NodeIdentity,
     stagers: Vec<SocketAddr>,
     holdings: Arc<Mutex<Holdings>>,
     board: Arc<Mutex<PeerBoard>>,
     data_addr: tokio::sync::oneshot::Receiver<SocketAddr>,
+    p2p: P2pConfig,
 ) {
     let Ok(data_addr) = data_addr.await else {
         return;
@@ -127,50 +200,62 @@ async fn track(
             return;
         }
     };
+    let direct: Direct = Arc::default();
+    let (p2p_addrs, dials) = match start_discovery(&identity, p2p, data_addr, direct.clone()).await
+    {
+        Some((addrs, dials)) => (addrs, Some(dials)),
+        None => (Vec::new(), None),
+    };
+    let own_id = identity.node_id().to_string();
     let mut conn: Option<quinn::Connection> = None;
+    let mut peer_conns: BTreeMap<SocketAddr, quinn::Connection> = BTreeMap::new();
     let mut ticker = tokio::time::interval(TRACKER_INTERVAL);
     loop {
         ticker.tick().await;
         let have = holdings.lock().unwrap_or_else(|e| e.into_inner()).report();
         let request = Request::SitePeers {
             data_addr: data_addr.to_string(),
-            p2p_addrs: Vec::new(),
+            p2p_addrs: p2p_addrs.clone(),
             have,
         };
         let mut answered = false;
         for &stager in &stagers {
             let current = match conn.as_ref().filter(|c| c.close_reason().is_none()) {
                 Some(c) => c.clone(),
-                None => match connect(&endpoint, stager).await {
-                    Ok(c) => {
-                        conn = Some(c.clone());
-                        c
+                None => {
+                    match tokio::time::timeout(TRACKER_CONNECT_TIMEOUT, connect(&endpoint, stager))
+                        .await
+                    {
+                        Ok(Ok(c)) => {
+                            conn = Some(c.clone());
+                            c
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%stager, %error, "tracker unreachable here");
+                            continue;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%stager, "tracker did not answer in time");
+                            continue;
+                        }
                     }
-                    Err(error) => {
-                        tracing::debug!(%stager, %error, "tracker unreachable here");
-                        continue;
-                    }
-                },
+                }
             };
             match call(&current, &request, MAX_FRAME_BYTES).await {
                 Ok(Response::SitePeers(peers)) => {
-                    let mut board = board.lock().unwrap_or_else(|e| e.into_inner());
-                    for peer in peers {
-                        let Ok(addr) = peer.data_addr.parse::<SocketAddr>() else {
-                            tracing::debug!(node = %peer.node_id, addr = %peer.data_addr, "peer with a bad address ignored");
-                            continue;
-                        };
-                        for holding in peer.have {
-                            board.record(
-                                &holding.bundle,
-                                PeerHave {
-                                    node_id: peer.node_id.clone(),
-                                    data_addr: addr,
-                                    pieces: holding.pieces,
-                                },
-                            );
+                    if let Some(dials) = &dials {
+                        for addr in peers
+                            .iter()
+                            .flat_map(|p| &p.p2p_addrs)
+                            .take(MAX_DIALS_PER_ROUND)
+                        {
+                            // A full queue skips this round's rest; the next answer lists them again.
+                            if dials.try_send(addr.clone()).is_err() {
+                                break;
+                            }
                         }
                     }
+                    record(&board, peers, &own_id);
                     answered = true;
                     break;
                 }
@@ -185,16 +270,75 @@ async fn track(
             }
         }
         if !answered {
-            tracing::debug!("no stager answered the tracker request");
+            tracing::debug!("no stager answered the tracker request; asking discovered peers");
+            let peers: Vec<SocketAddr> = direct
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .copied()
+                .collect();
+            for addr in peers {
+                ask_peer(&endpoint, &mut peer_conns, addr, &request, &board, &own_id).await;
+            }
         }
     }
 }
 
-/// The address peers should use: an unspecified bind address is advertised as loopback.
-fn advertised(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
-    } else {
-        addr
+/// Asks one discovered peer what it holds (its daemon answers with itself alone).
+async fn ask_peer(
+    endpoint: &quinn::Endpoint,
+    conns: &mut BTreeMap<SocketAddr, quinn::Connection>,
+    addr: SocketAddr,
+    request: &Request,
+    board: &Arc<Mutex<PeerBoard>>,
+    own_id: &str,
+) {
+    let conn = match conns.get(&addr).filter(|c| c.close_reason().is_none()) {
+        Some(c) => c.clone(),
+        None => {
+            match tokio::time::timeout(TRACKER_CONNECT_TIMEOUT, connect(endpoint, addr)).await {
+                Ok(Ok(c)) => {
+                    conns.insert(addr, c.clone());
+                    c
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(peer = %addr, %error, "discovered peer unreachable");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %addr, "discovered peer did not answer in time");
+                    return;
+                }
+            }
+        }
+    };
+    match call(&conn, request, MAX_FRAME_BYTES).await {
+        Ok(Response::SitePeers(peers)) => record(board, peers, own_id),
+        Ok(other) => tracing::debug!(peer = %addr, answer = ?other, "peer refused to list itself"),
+        Err(error) => {
+            tracing::debug!(peer = %addr, %error, "peer request failed");
+            conns.remove(&addr);
+        }
+    }
+}
+
+/// Records what `peers` hold on the board (never this node itself).
+fn record(board: &Arc<Mutex<PeerBoard>>, peers: Vec<SitePeer>, own_id: &str) {
+    let mut board = board.lock().unwrap_or_else(|e| e.into_inner());
+    for peer in peers.into_iter().filter(|p| p.node_id != own_id) {
+        let Ok(addr) = peer.data_addr.parse::<SocketAddr>() else {
+            tracing::debug!(node = %peer.node_id, addr = %peer.data_addr, "peer with a bad address ignored");
+            continue;
+        };
+        for holding in peer.have {
+            board.record(
+                &holding.bundle,
+                PeerHave {
+                    node_id: peer.node_id.clone(),
+                    data_addr: addr,
+                    pieces: holding.pieces,
+                },
+            );
+        }
     }
 }

@@ -97,12 +97,29 @@ fn reach(addr: &str) -> Result<(), String> {
         .collect();
     let mut last = format!("{addr} resolves to no address");
     for socket in addrs {
-        match TcpStream::connect_timeout(&socket, timeout) {
-            Ok(_) => return Ok(()),
-            Err(e) => last = format!("cannot connect to stager {socket}: {e}"),
+        // A stager serves QUIC (UDP); a TCP service at the address (a proxy, say) counts too.
+        match quic_probe(socket, timeout) {
+            Ok(()) => return Ok(()),
+            Err(quic) => match TcpStream::connect_timeout(&socket, timeout) {
+                Ok(_) => return Ok(()),
+                Err(tcp) => {
+                    last = format!("cannot reach stager {socket}: QUIC: {quic}; TCP: {tcp}")
+                }
+            },
         }
     }
     Err(last)
+}
+
+/// A QUIC handshake with the stager at `addr`, abandoned once it answers.
+fn quic_probe(addr: std::net::SocketAddr, timeout: Duration) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime for the probe: {e}"))?;
+    runtime
+        .block_on(proto::net::probe(addr, timeout))
+        .map_err(|e| e.to_string())
 }
 
 fn run_command(command: &str, slot: Slot, slot_root: &Path) -> Result<(), String> {

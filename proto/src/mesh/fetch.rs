@@ -1,5 +1,7 @@
 //! Fetching manifests and blobs from a peer into a [`Store`], verified group by group.
 
+use std::time::{Duration, Instant};
+
 use ed25519_dalek::VerifyingKey;
 use quinn::{Connection, RecvStream};
 use tokio::sync::watch;
@@ -144,10 +146,9 @@ pub async fn fetch_blob(
     counters: &PeerCounters,
     progress: Option<&Progress>,
 ) -> Result<u64, FetchError> {
-    if matches!(store.blob_status(&hash)?, BlobStatus::Complete { .. }) {
+    let Some(mut partial) = open_writer(store, hash, size).await? else {
         return Ok(0);
-    }
-    let mut partial = tokio::task::block_in_place(|| store.begin_or_resume(hash, size))?;
+    };
     let missing = partial.missing();
     if missing.is_empty() {
         tokio::task::block_in_place(|| partial.finish())?;
@@ -197,6 +198,32 @@ pub async fn fetch_blob(
         let missing = partial.missing().count(size);
         tokio::task::block_in_place(|| partial.commit())?;
         Err(FetchError::Incomplete { hash, missing })
+    }
+}
+
+/// How long a fetch waits for another task that is writing the same blob (an aborted request
+/// still unwinding, say) before it gives up.
+const WRITER_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens the blob for writing, waiting while another task of this node holds it. `None` when
+/// the blob is (or became, by that other task) complete.
+async fn open_writer(
+    store: &Store,
+    hash: BlobHash,
+    size: u64,
+) -> Result<Option<crate::store::PartialBlob>, FetchError> {
+    let deadline = Instant::now() + WRITER_WAIT;
+    loop {
+        if matches!(store.blob_status(&hash)?, BlobStatus::Complete { .. }) {
+            return Ok(None);
+        }
+        match tokio::task::block_in_place(|| store.begin_or_resume(hash, size)) {
+            Ok(partial) => return Ok(Some(partial)),
+            Err(StoreError::WriteInProgress { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(other) => return Err(other.into()),
+        }
     }
 }
 

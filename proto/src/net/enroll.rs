@@ -608,6 +608,47 @@ fn pinned_client_config(
     Ok(config)
 }
 
+/// Checks that a mesh node answers QUIC at `addr`: a handshake is started and abandoned as
+/// soon as the server shows a certificate (no certificate is trusted, nothing is sent beyond
+/// the handshake, and no client certificate is needed). A health check uses it to tell that
+/// the stager is up before it has any identity at hand. Fails when nothing answers within
+/// `timeout`.
+pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), NetError> {
+    install_crypto_provider();
+    let answered = Arc::new(AtomicBool::new(false));
+    // An all-zero fingerprint matches no certificate: any server's certificate is refused, and
+    // seeing one is the proof that the server answered.
+    let config = pinned_client_config([0u8; 32], answered.clone())?;
+    let bind = if addr.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    };
+    let endpoint =
+        Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    let connecting = endpoint
+        .connect_with(config, addr, MESH_SERVER_NAME)
+        .map_err(|e| NetError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let outcome = tokio::time::timeout(timeout, connecting).await;
+    endpoint.close(VarInt::from_u32(0), b"probe");
+    match outcome {
+        _ if answered.load(Ordering::SeqCst) => Ok(()),
+        // A server that closed the handshake (a refused ALPN, say) answered too.
+        Ok(Err(quinn::ConnectionError::ConnectionClosed(_))) | Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(NetError::Connect {
+            addr,
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(NetError::Timeout {
+            what: "QUIC handshake (probe)",
+            after_ms: timeout.as_millis() as u64,
+        }),
+    }
+}
+
 /// Accepts only the pinned certificate. The handshake signature is still checked against it,
 /// so the server must hold the certificate's key, not just a copy of the certificate.
 #[derive(Debug)]

@@ -22,6 +22,7 @@ mod pem;
 pub mod tls;
 
 pub use ca::{CertAuthority, IssuedCert};
+pub use enroll::probe;
 pub use enroll::{
     cert_fingerprint, enroll, enroll_endpoint, serve_enrollment, EnrollDenied, EnrollGrant,
     EnrollRequest, EnrollToken,

@@ -1,0 +1,153 @@
+//! `netsim demo --strategy staged|mesh`, run as a user runs it (the real `netsim` binary with
+//! `--json`): every edge ends with the bundle, each site pulls it over the WAN once, and the
+//! bytes served inside a site come from the stager alone (`staged`) or from the stager and the
+//! other edges (`mesh`).
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long one demo run may take (a few seconds when the machine is idle).
+const DEMO_TIMEOUT: Duration = Duration::from_secs(300);
+const SITES: u64 = 2;
+const EDGES: u64 = 3;
+/// The stagers' upload limit: slow enough that edges of a `mesh` site serve each other.
+const STAGER_UPLOAD_MBIT: u64 = 80;
+
+fn bin_dir() -> PathBuf {
+    let mut dir = std::env::current_exe().expect("exe");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    assert!(
+        dir.join("netsim").is_file(),
+        "build the binaries first: cargo build --release --bins"
+    );
+    dir
+}
+
+/// Runs `netsim demo --json` with `strategy` and returns its JSON result.
+fn run_demo(strategy: &str) -> Value {
+    let work = tempfile::tempdir().expect("tempdir");
+    let stdout_path = work.path().join("stdout.json");
+    let stderr_path = work.path().join("stderr.log");
+    let mut demo = Command::new(bin_dir().join("netsim"))
+        .args(["demo", "--json", "--bundle-mib", "16"])
+        .args(["--sites", &SITES.to_string(), "--edges", &EDGES.to_string()])
+        .args(["--strategy", strategy])
+        .args(["--stager-upload-mbit", &STAGER_UPLOAD_MBIT.to_string()])
+        .arg("--work-dir")
+        .arg(work.path().join("demo"))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("start netsim demo");
+    let deadline = Instant::now() + DEMO_TIMEOUT;
+    let status = loop {
+        if let Some(status) = demo.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            // Its children die with it (PR_SET_PDEATHSIG).
+            let _ = demo.kill();
+            let _ = demo.wait();
+            panic!("netsim demo --strategy {strategy} did not finish within {DEMO_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert!(
+        status.success(),
+        "netsim demo --strategy {strategy} failed with {status}:\n{stderr}"
+    );
+    let result: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("the demo printed no JSON ({e}):\n{stdout}\n{stderr}"));
+    eprintln!("--strategy {strategy}:\n{stdout}");
+    result
+}
+
+fn u(value: &Value, field: &str) -> u64 {
+    value[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number `{field}` in {value}"))
+}
+
+/// What every run shows, whatever the strategy: every edge holds the bundle, and each site
+/// pulled it across the WAN once. Returns the bundle's stored bytes and the sites.
+fn check_common(result: &Value, strategy: &str) -> (u64, Vec<Value>) {
+    assert_eq!(
+        result["strategy"], strategy,
+        "the result names its strategy"
+    );
+    let bundle = u(result, "bundle_bytes");
+    assert!(bundle > 0, "empty bundle");
+    assert!(
+        result["all_edges_done_s"].as_f64().is_some(),
+        "no all_edges_done_s in {result}"
+    );
+    let sites = result["sites"].as_array().expect("sites").clone();
+    assert_eq!(sites.len() as u64, SITES);
+    for site in &sites {
+        let name = site["name"].as_str().expect("site name");
+        assert_eq!(u(site, "edges_done"), EDGES, "{name}: not every edge done");
+        let wan = u(site, "wan_bytes") as f64;
+        assert!(
+            wan >= 0.99 * bundle as f64 && wan <= 1.05 * bundle as f64,
+            "{name} pulled {wan} B over the WAN for a {bundle} B bundle (expected once)"
+        );
+        assert_eq!(
+            u(site, "lan_bytes"),
+            u(site, "stager_egress_bytes") + u(site, "peer_bytes"),
+            "{name}: lan_bytes is what the stager and the peers served"
+        );
+    }
+    (bundle, sites)
+}
+
+#[test]
+fn staged_edges_get_everything_from_their_stager() {
+    let result = run_demo("staged");
+    let (bundle, sites) = check_common(&result, "staged");
+    let every_edge = (EDGES * bundle) as f64;
+    for site in &sites {
+        let name = site["name"].as_str().expect("site name");
+        assert_eq!(
+            u(site, "peer_bytes"),
+            0,
+            "{name}: staged edges served peers"
+        );
+        let egress = u(site, "stager_egress_bytes") as f64;
+        assert!(
+            egress >= 0.99 * every_edge && egress <= 1.05 * every_edge,
+            "{name}: the stager sent {egress} B, expected about {EDGES} × {bundle} B"
+        );
+    }
+}
+
+#[test]
+fn mesh_edges_get_everything_from_inside_their_site() {
+    let result = run_demo("mesh");
+    let (bundle, sites) = check_common(&result, "mesh");
+    let every_edge = (EDGES * bundle) as f64;
+    for site in &sites {
+        let name = site["name"].as_str().expect("site name");
+        let stager = u(site, "stager_egress_bytes");
+        let peers = u(site, "peer_bytes");
+        // Every edge got every byte from somewhere inside the site.
+        assert!(
+            (stager + peers) as f64 >= 0.99 * every_edge,
+            "{name}: stager {stager} B + peers {peers} B is less than {EDGES} × {bundle} B"
+        );
+        // The stager is held to {STAGER_UPLOAD_MBIT} Mbit/s and edges ask it for one chunk at a
+        // time, preferring peers: the edges always end up serving each other.
+        assert!(
+            peers > 0,
+            "{name}: with a slow stager the edges never served each other"
+        );
+    }
+}
