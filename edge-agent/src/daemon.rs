@@ -475,6 +475,39 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Announces what the store already holds (after a restart, say): each bundle whose
+    /// manifest is here and verifies, with the pieces present.
+    fn announce_store(&self) {
+        let manifests = match self.node.store.list_manifests() {
+            Ok(manifests) => manifests,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list the bundles held here; announcing none");
+                return;
+            }
+        };
+        let trusted = [*self.node.identity.publisher_key()];
+        for signed in manifests {
+            let id = signed.id();
+            let Ok(manifest) = signed.verify_as(id, &trusted) else {
+                tracing::debug!(bundle = %id, "a stored manifest does not verify; not announced");
+                continue;
+            };
+            let held: Vec<bool> = crate::peers::download::pieces_of(&manifest)
+                .iter()
+                .map(|(hash, _)| self.node.store.has_blob(hash))
+                .collect();
+            if held.iter().any(|h| *h) {
+                self.announcer.announce(
+                    &id.to_string(),
+                    held_ranges(&held),
+                    held.iter().all(|h| *h),
+                );
+            }
+        }
+    }
+}
+
 impl RequestHandler for Daemon {
     async fn handle(
         self: Arc<Self>,
@@ -529,6 +562,9 @@ pub async fn serve(
         stagers: config.stagers.clone(),
         advertised: advertised(listen).to_string(),
     });
+    if config.peers {
+        daemon.announce_store();
+    }
     if config.test_corrupt_serving {
         tracing::warn!("TEST HOOK: every blob part served to peers will be corrupted");
     }

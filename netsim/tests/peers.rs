@@ -10,6 +10,10 @@ use netsim::procs::{self, metric_sum, Binaries};
 
 const MIB: u64 = 1024 * 1024;
 
+/// The tests of this file run one at a time: the timing comparison of
+/// `peers_take_load_off_a_slow_stager` must not share two cores with the other meshes.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn bins() -> Binaries {
     Binaries::beside_current_exe().expect("build the binaries: cargo build --release --bins")
 }
@@ -80,6 +84,7 @@ async fn fan_out(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_take_load_off_a_slow_stager() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 32 * MIB, 21).expect("tree");
@@ -102,6 +107,7 @@ async fn peers_take_load_off_a_slow_stager() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_edge_is_banned_and_the_others_finish() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 8 * MIB, 22).expect("tree");
@@ -164,6 +170,7 @@ async fn a_lying_edge_is_banned_and_the_others_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sites_keep_peer_traffic_inside_each_site() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 8 * MIB, 23).expect("tree");
@@ -192,6 +199,7 @@ async fn two_sites_keep_peer_traffic_inside_each_site() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "figures for issue 4; run explicitly"]
 async fn peers_figures_16_edges() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 32 * MIB, 21).expect("tree");
@@ -260,6 +268,7 @@ fn assert_same_tree(a: &Path, b: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_killed_mid_download_resumes_from_its_verified_groups_and_completes() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 64 * MIB, 24).expect("tree");
