@@ -16,17 +16,11 @@ const EDGES: u64 = 3;
 /// The stagers' upload limit: slow enough that edges of a `mesh` site serve each other.
 const STAGER_UPLOAD_MBIT: u64 = 80;
 
-fn bin_dir() -> PathBuf {
-    let mut dir = std::env::current_exe().expect("exe");
-    dir.pop();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    assert!(
-        dir.join("netsim").is_file(),
-        "build the binaries first: cargo build --release --bins"
-    );
-    dir
+/// The `netsim` binary, beside the other workspace binaries.
+fn netsim_bin() -> PathBuf {
+    netsim::procs::Binaries::beside_current_exe()
+        .expect("build the binaries first: cargo build --release --bins")
+        .path("netsim")
 }
 
 /// Runs `netsim demo --json` with `strategy` and returns its JSON result.
@@ -34,7 +28,7 @@ fn run_demo(strategy: &str) -> Value {
     let work = tempfile::tempdir().expect("tempdir");
     let stdout_path = work.path().join("stdout.json");
     let stderr_path = work.path().join("stderr.log");
-    let mut demo = Command::new(bin_dir().join("netsim"))
+    let mut demo = Command::new(netsim_bin())
         .args(["demo", "--json", "--bundle-mib", "16"])
         .args(["--sites", &SITES.to_string(), "--edges", &EDGES.to_string()])
         .args(["--strategy", strategy])

@@ -59,11 +59,14 @@ async fn edges_found_by_discovery_share_when_the_stager_is_gone() {
         "A failed: {}",
         std::fs::read_to_string(&fetched[0].log).unwrap_or_default()
     );
-    let origin_before = metric_sum(
-        &mesh.origin_metrics().await.expect("origin metrics"),
-        "stagecoach_bytes_sent_total",
-        &[("peer_role", "edge")],
-    );
+    let origin_to_edges = |text: &str| {
+        metric_sum(
+            text,
+            "stagecoach_bytes_sent_total",
+            &[("peer_role", "edge")],
+        )
+    };
+    let origin_before = origin_to_edges(&mesh.origin_metrics().await.expect("origin metrics"));
     let fetched = mesh
         .fetch_all(std::slice::from_ref(&b), &id)
         .await
@@ -73,16 +76,9 @@ async fn edges_found_by_discovery_share_when_the_stager_is_gone() {
         "B failed: {}",
         std::fs::read_to_string(&fetched[0].log).unwrap_or_default()
     );
-    let origin_after = metric_sum(
-        &mesh.origin_metrics().await.expect("origin metrics"),
-        "stagecoach_bytes_sent_total",
-        &[("peer_role", "edge")],
-    );
-    let bundle = metric_sum(
-        &mesh.origin_metrics().await.expect("origin metrics"),
-        "stagecoach_bundle_stored_bytes",
-        &[],
-    );
+    let origin_text = mesh.origin_metrics().await.expect("origin metrics");
+    let origin_after = origin_to_edges(&origin_text);
+    let bundle = metric_sum(&origin_text, "stagecoach_bundle_stored_bytes", &[]);
     let (peer_bytes, cross) = mesh.peer_bytes("site-a").await.expect("peer bytes");
     assert_eq!(cross, 0);
     assert!(

@@ -162,13 +162,8 @@ async fn an_edge_without_a_machine_refuses_and_says_why() {
 
 #[test]
 fn the_demo_ends_with_every_edge_on_the_new_os() {
-    let mut dir = std::env::current_exe().expect("exe");
-    dir.pop();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
     let work = tempfile::tempdir().expect("tempdir");
-    let output = std::process::Command::new(dir.join("netsim"))
+    let output = std::process::Command::new(bins().path("netsim"))
         .args(["demo", "--json", "--swap", "--bundle-mib", "8"])
         .args(["--sites", "2", "--edges", "2"])
         .arg("--work-dir")
