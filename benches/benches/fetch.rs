@@ -4,6 +4,9 @@
 //! Four ways to move the same blob, interleaved round by round so machine noise hits all of
 //! them alike:
 //! - `plain quinn`: the server writes the bytes from memory, the client reads and drops them;
+//! - `plain quinn, into a file`: the same, but the client writes the bytes to a file and fsyncs
+//!   it at the end (the baseline for a durable download: what the disk costs without any
+//!   verification);
 //! - `verified, into store`: the real `serve_blob` (data and outboard read from the server's
 //!   store, every group re-hashed before it is sent: the default) and the real `fetch_blob`,
 //!   which verifies every 16 KiB group, writes it and makes it durable in the client's store;
@@ -47,22 +50,33 @@ const PLAIN_WRITE_BYTES: usize = 1024 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Plain,
+    PlainIntoFile,
     VerifiedIntoStore,
     VerifiedIntoStoreTrusting,
     VerifiedToMemory,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [
+    const ALL: [Mode; 5] = [
         Mode::Plain,
+        Mode::PlainIntoFile,
         Mode::VerifiedIntoStore,
         Mode::VerifiedIntoStoreTrusting,
         Mode::VerifiedToMemory,
     ];
 
+    /// Whether the bytes end on disk (durably) or in memory.
+    fn to_disk(self) -> bool {
+        matches!(
+            self,
+            Mode::PlainIntoFile | Mode::VerifiedIntoStore | Mode::VerifiedIntoStoreTrusting
+        )
+    }
+
     fn label(self) -> &'static str {
         match self {
             Mode::Plain => "plain quinn",
+            Mode::PlainIntoFile => "plain quinn, into a file (fsync at end)",
             Mode::VerifiedIntoStore => "verified, into store",
             Mode::VerifiedIntoStoreTrusting => "verified, into store, server trusts its store",
             Mode::VerifiedToMemory => "verified, to memory, server trusts its store",
@@ -142,11 +156,15 @@ async fn run(size: u64, rounds: usize) -> Result<()> {
             let store_dir = work.path().join(format!("client-{round}"));
             let started = Instant::now();
             let conn = match mode {
-                Mode::Plain | Mode::VerifiedIntoStore => &conns[0],
+                Mode::Plain | Mode::PlainIntoFile | Mode::VerifiedIntoStore => &conns[0],
                 Mode::VerifiedIntoStoreTrusting | Mode::VerifiedToMemory => &conns[1],
             };
             let moved = match mode {
-                Mode::Plain => plain_fetch(conn).await?,
+                Mode::Plain => plain_fetch(conn, None).await?,
+                Mode::PlainIntoFile => {
+                    std::fs::create_dir_all(&store_dir)?;
+                    plain_fetch(conn, Some(&store_dir.join("blob"))).await?
+                }
                 Mode::VerifiedToMemory => verified_to_memory(conn, hash, size).await?,
                 Mode::VerifiedIntoStore | Mode::VerifiedIntoStoreTrusting => {
                     let store = Store::open(&store_dir, StoreOptions::default())?;
@@ -187,19 +205,22 @@ async fn run(size: u64, rounds: usize) -> Result<()> {
         sorted[sorted.len() / 2]
     };
     let plain = median(&results[0].1);
+    let plain_to_disk = median(&results[1].1);
     println!(
         "\nOne stream over loopback, {} MiB, median of {rounds} rounds:",
         size >> 20
     );
-    println!("| transfer | MB/s | vs plain quinn |");
-    println!("|---|---:|---:|");
+    println!("| transfer | MB/s | vs plain quinn | vs plain quinn, same destination |");
+    println!("|---|---:|---:|---:|");
     for (mode, samples) in &results {
         let mb_s = median(samples);
+        let same = if mode.to_disk() { plain_to_disk } else { plain };
         println!(
-            "| {} | {:.1} | {:.1}% |",
+            "| {} | {:.1} | {:.1}% | {:.1}% |",
             mode.label(),
             mb_s,
-            100.0 * mb_s / plain
+            100.0 * mb_s / plain,
+            100.0 * mb_s / same
         );
     }
     Ok(())
@@ -261,12 +282,24 @@ async fn serve(endpoint: quinn::Endpoint, store: Arc<Store>, data: Bytes) {
     }
 }
 
-/// Asks for the raw bytes and reads them to the end; returns the byte count.
-async fn plain_fetch(conn: &quinn::Connection) -> Result<u64> {
+/// Asks for the raw bytes and reads them to the end, into `file` (fsynced at the end) or
+/// nowhere; returns the byte count.
+async fn plain_fetch(conn: &quinn::Connection, file: Option<&std::path::Path>) -> Result<u64> {
+    use std::io::Write;
+    let mut out = match file {
+        Some(path) => Some(std::fs::File::create(path)?),
+        None => None,
+    };
     let mut recv = send_request(conn, &Request::ListBundles).await?;
     let mut received = 0u64;
     while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
         received += chunk.bytes.len() as u64;
+        if let Some(out) = out.as_mut() {
+            tokio::task::block_in_place(|| out.write_all(&chunk.bytes))?;
+        }
+    }
+    if let Some(out) = out {
+        tokio::task::block_in_place(|| out.sync_all())?;
     }
     Ok(received)
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use quinn::SendStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore, SemaphorePermit};
 
 use crate::hash::BlobHash;
 use crate::net::{write_frame, NetError};
@@ -16,6 +16,42 @@ use super::PeerCounters;
 
 /// How long a cut-through answer waits for the next group from upstream before giving up.
 pub const CUT_THROUGH_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Encoded answer bytes one node (process) holds in memory at once, over all its answers: a
+/// part is encoded only once its size fits in this budget, and its share is given back when
+/// QUIC has taken the part. Without it, every open request holds a whole encoded part (up to
+/// [`MAX_PART_GROUPS`] × 16 KiB) while it waits for its peer's flow control, and a stager with
+/// a few hundred requests in flight grows by hundreds of MiB.
+pub const SERVE_BUDGET_BYTES: u64 = 32 * 1024 * 1024;
+
+/// How long an answer may wait for its peer to take the next part (flow control) before the
+/// stream is reset: a peer that stops reading must not keep a share of [`SERVE_BUDGET_BYTES`].
+pub const SEND_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Budget units are KiB, so a whole budget fits a semaphore's `u32` permits.
+const BUDGET_UNIT: u64 = 1024;
+const BUDGET_UNITS: u32 = (SERVE_BUDGET_BYTES / BUDGET_UNIT) as u32;
+
+/// The node's serve budget ([`SERVE_BUDGET_BYTES`]); one per process, as one process is one node.
+static SERVE_BUDGET: Semaphore = Semaphore::const_new(BUDGET_UNITS as usize);
+
+/// Waits until `bytes` of encoded data fit in the node's serve budget (a part larger than the
+/// whole budget takes all of it).
+async fn reserve(bytes: u64) -> SemaphorePermit<'static> {
+    let units = bytes
+        .div_ceil(BUDGET_UNIT)
+        .clamp(1, u64::from(BUDGET_UNITS)) as u32;
+    // The semaphore is a static that is never closed, so acquiring cannot fail.
+    match SERVE_BUDGET.acquire_many(units).await {
+        Ok(permit) => permit,
+        Err(_) => unreachable!("the serve budget is never closed"),
+    }
+}
+
+/// Bytes of the serve budget not held by any answer right now (for tests and metrics).
+pub fn serve_budget_available() -> u64 {
+    SERVE_BUDGET.available_permits() as u64 * BUDGET_UNIT
+}
 
 /// Converts wire spans into ranges, refusing spans that are empty, reversed or out of order.
 pub fn spans_to_ranges(spans: &[GroupSpan]) -> Result<GroupRanges, String> {
@@ -102,9 +138,9 @@ pub async fn serve_blob(
                 .iter_groups(size)
                 .take(MAX_PART_GROUPS as usize)
                 .collect();
-            let mut encoded = Vec::with_capacity(
-                crate::verify::encoded_len(size, &part).min(64 * 1024 * 1024) as usize,
-            );
+            let expected = crate::verify::encoded_len(size, &part);
+            let _budget = reserve(expected).await;
+            let mut encoded = Vec::with_capacity(expected.min(64 * 1024 * 1024) as usize);
             let sent_ranges = match tokio::task::block_in_place(|| {
                 store.encode_ranges(&hash, &part, &mut encoded)
             }) {
@@ -122,9 +158,24 @@ pub async fn serve_blob(
             if let Some(pace) = options.pace {
                 pace.acquire(encoded_bytes as u64).await;
             }
-            let header_bytes = write_frame(send, &header).await?;
-            // Handing quinn the buffer itself saves a copy of every byte served.
-            send.write_chunk(encoded.into()).await?;
+            let header_bytes = match tokio::time::timeout(SEND_STALL_TIMEOUT, async {
+                let header_bytes = write_frame(send, &header).await?;
+                // Handing quinn the buffer itself saves a copy of every byte served.
+                send.write_chunk(encoded.into()).await?;
+                Ok::<_, NetError>(header_bytes)
+            })
+            .await
+            {
+                Ok(written) => written?,
+                Err(_) => {
+                    tracing::warn!(blob = %hash, "peer took no data for {SEND_STALL_TIMEOUT:?}; resetting the stream");
+                    let _ = send.reset(quinn::VarInt::from_u32(0));
+                    return Err(NetError::Timeout {
+                        what: "sending a blob part",
+                        after_ms: SEND_STALL_TIMEOUT.as_millis() as u64,
+                    });
+                }
+            };
             let bytes = (header_bytes + encoded_bytes) as u64;
             options.counters.sent.add(bytes);
             served.bytes += bytes;

@@ -1,10 +1,11 @@
 //! The accept loop every mesh server runs: connections, one task per stream, one request per
 //! stream, bad frames refused per stream without touching the others.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use quinn::{Endpoint, RecvStream, SendStream};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
 
 use crate::metrics::{Counter, Metrics};
 use crate::net::{accept, read_frame, refuse_stream, PeerIdentity};
@@ -14,6 +15,57 @@ use super::names;
 
 /// Most requests one connection may have in progress; more streams wait in QUIC flow control.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 256;
+
+/// Bytes all of a server's connections together may have sent and not yet had acknowledged:
+/// split evenly among the live connections (see [`SendWindows`]).
+pub const NODE_SEND_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The smallest send window a connection gets however many share the node's: at a LAN's
+/// sub-millisecond round trip this still fills a 1 Gbit/s link.
+pub const MIN_CONNECTION_SEND_WINDOW_BYTES: u64 = 512 * 1024;
+
+/// Splits [`NODE_SEND_WINDOW_BYTES`] among a server's live connections, so the data queued in
+/// QUIC stays bounded however many peers fetch at once: one upstream peer on a long WAN gets
+/// the whole window ([`crate::net::CONNECTION_SEND_WINDOW_BYTES`] at most), a hundred edges on
+/// a LAN share it.
+#[derive(Default)]
+pub struct SendWindows {
+    live: Mutex<HashMap<usize, Connection>>,
+}
+
+impl SendWindows {
+    /// The window each of `connections` live connections gets.
+    pub fn window_for(connections: usize) -> u64 {
+        (NODE_SEND_WINDOW_BYTES / connections.max(1) as u64).clamp(
+            MIN_CONNECTION_SEND_WINDOW_BYTES,
+            crate::net::CONNECTION_SEND_WINDOW_BYTES,
+        )
+    }
+
+    fn add(&self, conn: &Connection) {
+        self.update(|live| {
+            live.insert(conn.stable_id(), conn.clone());
+        });
+    }
+
+    fn remove(&self, conn: &Connection) {
+        self.update(|live| {
+            live.remove(&conn.stable_id());
+        });
+    }
+
+    fn update(&self, change: impl FnOnce(&mut HashMap<usize, Connection>)) {
+        let mut live = match self.live.lock() {
+            Ok(live) => live,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        change(&mut live);
+        let window = Self::window_for(live.len());
+        for conn in live.values() {
+            conn.set_send_window(window);
+        }
+    }
+}
 
 /// What a server does with one request.
 pub trait RequestHandler: Send + Sync + 'static {
@@ -40,7 +92,9 @@ pub async fn run<H: RequestHandler>(endpoint: Endpoint, handler: Arc<H>, metrics
         "Connections refused at the handshake (no or bad certificate)",
         &[],
     );
+    let windows = Arc::new(SendWindows::default());
     while let Some(incoming) = endpoint.accept().await {
+        let windows = windows.clone();
         let handler = handler.clone();
         let bad_frames = bad_frames.clone();
         let refused = refused.clone();
@@ -55,6 +109,7 @@ pub async fn run<H: RequestHandler>(endpoint: Endpoint, handler: Arc<H>, metrics
                 }
             };
             tracing::debug!(%remote, %peer, "connection accepted");
+            windows.add(&conn);
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS_PER_CONNECTION));
             loop {
                 let (send, recv) = match conn.accept_bi().await {
@@ -75,6 +130,7 @@ pub async fn run<H: RequestHandler>(endpoint: Endpoint, handler: Arc<H>, metrics
                     handle_stream(handler, peer, send, recv, bad_frames).await;
                 });
             }
+            windows.remove(&conn);
         });
     }
 }

@@ -34,6 +34,6 @@ pub use frames::{
 };
 pub use identity::{peer_identity, NodeId, NodeIdentity, PeerIdentity, Role, Site};
 pub use tls::{
-    accept, client_endpoint, connect, install_crypto_provider, server_endpoint, MESH_ALPN,
-    MESH_SERVER_NAME,
+    accept, client_endpoint, connect, install_crypto_provider, server_endpoint,
+    CONNECTION_SEND_WINDOW_BYTES, MESH_ALPN, MESH_SERVER_NAME,
 };

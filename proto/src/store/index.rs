@@ -62,6 +62,16 @@ pub enum RecordState {
         /// The verified groups.
         verified: GroupRanges,
     },
+    /// Like [`RecordState::Partial`], plus groups that verified when they were written but were
+    /// recorded before their bytes were fsynced (cheap progress records between syncs). A
+    /// process crash keeps them (the bytes are in the page cache); a power loss may not, so they
+    /// are trusted only after the store re-verifies them against the blob's hash.
+    PartialUnsynced {
+        /// The verified groups, durable.
+        verified: GroupRanges,
+        /// Groups written and recorded but not known to be durable.
+        unsynced: GroupRanges,
+    },
 }
 
 /// The open index.

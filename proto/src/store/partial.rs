@@ -40,6 +40,7 @@ pub(super) struct PartialParts {
     pub outboard: File,
     pub complete: bool,
     pub verified: GroupRanges,
+    pub unsynced: GroupRanges,
     pub live: Arc<RwLock<GroupRanges>>,
 }
 
@@ -49,11 +50,14 @@ pub(super) struct PartialParts {
 /// [`accept`](PartialBlob::accept), or a whole stream with
 /// [`write_stream`](PartialBlob::write_stream). Group bytes go to their offset in the data file
 /// and tree entries to their post-order slot in the outboard. Every
-/// [`StoreOptions::commit_batch_bytes`](super::StoreOptions) of new groups, on
+/// [`StoreOptions::commit_batch_bytes`](super::StoreOptions) of new groups they are recorded in
+/// the index as *unsynced* (no fsync: a killed process resumes from there); every
+/// [`StoreOptions::sync_batch_bytes`](super::StoreOptions), on
 /// [`commit`](PartialBlob::commit), on [`finish`](PartialBlob::finish) and when dropped, both
-/// files are fsynced and only then are the groups recorded as verified (a synced index write), so
-/// a crash never leaves the index claiming bytes the disk does not hold. Groups are served to
-/// other readers as soon as they are written.
+/// files are fsynced and only then are the groups recorded as verified (a synced index write).
+/// So the index never claims as verified bytes the disk may not hold, and unsynced claims are
+/// re-verified against the blob's hash when the blob is resumed. Groups are served to other
+/// readers as soon as they are written.
 pub struct PartialBlob {
     store: Store,
     hash: BlobHash,
@@ -63,9 +67,12 @@ pub struct PartialBlob {
     outboard: File,
     /// The blob was already complete: nothing to write.
     complete: bool,
-    /// Groups recorded as verified in the index.
+    /// Groups recorded as verified in the index (synced).
     committed: GroupRanges,
-    /// Groups verified and written since the last commit.
+    /// Groups verified, written and recorded in the index, but not yet fsynced.
+    unsynced: GroupRanges,
+    unsynced_bytes: u64,
+    /// Groups verified and written since the last record.
     pending: GroupRanges,
     pending_bytes: u64,
     /// `committed ∪ pending`, shared with readers of the store.
@@ -86,6 +93,8 @@ impl PartialBlob {
             outboard: parts.outboard,
             complete: parts.complete,
             committed: parts.verified,
+            unsynced_bytes: parts.unsynced.count(parts.size) * verify::GROUP_BYTES,
+            unsynced: parts.unsynced,
             pending: GroupRanges::empty(),
             pending_bytes: 0,
             live: parts.live,
@@ -106,7 +115,7 @@ impl PartialBlob {
 
     /// Groups verified and written so far (durable or about to be).
     pub fn verified(&self) -> GroupRanges {
-        self.committed.union(&self.pending)
+        self.committed.union(&self.unsynced).union(&self.pending)
     }
 
     /// Groups recorded durably in the index.
@@ -158,7 +167,11 @@ impl PartialBlob {
             DecodeItem::Group(group) => {
                 self.check_origin(group.hash(), group.blob_size())?;
                 let index = group.index();
-                if self.complete || self.committed.contains(index) || self.pending.contains(index) {
+                if self.complete
+                    || self.committed.contains(index)
+                    || self.unsynced.contains(index)
+                    || self.pending.contains(index)
+                {
                     return Ok(());
                 }
                 self.data
@@ -175,7 +188,13 @@ impl PartialBlob {
                 if self.pending_bytes >= self.store.options().commit_batch_bytes
                     && !self.missing().is_empty()
                 {
-                    self.commit()?;
+                    if self.unsynced_bytes + self.pending_bytes
+                        >= self.store.options().sync_batch_bytes
+                    {
+                        self.commit()?;
+                    } else {
+                        self.record_unsynced()?;
+                    }
                 }
             }
         }
@@ -204,11 +223,11 @@ impl PartialBlob {
     /// Makes every written group durable: fsyncs data and outboard, then records the groups as
     /// verified with a synced index write.
     pub fn commit(&mut self) -> Result<(), StoreError> {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.unsynced.is_empty() {
             return Ok(());
         }
         self.sync_files()?;
-        let verified = self.committed.union(&self.pending);
+        let verified = self.verified();
         self.store
             .commit_progress(self.hash, self.size, &verified)?;
         tracing::debug!(
@@ -218,6 +237,21 @@ impl PartialBlob {
             "committed verified groups"
         );
         self.committed = verified;
+        self.unsynced = GroupRanges::empty();
+        self.unsynced_bytes = 0;
+        self.pending = GroupRanges::empty();
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Records the pending groups in the index without syncing anything: a process that dies
+    /// now resumes with them (re-verified); a power loss may cost them, never more.
+    fn record_unsynced(&mut self) -> Result<(), StoreError> {
+        let unsynced = self.unsynced.union(&self.pending);
+        self.store
+            .record_unsynced(self.hash, self.size, &self.committed, &unsynced)?;
+        self.unsynced = unsynced;
+        self.unsynced_bytes += self.pending_bytes;
         self.pending = GroupRanges::empty();
         self.pending_bytes = 0;
         Ok(())
@@ -237,6 +271,8 @@ impl PartialBlob {
             });
         if synced.is_err() {
             *self.live.write().unwrap_or_else(|e| e.into_inner()) = self.committed.clone();
+            self.unsynced = GroupRanges::empty();
+            self.unsynced_bytes = 0;
             self.pending = GroupRanges::empty();
             self.pending_bytes = 0;
         }
@@ -263,11 +299,13 @@ impl PartialBlob {
         }
         // One durable step from here: files first, then the record that says complete (no
         // intermediate partial record needed).
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || !self.unsynced.is_empty() {
             self.sync_files()?;
         }
         self.store.commit_complete(self.hash, self.size)?;
-        self.committed = self.committed.union(&self.pending);
+        self.committed = self.verified();
+        self.unsynced = GroupRanges::empty();
+        self.unsynced_bytes = 0;
         self.pending = GroupRanges::empty();
         self.pending_bytes = 0;
         self.finished = true;
@@ -292,7 +330,7 @@ impl PartialBlob {
 
 impl Drop for PartialBlob {
     fn drop(&mut self) {
-        if self.finished || self.pending.is_empty() {
+        if self.finished || (self.pending.is_empty() && self.unsynced.is_empty()) {
             return;
         }
         // Keep what was downloaded; a failure here only costs a refetch of these groups.
