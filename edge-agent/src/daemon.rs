@@ -1,7 +1,9 @@
 //! `edge-agent serve`: the edge's daemon. It keeps the node's store open, serves what it holds
 //! to the peers of its site (complete chunks, or the verified groups of chunks still arriving),
 //! fetches bundles when its own node or the origin asks (from stagers and peers at once), and
-//! runs an OS swap when the origin asks.
+//! runs an OS swap when the origin asks. At every start it purges the test-mode area and
+//! negotiates with the origin what to boot ([`crate::negotiate`]); a test run the origin asks
+//! for lives in that area only.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,12 +19,16 @@ use proto::mesh::server::{self, RequestHandler};
 use proto::mesh::{names, PeerCounters};
 use proto::metrics::Metrics;
 use proto::net::{server_endpoint, write_frame, PeerIdentity, Role};
-use proto::wire::{ErrorCode, FetchSummary, Holding, Request, Response, SitePeer};
+use proto::wire::{
+    ErrorCode, FetchSummary, Holding, NegotiationOutcome, Request, Response, SitePeer,
+    TestRunSummary,
+};
 use quinn::{RecvStream, SendStream};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::fetch::{BundleSpec, Node};
+use crate::negotiate::{self, BundleFetcher, NodeConfig};
 use crate::peers::download::{held_ranges, PeerHave};
 use crate::remote_swap::{self, RemoteSwapConfig};
 
@@ -34,6 +40,15 @@ const PEER_QUEUE: usize = 1024;
 
 /// Least time between two progress frames of one `Fetch` answer.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Start-up negotiations tried before giving up until the next start.
+const NEGOTIATION_ATTEMPTS: u32 = 12;
+
+/// Wait before the second start-up negotiation; doubles up to [`NEGOTIATION_RETRY_MAX`].
+const NEGOTIATION_RETRY_FIRST: Duration = Duration::from_secs(1);
+
+/// Longest wait between two start-up negotiations.
+const NEGOTIATION_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// The file in the edge's directory where a running daemon writes its addresses.
 pub const DAEMON_FILE: &str = "daemon.json";
@@ -59,6 +74,8 @@ pub struct DaemonConfig {
     pub test_corrupt_serving: bool,
     /// The machine the origin may ask this daemon to swap; `None` refuses swaps.
     pub swap: Option<RemoteSwapConfig>,
+    /// The role, class and features reported with the inventory.
+    pub configured: NodeConfig,
 }
 
 /// What a running daemon writes to [`DAEMON_FILE`] (and `--ready-file`).
@@ -152,6 +169,14 @@ pub struct Daemon {
     stagers: Vec<SocketAddr>,
     /// The address peers reach this daemon at.
     advertised: String,
+    /// The edge's state directory.
+    dir: PathBuf,
+    /// What the operator configured (reported with the inventory).
+    configured: NodeConfig,
+    /// One negotiation at a time.
+    negotiating: tokio::sync::Mutex<()>,
+    /// The test-mode store (under the purged temporary area), once a test run opened it.
+    test_store: tokio::sync::Mutex<Option<proto::store::Store>>,
 }
 
 impl Daemon {
@@ -227,8 +252,9 @@ impl Daemon {
         None
     }
 
-    /// Fetches `bundle`, streaming progress frames on `send`; returns the final answer.
-    async fn fetch(&self, bundle: &str, send: &mut SendStream) -> Response {
+    /// Fetches `bundle`, streaming progress frames on `send` (when given); returns the final
+    /// answer.
+    async fn fetch(&self, bundle: &str, mut send: Option<&mut SendStream>) -> Response {
         self.count_request("fetch");
         let spec: BundleSpec = match bundle.parse() {
             Ok(spec) => spec,
@@ -284,7 +310,9 @@ impl Daemon {
                     if last.elapsed() >= PROGRESS_INTERVAL {
                         last = tokio::time::Instant::now();
                         let done_bytes = *progress_rx.borrow();
-                        let _ = write_frame(send, &Response::FetchProgress { done_bytes, total_bytes }).await;
+                        if let Some(send) = send.as_deref_mut() {
+                            let _ = write_frame(send, &Response::FetchProgress { done_bytes, total_bytes }).await;
+                        }
                     }
                 }
             }
@@ -364,7 +392,25 @@ impl Daemon {
                 if !self.is_self_or_origin(peer) {
                     return Some(self.forbidden(peer, "ask this edge to fetch"));
                 }
-                self.fetch(&bundle, send).await
+                self.fetch(&bundle, Some(send)).await
+            }
+            Request::TestRun { bundle } => {
+                if peer.role != Role::Origin {
+                    return Some(self.forbidden(peer, "start a test run"));
+                }
+                self.test_run(bundle, send).await
+            }
+            Request::Negotiate => {
+                if peer.node_id != self.node.identity.node_id() {
+                    return Some(self.forbidden(peer, "make this edge negotiate"));
+                }
+                match self.negotiate_now().await {
+                    Ok(outcome) => Response::Negotiated(outcome),
+                    Err(error) => Response::Error {
+                        code: ErrorCode::Internal,
+                        message: format!("{error:#}"),
+                    },
+                }
             }
             Request::StartSwap { target, rescue } => {
                 if peer.role != Role::Origin {
@@ -403,7 +449,7 @@ impl Daemon {
             };
         };
         for (what, id) in [("rescue", rescue), ("target", target)] {
-            match self.fetch(&id.to_string(), send).await {
+            match self.fetch(&id.to_string(), Some(send)).await {
                 fetched @ Response::Fetched(_) => {
                     // Tells the origin this bundle is here; a lost frame changes nothing.
                     let _ = write_frame(send, &fetched).await;
@@ -475,7 +521,179 @@ impl Daemon {
     }
 }
 
+/// The daemon's fetches (stagers and peers at once) for a negotiation.
+struct DaemonFetcher<'a>(&'a Daemon);
+
+impl BundleFetcher for DaemonFetcher<'_> {
+    async fn fetch_bundle(&self, id: BundleId) -> Result<FetchSummary> {
+        match self.0.fetch(&id.to_string(), None).await {
+            Response::Fetched(summary) => Ok(summary),
+            Response::Error { code, message } => {
+                Err(anyhow::anyhow!("cannot fetch {id} ({code:?}): {message}"))
+            }
+            other => Err(anyhow::anyhow!("fetching {id} ended oddly: {other:?}")),
+        }
+    }
+}
+
 impl Daemon {
+    /// Negotiates with the origin (through the site's stagers) and fetches what differs; one
+    /// at a time. Counted in `stagecoach_negotiations_total` by answer.
+    pub async fn negotiate_now(&self) -> Result<NegotiationOutcome> {
+        let _one_at_a_time = self.negotiating.lock().await;
+        self.count_request("negotiate");
+        let result = negotiate::negotiate(
+            &self.node,
+            &self.dir,
+            &self.configured,
+            &self.advertised,
+            &DaemonFetcher(self),
+        )
+        .await;
+        let answer = match &result {
+            Ok(outcome) => match &outcome.plan {
+                proto::wire::BootPlan::BootAsYouAre { .. } => "boot-as-you-are",
+                proto::wire::BootPlan::Fetch { .. } => "fetched",
+                proto::wire::BootPlan::NoImage { .. } => "no-image",
+                proto::wire::BootPlan::PolicyError { .. } => "policy-error",
+            },
+            Err(_) => "error",
+        };
+        self.metrics
+            .counter(
+                "stagecoach_negotiations_total",
+                "Boot negotiations with the origin, by answer",
+                &[("answer", answer)],
+            )
+            .inc();
+        if let Ok(outcome) = &result {
+            let bytes: u64 = outcome.fetched.iter().map(|f| f.bytes_received).sum();
+            self.metrics
+                .counter(
+                    "stagecoach_negotiation_bytes_total",
+                    "Bytes received for bundles a negotiation asked for",
+                    &[],
+                )
+                .add(bytes);
+            self.metrics
+                .counter(
+                    "stagecoach_negotiation_bundles_fetched_total",
+                    "Bundles fetched because a negotiation asked for them",
+                    &[],
+                )
+                .add(outcome.fetched.len() as u64);
+        }
+        result
+    }
+
+    /// Fetches `id` into the test-mode store (under the temporary area every start purges),
+    /// unpacks it there and answers where it runs from. Nothing is recorded as installed.
+    async fn test_run(&self, id: BundleId, send: &mut SendStream) -> Response {
+        self.count_request("test_run");
+        let area = self.dir.join(negotiate::TMP_DIR).join("test-run");
+        let mut guard = self.test_store.lock().await;
+        let store = match guard.as_ref() {
+            Some(store) => store.clone(),
+            None => {
+                let opened = std::fs::create_dir_all(&area)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|()| {
+                        proto::store::Store::open(
+                            area.join("store"),
+                            proto::store::StoreOptions::default(),
+                        )
+                        .map_err(anyhow::Error::from)
+                    });
+                match opened {
+                    Ok(store) => {
+                        *guard = Some(store.clone());
+                        store
+                    }
+                    Err(error) => {
+                        return Response::Error {
+                            code: ErrorCode::Internal,
+                            message: format!(
+                                "cannot open the test-mode store in {}: {error:#}",
+                                area.display()
+                            ),
+                        }
+                    }
+                }
+            }
+        };
+        let node = Node {
+            store: store.clone(),
+            ..self.node.clone()
+        };
+        let (progress_tx, mut progress_rx) = tokio::sync::watch::channel((0u64, 0u64));
+        let spec = BundleSpec::Id(id);
+        let fetch = node.fetch(
+            &spec,
+            None,
+            |manifest| {
+                let _ = progress_tx.send((0, manifest.total_stored_bytes));
+            },
+            |_, _, done| {
+                progress_tx.send_modify(|p| p.0 = done);
+            },
+        );
+        tokio::pin!(fetch);
+        let report = loop {
+            tokio::select! {
+                report = &mut fetch => break report,
+                changed = progress_rx.changed() => {
+                    if changed.is_ok() {
+                        let (done_bytes, total_bytes) = *progress_rx.borrow();
+                        let _ = write_frame(send, &Response::FetchProgress { done_bytes, total_bytes }).await;
+                    }
+                }
+            }
+        };
+        let report = match report {
+            Ok(report) => report,
+            Err(error) => {
+                return Response::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("test run: cannot fetch {id}: {error:#}"),
+                }
+            }
+        };
+        let root = area.join("root").join(id.to_string());
+        let unpacked = tokio::task::block_in_place(|| -> Result<()> {
+            if root.exists() {
+                std::fs::remove_dir_all(&root)?;
+            }
+            proto::pack::unpack(&report.manifest, &store, &root, &mut |_| {})?;
+            Ok(())
+        });
+        if let Err(error) = unpacked {
+            return Response::Error {
+                code: ErrorCode::Internal,
+                message: format!("test run: cannot unpack {id}: {error:#}"),
+            };
+        }
+        self.metrics
+            .counter(
+                "stagecoach_test_runs_total",
+                "Bundles run in test mode (not persisted)",
+                &[],
+            )
+            .inc();
+        tracing::info!(bundle = %id, name = %report.manifest.name, version = %report.manifest.version, root = %root.display(), bytes = report.bytes_received, "test run: running a bundle without persisting it");
+        Response::TestRunning(TestRunSummary {
+            fetch: FetchSummary {
+                id: report.id,
+                name: report.manifest.name.clone(),
+                version: report.manifest.version.clone(),
+                bytes_received: report.bytes_received,
+                bytes_from_peers: report.bytes_from_peers,
+                chunks_present: report.chunks_present as u64,
+                chunks: report.manifest.chunks.len() as u64,
+            },
+            root: root.display().to_string(),
+        })
+    }
+
     /// Announces what the store already holds (after a restart, say): each bundle whose
     /// manifest is here and verifies, with the pieces present.
     fn announce_store(&self) {
@@ -537,6 +755,9 @@ pub async fn serve(
     if let Some(swap) = &config.swap {
         remote_swap::check_machine(&swap.machine_root)?;
     }
+    if negotiate::purge_tmp(&config.dir)? {
+        tracing::info!(dir = %config.dir.join(negotiate::TMP_DIR).display(), "purged the test-mode area of the last run");
+    }
     let metrics = Metrics::new();
     let node = Node::open(&config.dir, &config.stagers, metrics.clone())?;
     let endpoint = server_endpoint(config.listen, &node.identity)
@@ -561,6 +782,10 @@ pub async fn serve(
         swapping: tokio::sync::Mutex::new(()),
         stagers: config.stagers.clone(),
         advertised: advertised(listen).to_string(),
+        dir: config.dir.clone(),
+        configured: config.configured.clone(),
+        negotiating: tokio::sync::Mutex::new(()),
+        test_store: tokio::sync::Mutex::new(None),
     });
     if config.peers {
         daemon.announce_store();
@@ -576,13 +801,53 @@ pub async fn serve(
     ready(&ready_info)?;
     tracing::info!(mesh = %listen, metrics = %metrics_addr, peers = config.peers, "edge agent serving");
     proto::metrics::spawn_log_summary(metrics.clone(), Duration::from_secs(10), "edge-agent");
-    let accept = tokio::spawn(server::run(endpoint.clone(), daemon, metrics));
+    let accept = tokio::spawn(server::run(endpoint.clone(), daemon.clone(), metrics));
+    spawn_startup_negotiation(daemon);
     server::shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = std::fs::remove_file(config.dir.join(DAEMON_FILE));
     endpoint.close(0u32.into(), b"shutdown");
     accept.abort();
     Ok(())
+}
+
+/// Negotiates while the daemon already serves (peers may fetch from this edge meanwhile). When
+/// neither a stager nor the origin answers, the node runs as it is and tries again later.
+fn spawn_startup_negotiation(daemon: Arc<Daemon>) {
+    tokio::spawn(async move {
+        let mut delay = NEGOTIATION_RETRY_FIRST;
+        for attempt in 1..=NEGOTIATION_ATTEMPTS {
+            match daemon.negotiate_now().await {
+                Ok(outcome) => {
+                    let answer = negotiate::describe(&outcome);
+                    let answer = answer.trim_end();
+                    match &outcome.plan {
+                        proto::wire::BootPlan::NoImage { .. } => {
+                            tracing::warn!(answer, "start-up negotiation: this node has no image")
+                        }
+                        proto::wire::BootPlan::PolicyError { .. } => tracing::error!(
+                            answer,
+                            "start-up negotiation: the origin cannot decide for this node"
+                        ),
+                        _ => tracing::info!(answer, "start-up negotiation done"),
+                    }
+                    return;
+                }
+                Err(error) => tracing::error!(
+                    attempt,
+                    retry_in_s = delay.as_secs(),
+                    error = format!("{error:#}"),
+                    "start-up negotiation failed; running as it is meanwhile"
+                ),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(NEGOTIATION_RETRY_MAX);
+        }
+        tracing::error!(
+            attempts = NEGOTIATION_ATTEMPTS,
+            "start-up negotiation gave up; `edge-agent negotiate` tries again"
+        );
+    });
 }
 
 /// The address peers should use: an unspecified bind address is advertised as loopback.

@@ -4,11 +4,13 @@
 //! ([`swap::machine`]) driven against a [`swap::Platform`] (a simulated machine or a real one
 //! with ext4 slots and GRUB). [`fetch`] and [`peers`] move bundles over the mesh; [`daemon`] is
 //! `edge-agent serve`, which serves the site's peers and runs fetches and swaps
-//! ([`remote_swap`]) when the origin asks.
+//! ([`remote_swap`]) when the origin asks. [`negotiate`] reports the node's inventory and
+//! holdings and asks the origin what to boot.
 
 pub mod daemon;
 pub mod fetch;
 pub mod inventory;
+pub mod negotiate;
 pub mod peers;
 pub mod remote_swap;
 pub mod swap;

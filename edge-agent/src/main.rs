@@ -63,8 +63,57 @@ enum Command {
     /// When this edge's daemon (`edge-agent serve`) runs, it does the download, with peers.
     Fetch(FetchArgs),
     /// Run the edge's daemon: serve what this edge holds to the peers of its site, and fetch
-    /// bundles (from stagers and peers at once) when this node or the origin asks.
+    /// bundles (from stagers and peers at once) when this node or the origin asks. At start it
+    /// reports its inventory and negotiates what to boot with the origin.
     Serve(ServeArgs),
+    /// Report this node's inventory and holdings and ask the origin what to boot; fetch the
+    /// bundles that differ and record them as installed. Goes through the daemon when it runs.
+    Negotiate(NegotiateArgs),
+}
+
+/// What the operator configures about a node: reported with its inventory, kept in the edge's
+/// directory once given.
+#[derive(Args, Debug, Clone, Default)]
+struct NodeFacts {
+    /// This node's role (e.g. `web`), for the origin's policy.
+    #[arg(long)]
+    role: Option<String>,
+    /// This node's class (e.g. `edge-cache`), for the origin's policy.
+    #[arg(long)]
+    class: Option<String>,
+    /// A feature this node asks for (repeatable; replaces the saved list).
+    #[arg(long = "feature")]
+    features: Vec<String>,
+    /// Where `/proc` and `/sys` are read from (default `/`; tests point it at a fake tree).
+    #[arg(long)]
+    inventory_root: Option<PathBuf>,
+}
+
+impl NodeFacts {
+    fn config(&self, dir: &Path) -> Result<edge_agent::negotiate::NodeConfig> {
+        edge_agent::negotiate::NodeConfig::load_with(
+            dir,
+            edge_agent::negotiate::NodeConfig {
+                role: self.role.clone(),
+                class: self.class.clone(),
+                features: self.features.clone(),
+                inventory_root: self.inventory_root.clone(),
+            },
+        )
+    }
+}
+
+/// Arguments of `edge-agent negotiate`.
+#[derive(Args, Debug)]
+struct NegotiateArgs {
+    /// The edge's state directory (identity and bundle store).
+    #[arg(long, default_value = "/var/lib/stagecoach/edge")]
+    dir: PathBuf,
+    /// A stager of this site (repeatable; tried in order, then the origin).
+    #[arg(long = "stager")]
+    stagers: Vec<std::net::SocketAddr>,
+    #[command(flatten)]
+    facts: NodeFacts,
 }
 
 /// Arguments of `edge-agent serve`.
@@ -114,6 +163,8 @@ struct ServeArgs {
     /// Trial boots of the new OS in a remote swap before the rescue takes over.
     #[arg(long, default_value_t = DEFAULT_BOOT_ATTEMPTS)]
     swap_boot_attempts: u8,
+    #[command(flatten)]
+    facts: NodeFacts,
 }
 
 /// Arguments of `edge-agent enroll`.
@@ -124,6 +175,11 @@ struct EnrollArgs {
     /// The edge's state directory (identity and bundle store).
     #[arg(long, default_value = "/var/lib/stagecoach/edge")]
     dir: PathBuf,
+    /// A stager of this site to report through (repeatable; default: the origin directly).
+    #[arg(long = "stager")]
+    stagers: Vec<std::net::SocketAddr>,
+    #[command(flatten)]
+    facts: NodeFacts,
 }
 
 /// Arguments of `edge-agent fetch`.
@@ -302,6 +358,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Enroll(args) => cmd_enroll(&args),
         Command::Fetch(args) => cmd_fetch(&args),
         Command::Serve(args) => cmd_serve(args),
+        Command::Negotiate(args) => cmd_negotiate(&args),
     }
 }
 
@@ -540,19 +597,102 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn cmd_enroll(args: &EnrollArgs) -> Result<ExitCode> {
     let token = proto::net::EnrollToken::parse(&args.token)?;
     let dir = edge_agent::fetch::identity_dir(&args.dir);
-    let identity = runtime()?.block_on(proto::net::enroll(&token, &dir))?;
+    let runtime = runtime()?;
+    let identity = runtime.block_on(proto::net::enroll(&token, &dir))?;
     println!(
         "enrolled as {} in site {}; origin at {}",
         identity.role(),
         identity.site(),
         identity.origin_addr()
     );
+    println!("node id {}", identity.node_id());
+    // The inventory at enrollment; a failure here leaves the node enrolled (it reports again
+    // at every start).
+    let config = args.facts.config(&args.dir)?;
+    let reported = runtime.block_on(async {
+        let node = edge_agent::fetch::Node::open(
+            &args.dir,
+            &args.stagers,
+            proto::metrics::Metrics::new(),
+        )?;
+        let report = edge_agent::negotiate::build_report(
+            &node,
+            &args.dir,
+            &config,
+            proto::wire::ReportEvent::Enrolled,
+            "",
+        )?;
+        let via = edge_agent::negotiate::report_only(&node, &report).await;
+        node.endpoint.close(0u32.into(), b"done");
+        via
+    });
+    match reported {
+        Ok(via) => println!("inventory reported to {via}"),
+        Err(error) => {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "enrolled, but the inventory was not reported; it will be at the next start"
+            )
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_negotiate(args: &NegotiateArgs) -> Result<ExitCode> {
+    let config = args.facts.config(&args.dir)?;
+    let runtime = runtime()?;
+    let outcome = match edge_agent::fetch::running_daemon(&args.dir) {
+        Some(daemon) => {
+            tracing::info!(daemon = %daemon.mesh, "this edge's daemon runs; it negotiates");
+            runtime.block_on(negotiate_via_daemon(&args.dir, &daemon))?
+        }
+        None => runtime.block_on(async {
+            let node = edge_agent::fetch::Node::open(
+                &args.dir,
+                &args.stagers,
+                proto::metrics::Metrics::new(),
+            )?;
+            let outcome =
+                edge_agent::negotiate::negotiate(&node, &args.dir, &config, "", &node).await;
+            node.endpoint.close(0u32.into(), b"done");
+            outcome
+        })?,
+    };
+    print!("{}", edge_agent::negotiate::describe(&outcome));
+    if edge_agent::negotiate::is_failure(&outcome.plan) {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn negotiate_via_daemon(
+    dir: &Path,
+    daemon: &edge_agent::daemon::DaemonReady,
+) -> Result<proto::wire::NegotiationOutcome> {
+    use proto::wire::{Request, Response};
+    let identity = proto::net::NodeIdentity::load(&edge_agent::fetch::identity_dir(dir))?;
+    let addr: std::net::SocketAddr = daemon
+        .mesh
+        .parse()
+        .with_context(|| format!("bad daemon address {:?}", daemon.mesh))?;
+    let endpoint = proto::net::client_endpoint(&identity)?;
+    let conn = proto::net::connect(&endpoint, addr)
+        .await
+        .with_context(|| format!("the daemon at {addr} does not answer; is it running?"))?;
+    let answer = proto::net::call(&conn, &Request::Negotiate, proto::wire::MAX_FRAME_BYTES).await?;
+    conn.close(0u32.into(), b"done");
+    match answer {
+        Response::Negotiated(outcome) => Ok(outcome),
+        Response::Error { code, message } => {
+            bail!("the daemon could not negotiate ({code:?}): {message}")
+        }
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
 }
 
 fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
     let config = edge_agent::daemon::DaemonConfig {
-        dir: args.dir,
+        dir: args.dir.clone(),
         stagers: args.stagers,
         listen: args.listen,
         metrics_listen: args.metrics_listen,
@@ -573,6 +713,7 @@ fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
             }),
             None => None,
         },
+        configured: args.facts.config(&args.dir)?,
     };
     let ready_file = args.ready_file;
     let p2p = edge_agent::peers::P2pConfig {

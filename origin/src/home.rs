@@ -170,6 +170,17 @@ impl OriginHome {
             .with_context(|| format!("cannot open the store in {}", dir.display()))
     }
 
+    /// Opens the control-plane database (only one process may hold it: `origin serve`).
+    pub fn db(&self) -> Result<crate::db::Db> {
+        self.require_init()?;
+        Ok(crate::db::Db::open(&self.db_dir())?)
+    }
+
+    /// Where the control-plane database lives.
+    pub fn db_dir(&self) -> PathBuf {
+        self.dir.join("db")
+    }
+
     /// The addresses of the running `origin serve`.
     pub fn serve_addrs(&self) -> Result<ServeAddrs> {
         let path = self.serve_file();

@@ -5,11 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use origin::admin;
 use origin::home::{OriginHome, DEFAULT_ENROLL_LISTEN, DEFAULT_LISTEN};
 use origin::server::{self, ServeConfig};
 use proto::manifest::{Dependency, Selector};
 use proto::net::{client_endpoint, connect, EnrollToken, Role, Site};
 use proto::pack::PackOptions;
+use proto::wire::ControlCommand;
 use proto::BundleKind;
 
 #[derive(Parser)]
@@ -99,6 +101,133 @@ enum Command {
         /// No progress display.
         #[arg(long)]
         no_progress: bool,
+    },
+    /// Load or check the policy: rules from inventory facts to bundles, their precedence, and
+    /// features (asks the running origin).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// List the nodes: id, site, class, role, installed, desired, state, last seen.
+    Nodes {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a node in a class.
+    Class {
+        #[command(subcommand)]
+        command: ClassCommand,
+    },
+    /// Pin bundle versions on one node (an override outranks every other rule).
+    Override {
+        #[command(subcommand)]
+        command: OverrideCommand,
+    },
+    /// Show the audit log of changes, newest last.
+    Audit {
+        /// How many records.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a bundle on a node in test mode: not persisted anywhere; a restart of the node
+    /// (or of the origin) forgets it.
+    TestRun {
+        /// The node's id (or a unique prefix of it).
+        #[arg(long)]
+        node: String,
+        /// A bundle id, NAME@VERSION or NAME (the newest).
+        bundle: String,
+    },
+    /// Canary rollouts of an OS bundle: one canary per site, then the rest of the site, site
+    /// by site; each node swaps remotely and health-checks; a failed canary halts it.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Start a rollout (one at a time).
+    Start {
+        /// The OS to install: NAME@VERSION, NAME (the newest) or a bundle id.
+        bundle: String,
+        /// Which nodes: `all`, or KEY=VALUE[,KEY=VALUE] with keys site, class, role, node.
+        #[arg(long = "to")]
+        selector: String,
+        /// The rescue OS every swap keeps in its spare slot.
+        #[arg(long)]
+        rescue: String,
+        /// Failures tolerated outside canary waves before the rollout halts.
+        #[arg(long, default_value_t = 0)]
+        max_failures: u32,
+        /// Offer the bundle to nodes that run a newer version too.
+        #[arg(long)]
+        downgrade: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Where the rollout stands: every wave, every node, and why it halted.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start no new wave until resumed (swaps already started finish).
+    Pause,
+    /// Continue a paused rollout.
+    Resume,
+    /// Halt the rollout for good (swaps already started finish).
+    Abort,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Replace the policy with a TOML file (rules, precedence, features); audited.
+    Load {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Resolve every node and list every conflict; exits non-zero if any node does not resolve.
+    Check {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClassCommand {
+    /// Put NODE in CLASS (outranks the class the node reports).
+    Set {
+        /// Node id (or a unique prefix).
+        node: String,
+        /// The class.
+        class: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum OverrideCommand {
+    /// Pin NAME@VERSION on NODE.
+    Set {
+        /// Node id (or a unique prefix).
+        node: String,
+        /// NAME@VERSION.
+        bundle: String,
+    },
+    /// Remove NODE's overrides (all, or of one bundle name).
+    Clear {
+        /// Node id (or a unique prefix).
+        node: String,
+        /// Only this bundle name.
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -241,6 +370,108 @@ async fn main() -> Result<()> {
                     results.len()
                 );
             }
+        }
+        Command::Policy {
+            command: PolicyCommand::Load { file },
+        } => {
+            let toml = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read the policy file {}", file.display()))?;
+            let source = file.display().to_string();
+            let reply = admin::run(&home, ControlCommand::PolicyLoad { source, toml }).await?;
+            admin::print(&reply, false, "the policy was not loaded")?;
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { json },
+        } => {
+            let reply = admin::run(&home, ControlCommand::PolicyCheck).await?;
+            admin::print(
+                &reply,
+                json,
+                "the policy does not resolve every node (conflicts or errors above)",
+            )?;
+        }
+        Command::Nodes { json } => {
+            let reply = admin::run(&home, ControlCommand::Nodes).await?;
+            admin::print(&reply, json, "cannot list the nodes")?;
+        }
+        Command::Class {
+            command: ClassCommand::Set { node, class },
+        } => {
+            let reply = admin::run(&home, ControlCommand::ClassSet { node, class }).await?;
+            admin::print(&reply, false, "the class was not set")?;
+        }
+        Command::Override {
+            command: OverrideCommand::Set { node, bundle },
+        } => {
+            let reply = admin::run(&home, ControlCommand::OverrideSet { node, bundle }).await?;
+            admin::print(&reply, false, "the override was not set")?;
+        }
+        Command::Override {
+            command: OverrideCommand::Clear { node, name },
+        } => {
+            let reply = admin::run(&home, ControlCommand::OverrideClear { node, name }).await?;
+            admin::print(&reply, false, "the override was not cleared")?;
+        }
+        Command::Audit { limit, json } => {
+            let reply = admin::run(&home, ControlCommand::Audit { limit }).await?;
+            admin::print(&reply, json, "cannot read the audit log")?;
+        }
+        Command::TestRun { node, bundle } => {
+            let reply = admin::run(&home, ControlCommand::TestRun { node, bundle }).await?;
+            admin::print(&reply, false, "the test run did not start")?;
+        }
+        Command::Rollout { command } => {
+            use proto::wire::RolloutAction;
+            let (command, json, failure) = match command {
+                RolloutCommand::Start {
+                    bundle,
+                    selector,
+                    rescue,
+                    max_failures,
+                    downgrade,
+                    json,
+                } => (
+                    ControlCommand::RolloutStart {
+                        bundle,
+                        rescue,
+                        selector,
+                        max_failures,
+                        downgrade,
+                    },
+                    json,
+                    "the rollout did not start",
+                ),
+                RolloutCommand::Status { json } => (
+                    ControlCommand::Rollout {
+                        action: RolloutAction::Status,
+                    },
+                    json,
+                    "no rollout status",
+                ),
+                RolloutCommand::Pause => (
+                    ControlCommand::Rollout {
+                        action: RolloutAction::Pause,
+                    },
+                    false,
+                    "cannot pause the rollout",
+                ),
+                RolloutCommand::Resume => (
+                    ControlCommand::Rollout {
+                        action: RolloutAction::Resume,
+                    },
+                    false,
+                    "cannot resume the rollout",
+                ),
+                RolloutCommand::Abort => (
+                    ControlCommand::Rollout {
+                        action: RolloutAction::Abort,
+                    },
+                    false,
+                    "cannot abort the rollout",
+                ),
+            };
+            let reply = admin::run(&home, command).await?;
+            admin::print(&reply, json, failure)?;
         }
     }
     Ok(())

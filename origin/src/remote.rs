@@ -94,6 +94,17 @@ pub async fn swap_edges(
     Ok(results)
 }
 
+/// Asks one edge to swap to `target` with `rescue` and waits for its answer: `(outcome, None)`
+/// when it runs the new OS, `(outcome, Some(why))` when it rolled back.
+pub async fn swap_edge(
+    endpoint: &quinn::Endpoint,
+    edge: SocketAddr,
+    target: BundleId,
+    rescue: BundleId,
+) -> Result<(String, Option<String>)> {
+    swap_one(endpoint, edge, target, rescue, &ProgressBar::hidden()).await
+}
+
 async fn swap_one(
     endpoint: &quinn::Endpoint,
     edge: SocketAddr,

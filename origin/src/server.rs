@@ -22,6 +22,7 @@ use quinn::{RecvStream, SendStream};
 use tokio::sync::broadcast;
 
 use crate::catalog::Catalog;
+use crate::control::ControlPlane;
 use crate::home::{write_json_atomic, OriginHome, ServeAddrs};
 use crate::tokens;
 
@@ -51,6 +52,7 @@ pub struct Origin {
     publisher_key: ed25519_dalek::VerifyingKey,
     announcements: broadcast::Sender<BundleInfo>,
     metrics: Arc<Metrics>,
+    control: ControlPlane,
 }
 
 impl Origin {
@@ -128,7 +130,7 @@ impl Origin {
                 if peer.role != Role::Publisher {
                     return self.forbidden(peer, "publish");
                 }
-                match self.publish(signed) {
+                match self.publish(peer, signed) {
                     Ok(info) => {
                         tracing::info!(bundle = %info.id, name = %info.name, version = %info.version, seq = info.seq, "published");
                         Response::Resolved(info)
@@ -143,18 +145,124 @@ impl Origin {
                 code: ErrorCode::Internal,
                 message: "blob requests are answered as streams".into(),
             },
+            Request::ReportNode { report, negotiate } => {
+                self.request_counter("report_node");
+                if peer.role != Role::Edge {
+                    return self.refuse(peer, "report as an edge");
+                }
+                self.node_report(
+                    &peer.node_id.to_string(),
+                    peer.site.as_str(),
+                    report,
+                    negotiate,
+                )
+            }
+            Request::RelayReport {
+                node_id,
+                report,
+                negotiate,
+            } => {
+                self.request_counter("relay_report");
+                if peer.role != Role::Stager {
+                    return self.refuse(peer, "relay an edge's report");
+                }
+                if let Err(error) = node_id.parse::<proto::net::NodeId>() {
+                    return Response::Error {
+                        code: ErrorCode::BadRequest,
+                        message: format!("relayed report: {error}"),
+                    };
+                }
+                // The edge's site is the relaying stager's, from its certificate.
+                self.node_report(&node_id, peer.site.as_str(), report, negotiate)
+            }
+            Request::Control { actor, command } => {
+                self.request_counter("control");
+                if !matches!(peer.role, Role::Origin | Role::Publisher) {
+                    return self.refuse(peer, "run control-plane commands");
+                }
+                tracing::info!(%peer, actor, command = command_name(&command), "control command");
+                Response::Control(
+                    self.control
+                        .command(peer, &actor, command, &self.catalog)
+                        .await,
+                )
+            }
             Request::Subscribe { .. }
             | Request::Enroll { .. }
             | Request::SitePeers { .. }
             | Request::Fetch { .. }
-            | Request::StartSwap { .. } => Response::Error {
+            | Request::StartSwap { .. }
+            | Request::TestRun { .. }
+            | Request::Negotiate => Response::Error {
                 code: ErrorCode::BadRequest,
                 message: "not a request for the origin".into(),
             },
         }
     }
 
-    fn publish(&self, signed: proto::SignedManifest) -> std::result::Result<BundleInfo, String> {
+    fn refuse(&self, peer: &PeerIdentity, what: &str) -> Response {
+        self.metrics
+            .counter(
+                names::FORBIDDEN,
+                "Requests refused for the peer's role",
+                &[],
+            )
+            .inc();
+        tracing::warn!(%peer, what, "refused: role may not do this");
+        Response::Error {
+            code: ErrorCode::Forbidden,
+            message: format!("a {} certificate may not {what}", peer.role),
+        }
+    }
+
+    /// Records a node's report and answers its negotiation.
+    fn node_report(
+        &self,
+        node_id: &str,
+        site: &str,
+        report: proto::wire::NodeReport,
+        negotiate: bool,
+    ) -> Response {
+        let event = report.event;
+        match tokio::task::block_in_place(|| self.control.report(node_id, site, report, negotiate))
+        {
+            Ok(Some(plan)) => {
+                let answer = match &plan {
+                    proto::wire::BootPlan::BootAsYouAre { .. } => "boot-as-you-are",
+                    proto::wire::BootPlan::Fetch { .. } => "fetch",
+                    proto::wire::BootPlan::NoImage { .. } => "no-image",
+                    proto::wire::BootPlan::PolicyError { .. } => "policy-error",
+                };
+                self.metrics
+                    .counter(
+                        "stagecoach_negotiations_total",
+                        "Boot negotiations answered, by answer",
+                        &[("answer", answer)],
+                    )
+                    .inc();
+                tracing::info!(node = node_id, site, answer, "negotiated");
+                Response::BootPlan(plan)
+            }
+            Ok(None) => {
+                self.metrics
+                    .counter(
+                        "stagecoach_node_reports_total",
+                        "Node reports recorded, by event",
+                        &[("event", event.name())],
+                    )
+                    .inc();
+                tracing::info!(node = node_id, site, event = event.name(), "node reported");
+                Response::Ok
+            }
+            Err(error) => internal(error),
+        }
+    }
+
+    fn publish(
+        &self,
+        peer: &PeerIdentity,
+        signed: proto::SignedManifest,
+    ) -> std::result::Result<BundleInfo, String> {
         let manifest = signed
             .verify(&[self.publisher_key])
             .map_err(|e| e.to_string())?;
@@ -185,6 +293,11 @@ impl Origin {
             seq: 0,
         };
         let info = self.catalog.append(info).map_err(|e| e.to_string())?;
+        tokio::task::block_in_place(|| {
+            self.control
+                .record_package(&info, &manifest, peer, "package.publish")
+        })
+        .map_err(|e| format!("published, but the package table was not updated: {e}"))?;
         set_newest_bundle_gauges(&self.metrics, &info);
         // No subscriber is fine: they catch up from the catalog when they connect.
         let _ = self.announcements.send(info.clone());
@@ -285,6 +398,23 @@ impl RequestHandler for Origin {
     }
 }
 
+/// A control command's name for logs (a policy document is too long to log).
+fn command_name(command: &proto::wire::ControlCommand) -> &'static str {
+    use proto::wire::ControlCommand as C;
+    match command {
+        C::Nodes => "nodes",
+        C::PolicyLoad { .. } => "policy load",
+        C::PolicyCheck => "policy check",
+        C::ClassSet { .. } => "class set",
+        C::OverrideSet { .. } => "override set",
+        C::OverrideClear { .. } => "override clear",
+        C::Audit { .. } => "audit",
+        C::TestRun { .. } => "test-run",
+        C::RolloutStart { .. } => "rollout-start",
+        C::Rollout { .. } => "rollout",
+    }
+}
+
 /// Sizes of the newest bundle, which the demo reads to express traffic as multiples of it.
 fn set_newest_bundle_gauges(metrics: &Metrics, info: &BundleInfo) {
     metrics
@@ -318,6 +448,31 @@ fn internal(error: impl std::fmt::Display) -> Response {
     }
 }
 
+/// Puts every catalog entry the package table lacks into it (bundles published before the
+/// table existed).
+fn import_catalog(
+    control: &ControlPlane,
+    catalog: &Catalog,
+    store: &Store,
+    identity: &proto::net::NodeIdentity,
+) -> Result<()> {
+    let trusted = [*identity.publisher_key()];
+    for info in catalog.all() {
+        if control.db().package(&info.name, &info.version)?.is_some() {
+            continue;
+        }
+        let Some(signed) = store.get_manifest(&info.id)? else {
+            tracing::warn!(bundle = %info.id, "a catalog entry has no manifest in the store; not in the package table");
+            continue;
+        };
+        let manifest = signed
+            .verify_as(info.id, &trusted)
+            .with_context(|| format!("the stored manifest of {} does not verify", info.id))?;
+        control.record_package(&info, &manifest, identity.identity(), "package.import")?;
+    }
+    Ok(())
+}
+
 /// Runs `origin serve` until Ctrl-C or SIGTERM.
 pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     let identity = home.origin_identity()?;
@@ -349,12 +504,20 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         &hex::encode(cert_fingerprint(identity.cert_der())),
     )?;
     let (announcements, _) = broadcast::channel(ANNOUNCE_QUEUE);
+    let db = home.db()?;
+    let control = ControlPlane::new(
+        db,
+        proto::net::client_endpoint(&identity)
+            .context("cannot start the origin's client endpoint")?,
+    );
+    import_catalog(&control, &catalog, &store, &identity)?;
     let origin = Arc::new(Origin {
         store,
         catalog,
         publisher_key: *identity.publisher_key(),
         announcements,
         metrics: metrics.clone(),
+        control,
     });
     let tokens_dir = home.tokens_dir();
     tokens::check_dir(&tokens_dir)?;

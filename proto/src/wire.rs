@@ -109,6 +109,424 @@ pub enum Request {
         /// The rescue OS.
         rescue: BundleId,
     },
+    /// An edge reports its inventory and what it holds, to its stager or (when none answers)
+    /// to the origin. With `negotiate`, it asks what to boot: the answer is
+    /// [`Response::BootPlan`]; without, [`Response::Ok`]. The node's id and site are taken from
+    /// its certificate, never from the report.
+    ReportNode {
+        /// What the edge reports.
+        report: NodeReport,
+        /// Ask for a boot plan too (at every start).
+        negotiate: bool,
+    },
+    /// A stager passes on an edge's [`Request::ReportNode`] to the origin (stagers only). The
+    /// stager verified the edge's certificate; the edge's site is the stager's own.
+    RelayReport {
+        /// The edge's node id, from its certificate.
+        #[serde(deserialize_with = "bounds::name")]
+        node_id: String,
+        /// What the edge reports.
+        report: NodeReport,
+        /// Ask for a boot plan too.
+        negotiate: bool,
+    },
+    /// An operator's control-plane command to the running origin (origin or publisher
+    /// certificates only). Answered by [`Response::Control`].
+    Control {
+        /// Who runs the command (the operator's login), for the audit log.
+        #[serde(deserialize_with = "bounds::name")]
+        actor: String,
+        /// The command.
+        command: ControlCommand,
+    },
+    /// Run a bundle without persisting it (origin only, to an edge daemon): the edge fetches it
+    /// into a temporary area purged at every start and never records it as installed.
+    /// Answered by [`Response::TestRunning`] after zero or more [`Response::FetchProgress`].
+    TestRun {
+        /// The bundle.
+        bundle: BundleId,
+    },
+    /// Ask this edge's own daemon to negotiate now (the node's own certificate only).
+    /// Answered by [`Response::Negotiated`].
+    Negotiate,
+}
+
+/// Most bundles a node reports installed (or held), and most bundles one plan lists.
+pub const MAX_NODE_BUNDLES: usize = 256;
+
+/// Longest name, version, node id, address or fact, in bytes.
+pub const MAX_NAME_BYTES: usize = 1024;
+
+/// Longest free-text field (an error message, a list of facts), in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Longest document in a control command or its answer (a policy file, a table), in bytes.
+pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Most facts a "no image" answer lists.
+pub const MAX_FACTS: usize = 64;
+
+/// Why an edge reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReportEvent {
+    /// Right after enrollment.
+    Enrolled,
+    /// At the start of `edge-agent serve` (or `edge-agent negotiate`).
+    Started,
+    /// After the edge fetched what a boot plan asked for.
+    Updated,
+}
+
+impl ReportEvent {
+    /// Lower-case name for tables and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReportEvent::Enrolled => "enrolled",
+            ReportEvent::Started => "started",
+            ReportEvent::Updated => "updated",
+        }
+    }
+}
+
+/// A bundle a node holds, by name, version and id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeBundle {
+    /// Bundle name.
+    #[serde(deserialize_with = "bounds::name")]
+    pub name: String,
+    /// Version.
+    #[serde(deserialize_with = "bounds::name")]
+    pub version: String,
+    /// Bundle id.
+    pub id: BundleId,
+}
+
+impl std::fmt::Display for NodeBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.version)
+    }
+}
+
+/// What an edge reports about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Why it reports now.
+    pub event: ReportEvent,
+    /// Its facts and what its operator configured (role, class, site, features).
+    pub inventory: crate::inventory::Inventory,
+    /// Bundles installed (what it boots with), each complete in its store.
+    #[serde(deserialize_with = "bounds::node_bundles")]
+    pub installed: Vec<NodeBundle>,
+    /// Every bundle whose manifest its store holds (installed or not).
+    #[serde(deserialize_with = "bounds::node_bundles")]
+    pub held: Vec<NodeBundle>,
+    /// Where its daemon serves (QUIC); empty when no daemon runs.
+    #[serde(deserialize_with = "bounds::name")]
+    pub data_addr: String,
+}
+
+/// One bundle a boot plan asks the node to fetch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedBundle {
+    /// The bundle.
+    pub bundle: NodeBundle,
+    /// Its stored (compressed) size, in bytes.
+    pub stored_bytes: u64,
+    /// Why the node needs it (the rule, feature or dependency).
+    #[serde(deserialize_with = "bounds::message")]
+    pub reason: String,
+}
+
+/// The origin's answer at boot (seed 002): what the node should run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BootPlan {
+    /// The node holds exactly the desired versions: boot as it is.
+    BootAsYouAre {
+        /// The desired (and installed) bundles.
+        #[serde(deserialize_with = "bounds::node_bundles")]
+        bundles: Vec<NodeBundle>,
+    },
+    /// The node must fetch `fetch` (and stop booting `drop`) before it boots.
+    Fetch {
+        /// Bundles that differ from what it holds.
+        #[serde(deserialize_with = "bounds::planned_bundles")]
+        fetch: Vec<PlannedBundle>,
+        /// Installed bundles that stay.
+        #[serde(deserialize_with = "bounds::node_bundles")]
+        keep: Vec<NodeBundle>,
+        /// Installed bundles no longer desired.
+        #[serde(deserialize_with = "bounds::node_bundles")]
+        drop: Vec<NodeBundle>,
+    },
+    /// No rule matches the node and it asks for no feature (seed 004).
+    NoImage {
+        /// The facts tried, in precedence order, as `level=value`.
+        #[serde(deserialize_with = "bounds::facts")]
+        facts: Vec<String>,
+    },
+    /// The policy cannot decide for this node (a conflict, say); the message names the rules.
+    PolicyError {
+        /// Why.
+        #[serde(deserialize_with = "bounds::message")]
+        message: String,
+    },
+}
+
+/// What an edge's negotiation did: the origin's plan and what was fetched for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NegotiationOutcome {
+    /// The origin's answer.
+    pub plan: BootPlan,
+    /// Bundles fetched for it.
+    #[serde(deserialize_with = "bounds::fetch_summaries")]
+    pub fetched: Vec<FetchSummary>,
+}
+
+/// A control-plane command (see `origin --help`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlCommand {
+    /// The node table.
+    Nodes,
+    /// Replace the policy (rules, precedence, features) with this TOML document.
+    PolicyLoad {
+        /// Where it came from (a file name), for the audit log.
+        #[serde(deserialize_with = "bounds::name")]
+        source: String,
+        /// The TOML text.
+        #[serde(deserialize_with = "bounds::document")]
+        toml: String,
+    },
+    /// Every node's resolution and every conflict.
+    PolicyCheck,
+    /// Put a node in a class (overrides the class it reports).
+    ClassSet {
+        /// Node id (or a unique prefix).
+        #[serde(deserialize_with = "bounds::name")]
+        node: String,
+        /// The class.
+        #[serde(deserialize_with = "bounds::name")]
+        class: String,
+    },
+    /// Pin a bundle version on one node.
+    OverrideSet {
+        /// Node id (or a unique prefix).
+        #[serde(deserialize_with = "bounds::name")]
+        node: String,
+        /// `NAME@VERSION`.
+        #[serde(deserialize_with = "bounds::name")]
+        bundle: String,
+    },
+    /// Remove a node's overrides (of one bundle name, or all).
+    OverrideClear {
+        /// Node id (or a unique prefix).
+        #[serde(deserialize_with = "bounds::name")]
+        node: String,
+        /// Only this bundle name.
+        #[serde(deserialize_with = "bounds::optional_name")]
+        name: Option<String>,
+    },
+    /// The newest audit records.
+    Audit {
+        /// How many.
+        limit: u32,
+    },
+    /// Tell a node to run a bundle without persisting it.
+    TestRun {
+        /// Node id (or a unique prefix).
+        #[serde(deserialize_with = "bounds::name")]
+        node: String,
+        /// A bundle id, `NAME@VERSION` or `NAME`.
+        #[serde(deserialize_with = "bounds::name")]
+        bundle: String,
+    },
+    /// Start a canary rollout of an OS bundle to the nodes a selector picks (one at a time).
+    RolloutStart {
+        /// The OS to install: `NAME@VERSION` or a bundle id.
+        #[serde(deserialize_with = "bounds::name")]
+        bundle: String,
+        /// The rescue OS each swap keeps: `NAME@VERSION` or a bundle id.
+        #[serde(deserialize_with = "bounds::name")]
+        rescue: String,
+        /// `all`, or `KEY=VALUE[,KEY=VALUE...]` with keys site, class, role, node (all must match).
+        #[serde(deserialize_with = "bounds::name")]
+        selector: String,
+        /// Failures tolerated outside canary waves before the rollout halts.
+        max_failures: u32,
+        /// Offer the bundle to nodes running a newer version too.
+        downgrade: bool,
+    },
+    /// Ask about, pause, resume or abort the rollout.
+    Rollout {
+        /// What to do.
+        action: RolloutAction,
+    },
+}
+
+/// An operator's request about the current rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RolloutAction {
+    /// Where it stands (also after it ended).
+    Status,
+    /// Start no new wave until resumed.
+    Pause,
+    /// Continue a paused rollout.
+    Resume,
+    /// Halt for good; swaps already started finish.
+    Abort,
+}
+
+/// The origin's answer to a [`Request::Control`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlReply {
+    /// False when the command failed or found a problem (conflicts): the CLI exits non-zero.
+    pub success: bool,
+    /// For people (a table, or what went wrong).
+    #[serde(deserialize_with = "bounds::document")]
+    pub text: String,
+    /// For machines (JSON; `null` when there is nothing structured).
+    #[serde(deserialize_with = "bounds::document")]
+    pub json: String,
+}
+
+/// What a [`Request::TestRun`] did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestRunSummary {
+    /// The fetch.
+    pub fetch: FetchSummary,
+    /// Where the bundle runs from (a temporary directory purged at the next start).
+    #[serde(deserialize_with = "bounds::name")]
+    pub root: String,
+}
+
+/// Bounded deserializers for variable-length wire fields: the decoder refuses a field longer
+/// than its bound (the frame bound alone would let one field take 16 MiB).
+pub mod bounds {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
+
+    use super::{
+        FetchSummary, NodeBundle, PlannedBundle, MAX_DOCUMENT_BYTES, MAX_FACTS, MAX_MESSAGE_BYTES,
+        MAX_NAME_BYTES, MAX_NODE_BUNDLES,
+    };
+
+    fn text<'de, D: Deserializer<'de>>(d: D, max: usize) -> Result<String, D::Error> {
+        let value = String::deserialize(d)?;
+        if value.len() > max {
+            return Err(D::Error::custom(format!(
+                "a text field of {} bytes exceeds its bound of {max} bytes",
+                value.len()
+            )));
+        }
+        Ok(value)
+    }
+
+    struct Bounded<T> {
+        max: usize,
+        item: PhantomData<T>,
+    }
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Bounded<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a list of at most {} items", self.max)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            if seq.size_hint().is_some_and(|n| n > self.max) {
+                return Err(A::Error::custom(format!(
+                    "a list of {} items exceeds its bound of {}",
+                    seq.size_hint().unwrap_or_default(),
+                    self.max
+                )));
+            }
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                if items.len() == self.max {
+                    return Err(A::Error::custom(format!(
+                        "a list exceeds its bound of {} items",
+                        self.max
+                    )));
+                }
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+
+    /// A list of at most `max` items.
+    pub fn list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+        max: usize,
+    ) -> Result<Vec<T>, D::Error> {
+        d.deserialize_seq(Bounded {
+            max,
+            item: PhantomData,
+        })
+    }
+
+    /// At most [`MAX_NAME_BYTES`].
+    pub fn name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        text(d, MAX_NAME_BYTES)
+    }
+
+    /// `None` or at most [`MAX_NAME_BYTES`].
+    pub fn optional_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        let value = Option::<String>::deserialize(d)?;
+        match value {
+            Some(v) if v.len() > MAX_NAME_BYTES => Err(D::Error::custom(format!(
+                "a text field of {} bytes exceeds its bound of {MAX_NAME_BYTES} bytes",
+                v.len()
+            ))),
+            other => Ok(other),
+        }
+    }
+
+    /// At most [`MAX_MESSAGE_BYTES`].
+    pub fn message<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        text(d, MAX_MESSAGE_BYTES)
+    }
+
+    /// At most [`MAX_DOCUMENT_BYTES`].
+    pub fn document<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        text(d, MAX_DOCUMENT_BYTES)
+    }
+
+    /// Names of at most [`MAX_NAME_BYTES`] each, at most `max` of them.
+    pub fn names<'de, D: Deserializer<'de>>(d: D, max: usize) -> Result<Vec<String>, D::Error> {
+        let values: Vec<String> = list(d, max)?;
+        if let Some(long) = values.iter().find(|v| v.len() > MAX_NAME_BYTES) {
+            return Err(D::Error::custom(format!(
+                "a text field of {} bytes exceeds its bound of {MAX_NAME_BYTES} bytes",
+                long.len()
+            )));
+        }
+        Ok(values)
+    }
+
+    /// At most [`MAX_FACTS`] facts.
+    pub fn facts<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        names(d, MAX_FACTS)
+    }
+
+    /// At most [`MAX_NODE_BUNDLES`].
+    pub fn node_bundles<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<NodeBundle>, D::Error> {
+        list(d, MAX_NODE_BUNDLES)
+    }
+
+    /// At most [`MAX_NODE_BUNDLES`].
+    pub fn planned_bundles<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<PlannedBundle>, D::Error> {
+        list(d, MAX_NODE_BUNDLES)
+    }
+
+    /// At most [`MAX_NODE_BUNDLES`].
+    pub fn fetch_summaries<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<FetchSummary>, D::Error> {
+        list(d, MAX_NODE_BUNDLES)
+    }
 }
 
 /// An edge of the site, as the stager knows it.
@@ -252,6 +670,14 @@ pub enum Response {
         /// Why, for people.
         message: String,
     },
+    /// Answer to a [`Request::ReportNode`] or [`Request::RelayReport`] that negotiates.
+    BootPlan(BootPlan),
+    /// Answer to [`Request::Control`].
+    Control(ControlReply),
+    /// Answer to [`Request::TestRun`]: the bundle is fetched and runs from a temporary area.
+    TestRunning(TestRunSummary),
+    /// Answer to [`Request::Negotiate`].
+    Negotiated(NegotiationOutcome),
 }
 
 /// Why a frame could not be decoded.
@@ -377,6 +803,152 @@ mod tests {
         frame[4] = 9;
         let err = decode_frame::<Request>(&frame).expect_err("version");
         assert!(matches!(err, FrameError::Version { found: 9 }));
+    }
+
+    fn sample_report() -> NodeReport {
+        let id = BlobHash::of(b"os");
+        NodeReport {
+            event: ReportEvent::Started,
+            inventory: crate::inventory::Inventory {
+                cpu_model: Some("Xeon".into()),
+                cpu_count: Some(8),
+                role: Some("web".into()),
+                features: vec!["monitoring".into()],
+                nics: vec![crate::inventory::Nic {
+                    name: "eth0".into(),
+                    mac: "52:54:00:12:34:56".into(),
+                }],
+                ..Default::default()
+            },
+            installed: vec![NodeBundle {
+                name: "os".into(),
+                version: "1".into(),
+                id,
+            }],
+            held: Vec::new(),
+            data_addr: "127.0.0.1:7420".into(),
+        }
+    }
+
+    #[test]
+    fn control_plane_messages_round_trip() {
+        let bundle = NodeBundle {
+            name: "app".into(),
+            version: "2".into(),
+            id: BlobHash::of(b"app"),
+        };
+        let requests = vec![
+            Request::ReportNode {
+                report: sample_report(),
+                negotiate: true,
+            },
+            Request::RelayReport {
+                node_id: "abc".into(),
+                report: sample_report(),
+                negotiate: false,
+            },
+            Request::Control {
+                actor: "alice".into(),
+                command: ControlCommand::PolicyLoad {
+                    source: "policy.toml".into(),
+                    toml: "[[rules]]".into(),
+                },
+            },
+            Request::Control {
+                actor: "alice".into(),
+                command: ControlCommand::OverrideClear {
+                    node: "n".into(),
+                    name: Some("os".into()),
+                },
+            },
+            Request::TestRun {
+                bundle: BlobHash::of(b"t"),
+            },
+            Request::Negotiate,
+        ];
+        for request in requests {
+            let frame = encode_frame(&request).expect("encode");
+            let (back, _): (Request, usize) = decode_frame(&frame).expect("decode").expect("whole");
+            assert_eq!(back, request);
+        }
+        let responses = vec![
+            Response::BootPlan(BootPlan::Fetch {
+                fetch: vec![PlannedBundle {
+                    bundle: bundle.clone(),
+                    stored_bytes: 10,
+                    reason: "rule web".into(),
+                }],
+                keep: vec![bundle.clone()],
+                drop: Vec::new(),
+            }),
+            Response::BootPlan(BootPlan::NoImage {
+                facts: vec!["role=-".into()],
+            }),
+            Response::Control(ControlReply {
+                success: false,
+                text: "table".into(),
+                json: "null".into(),
+            }),
+            Response::Negotiated(NegotiationOutcome {
+                plan: BootPlan::BootAsYouAre {
+                    bundles: vec![bundle],
+                },
+                fetched: Vec::new(),
+            }),
+        ];
+        for response in responses {
+            let frame = encode_frame(&response).expect("encode");
+            let (back, _): (Response, usize) =
+                decode_frame(&frame).expect("decode").expect("whole");
+            assert_eq!(back, response);
+        }
+    }
+
+    #[test]
+    fn new_variants_leave_old_encodings_alone() {
+        // The first byte of a payload is the variant index: appending variants keeps them.
+        let old = [
+            (Request::ListBundles, 0u8),
+            (
+                Request::StartSwap {
+                    target: BlobHash::of(b"a"),
+                    rescue: BlobHash::of(b"b"),
+                },
+                10,
+            ),
+        ];
+        for (request, index) in old {
+            let frame = encode_frame(&request).expect("encode");
+            assert_eq!(frame[LENGTH_PREFIX_BYTES + VERSION_BYTES], index);
+        }
+        let frame = encode_frame(&Response::Error {
+            code: ErrorCode::Busy,
+            message: String::new(),
+        })
+        .expect("encode");
+        assert_eq!(frame[LENGTH_PREFIX_BYTES + VERSION_BYTES], 12);
+    }
+
+    #[test]
+    fn oversized_report_fields_are_refused() {
+        let mut long_name = sample_report();
+        long_name.data_addr = "x".repeat(MAX_NAME_BYTES + 1);
+        let mut many = sample_report();
+        many.installed = vec![many.installed[0].clone(); MAX_NODE_BUNDLES + 1];
+        let mut many_features = sample_report();
+        many_features.inventory.features =
+            vec!["f".into(); crate::inventory::MAX_INVENTORY_ITEMS + 1];
+        let mut long_fact = sample_report();
+        long_fact.inventory.model = Some("m".repeat(MAX_NAME_BYTES + 1));
+        for report in [long_name, many, many_features, long_fact] {
+            let frame = encode_frame(&Request::ReportNode {
+                report,
+                negotiate: true,
+            })
+            .expect("encode");
+            let err = decode_frame::<Request>(&frame).expect_err("oversized");
+            assert!(err.to_string().contains("exceeds its bound"), "{err}");
+        }
     }
 
     proptest! {

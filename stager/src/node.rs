@@ -333,10 +333,24 @@ impl Stager {
                 }
                 Response::SitePeers(self.join_site_peers(peer, data_addr, p2p_addrs, have))
             }
+            Request::ReportNode { report, negotiate } => {
+                self.request_counter("report_node");
+                if peer.role != Role::Edge {
+                    return Some(Response::Error {
+                        code: ErrorCode::Forbidden,
+                        message: "only the site's edges report here".into(),
+                    });
+                }
+                self.relay_report(peer, report, negotiate).await
+            }
             Request::Subscribe { .. }
             | Request::Enroll { .. }
             | Request::Fetch { .. }
-            | Request::StartSwap { .. } => Response::Error {
+            | Request::StartSwap { .. }
+            | Request::RelayReport { .. }
+            | Request::Control { .. }
+            | Request::TestRun { .. }
+            | Request::Negotiate => Response::Error {
                 code: ErrorCode::BadRequest,
                 message: "not a request for a stager".into(),
             },
@@ -345,6 +359,47 @@ impl Stager {
 }
 
 impl Stager {
+    /// Passes an edge's report (and negotiation) on to the origin with the edge's node id from
+    /// its certificate; the origin takes the site from this stager's certificate. The
+    /// origin's answer goes back as it is.
+    async fn relay_report(
+        &self,
+        peer: &PeerIdentity,
+        report: proto::wire::NodeReport,
+        negotiate: bool,
+    ) -> Response {
+        let request = Request::RelayReport {
+            node_id: peer.node_id.to_string(),
+            report,
+            negotiate,
+        };
+        let answer = match self.flights.upstream().connection().await {
+            Ok(conn) => proto::net::call(&conn, &request, MAX_FRAME_BYTES).await,
+            Err(error) => Err(error),
+        };
+        let outcome = if answer.is_ok() { "relayed" } else { "failed" };
+        self.metrics
+            .counter(
+                "stagecoach_reports_relayed_total",
+                "Edge reports passed on to the origin, by outcome",
+                &[("outcome", outcome)],
+            )
+            .inc();
+        match answer {
+            Ok(response) => {
+                tracing::info!(%peer, negotiate, "relayed an edge's report to the origin");
+                response
+            }
+            Err(error) => {
+                tracing::warn!(%peer, %error, "cannot relay an edge's report to the origin");
+                Response::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("the stager cannot reach the origin: {error}"),
+                }
+            }
+        }
+    }
+
     /// Records `peer` (an edge of this site) and returns the other edges.
     fn join_site_peers(
         &self,

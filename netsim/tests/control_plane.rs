@@ -1,0 +1,748 @@
+//! The origin's control plane with real processes on loopback: inventory reports at
+//! enrollment and at every start, `origin nodes`, policy load and check, boot-time negotiation
+//! (seed 002) and test mode.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use netsim::datagen;
+use netsim::mesh::{EdgeNode, Mesh, Ready};
+use netsim::procs::{self, Binaries};
+use serde_json::Value;
+
+const MIB: u64 = 1024 * 1024;
+
+/// How long an edge may take to negotiate (and fetch) after its daemon starts.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn bins() -> Binaries {
+    Binaries::beside_current_exe().expect("build the binaries: cargo build --release --bins")
+}
+
+/// What a command printed and whether it succeeded.
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run(bin: &Path, args: &[String]) -> Run {
+    let output = tokio::process::Command::new(bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run");
+    Run {
+        ok: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Runs `origin ARGS --dir ORIGIN_DIR`.
+async fn origin(mesh: &Mesh, args: &[&str]) -> Run {
+    let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    all.push("--dir".into());
+    all.push(mesh.origin_dir.display().to_string());
+    run(&mesh.bins.path("origin"), &all).await
+}
+
+async fn origin_ok(mesh: &Mesh, args: &[&str]) -> String {
+    let out = origin(mesh, args).await;
+    assert!(
+        out.ok,
+        "origin {args:?} failed:\n{}\n{}",
+        out.stdout, out.stderr
+    );
+    out.stdout
+}
+
+async fn nodes(mesh: &Mesh) -> Vec<Value> {
+    let text = origin_ok(mesh, &["nodes", "--json"]).await;
+    match serde_json::from_str(text.trim()).expect("nodes JSON") {
+        Value::Array(rows) => rows,
+        other => panic!("nodes JSON is not a list: {other}"),
+    }
+}
+
+/// The row of `edge` (matched by its daemon's address).
+fn row<'a>(rows: &'a [Value], edge: &EdgeNode) -> &'a Value {
+    let addr = &edge.daemon.as_ref().expect("daemon").mesh;
+    rows.iter()
+        .find(|r| r["data_addr"].as_str() == Some(addr))
+        .unwrap_or_else(|| panic!("no node row with data_addr {addr}: {rows:#?}"))
+}
+
+fn node_id(row: &Value) -> String {
+    row["id"].as_str().expect("id").to_owned()
+}
+
+fn installed(row: &Value, field: &str) -> Vec<String> {
+    let mut list: Vec<String> = row[field]
+        .as_array()
+        .expect("bundle list")
+        .iter()
+        .map(|b| {
+            format!(
+                "{}@{}",
+                b["name"].as_str().unwrap_or("?"),
+                b["version"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    list.sort();
+    list
+}
+
+/// Waits until the current daemon of edge `name` has finished `count` negotiations.
+async fn wait_negotiated(mesh: &Mesh, name: &str, count: u64) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = mesh.edge_metrics(name).await {
+            // Transient failures are retried by the daemon; only answers count.
+            let all = procs::metric_sum(&text, "stagecoach_negotiations_total", &[]);
+            let failed = procs::metric_sum(
+                &text,
+                "stagecoach_negotiations_total",
+                &[("answer", "error")],
+            );
+            if all - failed >= count {
+                return text;
+            }
+        }
+        assert!(
+            start.elapsed() < NEGOTIATION_TIMEOUT,
+            "{name} did not negotiate within {NEGOTIATION_TIMEOUT:?}; see {}",
+            mesh.work.join("logs").join(format!("{name}.log")).display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn restart_edge(mesh: &mut Mesh, name: &str) -> String {
+    mesh.kill_edge(name).await.expect("kill edge");
+    mesh.restart_edge(name).await.expect("restart edge");
+    wait_negotiated(mesh, name, 1).await
+}
+
+/// Kills the origin and starts it again on the same mesh address (its state stays on disk).
+async fn restart_origin(mesh: &mut Mesh) {
+    mesh.fleet.kill("origin").await.expect("kill origin");
+    let ready_file = mesh.work.join("origin.restarted.ready.json");
+    let _ = std::fs::remove_file(&ready_file);
+    let args: Vec<String> = [
+        "serve",
+        "--dir",
+        &mesh.origin_dir.display().to_string(),
+        "--listen",
+        &mesh.origin.mesh,
+        "--enroll-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--ready-file",
+        &ready_file.display().to_string(),
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    let log = mesh.work.join("logs").join("origin.log");
+    let cmd = procs::command_appending(&mesh.bins.path("origin"), &args, &log).expect("command");
+    mesh.fleet.spawn("origin", cmd).expect("spawn origin");
+    let ready: Ready = procs::wait_ready(&ready_file, &mut mesh.fleet)
+        .await
+        .expect("origin ready");
+    mesh.origin = ready;
+}
+
+/// Waits until edge `name`'s log says `needle` (the daemon logs right after it counts).
+async fn wait_log(mesh: &Mesh, name: &str, needle: &str) {
+    let start = Instant::now();
+    while !edge_log(mesh, name).contains(needle) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{name}'s log never said {needle:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn edge_log(mesh: &Mesh, name: &str) -> String {
+    std::fs::read_to_string(mesh.work.join("logs").join(format!("{name}.log"))).unwrap_or_default()
+}
+
+/// Stored bytes of `name@version`, from `origin bundles`.
+async fn stored_bytes(mesh: &Mesh, name: &str, version: &str) -> u64 {
+    let table = origin_ok(mesh, &["bundles"]).await;
+    table
+        .lines()
+        .find_map(|line| {
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            (cells.len() >= 7 && cells[1] == name && cells[2] == version)
+                .then(|| cells[4].parse::<u64>().ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("{name}@{version} not in `origin bundles`:\n{table}"))
+}
+
+fn write_policy(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("policy file");
+    path
+}
+
+/// True when any file under `dir` contains `needle`.
+fn any_file_contains(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = any_file_contains(&path, needle) {
+                return Some(found);
+            }
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                return Some(path);
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_shows_in_origin_nodes_and_policy_check_names_both_conflicting_rules() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut mesh = Mesh::start(bins(), &work.path().join("mesh"), 1, 2, &[])
+        .await
+        .expect("mesh");
+
+    // Enrollment reported each edge's inventory.
+    let enrolled = nodes(&mesh).await;
+    assert_eq!(enrolled.len(), 2, "{enrolled:#?}");
+    for node in &enrolled {
+        assert_eq!(node["site"], "site-a");
+        assert_eq!(node["last_event"], "Enrolled");
+        assert!(
+            node["inventory"]["cpu_count"].as_u64().unwrap_or(0) > 0,
+            "the inventory carries the machine's facts: {node:#}"
+        );
+        assert_eq!(node["inventory"]["site"], "site-a");
+    }
+    let enrolled_seen: Vec<u64> = enrolled
+        .iter()
+        .map(|n| n["last_seen_ms"].as_u64().expect("last seen"))
+        .collect();
+
+    // Every start reports again (through the stager), with the configured role.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    mesh.start_edge_daemons_with(false, &[], |_| vec!["--role".into(), "web".into()])
+        .await
+        .expect("daemons");
+    let names: Vec<String> = mesh.edges.iter().map(|e| e.name.clone()).collect();
+    for name in &names {
+        wait_negotiated(&mesh, name, 1).await;
+    }
+    let started = nodes(&mesh).await;
+    assert_eq!(started.len(), 2, "the same two nodes: {started:#?}");
+    for edge in &mesh.edges {
+        let node = row(&started, edge);
+        let before = enrolled
+            .iter()
+            .position(|n| n["id"] == node["id"])
+            .expect("the node that enrolled");
+        assert!(
+            node["last_seen_ms"].as_u64().expect("seen") > enrolled_seen[before],
+            "last seen advances at start: {node:#}"
+        );
+        assert_eq!(node["inventory"]["role"], "web");
+        // No policy yet: "no image", with the facts tried, on both sides (seed 004).
+        assert_eq!(node["state"], "no-image", "{node:#}");
+        wait_log(&mesh, &edge.name, "has no image").await;
+    }
+    let stager_metrics = mesh
+        .stager_metrics(&mesh.stagers[0].name)
+        .await
+        .expect("stager metrics");
+    assert!(
+        procs::metric_sum(
+            &stager_metrics,
+            "stagecoach_reports_relayed_total",
+            &[("outcome", "relayed")]
+        ) >= 2,
+        "the reports went through the site's stager"
+    );
+    let table = origin_ok(&mesh, &["nodes"]).await;
+    assert!(table.starts_with("ID"), "{table}");
+    for header in [
+        "SITE",
+        "CLASS",
+        "ROLE",
+        "INSTALLED",
+        "DESIRED",
+        "STATE",
+        "LAST SEEN",
+    ] {
+        assert!(table.contains(header), "{header} missing:\n{table}");
+    }
+    assert!(
+        table.contains(&node_id(&started[0])) && table.contains("no-image"),
+        "{table}"
+    );
+
+    // A one-shot negotiation goes through the daemon and says "no image", exiting non-zero.
+    let edge0 = mesh.edges[0].clone();
+    let one_shot = run(
+        &mesh.bins.path("edge-agent"),
+        &[
+            "negotiate".into(),
+            "--dir".into(),
+            edge0.dir.display().to_string(),
+        ],
+    )
+    .await;
+    assert!(!one_shot.ok, "no image is a failure:\n{}", one_shot.stdout);
+    assert!(
+        one_shot.stdout.contains("no image") && one_shot.stdout.contains("role=web"),
+        "{}",
+        one_shot.stdout
+    );
+
+    // Restarting an edge reports again: last seen advances once more.
+    let seen = row(&started, &edge0)["last_seen_ms"]
+        .as_u64()
+        .expect("seen");
+    restart_edge(&mut mesh, &edge0.name).await;
+    let restarted = nodes(&mesh).await;
+    assert!(
+        row(&restarted, &edge0)["last_seen_ms"]
+            .as_u64()
+            .expect("seen")
+            > seen
+    );
+    assert!(
+        row(&restarted, &edge0)["reports"]
+            .as_u64()
+            .expect("reports")
+            >= 3
+    );
+
+    // Two role rules that disagree: policy check lists every node and names both rules.
+    for (version, seed) in [("1", 31), ("2", 32)] {
+        let tree = work.path().join(format!("os{version}"));
+        datagen::generate_tree(&tree, MIB / 4, seed).expect("tree");
+        mesh.publish(&tree, "os", version).await.expect("publish");
+    }
+    let ids: Vec<String> = mesh
+        .edges
+        .iter()
+        .map(|e| node_id(row(&restarted, e)))
+        .collect();
+    let conflicting = write_policy(
+        work.path(),
+        "conflict.toml",
+        r#"
+[[rule]]
+id = "web-stable"
+role = "web"
+bundles = ["os@1"]
+
+[[rule]]
+id = "web-next"
+role = "web"
+bundles = ["os@2"]
+
+[[rule]]
+id = "canaries"
+class = "canary"
+bundles = ["os@2"]
+"#,
+    );
+    let loaded = origin_ok(
+        &mesh,
+        &["policy", "load", &conflicting.display().to_string()],
+    )
+    .await;
+    assert!(loaded.contains("3 rules"), "{loaded}");
+    let check = origin(&mesh, &["policy", "check"]).await;
+    assert!(!check.ok, "a conflict exits non-zero:\n{}", check.stdout);
+    for id in &ids {
+        assert!(
+            check.stdout.contains(id.as_str()),
+            "every node is listed:\n{}",
+            check.stdout
+        );
+    }
+    assert!(
+        check.stdout.contains("web-stable") && check.stdout.contains("web-next"),
+        "both rules are named:\n{}",
+        check.stdout
+    );
+    assert!(check.stdout.contains("2 conflict(s)"), "{}", check.stdout);
+
+    // A class outranks the role: the node in class canary resolves, the other still conflicts.
+    origin_ok(&mesh, &["class", "set", &ids[0][..12], "canary"]).await;
+    let check = origin(&mesh, &["policy", "check", "--json"]).await;
+    assert!(!check.ok);
+    let report: Value = serde_json::from_str(check.stdout.trim()).expect("check JSON");
+    let conflicts = report["conflicts"].as_array().expect("conflicts");
+    assert_eq!(conflicts.len(), 1, "{report:#}");
+    assert_eq!(conflicts[0]["node"], ids[1].as_str());
+    let resolved = report["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["node"] == ids[0].as_str())
+        .expect("node 0");
+    assert_eq!(resolved["result"]["Ok"]["level"], "class", "{resolved:#}");
+
+    // Without the conflict, the check passes.
+    let fixed = write_policy(
+        work.path(),
+        "fixed.toml",
+        "[[rule]]\nid = \"web-stable\"\nrole = \"web\"\nbundles = [\"os@1\"]\n",
+    );
+    origin_ok(&mesh, &["policy", "load", &fixed.display().to_string()]).await;
+    let check = origin(&mesh, &["policy", "check"]).await;
+    assert!(
+        check.ok,
+        "no conflict exits 0:\n{}\n{}",
+        check.stdout, check.stderr
+    );
+    assert!(check.stdout.contains("no conflicts"), "{}", check.stdout);
+
+    // An override pins a version on one node and outranks its role; clearing it restores it.
+    let pinned = origin_ok(&mesh, &["override", "set", &ids[1], "os@2"]).await;
+    assert!(pinned.contains("os@2"), "{pinned}");
+    let never = origin(&mesh, &["override", "set", &ids[1], "os@7"]).await;
+    assert!(
+        !never.ok && never.stdout.contains("never published"),
+        "{}",
+        never.stdout
+    );
+    let check = origin(&mesh, &["policy", "check", "--json"]).await;
+    assert!(check.ok, "{}", check.stderr);
+    let report: Value = serde_json::from_str(check.stdout.trim()).expect("check JSON");
+    let pinned_node = report["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["node"] == ids[1].as_str())
+        .expect("node 1");
+    assert_eq!(pinned_node["result"]["Ok"]["level"], "node-override");
+    origin_ok(&mesh, &["override", "clear", &ids[1]]).await;
+
+    // Every change is in the audit log, with who did it.
+    let audit = origin_ok(&mesh, &["audit", "--limit", "50", "--json"]).await;
+    let records: Vec<Value> = serde_json::from_str(audit.trim()).expect("audit JSON");
+    let actions: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["action"].as_str())
+        .collect();
+    assert_eq!(
+        actions.iter().filter(|a| **a == "policy.load").count(),
+        2,
+        "{actions:?}"
+    );
+    for action in ["override.set", "override.clear", "package.publish"] {
+        assert!(
+            actions.contains(&action),
+            "{action} not audited: {actions:?}"
+        );
+    }
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| **a == "node.first-report")
+            .count(),
+        2,
+        "{actions:?}"
+    );
+    let class_set = records
+        .iter()
+        .find(|r| r["action"] == "class.set")
+        .expect("class.set audited");
+    assert_eq!(class_set["role"], "origin");
+    assert!(class_set["detail"]
+        .as_str()
+        .expect("detail")
+        .contains("canary"));
+    let seqs: Vec<u64> = records.iter().filter_map(|r| r["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negotiation_downloads_nothing_when_in_sync_and_only_the_bundles_that_differ() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path();
+    let mut mesh = Mesh::start(bins(), &w.join("mesh"), 1, 2, &[])
+        .await
+        .expect("mesh");
+    for (dir, bytes, seed) in [
+        ("os1", 2 * MIB, 11),
+        ("os2", 2 * MIB, 12),
+        ("app1", MIB, 13),
+    ] {
+        datagen::generate_tree(&w.join(dir), bytes, seed).expect("tree");
+    }
+    mesh.publish(&w.join("os1"), "os", "1").await.expect("os@1");
+    mesh.publish(&w.join("os2"), "os", "2").await.expect("os@2");
+    mesh.publish_as(&w.join("app1"), "app", "1", "package")
+        .await
+        .expect("app@1");
+    let os2_bytes = stored_bytes(&mesh, "os", "2").await;
+    let os1_bytes = stored_bytes(&mesh, "os", "1").await;
+    let app1_bytes = stored_bytes(&mesh, "app", "1").await;
+    let policy = write_policy(
+        w,
+        "policy.toml",
+        r#"
+[[rule]]
+id = "web"
+role = "web"
+bundles = ["os@1", "app@1"]
+
+[[rule]]
+id = "canaries"
+class = "canary"
+bundles = ["os@2", "app@1"]
+"#,
+    );
+    origin_ok(&mesh, &["policy", "load", &policy.display().to_string()]).await;
+    mesh.wait_preheated("site-a", Duration::from_secs(120))
+        .await
+        .expect("preheat");
+
+    // First start: both edges fetch what the role rule names.
+    mesh.start_edge_daemons_with(false, &[], |_| vec!["--role".into(), "web".into()])
+        .await
+        .expect("daemons");
+    let names: Vec<String> = mesh.edges.iter().map(|e| e.name.clone()).collect();
+    for name in &names {
+        let metrics = wait_negotiated(&mesh, name, 1).await;
+        assert_eq!(
+            procs::metric_sum(
+                &metrics,
+                "stagecoach_negotiations_total",
+                &[("answer", "fetched")]
+            ),
+            1
+        );
+        let bytes = procs::metric_sum(&metrics, "stagecoach_bytes_received_total", &[]);
+        assert!(
+            bytes >= (os1_bytes + app1_bytes) * 95 / 100,
+            "{name} fetched os@1 and app@1 ({bytes} bytes)"
+        );
+    }
+    let first = nodes(&mesh).await;
+    for edge in &mesh.edges {
+        let node = row(&first, edge);
+        assert_eq!(installed(node, "installed"), ["app@1", "os@1"], "{node:#}");
+        assert_eq!(node["state"], "in-sync", "{node:#}");
+    }
+
+    // Edge 1 becomes a canary: its desired os is 2, app stays 1.
+    let (in_sync, behind) = (mesh.edges[0].clone(), mesh.edges[1].clone());
+    let behind_id = node_id(row(&first, &behind));
+    origin_ok(&mesh, &["class", "set", &behind_id, "canary"]).await;
+    // The node table says at once what the canary should run; the canary learns at its start.
+    let told = nodes(&mesh).await;
+    let node = row(&told, &behind);
+    assert_eq!(node["state"], "outdated", "{node:#}");
+    assert_eq!(installed(node, "desired"), ["app@1", "os@2"], "{node:#}");
+    assert_eq!(row(&told, &in_sync)["state"], "in-sync");
+
+    // At the next start the in-sync edge boots as it is and downloads nothing.
+    let metrics = restart_edge(&mut mesh, &in_sync.name).await;
+    assert_eq!(
+        procs::metric_sum(
+            &metrics,
+            "stagecoach_negotiations_total",
+            &[("answer", "boot-as-you-are")]
+        ),
+        1,
+        "{metrics}"
+    );
+    assert_eq!(
+        procs::metric_sum(&metrics, "stagecoach_bytes_received_total", &[]),
+        0
+    );
+    assert_eq!(
+        procs::metric_sum(&metrics, "stagecoach_negotiation_bytes_total", &[]),
+        0
+    );
+
+    // The canary downloads exactly os@2: about its stored size, not app@1's too.
+    let metrics = restart_edge(&mut mesh, &behind.name).await;
+    assert_eq!(
+        procs::metric_sum(
+            &metrics,
+            "stagecoach_negotiations_total",
+            &[("answer", "fetched")]
+        ),
+        1
+    );
+    assert_eq!(
+        procs::metric_sum(
+            &metrics,
+            "stagecoach_negotiation_bundles_fetched_total",
+            &[]
+        ),
+        1
+    );
+    let bytes = procs::metric_sum(&metrics, "stagecoach_bytes_received_total", &[]);
+    assert!(
+        bytes >= os2_bytes * 95 / 100 && bytes <= os2_bytes * 105 / 100 + 64 * 1024,
+        "the canary received {bytes} bytes; os@2 is {os2_bytes} stored, app@1 {app1_bytes}"
+    );
+    let log = edge_log(&mesh, &behind.name);
+    assert!(
+        log.contains("fetching the bundles that differ"),
+        "the edge logs the plan"
+    );
+
+    let after = nodes(&mesh).await;
+    let node = row(&after, &behind);
+    assert_eq!(installed(node, "installed"), ["app@1", "os@2"], "{node:#}");
+    assert_eq!(installed(node, "desired"), ["app@1", "os@2"], "{node:#}");
+    assert_eq!(node["state"], "in-sync", "{node:#}");
+    assert_eq!(node["class"], "canary");
+    assert_eq!(
+        installed(row(&after, &in_sync), "installed"),
+        ["app@1", "os@1"]
+    );
+
+    // A one-shot negotiation (through the running daemon) now says boot as you are.
+    let one_shot = run(
+        &mesh.bins.path("edge-agent"),
+        &[
+            "negotiate".into(),
+            "--dir".into(),
+            behind.dir.display().to_string(),
+        ],
+    )
+    .await;
+    assert!(one_shot.ok, "{}\n{}", one_shot.stdout, one_shot.stderr);
+    assert!(
+        one_shot.stdout.contains("boot as you are: os@2, app@1"),
+        "{}",
+        one_shot.stdout
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_mode_leaves_nothing_behind_after_restarts() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path();
+    let mut mesh = Mesh::start(bins(), &w.join("mesh"), 1, 1, &[])
+        .await
+        .expect("mesh");
+    datagen::generate_tree(&w.join("os1"), MIB, 21).expect("tree");
+    datagen::generate_tree(&w.join("trial"), MIB, 22).expect("tree");
+    mesh.publish(&w.join("os1"), "os", "1").await.expect("os@1");
+    mesh.publish_as(&w.join("trial"), "trialapp", "9", "package")
+        .await
+        .expect("trialapp@9");
+    let policy = write_policy(
+        w,
+        "policy.toml",
+        "[[rule]]\nid = \"web\"\nrole = \"web\"\nbundles = [\"os@1\"]\n",
+    );
+    origin_ok(&mesh, &["policy", "load", &policy.display().to_string()]).await;
+    mesh.start_edge_daemons_with(false, &[], |_| vec!["--role".into(), "web".into()])
+        .await
+        .expect("daemons");
+    let edge = mesh.edges[0].clone();
+    wait_negotiated(&mesh, &edge.name, 1).await;
+    let id = node_id(row(&nodes(&mesh).await, &edge));
+
+    // The test run: the edge fetches and runs trialapp@9 from its temporary area.
+    let started = origin_ok(&mesh, &["test-run", "--node", &id, "trialapp@9"]).await;
+    assert!(started.contains("test mode"), "{started}");
+    let running = nodes(&mesh).await;
+    let node = row(&running, &edge);
+    assert_eq!(node["test_run"]["bundle"], "trialapp@9", "{node:#}");
+    assert_eq!(
+        installed(node, "installed"),
+        ["os@1"],
+        "a test run is not installed"
+    );
+    let root = PathBuf::from(node["test_run"]["root"].as_str().expect("root"));
+    assert!(root.starts_with(&edge.dir), "{}", root.display());
+    assert!(
+        std::fs::read_dir(&root).map(|d| d.count()).unwrap_or(0) > 0,
+        "the bundle is unpacked where it runs"
+    );
+    assert!(
+        any_file_contains(&edge.dir, b"trialapp").is_some(),
+        "the edge holds the trial bundle while it runs"
+    );
+
+    // After the edge restarts, nothing of it is left on the edge.
+    restart_edge(&mut mesh, &edge.name).await;
+    assert!(
+        !edge.dir.join("tmp").exists(),
+        "the temporary area is purged"
+    );
+    if let Some(found) = any_file_contains(&edge.dir, b"trialapp") {
+        panic!("{} still mentions the trial bundle", found.display());
+    }
+    let after_edge = nodes(&mesh).await;
+    let node = row(&after_edge, &edge);
+    assert_eq!(node["test_run"], Value::Null, "{node:#}");
+    assert_eq!(installed(node, "installed"), ["os@1"]);
+    assert!(!installed(node, "held")
+        .iter()
+        .any(|b| b.starts_with("trialapp")));
+
+    // Start another test run, then restart the origin: it forgets it (never in its database).
+    origin_ok(&mesh, &["test-run", "--node", &id, "trialapp@9"]).await;
+    assert_eq!(
+        row(&nodes(&mesh).await, &edge)["test_run"]["bundle"],
+        "trialapp@9"
+    );
+    restart_origin(&mut mesh).await;
+    let after_origin = nodes(&mesh).await;
+    let node = row(&after_origin, &edge);
+    assert_eq!(node["test_run"], Value::Null, "{node:#}");
+    assert_eq!(
+        installed(node, "installed"),
+        ["os@1"],
+        "the database survived the restart"
+    );
+    let audit = origin_ok(&mesh, &["audit", "--limit", "100"]).await;
+    assert!(
+        !audit.contains("test-run") && !audit.contains("test_run"),
+        "test runs are not audited in the database:\n{audit}"
+    );
+    if let Some(found) = any_file_contains(&mesh.origin_dir.join("db"), b"test-run") {
+        panic!(
+            "the origin's database mentions a test run in {}",
+            found.display()
+        );
+    }
+
+    // With the site's stager down, the edge negotiates with the origin directly.
+    let stager = mesh.stagers[0].name.clone();
+    mesh.kill_stager(&stager).await.expect("kill stager");
+    let metrics = restart_edge(&mut mesh, &edge.name).await;
+    assert_eq!(
+        procs::metric_sum(
+            &metrics,
+            "stagecoach_negotiations_total",
+            &[("answer", "boot-as-you-are")]
+        ),
+        1,
+        "{metrics}"
+    );
+    let log = edge_log(&mesh, &edge.name);
+    let this_run = &log[log.rfind("edge agent serving").unwrap_or(0)..];
+    assert!(
+        this_run.contains("reporting elsewhere"),
+        "the edge says it skipped the stager"
+    );
+    mesh.shutdown().await;
+}

@@ -1,0 +1,51 @@
+//! The control-plane commands, client side: each asks the running `origin serve` over the
+//! mesh with the origin's own certificate (the database belongs to the server process).
+
+use anyhow::{bail, Context, Result};
+use proto::net::{call, client_endpoint, connect};
+use proto::wire::{ControlCommand, ControlReply, Request, Response, MAX_FRAME_BYTES};
+
+use crate::home::OriginHome;
+
+/// Sends `command` to the running origin at `home` and returns its answer.
+pub async fn run(home: &OriginHome, command: ControlCommand) -> Result<ControlReply> {
+    let identity = home.origin_identity()?;
+    let addr = home.mesh_addr()?;
+    let endpoint = client_endpoint(&identity)?;
+    let conn = connect(&endpoint, addr).await.with_context(|| {
+        format!(
+            "cannot reach the running origin at {addr}: start `origin serve --dir {}` (the control plane's database belongs to it)",
+            home.dir().display()
+        )
+    })?;
+    let actor = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "operator".to_owned());
+    let actor: String = actor.chars().take(64).collect();
+    let answer = call(&conn, &Request::Control { actor, command }, MAX_FRAME_BYTES)
+        .await
+        .context("the origin did not answer the command")?;
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    match answer {
+        Response::Control(reply) => Ok(reply),
+        Response::Error { code, message } => bail!("the origin refused ({code:?}): {message}"),
+        other => bail!("unexpected answer from the origin: {other:?}"),
+    }
+}
+
+/// Prints `reply` (its JSON with `json`) and fails when the command did not succeed.
+pub fn print(reply: &ControlReply, json: bool, failure: &str) -> Result<()> {
+    if json {
+        println!("{}", reply.json);
+    } else {
+        print!("{}", reply.text);
+    }
+    if !reply.success {
+        if json {
+            eprint!("{}", reply.text);
+        }
+        bail!("{failure}");
+    }
+    Ok(())
+}

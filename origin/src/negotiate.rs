@@ -1,0 +1,251 @@
+//! Boot-time negotiation (seed 002), pure: from a node's resolution and what it holds, the
+//! answer it gets at start.
+//!
+//! The node boots as it is when it holds exactly the desired bundles (same ids); otherwise it
+//! gets the bundles that differ (and learns which installed ones to keep and which to drop). A
+//! node no rule matches gets "no image" with the facts tried (seed 004); a resolution error (a
+//! conflict naming both rules, a package never published) is passed on as it is.
+
+use std::collections::BTreeMap;
+
+use proto::wire::{
+    BootPlan, NodeBundle, PlannedBundle, MAX_FACTS, MAX_MESSAGE_BYTES, MAX_NODE_BUNDLES,
+};
+
+use crate::db::{NodeState, PackageRecord};
+use crate::policy::{PolicyError, Reason, Resolution};
+
+/// A negotiation's result: the answer, the desired bundles and the node's new state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// What the node is told.
+    pub plan: BootPlan,
+    /// What it should run.
+    pub desired: Vec<NodeBundle>,
+    /// Its state once told.
+    pub state: NodeState,
+    /// Why, when the state is a problem.
+    pub detail: String,
+}
+
+/// Computes the answer for a node that holds `installed`, given its `resolution` and the
+/// published `packages` by (name, version).
+pub fn plan(
+    resolution: &Result<Resolution, PolicyError>,
+    installed: &[NodeBundle],
+    packages: &BTreeMap<(String, String), PackageRecord>,
+) -> Negotiated {
+    let chosen = match resolution {
+        Err(error) => return problem(NodeState::PolicyError, error.to_string()),
+        Ok(Resolution::NoImage { facts }) => {
+            let facts: Vec<String> = facts
+                .iter()
+                .take(MAX_FACTS)
+                .map(|fact| format!("{}={}", fact.level, fact.value.as_deref().unwrap_or("-")))
+                .collect();
+            let detail = format!("no rule matches; tried {}", facts.join(" "));
+            return Negotiated {
+                plan: BootPlan::NoImage { facts },
+                desired: Vec::new(),
+                state: NodeState::NoImage,
+                detail,
+            };
+        }
+        Ok(Resolution::Resolved { bundles, .. }) => bundles,
+    };
+    if chosen.len() > MAX_NODE_BUNDLES {
+        return problem(
+            NodeState::PolicyError,
+            format!(
+                "the policy chooses {} bundles for this node, more than the {MAX_NODE_BUNDLES} a boot plan may list",
+                chosen.len()
+            ),
+        );
+    }
+    let mut desired = Vec::with_capacity(chosen.len());
+    let mut fetch = Vec::new();
+    for resolved in chosen {
+        let key = (
+            resolved.bundle.name.clone(),
+            resolved.bundle.version.clone(),
+        );
+        let Some(package) = packages.get(&key) else {
+            return problem(
+                NodeState::PolicyError,
+                format!("{} was chosen but was never published", resolved.bundle),
+            );
+        };
+        let wanted = package.node_bundle();
+        if !installed.iter().any(|held| held.id == wanted.id) {
+            fetch.push(PlannedBundle {
+                bundle: wanted.clone(),
+                stored_bytes: package.stored_bytes,
+                reason: short_reason(&resolved.reason),
+            });
+        }
+        desired.push(wanted);
+    }
+    let (keep, drop): (Vec<NodeBundle>, Vec<NodeBundle>) = installed
+        .iter()
+        .cloned()
+        .partition(|held| desired.iter().any(|d| d.id == held.id));
+    if fetch.is_empty() && drop.is_empty() {
+        return Negotiated {
+            plan: BootPlan::BootAsYouAre {
+                bundles: desired.clone(),
+            },
+            desired,
+            state: NodeState::InSync,
+            detail: String::new(),
+        };
+    }
+    Negotiated {
+        plan: BootPlan::Fetch { fetch, keep, drop },
+        desired,
+        state: NodeState::Updating,
+        detail: String::new(),
+    }
+}
+
+/// The state of a node that reports `installed` after being told `desired`.
+pub fn state_after_update(installed: &[NodeBundle], desired: &[NodeBundle]) -> NodeState {
+    let mut have: Vec<_> = installed.iter().map(|b| b.id).collect();
+    let mut want: Vec<_> = desired.iter().map(|b| b.id).collect();
+    have.sort();
+    want.sort();
+    if have == want {
+        NodeState::InSync
+    } else {
+        NodeState::Updating
+    }
+}
+
+fn problem(state: NodeState, mut message: String) -> Negotiated {
+    // The node's decoder refuses longer messages.
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut cut = MAX_MESSAGE_BYTES - 16;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(" ...");
+    }
+    Negotiated {
+        plan: BootPlan::PolicyError {
+            message: message.clone(),
+        },
+        desired: Vec::new(),
+        state,
+        detail: message,
+    }
+}
+
+fn short_reason(reason: &Reason) -> String {
+    match reason {
+        Reason::Rule { rule, level } => format!("rule {rule} ({level})"),
+        Reason::Feature { feature, .. } => format!("feature {feature}"),
+        Reason::Dependency { of, .. } => format!("needed by {of}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{BundleRef, MatcherKind, ResolvedBundle};
+    use proto::BlobHash;
+
+    fn package(name: &str, version: &str) -> PackageRecord {
+        PackageRecord {
+            name: name.into(),
+            version: version.into(),
+            id: BlobHash::of(format!("{name}@{version}").as_bytes()),
+            kind: "package".into(),
+            depends: Vec::new(),
+            stored_bytes: 100,
+            raw_bytes: 200,
+            seq: 1,
+            published_ms: 0,
+        }
+    }
+
+    fn catalog(list: &[PackageRecord]) -> BTreeMap<(String, String), PackageRecord> {
+        list.iter()
+            .map(|p| ((p.name.clone(), p.version.clone()), p.clone()))
+            .collect()
+    }
+
+    fn resolved(bundles: &[(&str, &str)]) -> Result<Resolution, PolicyError> {
+        Ok(Resolution::Resolved {
+            level: Some(MatcherKind::Role),
+            rules: vec!["web".into()],
+            bundles: bundles
+                .iter()
+                .map(|(n, v)| ResolvedBundle {
+                    bundle: BundleRef::new(*n, *v),
+                    reason: Reason::Rule {
+                        rule: "web".into(),
+                        level: MatcherKind::Role,
+                    },
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn a_node_holding_the_desired_bundles_boots_as_it_is_and_others_fetch_what_differs() {
+        let (os1, os2, app1) = (package("os", "1"), package("os", "2"), package("app", "1"));
+        let packages = catalog(&[os1.clone(), os2.clone(), app1.clone()]);
+        let resolution = resolved(&[("os", "2"), ("app", "1")]);
+
+        let in_sync = plan(
+            &resolution,
+            &[os2.node_bundle(), app1.node_bundle()],
+            &packages,
+        );
+        assert_eq!(in_sync.state, NodeState::InSync);
+        assert!(matches!(in_sync.plan, BootPlan::BootAsYouAre { .. }));
+
+        let behind = plan(
+            &resolution,
+            &[os1.node_bundle(), app1.node_bundle()],
+            &packages,
+        );
+        assert_eq!(behind.state, NodeState::Updating);
+        let BootPlan::Fetch { fetch, keep, drop } = behind.plan else {
+            panic!("expected a fetch plan, got {:?}", behind.plan);
+        };
+        assert_eq!(fetch.len(), 1);
+        assert_eq!(fetch[0].bundle, os2.node_bundle());
+        assert_eq!(keep, vec![app1.node_bundle()]);
+        assert_eq!(drop, vec![os1.node_bundle()]);
+        assert_eq!(
+            state_after_update(&[app1.node_bundle(), os2.node_bundle()], &behind.desired),
+            NodeState::InSync
+        );
+    }
+
+    #[test]
+    fn no_image_and_unpublished_bundles_are_named() {
+        let packages = catalog(&[package("os", "1")]);
+        let none = plan(
+            &Ok(Resolution::NoImage {
+                facts: vec![crate::policy::Fact {
+                    level: MatcherKind::Role,
+                    value: None,
+                }],
+            }),
+            &[],
+            &packages,
+        );
+        assert_eq!(none.state, NodeState::NoImage);
+        assert_eq!(
+            none.plan,
+            BootPlan::NoImage {
+                facts: vec!["role=-".into()]
+            }
+        );
+        let missing = plan(&resolved(&[("os", "9")]), &[], &packages);
+        assert_eq!(missing.state, NodeState::PolicyError);
+        assert!(missing.detail.contains("os@9"), "{}", missing.detail);
+    }
+}
