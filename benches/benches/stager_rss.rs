@@ -635,30 +635,16 @@ async fn run_in(config: &Config, work: &Path, slot: &mut Option<Mesh>) -> Result
 fn find_stager_pid(bins: &Binaries, stager: &StagerNode) -> Result<u32> {
     let bin = bins.path("stager").display().to_string();
     let dir = stager.dir.display().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // Processes may end while we look; skip those.
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
-        let is_stager = args.first().is_some_and(|a| *a == bin.as_bytes());
-        let serves = args.iter().any(|a| *a == b"serve");
-        let its_dir = args
-            .windows(2)
-            .any(|w| w[0] == b"--dir" && w[1] == dir.as_bytes());
-        if is_stager && serves && its_dir {
-            found.push(pid);
-        }
-    }
+    let found: Vec<u32> = procs::live_processes()
+        .into_iter()
+        .filter(|(_, args)| {
+            let is_stager = args.first().is_some_and(|a| *a == bin);
+            let serves = args.iter().any(|a| a == "serve");
+            let its_dir = args.windows(2).any(|w| w[0] == "--dir" && w[1] == dir);
+            is_stager && serves && its_dir
+        })
+        .map(|(pid, _)| pid)
+        .collect();
     match found.as_slice() {
         [pid] => Ok(*pid),
         [] => bail!("no `stager serve --dir {dir}` process found in /proc"),

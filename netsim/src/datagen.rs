@@ -19,6 +19,30 @@ const FILES_PER_DIR: usize = 32;
 /// mixed content (random and text-like), like an OS image: about half of it compresses.
 /// Returns the relative paths of the files written.
 pub fn generate_tree(dir: &Path, total_bytes: u64, seed: u64) -> Result<Vec<String>> {
+    write_tree(dir, total_bytes, seed, Content::Mixed)
+}
+
+/// Like [`generate_tree`], but every byte is random: nothing compresses and no chunk repeats, so
+/// the bundle stores (and every copy of it moves) about `total_bytes`. The emulator uses it to
+/// make a topology's `size_mib` the bytes on the wire, as the simulator assumes.
+pub fn generate_incompressible_tree(
+    dir: &Path,
+    total_bytes: u64,
+    seed: u64,
+) -> Result<Vec<String>> {
+    write_tree(dir, total_bytes, seed, Content::Random)
+}
+
+/// What generated files hold.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Content {
+    /// Half the files random, half text-like.
+    Mixed,
+    /// Every file random.
+    Random,
+}
+
+fn write_tree(dir: &Path, total_bytes: u64, seed: u64, content: Content) -> Result<Vec<String>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut written = 0u64;
     let mut files = Vec::new();
@@ -33,7 +57,10 @@ pub fn generate_tree(dir: &Path, total_bytes: u64, seed: u64) -> Result<Vec<Stri
         // Log-uniform sizes: many small files, a few large ones.
         let exp = rng.gen_range((MIN_FILE_BYTES as f64).ln()..(MAX_FILE_BYTES as f64).ln());
         let size = (exp.exp() as u64).min(total_bytes - written).max(1);
-        let data = file_content(&mut rng, size as usize);
+        let data = match content {
+            Content::Mixed => file_content(&mut rng, size as usize),
+            Content::Random => random_content(&mut rng, size as usize),
+        };
         std::fs::write(&path, &data).with_context(|| format!("cannot write {}", path.display()))?;
         written += size;
         files.push(rel);
@@ -77,6 +104,12 @@ pub fn mutate_tree(
         std::fs::write(&path, file_content(&mut rng, size))?;
     }
     Ok(changed)
+}
+
+fn random_content(rng: &mut StdRng, size: usize) -> Vec<u8> {
+    let mut data = vec![0u8; size];
+    rng.fill_bytes(&mut data);
+    data
 }
 
 fn file_content(rng: &mut StdRng, size: usize) -> Vec<u8> {

@@ -2,12 +2,14 @@
 //!
 //! The local demo ([`demo`]) of real processes ([`mesh`], [`procs`], [`datagen`]), with
 //! simulated machines behind the edges ([`machines`]); the WAN
-//! relay ([`relay`]); and fleet-scale simulation in virtual time ([`topology`], [`simulate`],
-//! [`report`], [`compare`]).
+//! relay ([`relay`]); topologies run by the real binaries behind relays ([`emulate`]); and
+//! fleet-scale simulation in virtual time ([`topology`], [`simulate`], [`report`],
+//! [`compare`]).
 
 pub mod compare;
 pub mod datagen;
 pub mod demo;
+pub mod emulate;
 pub mod machines;
 pub mod mesh;
 pub mod procs;

@@ -1,10 +1,12 @@
-//! `netsim`: the local demo of the whole mesh.
+//! `netsim`: the local demo of the whole mesh, emulation and simulation of topologies.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use netsim::demo::{self, DemoConfig, DemoStrategy};
+use netsim::demo::{self, DemoConfig, DemoOverrides};
+use netsim::emulate::{self, EmulateOptions};
 use netsim::procs::Binaries;
+use netsim::report::RunResult;
 
 #[derive(Parser)]
 #[command(
@@ -19,34 +21,39 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start an origin and two sites (a stager and four edges each) on loopback, publish a
-    /// generated bundle, let every edge fetch it (from the stager, and with `mesh` from each
-    /// other too), and print who moved how many bytes.
+    /// Emulate a built-in topology with the real binaries on loopback — an origin and two sites
+    /// (a stager and four edges each), each site's WAN a relay of 1 Gbit/s and 2 ms — publish a
+    /// generated 256 MiB OS-like bundle, let every edge fetch it (from the stager, and with
+    /// `mesh` from each other too), and print who moved how many bytes. The flags override the
+    /// topology's fields.
     Demo {
         /// Print the result as one JSON object instead of a table.
         #[arg(long)]
         json: bool,
-        /// Size of the generated bundle in MiB.
-        #[arg(long, default_value_t = 256)]
-        bundle_mib: u64,
-        /// Number of sites.
-        #[arg(long, default_value_t = 2)]
-        sites: usize,
-        /// Edges per site.
-        #[arg(long, default_value_t = 4)]
-        edges: usize,
-        /// How edges get the bundle.
-        #[arg(long, value_enum, default_value_t = DemoStrategy::Mesh)]
-        strategy: DemoStrategy,
-        /// Upload limit of each stager to its edges, in Mbit/s (default: unlimited). A slow
-        /// stager shows what peers take off it.
+        /// Emulate this topology file (TOML) instead of the built-in one.
+        #[arg(long)]
+        topology: Option<std::path::PathBuf>,
+        /// Size of the generated bundle tree in MiB (default: the topology's, 256).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        bundle_mib: Option<u64>,
+        /// Number of sites (default: the topology's, 2); extra sites are like its last one.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        sites: Option<u64>,
+        /// Edges per site (default: the topology's, 4).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        edges: Option<u64>,
+        /// How edges get the bundle: direct, staged or mesh (default: the topology's, mesh).
+        #[arg(long)]
+        strategy: Option<netsim::topology::Strategy>,
+        /// Upload limit of each stager to its edges, in Mbit/s (default: the site's LAN rate,
+        /// 10 Gbit/s in the built-in topology). A slow stager shows what peers take off it.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         stager_upload_mbit: Option<u64>,
         /// End with an OS swap on every edge: each edge gets a simulated machine running a
         /// small factory OS, and `origin swap` moves them all to the demo bundle.
         #[arg(long)]
         swap: bool,
-        /// Keep state and logs in this directory instead of a temporary one.
+        /// Keep state and logs in this new (or empty) directory instead of a temporary one.
         #[arg(long)]
         work_dir: Option<std::path::PathBuf>,
         /// Where the origin, stager and edge-agent binaries are (default: beside netsim).
@@ -68,17 +75,49 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
-    /// Simulate the three strategies side by side and print one table, with each time as a
-    /// ratio to the line-rate floor; writes compare.json, compare.md and compare.svg.
+    /// Run a topology with the real origin, stager and edge-agent binaries on loopback, each
+    /// site's WAN an emulated link (a relay applying its rate, latency, jitter and loss);
+    /// writes result.json, result.md and completion.svg, like `simulate`.
+    Emulate {
+        /// The topology file (TOML), e.g. netsim/topologies/two-sites.toml.
+        topology: std::path::PathBuf,
+        /// direct, staged or mesh (default: the topology's).
+        #[arg(long)]
+        strategy: Option<netsim::topology::Strategy>,
+        /// Output directory.
+        #[arg(long, default_value = "netsim-out")]
+        out: std::path::PathBuf,
+        /// Keep state and logs in this new (or empty) directory instead of a temporary one.
+        #[arg(long)]
+        work_dir: Option<std::path::PathBuf>,
+        /// Where the origin, stager and edge-agent binaries are (default: beside netsim).
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
+        /// Seed of the relays' jitter and loss draws.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Run the three strategies side by side (simulated, or with `--emulate` emulated) and
+    /// print one table, with each time as a ratio to the line-rate floor; writes
+    /// compare.json, compare.md and compare.svg, and each run's files under <strategy>/.
     Compare {
         /// The topology file (TOML).
         topology: std::path::PathBuf,
         /// Output directory.
         #[arg(long, default_value = "netsim-out")]
         out: std::path::PathBuf,
-        /// Seed of the planners' tie-breaking.
+        /// Seed of the planners' tie-breaking (simulated) or the relays' draws (emulated).
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Emulate with the real binaries (as `netsim emulate`) instead of simulating.
+        #[arg(long)]
+        emulate: bool,
+        /// With --emulate: keep state and logs in this new (or empty) directory.
+        #[arg(long, requires = "emulate")]
+        work_dir: Option<std::path::PathBuf>,
+        /// With --emulate: where the binaries are (default: beside netsim).
+        #[arg(long, requires = "emulate")]
+        bin_dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -134,18 +173,60 @@ async fn run() -> Result<()> {
                 out.display()
             );
         }
+        Command::Emulate {
+            topology,
+            strategy,
+            out,
+            work_dir,
+            bin_dir,
+            seed,
+        } => {
+            let topo = netsim::topology::Topology::load(&topology)?;
+            let strategy = strategy.unwrap_or(topo.strategy);
+            let options = EmulateOptions {
+                binaries: binaries(bin_dir)?,
+                work_dir,
+                seed,
+            };
+            let started = std::time::Instant::now();
+            let result = emulate::emulate(&topo, strategy, &options).await?;
+            result.write_files(&out)?;
+            print!("{}", result.markdown());
+            eprintln!(
+                "emulated in {:.1} s of wall time; files in {}",
+                started.elapsed().as_secs_f64(),
+                out.display()
+            );
+            check_every_edge(&result)?;
+        }
         Command::Compare {
             topology,
             out,
             seed,
+            emulate,
+            work_dir,
+            bin_dir,
         } => {
             let topo = netsim::topology::Topology::load(&topology)?;
-            let table = netsim::compare::compare_simulated(&topo, seed, &out)?;
+            let table = if emulate {
+                let options = EmulateOptions {
+                    binaries: binaries(bin_dir)?,
+                    work_dir,
+                    seed,
+                };
+                emulate::compare_emulated(&topo, &options, &out).await?
+            } else {
+                netsim::compare::compare_simulated(&topo, seed, &out)?
+            };
             print!("{}", table.markdown());
             eprintln!("files in {}", out.display());
+            for run in &table.runs {
+                check_every_edge(run)?;
+            }
         }
         Command::Demo {
             json,
+            topology,
             bundle_mib,
             sites,
             edges,
@@ -155,23 +236,40 @@ async fn run() -> Result<()> {
             work_dir,
             bin_dir,
         } => {
-            let binaries = match bin_dir {
-                Some(dir) => Binaries::in_dir(dir)?,
-                None => Binaries::beside_current_exe()?,
+            let binaries = binaries(bin_dir)?;
+            let count = |n: Option<u64>, flag: &str| -> Result<Option<usize>> {
+                n.map(|n| usize::try_from(n).with_context(|| format!("{flag} is too large")))
+                    .transpose()
             };
-            if !json {
-                eprintln!(
-                    "netsim demo ({strategy}): origin + {sites} sites × (1 stager + {edges} edges), {bundle_mib} MiB bundle, all on loopback"
-                );
-            }
+            let topo = demo::demo_topology(
+                topology.as_deref(),
+                &DemoOverrides {
+                    bundle_mib,
+                    sites: count(sites, "--sites")?,
+                    edges: count(edges, "--edges")?,
+                    strategy,
+                },
+            )?;
+            let shape: Vec<String> = topo
+                .sites
+                .iter()
+                .map(|s| format!("{} ({} stager + {} edges)", s.name, s.stagers, s.edges))
+                .collect();
+            let bundle = match (&topo.bundle.path, topo.bundle.size_bytes) {
+                (Some(path), _) => path.display().to_string(),
+                (None, Some(bytes)) => format!("{} MiB", bytes / (1024 * 1024)),
+                (None, None) => "no bundle".to_owned(),
+            };
+            eprintln!(
+                "netsim demo ({}): topology {}, origin + {}, {bundle} bundle, all on loopback behind WAN relays",
+                topo.strategy,
+                topo.name,
+                shape.join(", ")
+            );
+            let started = std::time::Instant::now();
             let result = demo::run(DemoConfig {
-                sites,
-                edges_per_site: edges,
-                bundle_bytes: bundle_mib
-                    .checked_mul(1024 * 1024)
-                    .context("--bundle-mib is too large")?,
+                topology: topo,
                 seed: 1,
-                strategy,
                 stager_upload_mbit,
                 swap,
                 work_dir,
@@ -183,6 +281,10 @@ async fn run() -> Result<()> {
             } else {
                 print!("{}", result.table());
             }
+            eprintln!(
+                "demo ran in {:.1} s of wall time",
+                started.elapsed().as_secs_f64()
+            );
             if let Some(swap) = &result.swap {
                 if swap.done < swap.edges {
                     anyhow::bail!(
@@ -193,6 +295,27 @@ async fn run() -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// The binaries in `bin_dir`, or beside this executable.
+fn binaries(bin_dir: Option<std::path::PathBuf>) -> Result<Binaries> {
+    match bin_dir {
+        Some(dir) => Binaries::in_dir(dir),
+        None => Binaries::beside_current_exe(),
+    }
+}
+
+/// Fails (after the result was printed and written) when an edge never got the bundle.
+fn check_every_edge(run: &RunResult) -> Result<()> {
+    let (done, total) = (run.edges_done(), run.total_edges());
+    if done < total {
+        anyhow::bail!(
+            "{}: {} of {total} edges did not get the bundle (see the notes above)",
+            run.strategy,
+            total - done
+        );
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! A whole mesh of real processes on loopback: one origin, stagers, enrolled edges. Used by the
 //! demo and the integration tests.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,9 @@ pub struct Mesh {
     pub stagers: Vec<StagerNode>,
     /// Edges.
     pub edges: Vec<EdgeNode>,
+    /// Per site, the address its nodes reach the origin at when it is not the origin's own (a
+    /// relay in front of it: [`Mesh::route_site_via`]).
+    site_origins: HashMap<String, String>,
 }
 
 fn s(x: impl AsRef<str>) -> String {
@@ -91,6 +95,20 @@ fn s(x: impl AsRef<str>) -> String {
 
 fn p(path: &Path) -> String {
     path.display().to_string()
+}
+
+/// Rewrites the origin address an enrolled node's identity (in `identity_dir`) holds.
+fn set_identity_origin(identity_dir: &Path, origin_addr: &str) -> Result<()> {
+    let path = identity_dir.join(proto::net::identity::MESH_FILE);
+    let text = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut mesh: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let slot = mesh
+        .get_mut("origin_addr")
+        .with_context(|| format!("{} names no origin_addr", path.display()))?;
+    *slot = serde_json::Value::String(origin_addr.to_owned());
+    let text = serde_json::to_vec_pretty(&mesh)?;
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The name of site `index`: `site-a`, `site-b`, ...
@@ -147,6 +165,7 @@ impl Mesh {
             origin,
             stagers: Vec::new(),
             edges: Vec::new(),
+            site_origins: HashMap::new(),
         };
         for i in 0..sites {
             let site = site_name(i);
@@ -156,6 +175,22 @@ impl Mesh {
             }
         }
         Ok(mesh)
+    }
+
+    /// Makes the nodes of `site` added from now on reach the origin at `origin_addr` (a relay
+    /// in front of the origin, say) instead of the origin's own address: stagers get it as
+    /// `--origin`, and each edge's identity names it as the origin's address (edges ask the
+    /// origin directly when they have no stager, and as the last resort otherwise).
+    pub fn route_site_via(&mut self, site: &str, origin_addr: &str) {
+        self.site_origins
+            .insert(site.to_owned(), origin_addr.to_owned());
+    }
+
+    /// The address the nodes of `site` reach the origin at.
+    pub fn origin_addr_for(&self, site: &str) -> &str {
+        self.site_origins
+            .get(site)
+            .map_or(self.origin.mesh.as_str(), String::as_str)
     }
 
     /// A one-time token from the origin.
@@ -220,7 +255,7 @@ impl Mesh {
             s("--site"),
             node.site.clone(),
             s("--origin"),
-            self.origin.mesh.clone(),
+            self.origin_addr_for(&node.site).to_owned(),
             s("--listen"),
             s(listen),
             s("--metrics-listen"),
@@ -260,6 +295,9 @@ impl Mesh {
         let dir = self.work.join(&name);
         self.enroll(&self.bins.path("edge-agent"), "edge", site, &dir)
             .await?;
+        if let Some(origin_addr) = self.site_origins.get(site) {
+            set_identity_origin(&dir.join("identity"), origin_addr)?;
+        }
         let edge = EdgeNode {
             site: site.to_owned(),
             name,

@@ -257,6 +257,104 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
         .sum()
 }
 
+/// Every live process's pid and arguments, read from `/proc` (a process that ends while it is
+/// read is skipped; a zombie has no arguments).
+pub fn live_processes() -> Vec<(u32, Vec<String>)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args = raw
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        found.push((pid, args));
+    }
+    found
+}
+
+/// Pids and command lines of the live processes whose command line mentions `needle` (a work
+/// directory, say: every process a run started names it).
+pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
+    let needle = needle.to_string_lossy();
+    live_processes()
+        .into_iter()
+        .map(|(pid, args)| (pid, args.join(" ")))
+        .filter(|(_, cmdline)| cmdline.contains(needle.as_ref()))
+        .collect()
+}
+
+/// Waits up to `timeout` until no live process mentions `needle`; returns those still running.
+pub fn wait_until_gone(needle: &Path, timeout: Duration) -> Vec<(u32, String)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = processes_mentioning(needle);
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit; kills it (and fails) when it does not.
+pub fn wait_for_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().context("cannot wait for the child")? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the child did not stop within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits up to `timeout` until a `*.fetch.log` appears under `logs`: a netsim run (demo or
+/// emulate) has started its fan-out. Fails when `child` (that run) exits first.
+pub fn wait_for_fanout(
+    child: &mut std::process::Child,
+    logs: &Path,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let fetching = std::fs::read_dir(logs)
+            .map(|dir| {
+                dir.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".fetch.log"))
+            })
+            .unwrap_or(false);
+        if fetching {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait().context("cannot wait for the child")? {
+            bail!("the run ended before the fan-out: {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("the run never reached the fan-out within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

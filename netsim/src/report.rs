@@ -106,6 +106,11 @@ pub struct SiteResult {
     pub done_s: Option<f64>,
     /// (seconds, fraction of the site's edges complete), starting at (0, 0), non-decreasing.
     pub completion: Vec<(f64, f64)>,
+    /// Seconds from publish until each edge held the bundle, in ascending order, when the run
+    /// timed every edge (emulate; the simulator gives only `completion`). An edge that failed
+    /// is absent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edge_done_s: Vec<f64>,
 }
 
 impl RunResult {

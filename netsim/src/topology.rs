@@ -1,4 +1,4 @@
-//! Topology files: the fleet that `netsim simulate`, `netsim compare` (and later `emulate`) run.
+//! Topology files: the fleet that `netsim simulate`, `netsim emulate` and `netsim compare` run.
 //!
 //! A topology is a TOML file. Every rate is in megabits per second (10^6 bit/s), every latency in
 //! milliseconds (one way), every size in binary units (MiB = 2^20 bytes, KiB = 2^10 bytes).
@@ -24,7 +24,8 @@
 //! peers_per_edge = 16            # peers each edge knows in `mesh` (default 16; all other edges
 //!                                # of the site when the site is smaller)
 //!
-//! [planner]                      # optional overrides of proto's PlannerConfig defaults
+//! [planner]                      # optional overrides of the planner settings simulate gives
+//!                                # each node (those of the real binaries; emulate ignores them)
 //! max_in_flight_per_source = 4   # requests in flight to one source
 //! endgame_max_duplicates = 1     # extra copies of one piece requested in the endgame
 //! seed_fallback_ms = 2000        # how long a piece waits for a peer before a seed serves it

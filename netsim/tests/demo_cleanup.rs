@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use netsim::procs;
 
 /// How long the demo may take to stop after the signal.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -24,60 +26,13 @@ fn bin_dir() -> PathBuf {
     dir
 }
 
-/// Pids of live processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
-    let needle = needle.to_string_lossy().into_owned();
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        // A zombie has an empty command line; it no longer runs.
-        if cmdline.contains(&needle) {
-            found.push((pid, cmdline));
-        }
-    }
-    found
-}
-
-fn wait_for_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + STOP_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("netsim demo did not stop within {STOP_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn assert_nothing_left(work: &Path) {
     // Children get SIGKILL; give the kernel a moment to reap them.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let left = processes_mentioning(work);
-        if left.is_empty() {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("processes left running after the demo stopped: {left:#?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let left = procs::wait_until_gone(work, Duration::from_secs(5));
+    assert!(
+        left.is_empty(),
+        "processes left running after the demo stopped: {left:#?}"
+    );
 }
 
 #[test]
@@ -93,29 +48,10 @@ fn ctrl_c_during_the_fanout_stops_every_process() {
         .expect("start netsim demo");
 
     // Wait until edges are fetching: their fetch logs appear once the fan-out started.
-    let deadline = Instant::now() + START_TIMEOUT;
-    let logs = work_dir.join("logs");
-    loop {
-        let fetching = std::fs::read_dir(&logs)
-            .map(|dir| {
-                dir.flatten()
-                    .any(|e| e.file_name().to_string_lossy().ends_with(".fetch.log"))
-            })
-            .unwrap_or(false);
-        if fetching {
-            break;
-        }
-        if let Some(status) = demo.try_wait().expect("wait") {
-            panic!("demo ended before the fan-out: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the demo never reached the fan-out"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    procs::wait_for_fanout(&mut demo, &work_dir.join("logs"), START_TIMEOUT)
+        .expect("the demo reaches its fan-out");
     // The demo, the origin and two stagers at least; edge fetches start one by one.
-    let running = processes_mentioning(&work_dir);
+    let running = procs::processes_mentioning(&work_dir);
     assert!(
         running.len() >= 4,
         "expected the demo, the origin and the stagers to be running, found {running:#?}"
@@ -124,7 +60,7 @@ fn ctrl_c_during_the_fanout_stops_every_process() {
     // SAFETY: kill(2) with a pid we own.
     let rc = unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
     assert_eq!(rc, 0, "cannot signal the demo");
-    let status = wait_for_exit(&mut demo);
+    let status = procs::wait_for_exit(&mut demo, STOP_TIMEOUT).expect("the demo stops");
     assert_eq!(
         status.code(),
         Some(130),

@@ -115,9 +115,22 @@ struct Flow {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum EventKind {
-    Activate { flow: u32, generation: u32 },
-    ComponentDone { component: u32, version: u64 },
-    Wakeup { node: u32 },
+    Activate {
+        flow: u32,
+        generation: u32,
+    },
+    ComponentDone {
+        component: u32,
+        version: u64,
+    },
+    Wakeup {
+        node: u32,
+    },
+    /// An edge's peers learn that it holds `piece` (through the stager's tracker).
+    Announce {
+        node: u32,
+        piece: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -148,6 +161,8 @@ pub(super) struct Engine {
     solver: MaxMinSolver,
     solver_flows: Vec<FlowLinks>,
     rates: Vec<f64>,
+    /// How long after an edge completes a piece its peers know it (the tracker's round).
+    peer_announce_delay_ns: u64,
 }
 
 impl Engine {
@@ -214,6 +229,7 @@ impl Engine {
                     self.mark_poll(node);
                 }
             }
+            EventKind::Announce { node, piece } => self.announce(node, piece),
         }
         Ok(())
     }
@@ -468,14 +484,30 @@ impl Engine {
         }
     }
 
-    /// `node` now holds `piece`: tell whoever lists it as a source, and check if it is done.
+    /// `node` now holds `piece`: tell whoever lists it as a source (a stager's edges at once,
+    /// an edge's peers after the tracker's round), and check if it is done.
     fn got_piece(&mut self, node: u32, piece: u32) {
         let n = &mut self.nodes[node as usize];
         if n.holds[piece as usize] {
             return;
         }
         n.holds[piece as usize] = true;
-        let subscribers = std::mem::take(&mut n.subscribers);
+        if n.role == Role::Edge && self.peer_announce_delay_ns > 0 {
+            if !n.subscribers.is_empty() {
+                self.push_event(
+                    self.now_ns + self.peer_announce_delay_ns,
+                    EventKind::Announce { node, piece },
+                );
+            }
+        } else {
+            self.announce(node, piece);
+        }
+        self.check_done(node);
+    }
+
+    /// Tells every node that lists `node` as a source that it holds `piece`.
+    fn announce(&mut self, node: u32, piece: u32) {
+        let subscribers = std::mem::take(&mut self.nodes[node as usize].subscribers);
         for &sub in &subscribers {
             let wants = {
                 let s = &mut self.nodes[sub as usize];
@@ -490,7 +522,10 @@ impl Engine {
             }
         }
         self.nodes[node as usize].subscribers = subscribers;
+    }
 
+    /// Marks `node` done when its planner is, or polls it again.
+    fn check_done(&mut self, node: u32) {
         let n = &mut self.nodes[node as usize];
         let done = n.planner.as_ref().is_some_and(|p| p.is_done());
         if done && !n.done {

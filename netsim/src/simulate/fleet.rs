@@ -28,9 +28,88 @@ pub(super) fn loss_limited_rate(loss: f64, rtt_s: f64) -> f64 {
     reno.max(cubic) * MSS_BYTES / rtt_s
 }
 
-/// proto's planner defaults with the topology's overrides.
-pub(super) fn planner_config(topo: &Topology) -> PlannerConfig {
+/// Largest QUIC datagram quinn sends once path MTU discovery has run (its default upper bound),
+/// in bytes of UDP payload.
+pub const QUIC_DATAGRAM_BYTES: f64 = 1452.0;
+
+/// QUIC's cost inside each full datagram, in bytes: a short header (1 byte of flags, an 8-byte
+/// connection id, a packet number of up to 4 bytes), the 16-byte AEAD tag, and a STREAM frame's
+/// header (about 6 bytes).
+pub const QUIC_PACKET_OVERHEAD_BYTES: f64 = 35.0;
+
+/// Bytes of bao-tree hashes that travel with each verified 16 KiB group: one parent node (two
+/// 32-byte hashes) per group.
+pub const BAO_BYTES_PER_GROUP: f64 = 64.0;
+
+/// Bytes of one verification group.
+pub const GROUP_BYTES: f64 = 16.0 * 1024.0;
+
+/// Bundle bytes per byte on a WAN link: links are rated in wire bytes (IPv4 + UDP headers
+/// included, as netsim's relay and routers count them), and each full datagram also carries
+/// QUIC's framing and, per 16 KiB group, its bao hashes. About 0.954.
+pub fn wire_efficiency() -> f64 {
+    let per_datagram = (QUIC_DATAGRAM_BYTES - QUIC_PACKET_OVERHEAD_BYTES)
+        / (QUIC_DATAGRAM_BYTES + crate::relay::IPV4_UDP_HEADER_BYTES as f64);
+    per_datagram * GROUP_BYTES / (GROUP_BYTES + BAO_BYTES_PER_GROUP)
+}
+
+/// Round trips to the origin before a node's first piece request: the QUIC handshake (TLS 1.3
+/// in one round trip), resolving the bundle's name, and fetching its manifest (an edge's comes
+/// through its stager from the origin).
+pub const SESSION_SETUP_ROUND_TRIPS: u32 = 3;
+
+/// Chunk requests an edge keeps in flight at one source: edge-agent's
+/// `peers::download::MAX_IN_FLIGHT_PER_SOURCE`.
+pub const EDGE_MAX_IN_FLIGHT_PER_SOURCE: u32 = 4;
+
+/// Chunk requests an edge with peers keeps in flight at a stager: edge-agent's
+/// `peers::download::MAX_IN_FLIGHT_PER_SEED_WITH_PEERS`.
+pub const EDGE_MAX_IN_FLIGHT_PER_SEED_WITH_PEERS: u32 = 1;
+
+/// How long a piece held by busy peers waits before an edge asks a seed: edge-agent's
+/// `peers::download::SEED_FALLBACK_AFTER`.
+pub const EDGE_SEED_FALLBACK_AFTER: Duration = Duration::from_millis(1500);
+
+/// Extra copies of a piece an edge requests in the endgame: none, since edge-agent keeps one
+/// writer per blob in its store.
+pub const EDGE_ENDGAME_MAX_DUPLICATES: u32 = 0;
+
+/// Chunks a stager pulls from the origin at once: stager's `node::PREHEAT_CONCURRENCY`.
+pub const STAGER_UPSTREAM_CONCURRENCY: u32 = 8;
+
+/// How long after an edge completes a piece its peers know it: edge-agent reports its holdings
+/// to the stager's tracker and learns the site's once per `peers::TRACKER_INTERVAL` (300 ms),
+/// so a holder's report waits half an interval on average and the learner's poll another half.
+pub const PEER_ANNOUNCE_DELAY: Duration = Duration::from_millis(300);
+
+/// Which node a planner runs on, for [`planner_config_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Downloader {
+    /// A stager pulling from the origin.
+    Stager,
+    /// An edge; `with_peers` in `mesh`.
+    Edge { with_peers: bool },
+}
+
+/// The planner settings the real binaries use for `who`, with the topology's overrides on top.
+pub fn planner_config_for(topo: &Topology, who: Downloader) -> PlannerConfig {
     let mut config = PlannerConfig::default();
+    match who {
+        Downloader::Stager => {
+            config.max_in_flight_per_source = STAGER_UPSTREAM_CONCURRENCY;
+        }
+        Downloader::Edge { with_peers } => {
+            config.max_in_flight_per_source = EDGE_MAX_IN_FLIGHT_PER_SOURCE;
+            config.max_in_flight_per_seed =
+                with_peers.then_some(EDGE_MAX_IN_FLIGHT_PER_SEED_WITH_PEERS);
+            config.endgame_max_duplicates = EDGE_ENDGAME_MAX_DUPLICATES;
+            config.seed_fallback_after = EDGE_SEED_FALLBACK_AFTER;
+        }
+    }
+    apply_overrides(topo, config)
+}
+
+fn apply_overrides(topo: &Topology, mut config: PlannerConfig) -> PlannerConfig {
     if let Some(n) = topo.planner.max_in_flight_per_source {
         config.max_in_flight_per_source = n;
     }

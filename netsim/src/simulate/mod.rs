@@ -27,6 +27,16 @@
 //! link. Paths: origin → node is uplink, site WAN, node's LAN down; node → node (same site) is
 //! source's LAN up, destination's LAN down. Sites never exchange bytes.
 //!
+//! **Protocol costs**, calibrated against `netsim emulate` (`tests/emulate.rs`): links are rated
+//! in wire bytes, so WAN and uplink capacities carry bundle bytes at [`fleet::wire_efficiency`]
+//! (about 95%: IPv4/UDP headers, QUIC framing, bao hashes); a node asks for nothing before
+//! [`fleet::SESSION_SETUP_ROUND_TRIPS`] origin round trips (handshake, name, manifest); planners use
+//! the settings of the real binaries ([`fleet::planner_config_for`]: a stager pulls 8 chunks at
+//! once, an edge 4 per source, with peers 1 at a time from a stager, no endgame duplicates, a 1.5 s
+//! seed fallback), and an edge's peers learn of a piece it completed
+//! [`fleet::PEER_ANNOUNCE_DELAY`] later (the tracker's round), where a stager's edges learn at once
+//! (they treat it as holding everything and it forwards as groups arrive).
+//!
 //! **Flows.** Each request is a flow of one piece over its path. It first pays its path's round
 //! trip (twice the one-way latencies: WAN plus one LAN hop from the origin, one LAN hop inside a
 //! site), moving nothing, then moves bytes at its max-min fair rate (progressive filling, see
@@ -66,7 +76,7 @@
 
 mod component;
 mod engine;
-mod fleet;
+pub mod fleet;
 pub mod network;
 
 use std::time::Duration;
@@ -213,6 +223,7 @@ pub fn simulate_with(
             edges_done: sim.edges_done,
             done_s: sim.done_ns.map(|ns| ns as f64 / 1e9),
             completion: downsample(&sim.completion, MAX_COMPLETION_POINTS),
+            edge_done_s: Vec::new(),
         });
     }
     Ok(RunResult {

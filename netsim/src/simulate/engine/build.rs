@@ -4,7 +4,10 @@ use anyhow::{bail, Result};
 use proto::planner::{Planner, PlannerConfig, SourceKind};
 
 use super::*;
-use crate::simulate::fleet::{loss_limited_rate, mix, peer_graph, planner_config};
+use crate::simulate::fleet::{
+    loss_limited_rate, mix, peer_graph, planner_config_for, wire_efficiency, Downloader,
+    PEER_ANNOUNCE_DELAY, SESSION_SETUP_ROUND_TRIPS,
+};
 use crate::simulate::{SimOptions, MAX_PIECES};
 use crate::topology::{Site, Topology};
 
@@ -32,8 +35,20 @@ impl Engine {
         let piece_sizes: Vec<u64> = (0..pieces)
             .map(|p| piece_bytes.min(bundle_bytes - p * piece_bytes))
             .collect();
-        let config = planner_config(topo);
-        let max_in_flight_per_source = config.max_in_flight_per_source;
+        let configs = PlannerConfigs {
+            stager: planner_config_for(topo, Downloader::Stager),
+            edge: planner_config_for(
+                topo,
+                Downloader::Edge {
+                    with_peers: strategy == Strategy::Mesh,
+                },
+            ),
+        };
+        // The most any planner keeps in flight at one source: gates re-polls on announcements.
+        let max_in_flight_per_source = configs
+            .stager
+            .max_in_flight_per_source
+            .max(configs.edge.max_in_flight_per_source);
 
         let mut engine = Engine {
             strategy,
@@ -43,7 +58,7 @@ impl Engine {
             max_ns: duration_ns(options.max_virtual_time),
             nodes: Vec::new(),
             sites: Vec::new(),
-            capacities: vec![topo.origin_uplink_bytes_per_s()],
+            capacities: vec![topo.origin_uplink_bytes_per_s() * wire_efficiency()],
             components: vec![Component::default()],
             flows: Vec::new(),
             free_flows: Vec::new(),
@@ -56,6 +71,7 @@ impl Engine {
             solver: MaxMinSolver::default(),
             solver_flows: Vec::new(),
             rates: Vec::new(),
+            peer_announce_delay_ns: duration_ns(PEER_ANNOUNCE_DELAY),
         };
         engine.nodes.push(Node {
             site: u32::MAX,
@@ -71,7 +87,7 @@ impl Engine {
             done: true,
         });
         for (&topo_index, &multiplicity) in representatives.iter().zip(multiplicities) {
-            engine.add_site(topo, topo_index, multiplicity, &config, options.seed);
+            engine.add_site(topo, topo_index, multiplicity, &configs, options.seed);
         }
         Ok(engine)
     }
@@ -81,12 +97,12 @@ impl Engine {
         topo: &Topology,
         topo_index: usize,
         multiplicity: u32,
-        config: &PlannerConfig,
+        configs: &PlannerConfigs,
         seed: u64,
     ) {
         let site: &Site = &topo.sites[topo_index];
         let site_id = self.sites.len() as u32;
-        let wan_link = self.add_link(site.wan_goodput_bytes_per_s());
+        let wan_link = self.add_link(site.wan_goodput_bytes_per_s() * wire_efficiency());
         let lan_component = self.components.len() as u32;
         self.components.push(Component::default());
         let lan = site.lan_bytes_per_s();
@@ -127,7 +143,7 @@ impl Engine {
         // Seeds differ per site and node so sites do not move in lockstep; a folded class uses
         // its representative's.
         let site_seed = mix(seed ^ (topo_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let planner_for = |node: u32| {
+        let planner_for = |node: u32, config: &PlannerConfig| {
             Planner::new(
                 self.piece_sizes.clone(),
                 &[],
@@ -139,7 +155,7 @@ impl Engine {
         match self.strategy {
             Strategy::Direct => {
                 for edge in edges.clone() {
-                    let mut planner = planner_for(edge);
+                    let mut planner = planner_for(edge, &configs.edge);
                     planner.add_source(ORIGIN, SourceKind::Seed);
                     planner.source_has_all(ORIGIN);
                     planners.push((edge, planner));
@@ -147,7 +163,7 @@ impl Engine {
             }
             Strategy::Staged | Strategy::Mesh => {
                 for stager in stagers.clone() {
-                    let mut planner = planner_for(stager);
+                    let mut planner = planner_for(stager, &configs.stager);
                     planner.add_source(ORIGIN, SourceKind::Seed);
                     planner.source_has_all(ORIGIN);
                     planners.push((stager, planner));
@@ -158,7 +174,7 @@ impl Engine {
                     vec![Vec::new(); site.edges as usize]
                 };
                 for (i, edge) in edges.clone().enumerate() {
-                    let mut planner = planner_for(edge);
+                    let mut planner = planner_for(edge, &configs.edge);
                     for stager in stagers.clone() {
                         planner.add_source(stager, SourceKind::Seed);
                     }
@@ -178,7 +194,14 @@ impl Engine {
         }
         for (node, planner) in planners {
             self.nodes[node as usize].planner = Some(planner);
-            self.mark_poll(node);
+            // Nothing is requested before the session is set up.
+            let setup_ns = u64::from(SESSION_SETUP_ROUND_TRIPS) * seconds_ns(origin_rtt_s);
+            if setup_ns == 0 {
+                self.mark_poll(node);
+            } else {
+                self.nodes[node as usize].wakeup_ns = setup_ns;
+                self.push_event(setup_ns, EventKind::Wakeup { node });
+            }
         }
         if self.strategy == Strategy::Direct {
             // Stagers take no part; they count as done so nothing waits on them.
@@ -202,4 +225,10 @@ impl Engine {
             done_ns: None,
         });
     }
+}
+
+/// The planner settings of each kind of downloader in one run.
+struct PlannerConfigs {
+    stager: PlannerConfig,
+    edge: PlannerConfig,
 }
