@@ -76,6 +76,8 @@ pub struct DaemonConfig {
     pub swap: Option<RemoteSwapConfig>,
     /// The role, class and features reported with the inventory.
     pub configured: NodeConfig,
+    /// Capture an image when the origin has none and allows it (seed 004); `None` never does.
+    pub capture: Option<crate::capture::CaptureSetup>,
 }
 
 /// What a running daemon writes to [`DAEMON_FILE`] (and `--ready-file`).
@@ -177,6 +179,8 @@ pub struct Daemon {
     negotiating: tokio::sync::Mutex<()>,
     /// The test-mode store (under the purged temporary area), once a test run opened it.
     test_store: tokio::sync::Mutex<Option<proto::store::Store>>,
+    /// How to capture an image when the origin has none (seed 004).
+    capture: Option<crate::capture::CaptureSetup>,
 }
 
 impl Daemon {
@@ -537,6 +541,32 @@ impl BundleFetcher for DaemonFetcher<'_> {
 }
 
 impl Daemon {
+    /// Captures an image published as `name` (the origin allowed it: seed 004), then
+    /// negotiates again, which now names the captured image.
+    pub async fn capture_then_negotiate(&self, name: &str) -> Result<NegotiationOutcome> {
+        let Some(setup) = &self.capture else {
+            anyhow::bail!("this daemon was started without --capture-script; it does not capture");
+        };
+        let captured =
+            crate::capture::capture(&self.node.identity, &self.configured, &setup.options(name))
+                .await;
+        let answer = if captured.is_ok() {
+            "captured"
+        } else {
+            "failed"
+        };
+        self.metrics
+            .counter(
+                "stagecoach_captures_total",
+                "Images captured and published when the origin had none, by outcome",
+                &[("outcome", answer)],
+            )
+            .inc();
+        let captured = captured?;
+        tracing::info!(bundle = %captured.info.id, name = %captured.info.name, version = %captured.info.version, slot = %captured.slot, "captured; negotiating again");
+        self.negotiate_now().await
+    }
+
     /// Negotiates with the origin (through the site's stagers) and fetches what differs; one
     /// at a time. Counted in `stagecoach_negotiations_total` by answer.
     pub async fn negotiate_now(&self) -> Result<NegotiationOutcome> {
@@ -556,6 +586,7 @@ impl Daemon {
                 proto::wire::BootPlan::Fetch { .. } => "fetched",
                 proto::wire::BootPlan::NoImage { .. } => "no-image",
                 proto::wire::BootPlan::PolicyError { .. } => "policy-error",
+                proto::wire::BootPlan::NoImageCapture { .. } => "no-image-capture",
             },
             Err(_) => "error",
         };
@@ -786,6 +817,7 @@ pub async fn serve(
         configured: config.configured.clone(),
         negotiating: tokio::sync::Mutex::new(()),
         test_store: tokio::sync::Mutex::new(None),
+        capture: config.capture.clone(),
     });
     if config.peers {
         daemon.announce_store();
@@ -822,7 +854,23 @@ fn spawn_startup_negotiation(daemon: Arc<Daemon>) {
                     let answer = negotiate::describe(&outcome);
                     let answer = answer.trim_end();
                     match &outcome.plan {
-                        proto::wire::BootPlan::NoImage { .. } => {
+                        proto::wire::BootPlan::NoImageCapture { name, .. }
+                            if daemon.capture.is_some() =>
+                        {
+                            tracing::warn!(answer, "start-up negotiation: no image; capturing one");
+                            match daemon.capture_then_negotiate(name).await {
+                                Ok(after) => tracing::info!(
+                                    answer = negotiate::describe(&after).trim_end(),
+                                    "negotiated after the capture"
+                                ),
+                                Err(error) => tracing::error!(
+                                    error = format!("{error:#}"),
+                                    "capture failed; the node has no image"
+                                ),
+                            }
+                        }
+                        proto::wire::BootPlan::NoImage { .. }
+                        | proto::wire::BootPlan::NoImageCapture { .. } => {
                             tracing::warn!(answer, "start-up negotiation: this node has no image")
                         }
                         proto::wire::BootPlan::PolicyError { .. } => tracing::error!(

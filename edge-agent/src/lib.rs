@@ -5,8 +5,10 @@
 //! with ext4 slots and GRUB). [`fetch`] and [`peers`] move bundles over the mesh; [`daemon`] is
 //! `edge-agent serve`, which serves the site's peers and runs fetches and swaps
 //! ([`remote_swap`]) when the origin asks. [`negotiate`] reports the node's inventory and
-//! holdings and asks the origin what to boot.
+//! holdings and asks the origin what to boot; [`capture`] builds, captures and publishes an
+//! image when the origin has none for this node (seed 004).
 
+pub mod capture;
 pub mod daemon;
 pub mod fetch;
 pub mod inventory;

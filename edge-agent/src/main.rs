@@ -69,6 +69,77 @@ enum Command {
     /// Report this node's inventory and holdings and ask the origin what to boot; fetch the
     /// bundles that differ and record them as installed. Goes through the daemon when it runs.
     Negotiate(NegotiateArgs),
+    /// Build an image when the origin has none for this node (seed 004): run an install script
+    /// into the spare slot, pack it with this node's inventory as metadata, and publish it with
+    /// a publisher identity (`--publisher-dir`: an edge certificate may not publish).
+    Capture(CaptureArgs),
+}
+
+/// How to capture an image (seed 004).
+#[derive(Args, Debug, Clone, Default)]
+struct CaptureFlags {
+    /// Install script run into the spare slot when the origin has no image and the node's class
+    /// may capture; its one argument is the slot's directory.
+    #[arg(long)]
+    capture_script: Option<PathBuf>,
+    /// A publisher directory (a copy of ORIGIN_HOME/publisher: identity and signing key), for
+    /// the upload of a captured image.
+    #[arg(long)]
+    publisher_dir: Option<PathBuf>,
+    /// How long the install script may run, in seconds.
+    #[arg(long, default_value_t = edge_agent::capture::DEFAULT_SCRIPT_TIMEOUT.as_secs())]
+    capture_timeout_s: u64,
+}
+
+impl CaptureFlags {
+    fn setup(
+        &self,
+        machine_root: Option<&Path>,
+    ) -> Result<Option<edge_agent::capture::CaptureSetup>> {
+        let Some(script) = &self.capture_script else {
+            return Ok(None);
+        };
+        let Some(publisher_dir) = &self.publisher_dir else {
+            bail!("--capture-script needs --publisher-dir: uploading a captured image needs publisher rights");
+        };
+        let Some(machine_root) = machine_root else {
+            bail!("--capture-script needs --machine-root: the script installs into the machine's spare slot");
+        };
+        Ok(Some(edge_agent::capture::CaptureSetup {
+            machine_root: machine_root.to_path_buf(),
+            script: script.clone(),
+            publisher_dir: publisher_dir.clone(),
+            timeout: std::time::Duration::from_secs(self.capture_timeout_s),
+        }))
+    }
+}
+
+/// Arguments of `edge-agent capture`.
+#[derive(Args, Debug)]
+struct CaptureArgs {
+    /// The edge's state directory (identity and configuration).
+    #[arg(long, default_value = "/var/lib/stagecoach/edge")]
+    dir: PathBuf,
+    /// Root of the simulated machine whose spare slot receives the install.
+    #[arg(long)]
+    machine_root: PathBuf,
+    /// The install script; its one argument is the spare slot's directory.
+    #[arg(long)]
+    script: PathBuf,
+    /// A publisher directory (a copy of ORIGIN_HOME/publisher).
+    #[arg(long)]
+    publisher_dir: PathBuf,
+    /// Bundle name.
+    #[arg(long, default_value = "captured-os")]
+    name: String,
+    /// Bundle version (default: the time and this node's id).
+    #[arg(long)]
+    version: Option<String>,
+    /// How long the install script may run, in seconds.
+    #[arg(long, default_value_t = edge_agent::capture::DEFAULT_SCRIPT_TIMEOUT.as_secs())]
+    timeout_s: u64,
+    #[command(flatten)]
+    facts: NodeFacts,
 }
 
 /// What the operator configures about a node: reported with its inventory, kept in the edge's
@@ -114,6 +185,11 @@ struct NegotiateArgs {
     stagers: Vec<std::net::SocketAddr>,
     #[command(flatten)]
     facts: NodeFacts,
+    #[command(flatten)]
+    capture: CaptureFlags,
+    /// Root of the simulated machine (for --capture-script).
+    #[arg(long)]
+    machine_root: Option<PathBuf>,
 }
 
 /// Arguments of `edge-agent serve`.
@@ -165,6 +241,8 @@ struct ServeArgs {
     swap_boot_attempts: u8,
     #[command(flatten)]
     facts: NodeFacts,
+    #[command(flatten)]
+    capture: CaptureFlags,
 }
 
 /// Arguments of `edge-agent enroll`.
@@ -359,7 +437,34 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Fetch(args) => cmd_fetch(&args),
         Command::Serve(args) => cmd_serve(args),
         Command::Negotiate(args) => cmd_negotiate(&args),
+        Command::Capture(args) => cmd_capture(&args),
     }
+}
+
+fn cmd_capture(args: &CaptureArgs) -> Result<ExitCode> {
+    let config = args.facts.config(&args.dir)?;
+    let identity = proto::net::NodeIdentity::load(&edge_agent::fetch::identity_dir(&args.dir))
+        .with_context(|| format!("{} holds no enrolled edge", args.dir.display()))?;
+    let options = edge_agent::capture::CaptureOptions {
+        machine_root: args.machine_root.clone(),
+        script: args.script.clone(),
+        publisher_dir: args.publisher_dir.clone(),
+        name: args.name.clone(),
+        version: args.version.clone(),
+        timeout: std::time::Duration::from_secs(args.timeout_s),
+    };
+    let captured =
+        runtime()?.block_on(edge_agent::capture::capture(&identity, &config, &options))?;
+    println!(
+        "captured slot {} as {}@{} ({}), {} chunks, {} bytes stored",
+        captured.slot,
+        captured.info.name,
+        captured.info.version,
+        captured.info.id,
+        captured.info.chunk_count,
+        captured.info.stored_bytes
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_swap(args: SwapArgs) -> Result<ExitCode> {
@@ -640,6 +745,7 @@ fn cmd_enroll(args: &EnrollArgs) -> Result<ExitCode> {
 
 fn cmd_negotiate(args: &NegotiateArgs) -> Result<ExitCode> {
     let config = args.facts.config(&args.dir)?;
+    let capture = args.capture.setup(args.machine_root.as_deref())?;
     let runtime = runtime()?;
     let outcome = match edge_agent::fetch::running_daemon(&args.dir) {
         Some(daemon) => {
@@ -652,8 +758,30 @@ fn cmd_negotiate(args: &NegotiateArgs) -> Result<ExitCode> {
                 &args.stagers,
                 proto::metrics::Metrics::new(),
             )?;
-            let outcome =
+            let mut outcome =
                 edge_agent::negotiate::negotiate(&node, &args.dir, &config, "", &node).await;
+            // No image, but this class may capture and we were told how: capture, then
+            // negotiate again (the origin now names the captured image).
+            let capture_as = match (&outcome, &capture) {
+                (Ok(first), Some(setup)) => match &first.plan {
+                    proto::wire::BootPlan::NoImageCapture { name, .. } => {
+                        print!("{}", edge_agent::negotiate::describe(first));
+                        Some(setup.options(name))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some(options) = capture_as {
+                let captured =
+                    edge_agent::capture::capture(&node.identity, &config, &options).await?;
+                println!(
+                    "captured slot {} as {}@{} ({})",
+                    captured.slot, captured.info.name, captured.info.version, captured.info.id
+                );
+                outcome =
+                    edge_agent::negotiate::negotiate(&node, &args.dir, &config, "", &node).await;
+            }
             node.endpoint.close(0u32.into(), b"done");
             outcome
         })?,
@@ -691,6 +819,7 @@ async fn negotiate_via_daemon(
 }
 
 fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
+    let capture = args.capture.setup(args.machine_root.as_deref())?;
     let config = edge_agent::daemon::DaemonConfig {
         dir: args.dir.clone(),
         stagers: args.stagers,
@@ -714,6 +843,7 @@ fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
             None => None,
         },
         configured: args.facts.config(&args.dir)?,
+        capture,
     };
     let ready_file = args.ready_file;
     let p2p = edge_agent::peers::P2pConfig {

@@ -129,6 +129,26 @@ pub fn purge_tmp(dir: &Path) -> Result<bool> {
     }
 }
 
+/// This node's inventory facts, with what its operator configured and its site.
+pub fn collect_inventory(
+    identity: &proto::net::NodeIdentity,
+    config: &NodeConfig,
+) -> proto::inventory::Inventory {
+    let root = config
+        .inventory_root
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(inventory::HOST_ROOT));
+    inventory::collect(
+        &root,
+        Configured {
+            role: config.role.clone(),
+            class: config.class.clone(),
+            site: Some(identity.site().as_str().to_owned()),
+            features: config.features.clone(),
+        },
+    )
+}
+
 /// What this node reports now.
 pub fn build_report(
     node: &Node,
@@ -137,19 +157,7 @@ pub fn build_report(
     event: ReportEvent,
     data_addr: &str,
 ) -> Result<NodeReport> {
-    let root = config
-        .inventory_root
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(inventory::HOST_ROOT));
-    let inventory = inventory::collect(
-        &root,
-        Configured {
-            role: config.role.clone(),
-            class: config.class.clone(),
-            site: Some(node.identity.site().as_str().to_owned()),
-            features: config.features.clone(),
-        },
-    );
+    let inventory = collect_inventory(&node.identity, config);
     let trusted = [*node.identity.publisher_key()];
     let mut held = Vec::new();
     for signed in node.store.list_manifests()? {
@@ -290,6 +298,9 @@ pub async fn negotiate(
         BootPlan::NoImage { facts } => {
             tracing::warn!(via, facts = %facts.join(" "), "negotiated: no image matches this node (no rule for these facts)");
         }
+        BootPlan::NoImageCapture { facts, name } => {
+            tracing::warn!(via, facts = %facts.join(" "), name, "negotiated: no image matches this node; its class may capture one");
+        }
         BootPlan::PolicyError { message } => {
             tracing::error!(
                 via,
@@ -355,6 +366,12 @@ pub fn describe(outcome: &NegotiationOutcome) -> String {
                 "the origin cannot decide for this node: {message}\n"
             ));
         }
+        BootPlan::NoImageCapture { facts, name } => {
+            out.push_str(&format!(
+                "no image: no rule of the origin's policy matches this node (tried {}); its class may capture one as {name} (edge-agent capture)\n",
+                facts.join(" ")
+            ));
+        }
         BootPlan::Fetch { fetch, keep, drop } => {
             out.push_str(&format!(
                 "fetch {} bundle(s); keep {}; drop {}\n",
@@ -387,7 +404,7 @@ pub fn describe(outcome: &NegotiationOutcome) -> String {
 pub fn is_failure(plan: &BootPlan) -> bool {
     matches!(
         plan,
-        BootPlan::NoImage { .. } | BootPlan::PolicyError { .. }
+        BootPlan::NoImage { .. } | BootPlan::PolicyError { .. } | BootPlan::NoImageCapture { .. }
     )
 }
 

@@ -512,6 +512,14 @@ impl Mesh {
         Ok(results)
     }
 
+    /// Runs the `origin` command line against this mesh's origin: `origin ARGS --dir ORIGIN_DIR`.
+    pub async fn origin_cli(&self, args: &[&str]) -> Result<procs::CliRun> {
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        all.push("--dir".into());
+        all.push(self.origin_dir.display().to_string());
+        procs::run_cli(&self.bins.path("origin"), &all).await
+    }
+
     /// Prometheus text of the origin.
     pub async fn origin_metrics(&self) -> Result<String> {
         procs::scrape(&self.origin.metrics).await

@@ -257,6 +257,33 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
         .sum()
 }
 
+/// What a command-line run printed and whether it succeeded.
+#[derive(Clone, Debug)]
+pub struct CliRun {
+    /// Whether it exited 0.
+    pub ok: bool,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+/// Runs `bin ARGS` to its end with no input (killed if the future is dropped).
+pub async fn run_cli(bin: &Path, args: &[String]) -> Result<CliRun> {
+    let output = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    Ok(CliRun {
+        ok: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
 /// Every live process's pid and arguments, read from `/proc` (a process that ends while it is
 /// read is skipped; a zombie has no arguments).
 pub fn live_processes() -> Vec<(u32, Vec<String>)> {

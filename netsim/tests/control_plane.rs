@@ -19,34 +19,15 @@ fn bins() -> Binaries {
     Binaries::beside_current_exe().expect("build the binaries: cargo build --release --bins")
 }
 
-/// What a command printed and whether it succeeded.
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
+use netsim::procs::CliRun as Run;
 
 async fn run(bin: &Path, args: &[String]) -> Run {
-    let output = tokio::process::Command::new(bin)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("run");
-    Run {
-        ok: output.status.success(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    netsim::procs::run_cli(bin, args).await.expect("run")
 }
 
 /// Runs `origin ARGS --dir ORIGIN_DIR`.
 async fn origin(mesh: &Mesh, args: &[&str]) -> Run {
-    let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    all.push("--dir".into());
-    all.push(mesh.origin_dir.display().to_string());
-    run(&mesh.bins.path("origin"), &all).await
+    mesh.origin_cli(args).await.expect("run origin")
 }
 
 async fn origin_ok(mesh: &Mesh, args: &[&str]) -> String {

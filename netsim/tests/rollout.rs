@@ -22,20 +22,8 @@ fn bins() -> Binaries {
 
 /// Runs `origin ARGS --dir ORIGIN_DIR`: (success, stdout, stderr).
 async fn origin(mesh: &Mesh, args: &[&str]) -> (bool, String, String) {
-    let output = tokio::process::Command::new(mesh.bins.path("origin"))
-        .args(args)
-        .arg("--dir")
-        .arg(&mesh.origin_dir)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("run origin");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let run = mesh.origin_cli(args).await.expect("run origin");
+    (run.ok, run.stdout, run.stderr)
 }
 
 async fn origin_json(mesh: &Mesh, args: &[&str]) -> Value {

@@ -166,8 +166,38 @@ impl ControlPlane {
         packages.retain(|p| !(p.name == record.name && p.version == record.version));
         packages.push(record.clone());
         let mut puts = vec![Put::Package(Box::new(record))];
+        // A captured image (seed 004) becomes the image of the nodes with the capturing
+        // node's facts, in the same batch as the package.
+        let mut captured = String::new();
+        let mut doc = None;
+        let current = self.db.policy()?;
+        if let Some(rule) = policy::captured_rule(
+            &manifest.metadata,
+            &current.precedence,
+            BundleRef::new(info.name.clone(), info.version.clone()),
+        ) {
+            let mut next = current;
+            next.rules.retain(|r| r.id != rule.id);
+            captured = format!(
+                "; captured by node {}: rule {} ({} {})",
+                manifest
+                    .metadata
+                    .get(policy::capture_keys::NODE)
+                    .map_or("-", String::as_str),
+                rule.id,
+                rule.matcher.kind().name(),
+                rule.matcher.value(),
+            );
+            tracing::info!(rule = %rule.id, bundle = %info.id, "a captured image becomes the image of nodes with its facts");
+            next.rules.push(rule);
+            puts.push(Put::Policy(Box::new(next.clone())));
+            doc = Some(next);
+        } else if manifest.metadata.contains_key(policy::capture_keys::NODE) {
+            tracing::warn!(bundle = %info.id, "a captured image names no model, manufacturer or class the precedence consults; no rule added");
+        }
         puts.extend(self.refreshed(&Change {
             packages: Some(packages),
+            doc,
             ..Change::default()
         })?);
         self.db.commit(
@@ -176,7 +206,10 @@ impl ControlPlane {
                 actor.node_id.to_string(),
                 actor.role.as_str(),
                 action,
-                format!("{}@{} ({}){deps}", info.name, info.version, info.id),
+                format!(
+                    "{}@{} ({}){deps}{captured}",
+                    info.name, info.version, info.id
+                ),
             )),
         )?;
         Ok(())
@@ -239,7 +272,11 @@ impl ControlPlane {
                 desired,
                 state,
                 detail,
-            } = negotiate::plan(&resolution, &record.installed, &packages);
+            } = negotiate::offer_capture(
+                negotiate::plan(&resolution, &record.installed, &packages),
+                self.db.policy()?.capture.as_ref(),
+                inventory.class.as_deref(),
+            );
             record.desired = desired;
             record.state = state;
             record.state_detail = detail;
@@ -784,17 +821,7 @@ impl ControlPlane {
         catalog: &Catalog,
     ) -> Result<ControlReply, String> {
         let record = tokio::task::block_in_place(|| self.find_node(node))?;
-        let info = match bundle.parse::<BundleId>() {
-            Ok(id) => catalog.all().into_iter().find(|b| b.id == id),
-            Err(_) => {
-                let (name, version) = match bundle.split_once('@') {
-                    Some((name, version)) => (name, Some(version)),
-                    None => (bundle, None),
-                };
-                catalog.resolve(name, version)
-            }
-        }
-        .ok_or_else(|| format!("no published bundle {bundle}"))?;
+        let info = find_bundle(catalog, bundle)?;
         let addr: SocketAddr = record.data_addr.parse().map_err(|_| {
             format!(
                 "node {} reported no daemon address; start `edge-agent serve` on it",

@@ -217,6 +217,10 @@ pub struct PolicyDoc {
     pub features: BTreeMap<String, Vec<Requirement>>,
     /// Where it was loaded from.
     pub source: String,
+    /// Which classes may capture an image when no rule matches (seed 004); absent in
+    /// policies stored before capture existed.
+    #[serde(default)]
+    pub capture: Option<crate::policy::CaptureConfig>,
 }
 
 impl Default for PolicyDoc {
@@ -226,6 +230,7 @@ impl Default for PolicyDoc {
             precedence: DEFAULT_PRECEDENCE.to_vec(),
             features: BTreeMap::new(),
             source: String::new(),
+            capture: None,
         }
     }
 }

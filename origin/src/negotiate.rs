@@ -13,7 +13,7 @@ use proto::wire::{
 };
 
 use crate::db::{NodeState, PackageRecord};
-use crate::policy::{PolicyError, Reason, Resolution};
+use crate::policy::{CaptureConfig, PolicyError, Reason, Resolution};
 
 /// A negotiation's result: the answer, the desired bundles and the node's new state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +104,34 @@ pub fn plan(
         desired,
         state: NodeState::Updating,
         detail: String::new(),
+    }
+}
+
+/// Turns a "no image" into "no image, capture one" (seed 004) when the policy's capture table
+/// allows the node's `class`; any other answer is returned as it is.
+pub fn offer_capture(
+    negotiated: Negotiated,
+    capture: Option<&CaptureConfig>,
+    class: Option<&str>,
+) -> Negotiated {
+    let Some(capture) = capture.filter(|c| c.allows(class)) else {
+        return negotiated;
+    };
+    match negotiated.plan {
+        BootPlan::NoImage { facts } => Negotiated {
+            plan: BootPlan::NoImageCapture {
+                facts,
+                name: capture.name.clone(),
+            },
+            detail: format!(
+                "{}; class {} may capture an image as {}",
+                negotiated.detail,
+                class.unwrap_or("-"),
+                capture.name
+            ),
+            ..negotiated
+        },
+        plan => Negotiated { plan, ..negotiated },
     }
 }
 
@@ -238,6 +266,20 @@ mod tests {
             &packages,
         );
         assert_eq!(none.state, NodeState::NoImage);
+        let capture = CaptureConfig {
+            classes: vec!["lab".into()],
+            name: "captured-os".into(),
+        };
+        let offered = offer_capture(none.clone(), Some(&capture), Some("lab"));
+        assert!(
+            matches!(&offered.plan, BootPlan::NoImageCapture { name, .. } if name == "captured-os"),
+            "{offered:?}"
+        );
+        assert_eq!(offered.state, NodeState::NoImage);
+        assert!(offered.detail.contains("may capture"), "{}", offered.detail);
+        let refused = offer_capture(none.clone(), Some(&capture), Some("prod"));
+        assert_eq!(refused, none);
+        assert_eq!(offer_capture(none.clone(), None, Some("lab")), none);
         assert_eq!(
             none.plan,
             BootPlan::NoImage {

@@ -11,6 +11,10 @@
 //!
 //! [features]
 //! monitoring = ["node-exporter>=1.0"]
+//!
+//! [capture]                    # optional (seed 004): who may capture an image
+//! classes = ["lab"]            # nodes of these classes that no rule matches
+//! name = "captured-os"         # the bundle name captured images get (default `captured-os`)
 //! ```
 //!
 //! Packages are not part of the file: they are every bundle ever published.
@@ -21,7 +25,8 @@ use serde::Deserialize;
 
 use crate::db::PolicyDoc;
 use crate::policy::{
-    BundleRef, Constraint, Matcher, MatcherKind, PolicyStore, Requirement, Rule, DEFAULT_PRECEDENCE,
+    BundleRef, CaptureConfig, Constraint, Matcher, MatcherKind, PolicyStore, Requirement, Rule,
+    DEFAULT_CAPTURE_NAME, DEFAULT_PRECEDENCE,
 };
 
 /// Largest policy file, in bytes.
@@ -35,6 +40,14 @@ struct File {
     rule: Vec<RuleEntry>,
     #[serde(default)]
     features: BTreeMap<String, Vec<Requirement>>,
+    capture: Option<CaptureEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaptureEntry {
+    classes: Vec<String>,
+    name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -95,7 +108,31 @@ pub fn parse(source: &str, text: &str) -> Result<PolicyDoc, String> {
             bundles,
         });
     }
+    let capture = match file.capture {
+        None => None,
+        Some(entry) => {
+            let name = entry
+                .name
+                .unwrap_or_else(|| DEFAULT_CAPTURE_NAME.to_owned());
+            if name.is_empty() || name.len() > proto::wire::MAX_NAME_BYTES || name.contains('@') {
+                return Err(format!(
+                    "{source}: [capture] name `{name}` must be a bundle name (not empty, no `@`, at most {} bytes)",
+                    proto::wire::MAX_NAME_BYTES
+                ));
+            }
+            if entry.classes.iter().any(String::is_empty) {
+                return Err(format!(
+                    "{source}: [capture] classes must not be empty strings"
+                ));
+            }
+            Some(CaptureConfig {
+                classes: entry.classes,
+                name,
+            })
+        }
+    };
     let doc = PolicyDoc {
+        capture,
         rules,
         precedence: file
             .precedence
@@ -147,6 +184,29 @@ monitoring = ["agent>=1.0"]
         assert_eq!(doc.rules[0].matcher, Matcher::Role("web".into()));
         assert_eq!(doc.rules[0].bundles[1], BundleRef::new("app", "1"));
         assert_eq!(doc.features["monitoring"][0].to_string(), "agent>=1.0");
+    }
+
+    #[test]
+    fn a_capture_table_says_which_classes_may_capture() {
+        let doc = parse("p.toml", "[capture]\nclasses = [\"lab\"]\n").expect("parse");
+        let capture = doc.capture.expect("capture");
+        assert_eq!(capture.name, DEFAULT_CAPTURE_NAME);
+        assert!(capture.allows(Some("lab")));
+        assert!(!capture.allows(Some("prod")));
+        assert!(!capture.allows(None));
+        let named = parse(
+            "p.toml",
+            "[capture]\nclasses = [\"lab\"]\nname = \"lab-os\"\n",
+        )
+        .expect("parse");
+        assert_eq!(named.capture.expect("capture").name, "lab-os");
+        assert!(parse("p.toml", "").expect("empty").capture.is_none());
+        let bad = parse(
+            "p.toml",
+            "[capture]\nclasses = [\"lab\"]\nname = \"os@1\"\n",
+        )
+        .expect_err("bad name");
+        assert!(bad.contains("[capture] name"), "{bad}");
     }
 
     #[test]

@@ -232,6 +232,7 @@ impl Origin {
                     proto::wire::BootPlan::Fetch { .. } => "fetch",
                     proto::wire::BootPlan::NoImage { .. } => "no-image",
                     proto::wire::BootPlan::PolicyError { .. } => "policy-error",
+                    proto::wire::BootPlan::NoImageCapture { .. } => "no-image-capture",
                 };
                 self.metrics
                     .counter(

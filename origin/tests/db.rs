@@ -79,6 +79,7 @@ fn policy_doc() -> PolicyDoc {
             vec!["agent>=1".parse::<Requirement>().expect("req")],
         )]),
         source: "policy.toml".into(),
+        capture: None,
     }
 }
 

@@ -270,6 +270,17 @@ pub enum BootPlan {
         #[serde(deserialize_with = "bounds::message")]
         message: String,
     },
+    /// No rule matches, but the node's class may capture (seed 004): run the configured install
+    /// script into the spare slot, and publish the result (with publisher rights) as `name`.
+    /// Appended: the earlier variants keep their indices.
+    NoImageCapture {
+        /// The facts tried, in precedence order, as `level=value`.
+        #[serde(deserialize_with = "bounds::facts")]
+        facts: Vec<String>,
+        /// The bundle name to publish the captured image under.
+        #[serde(deserialize_with = "bounds::name")]
+        name: String,
+    },
 }
 
 /// What an edge's negotiation did: the origin's plan and what was fetched for it.
@@ -884,6 +895,10 @@ mod tests {
             Response::BootPlan(BootPlan::NoImage {
                 facts: vec!["role=-".into()],
             }),
+            Response::BootPlan(BootPlan::NoImageCapture {
+                facts: vec!["model=LabBox".into(), "class=lab".into()],
+                name: "captured-os".into(),
+            }),
             Response::Control(ControlReply {
                 success: false,
                 text: "table".into(),
@@ -949,6 +964,27 @@ mod tests {
             let err = decode_frame::<Request>(&frame).expect_err("oversized");
             assert!(err.to_string().contains("exceeds its bound"), "{err}");
         }
+    }
+
+    #[test]
+    fn capture_plans_keep_earlier_variants_and_are_bounded() {
+        // NoImage keeps its index (2); the capture answer is appended after PolicyError (3).
+        let no_image =
+            crate::codec::encode(&BootPlan::NoImage { facts: Vec::new() }).expect("encode");
+        assert_eq!(no_image[0], 2);
+        let capture = BootPlan::NoImageCapture {
+            facts: vec!["model=m".into()],
+            name: "captured-os".into(),
+        };
+        let bytes = crate::codec::encode(&capture).expect("encode");
+        assert_eq!(bytes[0], 4);
+        let long = encode_frame(&Response::BootPlan(BootPlan::NoImageCapture {
+            facts: Vec::new(),
+            name: "n".repeat(MAX_NAME_BYTES + 1),
+        }))
+        .expect("encode");
+        let err = decode_frame::<Response>(&long).expect_err("oversized");
+        assert!(err.to_string().contains("exceeds its bound"), "{err}");
     }
 
     proptest! {
