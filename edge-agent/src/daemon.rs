@@ -329,15 +329,7 @@ impl Daemon {
                         .announce(&report.id.to_string(), vec![(0, pieces)], true);
                 }
                 tracing::info!(bundle = %report.id, name = %report.manifest.name, version = %report.manifest.version, bytes = report.bytes_received, from_peers = report.bytes_from_peers, "fetched");
-                Response::Fetched(FetchSummary {
-                    id: report.id,
-                    name: report.manifest.name.clone(),
-                    version: report.manifest.version.clone(),
-                    bytes_received: report.bytes_received,
-                    bytes_from_peers: report.bytes_from_peers,
-                    chunks_present: report.chunks_present as u64,
-                    chunks: report.manifest.chunks.len() as u64,
-                })
+                Response::Fetched(report.summary())
             }
             Err(error) => Response::Error {
                 code: ErrorCode::Internal,
@@ -712,15 +704,7 @@ impl Daemon {
             .inc();
         tracing::info!(bundle = %id, name = %report.manifest.name, version = %report.manifest.version, root = %root.display(), bytes = report.bytes_received, "test run: running a bundle without persisting it");
         Response::TestRunning(TestRunSummary {
-            fetch: FetchSummary {
-                id: report.id,
-                name: report.manifest.name.clone(),
-                version: report.manifest.version.clone(),
-                bytes_received: report.bytes_received,
-                bytes_from_peers: report.bytes_from_peers,
-                chunks_present: report.chunks_present as u64,
-                chunks: report.manifest.chunks.len() as u64,
-            },
+            fetch: report.summary(),
             root: root.display().to_string(),
         })
     }

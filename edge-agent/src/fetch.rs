@@ -210,6 +210,21 @@ pub struct FetchReport {
     pub chunks_present: usize,
 }
 
+impl FetchReport {
+    /// The report as the wire's [`proto::wire::FetchSummary`].
+    pub fn summary(&self) -> proto::wire::FetchSummary {
+        proto::wire::FetchSummary {
+            id: self.id,
+            name: self.manifest.name.clone(),
+            version: self.manifest.version.clone(),
+            bytes_received: self.bytes_received,
+            bytes_from_peers: self.bytes_from_peers,
+            chunks_present: self.chunks_present as u64,
+            chunks: self.manifest.chunks.len() as u64,
+        }
+    }
+}
+
 /// An edge node's means to fetch: identity, store, client endpoint, sources and metrics. The
 /// one-shot `edge-agent fetch` builds one; the daemon keeps one.
 #[derive(Clone)]

@@ -263,15 +263,7 @@ impl BundleFetcher for Node {
         let report = self
             .fetch(&BundleSpec::Id(id), None, |_| {}, |_, _, _| {})
             .await?;
-        Ok(FetchSummary {
-            id: report.id,
-            name: report.manifest.name.clone(),
-            version: report.manifest.version.clone(),
-            bytes_received: report.bytes_received,
-            bytes_from_peers: report.bytes_from_peers,
-            chunks_present: report.chunks_present as u64,
-            chunks: report.manifest.chunks.len() as u64,
-        })
+        Ok(report.summary())
     }
 }
 

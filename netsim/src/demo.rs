@@ -290,17 +290,7 @@ pub struct Interrupted;
 /// Runs the demo; stops every process it started before returning, on success, failure or
 /// Ctrl-C ([`Interrupted`]).
 pub async fn run(config: DemoConfig) -> Result<DemoResult> {
-    let temp;
-    let work = match &config.work_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("stagecoach-demo-")
-                .tempdir()
-                .context("cannot create a temporary directory")?;
-            temp.path().join("run")
-        }
-    };
+    let (_temp, work) = crate::emulate::work_dir(config.work_dir.as_ref(), "stagecoach-demo-")?;
     let mut slot = None;
     let result = tokio::select! {
         result = run_in(&config, &work, &mut slot) => result,

@@ -93,6 +93,25 @@ pub struct EmulateOptions {
     pub seed: u64,
 }
 
+/// A run's work directory: `given`, or `run/` in a temporary directory named `prefix…` that
+/// lives as long as the returned guard.
+pub(crate) fn work_dir(
+    given: Option<&PathBuf>,
+    prefix: &str,
+) -> Result<(Option<tempfile::TempDir>, PathBuf)> {
+    match given {
+        Some(dir) => Ok((None, dir.clone())),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir()
+                .context("cannot create a temporary directory")?;
+            let work = temp.path().join("run");
+            Ok((Some(temp), work))
+        }
+    }
+}
+
 /// Emulates `topo` under `strategy`: starts the binaries behind relays, publishes the bundle,
 /// lets every edge fetch it, and returns who moved how many bytes and when each edge finished.
 /// Every process and relay it started is stopped before it returns, also on error; Ctrl-C
@@ -103,17 +122,7 @@ pub async fn emulate(
     options: &EmulateOptions,
 ) -> Result<RunResult> {
     check_emulatable(topo)?;
-    let temp;
-    let work = match &options.work_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("stagecoach-emulate-")
-                .tempdir()
-                .context("cannot create a temporary directory")?;
-            temp.path().join("run")
-        }
-    };
+    let (_temp, work) = work_dir(options.work_dir.as_ref(), "stagecoach-emulate-")?;
     let mut slot = None;
     let result = tokio::select! {
         result = run_strategy(topo, strategy, options, &work, None, &mut slot) => result,
@@ -137,17 +146,7 @@ pub async fn compare_emulated(
     out_dir: &Path,
 ) -> Result<CompareTable> {
     check_emulatable(topo)?;
-    let temp;
-    let work = match &options.work_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("stagecoach-emulate-")
-                .tempdir()
-                .context("cannot create a temporary directory")?;
-            temp.path().join("run")
-        }
-    };
+    let (_temp, work) = work_dir(options.work_dir.as_ref(), "stagecoach-emulate-")?;
     let mut slot = None;
     let runs = async {
         ensure_empty_dir(&work)?;

@@ -66,22 +66,9 @@ impl Origin {
             .inc();
     }
 
+    /// Refuses what only the publisher may do.
     fn forbidden(&self, peer: &PeerIdentity, what: &str) -> Response {
-        self.metrics
-            .counter(
-                names::FORBIDDEN,
-                "Requests refused for the peer's role",
-                &[],
-            )
-            .inc();
-        tracing::warn!(%peer, what, "refused: role may not do this");
-        Response::Error {
-            code: ErrorCode::Forbidden,
-            message: format!(
-                "a {} certificate may not {what}; only the publisher may",
-                peer.role
-            ),
-        }
+        self.refuse(peer, &format!("{what}; only the publisher may"))
     }
 
     async fn answer(&self, peer: &PeerIdentity, request: Request) -> Response {

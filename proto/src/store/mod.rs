@@ -827,12 +827,14 @@ impl Store {
         }
     }
 
-    /// Progress of a registered writer: durable record, then the mirror's access time.
-    fn commit_progress(
+    /// Progress of a registered writer: its partial record (synced, or lazily for groups not yet
+    /// fsynced; see [`RecordState::PartialUnsynced`]), then the mirror's access time.
+    fn record_progress(
         &self,
         hash: BlobHash,
         size: u64,
-        verified: &GroupRanges,
+        state: RecordState,
+        durability: Durability,
     ) -> Result<(), StoreError> {
         let now = self.lock().tick();
         let mut batch = self.inner.index.batch();
@@ -840,15 +842,16 @@ impl Store {
             &hash,
             &BlobRecord {
                 size,
-                state: RecordState::Partial {
-                    verified: verified.clone(),
-                },
+                state,
                 last_access: now,
             },
         )?;
         // While the writer is registered nobody else writes or deletes this record, so the
-        // synced write can run without the lock.
-        batch.commit()?;
+        // write can run without the lock.
+        match durability {
+            Durability::Synced => batch.commit()?,
+            Durability::Lazy => batch.commit_lazy()?,
+        }
         let mut state = self.lock();
         if let Some(entry) = state.blobs.get(&hash).copied() {
             state.set_entry(
@@ -860,31 +863,6 @@ impl Store {
             );
         }
         Ok(())
-    }
-
-    /// Progress of a registered writer recorded without waiting for the disk: `unsynced` groups
-    /// are written but not fsynced (see [`RecordState::PartialUnsynced`]).
-    fn record_unsynced(
-        &self,
-        hash: BlobHash,
-        size: u64,
-        verified: &GroupRanges,
-        unsynced: &GroupRanges,
-    ) -> Result<(), StoreError> {
-        let now = self.lock().tick();
-        let mut batch = self.inner.index.batch();
-        batch.put_blob(
-            &hash,
-            &BlobRecord {
-                size,
-                state: RecordState::PartialUnsynced {
-                    verified: verified.clone(),
-                    unsynced: unsynced.clone(),
-                },
-                last_access: now,
-            },
-        )?;
-        batch.commit_lazy()
     }
 
     /// A registered writer verified every group: record the blob as complete.
@@ -967,7 +945,7 @@ impl std::fmt::Debug for Store {
 
 /// Whether an index write waits for the disk.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Durability {
+pub(crate) enum Durability {
     /// Fsync the write-ahead log before returning.
     Synced,
     /// Return once RocksDB has the write; a crash may lose it.

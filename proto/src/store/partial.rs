@@ -7,7 +7,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, RwLock};
 
 use super::files::{io_error, BlobPaths};
-use super::{Store, StoreError};
+use super::index::RecordState;
+use super::{Durability, Store, StoreError};
 use crate::hash::BlobHash;
 use crate::verify::{self, DecodeItem, Decoder, GroupRanges};
 
@@ -228,8 +229,14 @@ impl PartialBlob {
         }
         self.sync_files()?;
         let verified = self.verified();
-        self.store
-            .commit_progress(self.hash, self.size, &verified)?;
+        self.store.record_progress(
+            self.hash,
+            self.size,
+            RecordState::Partial {
+                verified: verified.clone(),
+            },
+            Durability::Synced,
+        )?;
         tracing::debug!(
             blob = %self.hash,
             verified_groups = verified.count(self.size),
@@ -248,8 +255,15 @@ impl PartialBlob {
     /// now resumes with them (re-verified); a power loss may cost them, never more.
     fn record_unsynced(&mut self) -> Result<(), StoreError> {
         let unsynced = self.unsynced.union(&self.pending);
-        self.store
-            .record_unsynced(self.hash, self.size, &self.committed, &unsynced)?;
+        self.store.record_progress(
+            self.hash,
+            self.size,
+            RecordState::PartialUnsynced {
+                verified: self.committed.clone(),
+                unsynced: unsynced.clone(),
+            },
+            Durability::Lazy,
+        )?;
         self.unsynced = unsynced;
         self.unsynced_bytes += self.pending_bytes;
         self.pending = GroupRanges::empty();
