@@ -55,7 +55,7 @@ pub struct ControlPlane {
     /// report and an operator's command, say) never overwrite each other's records.
     changes: Mutex<()>,
     /// `origin rollout ...`: the running rollout and the saved state of the last.
-    rollouts: crate::rollouts::Rollouts,
+    rollouts: crate::rollout::service::RolloutService,
 }
 
 /// A row of `origin nodes --json`.
@@ -85,7 +85,7 @@ impl ControlPlane {
             db,
             test_runs: Mutex::new(BTreeMap::new()),
             changes: Mutex::new(()),
-            rollouts: crate::rollouts::Rollouts::new(&home, endpoint.clone()),
+            rollouts: crate::rollout::service::RolloutService::new(&home, endpoint.clone()),
             endpoint,
         }
     }
@@ -1033,7 +1033,7 @@ fn find_bundle(catalog: &Catalog, spec: &str) -> Result<BundleInfo, String> {
 }
 
 /// A rollout's status as a command's answer: the table for people, the JSON for machines.
-fn rollout_reply(status: &crate::rollout::RolloutStatus) -> ControlReply {
+fn rollout_reply(status: &crate::rollout::plan::RolloutStatus) -> ControlReply {
     ControlReply {
         success: true,
         text: status.to_string(),

@@ -1,4 +1,4 @@
-//! Runs a [`Rollout`] against the fleet: the I/O half of `origin::rollout`.
+//! Runs a [`Rollout`] against the fleet: the I/O half of [`super::plan`].
 //!
 //! [`run`] takes the state machine's actions and carries them out through a [`Fleet`] (offers
 //! of one wave run at once; roll-backs run as they come), feeds every node's report back,
@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::policy::BundleRef;
-use crate::rollout::{Action, NodeReport, Phase, Rollout, RolloutError, RolloutStatus};
+use super::plan::{Action, NodeReport, Phase, Rollout, RolloutError, RolloutStatus};
 
 /// How the origin moves nodes; implemented over the mesh by the server and by fakes in tests.
 pub trait Fleet: Send + Sync + 'static {
@@ -229,7 +229,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::rollout::{FailureThreshold, HaltReason, NodeState, RolloutOptions, Target};
+    use crate::rollout::plan::{FailureThreshold, HaltReason, NodeState, RolloutOptions, Target};
 
     /// A fleet whose nodes fail when listed, and which records every call.
     #[derive(Default)]

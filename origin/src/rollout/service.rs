@@ -1,5 +1,5 @@
 //! `origin rollout start|status|pause|resume|abort`, server side: one rollout at a time, run by
-//! [`crate::rollout_run`] over the mesh, saved to `rollout.json` in the origin's home after
+//! [`super::driver`] over the mesh, saved to `rollout.json` in the origin's home after
 //! every step and resumed from there when `origin serve` restarts.
 //!
 //! Installing on a node is the remote OS swap (`StartSwap` to the node's daemon, at the address
@@ -18,10 +18,10 @@ use tokio::sync::Mutex;
 
 use crate::db::NodeRecord;
 use crate::policy::BundleRef;
-use crate::rollout::{
+use super::plan::{
     FailureThreshold, NodeReport, Phase, Rollout, RolloutOptions, RolloutStatus, Target,
 };
-use crate::rollout_run::{self, Fleet, RolloutHandle};
+use super::driver::{self, Fleet, RolloutHandle};
 
 /// File name of the saved rollout, in the origin's home.
 pub const STATE_FILE: &str = "rollout.json";
@@ -89,13 +89,13 @@ struct Running {
 }
 
 /// The origin's rollouts: the running one, and the saved state of the last.
-pub struct Rollouts {
+pub struct RolloutService {
     state_file: PathBuf,
     endpoint: quinn::Endpoint,
     running: Mutex<Option<Running>>,
 }
 
-impl Rollouts {
+impl RolloutService {
     /// Rollouts saved under `home_dir`; `endpoint` carries the origin's certificate (the only
     /// one edges take a swap from). A saved rollout that was running or paused goes on.
     pub fn new(home_dir: &Path, endpoint: quinn::Endpoint) -> Self {
@@ -143,7 +143,7 @@ impl Rollouts {
             saved_meta.rollout = rollout.clone();
             write_atomically(&file, &saved_meta)
         };
-        let (handle, task) = rollout_run::spawn(saved.rollout, fleet, save);
+        let (handle, task) = driver::spawn(saved.rollout, fleet, save);
         Running { handle, task }
     }
 
