@@ -7,7 +7,7 @@ use proto::net::PeerIdentity;
 use proto::wire::{BundleInfo, ControlCommand, ControlReply, MAX_DOCUMENT_BYTES};
 use serde::Serialize;
 
-use super::{list, render_table, utc, Change, ControlPlane, TestRun};
+use super::{list, render_table, utc, Change, CommandError, ControlPlane, TestRun};
 use crate::catalog::Catalog;
 use crate::db::{now_ms, Audit, DbError, NodeRecord, PolicyDoc, Put};
 use crate::policy::{self, BundleRef};
@@ -81,17 +81,17 @@ impl ControlPlane {
         };
         match result {
             Ok(reply) => bounded(reply),
-            Err(message) => ControlReply {
+            Err(error) => ControlReply {
                 success: false,
-                text: message,
+                text: error.to_string(),
                 json: "null".into(),
             },
         }
     }
 
     /// Finds a node by id or unique id prefix.
-    pub(super) fn find_node(&self, node: &str) -> Result<NodeRecord, String> {
-        let nodes = self.db.nodes().map_err(|e| e.to_string())?;
+    pub(super) fn find_node(&self, node: &str) -> Result<NodeRecord, CommandError> {
+        let nodes = self.db.nodes()?;
         if let Some(exact) = nodes.iter().find(|n| n.id == node) {
             return Ok(exact.clone());
         }
@@ -101,19 +101,17 @@ impl ControlPlane {
             .collect();
         match matching.as_slice() {
             [one] => Ok((*one).clone()),
-            [] => Err(format!(
-                "no node `{node}` has reported to this origin; `origin nodes` lists them"
-            )),
-            many => Err(format!(
-                "`{node}` is a prefix of {} node ids; give more of it",
-                many.len()
-            )),
+            [] => Err(CommandError::NoSuchNode(node.to_owned())),
+            many => Err(CommandError::AmbiguousNode {
+                prefix: node.to_owned(),
+                count: many.len(),
+            }),
         }
     }
 
-    fn rows(&self) -> Result<Vec<NodeRow>, String> {
-        let nodes = self.db.nodes().map_err(|e| e.to_string())?;
-        let classes = self.db.classes().map_err(|e| e.to_string())?;
+    fn rows(&self) -> Result<Vec<NodeRow>, CommandError> {
+        let nodes = self.db.nodes()?;
+        let classes = self.db.classes()?;
         let runs = self.test_runs().clone();
         Ok(nodes
             .into_iter()
@@ -131,7 +129,7 @@ impl ControlPlane {
             .collect())
     }
 
-    fn nodes(&self) -> Result<ControlReply, String> {
+    fn nodes(&self) -> Result<ControlReply, CommandError> {
         let rows = self.rows()?;
         let now = now_ms();
         let mut table = vec![[
@@ -183,10 +181,10 @@ impl ControlPlane {
         source: &str,
         toml: &str,
         who: impl Fn(&str, String) -> Audit,
-    ) -> Result<ControlReply, String> {
+    ) -> Result<ControlReply, CommandError> {
         let _one_change = self.one_change();
         let doc = policy_file::parse(source, toml)?;
-        let packages = self.package_map().map_err(|e| e.to_string())?;
+        let packages = self.package_map()?;
         let mut warnings = Vec::new();
         for rule in &doc.rules {
             for bundle in &rule.bundles {
@@ -213,12 +211,12 @@ impl ControlPlane {
                 doc: Some(doc.clone()),
                 ..Change::default()
             })
-            .map_err(|e| e.to_string())?;
+            ?;
         let changed_nodes = puts.len();
         puts.insert(0, Put::Policy(Box::new(doc)));
         self.db
             .commit(&puts, Some(who("policy.load", detail.clone())))
-            .map_err(|e| e.to_string())?;
+            ?;
         let check = self.policy_check()?;
         let mut text = format!(
             "loaded {detail}\n{changed_nodes} node(s) now have other desired bundles or state\n"
@@ -237,13 +235,13 @@ impl ControlPlane {
         })
     }
 
-    fn policy_check(&self) -> Result<ControlReply, String> {
-        let store = self.db.policy_store().map_err(|e| e.to_string())?;
+    fn policy_check(&self) -> Result<ControlReply, CommandError> {
+        let store = self.db.policy_store()?;
         let mut nodes = Vec::new();
-        for record in self.db.nodes().map_err(|e| e.to_string())? {
+        for record in self.db.nodes()? {
             let inventory = self
                 .effective_inventory(&record)
-                .map_err(|e| e.to_string())?;
+                ?;
             nodes.push((record.id, inventory));
         }
         let report = policy::check(&store, &nodes);
@@ -264,16 +262,16 @@ impl ControlPlane {
         node: &str,
         class: &str,
         who: impl Fn(&str, String) -> Audit,
-    ) -> Result<ControlReply, String> {
+    ) -> Result<ControlReply, CommandError> {
         let _one_change = self.one_change();
         let record = self.find_node(node)?;
         if class.is_empty() {
-            return Err("the class is empty".into());
+            return Err(CommandError::EmptyClass);
         }
         let before = self
             .db
             .classes()
-            .map_err(|e| e.to_string())?
+            ?
             .remove(&record.id);
         let detail = format!(
             "node {}: class {} -> {class}",
@@ -282,7 +280,7 @@ impl ControlPlane {
                 .or(record.inventory.class.clone())
                 .unwrap_or_else(|| "-".into())
         );
-        let mut classes = self.db.classes().map_err(|e| e.to_string())?;
+        let mut classes = self.db.classes()?;
         classes.insert(record.id.clone(), class.to_owned());
         let mut puts = vec![Put::Class {
             node: record.id.clone(),
@@ -293,11 +291,11 @@ impl ControlPlane {
                 classes: Some(classes),
                 ..Change::default()
             })
-            .map_err(|e| e.to_string())?,
+            ?,
         );
         self.db
             .commit(&puts, Some(who("class.set", detail.clone())))
-            .map_err(|e| e.to_string())?;
+            ?;
         Ok(ControlReply {
             success: true,
             text: format!("{detail}\n"),
@@ -310,24 +308,22 @@ impl ControlPlane {
         node: &str,
         bundle: &str,
         who: impl Fn(&str, String) -> Audit,
-    ) -> Result<ControlReply, String> {
+    ) -> Result<ControlReply, CommandError> {
         let _one_change = self.one_change();
         let record = self.find_node(node)?;
         let pinned = policy_file::exact_bundle(bundle)?;
         if self
             .db
             .package(&pinned.name, &pinned.version)
-            .map_err(|e| e.to_string())?
+            ?
             .is_none()
         {
-            return Err(format!(
-                "{pinned} was never published; publish it first (`origin publish`)"
-            ));
+            return Err(CommandError::NeverPublished(pinned));
         }
         let mut overrides = self
             .db
             .overrides()
-            .map_err(|e| e.to_string())?
+            ?
             .remove(&record.id)
             .unwrap_or_default();
         overrides.retain(|b| b.name != pinned.name);
@@ -339,10 +335,10 @@ impl ControlPlane {
         );
         let puts = self
             .override_puts(&record.id, overrides)
-            .map_err(|e| e.to_string())?;
+            ?;
         self.db
             .commit(&puts, Some(who("override.set", detail.clone())))
-            .map_err(|e| e.to_string())?;
+            ?;
         Ok(ControlReply {
             success: true,
             text: format!("{detail}\n"),
@@ -355,13 +351,13 @@ impl ControlPlane {
         node: &str,
         name: Option<&str>,
         who: impl Fn(&str, String) -> Audit,
-    ) -> Result<ControlReply, String> {
+    ) -> Result<ControlReply, CommandError> {
         let _one_change = self.one_change();
         let record = self.find_node(node)?;
         let before = self
             .db
             .overrides()
-            .map_err(|e| e.to_string())?
+            ?
             .remove(&record.id)
             .unwrap_or_default();
         let after: Vec<BundleRef> = match name {
@@ -383,10 +379,10 @@ impl ControlPlane {
         );
         let puts = self
             .override_puts(&record.id, after)
-            .map_err(|e| e.to_string())?;
+            ?;
         self.db
             .commit(&puts, Some(who("override.clear", detail.clone())))
-            .map_err(|e| e.to_string())?;
+            ?;
         Ok(ControlReply {
             success: true,
             text: format!("{detail}\n"),
@@ -409,8 +405,8 @@ impl ControlPlane {
         Ok(puts)
     }
 
-    fn audit(&self, limit: usize) -> Result<ControlReply, String> {
-        let records = self.db.audit(limit).map_err(|e| e.to_string())?;
+    fn audit(&self, limit: usize) -> Result<ControlReply, CommandError> {
+        let records = self.db.audit(limit)?;
         let mut table =
             vec![["SEQ", "WHEN", "ACTOR", "ROLE", "ACTION", "DETAIL"].map(str::to_owned)];
         for r in &records {
@@ -440,10 +436,10 @@ impl ControlPlane {
         downgrade: bool,
         catalog: &Catalog,
         who: impl Fn(&str, String) -> Audit,
-    ) -> Result<ControlReply, String> {
+    ) -> Result<ControlReply, CommandError> {
         let target = find_bundle(catalog, bundle)?;
         let rescue = find_bundle(catalog, rescue)?;
-        let nodes = tokio::task::block_in_place(|| self.db.nodes()).map_err(|e| e.to_string())?;
+        let nodes = tokio::task::block_in_place(|| self.db.nodes())?;
         let status = self
             .rollouts
             .start(&nodes, &target, &rescue, selector, max_failures, downgrade)
@@ -457,7 +453,7 @@ impl ControlPlane {
             status.waves.len()
         );
         tokio::task::block_in_place(|| self.db.commit(&[], Some(who("rollout.start", detail))))
-            .map_err(|e| e.to_string())?;
+            ?;
         Ok(rollout_reply(&status))
     }
 
@@ -465,7 +461,7 @@ impl ControlPlane {
         &self,
         action: proto::wire::RolloutAction,
         who: impl Fn(&str, String) -> Audit,
-    ) -> Result<ControlReply, String> {
+    ) -> Result<ControlReply, CommandError> {
         use proto::wire::RolloutAction;
         let status = self.rollouts.act(action).await?;
         let audited = match action {
@@ -477,7 +473,7 @@ impl ControlPlane {
         if let Some(what) = audited {
             let detail = format!("{}: {}", status.bundle, status.phase);
             tokio::task::block_in_place(|| self.db.commit(&[], Some(who(what, detail))))
-                .map_err(|e| e.to_string())?;
+                ?;
         }
         Ok(rollout_reply(&status))
     }
@@ -521,7 +517,7 @@ fn short(actor: &str) -> String {
 }
 
 /// A published bundle by id, `NAME@VERSION` or `NAME` (the newest).
-pub(super) fn find_bundle(catalog: &Catalog, spec: &str) -> Result<BundleInfo, String> {
+pub(super) fn find_bundle(catalog: &Catalog, spec: &str) -> Result<BundleInfo, CommandError> {
     match spec.parse::<BundleId>() {
         Ok(id) => catalog.all().into_iter().find(|b| b.id == id),
         Err(_) => {
@@ -532,7 +528,7 @@ pub(super) fn find_bundle(catalog: &Catalog, spec: &str) -> Result<BundleInfo, S
             catalog.resolve(name, version)
         }
     }
-    .ok_or_else(|| format!("no published bundle {spec}"))
+    .ok_or_else(|| CommandError::NoSuchBundle(spec.to_owned()))
 }
 
 /// A rollout's status as a command's answer: the table for people, the JSON for machines.

@@ -22,6 +22,7 @@ use crate::db::{
 };
 use crate::negotiate::{self, Negotiated};
 use crate::policy::{self, BundleRef, Requirement};
+use crate::policy_file;
 
 mod commands;
 mod render;
@@ -29,7 +30,47 @@ mod test_run;
 
 pub use commands::NodeRow;
 pub use render::{render_table, utc};
-pub use test_run::{TestRun, TEST_RUN_TIMEOUT};
+pub use test_run::{TestRun, TestRunError, TEST_RUN_TIMEOUT};
+
+/// Why an operator's command failed; the message is the command's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The database cannot be read or written.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The policy file was refused.
+    #[error(transparent)]
+    PolicyFile(#[from] policy_file::PolicyFileError),
+    /// A bundle that should be `NAME@VERSION` is not.
+    #[error(transparent)]
+    ExactBundle(#[from] policy_file::ExactBundleError),
+    /// The rollout service refused.
+    #[error(transparent)]
+    Rollout(#[from] crate::rollout::service::RolloutServiceError),
+    /// No node has that id or id prefix.
+    #[error("no node `{0}` has reported to this origin; `origin nodes` lists them")]
+    NoSuchNode(String),
+    /// An id prefix that several nodes share.
+    #[error("`{prefix}` is a prefix of {count} node ids; give more of it")]
+    AmbiguousNode {
+        /// The prefix given.
+        prefix: String,
+        /// How many node ids start with it.
+        count: usize,
+    },
+    /// No published bundle by that id or name.
+    #[error("no published bundle {0}")]
+    NoSuchBundle(String),
+    /// A bundle pinned that was never published.
+    #[error("{0} was never published; publish it first (`origin publish`)")]
+    NeverPublished(BundleRef),
+    /// `origin class set` with an empty class.
+    #[error("the class is empty")]
+    EmptyClass,
+    /// A test run that did not start.
+    #[error(transparent)]
+    TestRun(#[from] test_run::TestRunError),
+}
 
 /// The control plane of a running origin.
 pub struct ControlPlane {
