@@ -186,10 +186,10 @@ impl Daemon {
         self.count_request("fetch");
         let spec: BundleSpec = match bundle.parse() {
             Ok(spec) => spec,
-            Err(message) => {
+            Err(error) => {
                 return Response::Error {
                     code: ErrorCode::BadRequest,
-                    message,
+                    message: error.to_string(),
                 }
             }
         };

@@ -32,15 +32,26 @@ pub enum BundleSpec {
     },
 }
 
-impl std::str::FromStr for BundleSpec {
-    type Err = String;
+/// Why a bundle spec does not parse.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum BundleSpecError {
+    /// 64 hex digits that are not a bundle id.
+    #[error(transparent)]
+    Id(#[from] proto::hash::ParseHashError),
+    /// Nothing given.
+    #[error("empty bundle name")]
+    Empty,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for BundleSpec {
+    type Err = BundleSpecError;
+
+    fn from_str(s: &str) -> Result<Self, BundleSpecError> {
         if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return s.parse().map(BundleSpec::Id).map_err(|e| e.to_string());
+            return Ok(BundleSpec::Id(s.parse()?));
         }
         if s.is_empty() {
-            return Err("empty bundle name".into());
+            return Err(BundleSpecError::Empty);
         }
         Ok(match s.split_once('@') {
             Some((name, version)) => BundleSpec::Name {

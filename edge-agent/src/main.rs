@@ -889,8 +889,7 @@ fn cmd_fetch(args: &FetchArgs) -> Result<ExitCode> {
         }
     }
     let started = std::time::Instant::now();
-    let spec: edge_agent::fetch::BundleSpec =
-        args.bundle_text.parse().map_err(anyhow::Error::msg)?;
+    let spec: edge_agent::fetch::BundleSpec = args.bundle_text.parse()?;
     let report = runtime()?.block_on(edge_agent::fetch::fetch(
         &args.dir,
         &spec,

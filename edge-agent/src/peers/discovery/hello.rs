@@ -33,45 +33,85 @@ pub(super) struct ValidHello {
 }
 
 /// Checks a Hello from `peer`; `remote_ip` completes an unspecified data address.
+/// Why a Hello (or this node's own discovery settings) was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(super) enum HelloError {
+    /// A field that must not be empty is.
+    #[error("{0} is empty")]
+    Empty(&'static str),
+    /// A field longer than [`MAX_FIELD_BYTES`].
+    #[error("{field} is {size_bytes} bytes, more than {MAX_FIELD_BYTES}")]
+    TooLong {
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        size_bytes: usize,
+    },
+    /// A field with control characters.
+    #[error("{0} has control characters")]
+    ControlCharacters(&'static str),
+    /// A node id with characters node ids never have.
+    #[error("node_id {0:?} is not lowercase letters and digits")]
+    BadNodeId(String),
+    /// A data address that does not parse.
+    #[error("data_addr {0:?} is not an address")]
+    BadDataAddr(String),
+    /// A data address with port 0.
+    #[error("data_addr {0} has port 0")]
+    PortZero(SocketAddr),
+    /// A multicast data address.
+    #[error("data_addr {0} is multicast")]
+    Multicast(SocketAddr),
+    /// An unspecified data address with no connection to complete it from.
+    #[error("data_addr {0} is unspecified")]
+    Unspecified(SocketAddr),
+    /// More addresses than [`MAX_HELLO_ADDRS`].
+    #[error("{0} p2p addresses, more than {MAX_HELLO_ADDRS}")]
+    TooManyAddrs(usize),
+    /// A p2p address that does not parse.
+    #[error("p2p address {0:?} is not a multiaddr")]
+    BadP2pAddr(String),
+    /// A p2p address of some other peer.
+    #[error("p2p address {0:?} names another peer")]
+    OtherPeer(String),
+}
+
 pub(super) fn validate_hello(
     hello: &Hello,
     peer: PeerId,
     remote_ip: Option<IpAddr>,
-) -> std::result::Result<ValidHello, String> {
+) -> Result<ValidHello, HelloError> {
     check_field("site", &hello.site)?;
     check_node_id(&hello.node_id)?;
     check_field("data_addr", &hello.data_addr)?;
     let mut data_addr: SocketAddr = hello
         .data_addr
         .parse()
-        .map_err(|_| format!("data_addr {:?} is not an address", hello.data_addr))?;
+        .map_err(|_| HelloError::BadDataAddr(hello.data_addr.clone()))?;
     if data_addr.port() == 0 {
-        return Err(format!("data_addr {data_addr} has port 0"));
+        return Err(HelloError::PortZero(data_addr));
     }
     if data_addr.ip().is_multicast() {
-        return Err(format!("data_addr {data_addr} is multicast"));
+        return Err(HelloError::Multicast(data_addr));
     }
     if data_addr.ip().is_unspecified() {
         match remote_ip {
             Some(ip) => data_addr.set_ip(ip),
-            None => return Err(format!("data_addr {data_addr} is unspecified")),
+            None => return Err(HelloError::Unspecified(data_addr)),
         }
     }
     if hello.p2p_addrs.len() > MAX_HELLO_ADDRS {
-        return Err(format!(
-            "{} p2p addresses, more than {MAX_HELLO_ADDRS}",
-            hello.p2p_addrs.len()
-        ));
+        return Err(HelloError::TooManyAddrs(hello.p2p_addrs.len()));
     }
     let mut p2p_addrs = Vec::new();
     for addr in &hello.p2p_addrs {
         check_field("p2p address", addr)?;
         let parsed: Multiaddr = addr
             .parse()
-            .map_err(|_| format!("p2p address {addr:?} is not a multiaddr"))?;
+            .map_err(|_| HelloError::BadP2pAddr(addr.clone()))?;
         match peer_of(&parsed) {
             Some(p) if p != peer => {
-                return Err(format!("p2p address {addr:?} names another peer"));
+                return Err(HelloError::OtherPeer(addr.clone()));
             }
             _ => {}
         }
@@ -88,32 +128,30 @@ pub(super) fn validate_hello(
     })
 }
 
-pub(super) fn check_field(name: &str, value: &str) -> std::result::Result<(), String> {
+pub(super) fn check_field(name: &'static str, value: &str) -> Result<(), HelloError> {
     if value.is_empty() {
-        return Err(format!("{name} is empty"));
+        return Err(HelloError::Empty(name));
     }
     if value.len() > MAX_FIELD_BYTES {
-        return Err(format!(
-            "{name} is {} bytes, more than {MAX_FIELD_BYTES}",
-            value.len()
-        ));
+        return Err(HelloError::TooLong {
+            field: name,
+            size_bytes: value.len(),
+        });
     }
     if value.chars().any(char::is_control) {
-        return Err(format!("{name} has control characters"));
+        return Err(HelloError::ControlCharacters(name));
     }
     Ok(())
 }
 
-pub(super) fn check_node_id(value: &str) -> std::result::Result<(), String> {
+pub(super) fn check_node_id(value: &str) -> Result<(), HelloError> {
     check_field("node_id", value)?;
     // Node ids print as lowercase base32 (DNSSEC alphabet) or hex: letters and digits only.
     if !value
         .bytes()
         .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
     {
-        return Err(format!(
-            "node_id {value:?} is not lowercase letters and digits"
-        ));
+        return Err(HelloError::BadNodeId(value.to_owned()));
     }
     Ok(())
 }
