@@ -25,7 +25,7 @@ use proto::wire::BundleInfo;
 use proto::BundleKind;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::negotiate::NodeConfig;
+use crate::state::NodeConfig;
 use crate::swap::sim::{recorded_booted_slot, slot_dir};
 use crate::swap::{Platform, SimPlatform, Slot};
 

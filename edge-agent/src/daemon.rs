@@ -5,7 +5,6 @@
 //! negotiates with the origin what to boot ([`crate::negotiate`]); a test run the origin asks
 //! for lives in that area only.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -18,25 +17,23 @@ use proto::mesh::serve::{serve_blob, spans_to_ranges, ServeOptions};
 use proto::mesh::server::{self, RequestHandler};
 use proto::mesh::{names, PeerCounters};
 use proto::metrics::Metrics;
-use proto::net::{server_endpoint, write_frame, PeerIdentity, Role};
+use proto::net::{server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role};
 use proto::wire::{
-    ErrorCode, FetchSummary, Holding, NegotiationOutcome, Request, Response, SitePeer,
+    ErrorCode, FetchSummary, NegotiationOutcome, Request, Response, SitePeer,
     TestRunSummary,
 };
 use quinn::{RecvStream, SendStream};
-use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::fetch::{BundleSpec, Node};
-use crate::negotiate::{self, BundleFetcher, NodeConfig};
-use crate::peers::download::{held_ranges, PeerHave};
+use crate::negotiate::{self, BundleFetcher};
+use crate::peers::download::held_ranges;
+use crate::peers::{self, Announcer, P2pConfig, PeerBoard, Silent};
 use crate::remote_swap::{self, RemoteSwapConfig};
+use crate::state::{self, write_json_atomically, DaemonReady, NodeConfig, DAEMON_FILE};
 
 /// Default cap on uploads to peers served at once.
 pub const DEFAULT_MAX_UPLOADS: usize = 8;
-
-/// Queue of announcements waiting for a download, per download.
-const PEER_QUEUE: usize = 1024;
 
 /// Least time between two progress frames of one `Fetch` answer.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -49,9 +46,6 @@ const NEGOTIATION_RETRY_FIRST: Duration = Duration::from_secs(1);
 
 /// Longest wait between two start-up negotiations.
 const NEGOTIATION_RETRY_MAX: Duration = Duration::from_secs(60);
-
-/// The file in the edge's directory where a running daemon writes its addresses.
-pub const DAEMON_FILE: &str = "daemon.json";
 
 /// How `edge-agent serve` runs.
 #[derive(Clone, Debug)]
@@ -78,76 +72,6 @@ pub struct DaemonConfig {
     pub configured: NodeConfig,
     /// Capture an image when the origin has none and allows it (seed 004); `None` never does.
     pub capture: Option<crate::capture::CaptureSetup>,
-}
-
-/// What a running daemon writes to [`DAEMON_FILE`] (and `--ready-file`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DaemonReady {
-    /// Where it serves peers and takes requests.
-    pub mesh: String,
-    /// Prometheus metrics.
-    pub metrics: String,
-}
-
-/// What the site's peers announced, by bundle, and the downloads listening for more.
-#[derive(Default)]
-pub struct PeerBoard {
-    held: HashMap<(String, String), PeerHave>,
-    listeners: HashMap<String, Vec<mpsc::Sender<PeerHave>>>,
-}
-
-impl PeerBoard {
-    /// Records an announcement for `bundle` and hands it to the downloads of that bundle.
-    pub fn record(&mut self, bundle: &str, have: PeerHave) {
-        if let Some(listeners) = self.listeners.get_mut(bundle) {
-            listeners.retain(|tx| !tx.is_closed());
-            for tx in listeners.iter() {
-                // A full queue drops this one; the peer announces again.
-                let _ = tx.try_send(have.clone());
-            }
-        }
-        self.held
-            .insert((bundle.to_owned(), have.node_id.clone()), have);
-    }
-
-    /// Forgets a peer that left.
-    pub fn forget(&mut self, node_id: &str) {
-        self.held.retain(|(_, node), _| node != node_id);
-    }
-
-    /// A receiver of every announcement for `bundle`: those known now, then new ones.
-    pub fn subscribe(&mut self, bundle: &str) -> mpsc::Receiver<PeerHave> {
-        let (tx, rx) = mpsc::channel(PEER_QUEUE);
-        for ((b, _), have) in &self.held {
-            if b == bundle {
-                let _ = tx.try_send(have.clone());
-            }
-        }
-        self.listeners
-            .entry(bundle.to_owned())
-            .or_default()
-            .push(tx);
-        rx
-    }
-}
-
-/// Where this node's own holdings are announced to the site.
-pub trait Announcer: Send + Sync + 'static {
-    /// This node now holds `pieces` of `bundle` (`complete` when all).
-    fn announce(&self, bundle: &str, pieces: Vec<(u32, u32)>, complete: bool);
-
-    /// What this node holds, as announced (newest bundles first, at most
-    /// [`proto::wire::MAX_HOLDINGS`]); a peer that found this node without the tracker asks.
-    fn holdings(&self) -> Vec<Holding> {
-        Vec::new()
-    }
-}
-
-/// No peers: announcements go nowhere.
-pub struct Silent;
-
-impl Announcer for Silent {
-    fn announce(&self, _bundle: &str, _pieces: Vec<(u32, u32)>, _complete: bool) {}
 }
 
 /// The running daemon.
@@ -262,10 +186,10 @@ impl Daemon {
         self.count_request("fetch");
         let spec: BundleSpec = match bundle.parse() {
             Ok(spec) => spec,
-            Err(message) => {
+            Err(error) => {
                 return Response::Error {
                     code: ErrorCode::BadRequest,
-                    message,
+                    message: error.to_string(),
                 }
             }
         };
@@ -613,7 +537,7 @@ impl Daemon {
     /// unpacks it there and answers where it runs from. Nothing is recorded as installed.
     async fn test_run(&self, id: BundleId, send: &mut SendStream) -> Response {
         self.count_request("test_run");
-        let area = self.dir.join(negotiate::TMP_DIR).join("test-run");
+        let area = self.dir.join(state::TMP_DIR).join("test-run");
         let mut guard = self.test_store.lock().await;
         let store = match guard.as_ref() {
             Some(store) => store.clone(),
@@ -760,6 +684,29 @@ impl RequestHandler for Daemon {
     }
 }
 
+/// Runs `edge-agent serve`; with `config.peers` on, it reports to and learns from the stager's
+/// tracker, and its downloads use the peers it learns of.
+pub async fn serve_with_peers(
+    config: DaemonConfig,
+    p2p: P2pConfig,
+    ready: impl FnOnce(&DaemonReady) -> Result<()> + Send + 'static,
+) -> Result<()> {
+    let board = Arc::new(Mutex::new(PeerBoard::default()));
+    if !config.peers {
+        return serve(config, board, Arc::new(Silent), ready).await;
+    }
+    let identity = NodeIdentity::load(&state::identity_dir(&config.dir))?;
+    let (announcer, addr_tx) =
+        peers::spawn_tracker(identity, config.stagers.clone(), board.clone(), p2p);
+    serve(config, board, announcer, move |info| {
+        if let Ok(addr) = info.mesh.parse::<SocketAddr>() {
+            let _ = addr_tx.send(advertised(addr));
+        }
+        ready(info)
+    })
+    .await
+}
+
 /// Runs `edge-agent serve` until Ctrl-C or SIGTERM. `ready` gets the bound addresses.
 pub async fn serve(
     config: DaemonConfig,
@@ -770,8 +717,8 @@ pub async fn serve(
     if let Some(swap) = &config.swap {
         remote_swap::check_machine(&swap.machine_root)?;
     }
-    if negotiate::purge_tmp(&config.dir)? {
-        tracing::info!(dir = %config.dir.join(negotiate::TMP_DIR).display(), "purged the test-mode area of the last run");
+    if state::purge_tmp(&config.dir)? {
+        tracing::info!(dir = %config.dir.join(state::TMP_DIR).display(), "purged the test-mode area of the last run");
     }
     let metrics = Metrics::new();
     let node = Node::open(&config.dir, &config.stagers, metrics.clone())?;
@@ -889,13 +836,4 @@ pub fn advertised(addr: SocketAddr) -> SocketAddr {
     } else {
         addr
     }
-}
-
-/// Writes `value` as JSON to `path` through a temporary file and a rename.
-pub fn write_json_atomically<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }

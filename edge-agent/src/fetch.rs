@@ -2,7 +2,7 @@
 //! stager, then the origin), verifying every 16 KiB group, into the local store.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -13,22 +13,10 @@ use proto::mesh::fetch::{fetch_manifest, resolve, FetchError};
 use proto::mesh::PeerCounters;
 use proto::metrics::Metrics;
 use proto::net::{client_endpoint, connect, NodeIdentity, Role};
-use proto::store::{Store, StoreOptions};
 use quinn::{Connection, Endpoint};
 
 use crate::peers::download::{Download, PeerHave};
-
-/// The identity directory under an edge's state directory.
-pub fn identity_dir(dir: &Path) -> PathBuf {
-    dir.join("identity")
-}
-
-/// Opens the edge's store.
-pub fn open_store(dir: &Path) -> Result<Store> {
-    let path = dir.join("store");
-    Store::open(&path, StoreOptions::default())
-        .with_context(|| format!("cannot open the store in {}", path.display()))
-}
+use crate::state::{identity_dir, open_store, DaemonReady};
 
 /// What to fetch: a bundle id, or `NAME@VERSION` (or `NAME` for the newest).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,15 +32,26 @@ pub enum BundleSpec {
     },
 }
 
-impl std::str::FromStr for BundleSpec {
-    type Err = String;
+/// Why a bundle spec does not parse.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum BundleSpecError {
+    /// 64 hex digits that are not a bundle id.
+    #[error(transparent)]
+    Id(#[from] proto::hash::ParseHashError),
+    /// Nothing given.
+    #[error("empty bundle name")]
+    Empty,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for BundleSpec {
+    type Err = BundleSpecError;
+
+    fn from_str(s: &str) -> Result<Self, BundleSpecError> {
         if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return s.parse().map(BundleSpec::Id).map_err(|e| e.to_string());
+            return Ok(BundleSpec::Id(s.parse()?));
         }
         if s.is_empty() {
-            return Err("empty bundle name".into());
+            return Err(BundleSpecError::Empty);
         }
         Ok(match s.split_once('@') {
             Some((name, version)) => BundleSpec::Name {
@@ -369,17 +368,11 @@ pub async fn fetch(
     Ok(report)
 }
 
-/// The daemon running for the edge under `dir`, if its address file is there.
-pub fn running_daemon(dir: &Path) -> Option<crate::daemon::DaemonReady> {
-    let text = std::fs::read(dir.join(crate::daemon::DAEMON_FILE)).ok()?;
-    serde_json::from_slice(&text).ok()
-}
-
 /// Asks this edge's daemon to fetch `bundle` and shows its progress. `Ok(None)` when the
 /// daemon does not answer (it left its address file behind when it died).
 pub async fn fetch_via_daemon(
     dir: &Path,
-    daemon: &crate::daemon::DaemonReady,
+    daemon: &DaemonReady,
     bundle: &str,
     show_progress: bool,
 ) -> Result<Option<proto::wire::FetchSummary>> {

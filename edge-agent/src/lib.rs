@@ -6,7 +6,12 @@
 //! `edge-agent serve`, which serves the site's peers and runs fetches and swaps
 //! ([`remote_swap`]) when the origin asks. [`negotiate`] reports the node's inventory and
 //! holdings and asks the origin what to boot; [`capture`] builds, captures and publishes an
-//! image when the origin has none for this node (seed 004).
+//! image when the origin has none for this node (seed 004). [`state`] is the edge's directory
+//! (paths, the operator's configuration, `installed.json`, the running daemon's addresses).
+//!
+//! The modules form layers, each using only those below it: [`state`], [`inventory`] and
+//! [`swap`] at the bottom; then [`peers`]; [`fetch`]; [`negotiate`]; [`capture`] and
+//! [`remote_swap`]; and [`daemon`] at the top, which composes them.
 
 pub mod capture;
 pub mod daemon;
@@ -15,4 +20,5 @@ pub mod inventory;
 pub mod negotiate;
 pub mod peers;
 pub mod remote_swap;
+pub mod state;
 pub mod swap;

@@ -161,10 +161,10 @@ struct NodeFacts {
 }
 
 impl NodeFacts {
-    fn config(&self, dir: &Path) -> Result<edge_agent::negotiate::NodeConfig> {
-        edge_agent::negotiate::NodeConfig::load_with(
+    fn config(&self, dir: &Path) -> Result<edge_agent::state::NodeConfig> {
+        edge_agent::state::NodeConfig::load_with(
             dir,
-            edge_agent::negotiate::NodeConfig {
+            edge_agent::state::NodeConfig {
                 role: self.role.clone(),
                 class: self.class.clone(),
                 features: self.features.clone(),
@@ -443,7 +443,7 @@ fn run(command: Command) -> Result<ExitCode> {
 
 fn cmd_capture(args: &CaptureArgs) -> Result<ExitCode> {
     let config = args.facts.config(&args.dir)?;
-    let identity = proto::net::NodeIdentity::load(&edge_agent::fetch::identity_dir(&args.dir))
+    let identity = proto::net::NodeIdentity::load(&edge_agent::state::identity_dir(&args.dir))
         .with_context(|| format!("{} holds no enrolled edge", args.dir.display()))?;
     let options = edge_agent::capture::CaptureOptions {
         machine_root: args.machine_root.clone(),
@@ -620,7 +620,7 @@ fn cmd_sim_provision(args: &SimProvisionArgs) -> Result<ExitCode> {
         (Some(store), _) => store.clone(),
         (None, Some(edge_dir)) => {
             let identity =
-                proto::net::NodeIdentity::load(&edge_agent::fetch::identity_dir(edge_dir))
+                proto::net::NodeIdentity::load(&edge_agent::state::identity_dir(edge_dir))
                     .with_context(|| format!("{} holds no enrolled edge", edge_dir.display()))?;
             trusted.push(*identity.publisher_key());
             edge_dir.join("store")
@@ -701,7 +701,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn cmd_enroll(args: &EnrollArgs) -> Result<ExitCode> {
     let token = proto::net::EnrollToken::parse(&args.token)?;
-    let dir = edge_agent::fetch::identity_dir(&args.dir);
+    let dir = edge_agent::state::identity_dir(&args.dir);
     let runtime = runtime()?;
     let identity = runtime.block_on(proto::net::enroll(&token, &dir))?;
     println!(
@@ -747,7 +747,7 @@ fn cmd_negotiate(args: &NegotiateArgs) -> Result<ExitCode> {
     let config = args.facts.config(&args.dir)?;
     let capture = args.capture.setup(args.machine_root.as_deref())?;
     let runtime = runtime()?;
-    let outcome = match edge_agent::fetch::running_daemon(&args.dir) {
+    let outcome = match edge_agent::state::running_daemon(&args.dir) {
         Some(daemon) => {
             tracing::info!(daemon = %daemon.mesh, "this edge's daemon runs; it negotiates");
             runtime.block_on(negotiate_via_daemon(&args.dir, &daemon))?
@@ -795,10 +795,10 @@ fn cmd_negotiate(args: &NegotiateArgs) -> Result<ExitCode> {
 
 async fn negotiate_via_daemon(
     dir: &Path,
-    daemon: &edge_agent::daemon::DaemonReady,
+    daemon: &edge_agent::state::DaemonReady,
 ) -> Result<proto::wire::NegotiationOutcome> {
     use proto::wire::{Request, Response};
-    let identity = proto::net::NodeIdentity::load(&edge_agent::fetch::identity_dir(dir))?;
+    let identity = proto::net::NodeIdentity::load(&edge_agent::state::identity_dir(dir))?;
     let addr: std::net::SocketAddr = daemon
         .mesh
         .parse()
@@ -850,12 +850,12 @@ fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
         listen: args.p2p_listen,
         mdns: args.mdns,
     };
-    runtime()?.block_on(edge_agent::peers::serve_with_peers(
+    runtime()?.block_on(edge_agent::daemon::serve_with_peers(
         config,
         p2p,
         move |ready| {
             if let Some(path) = &ready_file {
-                edge_agent::daemon::write_json_atomically(path, ready)?;
+                edge_agent::state::write_json_atomically(path, ready)?;
             }
             Ok(())
         },
@@ -864,7 +864,7 @@ fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
 }
 
 fn cmd_fetch(args: &FetchArgs) -> Result<ExitCode> {
-    if let Some(daemon) = edge_agent::fetch::running_daemon(&args.dir) {
+    if let Some(daemon) = edge_agent::state::running_daemon(&args.dir) {
         if args.to.is_some() {
             bail!("this edge's daemon holds the store; stop it to unpack with --to, or unpack after it stops");
         }
@@ -889,8 +889,7 @@ fn cmd_fetch(args: &FetchArgs) -> Result<ExitCode> {
         }
     }
     let started = std::time::Instant::now();
-    let spec: edge_agent::fetch::BundleSpec =
-        args.bundle_text.parse().map_err(anyhow::Error::msg)?;
+    let spec: edge_agent::fetch::BundleSpec = args.bundle_text.parse()?;
     let report = runtime()?.block_on(edge_agent::fetch::fetch(
         &args.dir,
         &spec,

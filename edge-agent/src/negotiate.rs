@@ -4,14 +4,14 @@
 //! (with the role, class and features its operator configured), the bundles it has installed
 //! and holds, and its daemon's address. At start it also negotiates: the origin answers "boot as
 //! you are", the bundles to fetch, or "no image". The edge fetches only the bundles that differ
-//! (through the normal verified fetch path), records them as installed in [`INSTALLED_FILE`],
+//! (through the normal verified fetch path), records them as installed in [`INSTALLED_FILE`](crate::state::INSTALLED_FILE),
 //! and reports again.
 //!
 //! Reports go to the site's stagers in order (a stager passes them on with the edge's id from
 //! its certificate) and to the origin directly when no stager answers.
 //!
-//! Test mode keeps its bundles under [`TMP_DIR`], which every start purges, and never in
-//! [`INSTALLED_FILE`].
+//! Test mode keeps its bundles under [`TMP_DIR`](crate::state::TMP_DIR), which every start
+//! purges, and never in [`INSTALLED_FILE`](crate::state::INSTALLED_FILE).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,109 +25,10 @@ use proto::wire::{
     BootPlan, FetchSummary, NegotiationOutcome, NodeBundle, NodeReport, ReportEvent, Request,
     Response, MAX_FRAME_BYTES, MAX_NODE_BUNDLES,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::fetch::{BundleSpec, Node};
 use crate::inventory::{self, Configured};
-
-/// What the operator configured for this node, kept in the edge's directory.
-pub const CONFIG_FILE: &str = "node.json";
-
-/// The bundles this node has installed (what it boots with).
-pub const INSTALLED_FILE: &str = "installed.json";
-
-/// Temporary area (test mode); purged at every start.
-pub const TMP_DIR: &str = "tmp";
-
-/// What an operator configured: the role, class and features reported with the inventory,
-/// and where `/proc` and `/sys` are read (`/` on a real machine).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct NodeConfig {
-    /// Role, e.g. `web`.
-    pub role: Option<String>,
-    /// Class, e.g. `edge-cache`.
-    pub class: Option<String>,
-    /// Features the node asks for (seed 002).
-    pub features: Vec<String>,
-    /// Root of `/proc` and `/sys` (default `/`).
-    pub inventory_root: Option<PathBuf>,
-}
-
-impl NodeConfig {
-    /// The configuration saved under `dir` (the default when none is).
-    pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(CONFIG_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is malformed; fix or remove it", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-        }
-    }
-
-    /// The saved configuration with what was given on the command line on top; saved back
-    /// when anything was given, so later starts report the same.
-    pub fn load_with(dir: &Path, given: NodeConfig) -> Result<Self> {
-        let mut config = Self::load(dir)?;
-        let mut changed = false;
-        if given.role.is_some() {
-            config.role = given.role;
-            changed = true;
-        }
-        if given.class.is_some() {
-            config.class = given.class;
-            changed = true;
-        }
-        if !given.features.is_empty() {
-            config.features = given.features;
-            changed = true;
-        }
-        if given.inventory_root.is_some() {
-            config.inventory_root = given.inventory_root;
-            changed = true;
-        }
-        if changed {
-            crate::daemon::write_json_atomically(&dir.join(CONFIG_FILE), &config)?;
-        }
-        Ok(config)
-    }
-}
-
-/// The installed bundles recorded under `dir`.
-pub fn load_installed(dir: &Path) -> Result<Vec<NodeBundle>> {
-    let path = dir.join(INSTALLED_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .with_context(|| format!("{} is malformed; fix or remove it", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
-}
-
-/// Records `installed` under `dir` (written whole, then renamed, then the directory synced).
-pub fn save_installed(dir: &Path, installed: &[NodeBundle]) -> Result<()> {
-    let path = dir.join(INSTALLED_FILE);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(installed)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// Removes the temporary area (test mode) under `dir`; returns true when there was one.
-pub fn purge_tmp(dir: &Path) -> Result<bool> {
-    let tmp = dir.join(TMP_DIR);
-    match std::fs::remove_dir_all(&tmp) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e).with_context(|| format!("cannot purge {}", tmp.display())),
-    }
-}
+use crate::state::{load_installed, save_installed, NodeConfig};
 
 /// This node's inventory facts, with what its operator configured and its site.
 pub fn collect_inventory(
@@ -409,45 +310,4 @@ fn names(bundles: &[NodeBundle]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn installed_bundles_and_configuration_round_trip() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        assert!(load_installed(dir.path()).expect("none").is_empty());
-        let list = vec![NodeBundle {
-            name: "os".into(),
-            version: "1".into(),
-            id: proto::BlobHash::of(b"os"),
-        }];
-        save_installed(dir.path(), &list).expect("save");
-        assert_eq!(load_installed(dir.path()).expect("load"), list);
-
-        let given = NodeConfig {
-            role: Some("web".into()),
-            ..NodeConfig::default()
-        };
-        let config = NodeConfig::load_with(dir.path(), given).expect("config");
-        assert_eq!(config.role.as_deref(), Some("web"));
-        // A later start without flags keeps it; a flag replaces one field only.
-        let later = NodeConfig::load_with(
-            dir.path(),
-            NodeConfig {
-                class: Some("canary".into()),
-                ..NodeConfig::default()
-            },
-        )
-        .expect("later");
-        assert_eq!(later.role.as_deref(), Some("web"));
-        assert_eq!(later.class.as_deref(), Some("canary"));
-
-        std::fs::create_dir_all(dir.path().join(TMP_DIR).join("x")).expect("tmp");
-        assert!(purge_tmp(dir.path()).expect("purge"));
-        assert!(!dir.path().join(TMP_DIR).exists());
-        assert!(!purge_tmp(dir.path()).expect("again"));
-    }
 }

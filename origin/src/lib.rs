@@ -6,9 +6,10 @@
 //! - [`server`]: `origin serve` (mesh and enrollment endpoints).
 //! - [`publish`]: `origin publish` (pack, upload, publish).
 //! - [`remote`]: `origin swap` (commands to edge daemons over mutual TLS).
-//! - [`policy`], [`rollout`]: which bundle a node should run, and waves of a rollout;
-//!   [`rollout_run`]: drives a rollout through the fleet (offers, reports, pause/resume/abort);
-//!   [`rollouts`]: `origin rollout ...`, server side (remote swaps, saved in `rollout.json`).
+//! - [`policy`]: which bundle a node should run.
+//! - [`rollout`]: canary-first rollouts: the pure [`rollout::plan`] (waves, halt rules), the
+//!   [`rollout::driver`] that carries one out through a fleet, and the [`rollout::service`]
+//!   behind `origin rollout ...` (remote swaps, saved in `rollout.json`).
 //! - [`db`]: the control plane's RocksDB (nodes, packages, classes, overrides, policy, audit).
 //! - [`control`]: node reports, boot negotiation ([`negotiate`]) and the operator's commands,
 //!   server side; [`admin`]: the same commands, client side; [`policy_file`]: the TOML policy.
@@ -24,7 +25,5 @@ pub mod policy_file;
 pub mod publish;
 pub mod remote;
 pub mod rollout;
-pub mod rollout_run;
-pub mod rollouts;
 pub mod server;
 pub mod tokens;

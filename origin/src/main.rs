@@ -1,18 +1,21 @@
-//! `origin`: create a mesh, enroll nodes, publish bundles, serve them.
+//! `origin`: create a mesh, enroll nodes, publish bundles, serve them. This file parses the
+//! command line and dispatches to [`cmd`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use origin::admin;
 use origin::home::{OriginHome, DEFAULT_ENROLL_LISTEN, DEFAULT_LISTEN};
 use origin::server::{self, ServeConfig};
-use proto::manifest::{Dependency, Selector};
-use proto::net::{client_endpoint, connect, EnrollToken, Role, Site};
-use proto::pack::PackOptions;
+use proto::net::Role;
 use proto::wire::ControlCommand;
 use proto::BundleKind;
+
+mod cmd;
+
+use cmd::bundles::{parse_dep, parse_pair, PublishArgs};
+use cmd::control::{ClassCommand, OverrideCommand, PolicyCommand, RolloutCommand};
 
 #[derive(Parser)]
 #[command(
@@ -150,99 +153,6 @@ enum Command {
     },
 }
 
-#[derive(Subcommand)]
-enum RolloutCommand {
-    /// Start a rollout (one at a time).
-    Start {
-        /// The OS to install: NAME@VERSION, NAME (the newest) or a bundle id.
-        bundle: String,
-        /// Which nodes: `all`, or KEY=VALUE[,KEY=VALUE] with keys site, class, role, node.
-        #[arg(long = "to")]
-        selector: String,
-        /// The rescue OS every swap keeps in its spare slot.
-        #[arg(long)]
-        rescue: String,
-        /// Failures tolerated outside canary waves before the rollout halts.
-        #[arg(long, default_value_t = 0)]
-        max_failures: u32,
-        /// Offer the bundle to nodes that run a newer version too.
-        #[arg(long)]
-        downgrade: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Where the rollout stands: every wave, every node, and why it halted.
-    Status {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Start no new wave until resumed (swaps already started finish).
-    Pause,
-    /// Continue a paused rollout.
-    Resume,
-    /// Halt the rollout for good (swaps already started finish).
-    Abort,
-}
-
-#[derive(Subcommand)]
-enum PolicyCommand {
-    /// Replace the policy with a TOML file (rules, precedence, features); audited.
-    Load {
-        /// The policy file.
-        file: PathBuf,
-    },
-    /// Resolve every node and list every conflict; exits non-zero if any node does not resolve.
-    Check {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum ClassCommand {
-    /// Put NODE in CLASS (outranks the class the node reports).
-    Set {
-        /// Node id (or a unique prefix).
-        node: String,
-        /// The class.
-        class: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum OverrideCommand {
-    /// Pin NAME@VERSION on NODE.
-    Set {
-        /// Node id (or a unique prefix).
-        node: String,
-        /// NAME@VERSION.
-        bundle: String,
-    },
-    /// Remove NODE's overrides (all, or of one bundle name).
-    Clear {
-        /// Node id (or a unique prefix).
-        node: String,
-        /// Only this bundle name.
-        #[arg(long)]
-        name: Option<String>,
-    },
-}
-
-fn parse_pair(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
-}
-
-fn parse_dep(s: &str) -> Result<(String, String), String> {
-    s.split_once('@')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("expected NAME@VERSION, got {s:?}"))
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -254,11 +164,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let home = OriginHome::new(&cli.dir);
     match cli.command {
-        Command::Init => {
-            home.init()?;
-            println!("origin initialised in {}", home.dir().display());
-            println!("next: origin serve --dir {}", home.dir().display());
-        }
+        Command::Init => cmd::setup::init(&home),
         Command::Serve {
             listen,
             enroll_listen,
@@ -274,22 +180,9 @@ async fn main() -> Result<()> {
                     ready_file,
                 },
             )
-            .await?
+            .await
         }
-        Command::Enroll { role, site } => {
-            if !matches!(role, Role::Stager | Role::Edge) {
-                anyhow::bail!("only stager and edge nodes enroll with tokens");
-            }
-            let site = Site::new(site)?;
-            let addrs = home.serve_addrs()?;
-            let enroll_addr: SocketAddr = addrs.enroll.parse().context("bad enroll address")?;
-            let identity = home.origin_identity()?;
-            let fingerprint = proto::net::cert_fingerprint(identity.cert_der());
-            let token = EnrollToken::new(enroll_addr, fingerprint, role, site.clone());
-            origin::tokens::record(&home.tokens_dir(), &token.secret, role, &site)?;
-            println!("{}", token.encode());
-            eprintln!("one-time token for a {role} in site {site}; valid 24 h");
-        }
+        Command::Enroll { role, site } => cmd::setup::enroll(&home, role, site),
         Command::Publish {
             path,
             name,
@@ -299,180 +192,48 @@ async fn main() -> Result<()> {
             dependencies,
             no_progress,
         } => {
-            let mut options = PackOptions::new(name, version, kind);
-            options.selectors = selectors
-                .into_iter()
-                .map(|(key, value)| Selector { key, value })
-                .collect();
-            options.dependencies = dependencies
-                .into_iter()
-                .map(|(name, version)| Dependency { name, version })
-                .collect();
-            let info = origin::publish::publish(&home, &path, options, !no_progress).await?;
-            println!(
-                "bundle {} {}@{} ({} chunks, {} bytes stored, {} bytes raw, seq {})",
-                info.id,
-                info.name,
-                info.version,
-                info.chunk_count,
-                info.stored_bytes,
-                info.raw_bytes,
-                info.seq
-            );
+            let args = PublishArgs {
+                path: &path,
+                name,
+                version,
+                kind,
+                selectors,
+                dependencies,
+                progress: !no_progress,
+            };
+            cmd::bundles::publish(&home, args).await
         }
-        Command::Bundles => {
-            let identity = home.publisher_identity()?;
-            let endpoint = client_endpoint(&identity)?;
-            let conn = connect(&endpoint, home.mesh_addr()?).await?;
-            let list = proto::mesh::fetch::list_bundles(&conn).await?;
-            println!(
-                "{:<4} {:<24} {:<12} {:<10} {:>12} {:>12}  id",
-                "seq", "name", "version", "kind", "stored", "raw"
-            );
-            for b in list {
-                println!(
-                    "{:<4} {:<24} {:<12} {:<10} {:>12} {:>12}  {}",
-                    b.seq,
-                    b.name,
-                    b.version,
-                    b.kind.to_string(),
-                    b.stored_bytes,
-                    b.raw_bytes,
-                    b.id
-                );
-            }
-        }
+        Command::Bundles => cmd::bundles::list(&home).await,
         Command::Swap {
             target,
             rescue,
             edges,
             no_progress,
-        } => {
-            let target = origin::remote::resolve_bundle(&home, &target).await?;
-            let rescue = origin::remote::resolve_bundle(&home, &rescue).await?;
-            let identity = home.origin_identity()?;
-            let results =
-                origin::remote::swap_edges(&identity, &edges, target, rescue, !no_progress).await?;
-            let mut failed = 0;
-            for r in &results {
-                match &r.result {
-                    Ok((outcome, None)) => println!("{}  {outcome}", r.edge),
-                    Ok((outcome, Some(why))) => println!("{}  {outcome}: {why}", r.edge),
-                    Err(e) => println!("{}  error: {e}", r.edge),
-                }
-                if !r.succeeded() {
-                    failed += 1;
-                }
-            }
-            if failed > 0 {
-                anyhow::bail!(
-                    "{failed} of {} edges did not end on the new OS",
-                    results.len()
-                );
-            }
-        }
-        Command::Policy {
-            command: PolicyCommand::Load { file },
-        } => {
-            let toml = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read the policy file {}", file.display()))?;
-            let source = file.display().to_string();
-            let reply = admin::run(&home, ControlCommand::PolicyLoad { source, toml }).await?;
-            admin::print(&reply, false, "the policy was not loaded")?;
-        }
-        Command::Policy {
-            command: PolicyCommand::Check { json },
-        } => {
-            let reply = admin::run(&home, ControlCommand::PolicyCheck).await?;
-            admin::print(
-                &reply,
-                json,
-                "the policy does not resolve every node (conflicts or errors above)",
-            )?;
-        }
+        } => cmd::swap::swap(&home, &target, &rescue, &edges, !no_progress).await,
+        Command::Policy { command } => cmd::control::policy(&home, command).await,
         Command::Nodes { json } => {
-            let reply = admin::run(&home, ControlCommand::Nodes).await?;
-            admin::print(&reply, json, "cannot list the nodes")?;
+            cmd::control::run(&home, ControlCommand::Nodes, json, "cannot list the nodes").await
         }
-        Command::Class {
-            command: ClassCommand::Set { node, class },
-        } => {
-            let reply = admin::run(&home, ControlCommand::ClassSet { node, class }).await?;
-            admin::print(&reply, false, "the class was not set")?;
-        }
-        Command::Override {
-            command: OverrideCommand::Set { node, bundle },
-        } => {
-            let reply = admin::run(&home, ControlCommand::OverrideSet { node, bundle }).await?;
-            admin::print(&reply, false, "the override was not set")?;
-        }
-        Command::Override {
-            command: OverrideCommand::Clear { node, name },
-        } => {
-            let reply = admin::run(&home, ControlCommand::OverrideClear { node, name }).await?;
-            admin::print(&reply, false, "the override was not cleared")?;
-        }
+        Command::Class { command } => cmd::control::class(&home, command).await,
+        Command::Override { command } => cmd::control::override_(&home, command).await,
         Command::Audit { limit, json } => {
-            let reply = admin::run(&home, ControlCommand::Audit { limit }).await?;
-            admin::print(&reply, json, "cannot read the audit log")?;
+            cmd::control::run(
+                &home,
+                ControlCommand::Audit { limit },
+                json,
+                "cannot read the audit log",
+            )
+            .await
         }
         Command::TestRun { node, bundle } => {
-            let reply = admin::run(&home, ControlCommand::TestRun { node, bundle }).await?;
-            admin::print(&reply, false, "the test run did not start")?;
+            cmd::control::run(
+                &home,
+                ControlCommand::TestRun { node, bundle },
+                false,
+                "the test run did not start",
+            )
+            .await
         }
-        Command::Rollout { command } => {
-            use proto::wire::RolloutAction;
-            let (command, json, failure) = match command {
-                RolloutCommand::Start {
-                    bundle,
-                    selector,
-                    rescue,
-                    max_failures,
-                    downgrade,
-                    json,
-                } => (
-                    ControlCommand::RolloutStart {
-                        bundle,
-                        rescue,
-                        selector,
-                        max_failures,
-                        downgrade,
-                    },
-                    json,
-                    "the rollout did not start",
-                ),
-                RolloutCommand::Status { json } => (
-                    ControlCommand::Rollout {
-                        action: RolloutAction::Status,
-                    },
-                    json,
-                    "no rollout status",
-                ),
-                RolloutCommand::Pause => (
-                    ControlCommand::Rollout {
-                        action: RolloutAction::Pause,
-                    },
-                    false,
-                    "cannot pause the rollout",
-                ),
-                RolloutCommand::Resume => (
-                    ControlCommand::Rollout {
-                        action: RolloutAction::Resume,
-                    },
-                    false,
-                    "cannot resume the rollout",
-                ),
-                RolloutCommand::Abort => (
-                    ControlCommand::Rollout {
-                        action: RolloutAction::Abort,
-                    },
-                    false,
-                    "cannot abort the rollout",
-                ),
-            };
-            let reply = admin::run(&home, command).await?;
-            admin::print(&reply, json, failure)?;
-        }
+        Command::Rollout { command } => cmd::control::rollout(&home, command).await,
     }
-    Ok(())
 }

@@ -25,12 +25,86 @@ use serde::Deserialize;
 
 use crate::db::PolicyDoc;
 use crate::policy::{
-    BundleRef, CaptureConfig, Constraint, Matcher, MatcherKind, PolicyStore, Requirement, Rule,
-    DEFAULT_CAPTURE_NAME, DEFAULT_PRECEDENCE,
+    BundleRef, CaptureConfig, Constraint, Matcher, MatcherKind, PolicyError, PolicyStore,
+    Requirement, RequirementError, Rule, DEFAULT_CAPTURE_NAME, DEFAULT_PRECEDENCE,
 };
 
 /// Largest policy file, in bytes.
 pub const MAX_POLICY_FILE_BYTES: usize = proto::wire::MAX_DOCUMENT_BYTES;
+
+/// Why a policy file was refused; every message starts with the file's name.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyFileError {
+    /// Larger than [`MAX_POLICY_FILE_BYTES`].
+    #[error("{file} is {size_bytes} bytes, more than the bound of {MAX_POLICY_FILE_BYTES}")]
+    TooLarge {
+        /// The file's name.
+        file: String,
+        /// Its size.
+        size_bytes: usize,
+    },
+    /// Not TOML, or keys the file may not have.
+    #[error("{file}: {error}")]
+    Toml {
+        /// The file's name.
+        file: String,
+        /// What the TOML parser said.
+        error: toml::de::Error,
+    },
+    /// A rule with no matcher, or more than one.
+    #[error("{file}: rule `{rule}` must match exactly one of node, class, role, model, manufacturer, subnet (it has {found})")]
+    MatcherCount {
+        /// The file's name.
+        file: String,
+        /// The rule's id.
+        rule: String,
+        /// How many matchers it has.
+        found: usize,
+    },
+    /// A rule's bundle that is not `NAME@VERSION`.
+    #[error("{file}: rule `{rule}`: {error}")]
+    RuleBundle {
+        /// The file's name.
+        file: String,
+        /// The rule's id.
+        rule: String,
+        /// What is wrong with the bundle.
+        error: ExactBundleError,
+    },
+    /// A `[capture]` name that is not a bundle name.
+    #[error("{file}: [capture] name `{name}` must be a bundle name (not empty, no `@`, at most {max} bytes)", max = proto::wire::MAX_NAME_BYTES)]
+    CaptureName {
+        /// The file's name.
+        file: String,
+        /// The name given.
+        name: String,
+    },
+    /// An empty string among the `[capture]` classes.
+    #[error("{file}: [capture] classes must not be empty strings")]
+    EmptyCaptureClass {
+        /// The file's name.
+        file: String,
+    },
+    /// The rules parse but do not make a valid policy.
+    #[error("{file}: {error}")]
+    Invalid {
+        /// The file's name.
+        file: String,
+        /// Why the policy is invalid.
+        error: PolicyError,
+    },
+}
+
+/// Why a bundle is not an exact `NAME@VERSION`.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExactBundleError {
+    /// Not a requirement at all.
+    #[error(transparent)]
+    Requirement(#[from] RequirementError),
+    /// A requirement, but not of one exact version.
+    #[error("`{0}` must name an exact version: write NAME@VERSION")]
+    NotExact(String),
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,14 +138,17 @@ struct RuleEntry {
 }
 
 /// Parses and checks a policy file; `source` names it in errors and in the result.
-pub fn parse(source: &str, text: &str) -> Result<PolicyDoc, String> {
+pub fn parse(source: &str, text: &str) -> Result<PolicyDoc, PolicyFileError> {
     if text.len() > MAX_POLICY_FILE_BYTES {
-        return Err(format!(
-            "{source} is {} bytes, more than the bound of {MAX_POLICY_FILE_BYTES}",
-            text.len()
-        ));
+        return Err(PolicyFileError::TooLarge {
+            file: source.to_owned(),
+            size_bytes: text.len(),
+        });
     }
-    let file: File = toml::from_str(text).map_err(|e| format!("{source}: {e}"))?;
+    let file: File = toml::from_str(text).map_err(|error| PolicyFileError::Toml {
+        file: source.to_owned(),
+        error,
+    })?;
     let mut rules = Vec::with_capacity(file.rule.len());
     for entry in file.rule {
         let matchers: Vec<Matcher> = [
@@ -88,18 +165,21 @@ pub fn parse(source: &str, text: &str) -> Result<PolicyDoc, String> {
         let matcher = match <[Matcher; 1]>::try_from(matchers) {
             Ok([matcher]) => matcher,
             Err(found) => {
-                return Err(format!(
-                    "{source}: rule `{}` must match exactly one of node, class, role, model, manufacturer, subnet (it has {})",
-                    entry.id,
-                    found.len()
-                ))
+                return Err(PolicyFileError::MatcherCount {
+                    file: source.to_owned(),
+                    rule: entry.id,
+                    found: found.len(),
+                })
             }
         };
         let mut bundles = Vec::with_capacity(entry.bundles.len());
         for text in &entry.bundles {
             bundles.push(
-                exact_bundle(text)
-                    .map_err(|why| format!("{source}: rule `{}`: {why}", entry.id))?,
+                exact_bundle(text).map_err(|error| PolicyFileError::RuleBundle {
+                    file: source.to_owned(),
+                    rule: entry.id.clone(),
+                    error,
+                })?,
             );
         }
         rules.push(Rule {
@@ -115,15 +195,15 @@ pub fn parse(source: &str, text: &str) -> Result<PolicyDoc, String> {
                 .name
                 .unwrap_or_else(|| DEFAULT_CAPTURE_NAME.to_owned());
             if name.is_empty() || name.len() > proto::wire::MAX_NAME_BYTES || name.contains('@') {
-                return Err(format!(
-                    "{source}: [capture] name `{name}` must be a bundle name (not empty, no `@`, at most {} bytes)",
-                    proto::wire::MAX_NAME_BYTES
-                ));
+                return Err(PolicyFileError::CaptureName {
+                    file: source.to_owned(),
+                    name,
+                });
             }
             if entry.classes.iter().any(String::is_empty) {
-                return Err(format!(
-                    "{source}: [capture] classes must not be empty strings"
-                ));
+                return Err(PolicyFileError::EmptyCaptureClass {
+                    file: source.to_owned(),
+                });
             }
             Some(CaptureConfig {
                 classes: entry.classes,
@@ -146,18 +226,19 @@ pub fn parse(source: &str, text: &str) -> Result<PolicyDoc, String> {
         features: doc.features.clone(),
         packages: BTreeMap::new(),
     };
-    store.validate().map_err(|e| format!("{source}: {e}"))?;
+    store.validate().map_err(|error| PolicyFileError::Invalid {
+        file: source.to_owned(),
+        error,
+    })?;
     Ok(doc)
 }
 
 /// Parses `NAME@VERSION` (an exact version).
-pub fn exact_bundle(text: &str) -> Result<BundleRef, String> {
-    let requirement: Requirement = text.parse().map_err(|e| format!("{e}"))?;
+pub fn exact_bundle(text: &str) -> Result<BundleRef, ExactBundleError> {
+    let requirement: Requirement = text.parse()?;
     match requirement.constraint {
         Constraint::Exact(version) => Ok(BundleRef::new(requirement.name, version)),
-        _ => Err(format!(
-            "`{text}` must name an exact version: write NAME@VERSION"
-        )),
+        _ => Err(ExactBundleError::NotExact(text.to_owned())),
     }
 }
 
@@ -205,7 +286,8 @@ monitoring = ["agent>=1.0"]
             "p.toml",
             "[capture]\nclasses = [\"lab\"]\nname = \"os@1\"\n",
         )
-        .expect_err("bad name");
+        .expect_err("bad name")
+        .to_string();
         assert!(bad.contains("[capture] name"), "{bad}");
     }
 
@@ -215,21 +297,26 @@ monitoring = ["agent>=1.0"]
             "p.toml",
             "[[rule]]\nid = \"x\"\nrole = \"a\"\nclass = \"b\"\nbundles = [\"os@1\"]\n",
         )
-        .expect_err("two matchers");
+        .expect_err("two matchers")
+        .to_string();
         assert!(two.contains("exactly one of"), "{two}");
         let loose = parse(
             "p.toml",
             "[[rule]]\nid = \"x\"\nrole = \"a\"\nbundles = [\"os\"]\n",
         )
-        .expect_err("no version");
+        .expect_err("no version")
+        .to_string();
         assert!(loose.contains("exact version"), "{loose}");
         let dup = parse(
             "p.toml",
             "[[rule]]\nid = \"x\"\nrole = \"a\"\nbundles = [\"os@1\"]\n[[rule]]\nid = \"x\"\nrole = \"b\"\nbundles = [\"os@1\"]\n",
         )
-        .expect_err("duplicate id");
+        .expect_err("duplicate id")
+        .to_string();
         assert!(dup.contains("`x`"), "{dup}");
-        let unknown = parse("p.toml", "packages = 1\n").expect_err("unknown key");
+        let unknown = parse("p.toml", "packages = 1\n")
+            .expect_err("unknown key")
+            .to_string();
         assert!(unknown.contains("packages"), "{unknown}");
     }
 }

@@ -122,9 +122,9 @@ impl Origin {
                         tracing::info!(bundle = %info.id, name = %info.name, version = %info.version, seq = info.seq, "published");
                         Response::Resolved(info)
                     }
-                    Err(message) => Response::Error {
+                    Err(error) => Response::Error {
                         code: ErrorCode::BadRequest,
-                        message,
+                        message: error.to_string(),
                     },
                 }
             }
@@ -250,24 +250,20 @@ impl Origin {
         &self,
         peer: &PeerIdentity,
         signed: proto::SignedManifest,
-    ) -> std::result::Result<BundleInfo, String> {
-        let manifest = signed
-            .verify(&[self.publisher_key])
-            .map_err(|e| e.to_string())?;
+    ) -> std::result::Result<BundleInfo, PublishError> {
+        let manifest = signed.verify(&[self.publisher_key])?;
         let missing = manifest
             .chunks
             .iter()
             .filter(|c| !self.store.has_blob(&c.hash))
             .count();
         if missing > 0 {
-            return Err(format!("{missing} chunks of the bundle were not uploaded"));
+            return Err(PublishError::NotUploaded(missing));
         }
         let id = signed.id();
-        tokio::task::block_in_place(|| -> std::result::Result<(), String> {
-            bundles::pin_bundle(&self.store, &id, &manifest).map_err(|e| e.to_string())?;
-            self.store
-                .put_manifest(&signed)
-                .map_err(|e| e.to_string())?;
+        tokio::task::block_in_place(|| -> std::result::Result<(), PublishError> {
+            bundles::pin_bundle(&self.store, &id, &manifest)?;
+            self.store.put_manifest(&signed)?;
             Ok(())
         })?;
         let info = BundleInfo {
@@ -280,12 +276,12 @@ impl Origin {
             raw_bytes: manifest.total_raw_bytes,
             seq: 0,
         };
-        let info = self.catalog.append(info).map_err(|e| e.to_string())?;
+        let info = self.catalog.append(info).map_err(PublishError::Catalog)?;
         tokio::task::block_in_place(|| {
             self.control
                 .record_package(&info, &manifest, peer, "package.publish")
         })
-        .map_err(|e| format!("published, but the package table was not updated: {e}"))?;
+        .map_err(PublishError::PackageTable)?;
         set_newest_bundle_gauges(&self.metrics, &info);
         // No subscriber is fine: they catch up from the catalog when they connect.
         let _ = self.announcements.send(info.clone());
@@ -428,6 +424,26 @@ fn not_found(message: String) -> Response {
     }
 }
 
+/// Why a publish was refused or did not complete.
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    /// The manifest does not verify against the publisher's key.
+    #[error(transparent)]
+    Manifest(#[from] proto::manifest::ManifestError),
+    /// Chunks the manifest names are not in the store.
+    #[error("{0} chunks of the bundle were not uploaded")]
+    NotUploaded(usize),
+    /// The store cannot pin the bundle or keep its manifest.
+    #[error(transparent)]
+    Store(#[from] proto::store::StoreError),
+    /// The catalog cannot record it.
+    #[error("{0}")]
+    Catalog(anyhow::Error),
+    /// Published, but the control plane did not record the package.
+    #[error("published, but the package table was not updated: {0}")]
+    PackageTable(crate::db::DbError),
+}
+
 fn internal(error: impl std::fmt::Display) -> Response {
     tracing::error!(%error, "request failed");
     Response::Error {
@@ -519,7 +535,8 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         let enrolled = enrolled.clone();
         async move {
             let (role, site) =
-                tokens::consume(&tokens_dir, &request.secret).map_err(EnrollDenied::forbidden)?;
+                tokens::consume(&tokens_dir, &request.secret)
+                    .map_err(|e| EnrollDenied::forbidden(e.to_string()))?;
             let grant = EnrollGrant::issue(
                 &ca,
                 &request.csr_pem,

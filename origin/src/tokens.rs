@@ -43,24 +43,42 @@ pub fn record(dir: &Path, secret: &[u8; 32], role: Role, site: &Site) -> Result<
     crate::home::write_json_atomic(&dir.join(name_for(secret)), &pending)
 }
 
+/// Why an enrollment token grants nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// Never issued here, or consumed already.
+    #[error("unknown or already used enrollment token")]
+    Unknown,
+    /// Its record cannot be read.
+    #[error("cannot read token record: {0}")]
+    Read(std::io::Error),
+    /// Its record does not decode.
+    #[error("corrupt token record: {0}")]
+    Corrupt(serde_json::Error),
+    /// Past its expiry.
+    #[error("enrollment token expired; ask for a new one with `origin enroll`")]
+    Expired,
+    /// Its record names a role or site that is not valid.
+    #[error(transparent)]
+    Grant(#[from] proto::net::NetError),
+}
+
 /// Consumes `secret`: returns what it grants, or why not. A second use fails.
-pub fn consume(dir: &Path, secret: &[u8; 32]) -> std::result::Result<(Role, Site), String> {
+pub fn consume(dir: &Path, secret: &[u8; 32]) -> std::result::Result<(Role, Site), TokenError> {
     let path: PathBuf = dir.join(name_for(secret));
     let claimed = path.with_extension("used");
-    std::fs::rename(&path, &claimed)
-        .map_err(|_| "unknown or already used enrollment token".to_owned())?;
-    let bytes = std::fs::read(&claimed).map_err(|e| format!("cannot read token record: {e}"))?;
-    let pending: PendingToken =
-        serde_json::from_slice(&bytes).map_err(|e| format!("corrupt token record: {e}"))?;
+    std::fs::rename(&path, &claimed).map_err(|_| TokenError::Unknown)?;
+    let bytes = std::fs::read(&claimed).map_err(TokenError::Read)?;
+    let pending: PendingToken = serde_json::from_slice(&bytes).map_err(TokenError::Corrupt)?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
     if now > pending.expires_unix_s {
-        return Err("enrollment token expired; ask for a new one with `origin enroll`".into());
+        return Err(TokenError::Expired);
     }
-    let role = pending.role.parse::<Role>().map_err(|e| e.to_string())?;
-    let site = Site::new(pending.site).map_err(|e| e.to_string())?;
+    let role = pending.role.parse::<Role>()?;
+    let site = Site::new(pending.site)?;
     Ok((role, site))
 }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use origin::policy::BundleRef;
-use origin::rollout::{
+use origin::rollout::plan::{
     Action, FailureThreshold, HaltReason, NodeReport, NodeState, Phase, Rollout, RolloutError,
     RolloutOptions, SkipReason, Target, WaveKind,
 };

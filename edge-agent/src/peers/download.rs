@@ -1,4 +1,4 @@
-//! A bundle's chunks from many sources at once: the site's stagers (seeds), the peers of the
+//! A bundle's chunks from many sources at once: the site's stagers, the peers of the
 //! site that announced them, and the origin as the last resort. The pure
 //! [`proto::planner::Planner`] decides what to ask of whom; this module does the asking, over
 //! QUIC, verified group by group into the store.
@@ -29,10 +29,10 @@ use tokio::task::AbortHandle;
 pub const MAX_IN_FLIGHT_PER_SOURCE: u32 = 4;
 
 /// Chunk requests in flight at a stager when peers share the work.
-pub const MAX_IN_FLIGHT_PER_SEED_WITH_PEERS: u32 = 1;
+pub const MAX_IN_FLIGHT_PER_STAGER_WITH_PEERS: u32 = 1;
 
-/// How long a piece held by busy peers waits before a seed (the stager) is asked instead.
-pub const SEED_FALLBACK_AFTER: Duration = Duration::from_millis(1500);
+/// How long a piece held by busy peers waits before a stager (or the origin) is asked instead.
+pub const STAGER_FALLBACK_AFTER: Duration = Duration::from_millis(1500);
 
 /// The distinct chunks of `manifest` in manifest order: the pieces of a download.
 pub fn pieces_of(manifest: &Manifest) -> Vec<(BlobHash, u64)> {
@@ -142,6 +142,23 @@ struct Outcome {
     result: Result<u64, FetchError>,
 }
 
+/// Outcomes of requests not yet handled by the download loop.
+const OUTCOME_QUEUE: usize = 256;
+
+/// The planner's settings for an edge's download, with or without peers.
+fn planner_config(with_peers: bool) -> PlannerConfig {
+    PlannerConfig {
+        max_in_flight_per_source: MAX_IN_FLIGHT_PER_SOURCE,
+        // With peers, one request per edge keeps the stager busy and leaves the rest of the
+        // site's traffic to the peers; alone, the edge keeps the stager's pipe full.
+        max_in_flight_per_seed: with_peers.then_some(MAX_IN_FLIGHT_PER_STAGER_WITH_PEERS),
+        // One writer per blob in the store: duplicates would only wait on each other.
+        endgame_max_duplicates: 0,
+        seed_fallback_after: STAGER_FALLBACK_AFTER,
+        ..PlannerConfig::default()
+    }
+}
+
 impl Download {
     /// Fetches every piece of `manifest` the store lacks. `peers` delivers announcements of
     /// the site's peers (closed or `None` without peers); `on_piece` is called with each piece
@@ -152,224 +169,25 @@ impl Download {
         mut peers: Option<mpsc::Receiver<PeerHave>>,
         mut on_piece: impl FnMut(PieceId, &[bool], u64),
     ) -> Result<Moved> {
-        let pieces = pieces_of(manifest);
-        let mut held: Vec<bool> = pieces
-            .iter()
-            .map(|(hash, _)| self.store.has_blob(hash))
-            .collect();
-        let mut moved = Moved {
-            pieces_present: held.iter().filter(|h| **h).count() as u64,
-            ..Moved::default()
-        };
-        let total: u64 = pieces.iter().map(|(_, size)| size).sum();
-        let mut done_bytes: u64 = pieces
-            .iter()
-            .zip(&held)
-            .filter(|(_, h)| **h)
-            .map(|((_, size), _)| size)
-            .sum();
-        let config = PlannerConfig {
-            max_in_flight_per_source: MAX_IN_FLIGHT_PER_SOURCE,
-            // With peers, one request per edge keeps the stager busy and leaves the rest of the
-            // site's traffic to the peers; alone, the edge keeps the stager's pipe full.
-            max_in_flight_per_seed: peers.is_some().then_some(MAX_IN_FLIGHT_PER_SEED_WITH_PEERS),
-            // One writer per blob in the store: duplicates would only wait on each other.
-            endgame_max_duplicates: 0,
-            seed_fallback_after: SEED_FALLBACK_AFTER,
-            ..PlannerConfig::default()
-        };
-        let sizes = pieces.iter().map(|(_, size)| *size).collect();
-        let mut planner = Planner::new(sizes, &held, config, self.seed);
-        let mut sources: Vec<Source> = Vec::new();
-        let mut by_addr: HashMap<SocketAddr, SourceId> = HashMap::new();
-        let add = |sources: &mut Vec<Source>,
-                   by_addr: &mut HashMap<SocketAddr, SourceId>,
-                   planner: &mut Planner,
-                   addr: SocketAddr,
-                   role: SourceRole|
-         -> SourceId {
-            if let Some(&id) = by_addr.get(&addr) {
-                return id;
-            }
-            let id = sources.len() as SourceId;
-            let site = if role == SourceRole::Origin {
-                "origin"
-            } else {
-                self.site.as_str()
-            };
-            sources.push(Source {
-                addr,
-                role,
-                conn: Arc::new(tokio::sync::Mutex::new(None)),
-                counters: PeerCounters::new(&self.metrics, role.as_str(), site),
-            });
-            by_addr.insert(addr, id);
-            let kind = if role == SourceRole::Peer {
-                SourceKind::Peer
-            } else {
-                SourceKind::Seed
-            };
-            planner.add_source(id, kind);
-            if kind == SourceKind::Seed {
-                planner.source_has_all(id);
-            }
-            id
-        };
-        for &addr in &self.stagers {
-            add(
-                &mut sources,
-                &mut by_addr,
-                &mut planner,
-                addr,
-                SourceRole::Stager,
-            );
-        }
-        let mut origin_added = false;
-        if self.stagers.is_empty() {
-            if let Some(addr) = self.origin {
-                add(
-                    &mut sources,
-                    &mut by_addr,
-                    &mut planner,
-                    addr,
-                    SourceRole::Origin,
-                );
-                origin_added = true;
-            }
-        }
-
-        let epoch = Instant::now();
-        let (done_tx, mut done_rx) = mpsc::channel::<Outcome>(256);
-        let mut running: HashMap<(SourceId, PieceId), AbortHandle> = HashMap::new();
+        let mut run = Run::new(&self, manifest, peers.is_some());
+        run.add_first_sources();
+        let (done_tx, mut done_rx) = mpsc::channel::<Outcome>(OUTCOME_QUEUE);
         let mut tasks = tokio::task::JoinSet::new();
-        while !planner.is_done() {
-            let now = epoch.elapsed();
-            for request in planner.poll(now) {
-                let Some(source) = sources.get(request.source as usize) else {
-                    planner.on_cancelled(request.source, request.piece);
-                    continue;
-                };
-                let Some(&(hash, size)) = pieces.get(request.piece as usize) else {
-                    planner.on_cancelled(request.source, request.piece);
-                    continue;
-                };
-                let (endpoint, store, conn_slot, counters, addr) = (
-                    self.endpoint.clone(),
-                    self.store.clone(),
-                    source.conn.clone(),
-                    source.counters.clone(),
-                    source.addr,
-                );
-                let done_tx = done_tx.clone();
-                let handle = tasks.spawn(async move {
-                    let started = Instant::now();
-                    let result = async {
-                        let conn = connection(&endpoint, &conn_slot, addr).await?;
-                        fetch_blob(&conn, &store, hash, size, &counters, None).await
-                    }
-                    .await;
-                    let _ = done_tx
-                        .send(Outcome {
-                            source: request.source,
-                            piece: request.piece,
-                            started,
-                            result,
-                        })
-                        .await;
-                });
-                running.insert((request.source, request.piece), handle);
+        while !run.planner.is_done() {
+            run.start_requests(&mut tasks, &done_tx);
+            if run.planner.in_flight() == 0 && !run.planner.unavailable_pieces().is_empty() {
+                run.ask_the_origin()?;
+                continue;
             }
-            if planner.in_flight() == 0 && !planner.unavailable_pieces().is_empty() {
-                // No stager can serve what is left: the origin is the last resort.
-                match self.origin {
-                    Some(addr) if !origin_added => {
-                        tracing::warn!(origin = %addr, "no stager or peer can serve the rest; asking the origin");
-                        add(
-                            &mut sources,
-                            &mut by_addr,
-                            &mut planner,
-                            addr,
-                            SourceRole::Origin,
-                        );
-                        origin_added = true;
-                        continue;
-                    }
-                    _ => bail!(
-                        "no source can provide {} chunks of bundle {}@{} (sources tried: {})",
-                        planner.unavailable_pieces().len(),
-                        manifest.name,
-                        manifest.version,
-                        sources
-                            .iter()
-                            .map(|s| format!("{} {}", s.role.as_str(), s.addr))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                }
-            }
-            let wakeup = planner
-                .next_wakeup()
-                .map(|at| at.saturating_sub(epoch.elapsed()))
-                .unwrap_or(Duration::from_secs(1))
-                .max(Duration::from_millis(1));
+            let wakeup = run.next_wakeup();
             tokio::select! {
                 outcome = done_rx.recv() => {
                     let Some(outcome) = outcome else { bail!("download tasks vanished") };
-                    running.remove(&(outcome.source, outcome.piece));
-                    let now = epoch.elapsed();
-                    let source = &sources[outcome.source as usize];
-                    match outcome.result {
-                        Ok(bytes) => {
-                            moved.bytes_received += bytes;
-                            if source.role == SourceRole::Peer {
-                                moved.bytes_from_peers += bytes;
-                            }
-                            let cancelled = planner.on_success(outcome.source, outcome.piece, outcome.started.elapsed(), now);
-                            for request in cancelled {
-                                if let Some(handle) = running.remove(&(request.source, request.piece)) {
-                                    handle.abort();
-                                }
-                            }
-                            if let Some(h) = held.get_mut(outcome.piece as usize) {
-                                if !*h {
-                                    *h = true;
-                                    done_bytes += pieces[outcome.piece as usize].1;
-                                }
-                            }
-                            on_piece(outcome.piece, &held, done_bytes.min(total));
-                        }
-                        Err(error) if error.is_corrupt_source() => {
-                            tracing::error!(source = %source.addr, role = source.role.as_str(), %error, "source sent data that did not verify; banned");
-                            self.metrics.counter("stagecoach_sources_banned_total", "Sources banned for sending bad data", &[("peer_role", source.role.as_str())]).inc();
-                            moved.banned.push(source.addr);
-                            for request in planner.on_bad_data(outcome.source, outcome.piece) {
-                                if let Some(handle) = running.remove(&(request.source, request.piece)) {
-                                    handle.abort();
-                                }
-                            }
-                        }
-                        Err(error) if error.is_source_fault() => {
-                            tracing::debug!(source = %source.addr, role = source.role.as_str(), %error, "request failed; backing off");
-                            if matches!(error, FetchError::Net(_)) {
-                                *source.conn.lock().await = None;
-                            }
-                            planner.on_failure(outcome.source, outcome.piece, now);
-                        }
-                        Err(error) => {
-                            return Err(anyhow::Error::new(error).context("cannot store a verified chunk"));
-                        }
-                    }
+                    run.on_outcome(outcome, &mut on_piece).await?;
                 }
                 have = recv_peer(&mut peers) => {
                     match have {
-                        Some(have) => {
-                            let id = add(&mut sources, &mut by_addr, &mut planner, have.data_addr, SourceRole::Peer);
-                            for (start, end) in have.pieces {
-                                for piece in start..end.min(pieces.len() as u32) {
-                                    planner.source_has(id, piece);
-                                }
-                            }
-                        }
+                        Some(have) => run.on_peer_have(have),
                         None => peers = None,
                     }
                 }
@@ -377,7 +195,271 @@ impl Download {
             }
         }
         tasks.abort_all();
-        Ok(moved)
+        Ok(run.moved)
+    }
+}
+
+/// The state of one running download: the pieces, what is held, the planner and the sources
+/// it knows, and the requests in flight.
+struct Run<'a> {
+    download: &'a Download,
+    manifest: &'a Manifest,
+    pieces: Vec<(BlobHash, u64)>,
+    held: Vec<bool>,
+    moved: Moved,
+    total_bytes: u64,
+    done_bytes: u64,
+    planner: Planner,
+    sources: Vec<Source>,
+    by_addr: HashMap<SocketAddr, SourceId>,
+    origin_added: bool,
+    /// The planner's clock starts here.
+    epoch: Instant,
+    running: HashMap<(SourceId, PieceId), AbortHandle>,
+}
+
+impl<'a> Run<'a> {
+    /// Step 1: what the store already holds, and a planner for the rest.
+    fn new(download: &'a Download, manifest: &'a Manifest, with_peers: bool) -> Self {
+        let pieces = pieces_of(manifest);
+        let held: Vec<bool> = pieces
+            .iter()
+            .map(|(hash, _)| download.store.has_blob(hash))
+            .collect();
+        let moved = Moved {
+            pieces_present: held.iter().filter(|h| **h).count() as u64,
+            ..Moved::default()
+        };
+        let total_bytes: u64 = pieces.iter().map(|(_, size)| size).sum();
+        let done_bytes: u64 = pieces
+            .iter()
+            .zip(&held)
+            .filter(|(_, h)| **h)
+            .map(|((_, size), _)| size)
+            .sum();
+        let sizes = pieces.iter().map(|(_, size)| *size).collect();
+        let planner = Planner::new(
+            sizes,
+            &held,
+            planner_config(with_peers),
+            download.seed,
+        );
+        Self {
+            download,
+            manifest,
+            pieces,
+            held,
+            moved,
+            total_bytes,
+            done_bytes,
+            planner,
+            sources: Vec::new(),
+            by_addr: HashMap::new(),
+            origin_added: false,
+            epoch: Instant::now(),
+            running: HashMap::new(),
+        }
+    }
+
+    /// Step 2: the site's stagers; the origin only when there is no stager.
+    fn add_first_sources(&mut self) {
+        for &addr in &self.download.stagers {
+            self.add_source(addr, SourceRole::Stager);
+        }
+        if self.download.stagers.is_empty() {
+            if let Some(addr) = self.download.origin {
+                self.add_source(addr, SourceRole::Origin);
+                self.origin_added = true;
+            }
+        }
+    }
+
+    /// A source the planner may ask (once per address): stagers and the origin hold every
+    /// piece; a peer holds what it announces.
+    fn add_source(&mut self, addr: SocketAddr, role: SourceRole) -> SourceId {
+        if let Some(&id) = self.by_addr.get(&addr) {
+            return id;
+        }
+        let id = self.sources.len() as SourceId;
+        let site = if role == SourceRole::Origin {
+            "origin"
+        } else {
+            self.download.site.as_str()
+        };
+        self.sources.push(Source {
+            addr,
+            role,
+            conn: Arc::new(tokio::sync::Mutex::new(None)),
+            counters: PeerCounters::new(&self.download.metrics, role.as_str(), site),
+        });
+        self.by_addr.insert(addr, id);
+        let kind = if role == SourceRole::Peer {
+            SourceKind::Peer
+        } else {
+            SourceKind::Seed
+        };
+        self.planner.add_source(id, kind);
+        if kind == SourceKind::Seed {
+            self.planner.source_has_all(id);
+        }
+        id
+    }
+
+    /// Step 3: starts each request the planner wants now, as a task that reports its outcome
+    /// on `done_tx`.
+    fn start_requests(&mut self, tasks: &mut tokio::task::JoinSet<()>, done_tx: &mpsc::Sender<Outcome>) {
+        let now = self.epoch.elapsed();
+        for request in self.planner.poll(now) {
+            let Some(source) = self.sources.get(request.source as usize) else {
+                self.planner.on_cancelled(request.source, request.piece);
+                continue;
+            };
+            let Some(&(hash, size)) = self.pieces.get(request.piece as usize) else {
+                self.planner.on_cancelled(request.source, request.piece);
+                continue;
+            };
+            let (endpoint, store, conn_slot, counters, addr) = (
+                self.download.endpoint.clone(),
+                self.download.store.clone(),
+                source.conn.clone(),
+                source.counters.clone(),
+                source.addr,
+            );
+            let done_tx = done_tx.clone();
+            let handle = tasks.spawn(async move {
+                let started = Instant::now();
+                let result = async {
+                    let conn = connection(&endpoint, &conn_slot, addr).await?;
+                    fetch_blob(&conn, &store, hash, size, &counters, None).await
+                }
+                .await;
+                let _ = done_tx
+                    .send(Outcome {
+                        source: request.source,
+                        piece: request.piece,
+                        started,
+                        result,
+                    })
+                    .await;
+            });
+            self.running.insert((request.source, request.piece), handle);
+        }
+    }
+
+    /// Step 4, when nothing is in flight and pieces are left that no source has: the origin is
+    /// the last resort; once it was asked, the download fails.
+    fn ask_the_origin(&mut self) -> Result<()> {
+        match self.download.origin {
+            Some(addr) if !self.origin_added => {
+                tracing::warn!(origin = %addr, "no stager or peer can serve the rest; asking the origin");
+                self.add_source(addr, SourceRole::Origin);
+                self.origin_added = true;
+                Ok(())
+            }
+            _ => bail!(
+                "no source can provide {} chunks of bundle {}@{} (sources tried: {})",
+                self.planner.unavailable_pieces().len(),
+                self.manifest.name,
+                self.manifest.version,
+                self.sources
+                    .iter()
+                    .map(|s| format!("{} {}", s.role.as_str(), s.addr))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// How long to wait for an outcome or an announcement before polling the planner again.
+    fn next_wakeup(&self) -> Duration {
+        self.planner
+            .next_wakeup()
+            .map(|at| at.saturating_sub(self.epoch.elapsed()))
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_millis(1))
+    }
+
+    /// Step 5: a request ended. A piece done is marked held (and duplicates of it stopped); a
+    /// source that sent bad data is banned; one that failed otherwise backs off. A store that
+    /// cannot take a verified chunk ends the download.
+    async fn on_outcome(
+        &mut self,
+        outcome: Outcome,
+        on_piece: &mut impl FnMut(PieceId, &[bool], u64),
+    ) -> Result<()> {
+        self.running.remove(&(outcome.source, outcome.piece));
+        let now = self.epoch.elapsed();
+        let source = &self.sources[outcome.source as usize];
+        match outcome.result {
+            Ok(bytes) => {
+                self.moved.bytes_received += bytes;
+                if source.role == SourceRole::Peer {
+                    self.moved.bytes_from_peers += bytes;
+                }
+                let cancelled = self.planner.on_success(
+                    outcome.source,
+                    outcome.piece,
+                    outcome.started.elapsed(),
+                    now,
+                );
+                self.stop_requests(cancelled);
+                if let Some(h) = self.held.get_mut(outcome.piece as usize) {
+                    if !*h {
+                        *h = true;
+                        self.done_bytes += self.pieces[outcome.piece as usize].1;
+                    }
+                }
+                on_piece(
+                    outcome.piece,
+                    &self.held,
+                    self.done_bytes.min(self.total_bytes),
+                );
+            }
+            Err(error) if error.is_corrupt_source() => {
+                tracing::error!(source = %source.addr, role = source.role.as_str(), %error, "source sent data that did not verify; banned");
+                self.download
+                    .metrics
+                    .counter(
+                        "stagecoach_sources_banned_total",
+                        "Sources banned for sending bad data",
+                        &[("peer_role", source.role.as_str())],
+                    )
+                    .inc();
+                self.moved.banned.push(source.addr);
+                let cancelled = self.planner.on_bad_data(outcome.source, outcome.piece);
+                self.stop_requests(cancelled);
+            }
+            Err(error) if error.is_source_fault() => {
+                tracing::debug!(source = %source.addr, role = source.role.as_str(), %error, "request failed; backing off");
+                if matches!(error, FetchError::Net(_)) {
+                    *source.conn.lock().await = None;
+                }
+                self.planner.on_failure(outcome.source, outcome.piece, now);
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error).context("cannot store a verified chunk"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Aborts the tasks of requests the planner no longer wants.
+    fn stop_requests(&mut self, requests: Vec<proto::planner::Request>) {
+        for request in requests {
+            if let Some(handle) = self.running.remove(&(request.source, request.piece)) {
+                handle.abort();
+            }
+        }
+    }
+
+    /// Step 6: a peer announced pieces: it becomes a source of those.
+    fn on_peer_have(&mut self, have: PeerHave) {
+        let id = self.add_source(have.data_addr, SourceRole::Peer);
+        for (start, end) in have.pieces {
+            for piece in start..end.min(self.pieces.len() as u32) {
+                self.planner.source_has(id, piece);
+            }
+        }
     }
 }
 

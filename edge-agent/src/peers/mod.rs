@@ -18,6 +18,7 @@
 //! [`Request::SitePeers`], answered by the peer's daemon with itself alone) whenever no stager
 //! answers the tracker request, so a site whose stager is down still shares among its edges.
 
+pub mod board;
 pub mod discovery;
 pub mod download;
 
@@ -26,13 +27,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Result;
 use proto::net::{call, client_endpoint, connect, NodeIdentity};
 use proto::wire::{Holding, Request, Response, SitePeer, MAX_FRAME_BYTES, MAX_HOLDINGS};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::daemon::{self, Announcer, DaemonConfig, DaemonReady, PeerBoard, Silent};
-use crate::fetch::identity_dir;
+pub use board::{Announcer, PeerBoard, Silent};
 use discovery::{Discovery, DiscoveryConfig};
 use download::PeerHave;
 
@@ -101,36 +100,27 @@ impl Announcer for TrackerAnnouncer {
     }
 }
 
-/// Runs the daemon; with `config.peers` on, it reports to and learns from the stager's
-/// tracker, and its downloads use the peers it learns of.
-pub async fn serve_with_peers(
-    config: DaemonConfig,
+/// Starts reporting to the site's tracker (the stagers in `stagers`) and learning from it:
+/// what the other edges hold is recorded on `board`. Returns the announcer through which this
+/// node's downloads say what it now holds, and where to send the address peers reach this
+/// node's daemon at; the tracker starts once it arrives.
+pub fn spawn_tracker(
+    identity: NodeIdentity,
+    stagers: Vec<SocketAddr>,
+    board: Arc<Mutex<PeerBoard>>,
     p2p: P2pConfig,
-    ready: impl FnOnce(&DaemonReady) -> Result<()> + Send + 'static,
-) -> Result<()> {
-    let board = Arc::new(Mutex::new(PeerBoard::default()));
-    if !config.peers {
-        return daemon::serve(config, board, Arc::new(Silent), ready).await;
-    }
-    let identity = NodeIdentity::load(&identity_dir(&config.dir))?;
+) -> (Arc<dyn Announcer>, oneshot::Sender<SocketAddr>) {
     let holdings = Arc::new(Mutex::new(Holdings::default()));
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+    let (addr_tx, addr_rx) = oneshot::channel::<SocketAddr>();
     tokio::spawn(track(
         identity,
-        config.stagers.clone(),
+        stagers,
         holdings.clone(),
-        board.clone(),
+        board,
         addr_rx,
         p2p,
     ));
-    let announcer = Arc::new(TrackerAnnouncer { holdings });
-    daemon::serve(config, board, announcer, move |info| {
-        if let Ok(addr) = info.mesh.parse::<SocketAddr>() {
-            let _ = addr_tx.send(daemon::advertised(addr));
-        }
-        ready(info)
-    })
-    .await
+    (Arc::new(TrackerAnnouncer { holdings }), addr_tx)
 }
 
 /// Starts libp2p discovery and a task that feeds it dials and records what it finds in
@@ -187,7 +177,7 @@ async fn track(
     stagers: Vec<SocketAddr>,
     holdings: Arc<Mutex<Holdings>>,
     board: Arc<Mutex<PeerBoard>>,
-    data_addr: tokio::sync::oneshot::Receiver<SocketAddr>,
+    data_addr: oneshot::Receiver<SocketAddr>,
     p2p: P2pConfig,
 ) {
     let Ok(data_addr) = data_addr.await else {

@@ -63,12 +63,12 @@ pub const SESSION_SETUP_ROUND_TRIPS: u32 = 3;
 pub const EDGE_MAX_IN_FLIGHT_PER_SOURCE: u32 = 4;
 
 /// Chunk requests an edge with peers keeps in flight at a stager: edge-agent's
-/// `peers::download::MAX_IN_FLIGHT_PER_SEED_WITH_PEERS`.
-pub const EDGE_MAX_IN_FLIGHT_PER_SEED_WITH_PEERS: u32 = 1;
+/// `peers::download::MAX_IN_FLIGHT_PER_STAGER_WITH_PEERS`.
+pub const EDGE_MAX_IN_FLIGHT_PER_STAGER_WITH_PEERS: u32 = 1;
 
-/// How long a piece held by busy peers waits before an edge asks a seed: edge-agent's
-/// `peers::download::SEED_FALLBACK_AFTER`.
-pub const EDGE_SEED_FALLBACK_AFTER: Duration = Duration::from_millis(1500);
+/// How long a piece held by busy peers waits before an edge asks a stager: edge-agent's
+/// `peers::download::STAGER_FALLBACK_AFTER`.
+pub const EDGE_STAGER_FALLBACK_AFTER: Duration = Duration::from_millis(1500);
 
 /// Extra copies of a piece an edge requests in the endgame: none, since edge-agent keeps one
 /// writer per blob in its store.
@@ -101,9 +101,9 @@ pub fn planner_config_for(topo: &Topology, who: Downloader) -> PlannerConfig {
         Downloader::Edge { with_peers } => {
             config.max_in_flight_per_source = EDGE_MAX_IN_FLIGHT_PER_SOURCE;
             config.max_in_flight_per_seed =
-                with_peers.then_some(EDGE_MAX_IN_FLIGHT_PER_SEED_WITH_PEERS);
+                with_peers.then_some(EDGE_MAX_IN_FLIGHT_PER_STAGER_WITH_PEERS);
             config.endgame_max_duplicates = EDGE_ENDGAME_MAX_DUPLICATES;
-            config.seed_fallback_after = EDGE_SEED_FALLBACK_AFTER;
+            config.seed_fallback_after = EDGE_STAGER_FALLBACK_AFTER;
         }
     }
     apply_overrides(topo, config)

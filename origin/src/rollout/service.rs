@@ -1,5 +1,5 @@
 //! `origin rollout start|status|pause|resume|abort`, server side: one rollout at a time, run by
-//! [`crate::rollout_run`] over the mesh, saved to `rollout.json` in the origin's home after
+//! [`super::driver`] over the mesh, saved to `rollout.json` in the origin's home after
 //! every step and resumed from there when `origin serve` restarts.
 //!
 //! Installing on a node is the remote OS swap (`StartSwap` to the node's daemon, at the address
@@ -18,13 +18,79 @@ use tokio::sync::Mutex;
 
 use crate::db::NodeRecord;
 use crate::policy::BundleRef;
-use crate::rollout::{
+use super::plan::{
     FailureThreshold, NodeReport, Phase, Rollout, RolloutOptions, RolloutStatus, Target,
 };
-use crate::rollout_run::{self, Fleet, RolloutHandle};
+use super::driver::{self, Fleet, RolloutHandle, StepError};
 
 /// File name of the saved rollout, in the origin's home.
 pub const STATE_FILE: &str = "rollout.json";
+
+/// Why an `origin rollout ...` command failed; the message is the operator's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutServiceError {
+    /// One rollout at a time.
+    #[error("a rollout is already running; `origin rollout status` shows it, `abort` ends it")]
+    AlreadyRunning,
+    /// The selector is malformed or picks no node.
+    #[error(transparent)]
+    Select(#[from] SelectError),
+    /// The rollout refused the request (see [`RolloutError`]).
+    #[error(transparent)]
+    Rollout(#[from] RolloutError),
+    /// No rollout was ever started here.
+    #[error("no rollout has been started on this origin")]
+    NeverStarted,
+    /// The last rollout ended; only its status can be asked.
+    #[error("the rollout is no longer running ({0})")]
+    NotRunning(Phase),
+    /// The saved rollout cannot be read.
+    #[error("{}: {error}", path.display())]
+    Read {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The saved rollout does not decode.
+    #[error("{}: {error}", path.display())]
+    Decode {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        error: serde_json::Error,
+    },
+    /// The rollout cannot be encoded for saving.
+    #[error("{0}")]
+    Encode(serde_json::Error),
+    /// The rollout cannot be saved.
+    #[error("cannot save {}: {error}", path.display())]
+    Save {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+}
+
+/// A selector that picks no node, or that does not parse.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    /// A term without `=`.
+    #[error("selector term `{0}` is not KEY=VALUE (or use `all`)")]
+    NotKeyValue(String),
+    /// A key other than site, class, role, node.
+    #[error("unknown selector key `{0}`: use site, class, role or node")]
+    UnknownKey(String),
+    /// Nothing matches.
+    #[error("selector `{selector}` matches none of the {nodes} nodes that reported")]
+    NoMatch {
+        /// The selector as given.
+        selector: String,
+        /// How many nodes reported.
+        nodes: usize,
+    },
+}
 
 /// What the saved file holds: the rollout and what its fleet needs to go on after a restart.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -71,7 +137,7 @@ impl Fleet for MeshFleet {
         node: &str,
         bundle: &BundleRef,
         to_version: Option<&str>,
-    ) -> Result<(), String> {
+    ) -> Result<(), StepError> {
         // The node's swap already reverted to a bootable OS when its health check failed.
         tracing::warn!(
             %node,
@@ -89,13 +155,13 @@ struct Running {
 }
 
 /// The origin's rollouts: the running one, and the saved state of the last.
-pub struct Rollouts {
+pub struct RolloutService {
     state_file: PathBuf,
     endpoint: quinn::Endpoint,
     running: Mutex<Option<Running>>,
 }
 
-impl Rollouts {
+impl RolloutService {
     /// Rollouts saved under `home_dir`; `endpoint` carries the origin's certificate (the only
     /// one edges take a swap from). A saved rollout that was running or paused goes on.
     pub fn new(home_dir: &Path, endpoint: quinn::Endpoint) -> Self {
@@ -120,13 +186,19 @@ impl Rollouts {
         rollouts
     }
 
-    fn load(&self) -> Result<Option<Saved>, String> {
+    fn load(&self) -> Result<Option<Saved>, RolloutServiceError> {
         match std::fs::read(&self.state_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| format!("{}: {e}", self.state_file.display())),
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|error| {
+                RolloutServiceError::Decode {
+                    path: self.state_file.clone(),
+                    error,
+                }
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("{}: {e}", self.state_file.display())),
+            Err(error) => Err(RolloutServiceError::Read {
+                path: self.state_file.clone(),
+                error,
+            }),
         }
     }
 
@@ -139,11 +211,11 @@ impl Rollouts {
         });
         let file = self.state_file.clone();
         let mut saved_meta = saved.clone();
-        let save = move |rollout: &Rollout| -> Result<(), String> {
+        let save = move |rollout: &Rollout| -> Result<(), StepError> {
             saved_meta.rollout = rollout.clone();
-            write_atomically(&file, &saved_meta)
+            write_atomically(&file, &saved_meta).map_err(StepError::from)
         };
-        let (handle, task) = rollout_run::spawn(saved.rollout, fleet, save);
+        let (handle, task) = driver::spawn(saved.rollout, fleet, save);
         Running { handle, task }
     }
 
@@ -156,14 +228,11 @@ impl Rollouts {
         selector: &str,
         max_failures: u32,
         downgrade: bool,
-    ) -> Result<RolloutStatus, String> {
+    ) -> Result<RolloutStatus, RolloutServiceError> {
         let mut running = self.running.lock().await;
         if let Some(current) = running.as_ref() {
             if !current.task.is_finished() {
-                return Err(
-                    "a rollout is already running; `origin rollout status` shows it, `abort` ends it"
-                        .into(),
-                );
+                return Err(RolloutServiceError::AlreadyRunning);
             }
         }
         let picked = select(nodes, selector)?;
@@ -188,8 +257,7 @@ impl Rollouts {
                 failure_threshold: FailureThreshold::Count(max_failures),
                 downgrade,
             },
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let status = rollout.status();
         let saved = Saved {
             rollout,
@@ -206,7 +274,7 @@ impl Rollouts {
     }
 
     /// Status, pause, resume or abort; the status of a finished rollout comes from its file.
-    pub async fn act(&self, action: RolloutAction) -> Result<RolloutStatus, String> {
+    pub async fn act(&self, action: RolloutAction) -> Result<RolloutStatus, RolloutServiceError> {
         let running = self.running.lock().await;
         if let Some(current) = running.as_ref() {
             let answer = match action {
@@ -216,36 +284,34 @@ impl Rollouts {
                 RolloutAction::Abort => current.handle.abort().await,
             };
             if let Ok(result) = answer {
-                return result.map_err(|e| e.to_string());
+                return result.map_err(RolloutServiceError::from);
             }
         }
         let saved = self
             .load()?
-            .ok_or_else(|| "no rollout has been started on this origin".to_owned())?;
+            .ok_or(RolloutServiceError::NeverStarted)?;
         match action {
             RolloutAction::Status => Ok(saved.rollout.status()),
-            _ => Err(format!(
-                "the rollout is no longer running ({})",
-                saved.rollout.phase()
-            )),
+            _ => Err(RolloutServiceError::NotRunning(saved.rollout.phase().clone())),
         }
     }
 }
 
 /// The nodes `selector` picks, in site order then node id: `all`, or comma-separated
 /// `KEY=VALUE` terms (site, class, role, node — a node id or unique prefix) that must all match.
-pub fn select<'a>(nodes: &'a [NodeRecord], selector: &str) -> Result<Vec<&'a NodeRecord>, String> {
+pub fn select<'a>(
+    nodes: &'a [NodeRecord],
+    selector: &str,
+) -> Result<Vec<&'a NodeRecord>, SelectError> {
     let mut terms = Vec::new();
     if selector.trim() != "all" {
         for term in selector.split(',') {
             let (key, value) = term
                 .split_once('=')
-                .ok_or_else(|| format!("selector term `{term}` is not KEY=VALUE (or use `all`)"))?;
+                .ok_or_else(|| SelectError::NotKeyValue(term.to_owned()))?;
             let key = key.trim();
             if !matches!(key, "site" | "class" | "role" | "node") {
-                return Err(format!(
-                    "unknown selector key `{key}`: use site, class, role or node"
-                ));
+                return Err(SelectError::UnknownKey(key.to_owned()));
             }
             terms.push((key.to_owned(), value.trim().to_owned()));
         }
@@ -262,17 +328,20 @@ pub fn select<'a>(nodes: &'a [NodeRecord], selector: &str) -> Result<Vec<&'a Nod
         })
         .collect();
     if picked.is_empty() {
-        return Err(format!(
-            "selector `{selector}` matches none of the {} nodes that reported",
-            nodes.len()
-        ));
+        return Err(SelectError::NoMatch {
+            selector: selector.to_owned(),
+            nodes: nodes.len(),
+        });
     }
     picked.sort_by(|a, b| (&a.site, &a.id).cmp(&(&b.site, &b.id)));
     Ok(picked)
 }
 
-fn write_atomically<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), String> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
+fn write_atomically<T: serde::Serialize>(
+    path: &Path,
+    value: &T,
+) -> Result<(), RolloutServiceError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(RolloutServiceError::Encode)?;
     let temp = path.with_extension("json.tmp");
     let write = || -> std::io::Result<()> {
         use std::io::Write;
@@ -281,7 +350,10 @@ fn write_atomically<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), S
         file.sync_all()?;
         std::fs::rename(&temp, path)
     };
-    write().map_err(|e| format!("cannot save {}: {e}", path.display()))
+    write().map_err(|error| RolloutServiceError::Save {
+        path: path.to_owned(),
+        error,
+    })
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Runs a [`Rollout`] against the fleet: the I/O half of `origin::rollout`.
+//! Runs a [`Rollout`] against the fleet: the I/O half of [`super::plan`].
 //!
 //! [`run`] takes the state machine's actions and carries them out through a [`Fleet`] (offers
 //! of one wave run at once; roll-backs run as they come), feeds every node's report back,
@@ -14,7 +14,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::policy::BundleRef;
-use crate::rollout::{Action, NodeReport, Phase, Rollout, RolloutError, RolloutStatus};
+use super::plan::{Action, NodeReport, Phase, Rollout, RolloutError, RolloutStatus};
+
+/// Why a roll-back or a save failed: logged, never fatal to the rollout.
+pub type StepError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How the origin moves nodes; implemented over the mesh by the server and by fakes in tests.
 pub trait Fleet: Send + Sync + 'static {
@@ -29,7 +32,7 @@ pub trait Fleet: Send + Sync + 'static {
         node: &str,
         bundle: &BundleRef,
         to_version: Option<&str>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
 }
 
 /// An operator's request to a running rollout.
@@ -91,11 +94,11 @@ impl RolloutHandle {
 pub trait SaveRollout: Send + 'static {
     /// Persists `rollout` (it is `serde`). An error is logged and the rollout goes on: losing a
     /// save costs a repeated, idempotent action after a restart, never a wrong one.
-    fn save(&mut self, rollout: &Rollout) -> Result<(), String>;
+    fn save(&mut self, rollout: &Rollout) -> Result<(), StepError>;
 }
 
-impl<F: FnMut(&Rollout) -> Result<(), String> + Send + 'static> SaveRollout for F {
-    fn save(&mut self, rollout: &Rollout) -> Result<(), String> {
+impl<F: FnMut(&Rollout) -> Result<(), StepError> + Send + 'static> SaveRollout for F {
+    fn save(&mut self, rollout: &Rollout) -> Result<(), StepError> {
         self(rollout)
     }
 }
@@ -229,7 +232,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::rollout::{FailureThreshold, HaltReason, NodeState, RolloutOptions, Target};
+    use crate::rollout::plan::{FailureThreshold, HaltReason, NodeState, RolloutOptions, Target};
 
     /// A fleet whose nodes fail when listed, and which records every call.
     #[derive(Default)]
@@ -263,7 +266,7 @@ mod tests {
             node: &str,
             _bundle: &BundleRef,
             to_version: Option<&str>,
-        ) -> Result<(), String> {
+        ) -> Result<(), StepError> {
             self.rolled_back
                 .lock()
                 .expect("lock")

@@ -1,0 +1,94 @@
+//! `origin publish` and `origin bundles`: put a bundle into the running origin, list them.
+
+use std::path::Path;
+
+use anyhow::Result;
+use origin::home::OriginHome;
+use proto::manifest::{Dependency, Selector};
+use proto::net::{client_endpoint, connect};
+use proto::pack::PackOptions;
+use proto::BundleKind;
+
+/// What `origin publish` packs and how.
+pub struct PublishArgs<'a> {
+    /// Directory tree or image file.
+    pub path: &'a Path,
+    /// Bundle name.
+    pub name: String,
+    /// Bundle version.
+    pub version: String,
+    /// The bundle's kind.
+    pub kind: BundleKind,
+    /// Compatibility selectors KEY=VALUE.
+    pub selectors: Vec<(String, String)>,
+    /// Dependencies NAME@VERSION.
+    pub dependencies: Vec<(String, String)>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// `origin publish`: packs, uploads and publishes; prints the bundle.
+pub async fn publish(home: &OriginHome, args: PublishArgs<'_>) -> Result<()> {
+    let mut options = PackOptions::new(args.name, args.version, args.kind);
+    options.selectors = args
+        .selectors
+        .into_iter()
+        .map(|(key, value)| Selector { key, value })
+        .collect();
+    options.dependencies = args
+        .dependencies
+        .into_iter()
+        .map(|(name, version)| Dependency { name, version })
+        .collect();
+    let info = origin::publish::publish(home, args.path, options, args.progress).await?;
+    println!(
+        "bundle {} {}@{} ({} chunks, {} bytes stored, {} bytes raw, seq {})",
+        info.id,
+        info.name,
+        info.version,
+        info.chunk_count,
+        info.stored_bytes,
+        info.raw_bytes,
+        info.seq
+    );
+    Ok(())
+}
+
+/// `origin bundles`: the published bundles, oldest first.
+pub async fn list(home: &OriginHome) -> Result<()> {
+    let identity = home.publisher_identity()?;
+    let endpoint = client_endpoint(&identity)?;
+    let conn = connect(&endpoint, home.mesh_addr()?).await?;
+    let list = proto::mesh::fetch::list_bundles(&conn).await?;
+    println!(
+        "{:<4} {:<24} {:<12} {:<10} {:>12} {:>12}  id",
+        "seq", "name", "version", "kind", "stored", "raw"
+    );
+    for b in list {
+        println!(
+            "{:<4} {:<24} {:<12} {:<10} {:>12} {:>12}  {}",
+            b.seq,
+            b.name,
+            b.version,
+            b.kind.to_string(),
+            b.stored_bytes,
+            b.raw_bytes,
+            b.id
+        );
+    }
+    Ok(())
+}
+
+/// Parses `KEY=VALUE` (for `--selector`).
+pub fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// Parses `NAME@VERSION` (for `--depends`).
+pub fn parse_dep(s: &str) -> Result<(String, String), String> {
+    s.split_once('@')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected NAME@VERSION, got {s:?}"))
+}

@@ -1,0 +1,224 @@
+//! The control-plane subcommands (`policy`, `nodes`, `class`, `override`, `audit`,
+//! `test-run`, `rollout`): each becomes one [`ControlCommand`] asked of the running origin
+//! ([`admin::run`]), whose answer is printed ([`admin::print`]).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use origin::admin;
+use origin::home::OriginHome;
+use proto::wire::{ControlCommand, RolloutAction};
+
+#[derive(Subcommand)]
+pub enum RolloutCommand {
+    /// Start a rollout (one at a time).
+    Start {
+        /// The OS to install: NAME@VERSION, NAME (the newest) or a bundle id.
+        bundle: String,
+        /// Which nodes: `all`, or KEY=VALUE[,KEY=VALUE] with keys site, class, role, node.
+        #[arg(long = "to")]
+        selector: String,
+        /// The rescue OS every swap keeps in its spare slot.
+        #[arg(long)]
+        rescue: String,
+        /// Failures tolerated outside canary waves before the rollout halts.
+        #[arg(long, default_value_t = 0)]
+        max_failures: u32,
+        /// Offer the bundle to nodes that run a newer version too.
+        #[arg(long)]
+        downgrade: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Where the rollout stands: every wave, every node, and why it halted.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start no new wave until resumed (swaps already started finish).
+    Pause,
+    /// Continue a paused rollout.
+    Resume,
+    /// Halt the rollout for good (swaps already started finish).
+    Abort,
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Replace the policy with a TOML file (rules, precedence, features); audited.
+    Load {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Resolve every node and list every conflict; exits non-zero if any node does not resolve.
+    Check {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClassCommand {
+    /// Put NODE in CLASS (outranks the class the node reports).
+    Set {
+        /// Node id (or a unique prefix).
+        node: String,
+        /// The class.
+        class: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum OverrideCommand {
+    /// Pin NAME@VERSION on NODE.
+    Set {
+        /// Node id (or a unique prefix).
+        node: String,
+        /// NAME@VERSION.
+        bundle: String,
+    },
+    /// Remove NODE's overrides (all, or of one bundle name).
+    Clear {
+        /// Node id (or a unique prefix).
+        node: String,
+        /// Only this bundle name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// Asks the running origin to carry out `command`; prints the answer (its JSON with `json`)
+/// and fails with `failure` when the command did not succeed.
+pub async fn run(
+    home: &OriginHome,
+    command: ControlCommand,
+    json: bool,
+    failure: &str,
+) -> Result<()> {
+    let reply = admin::run(home, command).await?;
+    admin::print(&reply, json, failure)
+}
+
+/// `origin policy load|check`.
+pub async fn policy(home: &OriginHome, command: PolicyCommand) -> Result<()> {
+    match command {
+        PolicyCommand::Load { file } => {
+            let toml = read_policy(&file)?;
+            let source = file.display().to_string();
+            run(
+                home,
+                ControlCommand::PolicyLoad { source, toml },
+                false,
+                "the policy was not loaded",
+            )
+            .await
+        }
+        PolicyCommand::Check { json } => {
+            run(
+                home,
+                ControlCommand::PolicyCheck,
+                json,
+                "the policy does not resolve every node (conflicts or errors above)",
+            )
+            .await
+        }
+    }
+}
+
+fn read_policy(file: &Path) -> Result<String> {
+    std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the policy file {}", file.display()))
+}
+
+/// `origin class set`.
+pub async fn class(home: &OriginHome, command: ClassCommand) -> Result<()> {
+    let ClassCommand::Set { node, class } = command;
+    run(
+        home,
+        ControlCommand::ClassSet { node, class },
+        false,
+        "the class was not set",
+    )
+    .await
+}
+
+/// `origin override set|clear`.
+pub async fn override_(home: &OriginHome, command: OverrideCommand) -> Result<()> {
+    match command {
+        OverrideCommand::Set { node, bundle } => {
+            run(
+                home,
+                ControlCommand::OverrideSet { node, bundle },
+                false,
+                "the override was not set",
+            )
+            .await
+        }
+        OverrideCommand::Clear { node, name } => {
+            run(
+                home,
+                ControlCommand::OverrideClear { node, name },
+                false,
+                "the override was not cleared",
+            )
+            .await
+        }
+    }
+}
+
+/// `origin rollout start|status|pause|resume|abort`.
+pub async fn rollout(home: &OriginHome, command: RolloutCommand) -> Result<()> {
+    let (command, json, failure) = match command {
+        RolloutCommand::Start {
+            bundle,
+            selector,
+            rescue,
+            max_failures,
+            downgrade,
+            json,
+        } => (
+            ControlCommand::RolloutStart {
+                bundle,
+                rescue,
+                selector,
+                max_failures,
+                downgrade,
+            },
+            json,
+            "the rollout did not start",
+        ),
+        RolloutCommand::Status { json } => (
+            ControlCommand::Rollout {
+                action: RolloutAction::Status,
+            },
+            json,
+            "no rollout status",
+        ),
+        RolloutCommand::Pause => (
+            ControlCommand::Rollout {
+                action: RolloutAction::Pause,
+            },
+            false,
+            "cannot pause the rollout",
+        ),
+        RolloutCommand::Resume => (
+            ControlCommand::Rollout {
+                action: RolloutAction::Resume,
+            },
+            false,
+            "cannot resume the rollout",
+        ),
+        RolloutCommand::Abort => (
+            ControlCommand::Rollout {
+                action: RolloutAction::Abort,
+            },
+            false,
+            "cannot abort the rollout",
+        ),
+    };
+    run(home, command, json, failure).await
+}

@@ -1,0 +1,7 @@
+//! The `origin` subcommands, one module per group; `main` parses the command line and
+//! dispatches here.
+
+pub mod bundles;
+pub mod control;
+pub mod setup;
+pub mod swap;

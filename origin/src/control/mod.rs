@@ -1,0 +1,430 @@
+//! The origin's control plane, server side: node reports and boot negotiation, the operator's
+//! commands (`origin nodes`, `policy load|check`, `class set`, `override set|clear`, `audit`,
+//! `test-run`), and the package table fed by publish.
+//!
+//! Every change goes through [`Db::commit`] with its audit record. Test runs are the one
+//! exception by design: they live in memory only, so a restart of the origin forgets them.
+//!
+//! Here: node reports, the boot negotiation and the package table. The operator's commands are
+//! in `commands`, test runs in `test_run`, tables and times for people in `render`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use proto::inventory::Inventory;
+use proto::manifest::Manifest;
+use proto::net::PeerIdentity;
+use proto::wire::{BootPlan, BundleInfo, NodeBundle, NodeReport, ReportEvent};
+
+use crate::db::{
+    build_store, now_ms, Audit, AuditRecord, Db, DbError, NodeRecord, NodeState, PackageRecord,
+    PolicyDoc, Put,
+};
+use crate::negotiate::{self, Negotiated};
+use crate::policy::{self, BundleRef, Requirement};
+use crate::policy_file;
+
+mod commands;
+mod render;
+mod test_run;
+
+pub use commands::NodeRow;
+pub use render::{render_table, utc};
+pub use test_run::{TestRun, TestRunError, TEST_RUN_TIMEOUT};
+
+/// Why an operator's command failed; the message is the command's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The database cannot be read or written.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The policy file was refused.
+    #[error(transparent)]
+    PolicyFile(#[from] policy_file::PolicyFileError),
+    /// A bundle that should be `NAME@VERSION` is not.
+    #[error(transparent)]
+    ExactBundle(#[from] policy_file::ExactBundleError),
+    /// The rollout service refused.
+    #[error(transparent)]
+    Rollout(#[from] crate::rollout::service::RolloutServiceError),
+    /// No node has that id or id prefix.
+    #[error("no node `{0}` has reported to this origin; `origin nodes` lists them")]
+    NoSuchNode(String),
+    /// An id prefix that several nodes share.
+    #[error("`{prefix}` is a prefix of {count} node ids; give more of it")]
+    AmbiguousNode {
+        /// The prefix given.
+        prefix: String,
+        /// How many node ids start with it.
+        count: usize,
+    },
+    /// No published bundle by that id or name.
+    #[error("no published bundle {0}")]
+    NoSuchBundle(String),
+    /// A bundle pinned that was never published.
+    #[error("{0} was never published; publish it first (`origin publish`)")]
+    NeverPublished(BundleRef),
+    /// `origin class set` with an empty class.
+    #[error("the class is empty")]
+    EmptyClass,
+    /// A test run that did not start.
+    #[error(transparent)]
+    TestRun(#[from] test_run::TestRunError),
+}
+
+/// The control plane of a running origin.
+pub struct ControlPlane {
+    db: Db,
+    /// Test runs by node id: never written to the database.
+    test_runs: Mutex<BTreeMap<String, TestRun>>,
+    /// Client endpoint with the origin's certificate (edges accept test runs from it only).
+    endpoint: quinn::Endpoint,
+    /// Held from the first read to the commit of every change, so two changes (a node's
+    /// report and an operator's command, say) never overwrite each other's records.
+    changes: Mutex<()>,
+    /// `origin rollout ...`: the running rollout and the saved state of the last.
+    rollouts: crate::rollout::service::RolloutService,
+}
+
+impl ControlPlane {
+    /// The control plane over `db`; test runs connect out through `endpoint`.
+    pub fn new(db: Db, endpoint: quinn::Endpoint) -> Self {
+        // The rollout's file lives beside the database, in the origin's home.
+        let home = db
+            .path()
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        Self {
+            db,
+            test_runs: Mutex::new(BTreeMap::new()),
+            changes: Mutex::new(()),
+            rollouts: crate::rollout::service::RolloutService::new(&home, endpoint.clone()),
+            endpoint,
+        }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn one_change(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn test_runs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, TestRun>> {
+        self.test_runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a published bundle in the package table (once per id), with its audit record.
+    pub fn record_package(
+        &self,
+        info: &BundleInfo,
+        manifest: &Manifest,
+        actor: &PeerIdentity,
+        action: &str,
+    ) -> Result<(), DbError> {
+        let _one_change = self.one_change();
+        if let Some(existing) = self.db.package(&info.name, &info.version)? {
+            if existing.id == info.id {
+                return Ok(());
+            }
+        }
+        let depends: Vec<Requirement> = manifest
+            .dependencies
+            .iter()
+            .filter_map(|dep| {
+                let text = if dep.version == "*" {
+                    dep.name.clone()
+                } else {
+                    format!("{}@{}", dep.name, dep.version)
+                };
+                match text.parse::<Requirement>() {
+                    Ok(requirement) => Some(requirement),
+                    Err(error) => {
+                        tracing::warn!(bundle = %info.id, %error, "a dependency is not a valid requirement; left out");
+                        None
+                    }
+                }
+            })
+            .collect();
+        let record = PackageRecord {
+            name: info.name.clone(),
+            version: info.version.clone(),
+            id: info.id,
+            kind: info.kind.to_string(),
+            depends: depends.clone(),
+            stored_bytes: info.stored_bytes,
+            raw_bytes: info.raw_bytes,
+            seq: info.seq,
+            published_ms: if action == "package.publish" {
+                now_ms()
+            } else {
+                0
+            },
+        };
+        let deps = if depends.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " depends {}",
+                depends
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let mut packages = self.db.packages()?;
+        packages.retain(|p| !(p.name == record.name && p.version == record.version));
+        packages.push(record.clone());
+        let mut puts = vec![Put::Package(Box::new(record))];
+        // A captured image (seed 004) becomes the image of the nodes with the capturing
+        // node's facts, in the same batch as the package.
+        let mut captured = String::new();
+        let mut doc = None;
+        let current = self.db.policy()?;
+        if let Some(rule) = policy::captured_rule(
+            &manifest.metadata,
+            &current.precedence,
+            BundleRef::new(info.name.clone(), info.version.clone()),
+        ) {
+            let mut next = current;
+            next.rules.retain(|r| r.id != rule.id);
+            captured = format!(
+                "; captured by node {}: rule {} ({} {})",
+                manifest
+                    .metadata
+                    .get(policy::capture_keys::NODE)
+                    .map_or("-", String::as_str),
+                rule.id,
+                rule.matcher.kind().name(),
+                rule.matcher.value(),
+            );
+            tracing::info!(rule = %rule.id, bundle = %info.id, "a captured image becomes the image of nodes with its facts");
+            next.rules.push(rule);
+            puts.push(Put::Policy(Box::new(next.clone())));
+            doc = Some(next);
+        } else if manifest.metadata.contains_key(policy::capture_keys::NODE) {
+            tracing::warn!(bundle = %info.id, "a captured image names no model, manufacturer or class the precedence consults; no rule added");
+        }
+        puts.extend(self.refreshed(&Change {
+            packages: Some(packages),
+            doc,
+            ..Change::default()
+        })?);
+        self.db.commit(
+            &puts,
+            Some(Audit::new(
+                actor.node_id.to_string(),
+                actor.role.as_str(),
+                action,
+                format!(
+                    "{}@{} ({}){deps}{captured}",
+                    info.name, info.version, info.id
+                ),
+            )),
+        )?;
+        Ok(())
+    }
+
+    /// Records a node's report (id and site from its certificate) and, with `negotiate`,
+    /// answers what it should boot.
+    pub fn report(
+        &self,
+        node_id: &str,
+        site: &str,
+        report: NodeReport,
+        negotiate: bool,
+    ) -> Result<Option<BootPlan>, DbError> {
+        let _one_change = self.one_change();
+        let now = now_ms();
+        let existing = self.db.node(node_id)?;
+        let mut record = existing.clone().unwrap_or_else(|| NodeRecord {
+            id: node_id.to_owned(),
+            site: site.to_owned(),
+            inventory: Inventory::default(),
+            installed: Vec::new(),
+            held: Vec::new(),
+            desired: Vec::new(),
+            state: NodeState::Reported,
+            state_detail: String::new(),
+            data_addr: String::new(),
+            first_seen_ms: now,
+            last_seen_ms: now,
+            last_event: report.event,
+            reports: 0,
+        });
+        record.site = site.to_owned();
+        // The site comes from the certificate, whatever the node configured.
+        record.inventory = Inventory {
+            site: Some(site.to_owned()),
+            ..report.inventory
+        };
+        record.installed = report.installed;
+        record.held = report.held;
+        if !report.data_addr.is_empty() || report.event == ReportEvent::Started {
+            record.data_addr = report.data_addr;
+        }
+        record.last_seen_ms = now.max(record.last_seen_ms);
+        record.last_event = report.event;
+        record.reports += 1;
+        if report.event == ReportEvent::Started {
+            // A node that restarted runs nothing in test mode any more.
+            if self.test_runs().remove(node_id).is_some() {
+                tracing::info!(node = node_id, "test run ended with the node's restart");
+            }
+        }
+        let plan = if negotiate {
+            let store = self.db.policy_store()?;
+            let inventory = self.effective_inventory(&record)?;
+            let resolution = policy::resolve(&store, node_id, &inventory);
+            let packages = self.package_map()?;
+            let Negotiated {
+                plan,
+                desired,
+                state,
+                detail,
+            } = negotiate::offer_capture(
+                negotiate::plan(&resolution, &record.installed, &packages),
+                self.db.policy()?.capture.as_ref(),
+                inventory.class.as_deref(),
+            );
+            record.desired = desired;
+            record.state = state;
+            record.state_detail = detail;
+            Some(plan)
+        } else {
+            if !record.desired.is_empty() {
+                record.state = negotiate::state_after_update(&record.installed, &record.desired);
+            }
+            None
+        };
+        let audit = node_audit(existing.as_ref(), &record);
+        self.db.commit(&[Put::Node(Box::new(record))], audit)?;
+        Ok(plan)
+    }
+
+    /// Every node whose desired bundles or state differ under the policy as `change` leaves
+    /// it, as puts to commit with the change: the node table always says what each node
+    /// should run now.
+    fn refreshed(&self, change: &Change) -> Result<Vec<Put>, DbError> {
+        let doc = match &change.doc {
+            Some(doc) => doc.clone(),
+            None => self.db.policy()?,
+        };
+        let overrides = match &change.overrides {
+            Some(overrides) => overrides.clone(),
+            None => self.db.overrides()?,
+        };
+        let packages = match &change.packages {
+            Some(packages) => packages.clone(),
+            None => self.db.packages()?,
+        };
+        let classes = match &change.classes {
+            Some(classes) => classes.clone(),
+            None => self.db.classes()?,
+        };
+        let store = build_store(doc, &overrides, &packages);
+        let by_version: BTreeMap<(String, String), PackageRecord> = packages
+            .into_iter()
+            .map(|p| ((p.name.clone(), p.version.clone()), p))
+            .collect();
+        let mut puts = Vec::new();
+        for mut record in self.db.nodes()? {
+            let mut inventory = record.inventory.clone();
+            if let Some(class) = classes.get(&record.id) {
+                inventory.class = Some(class.clone());
+            }
+            let resolution = policy::resolve(&store, &record.id, &inventory);
+            let negotiated = negotiate::plan(&resolution, &record.installed, &by_version);
+            let state = match negotiated.state {
+                NodeState::Updating => NodeState::Outdated,
+                other => other,
+            };
+            if negotiated.desired != record.desired
+                || state != record.state
+                || negotiated.detail != record.state_detail
+            {
+                record.desired = negotiated.desired;
+                record.state = state;
+                record.state_detail = negotiated.detail;
+                puts.push(Put::Node(Box::new(record)));
+            }
+        }
+        Ok(puts)
+    }
+
+    fn package_map(&self) -> Result<BTreeMap<(String, String), PackageRecord>, DbError> {
+        Ok(self
+            .db
+            .packages()?
+            .into_iter()
+            .map(|p| ((p.name.clone(), p.version.clone()), p))
+            .collect())
+    }
+
+    /// The node's inventory with the class the operator set, if any.
+    fn effective_inventory(&self, record: &NodeRecord) -> Result<Inventory, DbError> {
+        let mut inventory = record.inventory.clone();
+        if let Some(class) = self.db.classes()?.remove(&record.id) {
+            inventory.class = Some(class);
+        }
+        Ok(inventory)
+    }
+}
+
+/// A change not yet committed: the parts of the policy it replaces.
+#[derive(Default)]
+struct Change {
+    doc: Option<PolicyDoc>,
+    overrides: Option<BTreeMap<String, Vec<BundleRef>>>,
+    packages: Option<Vec<PackageRecord>>,
+    classes: Option<BTreeMap<String, String>>,
+}
+
+/// The audit record a node report writes: its first report, and changes of what it holds or
+/// should run (not every heartbeat).
+fn node_audit(before: Option<&NodeRecord>, after: &NodeRecord) -> Option<Audit> {
+    let actor = after.id.clone();
+    match before {
+        None => Some(Audit::new(
+            actor,
+            "edge",
+            "node.first-report",
+            format!(
+                "site {}, role {}, class {}, {} ({})",
+                after.site,
+                after.role().unwrap_or("-"),
+                after.inventory.class.as_deref().unwrap_or("-"),
+                after.last_event.name(),
+                after.inventory.model.as_deref().unwrap_or("unknown model")
+            ),
+        )),
+        Some(before) if before.installed != after.installed => Some(Audit::new(
+            actor,
+            "edge",
+            "node.installed",
+            format!("{} -> {}", list(&before.installed), list(&after.installed)),
+        )),
+        Some(before) if before.desired != after.desired => Some(Audit::new(
+            actor,
+            "edge",
+            "node.desired",
+            format!("{} -> {}", list(&before.desired), list(&after.desired)),
+        )),
+        Some(_) => None,
+    }
+}
+
+fn list(bundles: &[NodeBundle]) -> String {
+    if bundles.is_empty() {
+        return "-".into();
+    }
+    bundles
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
