@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use proto::bundles;
+use proto::durable::{write_json_atomic, MODE_READABLE};
 use proto::manifest::BundleId;
 use proto::net::{call, connect};
 use proto::wire::{
@@ -88,7 +89,7 @@ impl NodeConfig {
             changed = true;
         }
         if changed {
-            crate::daemon::write_json_atomically(&dir.join(CONFIG_FILE), &config)?;
+            write_json_atomic(&dir.join(CONFIG_FILE), &config, MODE_READABLE)?;
         }
         Ok(config)
     }
@@ -105,17 +106,9 @@ pub fn load_installed(dir: &Path) -> Result<Vec<NodeBundle>> {
     }
 }
 
-/// Records `installed` under `dir` (written whole, then renamed, then the directory synced).
+/// Records `installed` under `dir` (durably: see [`proto::durable`]).
 pub fn save_installed(dir: &Path, installed: &[NodeBundle]) -> Result<()> {
-    let path = dir.join(INSTALLED_FILE);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(installed)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    write_json_atomic(&dir.join(INSTALLED_FILE), installed, MODE_READABLE)?;
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use proto::durable::{write_json_atomic, MODE_PRIVATE};
 use proto::manifest::BundleId;
 use proto::wire::{BundleInfo, RolloutAction};
 use tokio::sync::Mutex;
@@ -141,7 +142,7 @@ impl Rollouts {
         let mut saved_meta = saved.clone();
         let save = move |rollout: &Rollout| -> Result<(), String> {
             saved_meta.rollout = rollout.clone();
-            write_atomically(&file, &saved_meta)
+            write_json_atomic(&file, &saved_meta, MODE_PRIVATE).map_err(|e| e.to_string())
         };
         let (handle, task) = rollout_run::spawn(saved.rollout, fleet, save);
         Running { handle, task }
@@ -200,7 +201,7 @@ impl Rollouts {
                 .map(|n| (n.id.clone(), n.data_addr.clone()))
                 .collect(),
         };
-        write_atomically(&self.state_file, &saved)?;
+        write_json_atomic(&self.state_file, &saved, MODE_PRIVATE).map_err(|e| e.to_string())?;
         *running = Some(self.spawn(saved));
         Ok(status)
     }
@@ -269,19 +270,6 @@ pub fn select<'a>(nodes: &'a [NodeRecord], selector: &str) -> Result<Vec<&'a Nod
     }
     picked.sort_by(|a, b| (&a.site, &a.id).cmp(&(&b.site, &b.id)));
     Ok(picked)
-}
-
-fn write_atomically<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), String> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
-    let temp = path.with_extension("json.tmp");
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)
-    };
-    write().map_err(|e| format!("cannot save {}: {e}", path.display()))
 }
 
 #[cfg(test)]
