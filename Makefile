@@ -16,9 +16,12 @@ demo: deps
 	$(CARGO) run --release -p netsim --bin netsim -- demo $(DEMO_ARGS)
 
 ## Run every test of the workspace. The binaries are built first: netsim's tests start them.
+## Both steps enable the test switches (`test-hooks`), which a normal build leaves out; the same
+## features in both steps mean the test step reuses the binaries' compile.
+TEST_FEATURES := stager/test-hooks,edge-agent/test-hooks
 test: deps
-	$(CARGO) build --release --bins
-	$(CARGO) test --release --workspace
+	$(CARGO) build --release --bins --features $(TEST_FEATURES)
+	$(CARGO) test --release --workspace --features $(TEST_FEATURES)
 
 ## Run the criterion benchmarks (slow; not part of `make test`).
 bench: deps

@@ -18,6 +18,7 @@ use proto::mesh::server::{self, RequestHandler};
 use proto::mesh::{names, PeerCounters};
 use proto::metrics::Metrics;
 use proto::net::{server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role};
+use proto::retry::{retry, RetryPolicy};
 use proto::wire::{
     ErrorCode, FetchSummary, NegotiationOutcome, Request, Response, SitePeer,
     TestRunSummary,
@@ -38,14 +39,14 @@ pub const DEFAULT_MAX_UPLOADS: usize = 8;
 /// Least time between two progress frames of one `Fetch` answer.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Start-up negotiations tried before giving up until the next start.
-const NEGOTIATION_ATTEMPTS: u32 = 12;
-
-/// Wait before the second start-up negotiation; doubles up to [`NEGOTIATION_RETRY_MAX`].
-const NEGOTIATION_RETRY_FIRST: Duration = Duration::from_secs(1);
-
-/// Longest wait between two start-up negotiations.
-const NEGOTIATION_RETRY_MAX: Duration = Duration::from_secs(60);
+/// Start-up negotiations tried before giving up until the next start, with waits of up to 1 s,
+/// doubling, and at most 60 s.
+const NEGOTIATION_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 12,
+    max_elapsed: None,
+    base_delay: Duration::from_secs(1),
+    max_delay: Duration::from_secs(60),
+};
 
 /// How `edge-agent serve` runs.
 #[derive(Clone, Debug)]
@@ -64,7 +65,8 @@ pub struct DaemonConfig {
     pub upload_limit_bits_per_s: Option<u64>,
     /// Uploads served at once; more wait their turn.
     pub max_uploads: usize,
-    /// Test hook: corrupt every blob part served to peers.
+    /// Test hook: corrupt every blob part served to peers. The binary's switch for it,
+    /// `--test-corrupt-serving`, exists only in a build with the `test-hooks` feature.
     pub test_corrupt_serving: bool,
     /// The machine the origin may ask this daemon to swap; `None` refuses swaps.
     pub swap: Option<RemoteSwapConfig>,
@@ -760,7 +762,11 @@ pub async fn serve(
         mesh: listen.to_string(),
         metrics: metrics_addr.to_string(),
     };
-    write_json_atomically(&config.dir.join(DAEMON_FILE), &ready_info)?;
+    proto::durable::write_json_atomic(
+        &config.dir.join(DAEMON_FILE),
+        &ready_info,
+        proto::durable::MODE_READABLE,
+    )?;
     ready(&ready_info)?;
     tracing::info!(mesh = %listen, metrics = %metrics_addr, peers = config.peers, "edge agent serving");
     proto::metrics::spawn_log_summary(metrics.clone(), Duration::from_secs(10), "edge-agent");
@@ -778,54 +784,50 @@ pub async fn serve(
 /// neither a stager nor the origin answers, the node runs as it is and tries again later.
 fn spawn_startup_negotiation(daemon: Arc<Daemon>) {
     tokio::spawn(async move {
-        let mut delay = NEGOTIATION_RETRY_FIRST;
-        for attempt in 1..=NEGOTIATION_ATTEMPTS {
-            match daemon.negotiate_now().await {
-                Ok(outcome) => {
-                    let answer = negotiate::describe(&outcome);
-                    let answer = answer.trim_end();
-                    match &outcome.plan {
-                        proto::wire::BootPlan::NoImageCapture { name, .. }
-                            if daemon.capture.is_some() =>
-                        {
-                            tracing::warn!(answer, "start-up negotiation: no image; capturing one");
-                            match daemon.capture_then_negotiate(name).await {
-                                Ok(after) => tracing::info!(
-                                    answer = negotiate::describe(&after).trim_end(),
-                                    "negotiated after the capture"
-                                ),
-                                Err(error) => tracing::error!(
-                                    error = format!("{error:#}"),
-                                    "capture failed; the node has no image"
-                                ),
-                            }
+        let what = "start-up negotiation (the node runs as it is meanwhile)";
+        let negotiated = retry(
+            what,
+            &NEGOTIATION_RETRY,
+            |_| true,
+            |_| daemon.negotiate_now(),
+        )
+        .await;
+        match negotiated {
+            Ok(outcome) => {
+                let answer = negotiate::describe(&outcome);
+                let answer = answer.trim_end();
+                match &outcome.plan {
+                    proto::wire::BootPlan::NoImageCapture { name, .. }
+                        if daemon.capture.is_some() =>
+                    {
+                        tracing::warn!(answer, "start-up negotiation: no image; capturing one");
+                        match daemon.capture_then_negotiate(name).await {
+                            Ok(after) => tracing::info!(
+                                answer = negotiate::describe(&after).trim_end(),
+                                "negotiated after the capture"
+                            ),
+                            Err(error) => tracing::error!(
+                                error = format!("{error:#}"),
+                                "capture failed; the node has no image"
+                            ),
                         }
-                        proto::wire::BootPlan::NoImage { .. }
-                        | proto::wire::BootPlan::NoImageCapture { .. } => {
-                            tracing::warn!(answer, "start-up negotiation: this node has no image")
-                        }
-                        proto::wire::BootPlan::PolicyError { .. } => tracing::error!(
-                            answer,
-                            "start-up negotiation: the origin cannot decide for this node"
-                        ),
-                        _ => tracing::info!(answer, "start-up negotiation done"),
                     }
-                    return;
+                    proto::wire::BootPlan::NoImage { .. }
+                    | proto::wire::BootPlan::NoImageCapture { .. } => {
+                        tracing::warn!(answer, "start-up negotiation: this node has no image")
+                    }
+                    proto::wire::BootPlan::PolicyError { .. } => tracing::error!(
+                        answer,
+                        "start-up negotiation: the origin cannot decide for this node"
+                    ),
+                    _ => tracing::info!(answer, "start-up negotiation done"),
                 }
-                Err(error) => tracing::error!(
-                    attempt,
-                    retry_in_s = delay.as_secs(),
-                    error = format!("{error:#}"),
-                    "start-up negotiation failed; running as it is meanwhile"
-                ),
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(NEGOTIATION_RETRY_MAX);
+            Err(error) => tracing::error!(
+                error = format!("{error:#}"),
+                "start-up negotiation gave up; `edge-agent negotiate` tries again"
+            ),
         }
-        tracing::error!(
-            attempts = NEGOTIATION_ATTEMPTS,
-            "start-up negotiation gave up; `edge-agent negotiate` tries again"
-        );
     });
 }
 

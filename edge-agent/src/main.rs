@@ -19,8 +19,8 @@ use edge_agent::swap::sim::{
 };
 use edge_agent::swap::store::open_store;
 use edge_agent::swap::{
-    self, fault, machine_store_dir, status, HealthCheck, MachineSpec, RunEnd, Slot, SwapContext,
-    SwapPlan, REBOOT_EXIT_CODE,
+    self, machine_store_dir, status, HealthCheck, MachineSpec, RunEnd, Slot, SwapContext, SwapPlan,
+    REBOOT_EXIT_CODE,
 };
 use proto::BundleId;
 
@@ -225,7 +225,9 @@ struct ServeArgs {
     /// Uploads to peers served at once; more are refused as busy.
     #[arg(long, default_value_t = edge_agent::daemon::DEFAULT_MAX_UPLOADS)]
     max_uploads: usize,
-    /// Test hook: corrupt every blob part served to peers.
+    /// Test hook: corrupt every blob part served to peers (only in a build with the
+    /// `test-hooks` feature).
+    #[cfg(feature = "test-hooks")]
     #[arg(long, hide = true)]
     test_corrupt_serving: bool,
     /// Root of the simulated machine this daemon swaps when the origin asks (made by
@@ -403,7 +405,8 @@ struct SimMachineArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
-    if let Err(e) = fault::init_from_env() {
+    #[cfg(feature = "test-hooks")]
+    if let Err(e) = swap::fault::init_from_env() {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
@@ -828,7 +831,10 @@ fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
         peers: args.peers == "on",
         upload_limit_bits_per_s: args.upload_limit_mbit.map(|m| m * 1_000_000),
         max_uploads: args.max_uploads,
+        #[cfg(feature = "test-hooks")]
         test_corrupt_serving: args.test_corrupt_serving,
+        #[cfg(not(feature = "test-hooks"))]
+        test_corrupt_serving: false,
         swap: match args.machine_root {
             Some(machine_root) => Some(edge_agent::remote_swap::RemoteSwapConfig {
                 machine_root,

@@ -99,16 +99,7 @@ pub fn load_installed(dir: &Path) -> Result<Vec<NodeBundle>> {
 
 /// Records `installed` under `dir` (written whole, then renamed, then the directory synced).
 pub fn save_installed(dir: &Path, installed: &[NodeBundle]) -> Result<()> {
-    let path = dir.join(INSTALLED_FILE);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(installed)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    write_json_atomically(&dir.join(INSTALLED_FILE), installed)
 }
 
 /// Removes the temporary area (test mode) under `dir`; returns true when there was one.
@@ -139,12 +130,9 @@ pub fn running_daemon(dir: &Path) -> Option<DaemonReady> {
     serde_json::from_slice(&text).ok()
 }
 
-/// Writes `value` as JSON to `path` through a temporary file and a rename.
-pub fn write_json_atomically<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+/// Writes `value` as JSON to `path` durably (see [`proto::durable`]), readable by everyone.
+pub fn write_json_atomically<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    proto::durable::write_json_atomic(path, value, proto::durable::MODE_READABLE)?;
     Ok(())
 }
 

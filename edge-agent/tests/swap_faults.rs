@@ -26,6 +26,24 @@ const MAX_CRASH_POINT: u64 = 70;
 /// Variable that fixes the randomized trials' seed, to reproduce a failure.
 const SEED_ENV: &str = "STAGECOACH_TRIAL_SEED";
 
+/// Fails the test at once, saying why, when the agent binary was built without the crash
+/// points (the `test-hooks` feature; this crate's dev-dependency on itself turns it on).
+fn require_fault_hooks() {
+    let output = Command::new(agent())
+        .args(["status", "--root", "/nonexistent-stagecoach-machine"])
+        .env(CRASH_AT_ENV, "no-such-step:before")
+        .output()
+        .expect("run the agent");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(CRASH_AT_ENV),
+        "{} ignores {CRASH_AT_ENV}: it was built without the `test-hooks` feature; build it with \
+         `cargo build --release -p edge-agent --features edge-agent/test-hooks` (`make test` \
+         does); its stderr: {stderr}",
+        agent().display()
+    );
+}
+
 fn next_boot(root: &Path) -> Slot {
     let env = GrubEnv::parse(&fs::read(sim::grubenv_path(root)).expect("grubenv")).expect("parse");
     firmware_boot(&env).0
@@ -102,6 +120,7 @@ const HEALTHY_PATH: &[Step] = &[
 
 #[test]
 fn crash_before_and_after_every_step_still_boots_a_complete_os_and_finishes() {
+    require_fault_hooks();
     let fixture = Fixture::new();
     let scenarios = [
         Scenario {
@@ -226,6 +245,7 @@ fn crash_before_and_after_every_step_still_boots_a_complete_os_and_finishes() {
 }
 
 fn randomized_trials(trials: u32) {
+    require_fault_hooks();
     let seed: u64 = match std::env::var(SEED_ENV) {
         Ok(text) => text.parse().expect("STAGECOACH_TRIAL_SEED is a u64"),
         Err(_) => rand::random(),

@@ -56,7 +56,32 @@ impl Binaries {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+
+    /// Fails, saying how to fix it, unless `stager` and `edge-agent` were built with their
+    /// test switches (`serve --test-corrupt-serving`), which only the `test-hooks` feature
+    /// compiles in.
+    pub fn require_test_hooks(&self) -> Result<()> {
+        for name in ["stager", "edge-agent"] {
+            let bin = self.path(name);
+            // With the switch, clap reaches `--help` and succeeds; without, it refuses the switch.
+            let output = std::process::Command::new(&bin)
+                .args(["serve", "--test-corrupt-serving", "--help"])
+                .output()
+                .with_context(|| format!("cannot run {}", bin.display()))?;
+            if !output.status.success() {
+                bail!(
+                    "{} has no test switches: build the binaries with \
+                     `cargo build --release --bins --features {TEST_HOOK_FEATURES}` (as `make test` does)",
+                    bin.display()
+                );
+            }
+        }
+        Ok(())
+    }
 }
+
+/// The cargo features that compile the test switches into the binaries.
+pub const TEST_HOOK_FEATURES: &str = "stager/test-hooks,edge-agent/test-hooks";
 
 /// A command to run, with its log file (truncated).
 pub fn command(bin: &Path, args: &[String], log: &Path) -> Result<Command> {

@@ -199,6 +199,7 @@ async fn stager_killed_mid_transfer_resumes_without_refetching() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_stager_is_rejected_and_the_edge_completes_from_the_origin() {
+    bins().require_test_hooks().expect("test switches");
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 4 * MIB, 31).expect("tree");

@@ -109,6 +109,7 @@ async fn peers_take_load_off_a_slow_stager() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_edge_is_banned_and_the_others_finish() {
+    bins().require_test_hooks().expect("test switches");
     let _serial = ONE_AT_A_TIME.lock().await;
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");

@@ -66,12 +66,14 @@ impl Catalog {
             .collect()
     }
 
-    /// The newest entry named `name` (with `version`, if given).
+    /// The entry named `name` at `version`, or at its newest version when none is given (see
+    /// [`proto::version`]; the latest published among equal versions).
     pub fn resolve(&self, name: &str, version: Option<&str>) -> Option<BundleInfo> {
-        self.all()
-            .into_iter()
-            .rev()
-            .find(|b| b.name == name && version.is_none_or(|v| b.version == v))
+        let entries = self.all();
+        let named = entries
+            .iter()
+            .filter(|b| b.name == name && version.is_none_or(|v| b.version == v));
+        proto::version::newest_by(named, |b| &b.version).cloned()
     }
 
     /// Appends `info` with the next sequence number and returns it; a bundle already in the

@@ -98,9 +98,10 @@ impl OriginHome {
         let ca = CertAuthority::create(&self.ca_dir()).context("cannot create the mesh CA")?;
         let signing = proto::manifest::generate_signing_key();
         std::fs::create_dir_all(self.publisher_dir())?;
-        write_secret(
+        proto::durable::write_atomic(
             &self.signing_key_path(),
             hex::encode(signing.to_bytes()).as_bytes(),
+            proto::durable::MODE_PRIVATE,
         )?;
         let site = Site::new(ORIGIN_SITE)?;
         let origin = ca.node_identity(
@@ -202,32 +203,4 @@ impl OriginHome {
             .parse()
             .with_context(|| format!("bad mesh address {:?} in serve.json", addrs.mesh))
     }
-}
-
-/// Writes `bytes` to `path` readable by the owner only, atomically.
-pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
-}
-
-/// Writes JSON to `path` atomically (temp file, fsync, rename).
-pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let bytes = serde_json::to_vec_pretty(value)?;
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use proto::bundles;
+use proto::durable::{write_json_atomic, MODE_READABLE};
 use proto::mesh::serve::{serve_blob, spans_to_ranges, ServeOptions};
 use proto::mesh::server::{self, RequestHandler};
 use proto::mesh::{names, PeerCounters};
@@ -23,7 +24,7 @@ use tokio::sync::broadcast;
 
 use crate::catalog::Catalog;
 use crate::control::ControlPlane;
-use crate::home::{write_json_atomic, OriginHome, ServeAddrs};
+use crate::home::{OriginHome, ServeAddrs};
 use crate::tokens;
 
 /// Announcements buffered for slow subscribers before they must resubscribe.
@@ -501,11 +502,12 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         enroll: enroll_addr.to_string(),
         metrics: metrics_addr.to_string(),
     };
-    write_json_atomic(&home.serve_file(), &addrs)?;
+    write_json_atomic(&home.serve_file(), &addrs, MODE_READABLE)?;
     // Tokens embed the fingerprint of the certificate the enrollment endpoint presents.
     write_json_atomic(
         &home.dir().join("enroll-fingerprint.json"),
         &hex::encode(cert_fingerprint(identity.cert_der())),
+        MODE_READABLE,
     )?;
     let (announcements, _) = broadcast::channel(ANNOUNCE_QUEUE);
     let db = home.db()?;
@@ -553,7 +555,7 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     proto::metrics::spawn_log_summary(metrics.clone(), METRICS_LOG_INTERVAL, "origin");
     tokio::spawn(server::run(mesh.clone(), origin, metrics));
     if let Some(path) = &config.ready_file {
-        write_json_atomic(path, &addrs)?;
+        write_json_atomic(path, &addrs, MODE_READABLE)?;
     }
     tracing::info!(mesh = %mesh_addr, enroll = %enroll_addr, metrics = %metrics_addr, "origin serving");
     server::shutdown_signal().await;

@@ -40,7 +40,12 @@ pub fn record(dir: &Path, secret: &[u8; 32], role: Role, site: &Site) -> Result<
         site: site.as_str().to_owned(),
         expires_unix_s: expires,
     };
-    crate::home::write_json_atomic(&dir.join(name_for(secret)), &pending)
+    proto::durable::write_json_atomic(
+        &dir.join(name_for(secret)),
+        &pending,
+        proto::durable::MODE_PRIVATE,
+    )?;
+    Ok(())
 }
 
 /// Why an enrollment token grants nothing.

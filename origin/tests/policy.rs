@@ -717,17 +717,23 @@ fn check_lists_every_node_and_every_conflict() {
 }
 
 #[test]
-fn versions_order_numerically_by_segment() {
+fn versions_order_semver_then_debian() {
+    // The full rule and its property tests live in `proto::version`; these are the cases a
+    // policy meets: the newest version, `>=`, and release candidates of either scheme.
     let cases = [
         ("1.10", "1.9", Ordering::Greater),
         ("1.0", "1.0.1", Ordering::Less),
+        ("2.0-rc1", "2.0", Ordering::Less),
+        ("2.0~rc1", "2.0", Ordering::Less),
+        ("2.0~rc1", "2.0-rc1", Ordering::Less),
         ("2.0", "2.beta", Ordering::Less),
         ("2.alpha", "2.beta", Ordering::Less),
+        ("1:1.0", "9.0", Ordering::Greater),
         ("10", "9", Ordering::Greater),
         ("1.0", "1.0", Ordering::Equal),
         ("1.01", "1.1", Ordering::Less),
         ("123456789012345678901234567890", "99", Ordering::Greater),
-        ("", "0", Ordering::Greater),
+        ("", "0", Ordering::Less),
     ];
     for (left, right, order) in cases {
         assert_eq!(compare_versions(left, right), order, "{left} vs {right}");
@@ -736,6 +742,53 @@ fn versions_order_numerically_by_segment() {
             order.reverse(),
             "{right} vs {left}"
         );
+    }
+}
+
+#[test]
+fn the_newest_version_is_the_release_not_its_candidate() {
+    // (published versions of `app`, the feature's requirement, the version chosen)
+    let cases: [(&[&str], &str, &str); 5] = [
+        (&["1.9", "2.0", "2.0-rc1"], "app", "2.0"),
+        (&["1.9", "2.0-rc1", "2.0-rc2"], "app", "2.0-rc2"),
+        (&["1.9", "2.0~rc1", "2.0"], "app", "2.0"),
+        (&["1.9", "2.0-rc1"], "app>=2.0-rc1", "2.0-rc1"),
+        (&["1:0.9", "2.0"], "app", "1:0.9"),
+    ];
+    for (published, requirement, chosen) in cases {
+        let mut store = PolicyStore::new();
+        for version in published {
+            store.add_package("app", version, Vec::new());
+        }
+        store.features.insert("app".into(), vec![req(requirement)]);
+        let inventory = Inventory {
+            features: vec!["app".into()],
+            ..Inventory::default()
+        };
+        let resolution = resolve(&store, "edge-1", &inventory)
+            .unwrap_or_else(|e| panic!("{published:?} {requirement}: {e}"));
+        let got: Vec<String> = resolution.bundles().iter().map(|b| b.to_string()).collect();
+        assert_eq!(
+            got,
+            [format!("app@{chosen}")],
+            "{published:?} {requirement}"
+        );
+    }
+    // `>=` a release refuses its candidates, and the refusal lists them oldest first.
+    let mut store = PolicyStore::new();
+    for version in ["2.0-rc2", "1.9", "2.0-rc1"] {
+        store.add_package("app", version, Vec::new());
+    }
+    store.features.insert("app".into(), vec![req("app>=2.0")]);
+    let inventory = Inventory {
+        features: vec!["app".into()],
+        ..Inventory::default()
+    };
+    match resolve(&store, "edge-1", &inventory) {
+        Err(PolicyError::NoMatchingVersion { available, .. }) => {
+            assert_eq!(available, ["1.9", "2.0-rc1", "2.0-rc2"]);
+        }
+        other => panic!("expected no matching version, got {other:?}"),
     }
 }
 
@@ -759,6 +812,19 @@ fn requirements_parse_and_print() {
         ("base>=", None),
         ("ba se", None),
         ("base@1 0", None),
+        (
+            "base>=2.0~rc1",
+            Some((
+                "base",
+                Constraint::AtLeast("2.0~rc1".into()),
+                "base>=2.0~rc1",
+            )),
+        ),
+        (
+            "base@1:2.0-3",
+            Some(("base", Constraint::Exact("1:2.0-3".into()), "base@1:2.0-3")),
+        ),
+        ("ba~se", None),
     ];
     for (text, expected) in cases {
         match (text.parse::<Requirement>(), expected) {

@@ -54,7 +54,9 @@ enum Command {
         /// Cache bound for bundles no longer announced, in GiB.
         #[arg(long, default_value_t = 64)]
         cache_gib: u64,
-        /// Test hook: corrupt every blob part served to edges.
+        /// Test hook: corrupt every blob part served to edges (only in a build with the
+        /// `test-hooks` feature).
+        #[cfg(feature = "test-hooks")]
         #[arg(long, hide = true)]
         test_corrupt_serving: bool,
         /// Upload limit to the site's edges, in Mbit/s (default: none).
@@ -90,9 +92,12 @@ async fn main() -> Result<()> {
             metrics_listen,
             ready_file,
             cache_gib,
+            #[cfg(feature = "test-hooks")]
             test_corrupt_serving,
             upload_limit_mbit,
         } => {
+            #[cfg(not(feature = "test-hooks"))]
+            let test_corrupt_serving = false;
             node::serve(StagerConfig {
                 dir: cli.dir,
                 site,

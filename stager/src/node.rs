@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use ed25519_dalek::VerifyingKey;
 use proto::bundles;
+use proto::durable;
 use proto::manifest::{BundleId, Manifest};
 use proto::mesh::fetch::{fetch_manifest, FetchError};
 use proto::mesh::pace::RateLimit;
@@ -19,6 +20,7 @@ use proto::metrics::Metrics;
 use proto::net::{
     read_frame, send_request, server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role, Site,
 };
+use proto::retry::{retry, RetryPolicy};
 use proto::store::{Store, StoreOptions};
 use proto::wire::{
     BundleInfo, ErrorCode, Holding, Request, Response, SitePeer, MAX_FRAME_BYTES, MAX_HOLDINGS,
@@ -31,6 +33,19 @@ use crate::upstream::{Flights, Upstream};
 
 /// Chunks of one bundle prefetched at once.
 pub const PREHEAT_CONCURRENCY: usize = 8;
+
+/// Announcements preheated at once; a further announcement waits for one of them to end (each
+/// ends within [`PREHEAT_RETRY`]), so a bundle that cannot be pulled never blocks later ones.
+pub const MAX_CONCURRENT_PREHEATS: usize = 2;
+
+/// Attempts at preheating one bundle. Giving up costs nothing lasting: edges that ask for the
+/// bundle make the stager pull its chunks on demand.
+pub const PREHEAT_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 8,
+    max_elapsed: None,
+    base_delay: Duration::from_secs(1),
+    max_delay: Duration::from_secs(60),
+};
 
 /// Delay before resubscribing after the origin connection drops.
 pub const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
@@ -55,7 +70,8 @@ pub struct StagerConfig {
     pub ready_file: Option<PathBuf>,
     /// Cache bound of the store, in bytes.
     pub cache_limit_bytes: u64,
-    /// Test hook: corrupt every blob part served to edges.
+    /// Test hook: corrupt every blob part served to edges. The binary's switch for it,
+    /// `--test-corrupt-serving`, exists only in a build with the `test-hooks` feature.
     pub test_corrupt_serving: bool,
     /// Upload limit to the site's edges, in bits per second (`None`: as fast as QUIC goes).
     pub upload_limit_bits_per_s: Option<u64>,
@@ -190,25 +206,59 @@ impl Stager {
         let conn = self.flights.upstream().connection().await?;
         let mut recv = send_request(&conn, &Request::Subscribe { after_seq }).await?;
         tracing::info!(after_seq, "subscribed to the origin");
+        // Dropped when the subscription ends: unfinished preheats stop, and since the saved
+        // sequence number is below them, the next subscription announces them again.
+        let mut preheats = tokio::task::JoinSet::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PREHEATS));
+        let progress = Arc::new(Mutex::new(SeqProgress::after(after_seq)));
         while let Some(message) = read_frame::<Response>(&mut recv, MAX_FRAME_BYTES).await? {
             let Response::Announce(info) = message else {
                 bail!("unexpected message on the subscription: {message:?}");
             };
             tracing::info!(bundle = %info.id, name = %info.name, version = %info.version, seq = info.seq, "announced");
-            let mut delay = RESUBSCRIBE_DELAY;
-            loop {
-                match self.preheat(&info).await {
-                    Ok(()) => break,
-                    Err(error) => {
-                        tracing::warn!(bundle = %info.id, %error, "preheat failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(10));
+            let permit = slots.clone().acquire_owned().await?;
+            progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .started(info.seq);
+            let (stager, progress) = (self.clone(), progress.clone());
+            preheats.spawn(async move {
+                let _permit = permit;
+                stager.preheat_with_retries(&info).await;
+                let mut progress = progress.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(seq) = progress.finished(info.seq) {
+                    if let Err(error) = write_seq(&stager.seq_file, seq) {
+                        tracing::error!(
+                            seq,
+                            error = format!("{error:#}"),
+                            "cannot record the last sequence number"
+                        );
                     }
                 }
-            }
-            write_seq(&self.seq_file, info.seq)?;
+            });
+            while preheats.try_join_next().is_some() {}
         }
         Ok(())
+    }
+
+    /// [`Self::preheat`] under [`PREHEAT_RETRY`]; a bundle given up on is logged and left to be
+    /// pulled on demand.
+    async fn preheat_with_retries(self: &Arc<Self>, info: &BundleInfo) {
+        let what = format!(
+            "preheat of bundle {} ({}@{})",
+            info.id, info.name, info.version
+        );
+        // A manifest refused (bad signature) stays refused; anything else may be transient.
+        let retryable = |error: &anyhow::Error| {
+            !matches!(
+                error.downcast_ref::<FetchError>(),
+                Some(FetchError::Manifest { .. })
+            )
+        };
+        let preheat = retry(&what, &PREHEAT_RETRY, retryable, |_| self.preheat(info)).await;
+        if let Err(error) = preheat {
+            tracing::error!(bundle = %info.id, error = format!("{error:#}"), "preheat gave up; edges will pull the bundle on demand");
+        }
     }
 
     async fn answer_blob(
@@ -274,13 +324,13 @@ impl Stager {
             }
             Request::Resolve { name, version } => {
                 self.request_counter("resolve");
-                let local = self
-                    .known()
-                    .catalog
-                    .iter()
-                    .rev()
-                    .find(|b| b.name == name && version.as_deref().is_none_or(|v| b.version == v))
-                    .cloned();
+                let local = {
+                    let known = self.known();
+                    let named = known.catalog.iter().filter(|b| {
+                        b.name == name && version.as_deref().is_none_or(|v| b.version == v)
+                    });
+                    proto::version::newest_by(named, |b| &b.version).cloned()
+                };
                 match local {
                     Some(info) => Response::Resolved(info),
                     None => match self.flights.upstream().connection().await {
@@ -473,12 +523,45 @@ fn read_seq(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Which announcements are done (preheated or given up on), so the saved sequence number never
+/// passes one still being preheated: a restart resubscribes from the first unfinished one.
+#[derive(Debug)]
+struct SeqProgress {
+    running: std::collections::BTreeSet<u64>,
+    highest_started: u64,
+    saved: u64,
+}
+
+impl SeqProgress {
+    fn after(saved: u64) -> Self {
+        Self {
+            running: std::collections::BTreeSet::new(),
+            highest_started: saved,
+            saved,
+        }
+    }
+
+    fn started(&mut self, seq: u64) {
+        self.running.insert(seq);
+        self.highest_started = self.highest_started.max(seq);
+    }
+
+    /// Marks `seq` done; the sequence number to save when it moved forward.
+    fn finished(&mut self, seq: u64) -> Option<u64> {
+        self.running.remove(&seq);
+        let done_through = match self.running.first() {
+            Some(&first) => first.saturating_sub(1),
+            None => self.highest_started,
+        };
+        (done_through > self.saved).then(|| {
+            self.saved = done_through;
+            done_through
+        })
+    }
+}
+
 fn write_seq(path: &Path, seq: u64) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, seq.to_string())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    durable::write_atomic(path, seq.to_string().as_bytes(), durable::MODE_READABLE)?;
     Ok(())
 }
 
@@ -554,12 +637,34 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
             "mesh": listen.to_string(),
             "metrics": metrics_addr.to_string(),
         });
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&ready)?)?;
-        std::fs::rename(&tmp, path)?;
+        durable::write_json_atomic(path, &ready, durable::MODE_READABLE)?;
     }
     tracing::info!(site = %stager.site, %listen, metrics = %metrics_addr, %origin, "stager serving");
     server::shutdown_signal().await;
     endpoint.close(0u32.into(), b"stager stopping");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SeqProgress;
+
+    #[test]
+    fn the_saved_sequence_never_passes_an_unfinished_preheat() {
+        let mut progress = SeqProgress::after(10);
+        for seq in [11, 12, 13] {
+            progress.started(seq);
+        }
+        // 12 and 13 finish first: 11 still runs, so a restart must announce it again.
+        assert_eq!(progress.finished(12), None);
+        assert_eq!(progress.finished(13), None);
+        assert_eq!(progress.finished(11), Some(13));
+        progress.started(14);
+        progress.started(15);
+        assert_eq!(progress.finished(14), Some(14));
+        assert_eq!(progress.finished(15), Some(15));
+        // A sequence number at or below the saved one changes nothing.
+        progress.started(9);
+        assert_eq!(progress.finished(9), None);
+    }
 }

@@ -9,16 +9,20 @@ use std::time::Duration;
 use proto::mesh::fetch::{fetch_blob, FetchError};
 use proto::mesh::PeerCounters;
 use proto::net::{connect, NetError};
+use proto::retry::{retry, RetryPolicy};
 use proto::store::Store;
 use proto::BlobHash;
 use quinn::{Connection, Endpoint};
 use tokio::sync::watch;
 
-/// Attempts per chunk before a flight gives up (edges then retry or go elsewhere).
-pub const FLIGHT_ATTEMPTS: u32 = 5;
-
-/// First retry delay; doubles per attempt.
-pub const FLIGHT_BACKOFF: Duration = Duration::from_millis(200);
+/// Attempts per chunk before a flight gives up (edges then retry or go elsewhere), with waits
+/// of up to 200 ms, 400 ms, 800 ms and 1.6 s between them.
+pub const FLIGHT_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 5,
+    max_elapsed: None,
+    base_delay: Duration::from_millis(200),
+    max_delay: Duration::from_secs(2),
+};
 
 /// The origin connection.
 pub struct Upstream {
@@ -111,29 +115,21 @@ impl Flights {
     }
 
     async fn fly(&self, hash: BlobHash, size: u64, tx: watch::Sender<u64>) {
-        let mut delay = FLIGHT_BACKOFF;
-        for attempt in 1..=FLIGHT_ATTEMPTS {
-            let result = match self.upstream.connection().await {
-                Ok(conn) => {
-                    fetch_blob(&conn, &self.store, hash, size, &self.counters, Some(&tx)).await
-                }
-                Err(error) => Err(FetchError::Net(error)),
-            };
-            match result {
-                Ok(bytes) => {
-                    tracing::debug!(blob = %hash, bytes, "chunk fetched from the origin");
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(blob = %hash, attempt, %error, "chunk fetch from the origin failed");
-                    if !error.is_source_fault() {
-                        return;
-                    }
-                }
-            }
-            tokio::time::sleep(delay).await;
-            delay *= 2;
+        let what = format!("fetch of chunk {hash} from the origin");
+        let tx = &tx;
+        let fetched = retry(
+            &what,
+            &FLIGHT_RETRY,
+            FetchError::is_source_fault,
+            |_| async move {
+                let conn = self.upstream.connection().await?;
+                fetch_blob(&conn, &self.store, hash, size, &self.counters, Some(tx)).await
+            },
+        )
+        .await;
+        match fetched {
+            Ok(bytes) => tracing::debug!(blob = %hash, bytes, "chunk fetched from the origin"),
+            Err(error) => tracing::error!(blob = %hash, %error, "giving up on chunk for now"),
         }
-        tracing::error!(blob = %hash, attempts = FLIGHT_ATTEMPTS, "giving up on chunk for now");
     }
 }

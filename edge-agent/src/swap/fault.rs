@@ -1,20 +1,26 @@
 //! Fault injection for crash tests: the agent SIGKILLs itself at a chosen point.
 //!
-//! Off unless [`init_from_env`] finds one of the variables below. A SIGKILL runs no destructor
-//! and flushes nothing, like a power cut seen from the process (the page cache survives it; that
-//! is what the fsyncs are for).
+//! Compiled in only with the crate's `test-hooks` feature (the crash tests turn it on; a normal
+//! build has no such switch): without it the crash points are empty and no variable is read.
+//! With it, off unless `init_from_env` finds one of the variables `STAGECOACH_CRASH_AT` or
+//! `STAGECOACH_CRASH_AFTER_OPS`. A SIGKILL runs no destructor and flushes nothing, like a power
+//! cut seen from the process (the page cache survives it; that is what the fsyncs are for).
 
+#[cfg(feature = "test-hooks")]
 use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(feature = "test-hooks")]
 use std::sync::OnceLock;
 
 use super::machine::Step;
 
 /// `<step>:<before|after>`: die just before or just after the side effect of that step (the
 /// step's state is already journaled in both cases). Step names are [`Step::name`].
+#[cfg(feature = "test-hooks")]
 pub const CRASH_AT_ENV: &str = "STAGECOACH_CRASH_AT";
 
 /// `N`: die at the N-th crash point of this process (journal writes, and every file operation
 /// of unpacking, wiping and copying the identity).
+#[cfg(feature = "test-hooks")]
 pub const CRASH_AFTER_OPS_ENV: &str = "STAGECOACH_CRASH_AFTER_OPS";
 
 /// Where around a step's side effect a crash lands.
@@ -26,6 +32,7 @@ pub enum Phase {
     After,
 }
 
+#[cfg(feature = "test-hooks")]
 #[derive(Debug)]
 struct Faults {
     at: Option<(Step, Phase)>,
@@ -33,9 +40,11 @@ struct Faults {
     ops: AtomicU64,
 }
 
+#[cfg(feature = "test-hooks")]
 static FAULTS: OnceLock<Faults> = OnceLock::new();
 
 /// Reads the fault-injection variables. Call once at start-up; an error names the bad value.
+#[cfg(feature = "test-hooks")]
 pub fn init_from_env() -> Result<(), String> {
     let at = match std::env::var(CRASH_AT_ENV) {
         Ok(text) => Some(parse_crash_at(&text)?),
@@ -61,6 +70,7 @@ pub fn init_from_env() -> Result<(), String> {
 }
 
 /// Parses `<step>:<before|after>`.
+#[cfg(feature = "test-hooks")]
 pub fn parse_crash_at(text: &str) -> Result<(Step, Phase), String> {
     let bad = || {
         format!("{CRASH_AT_ENV}={text:?}: expected <step>:<before|after>, with a step such as install-target")
@@ -76,6 +86,7 @@ pub fn parse_crash_at(text: &str) -> Result<(Step, Phase), String> {
 }
 
 /// A crash point around a step's side effect.
+#[cfg(feature = "test-hooks")]
 pub fn step_point(step: Step, phase: Phase) {
     if let Some(faults) = FAULTS.get() {
         if faults.at == Some((step, phase)) {
@@ -86,6 +97,7 @@ pub fn step_point(step: Step, phase: Phase) {
 }
 
 /// A crash point after one operation (`what` is logged when it fires).
+#[cfg(feature = "test-hooks")]
 pub fn op_point(what: &'static str) {
     if let Some(faults) = FAULTS.get() {
         let done = faults.ops.fetch_add(1, Ordering::SeqCst) + 1;
@@ -95,6 +107,17 @@ pub fn op_point(what: &'static str) {
     }
 }
 
+/// A crash point around a step's side effect: nothing, in a build without `test-hooks`.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn step_point(_step: Step, _phase: Phase) {}
+
+/// A crash point after one operation: nothing, in a build without `test-hooks`.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn op_point(_what: &'static str) {}
+
+#[cfg(feature = "test-hooks")]
 fn die(point: &str) -> ! {
     eprintln!("fault injection: SIGKILL at {point}");
     // SAFETY: kill and getpid have no memory-safety preconditions.
@@ -105,6 +128,7 @@ fn die(point: &str) -> ! {
     std::process::abort()
 }
 
+#[cfg(feature = "test-hooks")]
 #[cfg(test)]
 mod tests {
     use super::*;

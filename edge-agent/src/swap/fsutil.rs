@@ -1,8 +1,8 @@
 //! Crash-safe file operations: atomic replace, directory sync, whole-filesystem sync, tree copy.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -34,36 +34,36 @@ impl<T> IoContext<T> for io::Result<T> {
     }
 }
 
-/// Replaces `path` with `bytes` atomically: a power cut leaves either the old or the new content,
-/// never a mix. Writes a temporary file beside it, fsyncs it, renames it over `path`, and fsyncs
-/// the directory so the rename itself is durable.
+/// Replaces `path` with `bytes` atomically and durably, with permissions `mode`: see
+/// [`proto::durable::write_atomic`].
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError> {
-    let dir = parent_of(path);
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&temp)
-            .at("create", &temp)?;
-        file.write_all(bytes).at("write", &temp)?;
-        file.sync_all().at("fsync", &temp)?;
-    }
-    fs::rename(&temp, path).at("rename into place", path)?;
-    sync_dir(&dir)
+    proto::durable::write_atomic(path, bytes, mode).map_err(FsError::from)
 }
 
 /// fsyncs a directory, making the creations, renames and removals in it durable.
 pub fn sync_dir(dir: &Path) -> Result<(), FsError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .at("fsync directory", dir)
+    proto::durable::sync_dir(dir).map_err(FsError::from)
+}
+
+impl From<proto::durable::DurableError> for FsError {
+    fn from(error: proto::durable::DurableError) -> Self {
+        match error {
+            proto::durable::DurableError::Io {
+                action,
+                path,
+                source,
+            } => FsError {
+                action,
+                path,
+                source,
+            },
+            proto::durable::DurableError::Json { path, source } => FsError {
+                action: "encode as JSON",
+                path,
+                source: io::Error::other(source),
+            },
+        }
+    }
 }
 
 /// Flushes every file of the filesystem holding `path` to disk (`syncfs(2)`): one call after

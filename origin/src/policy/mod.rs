@@ -70,29 +70,9 @@ impl fmt::Display for BundleRef {
     }
 }
 
-/// Orders two version strings.
-///
-/// Versions are split at dots and compared segment by segment: two all-digit segments compare
-/// as numbers (`1.10` > `1.9`, any length), an all-digit segment sorts before any other
-/// (`2.0` < `2.beta`), other segments compare as strings (byte order). When one version is a
-/// prefix of the other, the shorter sorts first (`1.0` < `1.0.1`). Versions that compare equal
-/// segment by segment but differ as strings (`1.01` and `1.1`) are ordered as strings, so only
-/// identical strings are equal.
-pub fn compare_versions(left: &str, right: &str) -> Ordering {
-    let mut left_segments = left.split('.');
-    let mut right_segments = right.split('.');
-    loop {
-        match (left_segments.next(), right_segments.next()) {
-            (None, None) => return left.cmp(right),
-            (None, Some(_)) => return Ordering::Less,
-            (Some(_), None) => return Ordering::Greater,
-            (Some(l), Some(r)) => match compare_segments(l, r) {
-                Ordering::Equal => {}
-                order => return order,
-            },
-        }
-    }
-}
+/// The one ordering of versions (semver when both sides are, Debian's otherwise); see
+/// [`proto::version`].
+pub use proto::version::compare_versions;
 
 /// Which package versions a dependency or a feature accepts.
 ///
@@ -192,9 +172,9 @@ impl FromStr for Requirement {
         let constraint = match versioned {
             None => Constraint::Any,
             Some(("", _)) => return Err(bad("the version is empty")),
-            Some((version, _)) if !version.chars().all(is_name_char) => {
+            Some((version, _)) if !version.chars().all(is_version_char) => {
                 return Err(bad(
-                    "the version has a character outside letters, digits and `-_.+`",
+                    "the version has a character outside letters, digits and `-_.+~:`",
                 ))
             }
             Some((version, true)) => Constraint::AtLeast(version.to_owned()),
@@ -231,23 +211,13 @@ impl fmt::Display for Requirement {
     }
 }
 
-fn compare_segments(left: &str, right: &str) -> Ordering {
-    let is_number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    match (is_number(left), is_number(right)) {
-        (true, true) => {
-            // Compare digit strings without parsing, so no length overflows.
-            let left = left.trim_start_matches('0');
-            let right = right.trim_start_matches('0');
-            left.len().cmp(&right.len()).then_with(|| left.cmp(right))
-        }
-        (true, false) => Ordering::Less,
-        (false, true) => Ordering::Greater,
-        (false, false) => left.cmp(right),
-    }
-}
-
 fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+')
+}
+
+/// A name character, or `~` and `:` of Debian versions (`2.0~rc1`, `1:2.0`).
+fn is_version_char(c: char) -> bool {
+    is_name_char(c) || matches!(c, '~' | ':')
 }
 
 fn list(bundles: &[BundleRef]) -> String {

@@ -24,9 +24,10 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
+use proto::version::compare_versions;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{compare_versions, BundleRef};
+use crate::policy::BundleRef;
 
 /// One node a rollout targets.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

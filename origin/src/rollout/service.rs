@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use proto::durable::{write_json_atomic, MODE_PRIVATE};
 use proto::manifest::BundleId;
 use proto::wire::{BundleInfo, RolloutAction};
 use tokio::sync::Mutex;
@@ -60,17 +61,9 @@ pub enum RolloutServiceError {
         /// Why.
         error: serde_json::Error,
     },
-    /// The rollout cannot be encoded for saving.
-    #[error("{0}")]
-    Encode(serde_json::Error),
     /// The rollout cannot be saved.
-    #[error("cannot save {}: {error}", path.display())]
-    Save {
-        /// The state file.
-        path: PathBuf,
-        /// Why.
-        error: std::io::Error,
-    },
+    #[error(transparent)]
+    Save(#[from] proto::durable::DurableError),
 }
 
 /// A selector that picks no node, or that does not parse.
@@ -213,7 +206,7 @@ impl RolloutService {
         let mut saved_meta = saved.clone();
         let save = move |rollout: &Rollout| -> Result<(), StepError> {
             saved_meta.rollout = rollout.clone();
-            write_atomically(&file, &saved_meta).map_err(StepError::from)
+            write_json_atomic(&file, &saved_meta, MODE_PRIVATE).map_err(StepError::from)
         };
         let (handle, task) = driver::spawn(saved.rollout, fleet, save);
         Running { handle, task }
@@ -268,7 +261,7 @@ impl RolloutService {
                 .map(|n| (n.id.clone(), n.data_addr.clone()))
                 .collect(),
         };
-        write_atomically(&self.state_file, &saved)?;
+        write_json_atomic(&self.state_file, &saved, MODE_PRIVATE)?;
         *running = Some(self.spawn(saved));
         Ok(status)
     }
@@ -335,25 +328,6 @@ pub fn select<'a>(
     }
     picked.sort_by(|a, b| (&a.site, &a.id).cmp(&(&b.site, &b.id)));
     Ok(picked)
-}
-
-fn write_atomically<T: serde::Serialize>(
-    path: &Path,
-    value: &T,
-) -> Result<(), RolloutServiceError> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(RolloutServiceError::Encode)?;
-    let temp = path.with_extension("json.tmp");
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)
-    };
-    write().map_err(|error| RolloutServiceError::Save {
-        path: path.to_owned(),
-        error,
-    })
 }
 
 #[cfg(test)]

@@ -120,16 +120,14 @@ impl CertAuthority {
             &cert_path,
             pem::encode("CERTIFICATE", &self.cert).as_bytes(),
             pem::PUBLIC_FILE_MODE,
-        )
-        .map_err(|e| NetError::io("write", cert_path, e))?;
+        )?;
         // The key last: its presence is what `exists` checks.
         let key_path = dir.join(CA_KEY_FILE);
         pem::write_atomic(
             &key_path,
             self.issuer.key().serialize_pem().as_bytes(),
             pem::SECRET_FILE_MODE,
-        )
-        .map_err(|e| NetError::io("write", key_path, e))?;
+        )?;
         tracing::info!(dir = %dir.display(), "saved certificate authority");
         Ok(())
     }

@@ -371,3 +371,23 @@ fn alert_hint(alert: rustls::AlertDescription) -> &'static str {
         _ => "check that both nodes belong to the same mesh",
     }
 }
+
+impl From<crate::durable::DurableError> for NetError {
+    fn from(error: crate::durable::DurableError) -> Self {
+        match error {
+            crate::durable::DurableError::Io {
+                action,
+                path,
+                source,
+            } => NetError::Io {
+                action,
+                path,
+                source,
+            },
+            crate::durable::DurableError::Json { path, source } => NetError::BadFile {
+                path,
+                reason: format!("cannot encode it as JSON: {source}"),
+            },
+        }
+    }
+}

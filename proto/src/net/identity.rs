@@ -389,7 +389,7 @@ impl NodeIdentity {
         ];
         for (name, bytes, mode) in files {
             let path = dir.join(name);
-            pem::write_atomic(&path, &bytes, mode).map_err(|e| NetError::io("write", path, e))?;
+            pem::write_atomic(&path, &bytes, mode)?;
         }
         tracing::info!(dir = %dir.display(), node = %self.me, "saved node identity");
         Ok(())
