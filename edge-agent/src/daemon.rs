@@ -19,8 +19,7 @@ use proto::mesh::{names, PeerCounters};
 use proto::metrics::Metrics;
 use proto::net::{server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role};
 use proto::wire::{
-    ErrorCode, FetchSummary, NegotiationOutcome, Request, Response, SitePeer,
-    TestRunSummary,
+    ErrorCode, FetchSummary, NegotiationOutcome, Request, Response, SitePeer, TestRunSummary,
 };
 use quinn::{RecvStream, SendStream};
 use tokio::sync::Semaphore;
