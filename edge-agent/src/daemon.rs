@@ -20,8 +20,7 @@ use proto::metrics::Metrics;
 use proto::net::{server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role};
 use proto::retry::{retry, RetryPolicy};
 use proto::wire::{
-    ErrorCode, FetchSummary, NegotiationOutcome, Request, Response, SitePeer,
-    TestRunSummary,
+    ErrorCode, FetchSummary, NegotiationOutcome, Request, Response, SitePeer, TestRunSummary,
 };
 use quinn::{RecvStream, SendStream};
 use tokio::sync::Semaphore;

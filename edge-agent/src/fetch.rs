@@ -13,6 +13,7 @@ use proto::mesh::fetch::{fetch_manifest, resolve, FetchError};
 use proto::mesh::PeerCounters;
 use proto::metrics::Metrics;
 use proto::net::{client_endpoint, connect, NodeIdentity, Role};
+use proto::store::Store;
 use quinn::{Connection, Endpoint};
 
 use crate::peers::download::{Download, PeerHave};

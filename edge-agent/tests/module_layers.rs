@@ -99,12 +99,13 @@ fn top_level_modules_use_each_other_without_cycles() {
     }
     for module in &modules {
         if let Some(cycle) = cycle_from(&graph, module, &mut Vec::new()) {
-            panic!(
-                "module cycle: {} (uses: {graph:?})",
-                cycle.join(" -> ")
-            );
+            panic!("module cycle: {} (uses: {graph:?})", cycle.join(" -> "));
         }
     }
     // The leaf the others share stays a leaf.
-    assert_eq!(graph.get("state"), Some(&BTreeSet::new()), "state uses no other module");
+    assert_eq!(
+        graph.get("state"),
+        Some(&BTreeSet::new()),
+        "state uses no other module"
+    );
 }

@@ -536,9 +536,8 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         let origin_addr = origin_addr.clone();
         let enrolled = enrolled.clone();
         async move {
-            let (role, site) =
-                tokens::consume(&tokens_dir, &request.secret)
-                    .map_err(|e| EnrollDenied::forbidden(e.to_string()))?;
+            let (role, site) = tokens::consume(&tokens_dir, &request.secret)
+                .map_err(|e| EnrollDenied::forbidden(e.to_string()))?;
             let grant = EnrollGrant::issue(
                 &ca,
                 &request.csr_pem,

@@ -238,12 +238,7 @@ impl<'a> Run<'a> {
             .map(|((_, size), _)| size)
             .sum();
         let sizes = pieces.iter().map(|(_, size)| *size).collect();
-        let planner = Planner::new(
-            sizes,
-            &held,
-            planner_config(with_peers),
-            download.seed,
-        );
+        let planner = Planner::new(sizes, &held, planner_config(with_peers), download.seed);
         Self {
             download,
             manifest,
@@ -307,7 +302,11 @@ impl<'a> Run<'a> {
 
     /// Step 3: starts each request the planner wants now, as a task that reports its outcome
     /// on `done_tx`.
-    fn start_requests(&mut self, tasks: &mut tokio::task::JoinSet<()>, done_tx: &mpsc::Sender<Outcome>) {
+    fn start_requests(
+        &mut self,
+        tasks: &mut tokio::task::JoinSet<()>,
+        done_tx: &mpsc::Sender<Outcome>,
+    ) {
         let now = self.epoch.elapsed();
         for request in self.planner.poll(now) {
             let Some(source) = self.sources.get(request.source as usize) else {

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{list, render_table, utc, Change, CommandError, ControlPlane, TestRun};
 use crate::catalog::Catalog;
-use crate::db::{now_ms, Audit, DbError, NodeRecord, PolicyDoc, Put};
+use crate::db::{now_ms, Audit, AuditRecord, DbError, NodeRecord, Put};
 use crate::policy::{self, BundleRef};
 use crate::policy_file;
 
@@ -206,17 +206,14 @@ impl ControlPlane {
                 .collect::<Vec<_>>()
                 .join(" > ")
         );
-        let mut puts = self
-            .refreshed(&Change {
-                doc: Some(doc.clone()),
-                ..Change::default()
-            })
-            ?;
+        let mut puts = self.refreshed(&Change {
+            doc: Some(doc.clone()),
+            ..Change::default()
+        })?;
         let changed_nodes = puts.len();
         puts.insert(0, Put::Policy(Box::new(doc)));
         self.db
-            .commit(&puts, Some(who("policy.load", detail.clone())))
-            ?;
+            .commit(&puts, Some(who("policy.load", detail.clone())))?;
         let check = self.policy_check()?;
         let mut text = format!(
             "loaded {detail}\n{changed_nodes} node(s) now have other desired bundles or state\n"
@@ -239,9 +236,7 @@ impl ControlPlane {
         let store = self.db.policy_store()?;
         let mut nodes = Vec::new();
         for record in self.db.nodes()? {
-            let inventory = self
-                .effective_inventory(&record)
-                ?;
+            let inventory = self.effective_inventory(&record)?;
             nodes.push((record.id, inventory));
         }
         let report = policy::check(&store, &nodes);
@@ -268,11 +263,7 @@ impl ControlPlane {
         if class.is_empty() {
             return Err(CommandError::EmptyClass);
         }
-        let before = self
-            .db
-            .classes()
-            ?
-            .remove(&record.id);
+        let before = self.db.classes()?.remove(&record.id);
         let detail = format!(
             "node {}: class {} -> {class}",
             record.id,
@@ -286,16 +277,12 @@ impl ControlPlane {
             node: record.id.clone(),
             class: Some(class.to_owned()),
         }];
-        puts.extend(
-            self.refreshed(&Change {
-                classes: Some(classes),
-                ..Change::default()
-            })
-            ?,
-        );
+        puts.extend(self.refreshed(&Change {
+            classes: Some(classes),
+            ..Change::default()
+        })?);
         self.db
-            .commit(&puts, Some(who("class.set", detail.clone())))
-            ?;
+            .commit(&puts, Some(who("class.set", detail.clone())))?;
         Ok(ControlReply {
             success: true,
             text: format!("{detail}\n"),
@@ -312,20 +299,10 @@ impl ControlPlane {
         let _one_change = self.one_change();
         let record = self.find_node(node)?;
         let pinned = policy_file::exact_bundle(bundle)?;
-        if self
-            .db
-            .package(&pinned.name, &pinned.version)
-            ?
-            .is_none()
-        {
+        if self.db.package(&pinned.name, &pinned.version)?.is_none() {
             return Err(CommandError::NeverPublished(pinned));
         }
-        let mut overrides = self
-            .db
-            .overrides()
-            ?
-            .remove(&record.id)
-            .unwrap_or_default();
+        let mut overrides = self.db.overrides()?.remove(&record.id).unwrap_or_default();
         overrides.retain(|b| b.name != pinned.name);
         overrides.push(pinned.clone());
         let detail = format!(
@@ -333,12 +310,9 @@ impl ControlPlane {
             record.id,
             refs(&overrides)
         );
-        let puts = self
-            .override_puts(&record.id, overrides)
-            ?;
+        let puts = self.override_puts(&record.id, overrides)?;
         self.db
-            .commit(&puts, Some(who("override.set", detail.clone())))
-            ?;
+            .commit(&puts, Some(who("override.set", detail.clone())))?;
         Ok(ControlReply {
             success: true,
             text: format!("{detail}\n"),
@@ -354,12 +328,7 @@ impl ControlPlane {
     ) -> Result<ControlReply, CommandError> {
         let _one_change = self.one_change();
         let record = self.find_node(node)?;
-        let before = self
-            .db
-            .overrides()
-            ?
-            .remove(&record.id)
-            .unwrap_or_default();
+        let before = self.db.overrides()?.remove(&record.id).unwrap_or_default();
         let after: Vec<BundleRef> = match name {
             Some(name) => before.iter().filter(|b| b.name != name).cloned().collect(),
             None => Vec::new(),
@@ -377,12 +346,9 @@ impl ControlPlane {
             refs(&before),
             refs(&after)
         );
-        let puts = self
-            .override_puts(&record.id, after)
-            ?;
+        let puts = self.override_puts(&record.id, after)?;
         self.db
-            .commit(&puts, Some(who("override.clear", detail.clone())))
-            ?;
+            .commit(&puts, Some(who("override.clear", detail.clone())))?;
         Ok(ControlReply {
             success: true,
             text: format!("{detail}\n"),
@@ -452,8 +418,7 @@ impl ControlPlane {
             rescue.version,
             status.waves.len()
         );
-        tokio::task::block_in_place(|| self.db.commit(&[], Some(who("rollout.start", detail))))
-            ?;
+        tokio::task::block_in_place(|| self.db.commit(&[], Some(who("rollout.start", detail))))?;
         Ok(rollout_reply(&status))
     }
 
@@ -472,8 +437,7 @@ impl ControlPlane {
         };
         if let Some(what) = audited {
             let detail = format!("{}: {}", status.bundle, status.phase);
-            tokio::task::block_in_place(|| self.db.commit(&[], Some(who(what, detail))))
-                ?;
+            tokio::task::block_in_place(|| self.db.commit(&[], Some(who(what, detail))))?;
         }
         Ok(rollout_reply(&status))
     }
@@ -539,4 +503,3 @@ fn rollout_reply(status: &crate::rollout::plan::RolloutStatus) -> ControlReply {
         json: serde_json::to_string(status).unwrap_or_else(|_| "null".into()),
     }
 }
-

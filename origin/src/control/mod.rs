@@ -17,8 +17,7 @@ use proto::net::PeerIdentity;
 use proto::wire::{BootPlan, BundleInfo, NodeBundle, NodeReport, ReportEvent};
 
 use crate::db::{
-    build_store, now_ms, Audit, AuditRecord, Db, DbError, NodeRecord, NodeState, PackageRecord,
-    PolicyDoc, Put,
+    build_store, now_ms, Audit, Db, DbError, NodeRecord, NodeState, PackageRecord, PolicyDoc, Put,
 };
 use crate::negotiate::{self, Negotiated};
 use crate::policy::{self, BundleRef, Requirement};

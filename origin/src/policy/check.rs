@@ -6,7 +6,7 @@ use proto::inventory::Inventory;
 use serde::Serialize;
 
 use super::store::disagreeing_pairs;
-use super::{list, resolve, BundleRef, MatcherKind, PolicyStore, Reason, Resolution, ResolvedBundle};
+use super::{list, resolve, BundleRef, MatcherKind, PolicyError, PolicyStore, Reason, Resolution};
 
 /// Every node's resolution and every conflict, for `origin policy check`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -164,7 +164,10 @@ pub(super) fn short_reason(reason: &Reason) -> String {
 }
 
 /// Writes rows as left-aligned columns; the last column is not padded.
-pub(super) fn write_table<const N: usize>(f: &mut fmt::Formatter<'_>, rows: &[[String; N]]) -> fmt::Result {
+pub(super) fn write_table<const N: usize>(
+    f: &mut fmt::Formatter<'_>,
+    rows: &[[String; N]],
+) -> fmt::Result {
     let mut widths = [0usize; N];
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {

@@ -7,6 +7,8 @@ use std::str::FromStr;
 use proto::inventory::Inventory;
 use serde::{Deserialize, Serialize};
 
+use super::DEFAULT_PRECEDENCE;
+
 /// The inventory fact a rule matches, with the value it must have.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

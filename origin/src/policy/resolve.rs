@@ -7,7 +7,7 @@ use proto::inventory::Inventory;
 use serde::{Deserialize, Serialize};
 
 use super::store::disagreeing_pairs;
-use super::{compare_versions, list, BundleRef, Constraint, MatcherKind, PolicyStore, Requirement, Rule};
+use super::{compare_versions, list, BundleRef, MatcherKind, PolicyStore, Requirement, Rule};
 
 /// Why a bundle is in a resolution, or who asked for a package an error is about.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,12 +1,12 @@
 //! What resolution reads: rules, their precedence, the feature map and the package catalog.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proto::inventory::Inventory;
 use serde::{Deserialize, Serialize};
 
-use super::{compare_versions, BundleRef, MatcherKind, PolicyError, Requirement};
-use super::matcher::Matcher;
+use super::matcher::{Cidr, Matcher};
+use super::{BundleRef, MatcherKind, PolicyError, Requirement};
 
 /// The default precedence, highest first.
 pub const DEFAULT_PRECEDENCE: [MatcherKind; 6] = [

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::policy::BundleRef;
 use super::plan::{Action, NodeReport, Phase, Rollout, RolloutError, RolloutStatus};
+use crate::policy::BundleRef;
 
 /// Why a roll-back or a save failed: logged, never fatal to the rollout.
 pub type StepError = Box<dyn std::error::Error + Send + Sync>;

@@ -17,12 +17,13 @@ use proto::manifest::BundleId;
 use proto::wire::{BundleInfo, RolloutAction};
 use tokio::sync::Mutex;
 
-use crate::db::NodeRecord;
-use crate::policy::BundleRef;
+use super::driver::{self, Fleet, RolloutHandle, StepError};
+use super::plan::RolloutError;
 use super::plan::{
     FailureThreshold, NodeReport, Phase, Rollout, RolloutOptions, RolloutStatus, Target,
 };
-use super::driver::{self, Fleet, RolloutHandle, StepError};
+use crate::db::NodeRecord;
+use crate::policy::BundleRef;
 
 /// File name of the saved rollout, in the origin's home.
 pub const STATE_FILE: &str = "rollout.json";
@@ -280,12 +281,12 @@ impl RolloutService {
                 return result.map_err(RolloutServiceError::from);
             }
         }
-        let saved = self
-            .load()?
-            .ok_or(RolloutServiceError::NeverStarted)?;
+        let saved = self.load()?.ok_or(RolloutServiceError::NeverStarted)?;
         match action {
             RolloutAction::Status => Ok(saved.rollout.status()),
-            _ => Err(RolloutServiceError::NotRunning(saved.rollout.phase().clone())),
+            _ => Err(RolloutServiceError::NotRunning(
+                saved.rollout.phase().clone(),
+            )),
         }
     }
 }

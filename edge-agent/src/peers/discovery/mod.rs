@@ -45,7 +45,6 @@
 //! connections, mDNS and Hello events, bounded caches), `addr` (the multiaddrs this transport
 //! dials).
 
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -18,13 +18,13 @@ use super::addr::{ip_of, is_concrete, peer_of, with_p2p};
 use super::hello::{validate_hello, Hello};
 use super::{
     lock, Behaviour, BehaviourEvent, Command, Counters, DiscoveredPeer, DiscoveryConfig, Via,
-    FOREIGN_GRACE, MAX_ADDRS_PER_PEER, MAX_LISTEN_ADDRS, MAX_MDNS_PEERS, MAX_PEERS, MAX_RECENT,
-    REDIAL_AFTER,
+    FOREIGN_GRACE, MAX_ADDRS_PER_PEER, MAX_FIELD_BYTES, MAX_HELLO_ADDRS, MAX_LISTEN_ADDRS,
+    MAX_MDNS_PEERS, MAX_PEERS, MAX_RECENT, REDIAL_AFTER,
 };
 
 /// State of a connected peer (over all its connections).
 #[derive(Default)]
-struct PeerConn {
+pub(super) struct PeerConn {
     /// IP the connection came from or went to: completes an unspecified `data_addr`.
     remote_ip: Option<IpAddr>,
     /// Addresses we dialed it on.
@@ -36,7 +36,7 @@ struct PeerConn {
 }
 
 /// A reported peer.
-struct Known {
+pub(super) struct Known {
     peer: PeerId,
     data_addr: SocketAddr,
     since: Instant,
