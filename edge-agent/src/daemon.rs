@@ -30,7 +30,7 @@ use crate::negotiate::{self, BundleFetcher};
 use crate::peers::download::held_ranges;
 use crate::peers::{self, Announcer, P2pConfig, PeerBoard, Silent};
 use crate::remote_swap::{self, RemoteSwapConfig};
-use crate::state::{self, write_json_atomically, DaemonReady, NodeConfig, DAEMON_FILE};
+use crate::state::{self, DaemonReady, NodeConfig, DAEMON_FILE};
 
 /// Default cap on uploads to peers served at once.
 pub const DEFAULT_MAX_UPLOADS: usize = 8;

@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use proto::bundles;
-use proto::durable::{write_json_atomic, MODE_READABLE};
 use proto::manifest::BundleId;
 use proto::net::{call, connect};
 use proto::wire::{
