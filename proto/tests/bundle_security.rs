@@ -193,6 +193,8 @@ impl CraftedTar {
         header.as_old_mut().linkname[..link.len()].copy_from_slice(link);
         header.set_entry_type(entry_type);
         header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
         header.set_size(data.len() as u64);
         header.set_mtime(1);
         header.set_cksum();
@@ -330,7 +332,7 @@ fn entry_types_and_pax_keys_the_packer_never_writes_are_refused() {
     // A pax `path` would rename the next entry behind the header's back.
     let tmp = tempfile::tempdir().unwrap();
     let pax = CraftedTar::new()
-        .entry(b"pax", EntryType::XHeader, b"20 path=../../evil\n", b"")
+        .entry(b"pax", EntryType::XHeader, b"19 path=../../evil\n", b"")
         .file(b"harmless", b"x")
         .finish();
     let err = assert_refused(pax, tmp.path());

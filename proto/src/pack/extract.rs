@@ -191,8 +191,10 @@ impl<'d> Extractor<'d> {
         pax: PaxAttributes,
     ) -> Result<(), UnpackError> {
         let shown = || String::from_utf8_lossy(path).into_owned();
+        // The path is checked first: an unsafe entry is refused as such, whatever else it holds.
+        let rel = safe_relative(path)?;
         let attributes = Attributes::read(entry.header(), pax)?;
-        let Some(rel) = safe_relative(path)? else {
+        let Some(rel) = rel else {
             if entry_type != EntryType::Directory {
                 return Err(UnpackError::UnsafePath {
                     path: shown(),
