@@ -713,7 +713,7 @@ fn set_path_mtime(path: &Path, mtime: Timestamp) -> io::Result<()> {
     let c_path = CString::new(path.as_os_str().as_bytes())?;
     let time = libc::timespec {
         tv_sec: libc::time_t::try_from(mtime.secs).unwrap_or(libc::time_t::MAX),
-        tv_nsec: libc::c_long::try_from(mtime.nanos).unwrap_or(0),
+        tv_nsec: libc::c_long::from(mtime.nanos),
     };
     let times = [time, time];
     // SAFETY: c_path is NUL-terminated and times points to two timespecs, both live for the
