@@ -29,6 +29,16 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# The Debian root-tree test (proto/tests/bundle_debian.rs) builds its tree with mmdebstrap.
+if ! command -v mmdebstrap >/dev/null 2>&1; then
+  echo "stagecoach: installing mmdebstrap (builds the Debian tree of the exact-unpack test)" >&2
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
+  fi
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "stagecoach: cargo is not on PATH; install Rust from https://rustup.rs and retry" >&2
   exit 1

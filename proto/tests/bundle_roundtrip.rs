@@ -35,26 +35,7 @@ fn round_trip(src: &Path, chunker: ChunkerParams) -> proto::pack::UnpackStats {
     let out = tempfile::tempdir().expect("tempdir");
     let dest = out.path().join("restored");
     let stats = unpack(&manifest, &chunks, &dest, &mut |_| {}).expect("unpack");
-    let expected = snapshot(src);
-    let actual = snapshot(&dest);
-    if expected != actual {
-        for (path, entry) in &expected {
-            let other = actual.get(path);
-            if other != Some(entry) {
-                panic!(
-                    "{:?}: packed {:?}, restored {:?}",
-                    String::from_utf8_lossy(path),
-                    entry,
-                    other
-                );
-            }
-        }
-        let extra: Vec<_> = actual
-            .keys()
-            .filter(|k| !expected.contains_key(*k))
-            .collect();
-        panic!("unexpected entries restored: {extra:?}");
-    }
+    assert_same_entries(&snapshot(src), &snapshot(&dest));
     stats
 }
 
@@ -88,7 +69,7 @@ fn build_awkward_tree(root: &Path) {
         *b = (i.wrapping_mul(2654435761) >> 13) as u8;
     }
     fs::write(root.join("usr/lib.bin"), &rng_bytes).unwrap();
-    // Hard links become two independent regular files.
+    // Hard links stay hard links.
     fs::write(root.join("usr/a-link"), b"linked content").unwrap();
     fs::hard_link(root.join("usr/a-link"), root.join("usr/b-link")).unwrap();
     // Symlinks: relative, absolute, dangling, to a directory, unnormalised, long.
@@ -119,6 +100,9 @@ fn build_awkward_tree(root: &Path) {
     if is_root() {
         mknod_char(&root.join("null"), 1, 3);
     }
+    // Extended attributes, one with a value a line-based pax parser would cut.
+    xattr::set(root.join("etc/hosts"), "user.origin", b"a\nb=c\n").unwrap();
+    xattr::set(root.join("etc/empty.d"), "user.empty", b"").unwrap();
     // Times: old, ordinary, and beyond what 11 octal digits hold (2^33 s is year 2242).
     set_times(&root.join("etc/hosts"), 5, 1);
     set_times(&root.join("usr/lib.bin"), 0, 17_179_869_184);
@@ -214,16 +198,26 @@ fn unreadable_input_is_reported_with_its_path() {
 }
 
 #[test]
-fn hard_links_unpack_as_independent_files() {
+fn hard_links_unpack_as_hard_links_and_their_content_is_stored_once() {
     let src = tempfile::tempdir().unwrap();
-    fs::write(src.path().join("one"), b"same").unwrap();
+    let content = vec![0x5a; 100_000];
+    fs::write(src.path().join("one"), &content).unwrap();
     fs::hard_link(src.path().join("one"), src.path().join("two")).unwrap();
+    fs::create_dir(src.path().join("sub")).unwrap();
+    fs::hard_link(src.path().join("one"), src.path().join("sub/three")).unwrap();
     let (packed, chunks) = pack_mem(src.path(), &options(SMALL_CHUNKS));
-    assert_eq!(packed.stats.files, 2);
+    assert_eq!((packed.stats.files, packed.stats.hard_links), (1, 2));
+    assert!(
+        packed.manifest.total_raw_bytes < 2 * content.len() as u64,
+        "the content must be in the stream once, not {} bytes",
+        packed.manifest.total_raw_bytes
+    );
     let out = tempfile::tempdir().unwrap();
-    unpack(&packed.manifest, &chunks, out.path(), &mut |_| {}).unwrap();
+    let stats = unpack(&packed.manifest, &chunks, out.path(), &mut |_| {}).unwrap();
+    assert_eq!((stats.files, stats.hard_links), (1, 2));
     fs::write(out.path().join("one"), b"changed").unwrap();
-    assert_eq!(fs::read(out.path().join("two")).unwrap(), b"same");
+    assert_eq!(fs::read(out.path().join("two")).unwrap(), b"changed");
+    assert_eq!(fs::read(out.path().join("sub/three")).unwrap(), b"changed");
 }
 
 #[test]
@@ -252,8 +246,14 @@ fn same_tree_packs_to_the_same_bundle_id_whatever_the_inode_order_and_atimes() {
     // A copy created in reverse order, with other access times.
     let second = tempfile::tempdir().unwrap();
     let entries = snapshot(first.path());
+    let is_later_name = |rel: &Vec<u8>, entry: &EntrySnapshot| {
+        entry
+            .hard_link_group
+            .as_ref()
+            .is_some_and(|first| first != rel)
+    };
     for (rel, entry) in entries.iter().rev() {
-        if rel.is_empty() {
+        if rel.is_empty() || is_later_name(rel, entry) {
             continue;
         }
         let from = path_from_bytes(first.path(), rel);
@@ -273,7 +273,19 @@ fn same_tree_packs_to_the_same_bundle_id_whatever_the_inode_order_and_atimes() {
         }
     }
     for (rel, entry) in entries.iter().rev() {
+        if let Some(first) = entry.hard_link_group.as_ref().filter(|f| *f != rel) {
+            fs::hard_link(
+                path_from_bytes(second.path(), first),
+                path_from_bytes(second.path(), rel),
+            )
+            .unwrap();
+        }
+    }
+    for (rel, entry) in entries.iter().rev() {
         let to = path_from_bytes(second.path(), rel);
+        for (name, value) in &entry.xattrs {
+            xattr::set(&to, std::ffi::OsStr::from_bytes(name), value).unwrap();
+        }
         if !matches!(entry.kind, EntryKind::Symlink(_)) {
             set_mode(&to, entry.mode);
         }
@@ -302,6 +314,11 @@ fn same_tree_packs_to_the_same_bundle_id_whatever_the_inode_order_and_atimes() {
     set_times(&second.path().join("etc/hosts"), 5, 2);
     let (e, _) = pack_mem(second.path(), &options(SMALL_CHUNKS));
     assert_ne!(e.id, a.id, "an mtime change must change the bundle");
+    set_times(&second.path().join("etc/hosts"), 5, 1);
+    assert_eq!(pack_mem(second.path(), &options(SMALL_CHUNKS)).0.id, a.id);
+    xattr::set(second.path().join("etc/hosts"), "user.origin", b"other").unwrap();
+    let (f, _) = pack_mem(second.path(), &options(SMALL_CHUNKS));
+    assert_ne!(f.id, a.id, "an xattr change must change the bundle");
 }
 
 #[test]

@@ -193,6 +193,8 @@ impl CraftedTar {
         header.as_old_mut().linkname[..link.len()].copy_from_slice(link);
         header.set_entry_type(entry_type);
         header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
         header.set_size(data.len() as u64);
         header.set_mtime(1);
         header.set_cksum();
@@ -326,34 +328,39 @@ fn an_existing_symlink_in_dest_is_replaced_not_followed() {
 }
 
 #[test]
-fn entry_types_the_packer_never_writes_are_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let hard_link = CraftedTar::new()
-        .entry(b"evil-hardlink", EntryType::Link, b"", b"/etc/passwd")
-        .finish();
-    let err = assert_refused(hard_link, tmp.path());
-    assert!(
-        matches!(
-            err,
-            UnpackError::UnsupportedEntry {
-                entry_type: '1',
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-
+fn entry_types_and_pax_keys_the_packer_never_writes_are_refused() {
+    // A pax `path` would rename the next entry behind the header's back.
     let tmp = tempfile::tempdir().unwrap();
     let pax = CraftedTar::new()
-        .entry(b"pax", EntryType::XHeader, b"20 path=../../evil\n", b"")
+        .entry(b"pax", EntryType::XHeader, b"19 path=../../evil\n", b"")
         .file(b"harmless", b"x")
         .finish();
     let err = assert_refused(pax, tmp.path());
     assert!(
+        matches!(err, UnpackError::Malformed(ref m) if m.contains("not one this packer writes")),
+        "{err:?}"
+    );
+
+    // A pax `size` would make this reader and others disagree on where entries start.
+    let tmp = tempfile::tempdir().unwrap();
+    let pax = CraftedTar::new()
+        .entry(b"pax", EntryType::XHeader, b"12 size=512\n", b"")
+        .file(b"evil", b"x")
+        .finish();
+    let err = assert_refused(pax, tmp.path());
+    assert!(matches!(err, UnpackError::Malformed(_)), "{err:?}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let global = CraftedTar::new()
+        .entry(b"global", EntryType::XGlobalHeader, b"13 mtime=1.5\n", b"")
+        .file(b"evil", b"x")
+        .finish();
+    let err = assert_refused(global, tmp.path());
+    assert!(
         matches!(
             err,
             UnpackError::UnsupportedEntry {
-                entry_type: 'x',
+                entry_type: 'g',
                 ..
             }
         ),
@@ -365,6 +372,90 @@ fn entry_types_the_packer_never_writes_are_refused() {
     let root_file = CraftedTar::new().file(b"./", b"x").finish();
     let err = assert_refused(root_file, tmp.path());
     assert!(matches!(err, UnpackError::UnsafePath { .. }), "{err:?}");
+}
+
+#[test]
+fn hard_links_to_anything_but_an_earlier_file_of_the_stream_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    fs::write(&outside, b"secret").unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "absolute",
+            CraftedTar::new()
+                .entry(
+                    b"evil",
+                    EntryType::Link,
+                    b"",
+                    outside.to_str().unwrap().as_bytes(),
+                )
+                .finish(),
+        ),
+        (
+            "parent",
+            CraftedTar::new()
+                .entry(b"evil", EntryType::Link, b"", b"../outside")
+                .finish(),
+        ),
+        (
+            // dest/planted is a hard link to a file outside, planted before the unpack.
+            "already in dest",
+            CraftedTar::new()
+                .entry(b"evil", EntryType::Link, b"", b"planted")
+                .finish(),
+        ),
+        (
+            "not yet unpacked",
+            CraftedTar::new()
+                .entry(b"evil", EntryType::Link, b"", b"later")
+                .file(b"later", b"x")
+                .finish(),
+        ),
+        (
+            "a directory",
+            CraftedTar::new()
+                .entry(b"dir/", EntryType::Directory, b"", b"")
+                .entry(b"evil", EntryType::Link, b"", b"dir")
+                .finish(),
+        ),
+        (
+            "itself",
+            CraftedTar::new()
+                .entry(b"evil", EntryType::Link, b"", b"evil")
+                .finish(),
+        ),
+    ];
+    for (name, payload) in cases {
+        let case_dir = tempfile::tempdir().unwrap();
+        let dest = case_dir.path().join("dest");
+        fs::create_dir(&dest).unwrap();
+        fs::hard_link(&outside, dest.join("planted")).unwrap();
+        let (manifest, chunks) = single_chunk_bundle(&payload, PayloadLayout::Tree);
+        let err = unpack(&manifest, &chunks, &dest, &mut |_| {}).expect_err(name);
+        assert!(
+            matches!(err, UnpackError::UnsafePath { .. }),
+            "{name}: {err:?}"
+        );
+        assert!(!dest.join("evil").exists(), "{name}: the link was made");
+    }
+    assert_eq!(fs::read(&outside).unwrap(), b"secret");
+}
+
+#[test]
+fn an_oversized_pax_header_is_refused_before_it_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut header = Header::new_ustar();
+    header.set_entry_type(EntryType::XHeader);
+    header.set_size(1 << 30);
+    header.set_cksum();
+    let mut payload = header.as_bytes().to_vec();
+    payload.extend_from_slice(&[b'1'; 4096]);
+    let (manifest, chunks) = single_chunk_bundle(&payload, PayloadLayout::Tree);
+    let err = unpack(&manifest, &chunks, &tmp.path().join("dest"), &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(err, UnpackError::Malformed(ref m) if m.contains("pax header")),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Writing a tree as a deterministic tar stream, and an image as its raw bytes, into the
 //! [`ChunkPipeline`]. The format is described in the parent module.
 
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::{self, File, Metadata};
 use std::io::Read;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use tar::{EntryType, Header};
 
+use super::pax::{self, Timestamp, Xattr};
 use super::payload::ChunkPipeline;
 use super::{ChunkSink, PackError, PackStats, READ_BUFFER_BYTES};
 
@@ -23,16 +25,25 @@ pub(super) const NAME_FIELD_BYTES: usize = 100;
 /// The name GNU tar gives its long-name and long-link pseudo entries.
 const GNU_LONG_NAME_MARKER: &[u8] = b"././@LongLink";
 
+/// Name of the pax extended header entries, as GNU tar and Go write it when no per-file name is
+/// wanted: a fixed name keeps the stream independent of where it was made.
+const PAX_HEADER_NAME: &[u8] = b"././@PaxHeader";
+
 /// Path of the root directory's entry.
 const ROOT_ENTRY_PATH: &[u8] = b"./";
 
-/// Sum of the sizes of the regular files under `root`, in bytes (for progress).
+/// Sum of the sizes of the regular files under `root`, in bytes (for progress); a file with
+/// several names counts once, as it is packed once.
 pub(super) fn walk_totals(root: &Path) -> Result<u64, PackError> {
     let mut walk = TreeWalk::new(root);
     let mut total_bytes = 0u64;
+    let mut linked = HashSet::new();
     while let Some(entry) = walk.next_entry()? {
-        if entry.metadata.file_type().is_file() {
-            total_bytes += entry.metadata.len();
+        let metadata = &entry.metadata;
+        if metadata.file_type().is_file()
+            && (metadata.nlink() < 2 || linked.insert((metadata.dev(), metadata.ino())))
+        {
+            total_bytes += metadata.len();
         }
     }
     Ok(total_bytes)
@@ -47,20 +58,36 @@ pub(super) fn write_tree<S: ChunkSink>(
     let mut stats = PackStats::default();
     let mut walk = TreeWalk::new(root);
     let mut buffer = vec![0u8; READ_BUFFER_BYTES];
+    // The first archive path of every inode with several names under `root`; later names become
+    // hard-link entries pointing to it. Only multiply-linked inodes are held.
+    let mut first_names: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     while let Some(entry) = walk.next_entry()? {
         let file_type = entry.metadata.file_type();
         let rel = entry.rel.as_slice();
+        if !file_type.is_dir() && !file_type.is_socket() && entry.metadata.nlink() > 1 {
+            let inode = (entry.metadata.dev(), entry.metadata.ino());
+            if let Some(first) = first_names.get(&inode) {
+                let mut header = EntryHeader::new(EntryType::Link, rel, &entry.metadata);
+                header.link = Some(first.as_slice());
+                header.write(pipeline, &entry.abs)?;
+                stats.hard_links += 1;
+                continue;
+            }
+            first_names.insert(inode, rel.to_vec());
+        }
         if file_type.is_dir() {
             let path = if rel.is_empty() {
                 ROOT_ENTRY_PATH.to_vec()
             } else {
                 [rel, b"/"].concat()
             };
-            let header = EntryHeader::new(EntryType::Directory, &path, &entry.metadata);
+            let mut header = EntryHeader::new(EntryType::Directory, &path, &entry.metadata);
+            header.xattrs = read_xattrs(&entry.abs)?;
+            stats.xattrs += header.xattrs.len() as u64;
             header.write(pipeline, &entry.abs)?;
             stats.dirs += 1;
         } else if file_type.is_file() {
-            write_file(rel, &entry.abs, pipeline, &mut buffer)?;
+            stats.xattrs += write_file(rel, &entry.abs, pipeline, &mut buffer)?;
             stats.files += 1;
         } else if file_type.is_symlink() {
             let target = fs::read_link(&entry.abs).map_err(|source| PackError::Io {
@@ -70,6 +97,8 @@ pub(super) fn write_tree<S: ChunkSink>(
             })?;
             let mut header = EntryHeader::new(EntryType::Symlink, rel, &entry.metadata);
             header.link = Some(target.as_os_str().as_bytes());
+            header.xattrs = read_xattrs(&entry.abs)?;
+            stats.xattrs += header.xattrs.len() as u64;
             header.write(pipeline, &entry.abs)?;
             stats.symlinks += 1;
         } else if file_type.is_char_device() || file_type.is_block_device() || file_type.is_fifo() {
@@ -85,6 +114,8 @@ pub(super) fn write_tree<S: ChunkSink>(
                 let rdev = entry.metadata.rdev();
                 header.device = Some((libc::major(rdev), libc::minor(rdev)));
             }
+            header.xattrs = read_xattrs(&entry.abs)?;
+            stats.xattrs += header.xattrs.len() as u64;
             header.write(pipeline, &entry.abs)?;
             stats.specials += 1;
         } else {
@@ -106,20 +137,56 @@ pub(super) fn write_image<S: ChunkSink>(
     copy_exactly(&mut file, metadata.len(), path, pipeline, &mut buffer)
 }
 
-/// Writes one regular file: header, content, padding. Size, mode and mtime come from the open
-/// file, so they describe exactly the bytes read.
+/// Writes one regular file: header, content, padding. Size, owner, mode and mtime come from the
+/// open file, so they describe exactly the bytes read. Returns the number of xattrs recorded.
 fn write_file<S: ChunkSink>(
     rel: &[u8],
     abs: &Path,
     pipeline: &mut ChunkPipeline<'_, S>,
     buffer: &mut [u8],
-) -> Result<(), PackError> {
+) -> Result<u64, PackError> {
     let (mut file, metadata) = open_regular(abs)?;
     let mut header = EntryHeader::new(EntryType::Regular, rel, &metadata);
     header.size = metadata.len();
+    header.xattrs = read_xattrs(abs)?;
     header.write(pipeline, abs)?;
     copy_exactly(&mut file, metadata.len(), abs, pipeline, buffer)?;
-    pad_to_block(pipeline)
+    pad_to_block(pipeline)?;
+    Ok(header.xattrs.len() as u64)
+}
+
+/// Every extended attribute of `path` itself (never a symlink's target), sorted by name bytes so
+/// the stream does not depend on the order the filesystem lists them in. A filesystem without
+/// xattr support has none. Which names are visible depends on the packer's privileges: only
+/// root sees `trusted.*`.
+fn read_xattrs(path: &Path) -> Result<Vec<Xattr>, PackError> {
+    let read_error = |source| PackError::Io {
+        action: "read extended attributes of",
+        path: path.to_path_buf(),
+        source,
+    };
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
+        Err(e) => return Err(read_error(e)),
+    };
+    let mut xattrs = Vec::new();
+    for name in names {
+        // An attribute removed between the listing and the read is simply not packed.
+        let Some(value) = xattr::get(path, &name).map_err(read_error)? else {
+            continue;
+        };
+        let name = name.as_bytes().to_vec();
+        if let Err(detail) = pax::check_xattr(&name, &value) {
+            return Err(PackError::Unrecordable {
+                path: path.to_path_buf(),
+                detail,
+            });
+        }
+        xattrs.push(Xattr { name, value });
+    }
+    xattrs.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    Ok(xattrs)
 }
 
 /// Opens a file for reading without following a symlink, and checks it is a regular file.
@@ -202,15 +269,20 @@ fn pad_to_block<S: ChunkSink>(pipeline: &mut ChunkPipeline<'_, S>) -> Result<(),
     Ok(())
 }
 
-/// The fields of one tar entry, with everything that varies between machines fixed.
+/// The fields of one tar entry: what the inode says, nothing about the machine that packed it
+/// (no user or group names, no access or change times).
 struct EntryHeader<'a> {
     entry_type: EntryType,
     path: &'a [u8],
     link: Option<&'a [u8]>,
     mode: u32,
-    mtime_secs: u64,
+    uid: u64,
+    gid: u64,
+    mtime: Timestamp,
     size: u64,
     device: Option<(u32, u32)>,
+    /// Sorted by name.
+    xattrs: Vec<Xattr>,
 }
 
 impl<'a> EntryHeader<'a> {
@@ -220,19 +292,25 @@ impl<'a> EntryHeader<'a> {
             path,
             link: None,
             mode: metadata.mode() & 0o7777,
-            // tar's mtime is unsigned; a time before 1970 is recorded as the epoch.
-            mtime_secs: u64::try_from(metadata.mtime()).unwrap_or(0),
+            uid: u64::from(metadata.uid()),
+            gid: u64::from(metadata.gid()),
+            mtime: Timestamp::from_stat(metadata.mtime(), metadata.mtime_nsec()),
             size: 0,
             device: None,
+            xattrs: Vec::new(),
         }
     }
 
-    /// Writes the long-name entries this entry needs, then its header.
+    /// Writes the pax and long-name entries this entry needs, then its header.
     fn write<S: ChunkSink>(
         &self,
         pipeline: &mut ChunkPipeline<'_, S>,
         abs: &Path,
     ) -> Result<(), PackError> {
+        let records = pax::encode_records(self.mtime, &self.xattrs);
+        if !records.is_empty() {
+            write_pax_header(pipeline, &records)?;
+        }
         let mut header = Header::new_gnu();
         if self.path.len() >= NAME_FIELD_BYTES {
             write_long_name(pipeline, EntryType::GNULongName, self.path)?;
@@ -246,9 +324,10 @@ impl<'a> EntryHeader<'a> {
         }
         header.set_entry_type(self.entry_type);
         header.set_mode(self.mode);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(self.mtime_secs);
+        // GNU headers store ids and times too large for their octal fields in base-256.
+        header.set_uid(self.uid);
+        header.set_gid(self.gid);
+        header.set_mtime(self.mtime.header_secs());
         header.set_size(self.size);
         if let Some((major, minor)) = self.device {
             let unrecordable = |e: std::io::Error| PackError::Unrecordable {
@@ -282,6 +361,25 @@ fn write_long_name<S: ChunkSink>(
     pipeline.write(header.as_bytes())?;
     pipeline.write(value)?;
     pipeline.write(&[0])?;
+    pad_to_block(pipeline)
+}
+
+/// Writes a pax extended header (`x`) entry holding `records`, which describe the next entry.
+fn write_pax_header<S: ChunkSink>(
+    pipeline: &mut ChunkPipeline<'_, S>,
+    records: &[u8],
+) -> Result<(), PackError> {
+    let mut header = Header::new_ustar();
+    header.as_old_mut().name[..PAX_HEADER_NAME.len()].copy_from_slice(PAX_HEADER_NAME);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_size(records.len() as u64);
+    header.set_entry_type(EntryType::XHeader);
+    header.set_cksum();
+    pipeline.write(header.as_bytes())?;
+    pipeline.write(records)?;
     pad_to_block(pipeline)
 }
 

@@ -10,28 +10,49 @@
 //!
 //! Entries in depth-first order, each directory's children sorted by the bytes of their names,
 //! so every parent comes before its children and the order does not depend on the filesystem.
-//! The root directory is the entry `./`. Every header is GNU format with uid and gid 0, empty
-//! user and group names, `mode & 0o7777`, and the mtime in whole seconds (times before 1970 are
-//! recorded as 0). Names and symlink targets of 100 bytes or more use GNU long-name entries and
-//! are stored byte for byte, not normalised. Hard links become independent regular files.
-//! Character and block devices and fifos are recorded (device nodes are recreated only when
-//! unpacking as root, and skipped with a warning otherwise); sockets are skipped with a warning,
-//! since a socket means nothing without the process that listens on it.
+//! The root directory is the entry `./`. Every header is GNU format with the numeric uid and gid
+//! (base-256 when too large for octal), empty user and group names, `mode & 0o7777` (setuid,
+//! setgid and sticky bits included) and the mtime in whole seconds. Names and symlink targets of
+//! 100 bytes or more use GNU long-name entries and are stored byte for byte, not normalised.
 //!
-//! Packing the same tree with the same [`PackOptions`] and signing key gives the same bundle id.
-//! The compressed bytes come from zstd, so a different zstd release may change the stored chunks
-//! and therefore the id; it never changes what unpacks.
+//! An entry that has more to say is preceded by a pax extended header (`x`, named
+//! `././@PaxHeader`) with, in this order: `mtime` as `[-]seconds.nanoseconds` when the time has
+//! a fraction or is before 1970, and every extended attribute as `SCHILY.xattr.<name>` with its
+//! raw value, sorted by name (the keys GNU tar and bsdtar use: `security.capability`,
+//! `security.selinux`, POSIX ACLs as `system.posix_acl_access` and `system.posix_acl_default`,
+//! `user.*`, and `trusted.*` when the packer is root). A file with several names under the root
+//! is stored once, at its first name in archive order; every later name is a hard-link entry
+//! (`1`) naming the first. Character and block devices and fifos are recorded; sockets are
+//! skipped with a warning, since a socket means nothing without the process that listens on it.
+//!
+//! Packing the same tree with the same [`PackOptions`] and signing key gives the same bundle id;
+//! access and change times, inode numbers and the order the filesystem lists names in do not
+//! count. The compressed bytes come from zstd, so a different zstd release may change the stored
+//! chunks and therefore the id; it never changes what unpacks.
+//!
+//! # What unpacking restores
+//!
+//! As root, everything recorded: owner and group, mode, mtime to the nanosecond, extended
+//! attributes, hard links, device nodes. Each entry is created and written, then given its owner
+//! (chown clears setuid bits and file capabilities, so it comes first), its extended attributes,
+//! its mode and its mtime; directories get theirs after their contents, deepest first, so a
+//! default ACL is not inherited by the entries unpacked into it and a read-only directory can
+//! still be filled. A failure to restore any of it is an error naming the path. Not as root, what
+//! the kernel reserves to root is counted in [`UnpackStats`] and logged as a warning instead:
+//! ownership, device nodes, and `trusted.*` and `security.*` attributes.
 //!
 //! # Safety of unpacking
 //!
 //! A bundle's signature says who published it, not that it is harmless. Unpacking refuses
-//! absolute paths, `..` components, hard links and tar extensions it did not write, never
+//! absolute paths, `..` components, hard links to anything but a file it unpacked earlier in the
+//! same stream, pax keys and tar extensions it does not write, never
 //! creates anything through a symlink (each parent directory is checked with `lstat`), and
 //! creates files with `O_NOFOLLOW | O_EXCL`. It assumes no other process changes `dest` while it
 //! runs.
 
 mod archive;
 mod extract;
+mod pax;
 mod payload;
 
 use std::collections::{BTreeMap, HashMap};
@@ -222,8 +243,12 @@ pub struct PackProgress {
 /// What was packed and skipped.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PackStats {
-    /// Regular files (hard links count once per name).
+    /// Regular files stored with their content (a file with several names counts once).
     pub files: u64,
+    /// Names recorded as hard links to an earlier entry.
+    pub hard_links: u64,
+    /// Extended attributes recorded, over all entries.
+    pub xattrs: u64,
     /// Directories, the root included.
     pub dirs: u64,
     /// Symbolic links.
@@ -309,9 +334,10 @@ pub enum PackError {
 /// Packs `path` (a directory, or a regular file taken as an image) into chunks stored in `sink`
 /// and returns the signed manifest.
 ///
-/// Memory stays bounded whatever the size of the tree: two maximum chunk sizes of chunker
+/// Memory stays bounded whatever the size of the files: two maximum chunk sizes of chunker
 /// buffer, a 1 MiB read buffer, and per compression thread two chunks in flight (raw and
-/// compressed). `progress` is called after each stored chunk and once at the end.
+/// compressed); beyond that, only the first name of each file with several names is held.
+/// `progress` is called after each stored chunk and once at the end.
 pub fn pack_path<S: ChunkSink>(
     path: &Path,
     options: &PackOptions,
@@ -412,8 +438,17 @@ pub struct UnpackStats {
     pub symlinks: u64,
     /// Device nodes and fifos created.
     pub specials: u64,
-    /// Device nodes skipped because the process is not root.
+    /// Device nodes skipped because the process is not root (and hard links to them).
     pub specials_skipped: u64,
+    /// Hard links created.
+    pub hard_links: u64,
+    /// Extended attributes restored.
+    pub xattrs: u64,
+    /// Entries whose recorded owner or group was not restored because the process is not root.
+    pub owners_skipped: u64,
+    /// `trusted.*` and `security.*` attributes not restored because the process is not root
+    /// and the kernel refused them.
+    pub xattrs_skipped: u64,
     /// Payload bytes verified.
     pub raw_bytes: u64,
     /// Chunks verified.
@@ -510,6 +545,16 @@ pub enum UnpackError {
         /// What the manifest says.
         found: String,
     },
+    /// An extended attribute could not be restored.
+    #[error("cannot set extended attribute {name} on {path}: {source}")]
+    Xattr {
+        /// The path in the destination.
+        path: PathBuf,
+        /// The attribute's name.
+        name: String,
+        /// The OS error.
+        source: io::Error,
+    },
     /// Writing the destination failed.
     #[error("cannot {action} {path}: {source}")]
     Io {
@@ -529,7 +574,9 @@ pub enum UnpackError {
 /// is fetched from `source` and checked (hash, size, decompressed size) before any of its bytes
 /// is used. On error, what was written before the failing chunk stays in `dest`. Nothing is
 /// synced to disk: call `syncfs` (or `sync_all` on an image) once at the end, which is far
-/// cheaper than a sync per file.
+/// cheaper than a sync per file. Unpacking a tree holds, besides its buffers, the device and
+/// inode of every non-directory it creates (to check hard links) and the path and attributes
+/// of every directory (restored at the end): tens of bytes per entry.
 pub fn unpack<S: ChunkSource>(
     manifest: &Manifest,
     source: &S,

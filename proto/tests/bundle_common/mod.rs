@@ -35,7 +35,7 @@ pub fn pack_mem(path: &Path, options: &PackOptions) -> (PackedBundle, MemChunks)
     (packed, chunks)
 }
 
-/// What a user sees of one entry: type, content, mode, mtime.
+/// What a user sees of one entry's type and content.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EntryKind {
     Dir,
@@ -47,23 +47,43 @@ pub enum EntryKind {
     Socket,
 }
 
-/// One entry of a [`snapshot`].
+/// One entry of a [`snapshot`]: every attribute unpacking restores.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntrySnapshot {
     pub kind: EntryKind,
     /// `mode & 0o7777`; 0 for symlinks, whose mode Linux does not let anyone set.
     pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
     pub mtime_secs: i64,
+    pub mtime_nsec: i64,
+    /// Every extended attribute (ACLs included), by name.
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// For a non-directory with other names in the tree, the first of them (in path order):
+    /// entries with the same value are one inode.
+    pub hard_link_group: Option<Vec<u8>>,
 }
 
 /// Every entry under `root` (the root itself under the empty path), keyed by relative path bytes.
 pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, EntrySnapshot> {
     let mut out = BTreeMap::new();
-    snapshot_into(root, Vec::new(), &mut out);
+    let mut inodes: BTreeMap<(u64, u64), Vec<Vec<u8>>> = BTreeMap::new();
+    snapshot_into(root, Vec::new(), &mut out, &mut inodes);
+    for names in inodes.values().filter(|names| names.len() > 1) {
+        let first = names.iter().min().expect("non-empty").clone();
+        for name in names {
+            out.get_mut(name).expect("listed").hard_link_group = Some(first.clone());
+        }
+    }
     out
 }
 
-fn snapshot_into(path: &Path, rel: Vec<u8>, out: &mut BTreeMap<Vec<u8>, EntrySnapshot>) {
+fn snapshot_into(
+    path: &Path,
+    rel: Vec<u8>,
+    out: &mut BTreeMap<Vec<u8>, EntrySnapshot>,
+    inodes: &mut BTreeMap<(u64, u64), Vec<Vec<u8>>>,
+) {
     let metadata = fs::symlink_metadata(path).expect("lstat");
     let file_type = metadata.file_type();
     let kind = if file_type.is_dir() {
@@ -96,12 +116,23 @@ fn snapshot_into(path: &Path, rel: Vec<u8>, out: &mut BTreeMap<Vec<u8>, EntrySna
     } else {
         metadata.mode() & 0o7777
     };
+    if !file_type.is_dir() {
+        inodes
+            .entry((metadata.dev(), metadata.ino()))
+            .or_default()
+            .push(rel.clone());
+    }
     out.insert(
         rel.clone(),
         EntrySnapshot {
             kind,
             mode,
+            uid: metadata.uid(),
+            gid: metadata.gid(),
             mtime_secs: metadata.mtime(),
+            mtime_nsec: metadata.mtime_nsec(),
+            xattrs: read_xattrs(path),
+            hard_link_group: None,
         },
     );
     if file_type.is_dir() {
@@ -112,13 +143,78 @@ fn snapshot_into(path: &Path, rel: Vec<u8>, out: &mut BTreeMap<Vec<u8>, EntrySna
                 child.push(b'/');
             }
             child.extend_from_slice(entry.file_name().as_bytes());
-            snapshot_into(&entry.path(), child, out);
+            snapshot_into(&entry.path(), child, out, inodes);
         }
     }
 }
 
+/// Every xattr of `path` itself.
+pub fn read_xattrs(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for name in xattr::list(path).expect("list xattrs") {
+        if let Some(value) = xattr::get(path, &name).expect("read xattr") {
+            out.insert(name.as_bytes().to_vec(), value);
+        }
+    }
+    out
+}
+
+/// Compares two snapshots entry by entry and panics at the first difference, naming the path
+/// and the attribute; returns the number of entries compared.
+pub fn assert_same_entries(
+    expected: &BTreeMap<Vec<u8>, EntrySnapshot>,
+    actual: &BTreeMap<Vec<u8>, EntrySnapshot>,
+) -> usize {
+    for (path, want) in expected {
+        let shown = String::from_utf8_lossy(path);
+        let Some(got) = actual.get(path) else {
+            panic!("{shown:?} was not unpacked");
+        };
+        assert_eq!(got.kind, want.kind, "{shown:?}: type or content");
+        assert_eq!(
+            got.mode, want.mode,
+            "{shown:?}: mode {:o} vs {:o}",
+            got.mode, want.mode
+        );
+        assert_eq!((got.uid, got.gid), (want.uid, want.gid), "{shown:?}: owner");
+        assert_eq!(
+            (got.mtime_secs, got.mtime_nsec),
+            (want.mtime_secs, want.mtime_nsec),
+            "{shown:?}: mtime"
+        );
+        assert_eq!(got.xattrs, want.xattrs, "{shown:?}: extended attributes");
+        assert_eq!(
+            got.hard_link_group, want.hard_link_group,
+            "{shown:?}: hard links"
+        );
+    }
+    let extra: Vec<_> = actual
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert!(extra.is_empty(), "unexpected entries unpacked: {extra:?}");
+    expected.len()
+}
+
+/// Reports that `test` cannot run here: with `STAGECOACH_REQUIRE_ALL=1` it panics with the
+/// reason; otherwise it prints `skipped: <test>: <reason>` to stderr and the test returns.
+#[track_caller]
+pub fn skip_or_fail(test: &str, reason: &str) {
+    let line = format!("skipped: {test}: {reason}");
+    if std::env::var("STAGECOACH_REQUIRE_ALL").is_ok_and(|v| v.trim() == "1") {
+        panic!("{line} (STAGECOACH_REQUIRE_ALL=1: every test must run on this machine)");
+    }
+    eprintln!("{line}");
+}
+
 /// Sets atime and mtime of `path` itself (not a symlink's target), in whole seconds.
 pub fn set_times(path: &Path, atime_secs: i64, mtime_secs: i64) {
+    set_times_ns(path, atime_secs, mtime_secs, 0);
+}
+
+/// Sets atime (whole seconds) and mtime (seconds and nanoseconds) of `path` itself.
+pub fn set_times_ns(path: &Path, atime_secs: i64, mtime_secs: i64, mtime_nsec: i64) {
     let c_path = CString::new(path.as_os_str().as_bytes()).expect("no NUL");
     let times = [
         libc::timespec {
@@ -127,7 +223,7 @@ pub fn set_times(path: &Path, atime_secs: i64, mtime_secs: i64) {
         },
         libc::timespec {
             tv_sec: mtime_secs,
-            tv_nsec: 0,
+            tv_nsec: mtime_nsec,
         },
     ];
     // SAFETY: valid C string and two timespecs.
@@ -164,16 +260,20 @@ pub fn is_root() -> bool {
 }
 
 pub fn mknod_char(path: &Path, major: u32, minor: u32) {
+    mknod(path, libc::S_IFCHR | 0o640, major, minor);
+}
+
+/// Creates a device node; `mode` holds the type (`S_IFCHR`, `S_IFBLK`) and permissions.
+pub fn mknod(path: &Path, mode: u32, major: u32, minor: u32) {
     let c_path = CString::new(path.as_os_str().as_bytes()).expect("no NUL");
     // SAFETY: valid C string.
-    let rc = unsafe {
-        libc::mknod(
-            c_path.as_ptr(),
-            libc::S_IFCHR | 0o640,
-            libc::makedev(major, minor),
-        )
-    };
+    let rc = unsafe { libc::mknod(c_path.as_ptr(), mode, libc::makedev(major, minor)) };
     assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
+}
+
+/// Sets owner and group of `path` itself (not a symlink's target).
+pub fn lchown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).expect("lchown");
 }
 
 pub fn path_from_bytes(root: &Path, rel: &[u8]) -> PathBuf {
@@ -379,4 +479,59 @@ pub fn next_version(
         });
     }
     v2
+}
+
+/// `CAP_NET_RAW`, the capability `ping` carries.
+pub const CAP_NET_RAW: u32 = 13;
+
+/// The value of a `security.capability` xattr granting `caps` (bit numbers) permitted and
+/// effective: `struct vfs_cap_data`, revision 2, little-endian, as `setcap cap_x+ep` writes it.
+pub fn capability_xattr(caps: &[u32]) -> Vec<u8> {
+    const VFS_CAP_REVISION_2: u32 = 0x0200_0000;
+    const VFS_CAP_FLAGS_EFFECTIVE: u32 = 0x0000_0001;
+    let mut permitted = [0u32; 2];
+    for cap in caps {
+        permitted[(*cap / 32) as usize] |= 1 << (cap % 32);
+    }
+    let mut out = (VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE)
+        .to_le_bytes()
+        .to_vec();
+    for word in permitted {
+        out.extend_from_slice(&word.to_le_bytes()); // permitted
+        out.extend_from_slice(&0u32.to_le_bytes()); // inheritable
+    }
+    out
+}
+
+/// One entry of a POSIX ACL.
+#[derive(Clone, Copy, Debug)]
+pub enum AclEntry {
+    Owner(u16),
+    User(u32, u16),
+    Group(u16),
+    NamedGroup(u32, u16),
+    Mask(u16),
+    Other(u16),
+}
+
+/// The value of a `system.posix_acl_access` or `system.posix_acl_default` xattr holding
+/// `entries` (given in the kernel's order: owner, users, group, groups, mask, other): version 2,
+/// then (tag, permissions, id) little-endian, as `setfacl` writes it.
+pub fn acl_xattr(entries: &[AclEntry]) -> Vec<u8> {
+    const UNDEFINED_ID: u32 = u32::MAX;
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for entry in entries {
+        let (tag, perm, id): (u16, u16, u32) = match *entry {
+            AclEntry::Owner(p) => (0x01, p, UNDEFINED_ID),
+            AclEntry::User(id, p) => (0x02, p, id),
+            AclEntry::Group(p) => (0x04, p, UNDEFINED_ID),
+            AclEntry::NamedGroup(id, p) => (0x08, p, id),
+            AclEntry::Mask(p) => (0x10, p, UNDEFINED_ID),
+            AclEntry::Other(p) => (0x20, p, UNDEFINED_ID),
+        };
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
 }
