@@ -23,11 +23,23 @@ pub fn identity_dir(dir: &Path) -> PathBuf {
     dir.join("identity")
 }
 
-/// Opens the edge's store.
+/// Opens the edge's store with the default limit
+/// ([`DEFAULT_CACHE_LIMIT_BYTES`](proto::store::DEFAULT_CACHE_LIMIT_BYTES)).
 pub fn open_store(dir: &Path) -> Result<Store> {
+    open_store_with_limit(dir, proto::store::DEFAULT_CACHE_LIMIT_BYTES)
+}
+
+/// Opens the edge's store bounded at `limit_bytes` (`edge-agent serve --cache-gib`).
+pub fn open_store_with_limit(dir: &Path, limit_bytes: u64) -> Result<Store> {
     let path = dir.join("store");
-    Store::open(&path, StoreOptions::default())
-        .with_context(|| format!("cannot open the store in {}", path.display()))
+    Store::open(
+        &path,
+        StoreOptions {
+            cache_limit_bytes: limit_bytes,
+            ..StoreOptions::default()
+        },
+    )
+    .with_context(|| format!("cannot open the store in {}", path.display()))
 }
 
 /// What to fetch: a bundle id, or `NAME@VERSION` (or `NAME` for the newest).
@@ -242,8 +254,23 @@ pub struct Node {
 }
 
 impl Node {
-    /// Loads the edge under `dir` (identity and store).
+    /// Loads the edge under `dir` (identity and store, with the default store limit).
     pub fn open(dir: &Path, stagers: &[SocketAddr], metrics: Arc<Metrics>) -> Result<Self> {
+        Self::open_with_limit(
+            dir,
+            stagers,
+            metrics,
+            proto::store::DEFAULT_CACHE_LIMIT_BYTES,
+        )
+    }
+
+    /// Loads the edge under `dir`, its store bounded at `limit_bytes`.
+    pub fn open_with_limit(
+        dir: &Path,
+        stagers: &[SocketAddr],
+        metrics: Arc<Metrics>,
+        limit_bytes: u64,
+    ) -> Result<Self> {
         let identity = NodeIdentity::load(&identity_dir(dir))?;
         if identity.role() != Role::Edge {
             bail!(
@@ -252,7 +279,7 @@ impl Node {
                 identity.role()
             );
         }
-        let store = open_store(dir)?;
+        let store = open_store_with_limit(dir, limit_bytes)?;
         let endpoint = client_endpoint(&identity)?;
         Ok(Self {
             identity,

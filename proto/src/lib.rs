@@ -3,7 +3,8 @@
 //! Pure modules (no tokio, no sockets, no filesystem): [`hash`], [`codec`], [`manifest`],
 //! [`verify`], [`chunking`], [`wire`], [`planner`] (which source to ask for which piece),
 //! [`inventory`] (the facts a node reports). I/O modules: [`pack`] (reads and writes trees),
-//! [`store`] (blob store on disk), [`publish`] (pack, upload and publish with publisher rights).
+//! [`store`] (blob store on disk), [`retention`] (which bundles a store keeps, and the garbage
+//! collector), [`publish`] (pack, upload and publish with publisher rights).
 
 pub mod bundles;
 pub mod chunking;
@@ -17,6 +18,7 @@ pub mod net;
 pub mod pack;
 pub mod planner;
 pub mod publish;
+pub mod retention;
 pub mod store;
 pub mod verify;
 pub mod wire;
