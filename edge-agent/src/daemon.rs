@@ -19,6 +19,7 @@ use proto::mesh::{names, PeerCounters};
 use proto::metrics::Metrics;
 use proto::net::{server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role};
 use proto::retry::{retry, RetryPolicy};
+use proto::retention::Retention;
 use proto::wire::{
     ErrorCode, FetchSummary, NegotiationOutcome, Request, Response, SitePeer, TestRunSummary,
 };
@@ -47,6 +48,12 @@ const NEGOTIATION_RETRY: RetryPolicy = RetryPolicy {
     max_delay: Duration::from_secs(60),
 };
 
+/// How often the daemon asks for this node's keep-set (also after every negotiation).
+pub const KEEP_SET_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Default `--cache-gib` of `edge-agent serve`: the bound on the edge's store, in GiB.
+pub const DEFAULT_CACHE_GIB: &str = "10";
+
 /// How `edge-agent serve` runs.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
@@ -73,6 +80,8 @@ pub struct DaemonConfig {
     pub configured: NodeConfig,
     /// Capture an image when the origin has none and allows it (seed 004); `None` never does.
     pub capture: Option<crate::capture::CaptureSetup>,
+    /// Bound on the store, in bytes (`--cache-gib`).
+    pub cache_limit_bytes: u64,
 }
 
 /// The running daemon.
@@ -106,6 +115,9 @@ pub struct Daemon {
     test_store: tokio::sync::Mutex<Option<proto::store::Store>>,
     /// How to capture an image when the origin has none (seed 004).
     capture: Option<crate::capture::CaptureSetup>,
+    /// Which bundles the store keeps: this node's keep-set, its installed bundles, what it
+    /// fetches and swaps.
+    retention: Retention,
 }
 
 impl Daemon {
@@ -206,6 +218,16 @@ impl Daemon {
             }
         };
         let id = signed.id();
+        // Pinned before its chunks arrive: the store's limit never evicts a fetch under itself.
+        let hold = match tokio::task::block_in_place(|| self.retention.hold(id, &manifest)) {
+            Ok(hold) => hold,
+            Err(error) => {
+                return Response::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("cannot pin bundle {id} in the store: {error}"),
+                }
+            }
+        };
         let id_text = id.to_string();
         let total_bytes = manifest.total_stored_bytes;
         let peers = self.peers_enabled.then(|| {
@@ -246,6 +268,12 @@ impl Daemon {
                 }
             }
         };
+        drop(hold);
+        if let Ok(report) = &report {
+            self.retention.fetched(report.id);
+        }
+        // A completed fetch may have pushed the store over its limit: collect.
+        self.collect_garbage();
         match report {
             Ok(report) => {
                 if peers_enabled {
@@ -346,9 +374,22 @@ impl Daemon {
         })
     }
 
+    /// A swap's two bundles stay kept while it runs (whatever the keep-set says meanwhile).
+    async fn start_swap(
+        &self,
+        target: BundleId,
+        rescue: BundleId,
+        send: &mut SendStream,
+    ) -> Response {
+        let answer = self.run_swap(target, rescue, send).await;
+        // The swap's bundles are no longer needed for it: the keep-set decides again.
+        self.collect_garbage();
+        answer
+    }
+
     /// Fetches both bundles (with progress frames), then swaps the machine and answers how it
     /// ended. One swap at a time; a second ask while one runs is refused as busy.
-    async fn start_swap(
+    async fn run_swap(
         &self,
         target: BundleId,
         rescue: BundleId,
@@ -369,6 +410,8 @@ impl Daemon {
                 message: "a swap is already running on this edge".into(),
             };
         };
+        self.retention.set_local(SWAP_KEEP_REASON, [target, rescue]);
+        let _kept = KeptForSwap(&self.retention);
         for (what, id) in [("rescue", rescue), ("target", target)] {
             match self.fetch(&id.to_string(), Some(send)).await {
                 fetched @ Response::Fetched(_) => {
@@ -439,6 +482,21 @@ impl Daemon {
                 }
             }
         }
+    }
+}
+
+/// Reason under which a running swap's bundles are kept.
+const SWAP_KEEP_REASON: &str = "swap";
+
+/// Reason under which the bundles of `installed.json` are kept.
+const INSTALLED_KEEP_REASON: &str = "installed";
+
+/// Drops a swap's bundles from the node's own needs on every exit path of the swap.
+struct KeptForSwap<'a>(&'a Retention);
+
+impl Drop for KeptForSwap<'_> {
+    fn drop(&mut self) {
+        self.0.set_local(SWAP_KEEP_REASON, []);
     }
 }
 
@@ -531,6 +589,8 @@ impl Daemon {
                 )
                 .add(outcome.fetched.len() as u64);
         }
+        // The origin now knows what this node runs and should run: its keep-set moved.
+        self.refresh_keep_set().await;
         result
     }
 
@@ -634,6 +694,39 @@ impl Daemon {
         })
     }
 
+    /// Runs the garbage collector (after a completed fetch or a swap), logging a failure.
+    fn collect_garbage(&self) {
+        if let Err(error) = tokio::task::block_in_place(|| self.retention.collect()) {
+            tracing::error!(%error, "garbage collection failed");
+        }
+    }
+
+    /// Asks for this node's keep-set (through its stagers, else the origin) and applies it with
+    /// the installed bundles; without an answer every pin stays.
+    async fn refresh_keep_set(&self) {
+        match state::load_installed(&self.dir) {
+            Ok(installed) => self
+                .retention
+                .set_local(INSTALLED_KEEP_REASON, installed.iter().map(|b| b.id)),
+            Err(error) => {
+                // Then the last known installed bundles stay kept.
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "cannot read the installed bundles"
+                );
+            }
+        }
+        let ticket = self.retention.ticket();
+        let answer = negotiate::fetch_keep_set(&self.node).await;
+        let collected = tokio::task::block_in_place(|| match answer {
+            Ok(keep) => self.retention.set_keep_set(ticket, keep.bundles),
+            Err(error) => self.retention.keep_set_unavailable(&format!("{error:#}")),
+        });
+        if let Err(error) = collected {
+            tracing::error!(%error, "garbage collection failed");
+        }
+    }
+
     /// Announces what the store already holds (after a restart, say): each bundle whose
     /// manifest is here and verifies, with the pieces present.
     fn announce_store(&self) {
@@ -722,7 +815,27 @@ pub async fn serve(
         tracing::info!(dir = %config.dir.join(state::TMP_DIR).display(), "purged the test-mode area of the last run");
     }
     let metrics = Metrics::new();
-    let node = Node::open(&config.dir, &config.stagers, metrics.clone())?;
+    let node = Node::open_with_limit(
+        &config.dir,
+        &config.stagers,
+        metrics.clone(),
+        config.cache_limit_bytes,
+    )?;
+    let retention = Retention::with_metrics(
+        node.store.clone(),
+        vec![*node.identity.publisher_key()],
+        metrics.clone(),
+    );
+    // Until the origin answers, what is pinned stays; installed bundles are kept in any case.
+    retention.set_local(
+        INSTALLED_KEEP_REASON,
+        state::load_installed(&config.dir)?.iter().map(|b| b.id),
+    );
+    tracing::info!(
+        limit_bytes = config.cache_limit_bytes,
+        stored_bytes = node.store.usage().stored_bytes(),
+        "store open"
+    );
     let endpoint = server_endpoint(config.listen, &node.identity)
         .context("cannot start the edge's mesh endpoint")?;
     let listen = endpoint.local_addr()?;
@@ -750,6 +863,7 @@ pub async fn serve(
         negotiating: tokio::sync::Mutex::new(()),
         test_store: tokio::sync::Mutex::new(None),
         capture: config.capture.clone(),
+        retention,
     });
     if config.peers {
         daemon.announce_store();
@@ -770,13 +884,31 @@ pub async fn serve(
     tracing::info!(mesh = %listen, metrics = %metrics_addr, peers = config.peers, "edge agent serving");
     proto::metrics::spawn_log_summary(metrics.clone(), Duration::from_secs(10), "edge-agent");
     let accept = tokio::spawn(server::run(endpoint.clone(), daemon.clone(), metrics));
-    spawn_startup_negotiation(daemon);
+    spawn_startup_negotiation(daemon.clone());
+    spawn_keep_fresh(daemon);
     server::shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = std::fs::remove_file(config.dir.join(DAEMON_FILE));
     endpoint.close(0u32.into(), b"shutdown");
     accept.abort();
     Ok(())
+}
+
+/// Keeps this node's keep-set fresh: the origin's changes (a new desired bundle, a rollout)
+/// reach the store within [`KEEP_SET_REFRESH_INTERVAL`].
+fn spawn_keep_fresh(daemon: Arc<Daemon>) {
+    tokio::spawn(async move {
+        // The start-up negotiation asks first; then every interval.
+        let mut every = tokio::time::interval_at(
+            tokio::time::Instant::now() + KEEP_SET_REFRESH_INTERVAL,
+            KEEP_SET_REFRESH_INTERVAL,
+        );
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            daemon.refresh_keep_set().await;
+        }
+    });
 }
 
 /// Negotiates while the daemon already serves (peers may fetch from this edge meanwhile). When

@@ -17,7 +17,7 @@ use proto::store::Store;
 use quinn::{Connection, Endpoint};
 
 use crate::peers::download::{Download, PeerHave};
-use crate::state::{identity_dir, open_store, DaemonReady};
+use crate::state::{identity_dir, open_store, open_store_with_limit, DaemonReady};
 
 /// What to fetch: a bundle id, or `NAME@VERSION` (or `NAME` for the newest).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -242,8 +242,23 @@ pub struct Node {
 }
 
 impl Node {
-    /// Loads the edge under `dir` (identity and store).
+    /// Loads the edge under `dir` (identity and store, with the default store limit).
     pub fn open(dir: &Path, stagers: &[SocketAddr], metrics: Arc<Metrics>) -> Result<Self> {
+        Self::open_with_limit(
+            dir,
+            stagers,
+            metrics,
+            proto::store::DEFAULT_CACHE_LIMIT_BYTES,
+        )
+    }
+
+    /// Loads the edge under `dir`, its store bounded at `limit_bytes`.
+    pub fn open_with_limit(
+        dir: &Path,
+        stagers: &[SocketAddr],
+        metrics: Arc<Metrics>,
+        limit_bytes: u64,
+    ) -> Result<Self> {
         let identity = NodeIdentity::load(&identity_dir(dir))?;
         if identity.role() != Role::Edge {
             bail!(
@@ -252,7 +267,7 @@ impl Node {
                 identity.role()
             );
         }
-        let store = open_store(dir)?;
+        let store = open_store_with_limit(dir, limit_bytes)?;
         let endpoint = client_endpoint(&identity)?;
         Ok(Self {
             identity,

@@ -241,6 +241,11 @@ struct ServeArgs {
     /// Trial boots of the new OS in a remote swap before the rescue takes over.
     #[arg(long, default_value_t = DEFAULT_BOOT_ATTEMPTS)]
     swap_boot_attempts: u8,
+    /// Bound on the store, in GiB (fractions allowed: 0.5 is 512 MiB). The bundles this node
+    /// must keep (installed, desired, a swap's, the origin's keep-set) are kept even beyond it,
+    /// with a warning; the others are evicted least recently used.
+    #[arg(long = "cache-gib", value_name = "GIB", default_value = edge_agent::daemon::DEFAULT_CACHE_GIB, value_parser = proto::retention::parse_cache_gib)]
+    cache_limit_bytes: u64,
     #[command(flatten)]
     facts: NodeFacts,
     #[command(flatten)]
@@ -850,6 +855,7 @@ fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
         },
         configured: args.facts.config(&args.dir)?,
         capture,
+        cache_limit_bytes: args.cache_limit_bytes,
     };
     let ready_file = args.ready_file;
     let p2p = edge_agent::peers::P2pConfig {

@@ -145,6 +145,38 @@ pub async fn send_report(
     )
 }
 
+/// Asks the first stager that answers (it asks the origin), else the origin, which bundles
+/// this node must keep. An error when none answers: the caller then keeps every pin it has.
+pub async fn fetch_keep_set(node: &Node) -> Result<proto::wire::KeepSet> {
+    let mut sources: Vec<(SocketAddr, &str)> =
+        node.stagers.iter().map(|addr| (*addr, "stager")).collect();
+    if let Ok(origin) = node.identity.origin_addr().parse::<SocketAddr>() {
+        sources.push((origin, "origin"));
+    }
+    let mut errors = Vec::new();
+    for (addr, role) in sources {
+        let conn = match connect(&node.endpoint, addr).await {
+            Ok(conn) => conn,
+            Err(error) => {
+                errors.push(format!("{role} {addr}: {error}"));
+                continue;
+            }
+        };
+        match proto::mesh::fetch::keep_set(&conn, &Request::KeepSet).await {
+            Ok(keep) => return Ok(keep),
+            Err(error) => errors.push(format!("{role} {addr}: {error}")),
+        }
+    }
+    bail!(
+        "no keep-set from a stager or the origin: {}",
+        if errors.is_empty() {
+            "no stager given and no origin address".to_owned()
+        } else {
+            errors.join("; ")
+        }
+    )
+}
+
 /// Reports without negotiating (at enrollment).
 pub async fn report_only(node: &Node, report: &NodeReport) -> Result<String> {
     match send_report(node, report, false).await? {

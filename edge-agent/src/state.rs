@@ -17,9 +17,20 @@ pub fn identity_dir(dir: &Path) -> PathBuf {
 
 /// Opens the edge's store.
 pub fn open_store(dir: &Path) -> Result<Store> {
+    open_store_with_limit(dir, proto::store::DEFAULT_CACHE_LIMIT_BYTES)
+}
+
+/// Opens the edge's store bounded at `limit_bytes` (`edge-agent serve --cache-gib`).
+pub fn open_store_with_limit(dir: &Path, limit_bytes: u64) -> Result<Store> {
     let path = dir.join("store");
-    Store::open(&path, StoreOptions::default())
-        .with_context(|| format!("cannot open the store in {}", path.display()))
+    Store::open(
+        &path,
+        StoreOptions {
+            cache_limit_bytes: limit_bytes,
+            ..StoreOptions::default()
+        },
+    )
+    .with_context(|| format!("cannot open the store in {}", path.display()))
 }
 
 /// What the operator configured for this node, kept in the edge's directory.

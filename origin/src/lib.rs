@@ -13,12 +13,14 @@
 //! - [`db`]: the control plane's RocksDB (nodes, packages, classes, overrides, policy, audit).
 //! - [`control`]: node reports, boot negotiation ([`negotiate`]) and the operator's commands,
 //!   server side; [`admin`]: the same commands, client side; [`policy_file`]: the TOML policy.
+//! - [`keep`]: keep-sets, which bundles each node and each site's stagers must keep.
 
 pub mod admin;
 pub mod catalog;
 pub mod control;
 pub mod db;
 pub mod home;
+pub mod keep;
 pub mod negotiate;
 pub mod policy;
 pub mod policy_file;

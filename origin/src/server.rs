@@ -175,6 +175,38 @@ impl Origin {
                         .await,
                 )
             }
+            Request::KeepSet => {
+                self.request_counter("keep_set");
+                let keep = match peer.role {
+                    Role::Stager => tokio::task::block_in_place(|| {
+                        crate::keep::for_site(
+                            &self.control,
+                            peer.site.as_str(),
+                            &self.catalog.all(),
+                        )
+                    }),
+                    Role::Edge => tokio::task::block_in_place(|| {
+                        crate::keep::for_node(
+                            &self.control,
+                            &peer.node_id.to_string(),
+                            peer.site.as_str(),
+                        )
+                    }),
+                    _ => return self.refuse(peer, "ask for a keep-set"),
+                };
+                keep_answer(peer, keep)
+            }
+            Request::RelayKeepSet { node_id } => {
+                self.request_counter("relay_keep_set");
+                if peer.role != Role::Stager {
+                    return self.refuse(peer, "ask for an edge's keep-set");
+                }
+                // The edge must be of the relaying stager's site, from its certificate.
+                let keep = tokio::task::block_in_place(|| {
+                    crate::keep::for_node(&self.control, &node_id, peer.site.as_str())
+                });
+                keep_answer(peer, keep)
+            }
             Request::Subscribe { .. }
             | Request::Enroll { .. }
             | Request::SitePeers { .. }
@@ -416,6 +448,32 @@ fn set_newest_bundle_gauges(metrics: &Metrics, info: &BundleInfo) {
             &[],
         )
         .set(info.raw_bytes);
+}
+
+/// The answer to a keep-set request: the set, or why none can be given (the asker then keeps
+/// what it has).
+fn keep_answer(
+    peer: &PeerIdentity,
+    keep: Result<proto::wire::KeepSet, crate::keep::KeepError>,
+) -> Response {
+    match keep {
+        Ok(keep) => {
+            tracing::debug!(%peer, bundles = keep.bundles.len(), "keep-set sent");
+            Response::KeepSet(keep)
+        }
+        Err(error @ crate::keep::KeepError::UnknownNode(_)) => not_found(error.to_string()),
+        Err(error @ crate::keep::KeepError::OtherSite { .. }) => {
+            tracing::warn!(%peer, %error, "refused a keep-set");
+            Response::Error {
+                code: ErrorCode::Forbidden,
+                message: error.to_string(),
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%peer, %error, "cannot give a keep-set");
+            internal(error)
+        }
+    }
 }
 
 fn not_found(message: String) -> Response {

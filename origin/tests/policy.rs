@@ -758,7 +758,7 @@ fn the_newest_version_is_the_release_not_its_candidate() {
     for (published, requirement, chosen) in cases {
         let mut store = PolicyStore::new();
         for version in published {
-            store.add_package("app", version, Vec::new());
+            store.add_package("app", *version, Vec::new());
         }
         store.features.insert("app".into(), vec![req(requirement)]);
         let inventory = Inventory {

@@ -5,7 +5,8 @@
 //! [`inventory`] (the facts a node reports), [`version`] (the one ordering of bundle versions).
 //! I/O modules: [`pack`] (reads and writes trees), [`store`] (blob store on disk), [`publish`]
 //! (pack, upload and publish with publisher rights), [`durable`] (the one atomic, fsynced file
-//! replacement), [`retry`] (the one bounded retry loop with backoff and jitter).
+//! replacement), [`retry`] (the one bounded retry loop with backoff and jitter),
+//! [`retention`] (which bundles a store keeps, and the garbage collector).
 
 pub mod bundles;
 pub mod chunking;
@@ -21,6 +22,7 @@ pub mod pack;
 pub mod planner;
 pub mod publish;
 pub mod retry;
+pub mod retention;
 pub mod store;
 pub mod verify;
 pub mod version;

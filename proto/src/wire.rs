@@ -149,6 +149,32 @@ pub enum Request {
     /// Ask this edge's own daemon to negotiate now (the node's own certificate only).
     /// Answered by [`Response::Negotiated`].
     Negotiate,
+    /// Which bundles the asker's store must keep (retention). Asked of the origin by a stager
+    /// (its site's keep-set) or an edge (its own), and of a stager by its site's edges (it asks
+    /// the origin with [`Request::RelayKeepSet`]). Answered by [`Response::KeepSet`]; a node
+    /// that gets no answer keeps every pin it has.
+    KeepSet,
+    /// A stager passes on an edge's [`Request::KeepSet`] to the origin (stagers only), with the
+    /// edge's node id from its certificate; the edge must belong to the stager's site.
+    RelayKeepSet {
+        /// The edge's node id, from its certificate.
+        #[serde(deserialize_with = "bounds::name")]
+        node_id: String,
+    },
+}
+
+/// Most bundles one keep-set names (a site's: the union over its nodes, plus the newest
+/// published version of every bundle). An origin whose keep-set would be longer refuses to
+/// answer, and the node keeps its pins.
+pub const MAX_KEEP_BUNDLES: usize = 4096;
+
+/// The bundles a node or a site must keep: its store pins exactly these (plus what the node
+/// needs itself), and may evict any other bundle.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeepSet {
+    /// The bundles, ascending, without duplicates.
+    #[serde(deserialize_with = "bounds::keep_bundles")]
+    pub bundles: Vec<BundleId>,
 }
 
 /// Most bundles a node reports installed (or held), and most bundles one plan lists.
@@ -534,6 +560,13 @@ pub mod bounds {
         list(d, MAX_NODE_BUNDLES)
     }
 
+    /// At most [`MAX_KEEP_BUNDLES`](super::MAX_KEEP_BUNDLES).
+    pub fn keep_bundles<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<crate::manifest::BundleId>, D::Error> {
+        list(d, super::MAX_KEEP_BUNDLES)
+    }
+
     /// At most [`MAX_NODE_BUNDLES`].
     pub fn fetch_summaries<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<FetchSummary>, D::Error> {
         list(d, MAX_NODE_BUNDLES)
@@ -689,6 +722,8 @@ pub enum Response {
     TestRunning(TestRunSummary),
     /// Answer to [`Request::Negotiate`].
     Negotiated(NegotiationOutcome),
+    /// Answer to [`Request::KeepSet`] and [`Request::RelayKeepSet`].
+    KeepSet(KeepSet),
 }
 
 /// Why a frame could not be decoded.
@@ -876,6 +911,10 @@ mod tests {
                 bundle: BlobHash::of(b"t"),
             },
             Request::Negotiate,
+            Request::KeepSet,
+            Request::RelayKeepSet {
+                node_id: "abc".into(),
+            },
         ];
         for request in requests {
             let frame = encode_frame(&request).expect("encode");
@@ -910,6 +949,9 @@ mod tests {
                 },
                 fetched: Vec::new(),
             }),
+            Response::KeepSet(KeepSet {
+                bundles: vec![BlobHash::of(b"a"), BlobHash::of(b"b")],
+            }),
         ];
         for response in responses {
             let frame = encode_frame(&response).expect("encode");
@@ -942,6 +984,15 @@ mod tests {
         })
         .expect("encode");
         assert_eq!(frame[LENGTH_PREFIX_BYTES + VERSION_BYTES], 12);
+    }
+
+    #[test]
+    fn an_oversized_keep_set_is_refused() {
+        let ids: Vec<BundleId> = (0..=MAX_KEEP_BUNDLES as u32)
+            .map(|i| BlobHash::of(&i.to_le_bytes()))
+            .collect();
+        let frame = encode_frame(&Response::KeepSet(KeepSet { bundles: ids })).expect("encode");
+        assert!(decode_frame::<Response>(&frame).is_err());
     }
 
     #[test]

@@ -51,9 +51,11 @@ enum Command {
         /// Write the bound addresses as JSON to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
-        /// Cache bound for bundles no longer announced, in GiB.
-        #[arg(long, default_value_t = 64)]
-        cache_gib: u64,
+        /// Bound on the store, in GiB (fractions allowed: 0.5 is 512 MiB). Bundles the site's
+        /// keep-set names are kept even beyond it (with a warning); the others are evicted least
+        /// recently used.
+        #[arg(long = "cache-gib", value_name = "GIB", default_value = node::DEFAULT_CACHE_GIB, value_parser = proto::retention::parse_cache_gib)]
+        cache_limit_bytes: u64,
         /// Test hook: corrupt every blob part served to edges (only in a build with the
         /// `test-hooks` feature).
         #[cfg(feature = "test-hooks")]
@@ -91,7 +93,7 @@ async fn main() -> Result<()> {
             listen,
             metrics_listen,
             ready_file,
-            cache_gib,
+            cache_limit_bytes,
             #[cfg(feature = "test-hooks")]
             test_corrupt_serving,
             upload_limit_mbit,
@@ -105,7 +107,7 @@ async fn main() -> Result<()> {
                 listen,
                 metrics_listen,
                 ready_file,
-                cache_limit_bytes: cache_gib * 1024 * 1024 * 1024,
+                cache_limit_bytes,
                 test_corrupt_serving,
                 upload_limit_bits_per_s: upload_limit_mbit.map(|m| m * 1_000_000),
             })

@@ -11,7 +11,7 @@ use ed25519_dalek::VerifyingKey;
 use proto::bundles;
 use proto::durable;
 use proto::manifest::{BundleId, Manifest};
-use proto::mesh::fetch::{fetch_manifest, FetchError};
+use proto::mesh::fetch::{fetch_manifest, keep_set, FetchError};
 use proto::mesh::pace::RateLimit;
 use proto::mesh::serve::{serve_blob, spans_to_ranges, ServeOptions};
 use proto::mesh::server::{self, RequestHandler};
@@ -21,6 +21,7 @@ use proto::net::{
     read_frame, send_request, server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role, Site,
 };
 use proto::retry::{retry, RetryPolicy};
+use proto::retention::Retention;
 use proto::store::{Store, StoreOptions};
 use proto::wire::{
     BundleInfo, ErrorCode, Holding, Request, Response, SitePeer, MAX_FRAME_BYTES, MAX_HOLDINGS,
@@ -53,6 +54,12 @@ pub const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 /// How often the metrics summary is logged.
 pub const METRICS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How often the stager asks the origin for its site's keep-set (also after every preheat).
+pub const KEEP_SET_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Default `--cache-gib`: the bound on the stager's store, in GiB.
+pub const DEFAULT_CACHE_GIB: &str = "64";
+
 /// How `stager serve` runs.
 #[derive(Clone, Debug)]
 pub struct StagerConfig {
@@ -68,7 +75,8 @@ pub struct StagerConfig {
     pub metrics_listen: SocketAddr,
     /// Write bound addresses as JSON here once listening.
     pub ready_file: Option<PathBuf>,
-    /// Cache bound of the store, in bytes.
+    /// Bound on the store, in bytes: bundles outside the site's keep-set are evicted least
+    /// recently used beyond it (kept ones never are).
     pub cache_limit_bytes: u64,
     /// Test hook: corrupt every blob part served to edges. The binary's switch for it,
     /// `--test-corrupt-serving`, exists only in a build with the `test-hooks` feature.
@@ -95,6 +103,8 @@ struct Known {
 pub struct Stager {
     site: Site,
     store: Store,
+    /// Which bundles the store keeps: the site's keep-set from the origin.
+    retention: Retention,
     trusted: [VerifyingKey; 1],
     flights: Arc<Flights>,
     known: Mutex<Known>,
@@ -152,6 +162,8 @@ impl Stager {
     /// Pulls every chunk of bundle `info` the site lacks, then records it as held.
     async fn preheat(self: &Arc<Self>, info: &BundleInfo) -> Result<()> {
         let (signed, manifest) = self.manifest(info.id).await?;
+        // Pinned before its chunks arrive: the store's limit never evicts a preheat under itself.
+        let hold = tokio::task::block_in_place(|| self.retention.hold(info.id, &manifest))?;
         let mut unique: Vec<(BlobHash, u64)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for chunk in &manifest.chunks {
@@ -183,12 +195,46 @@ impl Stager {
             self.store.put_manifest(&signed)?;
             Ok(())
         })?;
-        let mut known = self.known();
-        if !known.catalog.iter().any(|b| b.id == info.id) {
-            known.catalog.push(info.clone());
+        drop(hold);
+        self.retention.fetched(info.id);
+        {
+            let mut known = self.known();
+            if !known.catalog.iter().any(|b| b.id == info.id) {
+                known.catalog.push(info.clone());
+            }
         }
         tracing::info!(bundle = %info.id, name = %info.name, version = %info.version, "bundle held by the site");
+        // A completed fetch: the keep-set has moved on, collect.
+        self.refresh_keep_set().await;
         Ok(())
+    }
+
+    /// Asks the origin for the site's keep-set and applies it (pins become exactly the set,
+    /// plus what is being fetched), then collects garbage. Without an answer every pin stays.
+    async fn refresh_keep_set(&self) {
+        let ticket = self.retention.ticket();
+        let answer = match self.flights.upstream().connection().await {
+            Ok(conn) => keep_set(&conn, &Request::KeepSet).await,
+            Err(error) => Err(FetchError::Net(error)),
+        };
+        let collected = tokio::task::block_in_place(|| match answer {
+            Ok(keep) => self.retention.set_keep_set(ticket, keep.bundles),
+            Err(error) => self.retention.keep_set_unavailable(&error),
+        });
+        if let Err(error) = collected {
+            tracing::error!(%error, "garbage collection failed");
+        }
+    }
+
+    /// Keeps the site's keep-set fresh: the origin's changes when nodes report or a rollout
+    /// moves reach the store within [`KEEP_SET_REFRESH_INTERVAL`].
+    async fn keep_fresh(self: Arc<Self>) {
+        let mut every = tokio::time::interval(KEEP_SET_REFRESH_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.refresh_keep_set().await;
+        }
     }
 
     /// Follows the origin's announcements forever, preheating each bundle in order.
@@ -393,11 +439,22 @@ impl Stager {
                 }
                 self.relay_report(peer, report, negotiate).await
             }
+            Request::KeepSet => {
+                self.request_counter("keep_set");
+                if peer.role != Role::Edge {
+                    return Some(Response::Error {
+                        code: ErrorCode::Forbidden,
+                        message: "only the site's edges ask a stager for their keep-set".into(),
+                    });
+                }
+                self.relay_keep_set(peer).await
+            }
             Request::Subscribe { .. }
             | Request::Enroll { .. }
             | Request::Fetch { .. }
             | Request::StartSwap { .. }
             | Request::RelayReport { .. }
+            | Request::RelayKeepSet { .. }
             | Request::Control { .. }
             | Request::TestRun { .. }
             | Request::Negotiate => Response::Error {
@@ -442,6 +499,28 @@ impl Stager {
             }
             Err(error) => {
                 tracing::warn!(%peer, %error, "cannot relay an edge's report to the origin");
+                Response::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("the stager cannot reach the origin: {error}"),
+                }
+            }
+        }
+    }
+
+    /// Asks the origin for an edge's keep-set with the edge's node id from its certificate; the
+    /// origin checks the edge is of this stager's site. The answer goes back as it is.
+    async fn relay_keep_set(&self, peer: &PeerIdentity) -> Response {
+        let request = Request::RelayKeepSet {
+            node_id: peer.node_id.to_string(),
+        };
+        let answer = match self.flights.upstream().connection().await {
+            Ok(conn) => proto::net::call(&conn, &request, MAX_FRAME_BYTES).await,
+            Err(error) => Err(error),
+        };
+        match answer {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "cannot ask the origin for an edge's keep-set");
                 Response::Error {
                     code: ErrorCode::Internal,
                     message: format!("the stager cannot reach the origin: {error}"),
@@ -601,6 +680,16 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     )
     .context("cannot open the stager's store")?;
     let metrics = Metrics::new();
+    let retention = Retention::with_metrics(
+        store.clone(),
+        vec![*identity.publisher_key()],
+        metrics.clone(),
+    );
+    tracing::info!(
+        limit_bytes = config.cache_limit_bytes,
+        stored_bytes = store.usage().stored_bytes(),
+        "store open"
+    );
     let endpoint =
         server_endpoint(config.listen, &identity).context("cannot start the mesh endpoint")?;
     let listen = endpoint.local_addr()?;
@@ -610,6 +699,7 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     let stager = Arc::new(Stager {
         site: identity.site().clone(),
         store,
+        retention,
         trusted: [*identity.publisher_key()],
         flights,
         known: Mutex::new(Known {
@@ -632,6 +722,7 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     proto::metrics::spawn_log_summary(metrics.clone(), METRICS_LOG_INTERVAL, "stager");
     tokio::spawn(server::run(endpoint.clone(), stager.clone(), metrics));
     tokio::spawn(stager.clone().follow());
+    tokio::spawn(stager.clone().keep_fresh());
     if let Some(path) = &config.ready_file {
         let ready = serde_json::json!({
             "mesh": listen.to_string(),

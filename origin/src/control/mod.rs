@@ -108,6 +108,11 @@ impl ControlPlane {
         &self.db
     }
 
+    /// What a rollout under way asks its nodes to keep (see [`crate::keep`]).
+    pub fn rollout_keep(&self) -> Option<crate::keep::RolloutKeep> {
+        self.rollouts.kept()
+    }
+
     fn one_change(&self) -> std::sync::MutexGuard<'_, ()> {
         self.changes.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -180,6 +180,20 @@ impl RolloutService {
         rollouts
     }
 
+    /// What the saved rollout asks its nodes to keep while it runs or is paused: its target
+    /// and rescue. `None` when no rollout is under way (or its file cannot be read).
+    pub fn kept(&self) -> Option<crate::keep::RolloutKeep> {
+        let saved = self.load().ok().flatten()?;
+        if !matches!(saved.rollout.phase(), Phase::Running | Phase::Paused) {
+            return None;
+        }
+        Some(crate::keep::RolloutKeep {
+            target: saved.target,
+            rescue: saved.rescue,
+            nodes: saved.addrs.keys().cloned().collect(),
+        })
+    }
+
     fn load(&self) -> Result<Option<Saved>, RolloutServiceError> {
         match std::fs::read(&self.state_file) {
             Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|error| {

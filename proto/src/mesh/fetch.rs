@@ -92,6 +92,18 @@ pub async fn list_bundles(conn: &Connection) -> Result<Vec<BundleInfo>, FetchErr
     }
 }
 
+/// Asks the server on `conn` which bundles to keep: `request` is [`Request::KeepSet`] (this
+/// node's, or its site's for a stager) or [`Request::RelayKeepSet`].
+pub async fn keep_set(
+    conn: &Connection,
+    request: &Request,
+) -> Result<crate::wire::KeepSet, FetchError> {
+    match call(conn, request, MAX_FRAME_BYTES).await? {
+        Response::KeepSet(keep) => Ok(keep),
+        other => Err(refused_or_unexpected(other, "a keep-set")),
+    }
+}
+
 /// Resolves `name` (at `version`, or the newest) on the server on `conn`.
 pub async fn resolve(
     conn: &Connection,

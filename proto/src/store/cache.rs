@@ -22,6 +22,14 @@ pub(super) struct State {
     pub(super) lru: BTreeSet<(u64, BlobHash)>,
     /// Total size of unpinned blobs.
     pub(super) cached_bytes: u64,
+    /// Total size of every blob with a record (pinned, cached, partial).
+    pub(super) stored_bytes: u64,
+    /// Blobs evicted since the store opened.
+    pub(super) evicted_blobs: u64,
+    /// Bytes of the blobs evicted since the store opened.
+    pub(super) evicted_bytes: u64,
+    /// The pinned blobs alone exceed the limit (warned once until they fit again).
+    pub(super) kept_over_limit: bool,
     /// Blobs with an open [`PartialBlob`], with the groups it verified and wrote so far (readers
     /// serve from this before it is durable; it only ever grows).
     pub(super) writers: HashMap<BlobHash, Arc<RwLock<GroupRanges>>>,
@@ -68,13 +76,25 @@ impl State {
 
     pub(super) fn set_entry(&mut self, hash: BlobHash, entry: Entry) {
         self.untrack(hash);
-        self.blobs.insert(hash, entry);
+        if let Some(old) = self.blobs.insert(hash, entry) {
+            self.stored_bytes = self.stored_bytes.saturating_sub(old.size);
+        }
+        self.stored_bytes += entry.size;
         self.track(hash);
     }
 
     pub(super) fn remove_entry(&mut self, hash: &BlobHash) -> Option<Entry> {
         self.untrack(*hash);
-        self.blobs.remove(hash)
+        let removed = self.blobs.remove(hash);
+        if let Some(old) = &removed {
+            self.stored_bytes = self.stored_bytes.saturating_sub(old.size);
+        }
+        removed
+    }
+
+    /// Bytes of pinned blobs (the kept set).
+    pub(super) fn pinned_bytes(&self) -> u64 {
+        self.stored_bytes.saturating_sub(self.cached_bytes)
     }
 
     pub(super) fn live(&self, hash: &BlobHash) -> Option<GroupRanges> {
@@ -85,41 +105,60 @@ impl State {
 }
 
 impl Store {
-    /// Under the lock: evicts least recently used unpinned blobs until the cache fits its limit.
-    /// Never touches `protect` or blobs with an open writer.
+    /// Under the lock: evicts least recently used unpinned blobs until the store (pinned and
+    /// unpinned blobs together) fits its limit. Never touches `protect`, pinned blobs or blobs
+    /// with an open writer; when the pinned blobs alone exceed the limit they all stay, with a
+    /// warning.
     pub(super) fn evict(
         &self,
         state: &mut State,
         protect: Option<BlobHash>,
     ) -> Result<(), StoreError> {
         let limit = self.inner.options.cache_limit_bytes;
-        if state.cached_bytes <= limit {
-            return Ok(());
-        }
-        let mut remaining = state.cached_bytes;
-        let mut victims = Vec::new();
-        for (_, hash) in state.lru.iter() {
-            if remaining <= limit {
-                break;
+        if state.stored_bytes > limit {
+            let mut remaining = state.stored_bytes;
+            let mut victims = Vec::new();
+            let mut victim_bytes = 0u64;
+            for (_, hash) in state.lru.iter() {
+                if remaining <= limit {
+                    break;
+                }
+                if Some(*hash) == protect || state.writers.contains_key(hash) {
+                    continue;
+                }
+                if let Some(entry) = state.blobs.get(hash) {
+                    remaining -= entry.size;
+                    victim_bytes += entry.size;
+                    victims.push(*hash);
+                }
             }
-            if Some(*hash) == protect || state.writers.contains_key(hash) {
-                continue;
-            }
-            if let Some(entry) = state.blobs.get(hash) {
-                remaining -= entry.size;
-                victims.push(*hash);
+            if !victims.is_empty() {
+                tracing::info!(
+                    evicted_blobs = victims.len(),
+                    evicted_bytes = victim_bytes,
+                    stored_bytes = state.stored_bytes,
+                    limit_bytes = limit,
+                    reason = "store over its limit; least recently used blobs no kept bundle pins",
+                    "evicting"
+                );
+                for hash in &victims {
+                    tracing::debug!(blob = %hash, "evicted: unpinned and least recently used");
+                }
+                self.remove_blobs(state, &victims)?;
+                state.evicted_blobs += victims.len() as u64;
+                state.evicted_bytes += victim_bytes;
             }
         }
-        if victims.is_empty() {
-            return Ok(());
+        let pinned = state.pinned_bytes();
+        if pinned > limit && !state.kept_over_limit {
+            tracing::warn!(
+                pinned_bytes = pinned,
+                limit_bytes = limit,
+                "the kept bundles alone exceed the store's limit; keeping them all (raise --cache-gib)"
+            );
         }
-        tracing::info!(
-            evicted = victims.len(),
-            cached_bytes = state.cached_bytes,
-            limit_bytes = limit,
-            "evicting least recently used blobs"
-        );
-        self.remove_blobs(state, &victims)
+        state.kept_over_limit = pinned > limit;
+        Ok(())
     }
 
     /// Under the lock: deletes index entries durably, then the files.

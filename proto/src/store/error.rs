@@ -132,6 +132,14 @@ pub enum StoreError {
         /// The tag's length.
         len: usize,
     },
+    /// [`Store::replace_pins`](super::Store::replace_pins) was given a tag outside its prefix.
+    #[error("pin tag {tag:?} does not start with {prefix:?}")]
+    TagPrefix {
+        /// The tag.
+        tag: String,
+        /// The prefix being replaced.
+        prefix: String,
+    },
     /// Serving a blob failed.
     #[error("serving blob {hash}: {source}")]
     Encode {

@@ -14,9 +14,13 @@
 //!   index calls verified holds the right bytes.
 //! - Only verified bytes are written into a blob: [`PartialBlob::accept`] takes items a
 //!   [`Decoder`](crate::verify::Decoder) produced, and those exist only after they hashed right.
-//! - Pinned blobs are never evicted. Unpinned blobs (complete or partial) are a cache of at most
-//!   [`StoreOptions::cache_limit_bytes`], evicted least recently used first: the index entry goes
-//!   first, then the files, so a crash in between leaves only orphan files, removed at next open.
+//! - Pinned blobs are never evicted. Unpinned blobs (complete or partial) are a cache, evicted
+//!   least recently used first while the store's blobs together exceed
+//!   [`StoreOptions::cache_limit_bytes`] (pinned blobs alone may exceed it: they stay, with a
+//!   warning). Blobs with an open writer are never evicted. The index entry goes first, then the
+//!   files, so a crash in between leaves only orphan files, removed at next open.
+//! - Which bundles are pinned is decided by [`crate::retention`]: pins are replaced as a whole
+//!   ([`Store::replace_pins`]), so a blob shared by a kept bundle keeps that bundle's pin.
 //!
 //! [`Store`] is a cheap handle (`Clone`, `Send`, `Sync`); servers share one across tasks and call
 //! it from blocking threads.
@@ -27,6 +31,7 @@ mod files;
 mod index;
 mod partial;
 
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::ops::Range;
@@ -44,7 +49,7 @@ use files::{io_error, BlobPaths, FileData, FileOutboard};
 use index::{BlobRecord, Index, RecordState};
 pub use partial::PartialBlob;
 
-/// Default bound on the bytes of unpinned blobs kept as cache (10 GiB).
+/// Default bound on the bytes of the store's blobs (10 GiB); pinned blobs may exceed it.
 pub const DEFAULT_CACHE_LIMIT_BYTES: u64 = 10 * 1024 * 1024 * 1024;
 
 /// Default amount of newly verified data after which a partial writer makes progress durable
@@ -70,8 +75,9 @@ const INDEX_DIR: &str = "index";
 /// How a [`Store`] behaves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreOptions {
-    /// Bound on the total size of unpinned blobs, in bytes. The most recently written blob is
-    /// kept even if it alone is larger.
+    /// Bound on the total size of the store's blobs, in bytes: unpinned blobs are evicted while
+    /// the store holds more. Pinned blobs are never evicted, even when they alone exceed it, and
+    /// the most recently written blob is kept even if it alone is larger.
     pub cache_limit_bytes: u64,
     /// Newly verified bytes a [`PartialBlob`] gathers before it records them in the index
     /// (without waiting for the disk: a crashed process resumes from there, after re-verifying).
@@ -135,10 +141,30 @@ pub struct CacheUsage {
     pub cached_bytes: u64,
     /// Total size of pinned blobs, in bytes.
     pub pinned_bytes: u64,
-    /// The configured bound on `cached_bytes`.
+    /// The configured bound on the store's blobs (pinned and cached together).
     pub cache_limit_bytes: u64,
     /// Number of blobs with an index record.
     pub blobs: usize,
+    /// Blobs evicted since the store opened.
+    pub evicted_blobs: u64,
+    /// Bytes of the blobs evicted since the store opened.
+    pub evicted_bytes: u64,
+}
+
+impl CacheUsage {
+    /// Total size of the store's blobs (pinned and cached), in bytes.
+    pub fn stored_bytes(&self) -> u64 {
+        self.cached_bytes + self.pinned_bytes
+    }
+}
+
+/// What [`Store::replace_pins`] changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PinChange {
+    /// Pins (blob, tag) added.
+    pub added: usize,
+    /// Pins (blob, tag) removed.
+    pub removed: usize,
 }
 
 /// A handle to an open blob store. Clones share the store.
@@ -603,18 +629,123 @@ impl Store {
     /// Space used by cached and pinned blobs.
     pub fn usage(&self) -> CacheUsage {
         let state = self.lock();
-        let pinned_bytes = state
-            .blobs
-            .iter()
-            .filter(|(hash, _)| state.is_pinned(hash))
-            .map(|(_, entry)| entry.size)
-            .sum();
         CacheUsage {
             cached_bytes: state.cached_bytes,
-            pinned_bytes,
+            pinned_bytes: state.pinned_bytes(),
             cache_limit_bytes: self.inner.options.cache_limit_bytes,
             blobs: state.blobs.len(),
+            evicted_blobs: state.evicted_blobs,
+            evicted_bytes: state.evicted_bytes,
         }
+    }
+
+    /// Pins every blob of `hashes` under `tag` in one durable write (see [`Store::pin`]).
+    pub fn pin_all(&self, hashes: &[BlobHash], tag: &str) -> Result<(), StoreError> {
+        check_tag(tag)?;
+        let mut state = self.lock();
+        let new: Vec<BlobHash> = hashes
+            .iter()
+            .filter(|hash| !state.pins.get(*hash).is_some_and(|tags| tags.contains(tag)))
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.inner.index.batch();
+        for hash in &new {
+            batch.put_pin(hash, tag);
+        }
+        batch.commit()?;
+        for hash in new {
+            state.untrack(hash);
+            state.pins.entry(hash).or_default().insert(tag.to_owned());
+            state.track(hash);
+        }
+        Ok(())
+    }
+
+    /// Makes the pins whose tag starts with `prefix` exactly `wanted` (blob → tags, each tag
+    /// starting with `prefix`), in one durable write: pins with that prefix not in `wanted` are
+    /// removed, missing ones added. Pins with other prefixes are untouched. With `remove` false,
+    /// only adds. Then evicts down to the limit: a blob still pinned by any tag stays.
+    pub fn replace_pins(
+        &self,
+        prefix: &str,
+        wanted: &HashMap<BlobHash, BTreeSet<String>>,
+        remove: bool,
+    ) -> Result<PinChange, StoreError> {
+        for tags in wanted.values() {
+            for tag in tags {
+                check_tag(tag)?;
+                if !tag.starts_with(prefix) {
+                    return Err(StoreError::TagPrefix {
+                        tag: tag.clone(),
+                        prefix: prefix.to_owned(),
+                    });
+                }
+            }
+        }
+        let mut state = self.lock();
+        let mut to_remove: Vec<(BlobHash, String)> = Vec::new();
+        if remove {
+            for (hash, tags) in &state.pins {
+                for tag in tags {
+                    let keep = wanted.get(hash).is_some_and(|w| w.contains(tag));
+                    if tag.starts_with(prefix) && !keep {
+                        to_remove.push((*hash, tag.clone()));
+                    }
+                }
+            }
+        }
+        let mut to_add: Vec<(BlobHash, String)> = Vec::new();
+        for (hash, tags) in wanted {
+            for tag in tags {
+                if !state.pins.get(hash).is_some_and(|t| t.contains(tag)) {
+                    to_add.push((*hash, tag.clone()));
+                }
+            }
+        }
+        let change = PinChange {
+            added: to_add.len(),
+            removed: to_remove.len(),
+        };
+        if to_add.is_empty() && to_remove.is_empty() {
+            self.evict(&mut state, None)?;
+            return Ok(change);
+        }
+        let mut batch = self.inner.index.batch();
+        for (hash, tag) in &to_remove {
+            batch.delete_pin(hash, tag);
+        }
+        for (hash, tag) in &to_add {
+            batch.put_pin(hash, tag);
+        }
+        batch.commit()?;
+        for (hash, tag) in to_remove {
+            state.untrack(hash);
+            if let Some(tags) = state.pins.get_mut(&hash) {
+                tags.remove(&tag);
+                if tags.is_empty() {
+                    state.pins.remove(&hash);
+                }
+            }
+            state.track(hash);
+        }
+        for (hash, tag) in to_add {
+            state.untrack(hash);
+            state.pins.entry(hash).or_default().insert(tag);
+            state.track(hash);
+        }
+        self.evict(&mut state, None)?;
+        Ok(change)
+    }
+
+    /// Evicts least recently used unpinned blobs until the store fits its limit.
+    pub fn enforce_limit(&self) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        self.evict(&mut state, None)
     }
 
     // ---- internals shared with the partial writer ----
