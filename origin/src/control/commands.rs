@@ -2,6 +2,10 @@
 //! `override set|clear`, `audit` and `rollout ...`; each answer is bounded to what a frame can
 //! carry.
 
+// CommandError carries the policy's own errors whole so the operator sees every detail; a
+// command's error is built once per command, so its size costs nothing that matters.
+#![allow(clippy::result_large_err)]
+
 use proto::manifest::BundleId;
 use proto::net::PeerIdentity;
 use proto::wire::{BundleInfo, ControlCommand, ControlReply, MAX_DOCUMENT_BYTES};

@@ -78,6 +78,7 @@ pub fn captured_rule(
 #[cfg(test)]
 mod capture_tests {
     use super::*;
+    use crate::policy::DEFAULT_PRECEDENCE;
 
     fn metadata(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
