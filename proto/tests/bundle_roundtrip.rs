@@ -118,6 +118,12 @@ fn build_awkward_tree(root: &Path) {
     mkfifo(&root.join("fifo"), 0o620);
     if is_root() {
         mknod_char(&root.join("null"), 1, 3);
+    } else {
+        // The rest of the tree still round-trips; the device node is what did not run.
+        stagecoach_testing::skip_or_fail(
+            "awkward tree: device node",
+            "making a device node needs root",
+        );
     }
     // Times: old, ordinary, and beyond what 11 octal digits hold (2^33 s is year 2242).
     set_times(&root.join("etc/hosts"), 5, 1);
