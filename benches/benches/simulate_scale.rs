@@ -19,7 +19,9 @@ const WALL_TARGET: Duration = Duration::from_secs(60);
 fn main() -> ExitCode {
     // `cargo test --all-targets` runs bench targets without `--bench`.
     if !std::env::args().any(|arg| arg == "--bench") {
-        println!("simulate_scale: not run (run it with `cargo bench -p benches --bench simulate_scale`)");
+        println!(
+            "simulate_scale: not run (run it with `cargo bench -p benches --bench simulate_scale`)"
+        );
         return ExitCode::SUCCESS;
     }
     let topologies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../netsim/topologies");

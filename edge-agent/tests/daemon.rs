@@ -92,8 +92,8 @@ async fn serves_what_it_holds_to_its_site_and_refuses_everyone_else() {
     let (_, manifest) = fetch_manifest(&conn, id, &[*peer.identity.publisher_key()])
         .await
         .expect("the site's peer gets the manifest");
-    let store = Store::open(work.path().join("peer-store"), StoreOptions::default())
-        .expect("peer store");
+    let store =
+        Store::open(work.path().join("peer-store"), StoreOptions::default()).expect("peer store");
     let chunk = manifest.chunks[0];
     fetch_blob(
         &conn,
@@ -193,7 +193,13 @@ async fn an_edge_falls_back_to_a_second_stager_then_to_the_origin() {
     mesh.wait_preheated("site-a", PREHEAT_TIMEOUT)
         .await
         .expect("both stagers preheat");
-    let edge_bytes = |text: &str| metric_sum(text, "stagecoach_bytes_sent_total", &[("peer_role", "edge")]);
+    let edge_bytes = |text: &str| {
+        metric_sum(
+            text,
+            "stagecoach_bytes_sent_total",
+            &[("peer_role", "edge")],
+        )
+    };
     let bundle = metric_sum(
         &mesh.origin_metrics().await.expect("origin metrics"),
         "stagecoach_bundle_stored_bytes",
@@ -202,7 +208,9 @@ async fn an_edge_falls_back_to_a_second_stager_then_to_the_origin() {
 
     // The first stager dies: the edge fetches from the second, not from the origin.
     let first = mesh.stagers[0].name.clone();
-    mesh.kill_stager(&first).await.expect("kill the first stager");
+    mesh.kill_stager(&first)
+        .await
+        .expect("kill the first stager");
     let origin_before = edge_bytes(&mesh.origin_metrics().await.expect("origin metrics"));
     let edges = mesh.edges.clone();
     assert_all_ok(&mesh.fetch_all(&edges, &id).await.expect("fetch"));

@@ -634,8 +634,8 @@ impl Mesh {
         let fleet = &mut self.fleet;
         stagecoach_testing::wait_for_async(timeout, POLL, async || {
             let all = names.iter().all(|name| {
-                let whole = std::fs::read_to_string(logs.join(format!("{name}.log")))
-                    .unwrap_or_default();
+                let whole =
+                    std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
                 // Only the current run of the stager counts (its log is appended across restarts).
                 let log = whole
                     .rfind("stager serving")

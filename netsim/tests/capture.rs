@@ -389,7 +389,10 @@ async fn a_daemon_started_with_a_capture_script_captures_at_start_when_allowed()
     })
     .await;
     if both.is_err() {
-        panic!("both nodes should run the captured image: {:#}", nodes().await);
+        panic!(
+            "both nodes should run the captured image: {:#}",
+            nodes().await
+        );
     }
     mesh.shutdown().await;
 }

@@ -152,11 +152,15 @@ async fn stager_killed_mid_transfer_resumes_without_refetching() {
     let bundle = stored_bytes_of(&origin);
 
     // Kill the stager once about a third has crossed the WAN.
-    let sent = wait_for_async(Duration::from_secs(120), Duration::from_millis(5), async || {
-        let text = mesh.origin_metrics().await?;
-        let sent = origin_sent_to_site(&text, "site-a");
-        anyhow::Ok((sent > bundle / 3).then_some(sent))
-    })
+    let sent = wait_for_async(
+        Duration::from_secs(120),
+        Duration::from_millis(5),
+        async || {
+            let text = mesh.origin_metrics().await?;
+            let sent = origin_sent_to_site(&text, "site-a");
+            anyhow::Ok((sent > bundle / 3).then_some(sent))
+        },
+    )
     .await
     .expect("a third of the bundle crosses the WAN");
     println!("killing the stager after {sent} of {bundle} bytes");

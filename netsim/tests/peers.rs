@@ -165,7 +165,10 @@ async fn a_lying_edge_is_banned_and_the_others_finish() {
         },
     )
     .await;
-    assert!(listed.is_ok(), "the tracker never listed the restarted liar as a holder");
+    assert!(
+        listed.is_ok(),
+        "the tracker never listed the restarted liar as a holder"
+    );
 
     let honest: Vec<_> = mesh.edges[1..].to_vec();
     let fetched = mesh.fetch_all(&honest, &id).await.expect("fetch");

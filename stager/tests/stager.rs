@@ -84,8 +84,8 @@ async fn serves_chunks_of_verified_bundles_and_refuses_other_blobs() {
         .await
         .expect("edge client");
     let (_, manifest) = manifest(&edge, &stager, id).await;
-    let store = Store::open(work.path().join("edge-store"), StoreOptions::default())
-        .expect("edge store");
+    let store =
+        Store::open(work.path().join("edge-store"), StoreOptions::default()).expect("edge store");
 
     // A chunk of the bundle: every 16 KiB group verified on arrival, the whole chunk stored.
     let chunk = manifest.chunks[0];
@@ -140,7 +140,11 @@ async fn roles_and_sites_are_checked_against_the_certificate() {
     for (node, addr) in [("stager", &stager), ("origin", &origin)] {
         for request in [&publish, &upload] {
             let answer = edge.call(addr, request).await.expect("answer");
-            assert_refused(&answer, ErrorCode::Forbidden, &format!("edge uploads to the {node}"));
+            assert_refused(
+                &answer,
+                ErrorCode::Forbidden,
+                &format!("edge uploads to the {node}"),
+            );
         }
     }
 
@@ -164,7 +168,10 @@ async fn roles_and_sites_are_checked_against_the_certificate() {
                 &format!("a {role} of site-b asks site-a's stager {request:?}"),
             );
             if let Response::Error { message, .. } = &answer {
-                assert!(message.contains("site-a"), "the refusal says why: {message}");
+                assert!(
+                    message.contains("site-a"),
+                    "the refusal says why: {message}"
+                );
             }
         }
     }
@@ -205,8 +212,8 @@ async fn a_new_publish_reaches_the_stager_with_no_edge_asking() {
 
     // With the origin gone, every chunk still comes from the stager's store.
     mesh.kill_origin().await.expect("kill the origin");
-    let store = Store::open(work.path().join("edge-store"), StoreOptions::default())
-        .expect("edge store");
+    let store =
+        Store::open(work.path().join("edge-store"), StoreOptions::default()).expect("edge store");
     for chunk in &manifest.chunks {
         fetch(&edge, &stager, &store, chunk.hash, chunk.stored_bytes)
             .await

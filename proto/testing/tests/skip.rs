@@ -53,7 +53,10 @@ fn skip_is_reported_and_fails_under_require_all() {
         !strict.status.success(),
         "under {REQUIRE_ALL_VAR}=1 a skip fails the test: {output}"
     );
-    assert!(output.contains(REASON), "the failure names the reason: {output}");
+    assert!(
+        output.contains(REASON),
+        "the failure names the reason: {output}"
+    );
     // A failure is not a skip: the log still holds the one line.
     let logged = std::fs::read_to_string(&log).expect("skip log");
     assert_eq!(logged.lines().count(), 1, "{logged}");
