@@ -29,13 +29,36 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
-# The Debian root-tree test (proto/tests/bundle_debian.rs) builds its tree with mmdebstrap.
-if ! command -v mmdebstrap >/dev/null 2>&1; then
-  echo "stagecoach: installing mmdebstrap (builds the Debian tree of the exact-unpack test)" >&2
-  if [ "$(id -u)" -eq 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
-  else
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
+# Tools the tests use on a real machine: the Linux swap test partitions a loop device and makes
+# ext4 slots (fdisk, e2fsprogs, mount) and cross-checks its grubenv with grub-editenv
+# (grub-common); the mDNS test makes a private network namespace (util-linux, iproute2). Without
+# them those tests skip, and under STAGECOACH_REQUIRE_ALL=1 (.ci/run) they fail. The Debian
+# root-tree test (proto/tests/bundle_debian.rs) builds its tree with mmdebstrap and marks files
+# with setcap and setfacl.
+have_tool() {
+  command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]
+}
+test_need=()
+have_tool sfdisk || test_need+=(fdisk)
+have_tool mkfs.ext4 || test_need+=(e2fsprogs)
+have_tool mount || test_need+=(mount)
+have_tool grub-editenv || test_need+=(grub-common)
+{ have_tool losetup && have_tool unshare && have_tool partx; } || test_need+=(util-linux)
+have_tool ip || test_need+=(iproute2)
+have_tool mmdebstrap || test_need+=(mmdebstrap)
+have_tool setcap || test_need+=(libcap2-bin)
+have_tool setfacl || test_need+=(acl)
+if [ ${#test_need[@]} -gt 0 ]; then
+  echo "stagecoach: installing ${test_need[*]} (used by the swap, discovery and exact-unpack tests)" >&2
+  sudo_if_needed=()
+  [ "$(id -u)" -eq 0 ] || sudo_if_needed=(sudo)
+  # Quiet (apt's notes go nowhere) unless it fails, when everything it said is shown.
+  if ! apt_log=$("${sudo_if_needed[@]}" apt-get update -qq 2>&1 &&
+      "${sudo_if_needed[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${test_need[@]}" 2>&1); then
+    echo "$apt_log" >&2
+    echo "stagecoach: cannot install ${test_need[*]}" >&2
+    exit 1
   fi
 fi
 

@@ -1,6 +1,8 @@
 //! LinuxPlatform on real block devices: a loop device over an image partitioned with sfdisk,
-//! two ext4 slot partitions, a real grubenv. Needs root and losetup, sfdisk, mkfs.ext4, mount;
-//! skipped with a message otherwise. When grub-editenv is installed, it cross-checks our grubenv.
+//! two ext4 slot partitions, a real grubenv, cross-checked with GRUB's own grub-editenv. Needs
+//! root, loop devices and losetup, sfdisk, mkfs.ext4, mount, grub-editenv
+//! (`scripts/install-deps.sh` installs them); where they lack, the test reports a skip, or fails
+//! under `STAGECOACH_REQUIRE_ALL=1` (see `stagecoach_testing`).
 
 mod swap_support;
 
@@ -15,6 +17,8 @@ use edge_agent::swap::linux::{LinuxConfig, LinuxPlatform};
 use edge_agent::swap::store::open_store;
 use edge_agent::swap::{firmware_boot, GrubEnv, Platform, Slot, Step, REBOOT_EXIT_CODE};
 use proto::BundleKind;
+use stagecoach_testing::need::{self, find_tool};
+use stagecoach_testing::{can_run, skip_or_fail, wait_until};
 use swap_support::{agent, pack_into, snapshot, Fixture};
 
 /// Size of the disk image, in MiB: a GPT and two 28 MiB ext4 partitions.
@@ -28,36 +32,8 @@ const PARTITION_WAIT_MS: u64 = 2_000;
 
 const REQUIRED_TOOLS: &[&str] = &["losetup", "sfdisk", "mkfs.ext4", "mount", "umount"];
 
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/sbin", "/usr/sbin", "/bin", "/usr/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-}
-
-/// Why this machine cannot run the test, if it cannot.
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not running as root (loop devices and mount need it)".into());
-    }
-    let missing: Vec<&str> = REQUIRED_TOOLS
-        .iter()
-        .copied()
-        .filter(|tool| find_tool(tool).is_none())
-        .collect();
-    if !missing.is_empty() {
-        return Some(format!(
-            "missing {} (Debian: apt-get install fdisk e2fsprogs mount)",
-            missing.join(", ")
-        ));
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        return Some("no /dev/loop-control: this kernel or container has no loop devices".into());
-    }
-    None
-}
+/// How often the partition device nodes are looked for, in milliseconds.
+const PARTITION_POLL_MS: u64 = 20;
 
 fn run(command: &mut Command) -> Result<String, String> {
     let output = command.output().map_err(|e| format!("{command:?}: {e}"))?;
@@ -115,25 +91,31 @@ fn attach_partitions(image: &Path, cleanup: &mut Cleanup) -> Result<[PathBuf; 2]
         PathBuf::from(format!("{device}p2")),
     ];
     // Without udev the partition nodes may need partx to appear.
-    let deadline = std::time::Instant::now() + Duration::from_millis(PARTITION_WAIT_MS);
     let mut asked_partx = false;
-    while !parts.iter().all(|p| p.exists()) {
-        if !asked_partx && find_tool("partx").is_some() {
-            let _ = run(Command::new("partx").arg("-a").arg(&device));
-            asked_partx = true;
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(format!("partitions of {device} did not appear"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_millis(PARTITION_WAIT_MS),
+        Duration::from_millis(PARTITION_POLL_MS),
+        || {
+            if !asked_partx && find_tool("partx").is_some() {
+                let _ = run(Command::new("partx").arg("-a").arg(&device));
+                asked_partx = true;
+            }
+            parts.iter().all(|p| p.exists())
+        },
+    )
+    .map_err(|error| format!("partitions of {device} did not appear: {error}"))?;
     Ok(parts)
 }
 
 #[test]
 fn linux_platform_swaps_between_two_ext4_partitions_with_real_grubenv_edits() {
-    if let Some(reason) = skip_reason() {
-        println!("SKIPPED linux_platform_swaps_between_two_ext4_partitions: {reason}");
+    const TEST: &str = "linux_platform_swaps_between_two_ext4_partitions_with_real_grubenv_edits";
+    let preconditions = [
+        need::root(),
+        need::tools(REQUIRED_TOOLS),
+        need::loop_devices(),
+    ];
+    if !can_run(TEST, &preconditions) {
         return;
     }
     let fixture = Fixture::new();
@@ -147,7 +129,7 @@ fn linux_platform_swaps_between_two_ext4_partitions_with_real_grubenv_edits() {
     let [part_a, part_b] = match attach_partitions(&image, &mut cleanup) {
         Ok(parts) => parts,
         Err(e) => {
-            println!("SKIPPED linux_platform_swaps_between_two_ext4_partitions: cannot set up loop partitions: {e}");
+            skip_or_fail(TEST, &format!("cannot set up loop partitions: {e}"));
             return;
         }
     };
@@ -280,7 +262,10 @@ fn linux_platform_swaps_between_two_ext4_partitions_with_real_grubenv_edits() {
     // Cross-check with GRUB's own tool, when it is installed: it reads what we wrote, and we
     // read what it writes.
     match find_tool("grub-editenv") {
-        None => println!("grub-editenv not installed: grubenv cross-check skipped"),
+        None => skip_or_fail(
+            &format!("{TEST} (grub-editenv cross-check)"),
+            "grub-editenv not installed (Debian: grub-common; scripts/install-deps.sh installs it)",
+        ),
         Some(tool) => {
             let listed = run(Command::new(&tool).arg(&config.grubenv).arg("list"))
                 .expect("grub-editenv list");

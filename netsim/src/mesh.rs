@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Deserialize;
 
 use crate::procs::{self, Binaries, Fleet};
@@ -111,6 +111,43 @@ fn set_identity_origin(identity_dir: &Path, origin_addr: &str) -> Result<()> {
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Process name of the origin in the fleet.
+const ORIGIN_NAME: &str = "origin";
+
+/// How often a condition of the mesh (a log line, a file) is checked while waiting for it.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Starts `origin serve` for the home `origin_dir`, its mesh endpoint on `listen`, and waits
+/// until it is ready.
+async fn start_origin(
+    bins: &Binaries,
+    work: &Path,
+    origin_dir: &Path,
+    listen: &str,
+    fleet: &mut Fleet,
+) -> Result<Ready> {
+    let ready_file = work.join("origin.ready.json");
+    let _ = std::fs::remove_file(&ready_file);
+    let args = [
+        s("serve"),
+        s("--dir"),
+        p(origin_dir),
+        s("--listen"),
+        s(listen),
+        s("--enroll-listen"),
+        s("127.0.0.1:0"),
+        s("--metrics-listen"),
+        s("127.0.0.1:0"),
+        s("--ready-file"),
+        p(&ready_file),
+    ];
+    // Append, so a restarted origin keeps its earlier log.
+    let log = work.join("logs").join("origin.log");
+    let cmd = procs::command_appending(&bins.path("origin"), &args, &log)?;
+    fleet.spawn(ORIGIN_NAME, cmd)?;
+    procs::wait_ready(&ready_file, fleet).await
+}
+
 /// The name of site `index`: `site-a`, `site-b`, ...
 pub fn site_name(index: usize) -> String {
     let letter = (b'a' + (index % 26) as u8) as char;
@@ -136,27 +173,8 @@ impl Mesh {
         let origin_bin = bins.path("origin");
         let origin_dir = work.join("origin");
         procs::run_to_end(&origin_bin, &[s("init"), s("--dir"), p(&origin_dir)]).await?;
-        let ready_file = work.join("origin.ready.json");
         let mut fleet = Fleet::default();
-        let cmd = procs::command(
-            &origin_bin,
-            &[
-                s("serve"),
-                s("--dir"),
-                p(&origin_dir),
-                s("--listen"),
-                s("127.0.0.1:0"),
-                s("--enroll-listen"),
-                s("127.0.0.1:0"),
-                s("--metrics-listen"),
-                s("127.0.0.1:0"),
-                s("--ready-file"),
-                p(&ready_file),
-            ],
-            &logs.join("origin.log"),
-        )?;
-        fleet.spawn("origin", cmd)?;
-        let origin: Ready = procs::wait_ready(&ready_file, &mut fleet).await?;
+        let origin = start_origin(&bins, work, &origin_dir, "127.0.0.1:0", &mut fleet).await?;
         let mut mesh = Mesh {
             bins,
             work: work.to_owned(),
@@ -269,6 +287,47 @@ impl Mesh {
         let cmd = procs::command_appending(&self.bins.path("stager"), &args, &log)?;
         self.fleet.spawn(&node.name, cmd)?;
         procs::wait_ready(&ready_file, &mut self.fleet).await
+    }
+
+    /// Kills the origin with SIGKILL.
+    pub async fn kill_origin(&mut self) -> Result<()> {
+        self.fleet.kill(ORIGIN_NAME).await
+    }
+
+    /// Restarts the origin on the same mesh address (after [`Mesh::kill_origin`]); its
+    /// enrollment and metrics endpoints get new ports.
+    pub async fn restart_origin(&mut self) -> Result<()> {
+        let listen = self.origin.mesh.clone();
+        self.origin = start_origin(
+            &self.bins,
+            &self.work,
+            &self.origin_dir,
+            &listen,
+            &mut self.fleet,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A client of this mesh with a certificate of its own, a `role` (`edge`, `stager`) of
+    /// `site`, enrolled with a token from the origin and kept in `work/clients/NAME`: what a
+    /// test uses to ask a node something as that role.
+    pub async fn enroll_client(&self, role: &str, site: &str, name: &str) -> Result<MeshClient> {
+        let token = self.token(role, site).await?;
+        let token = proto::net::EnrollToken::parse(&token).context("the origin's token")?;
+        let dir = self.work.join("clients").join(name);
+        let identity = proto::net::enroll(&token, &dir)
+            .await
+            .with_context(|| format!("cannot enroll {name} as a {role} of {site}"))?;
+        MeshClient::new(identity)
+    }
+
+    /// A client holding the origin's own certificate (what `origin swap` uses).
+    pub fn origin_client(&self) -> Result<MeshClient> {
+        let dir = self.origin_dir.join("identity");
+        let identity = proto::net::NodeIdentity::load(&dir)
+            .with_context(|| format!("cannot load the origin's identity from {}", dir.display()))?;
+        MeshClient::new(identity)
     }
 
     /// Kills stager `name` with SIGKILL.
@@ -562,39 +621,77 @@ impl Mesh {
         Ok(total)
     }
 
-    /// Waits until every stager of `site` holds bundle `id` (its preheat finished).
+    /// Waits until every stager of `site` holds every bundle announced to it (its preheat
+    /// finished).
     pub async fn wait_preheated(&mut self, site: &str, timeout: Duration) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            let mut all = true;
-            for st in self.stagers.iter().filter(|st| st.site == site) {
-                let whole = std::fs::read_to_string(
-                    self.work.join("logs").join(format!("{}.log", st.name)),
-                )
-                .unwrap_or_default();
+        let logs = self.work.join("logs");
+        let names: Vec<String> = self
+            .stagers
+            .iter()
+            .filter(|st| st.site == site)
+            .map(|st| st.name.clone())
+            .collect();
+        let fleet = &mut self.fleet;
+        stagecoach_testing::wait_for_async(timeout, POLL, async || {
+            let all = names.iter().all(|name| {
+                let whole =
+                    std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
                 // Only the current run of the stager counts (its log is appended across restarts).
                 let log = whole
                     .rfind("stager serving")
                     .map_or(whole.as_str(), |at| &whole[at..]);
                 let held = log.matches("bundle held by the site").count();
                 let announced = log.matches("announced").count();
-                if held == 0 || held < announced {
-                    all = false;
-                }
-            }
+                held > 0 && held >= announced
+            });
             if all {
-                return Ok(());
+                return Ok(Some(()));
             }
-            self.fleet.check_alive()?;
-            if start.elapsed() > timeout {
-                bail!("stagers of {site} did not finish preheating within {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            fleet.check_alive().map(|()| None)
+        })
+        .await
+        .with_context(|| format!("stagers of {site} did not finish preheating"))
     }
 
     /// Stops every process.
     pub async fn shutdown(&mut self) {
         self.fleet.shutdown().await;
+    }
+}
+
+/// A mesh client with a certificate of its own ([`Mesh::enroll_client`],
+/// [`Mesh::origin_client`]).
+pub struct MeshClient {
+    /// Its identity (role and site in the certificate).
+    pub identity: proto::net::NodeIdentity,
+    /// Its client endpoint.
+    pub endpoint: quinn::Endpoint,
+}
+
+impl MeshClient {
+    fn new(identity: proto::net::NodeIdentity) -> Result<MeshClient> {
+        let endpoint = proto::net::client_endpoint(&identity).context("client endpoint")?;
+        Ok(MeshClient { identity, endpoint })
+    }
+
+    /// A connection to the mesh node at `addr` (`127.0.0.1:PORT`).
+    pub async fn connect(&self, addr: &str) -> Result<quinn::Connection> {
+        let addr: std::net::SocketAddr = addr
+            .parse()
+            .with_context(|| format!("bad mesh address {addr:?}"))?;
+        Ok(proto::net::connect(&self.endpoint, addr).await?)
+    }
+
+    /// Sends `request` to the node at `addr` on a new connection and returns its one-frame
+    /// answer (an error answer is a [`proto::wire::Response::Error`], not an `Err`).
+    pub async fn call(
+        &self,
+        addr: &str,
+        request: &proto::wire::Request,
+    ) -> Result<proto::wire::Response> {
+        let conn = self.connect(addr).await?;
+        let answer = proto::net::call(&conn, request, proto::wire::MAX_FRAME_BYTES).await;
+        conn.close(0u32.into(), b"done");
+        Ok(answer?)
     }
 }

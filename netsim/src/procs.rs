@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use stagecoach_testing::WaitError;
 use tokio::process::{Child, Command};
 
 /// How long a daemon may take to write its ready file.
@@ -16,6 +17,9 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often the ready file is polled.
 const READY_POLL: Duration = Duration::from_millis(20);
+
+/// How often a child's status or the process table is polled.
+const PROCESS_POLL: Duration = Duration::from_millis(50);
 
 /// Where the sibling binaries (`origin`, `stager`, `edge-agent`) live.
 #[derive(Clone, Debug)]
@@ -202,23 +206,16 @@ pub async fn wait_ready<T: serde::de::DeserializeOwned>(
     path: &Path,
     fleet: &mut Fleet,
 ) -> Result<T> {
-    let start = Instant::now();
-    loop {
+    stagecoach_testing::wait_for_async(READY_TIMEOUT, READY_POLL, async || {
         if let Ok(bytes) = std::fs::read(path) {
             if let Ok(value) = serde_json::from_slice(&bytes) {
-                return Ok(value);
+                return Ok(Some(value));
             }
         }
-        fleet.check_alive()?;
-        if start.elapsed() > READY_TIMEOUT {
-            bail!(
-                "{} did not appear within {:?}",
-                path.display(),
-                READY_TIMEOUT
-            );
-        }
-        tokio::time::sleep(READY_POLL).await;
-    }
+        fleet.check_alive().map(|()| None)
+    })
+    .await
+    .with_context(|| format!("{} did not appear", path.display()))
 }
 
 /// Runs a short-lived command to completion and returns its stdout; fails with its stderr.
@@ -350,14 +347,10 @@ pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
 
 /// Waits up to `timeout` until no live process mentions `needle`; returns those still running.
 pub fn wait_until_gone(needle: &Path, timeout: Duration) -> Vec<(u32, String)> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = processes_mentioning(needle);
-        if left.is_empty() || Instant::now() > deadline {
-            return left;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let _ = stagecoach_testing::wait_until(timeout, PROCESS_POLL, || {
+        processes_mentioning(needle).is_empty()
+    });
+    processes_mentioning(needle)
 }
 
 /// Waits up to `timeout` for `child` to exit; kills it (and fails) when it does not.
@@ -365,17 +358,15 @@ pub fn wait_for_exit(
     child: &mut std::process::Child,
     timeout: Duration,
 ) -> Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().context("cannot wait for the child")? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
+    let exited = stagecoach_testing::wait_for(timeout, PROCESS_POLL, || child.try_wait());
+    match exited {
+        Ok(status) => Ok(status),
+        Err(WaitError::Failed(error)) => Err(error).context("cannot wait for the child"),
+        Err(WaitError::TimedOut(_)) => {
             let _ = child.kill();
             let _ = child.wait();
             bail!("the child did not stop within {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -386,8 +377,7 @@ pub fn wait_for_fanout(
     logs: &Path,
     timeout: Duration,
 ) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
+    stagecoach_testing::wait_for(timeout, PROCESS_POLL, || {
         let fetching = std::fs::read_dir(logs)
             .map(|dir| {
                 dir.flatten()
@@ -395,16 +385,14 @@ pub fn wait_for_fanout(
             })
             .unwrap_or(false);
         if fetching {
-            return Ok(());
+            return Ok(Some(()));
         }
-        if let Some(status) = child.try_wait().context("cannot wait for the child")? {
-            bail!("the run ended before the fan-out: {status}");
+        match child.try_wait().context("cannot wait for the child")? {
+            Some(status) => bail!("the run ended before the fan-out: {status}"),
+            None => Ok(None),
         }
-        if Instant::now() > deadline {
-            bail!("the run never reached the fan-out within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
+    .context("the run never reached the fan-out")
 }
 
 #[cfg(test)]

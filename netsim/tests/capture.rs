@@ -10,6 +10,12 @@ use std::path::{Path, PathBuf};
 use netsim::mesh::{site_name, Mesh};
 use netsim::procs::Binaries;
 
+/// How long a daemon may take to capture, publish and install an image.
+const WAIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// How often the origin or a daemon's metrics are read while waiting on them.
+const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The fake machine model both lab edges report (DMI product name).
 const MODEL: &str = "LabBox-9000";
 
@@ -288,20 +294,16 @@ async fn a_node_without_an_image_captures_one_and_the_next_identical_node_receiv
 
 /// Waits until edge `name`'s daemon counts `value` or more in `metric` with `labels`.
 async fn wait_metric(mesh: &Mesh, name: &str, metric: &str, labels: &[(&str, &str)]) {
-    let start = std::time::Instant::now();
-    loop {
-        if let Ok(text) = mesh.edge_metrics(name).await {
-            if netsim::procs::metric_sum(&text, metric, labels) >= 1 {
-                return;
-            }
-        }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(180),
-            "{name} never counted {metric} {labels:?}; see {}",
-            mesh.work.join("logs").join(format!("{name}.log")).display()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    let counted = stagecoach_testing::wait_until_async(WAIT_TIMEOUT, POLL, async || {
+        let text = mesh.edge_metrics(name).await.unwrap_or_default();
+        netsim::procs::metric_sum(&text, metric, labels) >= 1
+    })
+    .await;
+    assert!(
+        counted.is_ok(),
+        "{name} never counted {metric} {labels:?}; see {}",
+        mesh.work.join("logs").join(format!("{name}.log")).display()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,12 +368,12 @@ async fn a_daemon_started_with_a_capture_script_captures_at_start_when_allowed()
     // way both nodes end up with it installed.
     mesh.kill_edge(&second).await.expect("kill");
     mesh.restart_edge(&second).await.expect("restart");
-    let start = std::time::Instant::now();
-    loop {
+    let nodes = async || -> serde_json::Value {
         let text = origin_ok(&mesh, &["nodes", "--json"]).await;
-        let rows: serde_json::Value = serde_json::from_str(text.trim()).expect("nodes JSON");
-        let with_image = rows
-            .as_array()
+        serde_json::from_str(text.trim()).expect("nodes JSON")
+    };
+    let with_image = |rows: &serde_json::Value| {
+        rows.as_array()
             .expect("rows")
             .iter()
             .filter(|r| {
@@ -380,15 +382,17 @@ async fn a_daemon_started_with_a_capture_script_captures_at_start_when_allowed()
                         .any(|b| b["name"].as_str() == Some("captured-os"))
                 })
             })
-            .count();
-        if with_image == 2 {
-            break;
-        }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(180),
-            "both nodes should run the captured image: {rows:#}"
+            .count()
+    };
+    let both = stagecoach_testing::wait_until_async(WAIT_TIMEOUT, POLL, async || {
+        with_image(&nodes().await) == 2
+    })
+    .await;
+    if both.is_err() {
+        panic!(
+            "both nodes should run the captured image: {:#}",
+            nodes().await
         );
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
     mesh.shutdown().await;
 }

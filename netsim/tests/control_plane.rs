@@ -3,12 +3,23 @@
 //! (seed 002) and test mode.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use netsim::datagen;
-use netsim::mesh::{EdgeNode, Mesh, Ready};
+use netsim::mesh::{EdgeNode, Mesh};
 use netsim::procs::{self, Binaries};
 use serde_json::Value;
+use stagecoach_testing::{wait_for_async, wait_until_async};
+
+/// How often a daemon's metrics or log are read while waiting on them.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Milliseconds since the Unix epoch, as the origin stamps `last_seen_ms`.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
+}
 
 const MIB: u64 = 1024 * 1024;
 
@@ -79,27 +90,26 @@ fn installed(row: &Value, field: &str) -> Vec<String> {
 
 /// Waits until the current daemon of edge `name` has finished `count` negotiations.
 async fn wait_negotiated(mesh: &Mesh, name: &str, count: u64) -> String {
-    let start = Instant::now();
-    loop {
-        if let Ok(text) = mesh.edge_metrics(name).await {
-            // Transient failures are retried by the daemon; only answers count.
-            let all = procs::metric_sum(&text, "stagecoach_negotiations_total", &[]);
-            let failed = procs::metric_sum(
-                &text,
-                "stagecoach_negotiations_total",
-                &[("answer", "error")],
-            );
-            if all - failed >= count {
-                return text;
-            }
-        }
-        assert!(
-            start.elapsed() < NEGOTIATION_TIMEOUT,
-            "{name} did not negotiate within {NEGOTIATION_TIMEOUT:?}; see {}",
-            mesh.work.join("logs").join(format!("{name}.log")).display()
+    let negotiated = wait_for_async(NEGOTIATION_TIMEOUT, POLL, async || {
+        let Ok(text) = mesh.edge_metrics(name).await else {
+            return Ok::<_, std::convert::Infallible>(None);
+        };
+        // Transient failures are retried by the daemon; only answers count.
+        let all = procs::metric_sum(&text, "stagecoach_negotiations_total", &[]);
+        let failed = procs::metric_sum(
+            &text,
+            "stagecoach_negotiations_total",
+            &[("answer", "error")],
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Ok((all - failed >= count).then_some(text))
+    })
+    .await;
+    negotiated.unwrap_or_else(|error| {
+        panic!(
+            "{name} did not negotiate: {error}; see {}",
+            mesh.work.join("logs").join(format!("{name}.log")).display()
+        )
+    })
 }
 
 async fn restart_edge(mesh: &mut Mesh, name: &str) -> String {
@@ -110,44 +120,17 @@ async fn restart_edge(mesh: &mut Mesh, name: &str) -> String {
 
 /// Kills the origin and starts it again on the same mesh address (its state stays on disk).
 async fn restart_origin(mesh: &mut Mesh) {
-    mesh.fleet.kill("origin").await.expect("kill origin");
-    let ready_file = mesh.work.join("origin.restarted.ready.json");
-    let _ = std::fs::remove_file(&ready_file);
-    let args: Vec<String> = [
-        "serve",
-        "--dir",
-        &mesh.origin_dir.display().to_string(),
-        "--listen",
-        &mesh.origin.mesh,
-        "--enroll-listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--ready-file",
-        &ready_file.display().to_string(),
-    ]
-    .iter()
-    .map(|a| (*a).to_owned())
-    .collect();
-    let log = mesh.work.join("logs").join("origin.log");
-    let cmd = procs::command_appending(&mesh.bins.path("origin"), &args, &log).expect("command");
-    mesh.fleet.spawn("origin", cmd).expect("spawn origin");
-    let ready: Ready = procs::wait_ready(&ready_file, &mut mesh.fleet)
-        .await
-        .expect("origin ready");
-    mesh.origin = ready;
+    mesh.kill_origin().await.expect("kill origin");
+    mesh.restart_origin().await.expect("restart origin");
 }
 
 /// Waits until edge `name`'s log says `needle` (the daemon logs right after it counts).
 async fn wait_log(mesh: &Mesh, name: &str, needle: &str) {
-    let start = Instant::now();
-    while !edge_log(mesh, name).contains(needle) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{name}'s log never said {needle:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let said = wait_until_async(Duration::from_secs(10), POLL, async || {
+        edge_log(mesh, name).contains(needle)
+    })
+    .await;
+    assert!(said.is_ok(), "{name}'s log never said {needle:?}");
 }
 
 fn edge_log(mesh: &Mesh, name: &str) -> String {
@@ -216,8 +199,13 @@ async fn inventory_shows_in_origin_nodes_and_policy_check_names_both_conflicting
         .map(|n| n["last_seen_ms"].as_u64().expect("last seen"))
         .collect();
 
-    // Every start reports again (through the stager), with the configured role.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Every start reports again (through the stager), with the configured role; the clock
+    // moves past the enrollment reports first, so a new report shows as a later time.
+    let newest_seen = enrolled_seen.iter().copied().max().unwrap_or(0);
+    stagecoach_testing::wait_until(Duration::from_secs(5), Duration::from_millis(1), || {
+        now_ms() > newest_seen
+    })
+    .expect("the clock moves");
     mesh.start_edge_daemons_with(false, &[], |_| vec!["--role".into(), "web".into()])
         .await
         .expect("daemons");

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -44,19 +44,10 @@ fn run_demo(strategy: &str) -> Value {
         .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
         .spawn()
         .expect("start netsim demo");
-    let deadline = Instant::now() + DEMO_TIMEOUT;
-    let status = loop {
-        if let Some(status) = demo.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            // Its children die with it (PR_SET_PDEATHSIG).
-            let _ = demo.kill();
-            let _ = demo.wait();
-            panic!("netsim demo --strategy {strategy} did not finish within {DEMO_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // Killed when it overruns; its children die with it (PR_SET_PDEATHSIG).
+    let status = netsim::procs::wait_for_exit(&mut demo, DEMO_TIMEOUT).unwrap_or_else(|error| {
+        panic!("netsim demo --strategy {strategy} did not finish: {error:#}")
+    });
     let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
     assert!(

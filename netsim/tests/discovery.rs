@@ -28,23 +28,23 @@ async fn edges_found_by_discovery_share_when_the_stager_is_gone() {
     // dials it.
     let (a, b) = (mesh.edges[0].clone(), mesh.edges[1].clone());
     let found = |log: &str| log.contains("discovered a peer of the site");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let log_a = std::fs::read_to_string(mesh.work.join(format!("logs/{}.log", a.name)))
-            .unwrap_or_default();
-        let log_b = std::fs::read_to_string(mesh.work.join(format!("logs/{}.log", b.name)))
-            .unwrap_or_default();
-        if found(&log_a) && found(&log_b) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the edges did not discover each other through the stager's list:\n--- {}\n{log_a}\n--- {}\n{log_b}",
-            a.name,
-            b.name
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let log_of = |name: &str| {
+        std::fs::read_to_string(mesh.work.join(format!("logs/{name}.log"))).unwrap_or_default()
+    };
+    let both = stagecoach_testing::wait_until_async(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        async || found(&log_of(&a.name)) && found(&log_of(&b.name)),
+    )
+    .await;
+    assert!(
+        both.is_ok(),
+        "the edges did not discover each other through the stager's list:\n--- {}\n{}\n--- {}\n{}",
+        a.name,
+        log_of(&a.name),
+        b.name,
+        log_of(&b.name)
+    );
 
     // The stager goes away: A gets the bundle from the origin (the last resort), and B, which
     // cannot learn from any tracker what A holds, asks A directly and fetches from it.

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use netsim::datagen;
 use netsim::mesh::Mesh;
@@ -11,6 +11,7 @@ use proto::net::{call, client_endpoint, connect, NodeIdentity};
 use proto::pack::{pack_path, MemChunks, PackOptions};
 use proto::wire::{ErrorCode, Request, Response, MAX_FRAME_BYTES};
 use proto::BundleKind;
+use stagecoach_testing::wait_for_async;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -151,20 +152,18 @@ async fn stager_killed_mid_transfer_resumes_without_refetching() {
     let bundle = stored_bytes_of(&origin);
 
     // Kill the stager once about a third has crossed the WAN.
-    let start = Instant::now();
-    loop {
-        let text = mesh.origin_metrics().await.expect("metrics");
-        let sent = origin_sent_to_site(&text, "site-a");
-        if sent > bundle / 3 {
-            println!("killing the stager after {sent} of {bundle} bytes");
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "transfer never started"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let sent = wait_for_async(
+        Duration::from_secs(120),
+        Duration::from_millis(5),
+        async || {
+            let text = mesh.origin_metrics().await?;
+            let sent = origin_sent_to_site(&text, "site-a");
+            anyhow::Ok((sent > bundle / 3).then_some(sent))
+        },
+    )
+    .await
+    .expect("a third of the bundle crosses the WAN");
+    println!("killing the stager after {sent} of {bundle} bytes");
     mesh.kill_stager("stager-site-a-0").await.expect("kill");
     let text = mesh.origin_metrics().await.expect("metrics");
     let at_kill = origin_sent_to_site(&text, "site-a");

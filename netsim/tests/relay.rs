@@ -15,6 +15,7 @@ use netsim::relay::{
     IPV4_UDP_HEADER_BYTES,
 };
 use quinn::{Endpoint, EndpointConfig, TokioRuntime, TransportConfig, VarInt};
+use stagecoach_testing::wait_until_async;
 use tokio::net::UdpSocket;
 
 /// The link of the QUIC tests: 50 Mbit/s, 40 ms each way, so an RTT of 80 ms.
@@ -24,9 +25,6 @@ const EXPECTED_RTT: Duration = Duration::from_millis(2 * ONE_WAY_LATENCY_MS);
 
 /// How long the bulk transfer is measured.
 const BULK_DURATION: Duration = Duration::from_secs(8);
-
-/// How long the test waits after the transfer for the relay's queue to drain.
-const QUEUE_DRAIN: Duration = Duration::from_millis(300);
 
 /// Relative tolerance of goodput and RTT.
 const TOLERANCE: f64 = 0.15;
@@ -79,7 +77,7 @@ async fn quic_through_a_50_mbit_80_ms_link_gets_the_rate_and_the_rtt() -> Result
     let download = bulk_download(&conn, BULK_DURATION).await?;
     let busy_rtt = conn.rtt();
     // The queue drains in at most `queue_bytes / rate` (120 ms); then the RTT is the link's again.
-    tokio::time::sleep(QUEUE_DRAIN).await;
+    settle(&relay).await;
     let rtt_after = ping_pong_median_rtt(&conn).await?;
     let stats = relay.stats();
     println!(
@@ -243,11 +241,14 @@ async fn idle_client_mappings_expire_and_reopen() -> Result<()> {
     tokio::time::timeout(REPLY_TIMEOUT, client.recv(&mut buf)).await??;
     assert_eq!(relay.stats().active_clients, 1);
 
-    tokio::time::sleep(IDLE_TIMEOUT * 3).await;
-    assert_eq!(
-        relay.stats().active_clients,
-        0,
-        "the idle mapping was not closed"
+    let closed = wait_until_async(IDLE_TIMEOUT * 10, Duration::from_millis(10), async || {
+        relay.stats().active_clients == 0
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the idle mapping was not closed: {:?}",
+        relay.stats()
     );
 
     client.send(b"two").await?;
@@ -330,19 +331,15 @@ fn assert_within(actual: f64, expected: f64, what: &str) {
     );
 }
 
-/// Waits until the relay holds no datagram in either direction, and returns its counters.
+/// Waits (at most [`REPLY_TIMEOUT`]) until the relay holds no datagram in either direction, and
+/// returns its counters.
 async fn settle(relay: &Relay) -> RelayStats {
-    let deadline = Instant::now() + REPLY_TIMEOUT;
-    loop {
+    let _ = wait_until_async(REPLY_TIMEOUT, Duration::from_millis(10), async || {
         let stats = relay.stats();
-        let idle = stats.up.in_flight_datagrams() == 0 && stats.down.in_flight_datagrams() == 0;
-        if idle || Instant::now() > deadline {
-            // Let the last datagrams reach their receivers.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            return relay.stats();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        stats.up.in_flight_datagrams() == 0 && stats.down.in_flight_datagrams() == 0
+    })
+    .await;
+    relay.stats()
 }
 
 /// Counts datagrams until none arrives for a while.

@@ -6,13 +6,17 @@
 //! must say why.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use netsim::datagen;
 use netsim::machines::{self, machine_root};
 use netsim::mesh::Mesh;
 use netsim::procs::Binaries;
 use serde_json::Value;
+use stagecoach_testing::{wait_for_async, wait_until_async};
+
+/// How often the origin is asked while waiting on it.
+const POLL: Duration = Duration::from_millis(200);
 
 const MIB: u64 = 1024 * 1024;
 
@@ -95,25 +99,26 @@ async fn a_failing_canary_in_site_b_halts_the_rollout_and_site_a_keeps_the_new_o
     .expect("daemons");
 
     // Every daemon reports its address at start; wait until the origin knows all eight.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let nodes = origin_json(&mesh, &["nodes", "--json"]).await;
-        let with_addr = nodes
+    let with_addr = |nodes: &serde_json::Value| {
+        nodes
             .as_array()
             .map(|rows| {
                 rows.iter()
                     .filter(|r| r["data_addr"].as_str().is_some_and(|a| !a.is_empty()))
                     .count()
             })
-            .unwrap_or(0);
-        if with_addr == 8 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {with_addr} of 8 edges reported their daemon: {nodes:#}"
+            .unwrap_or(0)
+    };
+    let reported = wait_until_async(Duration::from_secs(60), POLL, async || {
+        with_addr(&origin_json(&mesh, &["nodes", "--json"]).await) == 8
+    })
+    .await;
+    if reported.is_err() {
+        let nodes = origin_json(&mesh, &["nodes", "--json"]).await;
+        panic!(
+            "only {} of 8 edges reported their daemon: {nodes:#}",
+            with_addr(&nodes)
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     let started = origin_json(
@@ -151,17 +156,14 @@ async fn a_failing_canary_in_site_b_halts_the_rollout_and_site_a_keeps_the_new_o
     assert!(!ok && out.contains("already running"), "{out}\n{err}");
 
     // Wait for it to halt.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
+    let settled = wait_for_async(Duration::from_secs(180), POLL, async || {
         let status = origin_json(&mesh, &["rollout", "status", "--json"]).await;
-        if status["phase"]["phase"] != "running" {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rollout did not settle: {status:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok::<_, std::convert::Infallible>((status["phase"]["phase"] != "running").then_some(status))
+    })
+    .await;
+    let Ok(status) = settled else {
+        let status = origin_json(&mesh, &["rollout", "status", "--json"]).await;
+        panic!("the rollout did not settle: {status:#}");
     };
     let reason = &status["phase"]["reason"];
     assert_eq!(status["phase"]["phase"], "halted", "{status:#}");

@@ -1,12 +1,8 @@
 //! The simulator, the topology format and the result files, driven in-process (no binaries, no
-//! sockets). The scale run is `#[ignore]`d:
-//!
-//! ```text
-//! cargo test --release -p netsim --test simulate -- --ignored --nocapture
-//! ```
+//! sockets). The scale run (200 sites × 500 edges under a minute of wall time) is a benchmark:
+//! `cargo bench -p benches --bench simulate_scale`.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use netsim::compare::{compare_simulated, CompareTable};
 use netsim::report::RunResult;
@@ -525,27 +521,4 @@ fn compare_tabulates_the_three_strategies() {
     let text = table.text();
     assert!(text.contains("direct") && text.contains("÷ floor"));
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-// ---- scale --------------------------------------------------------------------------------------
-
-/// The scale target: 200 sites × 500 edges, each strategy under a minute. Prints wall times.
-#[test]
-#[ignore = "scale run: about 20 s in release; run with --ignored --nocapture"]
-fn scale_fleet_200x500() {
-    for file in ["fleet-200x500.toml", "continent.toml"] {
-        let topo = Topology::load(&topologies_dir().join(file)).unwrap();
-        for strategy in Strategy::ALL {
-            let start = Instant::now();
-            let result = simulate(&topo, strategy, 1).unwrap();
-            let wall = start.elapsed().as_secs_f64();
-            println!(
-                "{file} {strategy}: {wall:.2} s wall, all edges done at {:.1} s ({:.2}× floor)",
-                result.all_edges_done_s.unwrap(),
-                result.ratio_to_floor().unwrap()
-            );
-            assert_eq!(result.edges_done(), topo.total_edges());
-            assert!(wall < 60.0, "{file} {strategy} took {wall:.1} s");
-        }
-    }
 }

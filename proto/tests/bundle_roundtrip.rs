@@ -99,6 +99,12 @@ fn build_awkward_tree(root: &Path) {
     mkfifo(&root.join("fifo"), 0o620);
     if is_root() {
         mknod_char(&root.join("null"), 1, 3);
+    } else {
+        // The rest of the tree still round-trips; the device node is what did not run.
+        stagecoach_testing::skip_or_fail(
+            "awkward tree: device node",
+            "making a device node needs root",
+        );
     }
     // Extended attributes, one with a value a line-based pax parser would cut.
     xattr::set(root.join("etc/hosts"), "user.origin", b"a\nb=c\n").unwrap();

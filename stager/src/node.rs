@@ -350,7 +350,8 @@ impl Stager {
         request: Request,
         send: &mut SendStream,
     ) -> Option<Response> {
-        if peer.role == Role::Edge && peer.site != self.site {
+        // A stager serves its own site: an edge or a stager of another site is refused.
+        if peer.role != Role::Origin && peer.site != self.site {
             self.metrics
                 .counter(
                     names::FORBIDDEN,
@@ -360,7 +361,10 @@ impl Stager {
                 .inc();
             return Some(Response::Error {
                 code: ErrorCode::Forbidden,
-                message: format!("this stager serves site {}, not {}", self.site, peer.site),
+                message: format!(
+                    "this stager serves site {}, not a {} of site {}",
+                    self.site, peer.role, peer.site
+                ),
             });
         }
         Some(match request {

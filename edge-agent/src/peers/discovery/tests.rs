@@ -315,15 +315,18 @@ async fn mdns_finds_peers_without_dialing() {
     // mDNS needs a multicast interface and skips loopback. The host's interfaces lead to a
     // real network, which tests must not send to, so the test re-runs itself in a private
     // network namespace with a veth pair that reaches nothing but this process.
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => return println!("skipped: mDNS test: no test executable path: {e}"),
-    };
     let module = module_path!();
     let test_name = format!(
         "{}::mdns_finds_peers_without_dialing",
         module.split_once("::").map_or(module, |(_, rest)| rest)
     );
+    if !stagecoach_testing::can_run(
+        &test_name,
+        &[stagecoach_testing::need::network_namespaces()],
+    ) {
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test executable's path");
     let script = "set -e; ip link set lo up; \
         ip link add scdisc0 type veth peer name scdisc1; \
         ip addr add 10.233.0.1/24 dev scdisc0; \
@@ -344,32 +347,24 @@ async fn mdns_finds_peers_without_dialing() {
         .output();
     let output = match timeout(Duration::from_secs(60), output).await {
         Err(_) => panic!("mDNS test in a network namespace did not finish in 60 s"),
-        Ok(Err(e)) => {
-            return println!(
-                "skipped: mDNS test needs `unshare` and `ip` (util-linux, iproute2): {e}"
-            )
-        }
+        Ok(Err(e)) => panic!("cannot run unshare for the mDNS test: {e}"),
         Ok(Ok(output)) => output,
     };
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !stdout.contains("STAGECOACH_NETNS_READY") {
-        return println!(
-            "skipped: mDNS test: cannot make a private network namespace with a multicast \
-             interface (needs root or CAP_NET_ADMIN): {}",
+        let reason = format!(
+            "cannot give a private network namespace a multicast veth interface: {}",
             stderr.trim()
         );
+        return stagecoach_testing::skip_or_fail(&test_name, &reason);
     }
     print!("{stdout}");
     assert!(
         output.status.success() && stdout.contains("1 passed"),
         "mDNS test in a network namespace failed:\n{stdout}\n{stderr}"
     );
-    if let Some(line) = stdout.lines().find(|l| l.starts_with("skipped:")) {
-        println!("{line}");
-    } else {
-        println!("mDNS test ran for real in a private network namespace");
-    }
+    println!("mDNS test ran for real in a private network namespace");
 }
 
 async fn mdns_in_namespace() {
