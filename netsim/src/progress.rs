@@ -60,11 +60,12 @@ impl Progress {
 
     /// Turns the display into the fan-out's bar: none of `edges` holds the bundle yet.
     pub fn start_fanout(&self, edges: u64) {
+        // The message first, so the bar is never drawn with the phase's message.
+        self.set_bytes(0, None);
         self.bar.disable_steady_tick();
-        self.bar.set_style(style(FANOUT_TEMPLATE));
         self.bar.set_length(edges);
         self.bar.set_position(0);
-        self.set_bytes(0, None);
+        self.bar.set_style(style(FANOUT_TEMPLATE));
     }
 
     /// One more edge holds the bundle (or gave up: the result tells which).
