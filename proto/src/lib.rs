@@ -1,25 +1,18 @@
 //! Stagecoach core: everything every node links.
 //!
-//! Pure modules (no tokio, no sockets, no filesystem): [`hash`], [`codec`], [`manifest`],
-//! [`verify`], [`chunking`], [`wire`], [`planner`] (which source to ask for which piece),
-//! [`inventory`] (the facts a node reports). I/O modules: [`pack`] (reads and writes trees),
+//! The pure modules (no tokio, no sockets, no filesystem) live in the `proto-core` crate and are
+//! re-exported here under their usual paths: [`hash`], [`codec`], [`manifest`], [`verify`],
+//! [`chunking`], [`wire`], [`planner`] (which source to ask for which piece), [`inventory`]
+//! (the facts a node reports). I/O modules: [`pack`] (reads and writes trees),
 //! [`store`] (blob store on disk), [`publish`] (pack, upload and publish with publisher rights).
 
 pub mod bundles;
-pub mod chunking;
-pub mod codec;
-pub mod hash;
-pub mod inventory;
-pub mod manifest;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
 pub mod pack;
-pub mod planner;
 pub mod publish;
 pub mod store;
-pub mod verify;
-pub mod wire;
 
-pub use hash::BlobHash;
-pub use manifest::{BundleId, BundleKind, Manifest, SignedManifest};
+pub use proto_core::{chunking, codec, hash, inventory, manifest, planner, verify, wire};
+pub use proto_core::{BlobHash, BundleId, BundleKind, Manifest, SignedManifest};

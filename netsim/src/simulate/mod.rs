@@ -1,5 +1,5 @@
 //! `netsim simulate`: the fleet in virtual time, on a flow-level network model, with the real
-//! download planner (`proto::planner`) deciding every request.
+//! download planner (`proto_core::planner`) deciding every request.
 //!
 //! # The model
 //!

@@ -6,7 +6,7 @@
 //! `Option`, so an unreadable file never stops a report, and `#[serde(default)]` lets an origin
 //! read reports from agents older or newer than itself.
 
-use std::net::IpAddr;
+use core::net::IpAddr;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
