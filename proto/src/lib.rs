@@ -14,5 +14,7 @@ pub mod pack;
 pub mod publish;
 pub mod store;
 
-pub use proto_core::{chunking, codec, hash, inventory, manifest, planner, verify, wire};
+pub use proto_core::{
+    bounds, chunking, codec, hash, inventory, manifest, planner, role, verify, wire,
+};
 pub use proto_core::{BlobHash, BundleId, BundleKind, Manifest, SignedManifest};

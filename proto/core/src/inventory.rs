@@ -10,7 +10,7 @@ use core::net::IpAddr;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::wire::bounds;
+use crate::bounds;
 
 /// Most disks, NICs or features one inventory lists; the decoder refuses more.
 pub const MAX_INVENTORY_ITEMS: usize = 1024;

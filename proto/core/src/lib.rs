@@ -14,15 +14,21 @@
 //! - [`wire`]: request/response messages and length-prefixed frames.
 //! - [`planner`]: which source to ask for which piece.
 //! - [`inventory`]: the facts a node reports.
+//! - [`role`]: what a node does in the mesh ([`Role`]), as its certificate says.
+//! - [`bounds`]: bounded deserializers for the variable-length fields of untrusted messages; a
+//!   leaf that [`wire`] and [`inventory`] share.
 
+pub mod bounds;
 pub mod chunking;
 pub mod codec;
 pub mod hash;
 pub mod inventory;
 pub mod manifest;
 pub mod planner;
+pub mod role;
 pub mod verify;
 pub mod wire;
 
 pub use hash::BlobHash;
 pub use manifest::{BundleId, BundleKind, Manifest, SignedManifest};
+pub use role::Role;

@@ -100,7 +100,9 @@ fn code_of_toml(line: &str) -> &str {
 fn the_scanner_finds_what_it_looks_for() {
     // Guards the guard: a forbidden name in code is seen, the same name in a comment is not.
     let code = "    let f = std::fs::read(path); // reads";
-    assert!(FORBIDDEN_IN_SOURCE.iter().any(|w| code_of(code).contains(w)));
+    assert!(FORBIDDEN_IN_SOURCE
+        .iter()
+        .any(|w| code_of(code).contains(w)));
     let comment = "    // no std::fs here";
     assert!(!FORBIDDEN_IN_SOURCE
         .iter()
