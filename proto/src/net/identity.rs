@@ -10,7 +10,7 @@
 //!   taken from the certified public key, not from this name).
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 use data_encoding::BASE32_DNSSEC;
