@@ -18,8 +18,8 @@ use proto::mesh::server::{self, RequestHandler};
 use proto::mesh::{names, PeerCounters};
 use proto::metrics::Metrics;
 use proto::net::{server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role};
-use proto::retry::{retry, RetryPolicy};
 use proto::retention::Retention;
+use proto::retry::{retry, RetryPolicy};
 use proto::wire::{
     authorize, ErrorCode, FetchSummary, NegotiationOutcome, Request, Response, SitePeer,
     TestRunSummary,

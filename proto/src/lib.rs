@@ -16,8 +16,8 @@ pub mod metrics;
 pub mod net;
 pub mod pack;
 pub mod publish;
-pub mod retry;
 pub mod retention;
+pub mod retry;
 pub mod store;
 pub mod version;
 

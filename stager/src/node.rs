@@ -20,8 +20,8 @@ use proto::metrics::Metrics;
 use proto::net::{
     read_frame, send_request, server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role, Site,
 };
-use proto::retry::{retry, RetryPolicy};
 use proto::retention::Retention;
+use proto::retry::{retry, RetryPolicy};
 use proto::store::{Store, StoreOptions};
 use proto::wire::{
     authorize, BundleInfo, ErrorCode, Holding, Request, Response, SitePeer, MAX_FRAME_BYTES,
