@@ -18,10 +18,11 @@ use proto::mesh::server::{self, RequestHandler};
 use proto::mesh::{names, PeerCounters};
 use proto::metrics::Metrics;
 use proto::net::{server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role};
-use proto::retry::{retry, RetryPolicy};
 use proto::retention::Retention;
+use proto::retry::{retry, RetryPolicy};
 use proto::wire::{
-    ErrorCode, FetchSummary, NegotiationOutcome, Request, Response, SitePeer, TestRunSummary,
+    authorize, ErrorCode, FetchSummary, NegotiationOutcome, Request, Response, SitePeer,
+    TestRunSummary,
 };
 use quinn::{RecvStream, SendStream};
 use tokio::sync::Semaphore;
@@ -128,13 +129,7 @@ impl Daemon {
     }
 
     fn forbidden(&self, peer: &PeerIdentity, what: &str) -> Response {
-        self.metrics
-            .counter(
-                names::FORBIDDEN,
-                "Requests refused for the peer's role",
-                &[],
-            )
-            .inc();
+        self.count_forbidden();
         tracing::warn!(%peer, what, "refused");
         Response::Error {
             code: ErrorCode::Forbidden,
@@ -142,10 +137,22 @@ impl Daemon {
         }
     }
 
+    fn count_forbidden(&self) {
+        self.metrics
+            .counter(
+                names::FORBIDDEN,
+                "Requests refused for the peer's role",
+                &[],
+            )
+            .inc();
+    }
+
+    /// An edge (the only role the table lets ask for blobs, manifests and peers) of this site.
     fn is_site_peer(&self, peer: &PeerIdentity) -> bool {
         peer.role == Role::Edge && peer.site.as_str() == self.site
     }
 
+    /// The origin, or this node itself (the table lets only those two roles ask for a fetch).
     fn is_self_or_origin(&self, peer: &PeerIdentity) -> bool {
         peer.role == Role::Origin || peer.node_id == self.node.identity.node_id()
     }
@@ -297,6 +304,14 @@ impl Daemon {
         request: Request,
         send: &mut SendStream,
     ) -> Option<Response> {
+        if let Err(refusal) = authorize(Role::Edge, peer.role, &request) {
+            if refusal.is_forbidden() {
+                self.count_forbidden();
+                tracing::warn!(%peer, request = %refusal.request, "refused: role may not do this");
+            }
+            return Some(refusal.response());
+        }
+        // The table checked roles; what needs more of the certificate (site, node id) is here.
         Some(match request {
             Request::GetBlob { hash, groups, .. } => {
                 if !self.is_site_peer(peer) {
@@ -343,12 +358,7 @@ impl Daemon {
                 }
                 self.fetch(&bundle, Some(send)).await
             }
-            Request::TestRun { bundle } => {
-                if peer.role != Role::Origin {
-                    return Some(self.forbidden(peer, "start a test run"));
-                }
-                self.test_run(bundle, send).await
-            }
+            Request::TestRun { bundle } => self.test_run(bundle, send).await,
             Request::Negotiate => {
                 if peer.node_id != self.node.identity.node_id() {
                     return Some(self.forbidden(peer, "make this edge negotiate"));
@@ -361,15 +371,11 @@ impl Daemon {
                     },
                 }
             }
-            Request::StartSwap { target, rescue } => {
-                if peer.role != Role::Origin {
-                    return Some(self.forbidden(peer, "start a swap"));
-                }
-                self.start_swap(target, rescue, send).await
-            }
-            _ => Response::Error {
-                code: ErrorCode::BadRequest,
-                message: "not a request for an edge agent".into(),
+            Request::StartSwap { target, rescue } => self.start_swap(target, rescue, send).await,
+            // `authorize` let through a request this match does not answer: they disagree.
+            other => Response::Error {
+                code: ErrorCode::Internal,
+                message: format!("the edge agent has no answer for {}", other.kind()),
             },
         })
     }

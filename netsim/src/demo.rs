@@ -11,7 +11,7 @@
 //! payload: QUIC's headers, acknowledgements and retransmissions included).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -22,6 +22,8 @@ use crate::emulate::{self, EmulateOptions, Emulation};
 use crate::machines;
 use crate::mesh::{site_name, Mesh};
 use crate::procs::{self, Binaries};
+use crate::progress::Progress;
+use crate::run::Interrupted;
 use crate::topology::{Strategy, Topology};
 
 /// The topology `netsim demo` emulates unless `--topology` names another.
@@ -103,8 +105,6 @@ pub struct DemoConfig {
     /// End with an OS swap on every edge: each edge has a simulated machine, and the origin
     /// swaps them all to the demo bundle (`origin swap`).
     pub swap: bool,
-    /// Where to put state (a new or empty directory); a temporary directory when `None`.
-    pub work_dir: Option<PathBuf>,
     /// Where the binaries live.
     pub binaries: Binaries,
 }
@@ -282,49 +282,53 @@ impl DemoResult {
     }
 }
 
-/// The demo was stopped with Ctrl-C (SIGINT); `netsim` exits with 130 for it, as shells do.
-#[derive(Debug, thiserror::Error)]
-#[error("interrupted")]
-pub struct Interrupted;
-
-/// Runs the demo; stops every process it started before returning, on success, failure or
+/// Runs the demo in `work` (an empty directory: [`crate::run::WorkDir`]), showing how it goes
+/// on `progress`; stops every process it started before returning, on success, failure or
 /// Ctrl-C ([`Interrupted`]).
-pub async fn run(config: DemoConfig) -> Result<DemoResult> {
-    let (_temp, work) = crate::emulate::work_dir(config.work_dir.as_ref(), "stagecoach-demo-")?;
+pub async fn run(config: DemoConfig, work: &Path, progress: &Progress) -> Result<DemoResult> {
     let mut slot = None;
     let result = tokio::select! {
-        result = run_in(&config, &work, &mut slot) => result,
+        result = run_in(&config, work, progress, &mut slot) => result,
         _ = tokio::signal::ctrl_c() => Err(Interrupted.into()),
     };
     if let Some(emulation) = slot.as_mut() {
+        progress.phase("stopping every process");
         emulation.shutdown().await;
     }
     drop(slot);
-    if result.is_err() && config.work_dir.is_some() {
-        eprintln!(
-            "demo failed; daemon logs are in {}",
-            work.join("logs").display()
-        );
-    }
     result
 }
 
 async fn run_in(
     config: &DemoConfig,
     work: &Path,
+    progress: &Progress,
     slot: &mut Option<Emulation>,
 ) -> Result<DemoResult> {
     let topo = &config.topology;
     let strategy = topo.strategy;
-    emulate::ensure_empty_dir(work)?;
     let tree = match &topo.bundle.path {
         Some(path) => path.clone(),
         None => {
+            let bytes = topo.bundle_bytes()?;
+            progress.phase(format!(
+                "generating a {} MiB OS-like tree to publish",
+                bytes.div_ceil(MIB)
+            ));
             let tree = work.join("tree");
-            datagen::generate_tree(&tree, topo.bundle_bytes()?, config.seed)?;
+            datagen::generate_tree(&tree, bytes, config.seed)?;
             tree
         }
     };
+    progress.phase(format!(
+        "starting the origin, {} WAN relays, {} and {} enrolled edges",
+        topo.sites.len(),
+        match strategy {
+            Strategy::Direct => "no stagers".to_owned(),
+            _ => format!("{} stagers", topo.total_stagers()),
+        },
+        topo.total_edges()
+    ));
     let options = EmulateOptions {
         binaries: config.binaries.clone(),
         work_dir: Some(work.to_path_buf()),
@@ -341,6 +345,7 @@ async fn run_in(
     .await?;
     let base = if config.swap {
         // Every edge gets a machine running a small factory OS before the demo starts.
+        progress.phase("giving every edge a simulated machine with a factory OS");
         let base = machines::prepare(&mut emulation.mesh, work, config.seed).await?;
         let flags: HashMap<String, Vec<String>> = emulation
             .mesh
@@ -360,12 +365,14 @@ async fn run_in(
         Some(base)
     } else {
         if strategy == Strategy::Mesh {
+            progress.phase("starting every edge's daemon (peers on)");
             emulation.start_edge_daemons(true, |_| Vec::new()).await?;
         }
         None
     };
 
-    let fanout = emulation.fan_out(&tree, BUNDLE_NAME).await?;
+    let fanout = emulation.fan_out(&tree, BUNDLE_NAME, progress).await?;
+    progress.phase("reading the counters");
     if let Some(failed) = fanout.fetches.iter().find(|f| !f.ok) {
         let log = std::fs::read_to_string(&failed.log).unwrap_or_default();
         bail!(
@@ -415,7 +422,10 @@ async fn run_in(
         })
         .filter(|_| strategy != Strategy::Direct);
     let swap = match base {
-        Some(base) => Some(swap_every_edge(mesh, &fanout.bundle_id, &base.rescue).await?),
+        Some(base) => {
+            progress.phase("swapping every edge's OS to the demo bundle");
+            Some(swap_every_edge(mesh, &fanout.bundle_id, &base.rescue).await?)
+        }
         None => None,
     };
     Ok(DemoResult {

@@ -40,15 +40,17 @@
 //! Every process shares this machine's cores, so a fleet is limited to what one machine runs.
 //!
 //! Every process started is stopped when the run ends, fails, or is interrupted with Ctrl-C
-//! ([`crate::demo::Interrupted`]).
+//! ([`Interrupted`]).
 //!
 //! # Phases
 //!
 //! [`emulate`] runs [`Emulation::start`] (origin, relays, stagers, enrolled edges),
 //! [`Emulation::start_edge_daemons`] (`mesh`), [`Emulation::fan_out`] (publish, every edge
-//! fetches) and [`Emulation::collect`] (the [`RunResult`]). `netsim demo` ([`crate::demo`])
-//! runs the same phases on its built-in topology, with its own steps in between (simulated
-//! machines before the daemons start, an OS swap after the fan-out) while the emulation lives.
+//! fetches) and [`Emulation::collect`] (the [`RunResult`]). `netsim demo` runs the same phases
+//! on its built-in topology, with its own steps in between (simulated machines before the
+//! daemons start, an OS swap after the fan-out) while the emulation lives. What both share
+//! beyond these phases (the work directory, [`Interrupted`]) is in [`crate::run`], so this
+//! module does not depend on the demo.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,15 +61,20 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::compare::CompareTable;
 use crate::datagen;
-use crate::demo::Interrupted;
 use crate::mesh::{EdgeFetch, EdgeNode, Mesh};
 use crate::procs::{self, Binaries};
+use crate::progress::Progress;
 use crate::relay::{self, LinkShape, Relay, RelayConfig, RelayStats, MIN_WAN_QUEUE_BYTES};
 use crate::report::{Mode, RunResult, SiteResult};
+use crate::run::{Interrupted, WorkDir};
 use crate::topology::{Site, Strategy, Topology, WanLink};
 
 /// How often progress is logged while edges fetch.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often the progress display is updated while edges fetch (the bytes inside the sites
+/// are scraped from the stagers' and daemons' metrics at this pace, and only when it is drawn).
+const PROGRESS_REDRAW: Duration = Duration::from_secs(1);
 
 /// How long the whole fan-out may take before the run gives up.
 pub const FANOUT_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -93,25 +100,6 @@ pub struct EmulateOptions {
     pub seed: u64,
 }
 
-/// A run's work directory: `given`, or `run/` in a temporary directory named `prefix…` that
-/// lives as long as the returned guard.
-pub(crate) fn work_dir(
-    given: Option<&PathBuf>,
-    prefix: &str,
-) -> Result<(Option<tempfile::TempDir>, PathBuf)> {
-    match given {
-        Some(dir) => Ok((None, dir.clone())),
-        None => {
-            let temp = tempfile::Builder::new()
-                .prefix(prefix)
-                .tempdir()
-                .context("cannot create a temporary directory")?;
-            let work = temp.path().join("run");
-            Ok((Some(temp), work))
-        }
-    }
-}
-
 /// Emulates `topo` under `strategy`: starts the binaries behind relays, publishes the bundle,
 /// lets every edge fetch it, and returns who moved how many bytes and when each edge finished.
 /// Every process and relay it started is stopped before it returns, also on error; Ctrl-C
@@ -122,10 +110,11 @@ pub async fn emulate(
     options: &EmulateOptions,
 ) -> Result<RunResult> {
     check_emulatable(topo)?;
-    let (_temp, work) = work_dir(options.work_dir.as_ref(), "stagecoach-emulate-")?;
+    let work_dir = WorkDir::create(options.work_dir.as_deref(), "stagecoach-emulate-")?;
+    let work = work_dir.path();
     let mut slot = None;
     let result = tokio::select! {
-        result = run_strategy(topo, strategy, options, &work, None, &mut slot) => result,
+        result = run_strategy(topo, strategy, options, work, None, &mut slot) => result,
         _ = tokio::signal::ctrl_c() => Err(Interrupted.into()),
     };
     if let Some(emulation) = slot.as_mut() {
@@ -146,11 +135,11 @@ pub async fn compare_emulated(
     out_dir: &Path,
 ) -> Result<CompareTable> {
     check_emulatable(topo)?;
-    let (_temp, work) = work_dir(options.work_dir.as_ref(), "stagecoach-emulate-")?;
+    let work_dir = WorkDir::create(options.work_dir.as_deref(), "stagecoach-emulate-")?;
+    let work = work_dir.path();
     let mut slot = None;
     let runs = async {
-        ensure_empty_dir(&work)?;
-        let tree = bundle_tree(topo, &work)?;
+        let tree = bundle_tree(topo, work)?;
         let mut runs = Vec::new();
         for strategy in Strategy::ALL {
             let run = run_strategy(
@@ -289,20 +278,6 @@ fn bundle_tree(topo: &Topology, work: &Path) -> Result<PathBuf> {
     Ok(tree)
 }
 
-/// Creates `dir`, or checks that it is empty, so a run never mixes with an earlier one.
-pub fn ensure_empty_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut entries =
-        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
-    if entries.next().is_some() {
-        bail!(
-            "work directory {} is not empty: give a new or empty directory",
-            dir.display()
-        );
-    }
-    Ok(())
-}
-
 /// Runs one strategy in `work` (created; must be empty). What it starts goes into `slot`, which
 /// the caller shuts down.
 async fn run_strategy(
@@ -313,7 +288,7 @@ async fn run_strategy(
     tree: Option<&Path>,
     slot: &mut Option<Emulation>,
 ) -> Result<RunResult> {
-    ensure_empty_dir(work)?;
+    crate::run::ensure_empty_dir(work)?;
     let tree = match tree {
         Some(tree) => tree.to_path_buf(),
         None => bundle_tree(topo, work)?,
@@ -322,7 +297,9 @@ async fn run_strategy(
     if strategy == Strategy::Mesh {
         emulation.start_edge_daemons(true, |_| Vec::new()).await?;
     }
-    let fanout = emulation.fan_out(&tree, BUNDLE_NAME).await?;
+    let fanout = emulation
+        .fan_out(&tree, BUNDLE_NAME, &Progress::hidden())
+        .await?;
     emulation.collect(&fanout.fetches).await
 }
 
@@ -466,24 +443,37 @@ impl Emulation {
     }
 
     /// Publishes `tree` as `name@1.0.0` and lets every edge fetch it at once, logging progress
-    /// (WAN MiB per site) every few seconds; gives up after [`FANOUT_TIMEOUT`]. A failed fetch
-    /// is in the result, not an error.
-    pub async fn fan_out(&self, tree: &Path, name: &str) -> Result<Fanout> {
+    /// (WAN MiB per site) every few seconds and showing it on `progress`; gives up after
+    /// [`FANOUT_TIMEOUT`]. A failed fetch is in the result, not an error.
+    pub async fn fan_out(&self, tree: &Path, name: &str, progress: &Progress) -> Result<Fanout> {
+        progress.phase(format!("publishing {}", tree.display()));
         let publish_started = Instant::now();
         let bundle_id = self.mesh.publish(tree, name, "1.0.0").await?;
         let publish_s = publish_started.elapsed().as_secs_f64();
         tracing::info!(bundle = %bundle_id, publish_s, "published; edges fetching");
 
         let edges = self.mesh.edges.clone();
+        progress.start_fanout(edges.len() as u64);
         let fetches = {
-            let fanout = self.mesh.fetch_all(&edges, &bundle_id);
+            let fanout = self
+                .mesh
+                .fetch_all_with(&edges, &bundle_id, |_| progress.edge_done());
             tokio::pin!(fanout);
             let started = Instant::now();
             let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
             ticker.tick().await;
+            let mut redraw = tokio::time::interval(PROGRESS_REDRAW);
+            redraw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     fetches = &mut fanout => break fetches?,
+                    _ = redraw.tick(), if !progress.is_hidden() => {
+                        let lan_bytes = tokio::time::timeout(PROGRESS_REDRAW, self.lan_bytes())
+                            .await
+                            .ok()
+                            .and_then(Result::ok);
+                        progress.set_bytes(self.wan_down_bytes(), lan_bytes);
+                    }
                     _ = ticker.tick() => {
                         let wan_mib: Vec<String> = self
                             .topo
@@ -511,6 +501,25 @@ impl Emulation {
             publish_s,
             fetches,
         })
+    }
+
+    /// Bytes the sites' WAN relays carried origin → site so far, all sites together.
+    fn wan_down_bytes(&self) -> u64 {
+        self.site_relays
+            .iter()
+            .map(|relay| relay.stats().down.forwarded_bytes)
+            .sum()
+    }
+
+    /// Bytes served inside the sites so far: by the stagers to their edges and by edges to
+    /// each other, read from their metrics.
+    async fn lan_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for site in &self.topo.sites {
+            let (same_site, other_sites) = self.mesh.peer_bytes(&site.name).await?;
+            total += self.mesh.stager_egress_bytes(&site.name).await? + same_site + other_sites;
+        }
+        Ok(total)
     }
 
     /// What each site's WAN relay counted so far, in topology order.

@@ -1,12 +1,17 @@
 //! `netsim`: the local demo of the whole mesh, emulation and simulation of topologies.
 
+use std::io::IsTerminal;
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use netsim::demo::{self, DemoConfig, DemoOverrides};
 use netsim::emulate::{self, EmulateOptions};
 use netsim::procs::Binaries;
+use netsim::progress::Progress;
 use netsim::report::RunResult;
+use netsim::run::{Interrupted, WorkDir};
 
 #[derive(Parser)]
 #[command(
@@ -25,11 +30,17 @@ enum Command {
     /// (a stager and four edges each), each site's WAN a relay of 1 Gbit/s and 2 ms — publish a
     /// generated 256 MiB OS-like bundle, let every edge fetch it (from the stager, and with
     /// `mesh` from each other too), and print who moved how many bytes. The flags override the
-    /// topology's fields.
+    /// topology's fields. While it runs it shows its progress on stderr (when a terminal); its
+    /// own log and every daemon's go to files in the work directory's `logs/`, whose path it
+    /// prints (a temporary work directory keeps only them at the end).
     Demo {
         /// Print the result as one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Print netsim's own log lines on stderr instead of the progress display (the
+        /// daemons' logs stay in their files).
+        #[arg(short, long)]
+        verbose: bool,
         /// Emulate this topology file (TOML) instead of the built-in one.
         #[arg(long)]
         topology: Option<std::path::PathBuf>,
@@ -134,7 +145,7 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(run()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) if error.is::<demo::Interrupted>() => {
+        Err(error) if error.is::<Interrupted>() => {
             eprintln!("netsim: interrupted; every process it started was stopped");
             std::process::ExitCode::from(EXIT_INTERRUPTED)
         }
@@ -145,15 +156,40 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run() -> Result<()> {
+/// Which log lines netsim writes when `RUST_LOG` does not say.
+const DEFAULT_LOG_FILTER: &str = "netsim=info";
+
+/// Sends netsim's log lines to stderr, coloured only when stderr is a terminal.
+fn log_to_stderr() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "netsim=info".into()),
-        )
+        .with_env_filter(log_filter())
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+/// Sends netsim's log lines to the file `path` (created, or truncated), without colour.
+fn log_to_file(path: &Path) -> Result<()> {
+    let file = std::fs::File::create(path)
+        .with_context(|| format!("cannot create log file {}", path.display()))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(log_filter())
+        .with_writer(std::sync::Mutex::new(file))
+        .with_ansi(false)
+        .init();
+    Ok(())
+}
+
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into())
+}
+
+async fn run() -> Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Demo { .. }) {
+        log_to_stderr();
+    }
     match cli.command {
         Command::Simulate {
             topology,
@@ -226,6 +262,7 @@ async fn run() -> Result<()> {
         }
         Command::Demo {
             json,
+            verbose,
             topology,
             bundle_mib,
             sites,
@@ -250,6 +287,17 @@ async fn run() -> Result<()> {
                     strategy,
                 },
             )?;
+            let work = WorkDir::create(work_dir.as_deref(), "stagecoach-demo-")?;
+            let logs = work.logs();
+            std::fs::create_dir_all(&logs)
+                .with_context(|| format!("cannot create {}", logs.display()))?;
+            let progress = if verbose {
+                log_to_stderr();
+                Progress::hidden()
+            } else {
+                log_to_file(&logs.join(NETSIM_LOG))?;
+                Progress::stderr()
+            };
             let shape: Vec<String> = topo
                 .sites
                 .iter()
@@ -266,16 +314,35 @@ async fn run() -> Result<()> {
                 topo.name,
                 shape.join(", ")
             );
+            eprintln!("logs: {}", logs.display());
             let started = std::time::Instant::now();
-            let result = demo::run(DemoConfig {
-                topology: topo,
-                seed: 1,
-                stager_upload_mbit,
-                swap,
-                work_dir,
-                binaries,
-            })
-            .await?;
+            let result = demo::run(
+                DemoConfig {
+                    topology: topo,
+                    seed: 1,
+                    stager_upload_mbit,
+                    swap,
+                    binaries,
+                },
+                work.path(),
+                &progress,
+            )
+            .await;
+            progress.clear();
+            // A temporary work directory goes, but its logs stay where the line above said.
+            if let Err(error) = work.keep_logs() {
+                eprintln!("warning: {error:#}");
+            }
+            let result = match result {
+                Ok(result) => result,
+                Err(error) if error.is::<Interrupted>() => return Err(error),
+                Err(error) => {
+                    return Err(error.context(format!(
+                        "the demo failed; its logs are in {}",
+                        logs.display()
+                    )))
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&result)?);
             } else {
@@ -298,6 +365,9 @@ async fn run() -> Result<()> {
     }
     Ok(())
 }
+
+/// netsim's own log file in a demo's `logs/`, beside the daemons' logs.
+const NETSIM_LOG: &str = "netsim.log";
 
 /// The binaries in `bin_dir`, or beside this executable.
 fn binaries(bin_dir: Option<std::path::PathBuf>) -> Result<Binaries> {

@@ -533,6 +533,17 @@ impl Mesh {
 
     /// Starts `edge-agent fetch` for `bundle` on each of `edges` at once and waits for all.
     pub async fn fetch_all(&self, edges: &[EdgeNode], bundle: &str) -> Result<Vec<EdgeFetch>> {
+        self.fetch_all_with(edges, bundle, |_| {}).await
+    }
+
+    /// Like [`Mesh::fetch_all`], calling `on_done` with each fetch as it ends (in the order
+    /// they end).
+    pub async fn fetch_all_with(
+        &self,
+        edges: &[EdgeNode],
+        bundle: &str,
+        mut on_done: impl FnMut(&EdgeFetch),
+    ) -> Result<Vec<EdgeFetch>> {
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for edge in edges {
@@ -566,7 +577,9 @@ impl Mesh {
         }
         let mut results = Vec::new();
         while let Some(done) = tasks.join_next().await {
-            results.push(done.context("fetch task panicked")?);
+            let fetch = done.context("fetch task panicked")?;
+            on_done(&fetch);
+            results.push(fetch);
         }
         Ok(results)
     }

@@ -19,6 +19,9 @@
 //!
 //! Packages are not part of the file: they are every bundle ever published.
 
+// The policy's errors are kept whole (they name rule, field and file), which makes them large.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 
 use serde::Deserialize;

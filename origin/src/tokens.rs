@@ -66,6 +66,9 @@ pub enum TokenError {
     /// Its record names a role or site that is not valid.
     #[error(transparent)]
     Grant(#[from] proto::net::NetError),
+    /// Its record names a role that does not exist.
+    #[error(transparent)]
+    Role(#[from] proto::role::UnknownRole),
 }
 
 /// Consumes `secret`: returns what it grants, or why not. A second use fails.

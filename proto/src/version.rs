@@ -324,7 +324,7 @@ mod tests {
         // A cycle that a naive "semver when both parse, else dpkg" rule has: 2.0.0-rc1 < 2.0.0
         // by semver, yet 2.0.0 < 2.0.0-rc0~ < 2.0.0-rc1 by dpkg (revision `rc0~` vs `rc1`).
         let (a, b, c) = ("2.0.0-rc1", "2.0.0", "2.0.0-rc0~");
-        let mut sorted = vec![b, c, a];
+        let mut sorted = [b, c, a];
         sorted.sort_by(|x, y| compare_versions(x, y));
         for window in sorted.windows(2) {
             assert_eq!(compare_versions(window[0], window[1]), Ordering::Less);

@@ -20,12 +20,12 @@ use proto::metrics::Metrics;
 use proto::net::{
     read_frame, send_request, server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role, Site,
 };
-use proto::retry::{retry, RetryPolicy};
 use proto::retention::Retention;
+use proto::retry::{retry, RetryPolicy};
 use proto::store::{Store, StoreOptions};
 use proto::wire::{
-    BundleInfo, ErrorCode, Holding, Request, Response, SitePeer, MAX_FRAME_BYTES, MAX_HOLDINGS,
-    MAX_HOLDING_RANGES,
+    authorize, BundleInfo, ErrorCode, Holding, Request, Response, SitePeer, MAX_FRAME_BYTES,
+    MAX_HOLDINGS, MAX_HOLDING_RANGES,
 };
 use proto::{BlobHash, SignedManifest};
 use quinn::{RecvStream, SendStream};
@@ -367,6 +367,18 @@ impl Stager {
                 ),
             });
         }
+        if let Err(refusal) = authorize(Role::Stager, peer.role, &request) {
+            if refusal.is_forbidden() {
+                self.metrics
+                    .counter(
+                        names::FORBIDDEN,
+                        "Requests refused for the peer's role",
+                        &[],
+                    )
+                    .inc();
+            }
+            return Some(refusal.response());
+        }
         Some(match request {
             Request::ListBundles => {
                 self.request_counter("list");
@@ -406,64 +418,26 @@ impl Stager {
             Request::GetBlob { hash, groups, .. } => {
                 return self.answer_blob(peer, hash, groups, send).await;
             }
-            Request::PutBlob { .. } | Request::Publish { .. } => {
-                self.metrics
-                    .counter(
-                        names::FORBIDDEN,
-                        "Requests refused for the peer's role",
-                        &[],
-                    )
-                    .inc();
-                Response::Error {
-                    code: ErrorCode::Forbidden,
-                    message: "a stager does not accept uploads; publish to the origin".into(),
-                }
-            }
             Request::SitePeers {
                 data_addr,
                 p2p_addrs,
                 have,
             } => {
                 self.request_counter("site_peers");
-                if peer.role != Role::Edge {
-                    return Some(Response::Error {
-                        code: ErrorCode::Forbidden,
-                        message: "only the site's edges join its peer list".into(),
-                    });
-                }
                 Response::SitePeers(self.join_site_peers(peer, data_addr, p2p_addrs, have))
             }
             Request::ReportNode { report, negotiate } => {
                 self.request_counter("report_node");
-                if peer.role != Role::Edge {
-                    return Some(Response::Error {
-                        code: ErrorCode::Forbidden,
-                        message: "only the site's edges report here".into(),
-                    });
-                }
                 self.relay_report(peer, report, negotiate).await
             }
             Request::KeepSet => {
                 self.request_counter("keep_set");
-                if peer.role != Role::Edge {
-                    return Some(Response::Error {
-                        code: ErrorCode::Forbidden,
-                        message: "only the site's edges ask a stager for their keep-set".into(),
-                    });
-                }
                 self.relay_keep_set(peer).await
             }
-            Request::Subscribe { .. }
-            | Request::Enroll { .. }
-            | Request::Fetch { .. }
-            | Request::StartSwap { .. }
-            | Request::RelayReport { .. }
-            | Request::RelayKeepSet { .. }
-            | Request::Control { .. }
-            | Request::TestRun { .. }
-            | Request::Negotiate => Response::Error {
-                code: ErrorCode::BadRequest,
-                message: "not a request for a stager".into(),
+            // `authorize` let through a request this match does not answer: they disagree.
+            other => Response::Error {
+                code: ErrorCode::Internal,
+                message: format!("the stager has no answer for {}", other.kind()),
             },
         })
     }

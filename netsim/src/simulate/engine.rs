@@ -11,7 +11,7 @@ use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use proto::planner::{Planner, Request};
+use proto_core::planner::{Planner, Request};
 
 use super::component::Component;
 use super::network::{FlowLinks, LinkId, MaxMinSolver};

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use proto::planner::PlannerConfig;
+use proto_core::planner::PlannerConfig;
 
 use crate::topology::Topology;
 

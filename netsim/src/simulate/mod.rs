@@ -1,5 +1,5 @@
 //! `netsim simulate`: the fleet in virtual time, on a flow-level network model, with the real
-//! download planner (`proto::planner`) deciding every request.
+//! download planner (`proto_core::planner`) deciding every request.
 //!
 //! # The model
 //!
@@ -309,5 +309,43 @@ mod tests {
         assert!(out.len() <= 101);
         assert_eq!(out.first(), points.first());
         assert_eq!(out.last(), points.last());
+    }
+
+    #[test]
+    fn the_simulator_names_only_the_pure_core_of_proto() {
+        // The simulator must need nothing RocksDB-backed or networked: `proto_core`, never
+        // `proto::`. (A separate crate would let Cargo say it; this says it meanwhile.)
+        fn visit(dir: &std::path::Path, offences: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).expect("simulate/ is readable") {
+                let path = entry.expect("directory entry").path();
+                if path.is_dir() {
+                    visit(&path, offences);
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).expect("source is readable");
+                for (number, line) in text.lines().enumerate() {
+                    let code = line.split("//").next().unwrap_or_default();
+                    // Spelt in two halves so that this test does not find itself.
+                    let path_prefix = concat!("proto", "::");
+                    let whole_crate = concat!("use proto", ";");
+                    if code.contains(path_prefix) || code.contains(whole_crate) {
+                        offences.push(format!(
+                            "{}:{}: {}",
+                            path.display(),
+                            number + 1,
+                            line.trim()
+                        ));
+                    }
+                }
+            }
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/simulate");
+        let mut offences = Vec::new();
+        visit(&dir, &mut offences);
+        assert!(
+            offences.is_empty(),
+            "the simulator names `proto`; use `proto_core`:\n{}",
+            offences.join("\n")
+        );
     }
 }

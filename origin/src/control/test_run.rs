@@ -1,6 +1,9 @@
 //! `origin test-run`: a node runs a bundle in test mode. Kept in memory only, by design: a
 //! restart of the origin (or the node) forgets it.
 
+// The policy's errors are kept whole (they name rule, field and file), which makes them large.
+#![allow(clippy::result_large_err)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

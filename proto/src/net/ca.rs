@@ -14,11 +14,12 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 
-use super::error::NetError;
-use super::identity::{
-    bad_file, read_cert, read_small, NodeId, NodeIdentity, Role, Site, KEY_SAN_SUFFIX,
-    MESH_SERVER_NAME, NODE_ID_BYTES, ROLE_SAN_SUFFIX,
+pub use super::cert::IssuedCert;
+use super::cert::{
+    bad_file, read_cert, read_small, KEY_SAN_SUFFIX, MESH_SERVER_NAME, ROLE_SAN_SUFFIX,
 };
+use super::error::NetError;
+use super::identity::{NodeId, NodeIdentity, Role, Site, NODE_ID_BYTES};
 use super::pem;
 
 /// File of the CA private key (PKCS#8 PEM, mode 0600).
@@ -47,14 +48,6 @@ const CA_COMMON_NAME: &str = "Stagecoach mesh CA";
 
 /// Random bytes in the CA's name that tell one mesh's CA from another's.
 const MESH_TAG_BYTES: usize = 8;
-
-/// A freshly issued node key and certificate.
-pub struct IssuedCert {
-    /// The node's private key (ed25519, PKCS#8).
-    pub key: PrivatePkcs8KeyDer<'static>,
-    /// The node's certificate, signed by the CA.
-    pub cert: CertificateDer<'static>,
-}
 
 /// The mesh certificate authority.
 pub struct CertAuthority {

@@ -344,6 +344,12 @@ impl From<WriteError> for NetError {
     }
 }
 
+impl From<proto_core::role::UnknownRole> for NetError {
+    fn from(unknown: proto_core::role::UnknownRole) -> Self {
+        NetError::UnknownRole(unknown.0)
+    }
+}
+
 impl From<quinn::ClosedStream> for NetError {
     fn from(_: quinn::ClosedStream) -> Self {
         NetError::StreamClosed

@@ -10,7 +10,7 @@
 //!   taken from the certified public key, not from this name).
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 use data_encoding::BASE32_DNSSEC;
@@ -19,18 +19,11 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
 
-use super::ca::IssuedCert;
+use super::cert::{bad_file, read_cert, read_small, verify_node_cert};
+pub use super::cert::{IssuedCert, KEY_SAN_SUFFIX, MESH_SERVER_NAME, ROLE_SAN_SUFFIX};
 use super::error::NetError;
 use super::pem;
-
-/// The server name in every node certificate; clients verify servers against it.
-pub const MESH_SERVER_NAME: &str = "node.stagecoach";
-
-/// Suffix of the subject alternative name that carries `<role>.<site>`.
-pub const ROLE_SAN_SUFFIX: &str = ".id.stagecoach";
-
-/// Suffix of the subject alternative name that carries the node id.
-pub const KEY_SAN_SUFFIX: &str = ".key.stagecoach";
+pub use proto_core::role::Role;
 
 /// Longest site name, in characters (the limit of one DNS label).
 pub const MAX_SITE_CHARS: usize = 63;
@@ -46,54 +39,6 @@ pub const NODE_CERT_FILE: &str = "node.crt";
 pub const CA_CERT_FILE: &str = "ca.crt";
 /// File of the mesh settings learnt at enrollment (JSON: publisher key, origin address).
 pub const MESH_FILE: &str = "mesh.json";
-
-/// Largest identity file read, in bytes; real ones are a few hundred bytes.
-const MAX_IDENTITY_FILE_BYTES: u64 = 64 * 1024;
-
-/// What a node does in the mesh. Part of its certificate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Role {
-    /// The control plane and certificate authority.
-    Origin,
-    /// A node allowed to publish bundles.
-    Publisher,
-    /// A per-site stage server.
-    Stager,
-    /// A machine that installs bundles.
-    Edge,
-}
-
-impl Role {
-    /// Every role, in order.
-    pub const ALL: [Role; 4] = [Role::Origin, Role::Publisher, Role::Stager, Role::Edge];
-
-    /// The lowercase name used on command lines and in certificates.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Origin => "origin",
-            Role::Publisher => "publisher",
-            Role::Stager => "stager",
-            Role::Edge => "edge",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = NetError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Role::ALL
-            .into_iter()
-            .find(|role| role.as_str() == s)
-            .ok_or_else(|| NetError::UnknownRole(s.to_owned()))
-    }
-}
 
 /// A datacenter name: one DNS label (`[a-z0-9-]{1,63}`, not starting or ending with `-`), so it
 /// fits in a certificate name.
@@ -315,7 +260,7 @@ impl NodeIdentity {
                 "the certificate is for another key than this node's".to_owned(),
             ));
         }
-        super::tls::verify_node_cert(&issued.cert, &ca_cert)?;
+        verify_node_cert(&issued.cert, &ca_cert)?;
         Ok(NodeIdentity {
             key: issued.key,
             cert: issued.cert,
@@ -475,48 +420,9 @@ pub(crate) fn parse_publisher_key(hex_key: &str) -> Result<VerifyingKey, String>
         .map_err(|e| format!("publisher key is not an ed25519 key: {e}"))
 }
 
-/// Reads a file of at most [`MAX_IDENTITY_FILE_BYTES`].
-pub(crate) fn read_small(path: &Path) -> Result<Vec<u8>, NetError> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| NetError::io("read", path, e))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_IDENTITY_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| NetError::io("read", path, e))?;
-    if bytes.len() as u64 > MAX_IDENTITY_FILE_BYTES {
-        return Err(bad_file(
-            path,
-            format!("larger than {MAX_IDENTITY_FILE_BYTES} bytes"),
-        ));
-    }
-    Ok(bytes)
-}
-
-/// Reads one PEM certificate.
-pub(crate) fn read_cert(path: &Path) -> Result<CertificateDer<'static>, NetError> {
-    CertificateDer::from_pem_slice(&read_small(path)?)
-        .map_err(|e| bad_file(path, format!("no PEM certificate: {e}")))
-}
-
-pub(crate) fn bad_file(path: &Path, reason: impl Into<String>) -> NetError {
-    NetError::BadFile {
-        path: PathBuf::from(path),
-        reason: reason.into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn roles_round_trip_through_their_names() {
-        for role in Role::ALL {
-            assert_eq!(role.to_string().parse::<Role>().expect("parse"), role);
-        }
-        let err = "admin".parse::<Role>().expect_err("unknown");
-        assert!(err.to_string().contains("origin, publisher, stager, edge"));
-    }
 
     #[test]
     fn site_names_must_be_dns_labels() {

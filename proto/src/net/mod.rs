@@ -6,6 +6,8 @@
 //! during the handshake, before it can open a stream.
 //!
 //! - [`ca`]: the certificate authority (`origin init`) and certificate issuing.
+//! - `cert` (private): what `ca`, `identity` and `tls` share about node certificates, so they
+//!   form no cycle.
 //! - [`identity`]: roles, sites, node ids, a node's saved identity, and [`peer_identity`].
 //! - [`tls`]: rustls configurations, transport tuning, mesh endpoints and [`connect`].
 //! - [`enroll`]: one-time enrollment tokens, the enrollment server and [`enroll::enroll`].
@@ -14,6 +16,7 @@
 //! One request travels on one bidirectional stream; a subscription is a stream that stays open.
 
 pub mod ca;
+mod cert;
 pub mod enroll;
 mod error;
 pub mod frames;

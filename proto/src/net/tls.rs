@@ -6,19 +6,18 @@
 //! is built on an explicit ring provider, so it works whatever provider the process default is.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, TransportConfig, VarInt};
-use rustls::client::danger::ServerCertVerifier;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::ServerConfig;
 
+use super::cert::ca_roots;
+pub(crate) use super::cert::crypto_provider;
+pub use super::cert::MESH_SERVER_NAME;
 use super::error::NetError;
-pub use super::identity::MESH_SERVER_NAME;
 use super::identity::{peer_identity, NodeIdentity, PeerIdentity};
 
 /// ALPN protocol of mesh connections.
@@ -52,14 +51,6 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn install_crypto_provider() {
     // An error means a default is already installed, which is all this function promises.
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// The provider every Stagecoach TLS config is built on.
-pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
-        .clone()
 }
 
 /// QUIC transport settings of mesh connections, tuned for throughput on fat, long links.
@@ -174,38 +165,6 @@ pub fn mesh_client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig
     Ok(config)
 }
 
-/// Checks that `cert` chains to `ca` and is usable both as a mesh server (under
-/// [`MESH_SERVER_NAME`]) and as a mesh client, as every node certificate must be.
-pub(crate) fn verify_node_cert(
-    cert: &CertificateDer<'static>,
-    ca: &CertificateDer<'static>,
-) -> Result<(), NetError> {
-    let provider = crypto_provider();
-    let roots = ca_roots(ca)?;
-    let now = UnixTime::since_unix_epoch(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default(),
-    );
-    let client_verifier =
-        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| NetError::TlsConfig(format!("client verifier: {e}")))?;
-    client_verifier
-        .verify_client_cert(cert, &[], now)
-        .map_err(|e| NetError::BadCertificate(format!("not valid for this mesh's CA: {e}")))?;
-    let server_verifier =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
-            .build()
-            .map_err(|e| NetError::TlsConfig(format!("server verifier: {e}")))?;
-    let name = ServerName::try_from(MESH_SERVER_NAME)
-        .map_err(|e| NetError::TlsConfig(format!("server name: {e}")))?;
-    server_verifier
-        .verify_server_cert(cert, &[], &name, &[], now)
-        .map_err(|e| NetError::BadCertificate(format!("not valid as a mesh server: {e}")))?;
-    Ok(())
-}
-
 /// Wraps a rustls server config for quinn with `transport`.
 pub(crate) fn quic_server_config(
     tls: ServerConfig,
@@ -215,14 +174,6 @@ pub(crate) fn quic_server_config(
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(transport));
     Ok(config)
-}
-
-fn ca_roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, NetError> {
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(ca.clone())
-        .map_err(|e| NetError::BadCertificate(format!("unusable CA certificate: {e}")))?;
-    Ok(Arc::new(roots))
 }
 
 fn tls_config(err: impl std::fmt::Display) -> NetError {

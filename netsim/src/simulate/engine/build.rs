@@ -1,7 +1,7 @@
 //! Building the fleet: nodes, links, planners and who announces pieces to whom.
 
 use anyhow::{bail, Result};
-use proto::planner::{Planner, PlannerConfig, SourceKind};
+use proto_core::planner::{Planner, PlannerConfig, SourceKind};
 
 use super::*;
 use crate::simulate::fleet::{

@@ -2,11 +2,11 @@
 //! corrupt, truncated or foreign streams are refused without handing out a wrong byte.
 
 use proptest::prelude::*;
-use proto::verify::{
+use proto_core::verify::{
     self, compute_outboard, encode_ranges, encode_ranges_from, encoded_len, group_count,
     DecodeItem, Decoder, GroupRanges, VerifyError, GROUP_BYTES, SIZE_HEADER_BYTES,
 };
-use proto::BlobHash;
+use proto_core::BlobHash;
 
 /// Deterministic pseudo-random bytes (xorshift), so proptest shrinks the seed, not a buffer.
 fn blob(len: usize, seed: u64) -> Vec<u8> {

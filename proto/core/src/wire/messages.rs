@@ -1,34 +1,17 @@
-//! Wire messages and their framing. Pure: works on byte buffers only.
-//!
-//! A frame is a 4-byte little-endian length `n` followed by `n` payload bytes. The payload is a
-//! 2-byte little-endian protocol version followed by one [`codec`]-encoded message. Frames are
-//! bounded by [`MAX_FRAME_BYTES`]; a longer length prefix is refused before anything is
-//! allocated. Bulk blob data does not travel in frames: after a [`Response::BlobPart`] header the
-//! sender writes the bao-encoded ranges raw, and the receiver's verifier knows their length.
+//! The messages of the mesh protocol: what a client asks ([`Request`]) and what a server
+//! answers ([`Response`]), with the control-plane and report types they carry. Variants are
+//! only ever appended, so earlier ones keep their encodings.
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, CodecError};
+use crate::bounds;
 use crate::hash::BlobHash;
 use crate::manifest::{BundleId, BundleKind, SignedManifest};
-
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-
-/// Largest frame payload accepted, in bytes. Manifests are the largest frames.
-pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024 + 4096;
 
 /// Most 16 KiB groups one [`Response::BlobPart`] may carry. A server never sends more, and a
 /// client refuses a part that claims more: it bounds the memory either side spends on one part
 /// (about 512 KiB of data plus its parents), whatever the blob size.
 pub const MAX_PART_GROUPS: u64 = 32;
-
-/// Bytes of the length prefix.
-pub const LENGTH_PREFIX_BYTES: usize = 4;
-
-/// Bytes of the version field at the start of every payload.
-pub const VERSION_BYTES: usize = 2;
 
 /// Largest blob accepted in one [`Request::PutBlob`], in bytes (a chunk is at most a few MiB).
 pub const MAX_PUT_BLOB_BYTES: usize = 8 * 1024 * 1024;
@@ -173,24 +156,14 @@ pub const MAX_KEEP_BUNDLES: usize = 4096;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeepSet {
     /// The bundles, ascending, without duplicates.
-    #[serde(deserialize_with = "bounds::keep_bundles")]
+    #[serde(deserialize_with = "keep_bundles")]
     pub bundles: Vec<BundleId>,
 }
 
-/// Most bundles a node reports installed (or held), and most bundles one plan lists.
-pub const MAX_NODE_BUNDLES: usize = 256;
-
-/// Longest name, version, node id, address or fact, in bytes.
-pub const MAX_NAME_BYTES: usize = 1024;
-
-/// Longest free-text field (an error message, a list of facts), in bytes.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
-
-/// Longest document in a control command or its answer (a policy file, a table), in bytes.
-pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
-
-/// Most facts a "no image" answer lists.
-pub const MAX_FACTS: usize = 64;
+/// At most [`MAX_KEEP_BUNDLES`] bundle ids.
+fn keep_bundles<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<BundleId>, D::Error> {
+    crate::bounds::list(d, MAX_KEEP_BUNDLES)
+}
 
 /// Why an edge reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -435,144 +408,6 @@ pub struct TestRunSummary {
     pub root: String,
 }
 
-/// Bounded deserializers for variable-length wire fields: the decoder refuses a field longer
-/// than its bound (the frame bound alone would let one field take 16 MiB).
-pub mod bounds {
-    use std::fmt;
-    use std::marker::PhantomData;
-
-    use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
-
-    use super::{
-        FetchSummary, NodeBundle, PlannedBundle, MAX_DOCUMENT_BYTES, MAX_FACTS, MAX_MESSAGE_BYTES,
-        MAX_NAME_BYTES, MAX_NODE_BUNDLES,
-    };
-
-    fn text<'de, D: Deserializer<'de>>(d: D, max: usize) -> Result<String, D::Error> {
-        let value = String::deserialize(d)?;
-        if value.len() > max {
-            return Err(D::Error::custom(format!(
-                "a text field of {} bytes exceeds its bound of {max} bytes",
-                value.len()
-            )));
-        }
-        Ok(value)
-    }
-
-    struct Bounded<T> {
-        max: usize,
-        item: PhantomData<T>,
-    }
-
-    impl<'de, T: Deserialize<'de>> Visitor<'de> for Bounded<T> {
-        type Value = Vec<T>;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "a list of at most {} items", self.max)
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
-            if seq.size_hint().is_some_and(|n| n > self.max) {
-                return Err(A::Error::custom(format!(
-                    "a list of {} items exceeds its bound of {}",
-                    seq.size_hint().unwrap_or_default(),
-                    self.max
-                )));
-            }
-            let mut items = Vec::new();
-            while let Some(item) = seq.next_element()? {
-                if items.len() == self.max {
-                    return Err(A::Error::custom(format!(
-                        "a list exceeds its bound of {} items",
-                        self.max
-                    )));
-                }
-                items.push(item);
-            }
-            Ok(items)
-        }
-    }
-
-    /// A list of at most `max` items.
-    pub fn list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-        d: D,
-        max: usize,
-    ) -> Result<Vec<T>, D::Error> {
-        d.deserialize_seq(Bounded {
-            max,
-            item: PhantomData,
-        })
-    }
-
-    /// At most [`MAX_NAME_BYTES`].
-    pub fn name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-        text(d, MAX_NAME_BYTES)
-    }
-
-    /// `None` or at most [`MAX_NAME_BYTES`].
-    pub fn optional_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        let value = Option::<String>::deserialize(d)?;
-        match value {
-            Some(v) if v.len() > MAX_NAME_BYTES => Err(D::Error::custom(format!(
-                "a text field of {} bytes exceeds its bound of {MAX_NAME_BYTES} bytes",
-                v.len()
-            ))),
-            other => Ok(other),
-        }
-    }
-
-    /// At most [`MAX_MESSAGE_BYTES`].
-    pub fn message<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-        text(d, MAX_MESSAGE_BYTES)
-    }
-
-    /// At most [`MAX_DOCUMENT_BYTES`].
-    pub fn document<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-        text(d, MAX_DOCUMENT_BYTES)
-    }
-
-    /// Names of at most [`MAX_NAME_BYTES`] each, at most `max` of them.
-    pub fn names<'de, D: Deserializer<'de>>(d: D, max: usize) -> Result<Vec<String>, D::Error> {
-        let values: Vec<String> = list(d, max)?;
-        if let Some(long) = values.iter().find(|v| v.len() > MAX_NAME_BYTES) {
-            return Err(D::Error::custom(format!(
-                "a text field of {} bytes exceeds its bound of {MAX_NAME_BYTES} bytes",
-                long.len()
-            )));
-        }
-        Ok(values)
-    }
-
-    /// At most [`MAX_FACTS`] facts.
-    pub fn facts<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-        names(d, MAX_FACTS)
-    }
-
-    /// At most [`MAX_NODE_BUNDLES`].
-    pub fn node_bundles<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<NodeBundle>, D::Error> {
-        list(d, MAX_NODE_BUNDLES)
-    }
-
-    /// At most [`MAX_NODE_BUNDLES`].
-    pub fn planned_bundles<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Vec<PlannedBundle>, D::Error> {
-        list(d, MAX_NODE_BUNDLES)
-    }
-
-    /// At most [`MAX_KEEP_BUNDLES`](super::MAX_KEEP_BUNDLES).
-    pub fn keep_bundles<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Vec<crate::manifest::BundleId>, D::Error> {
-        list(d, super::MAX_KEEP_BUNDLES)
-    }
-
-    /// At most [`MAX_NODE_BUNDLES`].
-    pub fn fetch_summaries<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<FetchSummary>, D::Error> {
-        list(d, MAX_NODE_BUNDLES)
-    }
-}
-
 /// An edge of the site, as the stager knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SitePeer {
@@ -726,130 +561,11 @@ pub enum Response {
     KeepSet(KeepSet),
 }
 
-/// Why a frame could not be decoded.
-#[derive(Debug, thiserror::Error)]
-pub enum FrameError {
-    /// The length prefix exceeds the bound.
-    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
-    TooLarge {
-        /// Announced length.
-        len: usize,
-        /// The bound.
-        max: usize,
-    },
-    /// The frame is too short to hold a version.
-    #[error("frame of {0} bytes is too short to hold a protocol version")]
-    TooShort(usize),
-    /// The peer speaks another protocol version.
-    #[error("peer speaks protocol version {found}, this node speaks {PROTOCOL_VERSION}")]
-    Version {
-        /// The version found.
-        found: u16,
-    },
-    /// The payload is not a valid message.
-    #[error("malformed frame: {0}")]
-    Malformed(#[from] CodecError),
-}
-
-/// Encodes `message` as one complete frame (length prefix, version, payload).
-pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
-    let body = codec::encode(message)?;
-    let len = body.len() + VERSION_BYTES;
-    if len > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge {
-            len,
-            max: MAX_FRAME_BYTES,
-        });
-    }
-    let mut frame = Vec::with_capacity(LENGTH_PREFIX_BYTES + len);
-    // `len` is at most MAX_FRAME_BYTES, which fits in u32.
-    frame.extend_from_slice(&(len as u32).to_le_bytes());
-    frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    frame.extend_from_slice(&body);
-    Ok(frame)
-}
-
-/// Reads a length prefix and checks it against `max` (at most [`MAX_FRAME_BYTES`]).
-pub fn decode_length(prefix: [u8; LENGTH_PREFIX_BYTES], max: usize) -> Result<usize, FrameError> {
-    let len = u32::from_le_bytes(prefix) as usize;
-    let max = max.min(MAX_FRAME_BYTES);
-    if len > max {
-        return Err(FrameError::TooLarge { len, max });
-    }
-    if len < VERSION_BYTES {
-        return Err(FrameError::TooShort(len));
-    }
-    Ok(len)
-}
-
-/// Decodes a frame payload (the bytes after the length prefix).
-pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    if payload.len() < VERSION_BYTES {
-        return Err(FrameError::TooShort(payload.len()));
-    }
-    let found = u16::from_le_bytes([payload[0], payload[1]]);
-    if found != PROTOCOL_VERSION {
-        return Err(FrameError::Version { found });
-    }
-    Ok(codec::decode(&payload[VERSION_BYTES..], MAX_FRAME_BYTES)?)
-}
-
-/// Decodes the first complete frame in `buf`. Returns the message and the bytes consumed, or
-/// `None` when `buf` does not yet hold a whole frame.
-pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, FrameError> {
-    let Some(prefix) = buf.get(..LENGTH_PREFIX_BYTES) else {
-        return Ok(None);
-    };
-    let mut bytes = [0u8; LENGTH_PREFIX_BYTES];
-    bytes.copy_from_slice(prefix);
-    let len = decode_length(bytes, MAX_FRAME_BYTES)?;
-    let end = LENGTH_PREFIX_BYTES + len;
-    let Some(payload) = buf.get(LENGTH_PREFIX_BYTES..end) else {
-        return Ok(None);
-    };
-    Ok(Some((decode_payload(payload)?, end)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn frames_round_trip() {
-        let request = Request::GetBlob {
-            hash: BlobHash::of(b"x"),
-            size: 1 << 20,
-            groups: vec![(0, 3), (7, 64)],
-        };
-        let frame = encode_frame(&request).expect("encode");
-        let (back, used): (Request, usize) = decode_frame(&frame).expect("decode").expect("whole");
-        assert_eq!(back, request);
-        assert_eq!(used, frame.len());
-        // Every strict prefix is "not yet".
-        for cut in 0..frame.len() {
-            assert!(decode_frame::<Request>(&frame[..cut])
-                .expect("prefix")
-                .is_none());
-        }
-    }
-
-    #[test]
-    fn oversized_length_prefix_is_refused() {
-        let mut frame = vec![0xff, 0xff, 0xff, 0x7f];
-        frame.extend_from_slice(&[1, 0, 0]);
-        let err = decode_frame::<Request>(&frame).expect_err("too large");
-        assert!(matches!(err, FrameError::TooLarge { .. }));
-        assert!(err.to_string().contains("exceeds the maximum"));
-    }
-
-    #[test]
-    fn other_protocol_version_is_named() {
-        let mut frame = encode_frame(&Request::ListBundles).expect("encode");
-        frame[4] = 9;
-        let err = decode_frame::<Request>(&frame).expect_err("version");
-        assert!(matches!(err, FrameError::Version { found: 9 }));
-    }
+    use crate::bounds::{MAX_NAME_BYTES, MAX_NODE_BUNDLES};
+    use crate::wire::frame::{decode_frame, encode_frame, LENGTH_PREFIX_BYTES, VERSION_BYTES};
 
     fn sample_report() -> NodeReport {
         let id = BlobHash::of(b"os");
@@ -1036,26 +752,5 @@ mod tests {
         .expect("encode");
         let err = decode_frame::<Response>(&long).expect_err("oversized");
         assert!(err.to_string().contains("exceeds its bound"), "{err}");
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(100_000))]
-        #[test]
-        fn frame_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = decode_frame::<Request>(&bytes);
-            let _ = decode_frame::<Response>(&bytes);
-            let _ = decode_payload::<Request>(&bytes);
-        }
-
-        #[test]
-        fn valid_prefix_then_garbage_never_panics(
-            body in proptest::collection::vec(any::<u8>(), 0..256),
-        ) {
-            let mut frame = ((body.len() + 2) as u32).to_le_bytes().to_vec();
-            frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-            frame.extend_from_slice(&body);
-            let _ = decode_frame::<Request>(&frame);
-            let _ = decode_frame::<Response>(&frame);
-        }
     }
 }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use proto::planner::*;
+use proto_core::planner::*;
 
 /// Steps (one event or one sleep each) after which a run counts as not terminating.
 const MAX_STEPS: u32 = 20_000;

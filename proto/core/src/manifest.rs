@@ -330,7 +330,7 @@ pub fn generate_signing_key() -> SigningKey {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 

@@ -43,7 +43,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use proto::planner::{Planner, PlannerConfig, SourceKind};
+//! use proto_core::planner::{Planner, PlannerConfig, SourceKind};
 //!
 //! let mut planner = Planner::new(vec![1 << 20; 3], &[], PlannerConfig::default(), 7);
 //! planner.add_source(1, SourceKind::Seed);

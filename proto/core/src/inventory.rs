@@ -6,11 +6,11 @@
 //! `Option`, so an unreadable file never stops a report, and `#[serde(default)]` lets an origin
 //! read reports from agents older or newer than itself.
 
-use std::net::IpAddr;
+use core::net::IpAddr;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::wire::bounds;
+use crate::bounds;
 
 /// Most disks, NICs or features one inventory lists; the decoder refuses more.
 pub const MAX_INVENTORY_ITEMS: usize = 1024;
