@@ -107,11 +107,7 @@ pub async fn send_report(
         report: report.clone(),
         negotiate,
     };
-    let mut sources: Vec<(SocketAddr, &str)> =
-        node.stagers.iter().map(|addr| (*addr, "stager")).collect();
-    if let Ok(origin) = node.identity.origin_addr().parse::<SocketAddr>() {
-        sources.push((origin, "origin"));
-    }
+    let sources = upstreams(node);
     let mut errors = Vec::new();
     for (addr, role) in sources {
         let conn = match connect(&node.endpoint, addr).await {
@@ -145,14 +141,21 @@ pub async fn send_report(
     )
 }
 
-/// Asks the first stager that answers (it asks the origin), else the origin, which bundles
-/// this node must keep. An error when none answers: the caller then keeps every pin it has.
-pub async fn fetch_keep_set(node: &Node) -> Result<proto::wire::KeepSet> {
-    let mut sources: Vec<(SocketAddr, &str)> =
+/// Where a node asks the control plane, in order: its stagers (which pass requests on), then
+/// the origin.
+fn upstreams(node: &Node) -> Vec<(SocketAddr, &'static str)> {
+    let mut sources: Vec<(SocketAddr, &'static str)> =
         node.stagers.iter().map(|addr| (*addr, "stager")).collect();
     if let Ok(origin) = node.identity.origin_addr().parse::<SocketAddr>() {
         sources.push((origin, "origin"));
     }
+    sources
+}
+
+/// Asks the first stager that answers (it asks the origin), else the origin, which bundles
+/// this node must keep. An error when none answers: the caller then keeps every pin it has.
+pub async fn fetch_keep_set(node: &Node) -> Result<proto::wire::KeepSet> {
+    let sources = upstreams(node);
     let mut errors = Vec::new();
     for (addr, role) in sources {
         let conn = match connect(&node.endpoint, addr).await {
