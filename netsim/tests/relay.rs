@@ -212,10 +212,18 @@ async fn each_client_gets_its_own_replies() -> Result<()> {
     for client in clients {
         client_addrs.insert(client.await??);
     }
+    // The relay counts a datagram after its send returns, so the last reply can reach its client
+    // a moment before it is counted.
+    let expected = (CLIENTS * MESSAGES) as u64;
+    let _ = wait_until_async(REPLY_TIMEOUT, Duration::from_millis(5), async || {
+        let stats = relay.stats();
+        stats.up.forwarded_datagrams >= expected && stats.down.forwarded_datagrams >= expected
+    })
+    .await;
     let stats = relay.stats();
     assert_eq!(stats.active_clients, CLIENTS as u64);
-    assert_eq!(stats.up.forwarded_datagrams, (CLIENTS * MESSAGES) as u64);
-    assert_eq!(stats.down.forwarded_datagrams, (CLIENTS * MESSAGES) as u64);
+    assert_eq!(stats.up.forwarded_datagrams, expected);
+    assert_eq!(stats.down.forwarded_datagrams, expected);
     // The server saw one peer per client, none of them a client's own address: the relay's.
     let echo_peers = echo_peers.lock().expect("echo peers").clone();
     assert_eq!(echo_peers.len(), CLIENTS);
