@@ -28,14 +28,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use proto::hash::BlobHash;
-use proto::mesh::fetch::fetch_blob;
-use proto::mesh::serve::{ranges_to_spans, serve_blob, ServeOptions};
-use proto::mesh::PeerCounters;
 use proto::net::{
     accept, client_endpoint, connect, read_frame, send_request, CertAuthority, NodeIdentity, Role,
     Site,
 };
 use proto::store::{Store, StoreOptions};
+use proto::transfer::fetch::fetch_blob;
+use proto::transfer::serve::{ranges_to_spans, serve_blob, ServeOptions};
+use proto::transfer::PeerCounters;
 use proto::verify::{Decoder, GroupCheck, GroupRanges};
 use proto::wire::{Request, MAX_FRAME_BYTES};
 use rand::RngCore;
@@ -246,7 +246,8 @@ async fn serve(endpoint: quinn::Endpoint, store: Arc<Store>, data: Bytes) {
                     };
                     match request {
                         Request::GetBlob { hash, size, groups } => {
-                            let Ok(ranges) = proto::mesh::serve::spans_to_ranges(&groups) else {
+                            let Ok(ranges) = proto::transfer::serve::spans_to_ranges(&groups)
+                            else {
                                 return;
                             };
                             let counters = PeerCounters::detached();
@@ -324,7 +325,7 @@ async fn verified_to_memory(conn: &quinn::Connection, hash: BlobHash, size: u64)
             proto::wire::Response::BlobEnd => break,
             other => bail!("unexpected answer {other:?}"),
         };
-        let part = proto::mesh::serve::spans_to_ranges(&spans).map_err(anyhow::Error::msg)?;
+        let part = proto::transfer::serve::spans_to_ranges(&spans).map_err(anyhow::Error::msg)?;
         // Like fetch_blob: read the part whole, then verify it.
         buf.resize(proto::verify::encoded_len(size, &part) as usize, 0);
         recv.read_exact(&mut buf).await?;

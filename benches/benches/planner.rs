@@ -15,8 +15,8 @@ use proto::planner::{Planner, PlannerConfig, SourceId, SourceKind};
 const PIECES: u32 = 10_000;
 /// Peers, each holding a random half of the pieces.
 const PEERS: u32 = 100;
-/// The seed's source id (peers are `0..PEERS`).
-const SEED_ID: SourceId = PEERS;
+/// The upstream's source id (peers are `0..PEERS`).
+const UPSTREAM_ID: SourceId = PEERS;
 /// Bytes per piece (the edge's default run of 16 KiB groups).
 const PIECE_BYTES: u64 = 256 * 1024;
 /// Virtual time between two completions: 400 requests in flight over ~40 ms each.
@@ -44,8 +44,8 @@ fn site() -> Planner {
             }
         }
     }
-    planner.add_source(SEED_ID, SourceKind::Seed);
-    planner.source_has_all(SEED_ID);
+    planner.add_source(UPSTREAM_ID, SourceKind::Upstream);
+    planner.source_has_all(UPSTREAM_ID);
     planner
 }
 

@@ -1,6 +1,6 @@
 //! Issue 3: peak RSS of a stager serving N concurrent edge fetches (target: under 256 MiB).
 //!
-//! The origin and the stager are real processes on loopback, started through netsim's [`Mesh`]
+//! The origin and the stager are real processes on loopback, started through netsim's [`Testbed`]
 //! (one site, one stager), and N edges are enrolled with real `origin enroll --role edge`
 //! tokens. A generated bundle is published and preheated into the stager; then N edges fetch
 //! the whole bundle from the stager at once, in one of two ways (`STAGECOACH_RSS_MODE`):
@@ -8,7 +8,7 @@
 //! - `inproc` (default): N clients in this process, each with its own edge identity, QUIC
 //!   endpoint (its own UDP socket), connection and store. All connect and fetch the verified
 //!   manifest first; then all are released at once, and each fetches every distinct chunk with
-//!   the real verified path (`proto::mesh::fetch::fetch_blob`, every 16 KiB group verified and
+//!   the real verified path (`proto::transfer::fetch::fetch_blob`, every 16 KiB group verified and
 //!   written to its store), 4 requests at a time as `edge-agent fetch` does
 //!   (`STAGECOACH_RSS_LANES`).
 //! - `processes`: N real `edge-agent fetch` processes started at once. Memory and time are fine
@@ -50,13 +50,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use netsim::datagen;
-use netsim::mesh::{site_name, EdgeNode, Mesh, StagerNode};
 use netsim::procs::{self, Binaries};
+use netsim::testbed::{site_name, EdgeNode, StagerNode, Testbed};
 use proto::manifest::{BundleId, Manifest};
-use proto::mesh::fetch::{fetch_blob, fetch_manifest};
-use proto::mesh::PeerCounters;
 use proto::net::{client_endpoint, connect, NodeIdentity};
 use proto::store::{Store, StoreOptions};
+use proto::transfer::fetch::{fetch_blob, fetch_manifest};
+use proto::transfer::PeerCounters;
 use proto::BlobHash;
 use serde_json::json;
 
@@ -205,7 +205,7 @@ struct FanOut {
 async fn fan_out(
     mode: Mode,
     lanes: usize,
-    mesh: &Mesh,
+    mesh: &Testbed,
     edges: &[EdgeNode],
     stager: &StagerNode,
     bundle_id: &str,
@@ -392,7 +392,7 @@ async fn run(config: Config) -> Result<ExitCode> {
     result
 }
 
-async fn run_in(config: &Config, work: &Path, slot: &mut Option<Mesh>) -> Result<ExitCode> {
+async fn run_in(config: &Config, work: &Path, slot: &mut Option<Testbed>) -> Result<ExitCode> {
     let n = config.fetches;
     let site = site_name(0);
     eprintln!(
@@ -401,7 +401,7 @@ async fn run_in(config: &Config, work: &Path, slot: &mut Option<Mesh>) -> Result
     );
     let tree = work.join("tree");
     datagen::generate_tree(&tree, config.bundle_bytes, TREE_SEED)?;
-    let mesh = slot.insert(Mesh::start(config.bins.clone(), work, 1, n, &[]).await?);
+    let mesh = slot.insert(Testbed::start(config.bins.clone(), work, 1, n, &[]).await?);
     let stager = mesh
         .stagers
         .first()

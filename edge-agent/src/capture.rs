@@ -1,4 +1,4 @@
-//! Capturing an image when the origin has none for this node (seed 004).
+//! Capturing an image when the origin has none for this node (brief 004).
 //!
 //! The origin answers a negotiation with `NoImageCapture` when no rule matches the node and its
 //! class may capture. The edge then empties its spare slot (the one not booted), runs the

@@ -12,14 +12,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use proto::manifest::BundleId;
-use proto::mesh::pace::RateLimit;
-use proto::mesh::serve::{serve_blob, spans_to_ranges, ServeOptions};
-use proto::mesh::server::{self, RequestHandler};
-use proto::mesh::{names, PeerCounters};
 use proto::metrics::Metrics;
 use proto::net::{server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role};
 use proto::retention::Retention;
 use proto::retry::{retry, RetryPolicy};
+use proto::transfer::pace::RateLimit;
+use proto::transfer::serve::{serve_blob, spans_to_ranges, ServeOptions};
+use proto::transfer::server::{self, RequestHandler};
+use proto::transfer::{names, PeerCounters};
 use proto::wire::{
     authorize, ErrorCode, FetchSummary, NegotiationOutcome, Request, Response, SitePeer,
     TestRunSummary,
@@ -79,7 +79,7 @@ pub struct DaemonConfig {
     pub swap: Option<RemoteSwapConfig>,
     /// The role, class and features reported with the inventory.
     pub configured: NodeConfig,
-    /// Capture an image when the origin has none and allows it (seed 004); `None` never does.
+    /// Capture an image when the origin has none and allows it (brief 004); `None` never does.
     pub capture: Option<crate::capture::CaptureSetup>,
     /// Bound on the store, in bytes (`--cache-gib`).
     pub cache_limit_bytes: u64,
@@ -114,7 +114,7 @@ pub struct Daemon {
     negotiating: tokio::sync::Mutex<()>,
     /// The test-mode store (under the purged temporary area), once a test run opened it.
     test_store: tokio::sync::Mutex<Option<proto::store::Store>>,
-    /// How to capture an image when the origin has none (seed 004).
+    /// How to capture an image when the origin has none (brief 004).
     capture: Option<crate::capture::CaptureSetup>,
     /// Which bundles the store keeps: this node's keep-set, its installed bundles, what it
     /// fetches and swaps.
@@ -522,7 +522,7 @@ impl BundleFetcher for DaemonFetcher<'_> {
 }
 
 impl Daemon {
-    /// Captures an image published as `name` (the origin allowed it: seed 004), then
+    /// Captures an image published as `name` (the origin allowed it: brief 004), then
     /// negotiates again, which now names the captured image.
     pub async fn capture_then_negotiate(&self, name: &str) -> Result<NegotiationOutcome> {
         let Some(setup) = &self.capture else {

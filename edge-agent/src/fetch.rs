@@ -9,11 +9,11 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use proto::bundles;
 use proto::manifest::{BundleId, Manifest, SignedManifest};
-use proto::mesh::fetch::{fetch_manifest, resolve, FetchError};
-use proto::mesh::PeerCounters;
 use proto::metrics::Metrics;
 use proto::net::{client_endpoint, connect, NodeIdentity, Role};
 use proto::store::Store;
+use proto::transfer::fetch::{fetch_manifest, resolve, FetchError};
+use proto::transfer::PeerCounters;
 use quinn::{Connection, Endpoint};
 
 use crate::peers::download::{Download, PeerHave};

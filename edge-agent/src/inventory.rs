@@ -58,7 +58,7 @@ pub struct Configured {
     pub class: Option<String>,
     /// Site (datacenter).
     pub site: Option<String>,
-    /// Features the node asks for (seed 002).
+    /// Features the node asks for (brief 002).
     pub features: Vec<String>,
 }
 

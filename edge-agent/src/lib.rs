@@ -6,7 +6,7 @@
 //! `edge-agent serve`, which serves the site's peers and runs fetches and swaps
 //! ([`remote_swap`]) when the origin asks. [`negotiate`] reports the node's inventory and
 //! holdings and asks the origin what to boot; [`capture`] builds, captures and publishes an
-//! image when the origin has none for this node (seed 004). [`state`] is the edge's directory
+//! image when the origin has none for this node (brief 004). [`state`] is the edge's directory
 //! (paths, the operator's configuration, `installed.json`, the running daemon's addresses).
 //!
 //! The modules form layers, each using only those below it: [`state`], [`inventory`] and

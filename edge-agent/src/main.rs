@@ -69,13 +69,13 @@ enum Command {
     /// Report this node's inventory and holdings and ask the origin what to boot; fetch the
     /// bundles that differ and record them as installed. Goes through the daemon when it runs.
     Negotiate(NegotiateArgs),
-    /// Build an image when the origin has none for this node (seed 004): run an install script
+    /// Build an image when the origin has none for this node (brief 004): run an install script
     /// into the spare slot, pack it with this node's inventory as metadata, and publish it with
     /// a publisher identity (`--publisher-dir`: an edge certificate may not publish).
     Capture(CaptureArgs),
 }
 
-/// How to capture an image (seed 004).
+/// How to capture an image (brief 004).
 #[derive(Args, Debug, Clone, Default)]
 struct CaptureFlags {
     /// Install script run into the spare slot when the origin has no image and the node's class

@@ -1,4 +1,4 @@
-//! Reporting to the origin and boot-time negotiation (seed 002), edge side.
+//! Reporting to the origin and boot-time negotiation (brief 002), edge side.
 //!
 //! At enrollment and at every start the edge reports its [`Inventory`](proto::inventory::Inventory)
 //! (with the role, class and features its operator configured), the bundles it has installed
@@ -165,7 +165,7 @@ pub async fn fetch_keep_set(node: &Node) -> Result<proto::wire::KeepSet> {
                 continue;
             }
         };
-        match proto::mesh::fetch::keep_set(&conn, &Request::KeepSet).await {
+        match proto::transfer::fetch::keep_set(&conn, &Request::KeepSet).await {
             Ok(keep) => return Ok(keep),
             Err(error) => errors.push(format!("{role} {addr}: {error}")),
         }

@@ -51,7 +51,7 @@ pub struct NodeConfig {
     pub role: Option<String>,
     /// Class, e.g. `edge-cache`.
     pub class: Option<String>,
-    /// Features the node asks for (seed 002).
+    /// Features the node asks for (brief 002).
     pub features: Vec<String>,
     /// Root of `/proc` and `/sys` (default `/`).
     pub inventory_root: Option<PathBuf>,

@@ -1,5 +1,5 @@
 //! The edge daemon (`edge-agent serve`) as its peers, its stagers and the origin see it: real
-//! processes on loopback (netsim's [`Mesh`]) and clients with certificates of their own, asking
+//! processes on loopback (netsim's [`Testbed`]) and clients with certificates of their own, asking
 //! over the mesh protocol. Serving the site's peers, authorization by role and site (only the
 //! origin starts a swap), and falling back to a second stager, then the origin, when stagers die.
 //!
@@ -9,12 +9,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use netsim::datagen;
-use netsim::mesh::{EdgeFetch, Mesh, MeshClient};
 use netsim::procs::{metric_sum, Binaries};
+use netsim::testbed::{EdgeFetch, Testbed, TestbedClient};
 use proto::manifest::BundleId;
-use proto::mesh::fetch::{fetch_blob, fetch_manifest};
-use proto::mesh::PeerCounters;
 use proto::store::{Store, StoreOptions};
+use proto::transfer::fetch::{fetch_blob, fetch_manifest};
+use proto::transfer::PeerCounters;
 use proto::wire::{ErrorCode, Request, Response};
 
 const MIB: u64 = 1024 * 1024;
@@ -52,10 +52,10 @@ fn assert_forbidden(answer: &Response, what: &str) {
 
 /// One site, one stager, one edge whose daemon runs (peers on); `tree` of `bytes` published as
 /// `os@1` and fetched by the edge.
-async fn mesh_with_a_fetched_bundle(work: &Path, bytes: u64) -> (Mesh, BundleId) {
+async fn mesh_with_a_fetched_bundle(work: &Path, bytes: u64) -> (Testbed, BundleId) {
     let tree = work.join("tree");
     datagen::generate_tree(&tree, bytes, 51).expect("tree");
-    let mut mesh = Mesh::start(bins(), &work.join("mesh"), 1, 1, &[])
+    let mut mesh = Testbed::start(bins(), &work.join("mesh"), 1, 1, &[])
         .await
         .expect("mesh");
     mesh.start_edge_daemons(true, &[]).await.expect("daemon");
@@ -65,7 +65,7 @@ async fn mesh_with_a_fetched_bundle(work: &Path, bytes: u64) -> (Mesh, BundleId)
     (mesh, id.parse().expect("bundle id"))
 }
 
-fn daemon_addr(mesh: &Mesh) -> String {
+fn daemon_addr(mesh: &Testbed) -> String {
     mesh.edges[0]
         .daemon
         .as_ref()
@@ -74,7 +74,7 @@ fn daemon_addr(mesh: &Mesh) -> String {
         .clone()
 }
 
-async fn client(mesh: &Mesh, role: &str, site: &str, name: &str) -> MeshClient {
+async fn client(mesh: &Testbed, role: &str, site: &str, name: &str) -> TestbedClient {
     mesh.enroll_client(role, site, name)
         .await
         .unwrap_or_else(|error| panic!("enroll {name}: {error:#}"))
@@ -186,7 +186,7 @@ async fn an_edge_falls_back_to_a_second_stager_then_to_the_origin() {
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 4 * MIB, 52).expect("tree");
-    let mut mesh = Mesh::start(bins(), &work.path().join("mesh"), 1, 1, &[])
+    let mut mesh = Testbed::start(bins(), &work.path().join("mesh"), 1, 1, &[])
         .await
         .expect("mesh");
     let second = mesh.add_stager("site-a", &[]).await.expect("second stager");

@@ -20,10 +20,10 @@ use serde::{Deserialize, Serialize};
 use crate::datagen;
 use crate::emulate::{self, EmulateOptions, Emulation};
 use crate::machines;
-use crate::mesh::{site_name, Mesh};
 use crate::procs::{self, Binaries};
 use crate::progress::Progress;
 use crate::run::Interrupted;
+use crate::testbed::{site_name, Testbed};
 use crate::topology::{Strategy, Topology};
 
 /// The topology `netsim demo` emulates unless `--topology` names another.
@@ -446,7 +446,7 @@ async fn run_in(
 }
 
 /// Runs `origin swap` on every edge: the demo bundle to slot A, the rescue OS to slot B.
-async fn swap_every_edge(mesh: &Mesh, target: &str, rescue: &str) -> Result<SwapResult> {
+async fn swap_every_edge(mesh: &Testbed, target: &str, rescue: &str) -> Result<SwapResult> {
     let started = Instant::now();
     let edges = mesh.edges.clone();
     let run = machines::swap_all(mesh, &edges, target, rescue).await?;

@@ -12,7 +12,7 @@
 //!   datagram one user-space hop on this machine's cores.
 //! - Per site a **WAN relay** in front of the uplink relay (or the origin), applying the site's `wan` link (rate,
 //!   latency, jitter, loss) in both directions. The site's nodes reach the origin only through
-//!   it ([`Mesh::route_site_via`]): stagers get it as `--origin`, edges' identities name it. Its
+//!   it ([`Testbed::route_site_via`]): stagers get it as `--origin`, edges' identities name it. Its
 //!   counters are the site's WAN bytes: UDP payload origin → site, so QUIC's headers,
 //!   acknowledgements and retransmissions are in them.
 //! - Per site its stagers (`staged`, `mesh`), each with `--upload-limit-mbit` set to the site's
@@ -61,12 +61,12 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::compare::CompareTable;
 use crate::datagen;
-use crate::mesh::{EdgeFetch, EdgeNode, Mesh};
 use crate::procs::{self, Binaries};
 use crate::progress::Progress;
 use crate::relay::{self, LinkShape, Relay, RelayConfig, RelayStats, MIN_WAN_QUEUE_BYTES};
 use crate::report::{Mode, RunResult, SiteResult};
 use crate::run::{Interrupted, WorkDir};
+use crate::testbed::{EdgeFetch, EdgeNode, Testbed};
 use crate::topology::{Site, Strategy, Topology, WanLink};
 
 /// How often progress is logged while edges fetch.
@@ -243,7 +243,7 @@ pub fn lan_limit_mbit(site: &Site) -> u64 {
 /// origin. Dropping it kills what is left; [`Emulation::shutdown`] stops it in order.
 pub struct Emulation {
     /// The processes: origin, stagers, edges (and their daemons).
-    pub mesh: Mesh,
+    pub mesh: Testbed,
     topo: Topology,
     strategy: Strategy,
     /// One per site, in topology order.
@@ -340,7 +340,7 @@ impl Emulation {
         );
 
         // The origin alone first: the relays need its address, the sites need the relays'.
-        let mesh = Mesh::start(options.binaries.clone(), work, 0, 0, &[]).await?;
+        let mesh = Testbed::start(options.binaries.clone(), work, 0, 0, &[]).await?;
         let emulation = slot.insert(Emulation {
             mesh,
             topo: topo.clone(),

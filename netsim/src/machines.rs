@@ -1,4 +1,4 @@
-//! Simulated machines behind the edges of a [`Mesh`], and OS swaps the origin starts on them.
+//! Simulated machines behind the edges of a [`Testbed`], and OS swaps the origin starts on them.
 //!
 //! Each edge gets a machine root (`EDGE_DIR/machine`, a `SimPlatform`): it is provisioned with
 //! a factory OS fetched through the mesh, and the edge's daemon is told to swap it when the
@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::mesh::{EdgeNode, Mesh};
 use crate::procs;
+use crate::testbed::{EdgeNode, Testbed};
 
 /// The machine root of `edge`.
 pub fn machine_root(edge: &EdgeNode) -> PathBuf {
@@ -20,7 +20,7 @@ pub fn machine_root(edge: &EdgeNode) -> PathBuf {
 /// Gives every edge that has no daemon yet a simulated machine running `factory_os` (a bundle
 /// id the origin published): the edge fetches it through its stager, then `edge-agent
 /// sim-provision` installs it in slot A. Start the daemons afterwards with [`daemon_flags`].
-pub async fn provision(mesh: &mut Mesh, factory_os: &str) -> Result<()> {
+pub async fn provision(mesh: &mut Testbed, factory_os: &str) -> Result<()> {
     let edges: Vec<EdgeNode> = mesh
         .edges
         .iter()
@@ -92,7 +92,7 @@ pub struct SwapRun {
 
 /// Runs `origin swap --target TARGET --rescue RESCUE` against the daemons of `edges`.
 pub async fn swap_all(
-    mesh: &Mesh,
+    mesh: &Testbed,
     edges: &[EdgeNode],
     target: &str,
     rescue: &str,
@@ -146,7 +146,7 @@ pub async fn swap_all(
 }
 
 /// `edge-agent status --json` of `edge`'s machine.
-pub async fn status(mesh: &Mesh, edge: &EdgeNode) -> Result<serde_json::Value> {
+pub async fn status(mesh: &Testbed, edge: &EdgeNode) -> Result<serde_json::Value> {
     let text = procs::run_to_end(
         &mesh.bins.path("edge-agent"),
         &[
@@ -180,7 +180,7 @@ pub const BASE_IMAGE_BYTES: u64 = 1024 * 1024;
 /// Publishes a small factory OS and a rescue OS (generated trees under `work`), and provisions a
 /// simulated machine behind every edge that has no daemon yet. Start the daemons afterwards with
 /// [`daemon_flags`] and [`reach_stager_check`].
-pub async fn prepare(mesh: &mut Mesh, work: &Path, seed: u64) -> Result<BaseImages> {
+pub async fn prepare(mesh: &mut Testbed, work: &Path, seed: u64) -> Result<BaseImages> {
     let factory_tree = work.join("factory-os");
     let rescue_tree = work.join("rescue-os");
     crate::datagen::generate_tree(&factory_tree, BASE_IMAGE_BYTES, seed ^ 0xfac7)?;
@@ -194,7 +194,7 @@ pub async fn prepare(mesh: &mut Mesh, work: &Path, seed: u64) -> Result<BaseImag
 }
 
 /// The health check "this edge reaches its site's first stager".
-pub fn reach_stager_check(mesh: &Mesh, edge: &EdgeNode) -> Vec<String> {
+pub fn reach_stager_check(mesh: &Testbed, edge: &EdgeNode) -> Vec<String> {
     mesh.stager_addrs(&edge.site)
         .into_iter()
         .take(1)

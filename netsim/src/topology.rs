@@ -28,7 +28,7 @@
 //!                                # each node (those of the real binaries; emulate ignores them)
 //! max_in_flight_per_source = 4   # requests in flight to one source
 //! endgame_max_duplicates = 1     # extra copies of one piece requested in the endgame
-//! seed_fallback_ms = 2000        # how long a piece waits for a peer before a seed serves it
+//! upstream_fallback_ms = 2000        # how long a piece waits for a peer before an upstream serves it
 //!
 //! [[sites]]                      # one table per site ...
 //! name = "east"                  # unique across the file
@@ -206,8 +206,9 @@ pub struct PlannerOverrides {
     pub max_in_flight_per_source: Option<u32>,
     /// Extra copies of one piece requested in the endgame.
     pub endgame_max_duplicates: Option<u32>,
-    /// How long a piece waits for a peer before a seed serves it, in ms.
-    pub seed_fallback_ms: Option<f64>,
+    /// How long a piece waits for a peer before an upstream serves it, in ms.
+    #[serde(alias = "seed_fallback_ms")]
+    pub upstream_fallback_ms: Option<f64>,
 }
 
 /// One site.
@@ -646,8 +647,8 @@ fn validate_planner(planner: &PlannerOverrides) -> Result<(), TopologyError> {
             "must be at least 1",
         ));
     }
-    if let Some(ms) = planner.seed_fallback_ms {
-        non_negative("planner.seed_fallback_ms", ms)?;
+    if let Some(ms) = planner.upstream_fallback_ms {
+        non_negative("planner.upstream_fallback_ms", ms)?;
     }
     Ok(())
 }

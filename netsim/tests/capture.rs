@@ -1,4 +1,4 @@
-//! No matching image (seed 004) with real processes on loopback: a node whose class may
+//! No matching image (brief 004) with real processes on loopback: a node whose class may
 //! capture runs an install script into its spare slot, captures it as a bundle with its
 //! inventory as metadata and publishes it with publisher rights; the next node with the same
 //! facts is told to fetch exactly that bundle. A class that may not capture gets only "no
@@ -7,8 +7,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use netsim::mesh::{site_name, Mesh};
 use netsim::procs::Binaries;
+use netsim::testbed::{site_name, Testbed};
 
 /// How long a daemon may take to capture, publish and install an image.
 const WAIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
@@ -33,7 +33,7 @@ async fn run(bin: &Path, args: &[String]) -> Run {
     netsim::procs::run_cli(bin, args).await.expect("run")
 }
 
-async fn origin_ok(mesh: &Mesh, args: &[&str]) -> String {
+async fn origin_ok(mesh: &Testbed, args: &[&str]) -> String {
     let out = mesh.origin_cli(args).await.expect("run origin");
     assert!(
         out.ok,
@@ -43,7 +43,7 @@ async fn origin_ok(mesh: &Mesh, args: &[&str]) -> String {
     out.stdout
 }
 
-async fn edge_agent(mesh: &Mesh, args: &[String]) -> Run {
+async fn edge_agent(mesh: &Testbed, args: &[String]) -> Run {
     run(&mesh.bins.path("edge-agent"), args).await
 }
 
@@ -92,7 +92,7 @@ fn install_script(dir: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_an_image_captures_one_and_the_next_identical_node_receives_it() {
     let work = tempfile::tempdir().expect("tempdir");
-    let mut mesh = Mesh::start(bins(), &work.path().join("mesh"), 1, 3, &[])
+    let mut mesh = Testbed::start(bins(), &work.path().join("mesh"), 1, 3, &[])
         .await
         .expect("mesh");
     let site = site_name(0);
@@ -293,7 +293,7 @@ async fn a_node_without_an_image_captures_one_and_the_next_identical_node_receiv
 }
 
 /// Waits until edge `name`'s daemon counts `value` or more in `metric` with `labels`.
-async fn wait_metric(mesh: &Mesh, name: &str, metric: &str, labels: &[(&str, &str)]) {
+async fn wait_metric(mesh: &Testbed, name: &str, metric: &str, labels: &[(&str, &str)]) {
     let counted = stagecoach_testing::wait_until_async(WAIT_TIMEOUT, POLL, async || {
         let text = mesh.edge_metrics(name).await.unwrap_or_default();
         netsim::procs::metric_sum(&text, metric, labels) >= 1
@@ -309,7 +309,7 @@ async fn wait_metric(mesh: &Mesh, name: &str, metric: &str, labels: &[(&str, &st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_started_with_a_capture_script_captures_at_start_when_allowed() {
     let work = tempfile::tempdir().expect("tempdir");
-    let mut mesh = Mesh::start(bins(), &work.path().join("mesh"), 1, 2, &[])
+    let mut mesh = Testbed::start(bins(), &work.path().join("mesh"), 1, 2, &[])
         .await
         .expect("mesh");
     let facts = fake_inventory_root(&work.path().join("facts"));

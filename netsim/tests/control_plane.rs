@@ -1,13 +1,13 @@
 //! The origin's control plane with real processes on loopback: inventory reports at
 //! enrollment and at every start, `origin nodes`, policy load and check, boot-time negotiation
-//! (seed 002) and test mode.
+//! (brief 002) and test mode.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use netsim::datagen;
-use netsim::mesh::{EdgeNode, Mesh};
 use netsim::procs::{self, Binaries};
+use netsim::testbed::{EdgeNode, Testbed};
 use serde_json::Value;
 use stagecoach_testing::{wait_for_async, wait_until_async};
 
@@ -37,11 +37,11 @@ async fn run(bin: &Path, args: &[String]) -> Run {
 }
 
 /// Runs `origin ARGS --dir ORIGIN_DIR`.
-async fn origin(mesh: &Mesh, args: &[&str]) -> Run {
+async fn origin(mesh: &Testbed, args: &[&str]) -> Run {
     mesh.origin_cli(args).await.expect("run origin")
 }
 
-async fn origin_ok(mesh: &Mesh, args: &[&str]) -> String {
+async fn origin_ok(mesh: &Testbed, args: &[&str]) -> String {
     let out = origin(mesh, args).await;
     assert!(
         out.ok,
@@ -51,7 +51,7 @@ async fn origin_ok(mesh: &Mesh, args: &[&str]) -> String {
     out.stdout
 }
 
-async fn nodes(mesh: &Mesh) -> Vec<Value> {
+async fn nodes(mesh: &Testbed) -> Vec<Value> {
     let text = origin_ok(mesh, &["nodes", "--json"]).await;
     match serde_json::from_str(text.trim()).expect("nodes JSON") {
         Value::Array(rows) => rows,
@@ -89,7 +89,7 @@ fn installed(row: &Value, field: &str) -> Vec<String> {
 }
 
 /// Waits until the current daemon of edge `name` has finished `count` negotiations.
-async fn wait_negotiated(mesh: &Mesh, name: &str, count: u64) -> String {
+async fn wait_negotiated(mesh: &Testbed, name: &str, count: u64) -> String {
     let negotiated = wait_for_async(NEGOTIATION_TIMEOUT, POLL, async || {
         let Ok(text) = mesh.edge_metrics(name).await else {
             return Ok::<_, std::convert::Infallible>(None);
@@ -112,20 +112,20 @@ async fn wait_negotiated(mesh: &Mesh, name: &str, count: u64) -> String {
     })
 }
 
-async fn restart_edge(mesh: &mut Mesh, name: &str) -> String {
+async fn restart_edge(mesh: &mut Testbed, name: &str) -> String {
     mesh.kill_edge(name).await.expect("kill edge");
     mesh.restart_edge(name).await.expect("restart edge");
     wait_negotiated(mesh, name, 1).await
 }
 
 /// Kills the origin and starts it again on the same mesh address (its state stays on disk).
-async fn restart_origin(mesh: &mut Mesh) {
+async fn restart_origin(mesh: &mut Testbed) {
     mesh.kill_origin().await.expect("kill origin");
     mesh.restart_origin().await.expect("restart origin");
 }
 
 /// Waits until edge `name`'s log says `needle` (the daemon logs right after it counts).
-async fn wait_log(mesh: &Mesh, name: &str, needle: &str) {
+async fn wait_log(mesh: &Testbed, name: &str, needle: &str) {
     let said = wait_until_async(Duration::from_secs(10), POLL, async || {
         edge_log(mesh, name).contains(needle)
     })
@@ -133,12 +133,12 @@ async fn wait_log(mesh: &Mesh, name: &str, needle: &str) {
     assert!(said.is_ok(), "{name}'s log never said {needle:?}");
 }
 
-fn edge_log(mesh: &Mesh, name: &str) -> String {
+fn edge_log(mesh: &Testbed, name: &str) -> String {
     std::fs::read_to_string(mesh.work.join("logs").join(format!("{name}.log"))).unwrap_or_default()
 }
 
 /// Stored bytes of `name@version`, from `origin bundles`.
-async fn stored_bytes(mesh: &Mesh, name: &str, version: &str) -> u64 {
+async fn stored_bytes(mesh: &Testbed, name: &str, version: &str) -> u64 {
     let table = origin_ok(mesh, &["bundles"]).await;
     table
         .lines()
@@ -178,7 +178,7 @@ fn any_file_contains(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inventory_shows_in_origin_nodes_and_policy_check_names_both_conflicting_rules() {
     let work = tempfile::tempdir().expect("tempdir");
-    let mut mesh = Mesh::start(bins(), &work.path().join("mesh"), 1, 2, &[])
+    let mut mesh = Testbed::start(bins(), &work.path().join("mesh"), 1, 2, &[])
         .await
         .expect("mesh");
 
@@ -226,7 +226,7 @@ async fn inventory_shows_in_origin_nodes_and_policy_check_names_both_conflicting
             "last seen advances at start: {node:#}"
         );
         assert_eq!(node["inventory"]["role"], "web");
-        // No policy yet: "no image", with the facts tried, on both sides (seed 004).
+        // No policy yet: "no image", with the facts tried, on both sides (brief 004).
         assert_eq!(node["state"], "no-image", "{node:#}");
         wait_log(&mesh, &edge.name, "has no image").await;
     }
@@ -446,7 +446,7 @@ bundles = ["os@2"]
 async fn negotiation_downloads_nothing_when_in_sync_and_only_the_bundles_that_differ() {
     let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
-    let mut mesh = Mesh::start(bins(), &w.join("mesh"), 1, 2, &[])
+    let mut mesh = Testbed::start(bins(), &w.join("mesh"), 1, 2, &[])
         .await
         .expect("mesh");
     for (dir, bytes, seed) in [
@@ -606,7 +606,7 @@ bundles = ["os@2", "app@1"]
 async fn test_mode_leaves_nothing_behind_after_restarts() {
     let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
-    let mut mesh = Mesh::start(bins(), &w.join("mesh"), 1, 1, &[])
+    let mut mesh = Testbed::start(bins(), &w.join("mesh"), 1, 1, &[])
         .await
         .expect("mesh");
     datagen::generate_tree(&w.join("os1"), MIB, 21).expect("tree");

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use netsim::datagen;
-use netsim::mesh::Mesh;
 use netsim::procs::{metric_sum, Binaries};
+use netsim::testbed::Testbed;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -19,7 +19,7 @@ async fn edges_found_by_discovery_share_when_the_stager_is_gone() {
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 8 * MIB, 31).expect("tree");
-    let mut mesh = Mesh::start(bins(), &work.path().join("mesh"), 1, 2, &[])
+    let mut mesh = Testbed::start(bins(), &work.path().join("mesh"), 1, 2, &[])
         .await
         .expect("mesh");
     mesh.start_edge_daemons(true, &[]).await.expect("daemons");

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use netsim::datagen;
-use netsim::mesh::Mesh;
 use netsim::procs::{metric_sum, Binaries};
+use netsim::testbed::Testbed;
 use proto::net::{call, client_endpoint, connect, NodeIdentity};
 use proto::pack::{pack_path, MemChunks, PackOptions};
 use proto::wire::{ErrorCode, Request, Response, MAX_FRAME_BYTES};
@@ -56,7 +56,7 @@ async fn two_sites_pull_one_copy_each_and_a_new_version_pulls_only_new_chunks() 
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     let files = datagen::generate_tree(&tree, 24 * MIB, 11).expect("tree");
-    let mut mesh = Mesh::start(bins(), work.path(), 2, 4, &[])
+    let mut mesh = Testbed::start(bins(), work.path(), 2, 4, &[])
         .await
         .expect("mesh");
 
@@ -144,7 +144,7 @@ async fn stager_killed_mid_transfer_resumes_without_refetching() {
     let tree = work.path().join("tree");
     // Random content so the bundle stays big after compression.
     datagen::generate_tree(&tree, 160 * MIB, 21).expect("tree");
-    let mut mesh = Mesh::start(bins(), work.path(), 1, 1, &[])
+    let mut mesh = Testbed::start(bins(), work.path(), 1, 1, &[])
         .await
         .expect("mesh");
     let v1 = mesh.publish(&tree, "os", "1").await.expect("publish");
@@ -202,7 +202,7 @@ async fn corrupt_stager_is_rejected_and_the_edge_completes_from_the_origin() {
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 4 * MIB, 31).expect("tree");
-    let mut mesh = Mesh::start(
+    let mut mesh = Testbed::start(
         bins(),
         work.path(),
         1,
@@ -273,7 +273,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_may_not_publish_and_bad_frames_close_only_their_stream() {
     let work = tempfile::tempdir().expect("tempdir");
-    let mut mesh = Mesh::start(bins(), work.path(), 1, 1, &[])
+    let mut mesh = Testbed::start(bins(), work.path(), 1, 1, &[])
         .await
         .expect("mesh");
     let identity = NodeIdentity::load(&mesh.edges[0].dir.join("identity")).expect("edge identity");

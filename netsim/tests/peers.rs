@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use netsim::datagen;
-use netsim::mesh::{EdgeFetch, EdgeNode, Mesh};
 use netsim::procs::{self, metric_sum, Binaries};
+use netsim::testbed::{EdgeFetch, EdgeNode, Testbed};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -33,7 +33,7 @@ fn assert_all_ok(fetched: &[EdgeFetch]) {
     }
 }
 
-async fn stored_bytes(mesh: &Mesh) -> u64 {
+async fn stored_bytes(mesh: &Testbed) -> u64 {
     let text = mesh.origin_metrics().await.expect("origin metrics");
     metric_sum(&text, "stagecoach_bundle_stored_bytes", &[])
 }
@@ -49,7 +49,7 @@ async fn fan_out(
     edges: usize,
 ) -> (f64, u64, u64) {
     let limit = [s("--upload-limit-mbit"), rate_mbit.to_string()];
-    let mut mesh = Mesh::start(bins(), work, 1, edges, &limit)
+    let mut mesh = Testbed::start(bins(), work, 1, edges, &limit)
         .await
         .expect("mesh");
     let mut edge_args = limit.to_vec();
@@ -113,7 +113,7 @@ async fn a_lying_edge_is_banned_and_the_others_finish() {
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 8 * MIB, 22).expect("tree");
-    let mut mesh = Mesh::start(bins(), work.path(), 1, 4, &[])
+    let mut mesh = Testbed::start(bins(), work.path(), 1, 4, &[])
         .await
         .expect("mesh");
     mesh.start_edge_daemons(true, &[]).await.expect("daemons");
@@ -209,7 +209,7 @@ async fn two_sites_keep_peer_traffic_inside_each_site() {
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 8 * MIB, 23).expect("tree");
-    let mut mesh = Mesh::start(bins(), work.path(), 2, 3, &[])
+    let mut mesh = Testbed::start(bins(), work.path(), 2, 3, &[])
         .await
         .expect("mesh");
     mesh.start_edge_daemons(true, &[]).await.expect("daemons");
@@ -257,7 +257,7 @@ async fn peers_figures_16_edges() {
 
 /// `edge-agent fetch` for `bundle` on `edge` (through its daemon), logging to `log_name`.
 fn fetch_command(
-    mesh: &Mesh,
+    mesh: &Testbed,
     edge: &EdgeNode,
     bundle: &str,
     log_name: &str,
@@ -309,7 +309,7 @@ async fn an_edge_killed_mid_download_resumes_from_its_verified_groups_and_comple
     datagen::generate_tree(&tree, 64 * MIB, 24).expect("tree");
     // A stager held to 40 Mbit/s: the edge's download takes several seconds.
     let limit = [s("--upload-limit-mbit"), s("40")];
-    let mut mesh = Mesh::start(bins(), &work.path().join("mesh"), 1, 1, &limit)
+    let mut mesh = Testbed::start(bins(), &work.path().join("mesh"), 1, 1, &limit)
         .await
         .expect("mesh");
     // Daemons as they run by default (peers on); this site has no other edge to learn of.
@@ -321,7 +321,7 @@ async fn an_edge_killed_mid_download_resumes_from_its_verified_groups_and_comple
     let bundle = stored_bytes(&mesh).await;
     let edge = mesh.edges[0].clone();
     // The site's only edge: what the stager sent to edges, it sent to this one.
-    async fn sent(mesh: &Mesh) -> u64 {
+    async fn sent(mesh: &Testbed) -> u64 {
         mesh.stager_egress_bytes("site-a")
             .await
             .expect("stager egress")
@@ -416,7 +416,7 @@ async fn an_edge_killed_mid_download_resumes_from_its_verified_groups_and_comple
 }
 
 /// Runs `edge-agent fetch` for `bundle` on `edge` to the end; returns its output.
-async fn fetch_output(mesh: &Mesh, edge: &EdgeNode, bundle: &str) -> String {
+async fn fetch_output(mesh: &Testbed, edge: &EdgeNode, bundle: &str) -> String {
     let fetched = mesh
         .fetch_all(std::slice::from_ref(edge), bundle)
         .await

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use netsim::datagen;
 use netsim::machines::{self, machine_root};
-use netsim::mesh::Mesh;
 use netsim::procs::Binaries;
+use netsim::testbed::Testbed;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -39,7 +39,7 @@ fn slot_os(status: &serde_json::Value, slot: &str) -> String {
 async fn the_origin_swaps_edges_and_a_failing_health_check_rolls_back() {
     let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
-    let mut mesh = Mesh::start(bins(), &w.join("mesh"), 1, 3, &[])
+    let mut mesh = Testbed::start(bins(), &w.join("mesh"), 1, 3, &[])
         .await
         .expect("mesh");
     os_tree(
@@ -139,7 +139,7 @@ async fn the_origin_swaps_edges_and_a_failing_health_check_rolls_back() {
 async fn an_edge_without_a_machine_refuses_and_says_why() {
     let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
-    let mut mesh = Mesh::start(bins(), &w.join("mesh"), 1, 1, &[])
+    let mut mesh = Testbed::start(bins(), &w.join("mesh"), 1, 1, &[])
         .await
         .expect("mesh");
     os_tree(&w.join("os"), MIB, 4, None);

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use netsim::datagen;
-use netsim::mesh::Mesh;
 use netsim::procs::{metric_sum, Binaries};
+use netsim::testbed::Testbed;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -45,7 +45,7 @@ async fn a_stager_with_a_small_cache_follows_twenty_versions_within_its_bound() 
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     let files = datagen::generate_tree(&tree, 3 * MIB, 31).expect("tree");
-    let mut mesh = Mesh::start(
+    let mut mesh = Testbed::start(
         bins(),
         work.path(),
         1,

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use netsim::datagen;
 use netsim::machines::{self, machine_root};
-use netsim::mesh::Mesh;
 use netsim::procs::Binaries;
+use netsim::testbed::Testbed;
 use serde_json::Value;
 use stagecoach_testing::{wait_for_async, wait_until_async};
 
@@ -25,12 +25,12 @@ fn bins() -> Binaries {
 }
 
 /// Runs `origin ARGS --dir ORIGIN_DIR`: (success, stdout, stderr).
-async fn origin(mesh: &Mesh, args: &[&str]) -> (bool, String, String) {
+async fn origin(mesh: &Testbed, args: &[&str]) -> (bool, String, String) {
     let run = mesh.origin_cli(args).await.expect("run origin");
     (run.ok, run.stdout, run.stderr)
 }
 
-async fn origin_json(mesh: &Mesh, args: &[&str]) -> Value {
+async fn origin_json(mesh: &Testbed, args: &[&str]) -> Value {
     let (ok, out, err) = origin(mesh, args).await;
     assert!(ok, "origin {args:?} failed:\n{out}\n{err}");
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("origin {args:?}: {e}:\n{out}"))
@@ -55,7 +55,7 @@ fn os_tree(dir: &Path, bytes: u64, seed: u64) {
 async fn a_failing_canary_in_site_b_halts_the_rollout_and_site_a_keeps_the_new_os() {
     let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
-    let mut mesh = Mesh::start(bins(), &w.join("mesh"), 2, 4, &[])
+    let mut mesh = Testbed::start(bins(), &w.join("mesh"), 2, 4, &[])
         .await
         .expect("mesh");
     os_tree(&w.join("factory"), MIB, 1);

@@ -110,7 +110,7 @@ pub enum NodeState {
     /// The policy changed since it last negotiated: it should run other bundles, and learns
     /// which at its next start.
     Outdated,
-    /// No rule matches it (seed 004).
+    /// No rule matches it (brief 004).
     NoImage,
     /// The policy cannot decide for it (a conflict, an unknown package).
     PolicyError,
@@ -217,7 +217,7 @@ pub struct PolicyDoc {
     pub features: BTreeMap<String, Vec<Requirement>>,
     /// Where it was loaded from.
     pub source: String,
-    /// Which classes may capture an image when no rule matches (seed 004); absent in
+    /// Which classes may capture an image when no rule matches (brief 004); absent in
     /// policies stored before capture existed.
     #[serde(default)]
     pub capture: Option<crate::policy::CaptureConfig>,

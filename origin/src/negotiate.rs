@@ -1,9 +1,9 @@
-//! Boot-time negotiation (seed 002), pure: from a node's resolution and what it holds, the
+//! Boot-time negotiation (brief 002), pure: from a node's resolution and what it holds, the
 //! answer it gets at start.
 //!
 //! The node boots as it is when it holds exactly the desired bundles (same ids); otherwise it
 //! gets the bundles that differ (and learns which installed ones to keep and which to drop). A
-//! node no rule matches gets "no image" with the facts tried (seed 004); a resolution error (a
+//! node no rule matches gets "no image" with the facts tried (brief 004); a resolution error (a
 //! conflict naming both rules, a package never published) is passed on as it is.
 
 use std::collections::BTreeMap;
@@ -107,7 +107,7 @@ pub fn plan(
     }
 }
 
-/// Turns a "no image" into "no image, capture one" (seed 004) when the policy's capture table
+/// Turns a "no image" into "no image, capture one" (brief 004) when the policy's capture table
 /// allows the node's `class`; any other answer is returned as it is.
 pub fn offer_capture(
     negotiated: Negotiated,

@@ -12,7 +12,7 @@
 //! [features]
 //! monitoring = ["node-exporter>=1.0"]
 //!
-//! [capture]                    # optional (seed 004): who may capture an image
+//! [capture]                    # optional (brief 004): who may capture an image
 //! classes = ["lab"]            # nodes of these classes that no rule matches
 //! name = "captured-os"         # the bundle name captured images get (default `captured-os`)
 //! ```

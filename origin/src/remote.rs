@@ -45,7 +45,7 @@ pub async fn resolve_bundle(home: &OriginHome, spec: &str) -> Result<BundleId> {
     let conn = connect(&endpoint, home.mesh_addr()?).await.context(
         "cannot reach the running origin to resolve the bundle (is `origin serve` running?)",
     )?;
-    let info = proto::mesh::fetch::resolve(&conn, name, version)
+    let info = proto::transfer::fetch::resolve(&conn, name, version)
         .await
         .with_context(|| format!("cannot resolve {spec}"))?;
     Ok(info.id)

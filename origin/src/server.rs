@@ -8,15 +8,15 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use proto::bundles;
 use proto::durable::{write_json_atomic, MODE_READABLE};
-use proto::mesh::serve::{serve_blob, spans_to_ranges, ServeOptions};
-use proto::mesh::server::{self, RequestHandler};
-use proto::mesh::{names, PeerCounters};
 use proto::metrics::Metrics;
 use proto::net::{
     cert_fingerprint, enroll_endpoint, serve_enrollment, server_endpoint, write_frame,
     EnrollDenied, EnrollGrant, PeerIdentity, Role,
 };
 use proto::store::Store;
+use proto::transfer::serve::{serve_blob, spans_to_ranges, ServeOptions};
+use proto::transfer::server::{self, RequestHandler};
+use proto::transfer::{names, PeerCounters};
 use proto::wire::{
     authorize, BundleInfo, ErrorCode, Refusal, Request, Response, MAX_PUT_BLOB_BYTES,
 };

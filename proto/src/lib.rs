@@ -6,12 +6,12 @@
 //! (the facts a node reports). [`version`] (the one ordering of bundle versions) is pure too.
 //! I/O modules: [`pack`] (reads and writes trees), [`store`] (blob store on disk), [`publish`]
 //! (pack, upload and publish with publisher rights), [`durable`] (the one atomic, fsynced file
-//! replacement), [`retry`] (the one bounded retry loop with backoff and jitter),
+//! replacement), [`keyring`] (key rings on disk), [`retry`] (the one bounded retry loop with backoff and jitter),
 //! [`retention`] (which bundles a store keeps, and the garbage collector).
 
 pub mod bundles;
 pub mod durable;
-pub mod mesh;
+pub mod keyring;
 pub mod metrics;
 pub mod net;
 pub mod pack;
@@ -19,9 +19,10 @@ pub mod publish;
 pub mod retention;
 pub mod retry;
 pub mod store;
+pub mod transfer;
 pub mod version;
 
 pub use proto_core::{
-    bounds, chunking, codec, hash, inventory, manifest, planner, role, verify, wire,
+    bounds, chunking, codec, hash, inventory, keys, manifest, planner, role, verify, wire,
 };
 pub use proto_core::{BlobHash, BundleId, BundleKind, Manifest, SignedManifest};

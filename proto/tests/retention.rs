@@ -16,10 +16,6 @@ use bundle_common::*;
 use proto::bundles::{has_all_chunks, pin_bundle, StoreSink};
 use proto::chunking::ChunkerParams;
 use proto::manifest::{BundleId, Manifest};
-use proto::mesh::fetch::{fetch_blob, fetch_manifest, keep_set};
-use proto::mesh::serve::{serve_blob, spans_to_ranges, ServeOptions};
-use proto::mesh::server::{self, RequestHandler};
-use proto::mesh::PeerCounters;
 use proto::metrics::Metrics;
 use proto::net::{
     client_endpoint, connect, server_endpoint, write_frame, CertAuthority, PeerIdentity, Role, Site,
@@ -27,6 +23,10 @@ use proto::net::{
 use proto::pack::{pack_path, unpack};
 use proto::retention::Retention;
 use proto::store::{BlobStatus, Store, StoreOptions};
+use proto::transfer::fetch::{fetch_blob, fetch_manifest, keep_set};
+use proto::transfer::serve::{serve_blob, spans_to_ranges, ServeOptions};
+use proto::transfer::server::{self, RequestHandler};
+use proto::transfer::PeerCounters;
 use proto::wire::{ErrorCode, KeepSet, Request, Response};
 use proto::BlobHash;
 use quinn::{RecvStream, SendStream};

@@ -11,11 +11,6 @@ use ed25519_dalek::VerifyingKey;
 use proto::bundles;
 use proto::durable;
 use proto::manifest::{BundleId, Manifest};
-use proto::mesh::fetch::{fetch_manifest, keep_set, FetchError};
-use proto::mesh::pace::RateLimit;
-use proto::mesh::serve::{serve_blob, spans_to_ranges, ServeOptions};
-use proto::mesh::server::{self, RequestHandler};
-use proto::mesh::{names, PeerCounters};
 use proto::metrics::Metrics;
 use proto::net::{
     read_frame, send_request, server_endpoint, write_frame, NodeIdentity, PeerIdentity, Role, Site,
@@ -23,6 +18,11 @@ use proto::net::{
 use proto::retention::Retention;
 use proto::retry::{retry, RetryPolicy};
 use proto::store::{Store, StoreOptions};
+use proto::transfer::fetch::{fetch_manifest, keep_set, FetchError};
+use proto::transfer::pace::RateLimit;
+use proto::transfer::serve::{serve_blob, spans_to_ranges, ServeOptions};
+use proto::transfer::server::{self, RequestHandler};
+use proto::transfer::{names, PeerCounters};
 use proto::wire::{
     authorize, BundleInfo, ErrorCode, Holding, Request, Response, SitePeer, MAX_FRAME_BYTES,
     MAX_HOLDINGS, MAX_HOLDING_RANGES,
@@ -397,7 +397,7 @@ impl Stager {
                     Some(info) => Response::Resolved(info),
                     None => match self.flights.upstream().connection().await {
                         Ok(conn) => {
-                            match proto::mesh::fetch::resolve(&conn, &name, version.as_deref())
+                            match proto::transfer::fetch::resolve(&conn, &name, version.as_deref())
                                 .await
                             {
                                 Ok(info) => Response::Resolved(info),

@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::mesh::fetch::{fetch_blob, FetchError};
-use proto::mesh::PeerCounters;
 use proto::net::{connect, NetError};
 use proto::retry::{retry, RetryPolicy};
 use proto::store::Store;
+use proto::transfer::fetch::{fetch_blob, FetchError};
+use proto::transfer::PeerCounters;
 use proto::BlobHash;
 use quinn::{Connection, Endpoint};
 use tokio::sync::watch;

@@ -1,5 +1,5 @@
 //! The stager as its site's edges and the origin see it: real processes on loopback (netsim's
-//! [`Mesh`]: an origin, the stager, and clients with certificates of their own), asked over the
+//! [`Testbed`]: an origin, the stager, and clients with certificates of their own), asked over the
 //! mesh protocol. Request handling, authorization by role and site, preheating, and resuming a
 //! bundle across an origin restart.
 //!
@@ -9,13 +9,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use netsim::datagen;
-use netsim::mesh::{Mesh, MeshClient};
 use netsim::procs::{metric_sum, Binaries};
 use netsim::relay::{LinkShape, Relay, RelayConfig};
+use netsim::testbed::{Testbed, TestbedClient};
 use proto::manifest::{BundleId, Manifest, SignedManifest};
-use proto::mesh::fetch::{fetch_blob, fetch_manifest, FetchError};
-use proto::mesh::PeerCounters;
 use proto::store::{Store, StoreOptions};
+use proto::transfer::fetch::{fetch_blob, fetch_manifest, FetchError};
+use proto::transfer::PeerCounters;
 use proto::wire::{ErrorCode, Request, Response};
 use proto::BlobHash;
 use stagecoach_testing::wait_for_async;
@@ -34,10 +34,10 @@ fn bins() -> Binaries {
 
 /// A mesh of one origin and one stager for `site-a` (no enrolled edges), with `tree` (of
 /// `bytes`) published as `os@1` and preheated. Returns the mesh and the bundle id.
-async fn preheated_mesh(work: &Path, bytes: u64) -> (Mesh, BundleId) {
+async fn preheated_mesh(work: &Path, bytes: u64) -> (Testbed, BundleId) {
     let tree = work.join("tree");
     datagen::generate_tree(&tree, bytes, 41).expect("tree");
-    let mut mesh = Mesh::start(bins(), &work.join("mesh"), 1, 0, &[])
+    let mut mesh = Testbed::start(bins(), &work.join("mesh"), 1, 0, &[])
         .await
         .expect("mesh");
     let id = mesh.publish(&tree, "os", "1").await.expect("publish");
@@ -48,7 +48,7 @@ async fn preheated_mesh(work: &Path, bytes: u64) -> (Mesh, BundleId) {
 }
 
 /// The verified manifest of `id` from the node at `addr`, asked as `client`.
-async fn manifest(client: &MeshClient, addr: &str, id: BundleId) -> (SignedManifest, Manifest) {
+async fn manifest(client: &TestbedClient, addr: &str, id: BundleId) -> (SignedManifest, Manifest) {
     let conn = client.connect(addr).await.expect("connect");
     fetch_manifest(&conn, id, &[*client.identity.publisher_key()])
         .await
@@ -57,7 +57,7 @@ async fn manifest(client: &MeshClient, addr: &str, id: BundleId) -> (SignedManif
 
 /// Fetches blob `hash` of `size` bytes from the node at `addr` into `store`, as `client`.
 async fn fetch(
-    client: &MeshClient,
+    client: &TestbedClient,
     addr: &str,
     store: &Store,
     hash: BlobHash,
@@ -227,7 +227,7 @@ async fn a_stager_resumes_a_bundle_after_the_origin_restarts() {
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 24 * MIB, 43).expect("tree");
-    let mut mesh = Mesh::start(bins(), &work.path().join("mesh"), 0, 0, &[])
+    let mut mesh = Testbed::start(bins(), &work.path().join("mesh"), 0, 0, &[])
         .await
         .expect("mesh");
     // The site reaches the origin through a 40 Mbit/s WAN, so the bundle takes seconds to

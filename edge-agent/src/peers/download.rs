@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use proto::manifest::Manifest;
-use proto::mesh::fetch::{fetch_blob, FetchError};
-use proto::mesh::PeerCounters;
 use proto::metrics::Metrics;
 use proto::net::connect;
 use proto::planner::{PieceId, Planner, PlannerConfig, SourceId, SourceKind};
 use proto::store::Store;
+use proto::transfer::fetch::{fetch_blob, FetchError};
+use proto::transfer::PeerCounters;
 use proto::BlobHash;
 use quinn::{Connection, Endpoint};
 use tokio::sync::mpsc;
@@ -151,10 +151,10 @@ fn planner_config(with_peers: bool) -> PlannerConfig {
         max_in_flight_per_source: MAX_IN_FLIGHT_PER_SOURCE,
         // With peers, one request per edge keeps the stager busy and leaves the rest of the
         // site's traffic to the peers; alone, the edge keeps the stager's pipe full.
-        max_in_flight_per_seed: with_peers.then_some(MAX_IN_FLIGHT_PER_STAGER_WITH_PEERS),
+        max_in_flight_per_upstream: with_peers.then_some(MAX_IN_FLIGHT_PER_STAGER_WITH_PEERS),
         // One writer per blob in the store: duplicates would only wait on each other.
         endgame_max_duplicates: 0,
-        seed_fallback_after: STAGER_FALLBACK_AFTER,
+        upstream_fallback_after: STAGER_FALLBACK_AFTER,
         ..PlannerConfig::default()
     }
 }
@@ -291,10 +291,10 @@ impl<'a> Run<'a> {
         let kind = if role == SourceRole::Peer {
             SourceKind::Peer
         } else {
-            SourceKind::Seed
+            SourceKind::Upstream
         };
         self.planner.add_source(id, kind);
-        if kind == SourceKind::Seed {
+        if kind == SourceKind::Upstream {
             self.planner.source_has_all(id);
         }
         id

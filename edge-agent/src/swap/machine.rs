@@ -29,7 +29,7 @@ pub const MAX_RESCUE_BOOT_TRIES: u32 = 3;
 /// Health-check failures remembered in the journal (the oldest are dropped).
 pub const MAX_RECORDED_FAILURES: usize = 16;
 
-/// One journaled step of the procedure (seed 000, claims 7–14), in order.
+/// One journaled step of the procedure (brief 000, claims 7–14), in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Step {
     /// Verify both bundles' signed manifests and every chunk. Touches nothing.

@@ -1,4 +1,4 @@
-//! The crash-safe A/B operating-system swap (seed 000, claims 7–14).
+//! The crash-safe A/B operating-system swap (brief 000, claims 7–14).
 //!
 //! Slot A holds the production OS, slot B the base (rescue) OS. The swap unpacks the rescue to
 //! B, boots B once, wipes A, unpacks the target to A with the machine's identity copied in, boots

@@ -100,10 +100,10 @@ pub fn planner_config_for(topo: &Topology, who: Downloader) -> PlannerConfig {
         }
         Downloader::Edge { with_peers } => {
             config.max_in_flight_per_source = EDGE_MAX_IN_FLIGHT_PER_SOURCE;
-            config.max_in_flight_per_seed =
+            config.max_in_flight_per_upstream =
                 with_peers.then_some(EDGE_MAX_IN_FLIGHT_PER_STAGER_WITH_PEERS);
             config.endgame_max_duplicates = EDGE_ENDGAME_MAX_DUPLICATES;
-            config.seed_fallback_after = EDGE_STAGER_FALLBACK_AFTER;
+            config.upstream_fallback_after = EDGE_STAGER_FALLBACK_AFTER;
         }
     }
     apply_overrides(topo, config)
@@ -116,8 +116,8 @@ fn apply_overrides(topo: &Topology, mut config: PlannerConfig) -> PlannerConfig 
     if let Some(n) = topo.planner.endgame_max_duplicates {
         config.endgame_max_duplicates = n;
     }
-    if let Some(ms) = topo.planner.seed_fallback_ms {
-        config.seed_fallback_after = Duration::from_secs_f64(ms / 1000.0);
+    if let Some(ms) = topo.planner.upstream_fallback_ms {
+        config.upstream_fallback_after = Duration::from_secs_f64(ms / 1000.0);
     }
     config
 }

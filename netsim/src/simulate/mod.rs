@@ -7,9 +7,9 @@
 //! `bundle.piece_kib` (the last one shorter). Every stager and edge that fetches runs its own
 //! `Planner` over those pieces:
 //!
-//! - `direct`: each edge's only source is the origin (a seed holding everything). Stagers idle.
+//! - `direct`: each edge's only source is the origin (an upstream holding everything). Stagers idle.
 //! - `staged`: each stager's source is the origin; each edge's sources are its site's stagers
-//!   (seeds that hold a piece from the moment it arrives at the stager: cut-through at piece
+//!   (upstreams that hold a piece from the moment it arrives at the stager: cut-through at piece
 //!   granularity).
 //! - `mesh`: as `staged`, plus each edge's peers (other edges of its site, as `Peer` sources,
 //!   told of each piece the moment the peer completes it). Each edge knows
@@ -33,7 +33,7 @@
 //! [`fleet::SESSION_SETUP_ROUND_TRIPS`] origin round trips (handshake, name, manifest); planners use
 //! the settings of the real binaries ([`fleet::planner_config_for`]: a stager pulls 8 chunks at
 //! once, an edge 4 per source, with peers 1 at a time from a stager, no endgame duplicates, a 1.5 s
-//! seed fallback), and an edge's peers learn of a piece it completed
+//! upstream fallback), and an edge's peers learn of a piece it completed
 //! [`fleet::PEER_ANNOUNCE_DELAY`] later (the tracker's round), where a stager's edges learn at once
 //! (they treat it as holding everything and it forwards as groups arrive).
 //!

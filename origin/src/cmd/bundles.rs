@@ -59,7 +59,7 @@ pub async fn list(home: &OriginHome) -> Result<()> {
     let identity = home.publisher_identity()?;
     let endpoint = client_endpoint(&identity)?;
     let conn = connect(&endpoint, home.mesh_addr()?).await?;
-    let list = proto::mesh::fetch::list_bundles(&conn).await?;
+    let list = proto::transfer::fetch::list_bundles(&conn).await?;
     println!(
         "{:<4} {:<24} {:<12} {:<10} {:>12} {:>12}  id",
         "seq", "name", "version", "kind", "stored", "raw"

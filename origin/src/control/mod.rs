@@ -184,7 +184,7 @@ impl ControlPlane {
         packages.retain(|p| !(p.name == record.name && p.version == record.version));
         packages.push(record.clone());
         let mut puts = vec![Put::Package(Box::new(record))];
-        // A captured image (seed 004) becomes the image of the nodes with the capturing
+        // A captured image (brief 004) becomes the image of the nodes with the capturing
         // node's facts, in the same batch as the package.
         let mut captured = String::new();
         let mut doc = None;

@@ -1,4 +1,4 @@
-//! Capture (seed 004): which classes may capture an image, and the rule a captured image adds.
+//! Capture (brief 004): which classes may capture an image, and the rule a captured image adds.
 
 use std::collections::BTreeMap;
 
@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{BundleRef, Matcher, MatcherKind, Rule};
 
-/// Which nodes may capture an image when no rule matches them (seed 004), from the policy
+/// Which nodes may capture an image when no rule matches them (brief 004), from the policy
 /// file's `[capture]` table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CaptureConfig {

@@ -1,4 +1,4 @@
-//! Policy resolution: which bundles a node runs, decided from its inventory (seeds 002 and 004).
+//! Policy resolution: which bundles a node runs, decided from its inventory (brief 002 and 004).
 //!
 //! Pure: no I/O, no clock. The origin loads a [`PolicyStore`] (rules, their precedence, the
 //! feature map and the package catalog), and [`resolve`] answers for one node:
@@ -18,7 +18,7 @@
 //! order (rule bundles, then features in the order the node lists them, then dependencies
 //! breadth-first): a later requirement that the version already chosen does not satisfy is an
 //! error ([`PolicyError::Unsatisfiable`]) naming both sides, not a search for another version.
-//! No rule and no feature gives [`Resolution::NoImage`] with the facts that were tried (seed 004).
+//! No rule and no feature gives [`Resolution::NoImage`] with the facts that were tried (brief 004).
 //!
 //! [`check`] runs the resolution for many nodes and lists every conflict, for
 //! `origin policy check`.

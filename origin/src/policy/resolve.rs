@@ -83,7 +83,7 @@ pub enum Resolution {
         bundles: Vec<ResolvedBundle>,
     },
     /// No rule matched and the node asked for no feature: the origin answers "no image", and
-    /// the node may build and capture one (seed 004).
+    /// the node may build and capture one (brief 004).
     NoImage {
         /// Each level in precedence order with the node's value for it.
         facts: Vec<Fact>,

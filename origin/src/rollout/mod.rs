@@ -1,4 +1,4 @@
-//! Canary-then-replicate rollouts (seed 003), from pure to I/O:
+//! Canary-then-replicate rollouts (brief 003), from pure to I/O:
 //!
 //! - [`plan`]: the pure state machine (waves, canaries, halt rules, pause/resume/abort); no
 //!   I/O, no clock.

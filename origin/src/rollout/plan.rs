@@ -1,4 +1,4 @@
-//! Canary-then-replicate rollouts (seed 003): a pure state machine, no I/O, no clock.
+//! Canary-then-replicate rollouts (brief 003): a pure state machine, no I/O, no clock.
 //!
 //! A [`Rollout`] moves one bundle to a set of target nodes in waves: for each site, in the
 //! order the sites first appear among the targets, a canary wave (the site's first eligible

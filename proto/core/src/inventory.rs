@@ -1,5 +1,5 @@
 //! A machine's inventory: the facts an edge agent reports on enrollment and at every start, and
-//! the input of the origin's policy resolution (seed 004's "policy criteria data").
+//! the input of the origin's policy resolution (brief 004's "policy criteria data").
 //!
 //! Pure data. The edge agent fills it (`edge_agent::inventory::collect`); the origin matches
 //! rules against it (`origin::policy`). Every fact a machine may not be able to tell is an
@@ -55,7 +55,7 @@ pub struct Inventory {
     /// Site (datacenter) the operator configured.
     #[serde(deserialize_with = "bounds::optional_name")]
     pub site: Option<String>,
-    /// Features the node asks for instead of (or on top of) a rule's bundles (seed 002).
+    /// Features the node asks for instead of (or on top of) a rule's bundles (brief 002).
     #[serde(deserialize_with = "feature_list")]
     pub features: Vec<String>,
 }

@@ -14,6 +14,7 @@
 //! - [`wire`]: request/response messages and length-prefixed frames.
 //! - [`planner`]: which source to ask for which piece.
 //! - [`inventory`]: the facts a node reports.
+//! - [`keys`]: content keys of encrypted bundles, by generation ([`keys::KeyRing`]).
 //! - [`role`]: what a node does in the mesh ([`Role`]), as its certificate says.
 //! - [`bounds`]: bounded deserializers for the variable-length fields of untrusted messages; a
 //!   leaf that [`wire`] and [`inventory`] share.
@@ -23,6 +24,7 @@ pub mod chunking;
 pub mod codec;
 pub mod hash;
 pub mod inventory;
+pub mod keys;
 pub mod manifest;
 pub mod planner;
 pub mod role;

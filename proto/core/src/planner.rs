@@ -1,8 +1,8 @@
 //! Download planner: which piece to request from which source, and when. Pure: no I/O, no clock.
 //!
 //! A *piece* is an abstract unit of work (the edge maps it to a blob, or to a run of 16 KiB groups
-//! of a blob). A *source* is either a peer in the same site ([`SourceKind::Peer`]) or a seed
-//! ([`SourceKind::Seed`]: the site's stager or the origin). The planner takes events (a source
+//! of a blob). A *source* is either a peer in the same site ([`SourceKind::Peer`]) or an upstream
+//! ([`SourceKind::Upstream`]: the site's stager or the origin). The planner takes events (a source
 //! joined, announced a piece, delivered, failed, lied, left) and the current time, and answers
 //! with the requests to start. It never blocks, never looks at a clock and never touches a
 //! socket, in the style of `quinn-proto`: the edge agent drives it in real time, `netsim` in
@@ -13,12 +13,12 @@
 //! - **Rarest first within the site.** Edges of a site fetch the same bundle at about the same
 //!   time. A piece that few peers hold is the one most likely to become a bottleneck, and
 //!   fetching it first raises its replication so that later edges find it at a peer instead of
-//!   at a seed. Ties are broken with the seeded random generator: eight edges starting together
+//!   at an upstream. Ties are broken with the seeded random generator: eight edges starting together
 //!   ask the stager for eight different pieces, so the stager's uplink carries each piece about
 //!   once and the site trades the rest among itself.
-//! - **Peers before seeds.** A peer's uplink is otherwise idle; the stager's is shared by the
-//!   whole site and the origin's costs WAN bytes. Seeds are sources of last resort: they get the
-//!   pieces no peer holds, the pieces that have waited [`PlannerConfig::seed_fallback_after`]
+//! - **Peers before upstreams.** A peer's uplink is otherwise idle; the stager's is shared by the
+//!   whole site and the origin's costs WAN bytes. Upstreams are sources of last resort: they get the
+//!   pieces no peer holds, the pieces that have waited [`PlannerConfig::upstream_fallback_after`]
 //!   while every peer holding them was busy or backed off, and endgame duplicates.
 //! - **Fast sources first, load spread.** For a chosen piece the source is the one with the
 //!   highest estimated throughput (an EWMA of delivered bytes per second) divided by its
@@ -46,7 +46,7 @@
 //! use proto_core::planner::{Planner, PlannerConfig, SourceKind};
 //!
 //! let mut planner = Planner::new(vec![1 << 20; 3], &[], PlannerConfig::default(), 7);
-//! planner.add_source(1, SourceKind::Seed);
+//! planner.add_source(1, SourceKind::Upstream);
 //! planner.source_has_all(1);
 //! let mut now = Duration::ZERO;
 //! while !planner.is_done() {
@@ -79,8 +79,8 @@ pub type PieceId = u32;
 const DEFAULT_MAX_IN_FLIGHT_PER_SOURCE: u32 = 4;
 /// Default for [`PlannerConfig::endgame_max_duplicates`], in extra requests per piece.
 const DEFAULT_ENDGAME_MAX_DUPLICATES: u32 = 1;
-/// Default for [`PlannerConfig::seed_fallback_after`].
-const DEFAULT_SEED_FALLBACK_AFTER: Duration = Duration::from_secs(2);
+/// Default for [`PlannerConfig::upstream_fallback_after`].
+const DEFAULT_UPSTREAM_FALLBACK_AFTER: Duration = Duration::from_secs(2);
 /// Default for [`PlannerConfig::backoff_base`].
 const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// Default for [`PlannerConfig::backoff_max`].
@@ -102,15 +102,15 @@ const MIN_SAMPLE_ELAPSED: Duration = Duration::from_micros(1);
 pub struct PlannerConfig {
     /// Requests in flight at one source at most (default 4).
     pub max_in_flight_per_source: u32,
-    /// Requests in flight at one seed at most, when lower than `max_in_flight_per_source`
+    /// Requests in flight at one upstream at most, when lower than `max_in_flight_per_source`
     /// (default: no lower). A site's stager serves every edge: one request per edge keeps it
     /// busy while leaving the edges to trade the rest among themselves.
-    pub max_in_flight_per_seed: Option<u32>,
+    pub max_in_flight_per_upstream: Option<u32>,
     /// Extra concurrent requests per piece in endgame (default 1; 0 disables endgame).
     pub endgame_max_duplicates: u32,
-    /// A piece held by some peer goes to a seed only after it has waited this long with no peer
+    /// A piece held by some peer goes to an upstream only after it has waited this long with no peer
     /// able to take it (default 2 s).
-    pub seed_fallback_after: Duration,
+    pub upstream_fallback_after: Duration,
     /// Backoff of a source after a transient failure, doubling per consecutive failure
     /// (default 200 ms).
     pub backoff_base: Duration,
@@ -124,8 +124,8 @@ impl PlannerConfig {
     /// Requests in flight allowed at a source of `kind`.
     fn cap(&self, kind: SourceKind) -> usize {
         let per_source = self.max_in_flight_per_source;
-        let cap = match (kind, self.max_in_flight_per_seed) {
-            (SourceKind::Seed, Some(seed)) => seed.clamp(1, per_source.max(1)),
+        let cap = match (kind, self.max_in_flight_per_upstream) {
+            (SourceKind::Upstream, Some(cap)) => cap.clamp(1, per_source.max(1)),
             _ => per_source,
         };
         cap as usize
@@ -136,9 +136,9 @@ impl Default for PlannerConfig {
     fn default() -> Self {
         PlannerConfig {
             max_in_flight_per_source: DEFAULT_MAX_IN_FLIGHT_PER_SOURCE,
-            max_in_flight_per_seed: None,
+            max_in_flight_per_upstream: None,
             endgame_max_duplicates: DEFAULT_ENDGAME_MAX_DUPLICATES,
-            seed_fallback_after: DEFAULT_SEED_FALLBACK_AFTER,
+            upstream_fallback_after: DEFAULT_UPSTREAM_FALLBACK_AFTER,
             backoff_base: DEFAULT_BACKOFF_BASE,
             backoff_max: DEFAULT_BACKOFF_MAX,
             max_failures_per_source: DEFAULT_MAX_FAILURES_PER_SOURCE,
@@ -152,7 +152,7 @@ pub enum SourceKind {
     /// An edge in the same site: preferred, counted for rarity.
     Peer,
     /// The site's stager or the origin: used only when no peer can serve (see the module doc).
-    Seed,
+    Upstream,
 }
 
 /// One request to start: fetch `piece` from `source`.
@@ -179,8 +179,8 @@ pub struct PlannerStats {
     pub completed: u64,
     /// Bytes delivered by peers, late duplicates included.
     pub bytes_from_peers: u64,
-    /// Bytes delivered by seeds, late duplicates included.
-    pub bytes_from_seeds: u64,
+    /// Bytes delivered by upstreams, late duplicates included.
+    pub bytes_from_upstreams: u64,
 }
 
 /// The download planner. See the module documentation for the policy.
@@ -189,7 +189,7 @@ pub struct Planner {
     config: PlannerConfig,
     pieces: Vec<Piece>,
     /// Idle pieces (missing, not in flight) by rarity: `pool[r]` holds those that exactly `r`
-    /// usable peers hold. `pool[0]` is what only seeds can serve.
+    /// usable peers hold. `pool[0]` is what only upstreams can serve.
     pool: Vec<Vec<PieceId>>,
     /// Pieces in all of `pool`.
     idle_count: usize,
@@ -205,10 +205,10 @@ pub struct Planner {
     active: Vec<usize>,
     /// Pieces that became idle since the last poll, stamped with `now` by the next one.
     newly_idle: Vec<(PieceId, u32)>,
-    /// Idle pieces in the order they started waiting, until they become eligible for seeds.
+    /// Idle pieces in the order they started waiting, until they become eligible for upstreams.
     waiting: VecDeque<Waiting>,
-    /// Idle pieces that waited `seed_fallback_after`: seeds may take them, oldest first.
-    seed_ready: VecDeque<(PieceId, u32)>,
+    /// Idle pieces that waited `upstream_fallback_after`: upstreams may take them, oldest first.
+    upstream_ready: VecDeque<(PieceId, u32)>,
     rng: SplitMix64,
     /// The latest `now` seen.
     last_now: Duration,
@@ -217,7 +217,7 @@ pub struct Planner {
     stats: PlannerStats,
     /// Scratch: sources that can take a request in this poll.
     free_peers: Vec<usize>,
-    free_seeds: Vec<usize>,
+    free_upstreams: Vec<usize>,
 }
 
 impl Planner {
@@ -254,13 +254,13 @@ impl Planner {
             active: Vec::new(),
             newly_idle: Vec::new(),
             waiting: VecDeque::new(),
-            seed_ready: VecDeque::new(),
+            upstream_ready: VecDeque::new(),
             rng: SplitMix64::new(seed),
             last_now: Duration::ZERO,
             dirty: true,
             stats: PlannerStats::default(),
             free_peers: Vec::new(),
-            free_seeds: Vec::new(),
+            free_upstreams: Vec::new(),
         };
         for (index, size_bytes) in piece_sizes.into_iter().enumerate() {
             let held = have.get(index).copied().unwrap_or(false);
@@ -392,7 +392,7 @@ impl Planner {
 
         self.collect_free(now, true);
         self.assign_to_peers(now, &mut out);
-        self.assign_to_seeds(now, &mut out);
+        self.assign_to_upstreams(now, &mut out);
         if self.idle_count == 0 && self.config.endgame_max_duplicates > 0 {
             self.assign_endgame(now, &mut out);
         }
@@ -429,8 +429,9 @@ impl Planner {
             SourceKind::Peer => {
                 self.stats.bytes_from_peers = self.stats.bytes_from_peers.saturating_add(size_bytes)
             }
-            SourceKind::Seed => {
-                self.stats.bytes_from_seeds = self.stats.bytes_from_seeds.saturating_add(size_bytes)
+            SourceKind::Upstream => {
+                self.stats.bytes_from_upstreams =
+                    self.stats.bytes_from_upstreams.saturating_add(size_bytes)
             }
         }
         src.consecutive_failures = 0;
@@ -533,7 +534,7 @@ impl Planner {
     }
 
     /// When to poll next if no other event comes: the earliest time at which a backoff or the
-    /// seed fallback expires, or the latest `now` seen if an event since the last
+    /// upstream fallback expires, or the latest `now` seen if an event since the last
     /// [`Planner::poll`] may have made work (poll right away). `None` when only a new event can
     /// change anything.
     pub fn next_wakeup(&self) -> Option<Duration> {
@@ -544,21 +545,21 @@ impl Planner {
             return Some(self.last_now);
         }
         let mut next: Option<Duration> = None;
-        let mut any_seed = false;
+        let mut any_upstream = false;
         for &s in &self.active {
             let src = &self.sources[s];
-            any_seed |= src.kind == SourceKind::Seed;
+            any_upstream |= src.kind == SourceKind::Upstream;
             if src.flights.len() < self.config.cap(src.kind) && src.backoff_until > self.last_now {
                 next = Some(next.map_or(src.backoff_until, |t| t.min(src.backoff_until)));
             }
         }
-        if any_seed {
+        if any_upstream {
             let first_waiting = self
                 .waiting
                 .iter()
                 .find(|w| self.is_idle_since(w.piece, w.epoch));
             if let Some(w) = first_waiting {
-                let due = w.since.saturating_add(self.config.seed_fallback_after);
+                let due = w.since.saturating_add(self.config.upstream_fallback_after);
                 next = Some(next.map_or(due, |t| t.min(due)));
             }
         }
@@ -574,13 +575,13 @@ impl Planner {
     /// deliver them. When this is not empty and nothing is in flight, the caller should fail
     /// with this list (in piece order).
     pub fn unavailable_pieces(&self) -> Vec<PieceId> {
-        let seeds: Vec<&Source> = self
+        let upstreams: Vec<&Source> = self
             .active
             .iter()
             .map(|&s| &self.sources[s])
-            .filter(|src| src.kind == SourceKind::Seed)
+            .filter(|src| src.kind == SourceKind::Upstream)
             .collect();
-        if seeds.iter().any(|src| src.has_all) {
+        if upstreams.iter().any(|src| src.has_all) {
             return Vec::new();
         }
         (0..self.pieces.len() as PieceId)
@@ -588,7 +589,7 @@ impl Planner {
                 let piece = &self.pieces[p as usize];
                 piece.state == PieceState::Idle
                     && piece.rarity == 0
-                    && !seeds.iter().any(|src| src.holds(p))
+                    && !upstreams.iter().any(|src| src.holds(p))
             })
             .collect()
     }
@@ -621,7 +622,7 @@ impl Planner {
     /// with `need_idle`, only those holding some idle piece.
     fn collect_free(&mut self, now: Duration, need_idle: bool) {
         self.free_peers.clear();
-        self.free_seeds.clear();
+        self.free_upstreams.clear();
         for &s in &self.active {
             let src = &self.sources[s];
             if src.flights.len() < self.config.cap(src.kind)
@@ -630,7 +631,7 @@ impl Planner {
             {
                 match src.kind {
                     SourceKind::Peer => self.free_peers.push(s),
-                    SourceKind::Seed => self.free_seeds.push(s),
+                    SourceKind::Upstream => self.free_upstreams.push(s),
                 }
             }
         }
@@ -639,7 +640,7 @@ impl Planner {
     fn free_list(&self, kind: SourceKind) -> &[usize] {
         match kind {
             SourceKind::Peer => &self.free_peers,
-            SourceKind::Seed => &self.free_seeds,
+            SourceKind::Upstream => &self.free_upstreams,
         }
     }
 
@@ -652,7 +653,7 @@ impl Planner {
                 && (!need_idle || sources[s].idle_held > 0)
         };
         self.free_peers.retain(keep);
-        self.free_seeds.retain(keep);
+        self.free_upstreams.retain(keep);
     }
 
     /// Rarest first: visits idle pieces held by peers, rarity by rarity, in random order within
@@ -666,37 +667,37 @@ impl Planner {
     }
 
     /// Seeds take the pieces no peer holds (random order), then those that waited
-    /// `seed_fallback_after` (oldest first).
-    fn assign_to_seeds(&mut self, now: Duration, out: &mut Vec<Request>) {
-        if self.free_seeds.is_empty() {
+    /// `upstream_fallback_after` (oldest first).
+    fn assign_to_upstreams(&mut self, now: Duration, out: &mut Vec<Request>) {
+        if self.free_upstreams.is_empty() {
             return;
         }
-        self.scan_pool(0, SourceKind::Seed, now, out);
+        self.scan_pool(0, SourceKind::Upstream, now, out);
 
-        while let Some(&(piece, epoch)) = self.seed_ready.front() {
+        while let Some(&(piece, epoch)) = self.upstream_ready.front() {
             if self.is_idle_since(piece, epoch) {
                 break;
             }
-            self.seed_ready.pop_front();
+            self.upstream_ready.pop_front();
         }
         let mut index = 0;
-        while index < self.seed_ready.len() && !self.free_seeds.is_empty() {
-            let (piece, epoch) = self.seed_ready[index];
+        while index < self.upstream_ready.len() && !self.free_upstreams.is_empty() {
+            let (piece, epoch) = self.upstream_ready[index];
             index += 1;
             if !self.is_idle_since(piece, epoch) {
                 continue;
             }
-            if let Some(k) = best_holder(&self.sources, &self.free_seeds, piece, false) {
-                let s = self.free_seeds[k];
+            if let Some(k) = best_holder(&self.sources, &self.free_upstreams, piece, false) {
+                let s = self.free_upstreams[k];
                 self.start_request(s, piece, now, false, out);
                 self.prune_free(true);
             }
         }
         // Stale entries behind a valid front are normally popped as they reach the front; keep
-        // the queue bounded anyway if a partial seed leaves valid entries in front of them.
-        if self.seed_ready.len() > 2 * self.idle_count + self.pieces.len().min(1024) {
+        // the queue bounded anyway if a partial upstream leaves valid entries in front of them.
+        if self.upstream_ready.len() > 2 * self.idle_count + self.pieces.len().min(1024) {
             let pieces = &self.pieces;
-            self.seed_ready
+            self.upstream_ready
                 .retain(|&(p, e)| is_idle_since(pieces, p, e));
         }
     }
@@ -730,10 +731,10 @@ impl Planner {
     }
 
     /// Every missing piece is in flight: duplicates the oldest requests at other free sources,
-    /// one more copy per piece per round, peers before seeds.
+    /// one more copy per piece per round, peers before upstreams.
     fn assign_endgame(&mut self, now: Duration, out: &mut Vec<Request>) {
         self.collect_free(now, false);
-        if self.free_peers.is_empty() && self.free_seeds.is_empty() {
+        if self.free_peers.is_empty() && self.free_upstreams.is_empty() {
             return;
         }
         let mut candidates = self.in_flight_pieces.clone();
@@ -742,7 +743,7 @@ impl Planner {
         let most_requests = 1 + self.config.endgame_max_duplicates;
         for round in 1..most_requests {
             for &piece in &candidates {
-                if self.free_peers.is_empty() && self.free_seeds.is_empty() {
+                if self.free_peers.is_empty() && self.free_upstreams.is_empty() {
                     return;
                 }
                 if self.pieces[piece as usize].requests > round {
@@ -751,8 +752,8 @@ impl Planner {
                 let chosen = best_holder(&self.sources, &self.free_peers, piece, true)
                     .map(|k| self.free_peers[k])
                     .or_else(|| {
-                        best_holder(&self.sources, &self.free_seeds, piece, true)
-                            .map(|k| self.free_seeds[k])
+                        best_holder(&self.sources, &self.free_upstreams, piece, true)
+                            .map(|k| self.free_upstreams[k])
                     });
                 if let Some(s) = chosen {
                     self.start_request(s, piece, now, true, out);
@@ -807,7 +808,7 @@ impl Planner {
         });
     }
 
-    // ---- seed fallback timing ----
+    // ---- upstream fallback timing ----
 
     /// Stamps the pieces that became idle since the last poll with `now`.
     fn start_waits(&mut self, now: Duration) {
@@ -822,15 +823,15 @@ impl Planner {
         }
     }
 
-    /// Moves the pieces that have waited `seed_fallback_after` to the seeds' queue.
+    /// Moves the pieces that have waited `upstream_fallback_after` to the upstreams' queue.
     fn expire_waits(&mut self, now: Duration) {
         while let Some(w) = self.waiting.front() {
             let (piece, epoch) = (w.piece, w.epoch);
             if self.is_idle_since(piece, epoch) {
-                if w.since.saturating_add(self.config.seed_fallback_after) > now {
+                if w.since.saturating_add(self.config.upstream_fallback_after) > now {
                     return;
                 }
-                self.seed_ready.push_back((piece, epoch));
+                self.upstream_ready.push_back((piece, epoch));
             }
             self.waiting.pop_front();
         }
@@ -912,7 +913,7 @@ impl Planner {
     }
 
     /// `piece` becomes idle: into its rarity bucket, counted by every active source holding it,
-    /// and queued to start waiting for the seed fallback.
+    /// and queued to start waiting for the upstream fallback.
     fn enter_pool(&mut self, piece: PieceId) {
         let entry = &mut self.pieces[piece as usize];
         entry.state = PieceState::Idle;
@@ -1154,8 +1155,8 @@ mod tests {
         }
     }
 
-    fn seed(planner: &mut Planner, id: SourceId) {
-        planner.add_source(id, SourceKind::Seed);
+    fn upstream(planner: &mut Planner, id: SourceId) {
+        planner.add_source(id, SourceKind::Upstream);
         planner.source_has_all(id);
     }
 
@@ -1177,19 +1178,19 @@ mod tests {
     }
 
     #[test]
-    fn peers_before_seeds_and_fallback_after_waiting() {
+    fn peers_before_upstreams_and_fallback_after_waiting() {
         let config = PlannerConfig {
             max_in_flight_per_source: 1,
             ..PlannerConfig::default()
         };
-        let fallback = config.seed_fallback_after;
+        let fallback = config.upstream_fallback_after;
         let mut planner = Planner::new(vec![1000; 3], &[], config, 3);
         peer_with(&mut planner, 1, &[0, 1]);
-        seed(&mut planner, 9);
+        upstream(&mut planner, 9);
         let t0 = Duration::from_secs(100);
         let mut requests = planner.poll(t0);
         requests.sort_by_key(|r| r.piece);
-        // Piece 2 has no peer: the seed takes it at once. One of 0 and 1 goes to the peer; the
+        // Piece 2 has no peer: the upstream takes it at once. One of 0 and 1 goes to the peer; the
         // other waits, since the peer holds it.
         assert_eq!(requests.len(), 2);
         assert_eq!(
@@ -1235,7 +1236,7 @@ mod tests {
     #[test]
     fn in_flight_bound_per_source() {
         let mut planner = planner(100);
-        seed(&mut planner, 7);
+        upstream(&mut planner, 7);
         let requests = planner.poll(Duration::ZERO);
         assert_eq!(requests.len(), 4);
         assert!(planner.poll(Duration::ZERO).is_empty());
@@ -1323,7 +1324,7 @@ mod tests {
             ..PlannerConfig::default()
         };
         let mut planner = Planner::new(vec![1000; 8], &[], config, 2);
-        seed(&mut planner, 1);
+        upstream(&mut planner, 1);
         let requests = planner.poll(Duration::ZERO);
         assert_eq!(requests.len(), 4);
         // A reset connection fails all four at once: one failure, so a backoff, not a drop.
@@ -1353,7 +1354,7 @@ mod tests {
         peer_with(&mut planner, 1, &[0, 1, 2, 3]);
         assert!(planner.poll(MS).is_empty());
         assert_eq!(planner.unavailable_pieces(), vec![0, 1, 2, 3]);
-        seed(&mut planner, 2);
+        upstream(&mut planner, 2);
         assert!(planner.poll(MS).iter().all(|r| r.source == 2));
     }
 
@@ -1391,7 +1392,7 @@ mod tests {
     fn resume_skips_held_pieces() {
         let have = [true, false, true];
         let mut planner = Planner::new(vec![10; 3], &have, PlannerConfig::default(), 4);
-        seed(&mut planner, 1);
+        upstream(&mut planner, 1);
         assert_eq!(planner.missing(), 1);
         assert_eq!(
             planner.poll(Duration::ZERO),
@@ -1404,7 +1405,7 @@ mod tests {
         assert!(planner.is_done());
         assert_eq!(planner.next_wakeup(), None);
         assert_eq!(planner.stats().completed, 1);
-        assert_eq!(planner.stats().bytes_from_seeds, 10);
+        assert_eq!(planner.stats().bytes_from_upstreams, 10);
     }
 
     #[test]
@@ -1417,7 +1418,7 @@ mod tests {
         planner.on_failure(5, 0, MS);
         assert!(planner.on_bad_data(5, 0).is_empty());
         planner.on_cancelled(5, 0);
-        seed(&mut planner, 1);
+        upstream(&mut planner, 1);
         planner.source_has(1, 99);
         planner.on_failure(1, 99, MS);
         planner.on_cancelled(1, 99);
@@ -1437,7 +1438,7 @@ mod tests {
         let mut firsts = Vec::new();
         for edge in 0..8u64 {
             let mut planner = Planner::new(vec![1000; 1000], &[], PlannerConfig::default(), edge);
-            seed(&mut planner, 1);
+            upstream(&mut planner, 1);
             firsts.extend(planner.poll(Duration::ZERO).into_iter().map(|r| r.piece));
         }
         firsts.sort();
@@ -1450,7 +1451,7 @@ mod tests {
         let run = |seed_value| {
             let mut planner =
                 Planner::new(vec![1000; 500], &[], PlannerConfig::default(), seed_value);
-            seed(&mut planner, 1);
+            upstream(&mut planner, 1);
             for id in 2..6 {
                 peer_with(
                     &mut planner,
@@ -1470,7 +1471,7 @@ mod tests {
         assert_eq!(planner.next_wakeup(), Some(Duration::ZERO));
         planner.poll(Duration::from_secs(5));
         assert_eq!(planner.next_wakeup(), None);
-        seed(&mut planner, 1);
+        upstream(&mut planner, 1);
         assert_eq!(planner.next_wakeup(), Some(Duration::from_secs(5)));
     }
 }

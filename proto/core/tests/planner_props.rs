@@ -98,13 +98,14 @@ fn config() -> impl Strategy<Value = PlannerConfig> {
         1u32..=8,
     )
         .prop_map(
-            |(in_flight, seed_in_flight, duplicates, fallback_ms, backoff_ms, failures)| {
+            |(in_flight, upstream_in_flight, duplicates, fallback_ms, backoff_ms, failures)| {
                 PlannerConfig {
                     max_in_flight_per_source: in_flight,
                     // 0 draws "no separate bound for seeds".
-                    max_in_flight_per_seed: (seed_in_flight > 0).then_some(seed_in_flight),
+                    max_in_flight_per_upstream: (upstream_in_flight > 0)
+                        .then_some(upstream_in_flight),
                     endgame_max_duplicates: duplicates,
-                    seed_fallback_after: Duration::from_millis(fallback_ms),
+                    upstream_fallback_after: Duration::from_millis(fallback_ms),
                     backoff_base: Duration::from_millis(backoff_ms),
                     backoff_max: Duration::from_millis(backoff_ms * 20),
                     max_failures_per_source: failures,
@@ -134,7 +135,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 let kinds = peers
                     .into_iter()
                     .map(|p| (SourceKind::Peer, p))
-                    .chain(seeds.into_iter().map(|s| (SourceKind::Seed, s)));
+                    .chain(seeds.into_iter().map(|s| (SourceKind::Upstream, s)));
                 let sources = kinds
                     .enumerate()
                     .map(|(i, (kind, (holds, behaviour, join_at)))| SourceSpec {

@@ -156,7 +156,7 @@ impl Engine {
             Strategy::Direct => {
                 for edge in edges.clone() {
                     let mut planner = planner_for(edge, &configs.edge);
-                    planner.add_source(ORIGIN, SourceKind::Seed);
+                    planner.add_source(ORIGIN, SourceKind::Upstream);
                     planner.source_has_all(ORIGIN);
                     planners.push((edge, planner));
                 }
@@ -164,7 +164,7 @@ impl Engine {
             Strategy::Staged | Strategy::Mesh => {
                 for stager in stagers.clone() {
                     let mut planner = planner_for(stager, &configs.stager);
-                    planner.add_source(ORIGIN, SourceKind::Seed);
+                    planner.add_source(ORIGIN, SourceKind::Upstream);
                     planner.source_has_all(ORIGIN);
                     planners.push((stager, planner));
                 }
@@ -176,7 +176,7 @@ impl Engine {
                 for (i, edge) in edges.clone().enumerate() {
                     let mut planner = planner_for(edge, &configs.edge);
                     for stager in stagers.clone() {
-                        planner.add_source(stager, SourceKind::Seed);
+                        planner.add_source(stager, SourceKind::Upstream);
                     }
                     for &peer in &neighbours[i] {
                         planner.add_source(first_edge + peer, SourceKind::Peer);

@@ -236,7 +236,7 @@ pub struct PlannedBundle {
     pub reason: String,
 }
 
-/// The origin's answer at boot (seed 002): what the node should run.
+/// The origin's answer at boot (brief 002): what the node should run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BootPlan {
     /// The node holds exactly the desired versions: boot as it is.
@@ -257,7 +257,7 @@ pub enum BootPlan {
         #[serde(deserialize_with = "bounds::node_bundles")]
         drop: Vec<NodeBundle>,
     },
-    /// No rule matches the node and it asks for no feature (seed 004).
+    /// No rule matches the node and it asks for no feature (brief 004).
     NoImage {
         /// The facts tried, in precedence order, as `level=value`.
         #[serde(deserialize_with = "bounds::facts")]
@@ -269,7 +269,7 @@ pub enum BootPlan {
         #[serde(deserialize_with = "bounds::message")]
         message: String,
     },
-    /// No rule matches, but the node's class may capture (seed 004): run the configured install
+    /// No rule matches, but the node's class may capture (brief 004): run the configured install
     /// script into the spare slot, and publish the result (with publisher rights) as `name`.
     /// Appended: the earlier variants keep their indices.
     NoImageCapture {

@@ -49,7 +49,7 @@ pub struct EdgeNode {
     pub name: String,
     /// State directory.
     pub dir: PathBuf,
-    /// Its daemon's addresses, once started ([`Mesh::start_edge_daemon`]).
+    /// Its daemon's addresses, once started ([`Testbed::start_edge_daemon`]).
     pub daemon: Option<Ready>,
     /// Flags its daemon was started with.
     pub daemon_args: Vec<String>,
@@ -69,7 +69,7 @@ pub struct EdgeFetch {
 }
 
 /// The running mesh. Dropping it stops every process.
-pub struct Mesh {
+pub struct Testbed {
     /// Binaries used.
     pub bins: Binaries,
     /// Work directory.
@@ -85,7 +85,7 @@ pub struct Mesh {
     /// Edges.
     pub edges: Vec<EdgeNode>,
     /// Per site, the address its nodes reach the origin at when it is not the origin's own (a
-    /// relay in front of it: [`Mesh::route_site_via`]).
+    /// relay in front of it: [`Testbed::route_site_via`]).
     site_origins: HashMap<String, String>,
 }
 
@@ -158,7 +158,7 @@ pub fn site_name(index: usize) -> String {
     }
 }
 
-impl Mesh {
+impl Testbed {
     /// Starts an origin, one stager per site (with `stager_args` added), and enrolls
     /// `edges_per_site` edges per site.
     pub async fn start(
@@ -167,7 +167,7 @@ impl Mesh {
         sites: usize,
         edges_per_site: usize,
         stager_args: &[String],
-    ) -> Result<Mesh> {
+    ) -> Result<Testbed> {
         let logs = work.join("logs");
         std::fs::create_dir_all(&logs)?;
         let origin_bin = bins.path("origin");
@@ -175,7 +175,7 @@ impl Mesh {
         procs::run_to_end(&origin_bin, &[s("init"), s("--dir"), p(&origin_dir)]).await?;
         let mut fleet = Fleet::default();
         let origin = start_origin(&bins, work, &origin_dir, "127.0.0.1:0", &mut fleet).await?;
-        let mut mesh = Mesh {
+        let mut mesh = Testbed {
             bins,
             work: work.to_owned(),
             fleet,
@@ -294,7 +294,7 @@ impl Mesh {
         self.fleet.kill(ORIGIN_NAME).await
     }
 
-    /// Restarts the origin on the same mesh address (after [`Mesh::kill_origin`]); its
+    /// Restarts the origin on the same mesh address (after [`Testbed::kill_origin`]); its
     /// enrollment and metrics endpoints get new ports.
     pub async fn restart_origin(&mut self) -> Result<()> {
         let listen = self.origin.mesh.clone();
@@ -312,22 +312,22 @@ impl Mesh {
     /// A client of this mesh with a certificate of its own, a `role` (`edge`, `stager`) of
     /// `site`, enrolled with a token from the origin and kept in `work/clients/NAME`: what a
     /// test uses to ask a node something as that role.
-    pub async fn enroll_client(&self, role: &str, site: &str, name: &str) -> Result<MeshClient> {
+    pub async fn enroll_client(&self, role: &str, site: &str, name: &str) -> Result<TestbedClient> {
         let token = self.token(role, site).await?;
         let token = proto::net::EnrollToken::parse(&token).context("the origin's token")?;
         let dir = self.work.join("clients").join(name);
         let identity = proto::net::enroll(&token, &dir)
             .await
             .with_context(|| format!("cannot enroll {name} as a {role} of {site}"))?;
-        MeshClient::new(identity)
+        TestbedClient::new(identity)
     }
 
     /// A client holding the origin's own certificate (what `origin swap` uses).
-    pub fn origin_client(&self) -> Result<MeshClient> {
+    pub fn origin_client(&self) -> Result<TestbedClient> {
         let dir = self.origin_dir.join("identity");
         let identity = proto::net::NodeIdentity::load(&dir)
             .with_context(|| format!("cannot load the origin's identity from {}", dir.display()))?;
-        MeshClient::new(identity)
+        TestbedClient::new(identity)
     }
 
     /// Kills stager `name` with SIGKILL.
@@ -335,7 +335,7 @@ impl Mesh {
         self.fleet.kill(name).await
     }
 
-    /// Restarts stager `name` on the same mesh address (after [`Mesh::kill_stager`]).
+    /// Restarts stager `name` on the same mesh address (after [`Testbed::kill_stager`]).
     pub async fn restart_stager(&mut self, name: &str) -> Result<()> {
         let index = self
             .stagers
@@ -375,7 +375,7 @@ impl Mesh {
             .await
     }
 
-    /// Like [`Mesh::start_edge_daemons`], with flags of each edge's own after `extra_args`
+    /// Like [`Testbed::start_edge_daemons`], with flags of each edge's own after `extra_args`
     /// (`per_edge` gets the edge: its machine root, say).
     pub async fn start_edge_daemons_with(
         &mut self,
@@ -427,7 +427,7 @@ impl Mesh {
         self.fleet.kill(name).await
     }
 
-    /// Restarts edge `name`'s daemon on the same address (after [`Mesh::kill_edge`]).
+    /// Restarts edge `name`'s daemon on the same address (after [`Testbed::kill_edge`]).
     pub async fn restart_edge(&mut self, name: &str) -> Result<()> {
         let index = self
             .edges
@@ -536,7 +536,7 @@ impl Mesh {
         self.fetch_all_with(edges, bundle, |_| {}).await
     }
 
-    /// Like [`Mesh::fetch_all`], calling `on_done` with each fetch as it ends (in the order
+    /// Like [`Testbed::fetch_all`], calling `on_done` with each fetch as it ends (in the order
     /// they end).
     pub async fn fetch_all_with(
         &self,
@@ -619,8 +619,8 @@ impl Mesh {
             .await
     }
 
-    /// Bytes the stagers of `site` sent to its edges (the same as [`Mesh::lan_bytes`], which
-    /// counts only the stagers; with peers, edges serve each other too: [`Mesh::peer_bytes`]).
+    /// Bytes the stagers of `site` sent to its edges (the same as [`Testbed::lan_bytes`], which
+    /// counts only the stagers; with peers, edges serve each other too: [`Testbed::peer_bytes`]).
     pub async fn stager_egress_bytes(&self, site: &str) -> Result<u64> {
         self.lan_bytes(site).await
     }
@@ -672,19 +672,19 @@ impl Mesh {
     }
 }
 
-/// A mesh client with a certificate of its own ([`Mesh::enroll_client`],
-/// [`Mesh::origin_client`]).
-pub struct MeshClient {
+/// A mesh client with a certificate of its own ([`Testbed::enroll_client`],
+/// [`Testbed::origin_client`]).
+pub struct TestbedClient {
     /// Its identity (role and site in the certificate).
     pub identity: proto::net::NodeIdentity,
     /// Its client endpoint.
     pub endpoint: quinn::Endpoint,
 }
 
-impl MeshClient {
-    fn new(identity: proto::net::NodeIdentity) -> Result<MeshClient> {
+impl TestbedClient {
+    fn new(identity: proto::net::NodeIdentity) -> Result<TestbedClient> {
         let endpoint = proto::net::client_endpoint(&identity).context("client endpoint")?;
-        Ok(MeshClient { identity, endpoint })
+        Ok(TestbedClient { identity, endpoint })
     }
 
     /// A connection to the mesh node at `addr` (`127.0.0.1:PORT`).
