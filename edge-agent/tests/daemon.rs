@@ -180,8 +180,6 @@ async fn only_the_origin_may_start_a_swap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "did not finish within 8 minutes on a loaded 2-core machine (a fetch after the first \
-            stager died); to be investigated: run with --ignored"]
 async fn an_edge_falls_back_to_a_second_stager_then_to_the_origin() {
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");

@@ -7,7 +7,7 @@
 //! every node derives the same numbering from the same signed manifest, so peers can announce
 //! what they hold as piece ranges.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use proto::manifest::Manifest;
 use proto::metrics::Metrics;
-use proto::net::connect;
+use proto::net::{connect, NetError};
 use proto::planner::{PieceId, Planner, PlannerConfig, SourceId, SourceKind};
 use proto::store::Store;
 use proto::transfer::fetch::{fetch_blob, FetchError};
@@ -100,8 +100,17 @@ impl SourceRole {
 struct Source {
     addr: SocketAddr,
     role: SourceRole,
-    conn: Arc<tokio::sync::Mutex<Option<Connection>>>,
+    conn: Arc<tokio::sync::Mutex<ConnSlot>>,
     counters: PeerCounters,
+}
+
+/// A source's connection, shared by its requests. A source that could not be reached is not
+/// dialled again in this download: every request waiting for it fails at once instead of each
+/// waiting out its own handshake timeout, and the download drops the source.
+#[derive(Default)]
+struct ConnSlot {
+    conn: Option<Connection>,
+    unreachable: bool,
 }
 
 /// What a download moved.
@@ -216,6 +225,8 @@ struct Run<'a> {
     /// The planner's clock starts here.
     epoch: Instant,
     running: HashMap<(SourceId, PieceId), AbortHandle>,
+    /// Sources found unreachable and dropped from this download.
+    dropped: HashSet<SourceId>,
 }
 
 impl<'a> Run<'a> {
@@ -253,6 +264,7 @@ impl<'a> Run<'a> {
             origin_added: false,
             epoch: Instant::now(),
             running: HashMap::new(),
+            dropped: HashSet::new(),
         }
     }
 
@@ -284,7 +296,7 @@ impl<'a> Run<'a> {
         self.sources.push(Source {
             addr,
             role,
-            conn: Arc::new(tokio::sync::Mutex::new(None)),
+            conn: Arc::new(tokio::sync::Mutex::new(ConnSlot::default())),
             counters: PeerCounters::new(&self.download.metrics, role.as_str(), site),
         });
         self.by_addr.insert(addr, id);
@@ -429,11 +441,35 @@ impl<'a> Run<'a> {
                 self.stop_requests(cancelled);
             }
             Err(error) if error.is_source_fault() => {
-                tracing::debug!(source = %source.addr, role = source.role.as_str(), %error, "request failed; backing off");
-                if matches!(error, FetchError::Net(_)) {
-                    *source.conn.lock().await = None;
+                let unreachable = {
+                    let mut slot = source.conn.lock().await;
+                    if matches!(error, FetchError::Net(_)) {
+                        slot.conn = None;
+                    }
+                    slot.unreachable
+                };
+                if unreachable {
+                    // Not dialled again: its requests go back to the pool for the other sources
+                    // (the origin comes in when no source is left).
+                    if self.dropped.insert(outcome.source) {
+                        tracing::warn!(source = %source.addr, role = source.role.as_str(), %error, "source unreachable; dropped for this download");
+                        let stopped: Vec<_> = self
+                            .running
+                            .keys()
+                            .filter(|(id, _)| *id == outcome.source)
+                            .copied()
+                            .collect();
+                        for key in stopped {
+                            if let Some(handle) = self.running.remove(&key) {
+                                handle.abort();
+                            }
+                        }
+                        self.planner.remove_source(outcome.source);
+                    }
+                } else {
+                    tracing::debug!(source = %source.addr, role = source.role.as_str(), %error, "request failed; backing off");
+                    self.planner.on_failure(outcome.source, outcome.piece, now);
                 }
-                self.planner.on_failure(outcome.source, outcome.piece, now);
             }
             Err(error) => {
                 return Err(anyhow::Error::new(error).context("cannot store a verified chunk"));
@@ -472,18 +508,31 @@ async fn recv_peer(peers: &mut Option<mpsc::Receiver<PeerHave>>) -> Option<PeerH
 /// The source's connection, (re)connecting when there is none or it closed.
 async fn connection(
     endpoint: &Endpoint,
-    slot: &tokio::sync::Mutex<Option<Connection>>,
+    slot: &tokio::sync::Mutex<ConnSlot>,
     addr: SocketAddr,
 ) -> Result<Connection, FetchError> {
     let mut slot = slot.lock().await;
-    if let Some(conn) = slot.as_ref() {
+    if slot.unreachable {
+        return Err(FetchError::Net(NetError::Connect {
+            addr,
+            reason: "unreachable earlier in this download".into(),
+        }));
+    }
+    if let Some(conn) = slot.conn.as_ref() {
         if conn.close_reason().is_none() {
             return Ok(conn.clone());
         }
     }
-    let conn = connect(endpoint, addr).await?;
-    *slot = Some(conn.clone());
-    Ok(conn)
+    match connect(endpoint, addr).await {
+        Ok(conn) => {
+            slot.conn = Some(conn.clone());
+            Ok(conn)
+        }
+        Err(error) => {
+            slot.unreachable = true;
+            Err(FetchError::Net(error))
+        }
+    }
 }
 
 /// Parses a socket address a peer announced.
