@@ -81,9 +81,7 @@ pub use shape::{bdp_bytes, LinkShape, RelayConfig};
 use stats::Counters;
 pub use stats::{DirectionStats, RelayStats};
 
-/// Bytes of IPv4 and UDP headers that each datagram adds on the wire; the rate and the queue
-/// count them.
-pub const IPV4_UDP_HEADER_BYTES: usize = 28;
+pub use netsim_sim::IPV4_UDP_HEADER_BYTES;
 
 /// Wire size of a full-size datagram (an Ethernet MTU), in bytes; sizes the token bucket's burst.
 pub const FULL_DATAGRAM_WIRE_BYTES: usize = 1500;

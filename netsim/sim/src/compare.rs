@@ -1,7 +1,7 @@
 //! `netsim compare`: the three strategies over one topology, side by side.
 //!
 //! [`compare_with`] takes any way of running one strategy and builds one [`CompareTable`];
-//! [`compare_simulated`] is that with the simulator, and `crate::emulate::compare_emulated` the
+//! [`compare_simulated`] is that with the simulator, and `netsim::emulate::compare_emulated` the
 //! same with the real binaries (async, so it tabulates with [`CompareTable::from_runs`]).
 //! The table prints as text, and writes `compare.json`, `compare.md` and `compare.svg` (fleet
 //! completion over time, one line per strategy) plus each run's own files under

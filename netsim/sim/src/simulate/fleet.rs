@@ -49,7 +49,7 @@ pub const GROUP_BYTES: f64 = 16.0 * 1024.0;
 /// QUIC's framing and, per 16 KiB group, its bao hashes. About 0.954.
 pub fn wire_efficiency() -> f64 {
     let per_datagram = (QUIC_DATAGRAM_BYTES - QUIC_PACKET_OVERHEAD_BYTES)
-        / (QUIC_DATAGRAM_BYTES + crate::relay::IPV4_UDP_HEADER_BYTES as f64);
+        / (QUIC_DATAGRAM_BYTES + crate::IPV4_UDP_HEADER_BYTES as f64);
     per_datagram * GROUP_BYTES / (GROUP_BYTES + BAO_BYTES_PER_GROUP)
 }
 
