@@ -453,18 +453,8 @@ impl<'a> Run<'a> {
                     // (the origin comes in when no source is left).
                     if self.dropped.insert(outcome.source) {
                         tracing::warn!(source = %source.addr, role = source.role.as_str(), %error, "source unreachable; dropped for this download");
-                        let stopped: Vec<_> = self
-                            .running
-                            .keys()
-                            .filter(|(id, _)| *id == outcome.source)
-                            .copied()
-                            .collect();
-                        for key in stopped {
-                            if let Some(handle) = self.running.remove(&key) {
-                                handle.abort();
-                            }
-                        }
-                        self.planner.remove_source(outcome.source);
+                        let ended = self.planner.remove_source(outcome.source);
+                        self.stop_requests(ended);
                     }
                 } else {
                     tracing::debug!(source = %source.addr, role = source.role.as_str(), %error, "request failed; backing off");

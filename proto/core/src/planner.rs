@@ -312,11 +312,11 @@ impl Planner {
         }
     }
 
-    /// The source left or disconnected: its requests in flight go back to the pool (the caller
-    /// stops them) and it is no longer used. Its ban, if any, stays.
-    pub fn remove_source(&mut self, source: SourceId) {
+    /// The source left or disconnected: its requests in flight go back to the pool and are
+    /// returned, for the caller to stop, and it is no longer used. Its ban, if any, stays.
+    pub fn remove_source(&mut self, source: SourceId) -> Vec<Request> {
         let Some(&s) = self.source_index.get(&source) else {
-            return;
+            return Vec::new();
         };
         self.dirty = true;
         match self.sources[s].status {
@@ -327,10 +327,13 @@ impl Planner {
             SourceStatus::Dropped => self.sources[s].status = SourceStatus::Removed,
             SourceStatus::Removed | SourceStatus::Banned => {}
         }
+        let mut ended = Vec::new();
         while let Some(flight) = self.sources[s].flights.last() {
             let piece = flight.piece;
             self.end_flight(s, piece);
+            ended.push(Request { source, piece });
         }
+        ended
     }
 
     /// The source announced that it holds `piece`.
@@ -1364,7 +1367,13 @@ mod tests {
         peer_with(&mut planner, 1, &[0]);
         peer_with(&mut planner, 2, &[1]);
         assert_eq!(planner.poll(Duration::ZERO).len(), 2);
-        planner.remove_source(1);
+        assert_eq!(
+            planner.remove_source(1),
+            vec![Request {
+                source: 1,
+                piece: 0
+            }]
+        );
         assert_eq!(planner.in_flight(), 1);
         assert!(planner.poll(MS).is_empty());
         assert_eq!(planner.unavailable_pieces(), vec![0]);
@@ -1413,7 +1422,7 @@ mod tests {
         let mut planner = planner(2);
         planner.source_has(5, 0);
         planner.source_has_all(5);
-        planner.remove_source(5);
+        assert!(planner.remove_source(5).is_empty());
         assert!(planner.on_success(5, 0, MS, MS).is_empty());
         planner.on_failure(5, 0, MS);
         assert!(planner.on_bad_data(5, 0).is_empty());

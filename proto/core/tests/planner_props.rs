@@ -325,7 +325,17 @@ fn membership(planner: &mut Planner, model: &mut Model, step: u32) {
             }
         }
         if spec.behaviour == Behaviour::Leaver(step) && model.joined.contains(&spec.id) {
-            planner.remove_source(spec.id);
+            let ended = planner.remove_source(spec.id);
+            let expected = model
+                .flights
+                .iter()
+                .filter(|(r, _)| r.source == spec.id)
+                .count();
+            assert_eq!(
+                ended.len(),
+                expected,
+                "remove_source returns every flight it ends"
+            );
             model.removed.insert(spec.id);
             model.flights.retain(|(r, _)| r.source != spec.id);
         }
