@@ -63,6 +63,7 @@ fn package(name: &str, version: &str, depends: &[&str]) -> PackageRecord {
         raw_bytes: 2000,
         seq: 1,
         published_ms: 5,
+        encrypted: false,
     }
 }
 
@@ -80,6 +81,7 @@ fn policy_doc() -> PolicyDoc {
         )]),
         source: "policy.toml".into(),
         capture: None,
+        encryption: Default::default(),
     }
 }
 

@@ -82,6 +82,16 @@ impl ControlPlane {
                 .await
             }
             ControlCommand::Rollout { action } => self.rollout_act(action, who).await,
+            ControlCommand::KeysRotate => {
+                tokio::task::block_in_place(|| self.keys_rotate(who, ""))
+            }
+            ControlCommand::KeysList => tokio::task::block_in_place(|| self.keys_list()),
+            ControlCommand::KeysRetire { generation } => {
+                tokio::task::block_in_place(|| self.keys_retire(generation, who))
+            }
+            ControlCommand::NodeRevoke { node } => {
+                tokio::task::block_in_place(|| self.node_revoke(&node, who))
+            }
         };
         match result {
             Ok(reply) => bounded(reply),

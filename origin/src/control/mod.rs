@@ -24,10 +24,12 @@ use crate::policy::{self, BundleRef, Requirement};
 use crate::policy_file;
 
 mod commands;
+mod keys;
 mod render;
 mod test_run;
 
 pub use commands::NodeRow;
+pub use keys::KeysAnswer;
 pub use render::{render_table, utc};
 pub use test_run::{TestRun, TestRunError, TEST_RUN_TIMEOUT};
 
@@ -69,6 +71,9 @@ pub enum CommandError {
     /// A test run that did not start.
     #[error(transparent)]
     TestRun(#[from] test_run::TestRunError),
+    /// A content-key command failed.
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeysError),
 }
 
 /// The control plane of a running origin.
@@ -83,11 +88,14 @@ pub struct ControlPlane {
     changes: Mutex<()>,
     /// `origin rollout ...`: the running rollout and the saved state of the last.
     rollouts: crate::rollout::service::RolloutService,
+    /// The content keys (`origin keys ...`).
+    keys: crate::keys::OriginKeys,
 }
 
 impl ControlPlane {
-    /// The control plane over `db`; test runs connect out through `endpoint`.
-    pub fn new(db: Db, endpoint: quinn::Endpoint) -> Self {
+    /// The control plane over `db` and the content keys `keys`; test runs connect out through
+    /// `endpoint`.
+    pub fn new(db: Db, endpoint: quinn::Endpoint, keys: crate::keys::OriginKeys) -> Self {
         // The rollout's file lives beside the database, in the origin's home.
         let home = db
             .path()
@@ -100,6 +108,7 @@ impl ControlPlane {
             changes: Mutex::new(()),
             rollouts: crate::rollout::service::RolloutService::new(&home, endpoint.clone()),
             endpoint,
+            keys,
         }
     }
 
@@ -167,6 +176,7 @@ impl ControlPlane {
             } else {
                 0
             },
+            encrypted: crate::keys::is_encrypted(manifest),
         };
         let deps = if depends.is_empty() {
             String::new()
@@ -285,14 +295,19 @@ impl ControlPlane {
             let inventory = self.effective_inventory(&record)?;
             let resolution = policy::resolve(&store, node_id, &inventory);
             let packages = self.package_map()?;
+            let doc = self.db.policy()?;
             let Negotiated {
                 plan,
                 desired,
                 state,
                 detail,
             } = negotiate::offer_capture(
-                negotiate::plan(&resolution, &record.installed, &packages),
-                self.db.policy()?.capture.as_ref(),
+                negotiate::require_encrypted(
+                    negotiate::plan(&resolution, &record.installed, &packages),
+                    doc.encryption.requires(inventory.class.as_deref()),
+                    &packages,
+                ),
+                doc.capture.as_ref(),
                 inventory.class.as_deref(),
             );
             record.desired = desired;
@@ -330,6 +345,7 @@ impl ControlPlane {
             Some(classes) => classes.clone(),
             None => self.db.classes()?,
         };
+        let encryption = doc.encryption.clone();
         let store = build_store(doc, &overrides, &packages);
         let by_version: BTreeMap<(String, String), PackageRecord> = packages
             .into_iter()
@@ -342,7 +358,11 @@ impl ControlPlane {
                 inventory.class = Some(class.clone());
             }
             let resolution = policy::resolve(&store, &record.id, &inventory);
-            let negotiated = negotiate::plan(&resolution, &record.installed, &by_version);
+            let negotiated = negotiate::require_encrypted(
+                negotiate::plan(&resolution, &record.installed, &by_version),
+                encryption.requires(inventory.class.as_deref()),
+                &by_version,
+            );
             let state = match negotiated.state {
                 NodeState::Updating => NodeState::Outdated,
                 other => other,
