@@ -60,7 +60,11 @@ impl Refreshed {
 /// Asks the origin (directly, with this node's certificate on `endpoint`) for the key
 /// generations this node may read, and makes the ring under `dir` exactly that. A revoked node
 /// is refused and drops every key it held; any other failure leaves the ring as it was.
-pub async fn refresh(endpoint: &Endpoint, identity: &NodeIdentity, dir: &Path) -> Result<Refreshed> {
+pub async fn refresh(
+    endpoint: &Endpoint,
+    identity: &NodeIdentity,
+    dir: &Path,
+) -> Result<Refreshed> {
     let origin: SocketAddr = identity.origin_addr().parse().with_context(|| {
         format!(
             "this node's identity names no origin address ({:?})",
@@ -69,12 +73,15 @@ pub async fn refresh(endpoint: &Endpoint, identity: &NodeIdentity, dir: &Path) -
     })?;
     let answer = tokio::time::timeout(REFRESH_TIMEOUT, async {
         let conn = connect(endpoint, origin).await?;
-        let answer = call(&conn, &Request::ContentKeys, MAX_FRAME_BYTES).await;
+        let answer: Result<Response, proto::net::NetError> =
+            call(&conn, &Request::ContentKeys, MAX_FRAME_BYTES).await;
         conn.close(0u32.into(), b"done");
-        Ok::<_, proto::net::NetError>(answer?)
+        answer
     })
     .await
-    .map_err(|_| anyhow!("the origin {origin} did not answer for content keys within {REFRESH_TIMEOUT:?}"))?
+    .map_err(|_| {
+        anyhow!("the origin {origin} did not answer for content keys within {REFRESH_TIMEOUT:?}")
+    })?
     .with_context(|| format!("cannot ask the origin {origin} for content keys"))?;
     let path = ring_path(dir);
     let held = keyring::load(&path)?;
@@ -130,7 +137,9 @@ pub async fn refresh(endpoint: &Endpoint, identity: &NodeIdentity, dir: &Path) -
             "content keys refreshed"
         );
     } else if given.is_empty() {
-        tracing::debug!("the origin gives this node no content key (its class may not read encrypted bundles)");
+        tracing::debug!(
+            "the origin gives this node no content key (its class may not read encrypted bundles)"
+        );
     }
     Ok(refreshed)
 }

@@ -36,9 +36,7 @@ fn identity(edge: &EdgeNode) -> proto::net::NodeIdentity {
 }
 
 fn ring_path(edge: &EdgeNode) -> std::path::PathBuf {
-    edge.dir
-        .join("identity")
-        .join(proto::keyring::KEYRING_FILE)
+    edge.dir.join("identity").join(proto::keyring::KEYRING_FILE)
 }
 
 fn ring(edge: &EdgeNode) -> KeyRing {
@@ -112,7 +110,10 @@ async fn edges_of_reading_classes_get_keys_from_the_origin_and_nobody_else_does(
     assert_eq!(rows[0]["current"], true, "{rows}");
     let origin_ring = proto::keyring::load(&mesh.origin_dir.join(proto::keyring::KEYRING_FILE))
         .expect("origin ring");
-    let key_1 = origin_ring.get(KeyGeneration(1)).expect("generation 1").clone();
+    let key_1 = origin_ring
+        .get(KeyGeneration(1))
+        .expect("generation 1")
+        .clone();
     assert!(!listed.contains(&hex(key_1.expose_secret())));
 
     // Before any class may read, an enrolled edge gets an empty list.
@@ -201,7 +202,8 @@ async fn edges_of_reading_classes_get_keys_from_the_origin_and_nobody_else_does(
         .expect("run origin");
     assert!(!current.ok, "retiring the current generation must fail");
     assert!(
-        current.stdout.contains("current generation") || current.stderr.contains("current generation"),
+        current.stdout.contains("current generation")
+            || current.stderr.contains("current generation"),
         "{}\n{}",
         current.stdout,
         current.stderr

@@ -106,9 +106,7 @@ async fn the_origin_swaps_edges_and_a_failing_health_check_rolls_back() {
 
     let edges = mesh.edges.clone();
     let ring_path = |edge: &netsim::testbed::EdgeNode| {
-        edge.dir
-            .join("identity")
-            .join(proto::keyring::KEYRING_FILE)
+        edge.dir.join("identity").join(proto::keyring::KEYRING_FILE)
     };
     let mut rings = Vec::new();
     for edge in &edges {

@@ -228,9 +228,7 @@ async fn main() -> Result<()> {
         Command::Nodes {
             command: None,
             json,
-        } => {
-            cmd::control::run(&home, ControlCommand::Nodes, json, "cannot list the nodes").await
-        }
+        } => cmd::control::run(&home, ControlCommand::Nodes, json, "cannot list the nodes").await,
         Command::Keys { command } => cmd::control::keys(&home, command).await,
         Command::Class { command } => cmd::control::class(&home, command).await,
         Command::Override { command } => cmd::control::override_(&home, command).await,

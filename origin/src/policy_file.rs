@@ -32,8 +32,8 @@ use serde::Deserialize;
 
 use crate::db::PolicyDoc;
 use crate::policy::{
-    BundleRef, CaptureConfig, Constraint, EncryptionConfig, Matcher, MatcherKind, PolicyError, PolicyStore,
-    Requirement, RequirementError, Rule, DEFAULT_CAPTURE_NAME, DEFAULT_PRECEDENCE,
+    BundleRef, CaptureConfig, Constraint, EncryptionConfig, Matcher, MatcherKind, PolicyError,
+    PolicyStore, Requirement, RequirementError, Rule, DEFAULT_CAPTURE_NAME, DEFAULT_PRECEDENCE,
 };
 
 /// Largest policy file, in bytes.

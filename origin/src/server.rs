@@ -452,12 +452,12 @@ impl RequestHandler for Origin {
             Ok(()) => match self.refuse_revoked(&peer, &request) {
                 Some(refused) => refused,
                 None => match request {
-                Request::Subscribe { after_seq } => {
-                    return self.subscribe(&peer, after_seq, &mut send).await
-                }
-                Request::GetBlob { hash, groups, .. } => {
-                    return self.serve_blob(&peer, hash, &groups, &mut send).await
-                }
+                    Request::Subscribe { after_seq } => {
+                        return self.subscribe(&peer, after_seq, &mut send).await
+                    }
+                    Request::GetBlob { hash, groups, .. } => {
+                        return self.serve_blob(&peer, hash, &groups, &mut send).await
+                    }
                     request => self.answer(&peer, request).await,
                 },
             },

@@ -253,7 +253,11 @@ pub enum NodesCommand {
 
 pub async fn keys(home: &OriginHome, command: KeysCommand) -> Result<()> {
     let (command, json, failure) = match command {
-        KeysCommand::Rotate => (ControlCommand::KeysRotate, false, "the keys were not rotated"),
+        KeysCommand::Rotate => (
+            ControlCommand::KeysRotate,
+            false,
+            "the keys were not rotated",
+        ),
         KeysCommand::List { json } => (ControlCommand::KeysList, json, "cannot list the keys"),
         KeysCommand::Retire { generation } => (
             ControlCommand::KeysRetire { generation },

@@ -82,9 +82,7 @@ impl ControlPlane {
                 .await
             }
             ControlCommand::Rollout { action } => self.rollout_act(action, who).await,
-            ControlCommand::KeysRotate => {
-                tokio::task::block_in_place(|| self.keys_rotate(who, ""))
-            }
+            ControlCommand::KeysRotate => tokio::task::block_in_place(|| self.keys_rotate(who, "")),
             ControlCommand::KeysList => tokio::task::block_in_place(|| self.keys_list()),
             ControlCommand::KeysRetire { generation } => {
                 tokio::task::block_in_place(|| self.keys_retire(generation, who))

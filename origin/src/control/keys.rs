@@ -78,7 +78,8 @@ impl ControlPlane {
         let _one_change = self.one_change();
         let (generation, fingerprint) = self.keys.rotate()?;
         let detail = format!("{generation} (fingerprint {fingerprint}) is current{why}");
-        self.db.commit(&[], Some(who("keys.rotate", detail.clone())))?;
+        self.db
+            .commit(&[], Some(who("keys.rotate", detail.clone())))?;
         tracing::info!(%generation, fingerprint, "content keys rotated");
         Ok(ControlReply {
             success: true,
@@ -119,7 +120,8 @@ impl ControlPlane {
         let detail = format!(
             "{generation} (fingerprint {fingerprint}) retired: edges drop it at their next key refresh, and bundles sealed with it can no longer be read"
         );
-        self.db.commit(&[], Some(who("keys.retire", detail.clone())))?;
+        self.db
+            .commit(&[], Some(who("keys.retire", detail.clone())))?;
         tracing::info!(%generation, fingerprint, "content-key generation retired");
         Ok(ControlReply {
             success: true,
