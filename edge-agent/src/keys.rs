@@ -144,6 +144,26 @@ pub async fn refresh(
     Ok(refreshed)
 }
 
+/// The key of `generation`, for the data path: from the ring, else after one [`refresh`].
+/// When the origin does not give it either (the class may not read, the node was revoked, the
+/// generation was retired or is newer than the origin's), the error names the generation.
+pub async fn key_for(
+    endpoint: &Endpoint,
+    identity: &NodeIdentity,
+    dir: &Path,
+    generation: KeyGeneration,
+) -> Result<proto::keys::ContentKey> {
+    if let Ok(key) = load(dir)?.get(generation) {
+        return Ok(key.clone());
+    }
+    if let Err(error) = refresh(endpoint, identity, dir).await {
+        tracing::warn!(%generation, error = format!("{error:#}"), "this node lacks a key generation and could not refresh its keys");
+    }
+    let ring = load(dir)?;
+    let key = ring.get(generation)?;
+    Ok(key.clone())
+}
+
 /// The variant of an unexpected answer, without its fields (a key must never reach a log).
 fn response_name(response: &Response) -> String {
     let shown = format!("{response:?}");

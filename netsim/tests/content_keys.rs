@@ -248,6 +248,15 @@ async fn edges_of_reading_classes_get_keys_from_the_origin_and_nobody_else_does(
         }
         other => panic!("a revoked node got {other:?}"),
     }
+    let nodes = origin_ok(&mesh, &["nodes", "--json"]).await;
+    let rows: serde_json::Value = serde_json::from_str(nodes.trim()).expect("nodes JSON");
+    let revoked_row = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|row| row["id"] == reader_id.as_str())
+        .expect("the revoked node's row");
+    assert_eq!(revoked_row["revoked"], true, "{revoked_row}");
     wait_for_generations(&reader, &[], "after the node's revocation").await;
     let origin_ring = proto::keyring::load(&mesh.origin_dir.join(proto::keyring::KEYRING_FILE))
         .expect("origin ring");

@@ -29,6 +29,8 @@ pub struct NodeRow {
     pub assigned_class: Option<String>,
     /// Its test run, if one is live.
     pub test_run: Option<TestRun>,
+    /// Whether an operator revoked it (`origin nodes revoke`).
+    pub revoked: bool,
 }
 
 impl ControlPlane {
@@ -125,20 +127,21 @@ impl ControlPlane {
         let nodes = self.db.nodes()?;
         let classes = self.db.classes()?;
         let runs = self.test_runs().clone();
-        Ok(nodes
+        nodes
             .into_iter()
             .map(|record| {
                 let assigned_class = classes.get(&record.id).cloned();
-                NodeRow {
+                Ok(NodeRow {
+                    revoked: self.is_revoked(&record.id)?,
                     class: assigned_class
                         .clone()
                         .or_else(|| record.inventory.class.clone()),
                     assigned_class,
                     test_run: runs.get(&record.id).cloned(),
                     record,
-                }
+                })
             })
-            .collect())
+            .collect()
     }
 
     fn nodes(&self) -> Result<ControlReply, CommandError> {
@@ -160,6 +163,11 @@ impl ControlPlane {
             let state = match &row.test_run {
                 Some(run) => format!("{} (test-run {})", r.state.name(), run.bundle),
                 None => r.state.name().to_owned(),
+            };
+            let state = if row.revoked {
+                format!("{state} (revoked)")
+            } else {
+                state
             };
             table.push([
                 r.id.clone(),
