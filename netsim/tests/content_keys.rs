@@ -237,6 +237,43 @@ async fn edges_of_reading_classes_get_keys_from_the_origin_and_nobody_else_does(
         }
     }
 
+    // A class that requires encryption is never rolled out an unencrypted bundle.
+    std::fs::write(
+        &policy,
+        "[encryption]\nread_classes = [\"secure\"]\nrequire_classes = [\"vault\"]\n",
+    )
+    .expect("policy");
+    origin_ok(
+        &mesh,
+        &["policy", "load", policy.to_str().expect("utf-8 path")],
+    )
+    .await;
+    origin_ok(&mesh, &["class", "set", &other_id, "vault"]).await;
+    let tree = work.path().join("plain-os");
+    std::fs::create_dir_all(tree.join("etc")).expect("tree");
+    std::fs::write(tree.join("etc/os-release"), "NAME=plain\n").expect("tree");
+    mesh.publish(&tree, "plain-os", "1").await.expect("publish");
+    let selector = format!("node={other_id}");
+    let refused = mesh
+        .origin_cli(&[
+            "rollout",
+            "start",
+            "plain-os@1",
+            "--to",
+            &selector,
+            "--rescue",
+            "plain-os@1",
+        ])
+        .await
+        .expect("run origin");
+    let said = format!("{}\n{}", refused.stdout, refused.stderr);
+    assert!(
+        !refused.ok,
+        "a plain rollout to a vault node must fail: {said}"
+    );
+    assert!(said.contains("not encrypted"), "{said}");
+    assert!(said.contains("require_classes"), "{said}");
+
     // Revocation: the node is refused, drops its keys, and the keys rotate without it.
     let revoked = origin_ok(&mesh, &["nodes", "revoke", &reader_id]).await;
     assert!(revoked.contains("revoked"), "{revoked}");

@@ -200,6 +200,9 @@ pub struct PackageRecord {
     /// Whether its chunks are encrypted (issue 16); false in records stored before.
     #[serde(default)]
     pub encrypted: bool,
+    /// The content-key generation it was sealed with, when encrypted.
+    #[serde(default)]
+    pub key_generation: Option<u32>,
 }
 
 impl PackageRecord {

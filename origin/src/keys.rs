@@ -161,6 +161,13 @@ pub fn is_encrypted(_manifest: &Manifest) -> bool {
     false
 }
 
+/// The content-key generation a bundle was sealed with, when it is encrypted.
+///
+/// TODO(h-crypt): read it from the manifest's encryption field when merging h-crypt.
+pub fn key_generation(_manifest: &Manifest) -> Option<KeyGeneration> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;

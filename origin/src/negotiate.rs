@@ -229,6 +229,7 @@ mod tests {
             seq: 1,
             published_ms: 0,
             encrypted: false,
+            key_generation: None,
         }
     }
 

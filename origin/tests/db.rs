@@ -64,6 +64,7 @@ fn package(name: &str, version: &str, depends: &[&str]) -> PackageRecord {
         seq: 1,
         published_ms: 5,
         encrypted: false,
+        key_generation: None,
     }
 }
 

@@ -238,6 +238,10 @@ pub enum KeysCommand {
     Retire {
         /// The generation number.
         generation: u32,
+        /// Retire it even while nodes run (or should run) bundles sealed with it: they can
+        /// no longer read them.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -259,8 +263,8 @@ pub async fn keys(home: &OriginHome, command: KeysCommand) -> Result<()> {
             "the keys were not rotated",
         ),
         KeysCommand::List { json } => (ControlCommand::KeysList, json, "cannot list the keys"),
-        KeysCommand::Retire { generation } => (
-            ControlCommand::KeysRetire { generation },
+        KeysCommand::Retire { generation, force } => (
+            ControlCommand::KeysRetire { generation, force },
             false,
             "the generation was not retired",
         ),

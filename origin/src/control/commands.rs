@@ -86,8 +86,8 @@ impl ControlPlane {
             ControlCommand::Rollout { action } => self.rollout_act(action, who).await,
             ControlCommand::KeysRotate => tokio::task::block_in_place(|| self.keys_rotate(who, "")),
             ControlCommand::KeysList => tokio::task::block_in_place(|| self.keys_list()),
-            ControlCommand::KeysRetire { generation } => {
-                tokio::task::block_in_place(|| self.keys_retire(generation, who))
+            ControlCommand::KeysRetire { generation, force } => {
+                tokio::task::block_in_place(|| self.keys_retire(generation, force, who))
             }
             ControlCommand::NodeRevoke { node } => {
                 tokio::task::block_in_place(|| self.node_revoke(&node, who))
@@ -426,6 +426,9 @@ impl ControlPlane {
         let target = find_bundle(catalog, bundle)?;
         let rescue = find_bundle(catalog, rescue)?;
         let nodes = tokio::task::block_in_place(|| self.db.nodes())?;
+        tokio::task::block_in_place(|| {
+            self.refuse_plain_rollout(&nodes, selector, &[&target, &rescue])
+        })?;
         let status = self
             .rollouts
             .start(&nodes, &target, &rescue, selector, max_failures, downgrade)

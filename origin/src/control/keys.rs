@@ -52,6 +52,48 @@ impl ControlPlane {
         }
     }
 
+    /// Refuses a rollout of an unencrypted bundle to nodes whose class may run encrypted
+    /// bundles only (`[encryption] require_classes`), naming one such node and the bundle.
+    pub(super) fn refuse_plain_rollout(
+        &self,
+        nodes: &[crate::db::NodeRecord],
+        selector: &str,
+        bundles: &[&proto::wire::BundleInfo],
+    ) -> Result<(), CommandError> {
+        let encryption = self.db.policy()?.encryption;
+        if encryption.require_classes.is_empty() {
+            return Ok(());
+        }
+        // A selector that does not parse is the rollout service's to report.
+        let Ok(picked) = crate::rollout::service::select(nodes, selector) else {
+            return Ok(());
+        };
+        let classes = self.db.classes()?;
+        for bundle in bundles {
+            let encrypted = self
+                .db
+                .package(&bundle.name, &bundle.version)?
+                .is_some_and(|package| package.encrypted);
+            if encrypted {
+                continue;
+            }
+            for node in &picked {
+                let class = classes
+                    .get(&node.id)
+                    .cloned()
+                    .or_else(|| node.inventory.class.clone());
+                if encryption.requires(class.as_deref()) {
+                    return Err(CommandError::PlainRollout {
+                        bundle: format!("{}@{}", bundle.name, bundle.version),
+                        node: node.id.clone(),
+                        class: class.unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Creates the first generation when the origin has none (at `origin serve`), audited.
     pub fn ensure_first_key(&self) -> Result<(), CommandError> {
         let _one_change = self.one_change();
@@ -112,9 +154,23 @@ impl ControlPlane {
     pub(super) fn keys_retire(
         &self,
         generation: u32,
+        force: bool,
         who: impl Fn(&str, String) -> Audit,
     ) -> Result<ControlReply, CommandError> {
         let _one_change = self.one_change();
+        let needing = self.nodes_needing(generation)?;
+        if !needing.is_empty() && !force {
+            return Err(CommandError::GenerationInUse {
+                generation: KeyGeneration(generation),
+                count: needing.len(),
+                nodes: needing
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         let generation = KeyGeneration(generation);
         let fingerprint = self.keys.retire(generation)?;
         let detail = format!(
@@ -128,6 +184,32 @@ impl ControlPlane {
             text: format!("{detail}\n"),
             json: "null".into(),
         })
+    }
+
+    /// The nodes (not revoked) that run or should run a bundle sealed with `generation`.
+    fn nodes_needing(&self, generation: u32) -> Result<Vec<String>, DbError> {
+        let sealed: std::collections::BTreeSet<proto::manifest::BundleId> = self
+            .db
+            .packages()?
+            .into_iter()
+            .filter(|package| package.key_generation == Some(generation))
+            .map(|package| package.id)
+            .collect();
+        if sealed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut needing = Vec::new();
+        for node in self.db.nodes()? {
+            let uses = node
+                .installed
+                .iter()
+                .chain(&node.desired)
+                .any(|bundle| sealed.contains(&bundle.id));
+            if uses && !self.is_revoked(&node.id)? {
+                needing.push(node.id);
+            }
+        }
+        Ok(needing)
     }
 
     /// Revokes a node, then rotates the keys so what is published next uses a generation the

@@ -71,6 +71,26 @@ pub enum CommandError {
     /// A test run that did not start.
     #[error(transparent)]
     TestRun(#[from] test_run::TestRunError),
+    /// A rollout of an unencrypted bundle to a class that requires encryption.
+    #[error("refused: {bundle} is not encrypted, and node {node} of the rollout is of class `{class}`, which may run encrypted bundles only ([encryption] require_classes); publish it with `origin publish --encrypt`")]
+    PlainRollout {
+        /// The bundle, `NAME@VERSION`.
+        bundle: String,
+        /// A node the rollout would include.
+        node: String,
+        /// Its class.
+        class: String,
+    },
+    /// `origin keys retire` of a generation nodes still need.
+    #[error("{generation} is still needed: {count} node(s) run or should run a bundle sealed with it ({nodes}); move them to newer bundles first, or pass --force (they can then no longer read those bundles)")]
+    GenerationInUse {
+        /// The generation.
+        generation: proto::keys::KeyGeneration,
+        /// How many nodes need it.
+        count: usize,
+        /// The first few node ids.
+        nodes: String,
+    },
     /// A content-key command failed.
     #[error(transparent)]
     Keys(#[from] crate::keys::KeysError),
@@ -177,6 +197,7 @@ impl ControlPlane {
                 0
             },
             encrypted: crate::keys::is_encrypted(manifest),
+            key_generation: crate::keys::key_generation(manifest).map(|g| g.0),
         };
         let deps = if depends.is_empty() {
             String::new()

@@ -387,10 +387,13 @@ pub enum ControlCommand {
     KeysRotate,
     /// The content-key generations, with fingerprints (never keys).
     KeysList,
-    /// Remove a content-key generation (never the current one).
+    /// Remove a content-key generation (never the current one; not while a node that was not
+    /// revoked runs or should run a bundle sealed with it, unless `force`).
     KeysRetire {
         /// The generation.
         generation: u32,
+        /// Retire it even though nodes still need it.
+        force: bool,
     },
     /// Revoke a node: the origin refuses its requests and its content keys from now on, and
     /// starts a new key generation it never gets.
