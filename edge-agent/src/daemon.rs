@@ -83,6 +83,8 @@ pub struct DaemonConfig {
     pub capture: Option<crate::capture::CaptureSetup>,
     /// Bound on the store, in bytes (`--cache-gib`).
     pub cache_limit_bytes: u64,
+    /// How often to ask the origin for this node's content keys (also asked at start).
+    pub keys_refresh: Duration,
 }
 
 /// The running daemon.
@@ -891,6 +893,7 @@ pub async fn serve(
     proto::metrics::spawn_log_summary(metrics.clone(), Duration::from_secs(10), "edge-agent");
     let accept = tokio::spawn(server::run(endpoint.clone(), daemon.clone(), metrics));
     spawn_startup_negotiation(daemon.clone());
+    spawn_keys_fresh(daemon.clone(), config.keys_refresh);
     spawn_keep_fresh(daemon);
     server::shutdown_signal().await;
     tracing::info!("shutting down");
@@ -899,6 +902,36 @@ pub async fn serve(
     accept.abort();
     Ok(())
 }
+
+/// Keeps this node's content keys in step with the origin: asked at start (again every few
+/// seconds until the origin knows the node, which the start-up report makes it), then every
+/// `interval`.
+fn spawn_keys_fresh(daemon: Arc<Daemon>, interval: Duration) {
+    tokio::spawn(async move {
+        let mut wait = KEYS_FIRST_RETRY;
+        loop {
+            let node = &daemon.node;
+            match crate::keys::refresh(&node.endpoint, &node.identity, &daemon.dir).await {
+                Ok(_) => wait = interval,
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        retry_s = wait.as_secs(),
+                        "content keys not refreshed; the ring stays as it was"
+                    );
+                    let next = wait.saturating_mul(2).min(interval);
+                    tokio::time::sleep(wait).await;
+                    wait = next;
+                    continue;
+                }
+            }
+            tokio::time::sleep(wait).await;
+        }
+    });
+}
+
+/// The first wait after a failed key refresh (doubling up to the refresh interval).
+const KEYS_FIRST_RETRY: Duration = Duration::from_secs(1);
 
 /// Keeps this node's keep-set fresh: the origin's changes (a new desired bundle, a rollout)
 /// reach the store within [`KEEP_SET_REFRESH_INTERVAL`].

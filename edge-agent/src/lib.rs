@@ -9,14 +9,17 @@
 //! image when the origin has none for this node (brief 004). [`state`] is the edge's directory
 //! (paths, the operator's configuration, `installed.json`, the running daemon's addresses).
 //!
+//! [`keys`] keeps the content keys of encrypted bundles the origin gives this node.
+//!
 //! The modules form layers, each using only those below it: [`state`], [`inventory`] and
-//! [`swap`] at the bottom; then [`peers`]; [`fetch`]; [`negotiate`]; [`capture`] and
+//! [`swap`] at the bottom; then [`keys`] and [`peers`]; [`fetch`]; [`negotiate`]; [`capture`] and
 //! [`remote_swap`]; and [`daemon`] at the top, which composes them.
 
 pub mod capture;
 pub mod daemon;
 pub mod fetch;
 pub mod inventory;
+pub mod keys;
 pub mod negotiate;
 pub mod peers;
 pub mod remote_swap;

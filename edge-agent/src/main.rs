@@ -246,6 +246,10 @@ struct ServeArgs {
     /// with a warning; the others are evicted least recently used.
     #[arg(long = "cache-gib", value_name = "GIB", default_value = edge_agent::daemon::DEFAULT_CACHE_GIB, value_parser = proto::retention::parse_cache_gib)]
     cache_limit_bytes: u64,
+    /// How often to ask the origin for this node's content keys (encrypted bundles), in
+    /// seconds; they are also asked at every start.
+    #[arg(long, default_value_t = edge_agent::keys::DEFAULT_REFRESH_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    keys_refresh_secs: u64,
     #[command(flatten)]
     facts: NodeFacts,
     #[command(flatten)]
@@ -736,6 +740,20 @@ fn cmd_enroll(args: &EnrollArgs) -> Result<ExitCode> {
             "",
         )?;
         let via = edge_agent::negotiate::report_only(&node, &report).await;
+        // The content keys its class may read, from the origin directly, once it knows the
+        // node; a failure leaves it without keys until its daemon starts.
+        if via.is_ok() {
+            match edge_agent::keys::refresh(&node.endpoint, &node.identity, &args.dir).await {
+                Ok(keys) => println!(
+                    "content keys: {} generation(s) this node may read",
+                    keys.generations.len()
+                ),
+                Err(error) => tracing::warn!(
+                    error = format!("{error:#}"),
+                    "enrolled, but no content keys yet; the daemon asks at its start"
+                ),
+            }
+        }
         node.endpoint.close(0u32.into(), b"done");
         via
     });
@@ -856,6 +874,7 @@ fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
         configured: args.facts.config(&args.dir)?,
         capture,
         cache_limit_bytes: args.cache_limit_bytes,
+        keys_refresh: std::time::Duration::from_secs(args.keys_refresh_secs),
     };
     let ready_file = args.ready_file;
     let p2p = edge_agent::peers::P2pConfig {

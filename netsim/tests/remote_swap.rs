@@ -72,9 +72,29 @@ async fn the_origin_swaps_edges_and_a_failing_health_check_rolls_back() {
         std::fs::write(&conf, format!("hostname={}\nkey=secret-{i}\n", edge.name))
             .expect("write identity");
     }
+    // Every edge may read encrypted bundles, so each holds a key ring in its identity
+    // directory (issue 16), which the swap must leave as it was, like the identity.
+    let policy = w.join("policy.toml");
+    std::fs::write(&policy, "[encryption]\nread_classes = [\"swapped\"]\n").expect("policy");
+    let loaded = mesh
+        .origin_cli(&["policy", "load", policy.to_str().expect("utf-8")])
+        .await
+        .expect("policy load");
+    assert!(loaded.ok, "{}\n{}", loaded.stdout, loaded.stderr);
+    for edge in &mesh.edges {
+        let id = proto::net::NodeIdentity::load(&edge.dir.join("identity"))
+            .expect("identity")
+            .node_id()
+            .to_string();
+        let set = mesh
+            .origin_cli(&["class", "set", &id, "swapped"])
+            .await
+            .expect("class set");
+        assert!(set.ok, "{}\n{}", set.stdout, set.stderr);
+    }
     let stager = mesh.stager_addrs("site-a")[0].clone();
     let failing = mesh.edges[2].name.clone();
-    mesh.start_edge_daemons_with(true, &[], |edge| {
+    mesh.start_edge_daemons_with(true, &["--keys-refresh-secs".into(), "1".into()], |edge| {
         let mut checks = vec![format!("reach-stager={stager}")];
         if edge.name == failing {
             checks.push("command=echo disk check failed >&2; false".to_owned());
@@ -85,6 +105,21 @@ async fn the_origin_swaps_edges_and_a_failing_health_check_rolls_back() {
     .expect("daemons");
 
     let edges = mesh.edges.clone();
+    let ring_path = |edge: &netsim::testbed::EdgeNode| {
+        edge.dir.join("identity").join(proto::keyring::KEYRING_FILE)
+    };
+    let mut rings = Vec::new();
+    for edge in &edges {
+        let path = ring_path(edge);
+        let held = stagecoach_testing::wait_until_async(
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_millis(200),
+            async || proto::keyring::load(&path).is_ok_and(|ring| ring.len() == 1),
+        )
+        .await;
+        assert!(held.is_ok(), "{} got no content key", edge.name);
+        rings.push(std::fs::read(&path).expect("ring"));
+    }
     let run = machines::swap_all(&mesh, &edges, "os@2", "rescue-os@1")
         .await
         .expect("origin swap");
@@ -103,6 +138,18 @@ async fn the_origin_swaps_edges_and_a_failing_health_check_rolls_back() {
             .find(|l| &l.edge == addr)
             .unwrap_or_else(|| panic!("no line for {}:\n{}", edge.name, run.output));
         let status = machines::status(&mesh, edge).await.expect("status");
+        // The key ring is where it was, byte for byte, readable by its owner only.
+        let path = ring_path(edge);
+        assert_eq!(
+            std::fs::read(&path).expect("ring after the swap"),
+            rings[i],
+            "{}'s key ring did not survive the swap",
+            edge.name
+        );
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).expect("stat").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{}", edge.name);
         let conf = std::fs::read_to_string(machine_root(edge).join(if edge.name == failing {
             "slots/b/etc/stagecoach/node.conf"
         } else {

@@ -7,6 +7,8 @@
 //! - `classes`: the class an operator put a node in (it overrides the class the node reports).
 //! - `overrides`: bundle versions an operator pinned on one node.
 //! - `policy`: the loaded policy (rules, precedence, features).
+//! - `revoked`: nodes an operator revoked (`origin nodes revoke`), by node id; the origin
+//!   refuses their requests (direct or relayed) and gives them no content key.
 //! - `audit`: every change, by a big-endian sequence number, written in the same `WriteBatch`
 //!   as the change it describes, so the log never misses a change nor records one that did not
 //!   happen.
@@ -46,8 +48,10 @@ pub const OVERRIDES: &str = "overrides";
 pub const POLICY: &str = "policy";
 /// The audit log.
 pub const AUDIT: &str = "audit";
+/// Revoked nodes, by node id (issue 16): refused every request and every content key.
+pub const REVOKED: &str = "revoked";
 
-const TABLES: [&str; 6] = [NODES, PACKAGES, CLASSES, OVERRIDES, POLICY, AUDIT];
+const TABLES: [&str; 7] = [NODES, PACKAGES, CLASSES, OVERRIDES, POLICY, AUDIT, REVOKED];
 
 /// The key of the policy document in [`POLICY`].
 const POLICY_KEY: &[u8] = b"current";
@@ -193,6 +197,12 @@ pub struct PackageRecord {
     pub seq: u64,
     /// When it was published (ms since the Unix epoch; 0 when imported from the catalog).
     pub published_ms: u64,
+    /// Whether its chunks are encrypted (issue 16); false in records stored before.
+    #[serde(default)]
+    pub encrypted: bool,
+    /// The content-key generation it was sealed with, when encrypted.
+    #[serde(default)]
+    pub key_generation: Option<u32>,
 }
 
 impl PackageRecord {
@@ -221,6 +231,10 @@ pub struct PolicyDoc {
     /// policies stored before capture existed.
     #[serde(default)]
     pub capture: Option<crate::policy::CaptureConfig>,
+    /// Which classes read encrypted bundles and which may run only those (issue 16); absent
+    /// in policies stored before encryption existed (no class reads).
+    #[serde(default)]
+    pub encryption: crate::policy::EncryptionConfig,
 }
 
 impl Default for PolicyDoc {
@@ -231,6 +245,7 @@ impl Default for PolicyDoc {
             features: BTreeMap::new(),
             source: String::new(),
             capture: None,
+            encryption: crate::policy::EncryptionConfig::default(),
         }
     }
 }
@@ -305,6 +320,19 @@ pub enum Put {
     },
     /// Replace the policy.
     Policy(Box<PolicyDoc>),
+    /// Mark a node revoked.
+    Revoked(Box<RevokedRecord>),
+}
+
+/// A revoked node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedRecord {
+    /// Node id.
+    pub node: String,
+    /// When (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Who revoked it.
+    pub actor: String,
 }
 
 /// The open database.
@@ -441,6 +469,11 @@ impl Db {
             .collect()
     }
 
+    /// The revocation of node `id`, if it was revoked.
+    pub fn revoked(&self, id: &str) -> Result<Option<RevokedRecord>, DbError> {
+        self.get(REVOKED, id.as_bytes())
+    }
+
     /// The loaded policy (the default, empty one before any load).
     pub fn policy(&self) -> Result<PolicyDoc, DbError> {
         Ok(self.get(POLICY, POLICY_KEY)?.unwrap_or_default())
@@ -543,6 +576,11 @@ impl Db {
                 Put::Policy(doc) => {
                     batch.put_cf(self.cf(POLICY)?, POLICY_KEY, encode(POLICY, doc)?)
                 }
+                Put::Revoked(record) => batch.put_cf(
+                    self.cf(REVOKED)?,
+                    record.node.as_bytes(),
+                    encode(REVOKED, record)?,
+                ),
             }
         }
         let record = match audit {

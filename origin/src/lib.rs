@@ -21,6 +21,7 @@ pub mod control;
 pub mod db;
 pub mod home;
 pub mod keep;
+pub mod keys;
 pub mod negotiate;
 pub mod policy;
 pub mod policy_file;

@@ -15,7 +15,9 @@ use proto::BundleKind;
 mod cmd;
 
 use cmd::bundles::{parse_dep, parse_pair, PublishArgs};
-use cmd::control::{ClassCommand, OverrideCommand, PolicyCommand, RolloutCommand};
+use cmd::control::{
+    ClassCommand, KeysCommand, NodesCommand, OverrideCommand, PolicyCommand, RolloutCommand,
+};
 
 #[derive(Parser)]
 #[command(
@@ -111,11 +113,19 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// List the nodes: id, site, class, role, installed, desired, state, last seen.
+    /// List the nodes: id, site, class, role, installed, desired, state, last seen; or
+    /// revoke one (`origin nodes revoke NODE`).
     Nodes {
+        #[command(subcommand)]
+        command: Option<NodesCommand>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Content keys of encrypted bundles: rotate, list, retire (asks the running origin).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
     },
     /// Put a node in a class.
     Class {
@@ -211,9 +221,15 @@ async fn main() -> Result<()> {
             no_progress,
         } => cmd::swap::swap(&home, &target, &rescue, &edges, !no_progress).await,
         Command::Policy { command } => cmd::control::policy(&home, command).await,
-        Command::Nodes { json } => {
-            cmd::control::run(&home, ControlCommand::Nodes, json, "cannot list the nodes").await
-        }
+        Command::Nodes {
+            command: Some(command),
+            ..
+        } => cmd::control::nodes(&home, command).await,
+        Command::Nodes {
+            command: None,
+            json,
+        } => cmd::control::run(&home, ControlCommand::Nodes, json, "cannot list the nodes").await,
+        Command::Keys { command } => cmd::control::keys(&home, command).await,
         Command::Class { command } => cmd::control::class(&home, command).await,
         Command::Override { command } => cmd::control::override_(&home, command).await,
         Command::Audit { limit, json } => {

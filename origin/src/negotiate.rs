@@ -107,6 +107,41 @@ pub fn plan(
     }
 }
 
+/// For a node whose class may run encrypted bundles only (`[encryption] require_classes`,
+/// issue 16): a plan that names an unencrypted bundle becomes a policy error saying which, so
+/// the node is never told to fetch or boot one.
+pub fn require_encrypted(
+    negotiated: Negotiated,
+    required: bool,
+    packages: &BTreeMap<(String, String), PackageRecord>,
+) -> Negotiated {
+    if !required {
+        return negotiated;
+    }
+    let plain: Vec<String> = negotiated
+        .desired
+        .iter()
+        .filter(|bundle| {
+            packages
+                .get(&(bundle.name.clone(), bundle.version.clone()))
+                .is_none_or(|package| !package.encrypted)
+        })
+        .map(ToString::to_string)
+        .collect();
+    if plain.is_empty() {
+        return negotiated;
+    }
+    problem(
+        NodeState::PolicyError,
+        format!(
+            "this node's class may run encrypted bundles only ([encryption] require_classes), but {} {} not encrypted: publish {} with `origin publish --encrypt`",
+            plain.join(", "),
+            if plain.len() == 1 { "is" } else { "are" },
+            if plain.len() == 1 { "it" } else { "them" },
+        ),
+    )
+}
+
 /// Turns a "no image" into "no image, capture one" (brief 004) when the policy's capture table
 /// allows the node's `class`; any other answer is returned as it is.
 pub fn offer_capture(
@@ -193,6 +228,38 @@ mod tests {
             raw_bytes: 200,
             seq: 1,
             published_ms: 0,
+            encrypted: false,
+            key_generation: None,
+        }
+    }
+
+    #[test]
+    fn a_class_that_requires_encryption_is_never_offered_a_plain_bundle() {
+        let mut plain = package("os", "1");
+        let mut sealed = package("os", "2");
+        sealed.encrypted = true;
+        plain.encrypted = false;
+        for (package, refused) in [(plain, true), (sealed, false)] {
+            let packages = catalog(std::slice::from_ref(&package));
+            let negotiated = Negotiated {
+                plan: BootPlan::BootAsYouAre {
+                    bundles: vec![package.node_bundle()],
+                },
+                desired: vec![package.node_bundle()],
+                state: NodeState::InSync,
+                detail: String::new(),
+            };
+            let unchanged = require_encrypted(negotiated.clone(), false, &packages);
+            assert_eq!(unchanged.state, NodeState::InSync);
+            let checked = require_encrypted(negotiated, true, &packages);
+            if refused {
+                assert_eq!(checked.state, NodeState::PolicyError);
+                assert!(checked.detail.contains("os@1"), "{}", checked.detail);
+                assert!(checked.detail.contains("--encrypt"), "{}", checked.detail);
+                assert!(matches!(checked.plan, BootPlan::PolicyError { .. }));
+            } else {
+                assert_eq!(checked.state, NodeState::InSync);
+            }
         }
     }
 

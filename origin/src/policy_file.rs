@@ -15,6 +15,10 @@
 //! [capture]                    # optional (brief 004): who may capture an image
 //! classes = ["lab"]            # nodes of these classes that no rule matches
 //! name = "captured-os"         # the bundle name captured images get (default `captured-os`)
+//!
+//! [encryption]                 # optional (issue 16): who reads encrypted bundles
+//! read_classes = ["secure"]    # edges of these classes receive the content keys
+//! require_classes = ["vault"]  # these read too, and are never offered an unencrypted bundle
 //! ```
 //!
 //! Packages are not part of the file: they are every bundle ever published.
@@ -28,8 +32,8 @@ use serde::Deserialize;
 
 use crate::db::PolicyDoc;
 use crate::policy::{
-    BundleRef, CaptureConfig, Constraint, Matcher, MatcherKind, PolicyError, PolicyStore,
-    Requirement, RequirementError, Rule, DEFAULT_CAPTURE_NAME, DEFAULT_PRECEDENCE,
+    BundleRef, CaptureConfig, Constraint, EncryptionConfig, Matcher, MatcherKind, PolicyError,
+    PolicyStore, Requirement, RequirementError, Rule, DEFAULT_CAPTURE_NAME, DEFAULT_PRECEDENCE,
 };
 
 /// Largest policy file, in bytes.
@@ -88,6 +92,12 @@ pub enum PolicyFileError {
         /// The file's name.
         file: String,
     },
+    /// An empty string among the `[encryption]` classes.
+    #[error("{file}: [encryption] classes must not be empty strings")]
+    EmptyEncryptionClass {
+        /// The file's name.
+        file: String,
+    },
     /// The rules parse but do not make a valid policy.
     #[error("{file}: {error}")]
     Invalid {
@@ -118,6 +128,16 @@ struct File {
     #[serde(default)]
     features: BTreeMap<String, Vec<Requirement>>,
     capture: Option<CaptureEntry>,
+    encryption: Option<EncryptionEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncryptionEntry {
+    #[serde(default)]
+    read_classes: Vec<String>,
+    #[serde(default)]
+    require_classes: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -214,8 +234,28 @@ pub fn parse(source: &str, text: &str) -> Result<PolicyDoc, PolicyFileError> {
             })
         }
     };
+    let encryption = match file.encryption {
+        None => EncryptionConfig::default(),
+        Some(entry) => {
+            if entry
+                .read_classes
+                .iter()
+                .chain(&entry.require_classes)
+                .any(String::is_empty)
+            {
+                return Err(PolicyFileError::EmptyEncryptionClass {
+                    file: source.to_owned(),
+                });
+            }
+            EncryptionConfig {
+                read_classes: entry.read_classes,
+                require_classes: entry.require_classes,
+            }
+        }
+    };
     let doc = PolicyDoc {
         capture,
+        encryption,
         rules,
         precedence: file
             .precedence
@@ -292,6 +332,30 @@ monitoring = ["agent>=1.0"]
         .expect_err("bad name")
         .to_string();
         assert!(bad.contains("[capture] name"), "{bad}");
+    }
+
+    #[test]
+    fn an_encryption_table_says_which_classes_read_and_which_require() {
+        let doc = parse(
+            "p.toml",
+            "[encryption]\nread_classes = [\"secure\"]\nrequire_classes = [\"vault\"]\n",
+        )
+        .expect("parse");
+        let encryption = doc.encryption;
+        assert!(encryption.may_read(Some("secure")));
+        assert!(encryption.may_read(Some("vault")), "require implies read");
+        assert!(!encryption.may_read(Some("web")));
+        assert!(!encryption.may_read(None));
+        assert!(encryption.requires(Some("vault")));
+        assert!(!encryption.requires(Some("secure")));
+        assert_eq!(
+            parse("p.toml", "").expect("empty").encryption,
+            EncryptionConfig::default()
+        );
+        let bad = parse("p.toml", "[encryption]\nread_classes = [\"\"]\n")
+            .expect_err("empty class")
+            .to_string();
+        assert!(bad.contains("[encryption]"), "{bad}");
     }
 
     #[test]

@@ -179,6 +179,10 @@ impl Origin {
                 };
                 keep_answer(peer, keep)
             }
+            Request::ContentKeys => {
+                self.request_counter("content_keys");
+                self.content_keys(peer)
+            }
             Request::RelayKeepSet { node_id } => {
                 self.request_counter("relay_keep_set");
                 // The edge must be of the relaying stager's site, from its certificate.
@@ -194,6 +198,74 @@ impl Origin {
                 message: format!("the origin has no answer for {} here", other.kind()),
             },
         }
+    }
+
+    /// Answers an edge's [`Request::ContentKeys`] (the table let only edges through): the
+    /// generations its class may read, none to a revoked or unknown node. Never logs a key.
+    fn content_keys(&self, peer: &PeerIdentity) -> Response {
+        let node_id = peer.node_id.to_string();
+        let answer = tokio::task::block_in_place(|| self.control.content_keys_for(&node_id));
+        match answer {
+            Ok((crate::control::KeysAnswer::Keys(generations), class)) => {
+                let shown: Vec<u32> = generations.iter().map(|(g, _)| g.0).collect();
+                if generations.is_empty() {
+                    tracing::info!(%peer, class = class.as_deref().unwrap_or("-"), "content keys: none, the node's class may not read encrypted bundles");
+                } else {
+                    tracing::info!(%peer, class = class.as_deref().unwrap_or("-"), generations = ?shown, "content keys given");
+                }
+                self.metrics
+                    .counter(
+                        "stagecoach_content_key_answers_total",
+                        "Content-key requests answered, by outcome",
+                        &[(
+                            "outcome",
+                            if generations.is_empty() {
+                                "none"
+                            } else {
+                                "keys"
+                            },
+                        )],
+                    )
+                    .inc();
+                Response::ContentKeys { generations }
+            }
+            Ok((crate::control::KeysAnswer::Revoked, _)) => {
+                tracing::warn!(%peer, "content keys refused: the node is revoked");
+                Response::Error {
+                    code: ErrorCode::Forbidden,
+                    message: format!("node {node_id} is revoked: it gets no content key"),
+                }
+            }
+            Ok((crate::control::KeysAnswer::Unknown, _)) => not_found(format!(
+                "node {node_id} has not reported to the origin yet: report (enroll or start) first, then ask for content keys"
+            )),
+            Err(error) => internal(error),
+        }
+    }
+
+    /// The refusal of a request from (or relayed for) a revoked node, if it is one.
+    fn refuse_revoked(&self, peer: &PeerIdentity, request: &Request) -> Option<Response> {
+        let relayed = match request {
+            Request::RelayReport { node_id, .. } | Request::RelayKeepSet { node_id } => {
+                Some(node_id.as_str())
+            }
+            _ => None,
+        };
+        let own = peer.node_id.to_string();
+        for id in [Some(own.as_str()), relayed].into_iter().flatten() {
+            match tokio::task::block_in_place(|| self.control.is_revoked(id)) {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::warn!(%peer, node = id, request = %request.kind(), "refused: the node is revoked");
+                    return Some(Response::Error {
+                        code: ErrorCode::Forbidden,
+                        message: format!("node {id} is revoked"),
+                    });
+                }
+                Err(error) => return Some(internal(error)),
+            }
+        }
+        None
     }
 
     /// Answers a request the authorization table refused.
@@ -377,14 +449,17 @@ impl RequestHandler for Origin {
     ) {
         let response = match authorize(Role::Origin, peer.role, &request) {
             Err(refusal) => self.refuse(&peer, &refusal),
-            Ok(()) => match request {
-                Request::Subscribe { after_seq } => {
-                    return self.subscribe(&peer, after_seq, &mut send).await
-                }
-                Request::GetBlob { hash, groups, .. } => {
-                    return self.serve_blob(&peer, hash, &groups, &mut send).await
-                }
-                request => self.answer(&peer, request).await,
+            Ok(()) => match self.refuse_revoked(&peer, &request) {
+                Some(refused) => refused,
+                None => match request {
+                    Request::Subscribe { after_seq } => {
+                        return self.subscribe(&peer, after_seq, &mut send).await
+                    }
+                    Request::GetBlob { hash, groups, .. } => {
+                        return self.serve_blob(&peer, hash, &groups, &mut send).await
+                    }
+                    request => self.answer(&peer, request).await,
+                },
             },
         };
         if let Ok(bytes) = write_frame(&mut send, &response).await {
@@ -408,6 +483,10 @@ fn command_name(command: &proto::wire::ControlCommand) -> &'static str {
         C::TestRun { .. } => "test-run",
         C::RolloutStart { .. } => "rollout-start",
         C::Rollout { .. } => "rollout",
+        C::KeysRotate => "keys rotate",
+        C::KeysList => "keys list",
+        C::KeysRetire { .. } => "keys retire",
+        C::NodeRevoke { .. } => "nodes revoke",
     }
 }
 
@@ -548,11 +627,14 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     )?;
     let (announcements, _) = broadcast::channel(ANNOUNCE_QUEUE);
     let db = home.db()?;
+    let keys = crate::keys::OriginKeys::open(home.dir())?;
     let control = ControlPlane::new(
         db,
         proto::net::client_endpoint(&identity)
             .context("cannot start the origin's client endpoint")?,
+        keys,
     );
+    control.ensure_first_key()?;
     import_catalog(&control, &catalog, &store, &identity)?;
     let origin = Arc::new(Origin {
         store,

@@ -63,6 +63,8 @@ fn package(name: &str, version: &str, depends: &[&str]) -> PackageRecord {
         raw_bytes: 2000,
         seq: 1,
         published_ms: 5,
+        encrypted: false,
+        key_generation: None,
     }
 }
 
@@ -80,6 +82,7 @@ fn policy_doc() -> PolicyDoc {
         )]),
         source: "policy.toml".into(),
         capture: None,
+        encryption: Default::default(),
     }
 }
 

@@ -222,3 +222,66 @@ pub async fn rollout(home: &OriginHome, command: RolloutCommand) -> Result<()> {
     };
     run(home, command, json, failure).await
 }
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Start a new content-key generation: new encrypted publishes use it; audited.
+    Rotate,
+    /// The content-key generations with their fingerprints and which is current (never keys).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a content-key generation (not the current one): edges drop it at their next key
+    /// refresh, and bundles sealed with it can no longer be read; audited.
+    Retire {
+        /// The generation number.
+        generation: u32,
+        /// Retire it even while nodes run (or should run) bundles sealed with it: they can
+        /// no longer read them.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NodesCommand {
+    /// Revoke a node: the origin refuses its requests and content keys from now on, and
+    /// rotates the content keys so bundles published next use a generation it never gets.
+    Revoke {
+        /// The node's id (or a unique prefix of it).
+        node: String,
+    },
+}
+
+pub async fn keys(home: &OriginHome, command: KeysCommand) -> Result<()> {
+    let (command, json, failure) = match command {
+        KeysCommand::Rotate => (
+            ControlCommand::KeysRotate,
+            false,
+            "the keys were not rotated",
+        ),
+        KeysCommand::List { json } => (ControlCommand::KeysList, json, "cannot list the keys"),
+        KeysCommand::Retire { generation, force } => (
+            ControlCommand::KeysRetire { generation, force },
+            false,
+            "the generation was not retired",
+        ),
+    };
+    run(home, command, json, failure).await
+}
+
+pub async fn nodes(home: &OriginHome, command: NodesCommand) -> Result<()> {
+    match command {
+        NodesCommand::Revoke { node } => {
+            run(
+                home,
+                ControlCommand::NodeRevoke { node },
+                false,
+                "the node was not revoked",
+            )
+            .await
+        }
+    }
+}

@@ -29,6 +29,8 @@ pub struct NodeRow {
     pub assigned_class: Option<String>,
     /// Its test run, if one is live.
     pub test_run: Option<TestRun>,
+    /// Whether an operator revoked it (`origin nodes revoke`).
+    pub revoked: bool,
 }
 
 impl ControlPlane {
@@ -82,6 +84,14 @@ impl ControlPlane {
                 .await
             }
             ControlCommand::Rollout { action } => self.rollout_act(action, who).await,
+            ControlCommand::KeysRotate => tokio::task::block_in_place(|| self.keys_rotate(who, "")),
+            ControlCommand::KeysList => tokio::task::block_in_place(|| self.keys_list()),
+            ControlCommand::KeysRetire { generation, force } => {
+                tokio::task::block_in_place(|| self.keys_retire(generation, force, who))
+            }
+            ControlCommand::NodeRevoke { node } => {
+                tokio::task::block_in_place(|| self.node_revoke(&node, who))
+            }
         };
         match result {
             Ok(reply) => bounded(reply),
@@ -117,20 +127,21 @@ impl ControlPlane {
         let nodes = self.db.nodes()?;
         let classes = self.db.classes()?;
         let runs = self.test_runs().clone();
-        Ok(nodes
+        nodes
             .into_iter()
             .map(|record| {
                 let assigned_class = classes.get(&record.id).cloned();
-                NodeRow {
+                Ok(NodeRow {
+                    revoked: self.is_revoked(&record.id)?,
                     class: assigned_class
                         .clone()
                         .or_else(|| record.inventory.class.clone()),
                     assigned_class,
                     test_run: runs.get(&record.id).cloned(),
                     record,
-                }
+                })
             })
-            .collect())
+            .collect()
     }
 
     fn nodes(&self) -> Result<ControlReply, CommandError> {
@@ -152,6 +163,11 @@ impl ControlPlane {
             let state = match &row.test_run {
                 Some(run) => format!("{} (test-run {})", r.state.name(), run.bundle),
                 None => r.state.name().to_owned(),
+            };
+            let state = if row.revoked {
+                format!("{state} (revoked)")
+            } else {
+                state
             };
             table.push([
                 r.id.clone(),
@@ -410,6 +426,9 @@ impl ControlPlane {
         let target = find_bundle(catalog, bundle)?;
         let rescue = find_bundle(catalog, rescue)?;
         let nodes = tokio::task::block_in_place(|| self.db.nodes())?;
+        tokio::task::block_in_place(|| {
+            self.refuse_plain_rollout(&nodes, selector, &[&target, &rescue])
+        })?;
         let status = self
             .rollouts
             .start(&nodes, &target, &rescue, selector, max_failures, downgrade)

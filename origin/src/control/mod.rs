@@ -24,10 +24,12 @@ use crate::policy::{self, BundleRef, Requirement};
 use crate::policy_file;
 
 mod commands;
+mod keys;
 mod render;
 mod test_run;
 
 pub use commands::NodeRow;
+pub use keys::KeysAnswer;
 pub use render::{render_table, utc};
 pub use test_run::{TestRun, TestRunError, TEST_RUN_TIMEOUT};
 
@@ -69,6 +71,29 @@ pub enum CommandError {
     /// A test run that did not start.
     #[error(transparent)]
     TestRun(#[from] test_run::TestRunError),
+    /// A rollout of an unencrypted bundle to a class that requires encryption.
+    #[error("refused: {bundle} is not encrypted, and node {node} of the rollout is of class `{class}`, which may run encrypted bundles only ([encryption] require_classes); publish it with `origin publish --encrypt`")]
+    PlainRollout {
+        /// The bundle, `NAME@VERSION`.
+        bundle: String,
+        /// A node the rollout would include.
+        node: String,
+        /// Its class.
+        class: String,
+    },
+    /// `origin keys retire` of a generation nodes still need.
+    #[error("{generation} is still needed: {count} node(s) run or should run a bundle sealed with it ({nodes}); move them to newer bundles first, or pass --force (they can then no longer read those bundles)")]
+    GenerationInUse {
+        /// The generation.
+        generation: proto::keys::KeyGeneration,
+        /// How many nodes need it.
+        count: usize,
+        /// The first few node ids.
+        nodes: String,
+    },
+    /// A content-key command failed.
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeysError),
 }
 
 /// The control plane of a running origin.
@@ -83,11 +108,14 @@ pub struct ControlPlane {
     changes: Mutex<()>,
     /// `origin rollout ...`: the running rollout and the saved state of the last.
     rollouts: crate::rollout::service::RolloutService,
+    /// The content keys (`origin keys ...`).
+    keys: crate::keys::OriginKeys,
 }
 
 impl ControlPlane {
-    /// The control plane over `db`; test runs connect out through `endpoint`.
-    pub fn new(db: Db, endpoint: quinn::Endpoint) -> Self {
+    /// The control plane over `db` and the content keys `keys`; test runs connect out through
+    /// `endpoint`.
+    pub fn new(db: Db, endpoint: quinn::Endpoint, keys: crate::keys::OriginKeys) -> Self {
         // The rollout's file lives beside the database, in the origin's home.
         let home = db
             .path()
@@ -100,6 +128,7 @@ impl ControlPlane {
             changes: Mutex::new(()),
             rollouts: crate::rollout::service::RolloutService::new(&home, endpoint.clone()),
             endpoint,
+            keys,
         }
     }
 
@@ -167,6 +196,8 @@ impl ControlPlane {
             } else {
                 0
             },
+            encrypted: crate::keys::is_encrypted(manifest),
+            key_generation: crate::keys::key_generation(manifest).map(|g| g.0),
         };
         let deps = if depends.is_empty() {
             String::new()
@@ -285,14 +316,19 @@ impl ControlPlane {
             let inventory = self.effective_inventory(&record)?;
             let resolution = policy::resolve(&store, node_id, &inventory);
             let packages = self.package_map()?;
+            let doc = self.db.policy()?;
             let Negotiated {
                 plan,
                 desired,
                 state,
                 detail,
             } = negotiate::offer_capture(
-                negotiate::plan(&resolution, &record.installed, &packages),
-                self.db.policy()?.capture.as_ref(),
+                negotiate::require_encrypted(
+                    negotiate::plan(&resolution, &record.installed, &packages),
+                    doc.encryption.requires(inventory.class.as_deref()),
+                    &packages,
+                ),
+                doc.capture.as_ref(),
                 inventory.class.as_deref(),
             );
             record.desired = desired;
@@ -330,6 +366,7 @@ impl ControlPlane {
             Some(classes) => classes.clone(),
             None => self.db.classes()?,
         };
+        let encryption = doc.encryption.clone();
         let store = build_store(doc, &overrides, &packages);
         let by_version: BTreeMap<(String, String), PackageRecord> = packages
             .into_iter()
@@ -342,7 +379,11 @@ impl ControlPlane {
                 inventory.class = Some(class.clone());
             }
             let resolution = policy::resolve(&store, &record.id, &inventory);
-            let negotiated = negotiate::plan(&resolution, &record.installed, &by_version);
+            let negotiated = negotiate::require_encrypted(
+                negotiate::plan(&resolution, &record.installed, &by_version),
+                encryption.requires(inventory.class.as_deref()),
+                &by_version,
+            );
             let state = match negotiated.state {
                 NodeState::Updating => NodeState::Outdated,
                 other => other,

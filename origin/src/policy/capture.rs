@@ -31,6 +31,33 @@ impl CaptureConfig {
     }
 }
 
+/// Which classes read encrypted bundles (issue 16), from the policy file's `[encryption]`
+/// table: an edge of a `read` class receives every content-key generation the origin keeps;
+/// a `require` class also reads, and is never offered an unencrypted bundle.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionConfig {
+    /// Classes whose edges receive content keys.
+    #[serde(default)]
+    pub read_classes: Vec<String>,
+    /// Classes that may run encrypted bundles only (they read them too).
+    #[serde(default)]
+    pub require_classes: Vec<String>,
+}
+
+impl EncryptionConfig {
+    /// True when a node of `class` may read encrypted bundles.
+    pub fn may_read(&self, class: Option<&str>) -> bool {
+        class.is_some_and(|class| {
+            self.read_classes.iter().any(|c| c == class) || self.requires(Some(class))
+        })
+    }
+
+    /// True when a node of `class` may be offered encrypted bundles only.
+    pub fn requires(&self, class: Option<&str>) -> bool {
+        class.is_some_and(|class| self.require_classes.iter().any(|c| c == class))
+    }
+}
+
 /// Metadata keys of a captured image's manifest: the capturing node and its inventory facts.
 pub mod capture_keys {
     /// The capturing node's id; its presence marks a captured image.

@@ -39,7 +39,9 @@ mod matcher;
 mod resolve;
 mod store;
 
-pub use capture::{capture_keys, captured_rule, CaptureConfig, DEFAULT_CAPTURE_NAME};
+pub use capture::{
+    capture_keys, captured_rule, CaptureConfig, EncryptionConfig, DEFAULT_CAPTURE_NAME,
+};
 pub use check::{check, NodeCheck, NodeConflict, PolicyReport};
 pub use matcher::{Cidr, Matcher, MatcherKind};
 pub use resolve::{resolve, Fact, PolicyError, Reason, Resolution, ResolvedBundle};

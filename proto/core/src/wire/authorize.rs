@@ -49,11 +49,13 @@ pub enum RequestKind {
     KeepSet,
     /// [`Request::RelayKeepSet`].
     RelayKeepSet,
+    /// [`Request::ContentKeys`].
+    ContentKeys,
 }
 
 impl RequestKind {
     /// Every kind, in the order of [`Request`]'s variants.
-    pub const ALL: [RequestKind; 18] = [
+    pub const ALL: [RequestKind; 19] = [
         RequestKind::ListBundles,
         RequestKind::Resolve,
         RequestKind::GetManifest,
@@ -72,6 +74,7 @@ impl RequestKind {
         RequestKind::Negotiate,
         RequestKind::KeepSet,
         RequestKind::RelayKeepSet,
+        RequestKind::ContentKeys,
     ];
 
     /// The variant's name, as in the protocol (`PutBlob`).
@@ -95,6 +98,7 @@ impl RequestKind {
             RequestKind::Negotiate => "Negotiate",
             RequestKind::KeepSet => "KeepSet",
             RequestKind::RelayKeepSet => "RelayKeepSet",
+            RequestKind::ContentKeys => "ContentKeys",
         }
     }
 
@@ -119,6 +123,7 @@ impl RequestKind {
             RequestKind::Negotiate => "make a node negotiate",
             RequestKind::KeepSet => "ask which bundles to keep",
             RequestKind::RelayKeepSet => "relay an edge's keep-set request",
+            RequestKind::ContentKeys => "receive content keys",
         }
     }
 }
@@ -151,6 +156,7 @@ impl Request {
             Request::Negotiate => RequestKind::Negotiate,
             Request::KeepSet => RequestKind::KeepSet,
             Request::RelayKeepSet { .. } => RequestKind::RelayKeepSet,
+            Request::ContentKeys => RequestKind::ContentKeys,
         }
     }
 }
@@ -219,6 +225,10 @@ pub fn access(server: Role, request: RequestKind) -> Access {
         // edges' requests on.
         K::KeepSet => [STAGER_OR_EDGE, EDGE, NO],
         K::RelayKeepSet => [STAGER, NO, NO],
+        // Content keys come from the origin only, to edges only (the origin then checks the
+        // node is enrolled, not revoked, and of a class that may read). A stager never holds
+        // one, so it neither asks nor relays.
+        K::ContentKeys => [EDGE, NO, NO],
     };
     match server {
         Role::Origin => origin,
@@ -408,6 +418,7 @@ mod tests {
             Request::RelayKeepSet {
                 node_id: "n".into(),
             },
+            Request::ContentKeys,
         ]
     }
 
@@ -424,6 +435,7 @@ mod tests {
                 K::ReportNode => only(&[Role::Edge]),
                 K::RelayReport | K::RelayKeepSet => only(&[Role::Stager]),
                 K::KeepSet => only(&[Role::Stager, Role::Edge]),
+                K::ContentKeys => only(&[Role::Edge]),
                 K::Control => only(&[Role::Origin, Role::Publisher]),
                 _ => Some(BadRequest),
             },
@@ -528,5 +540,26 @@ mod tests {
         };
         let nowhere = authorize(Role::Origin, Role::Edge, &enroll).expect_err("enroll");
         assert_eq!(nowhere.to_string(), "Enroll is not a request for an origin");
+    }
+
+    #[test]
+    fn content_keys_go_from_the_origin_to_edges_only() {
+        let keys = Request::ContentKeys;
+        assert!(authorize(Role::Origin, Role::Edge, &keys).is_ok());
+        for peer in [Role::Stager, Role::Publisher, Role::Origin] {
+            let refusal = authorize(Role::Origin, peer, &keys).expect_err("not an edge");
+            assert_eq!(refusal.code(), ErrorCode::Forbidden, "{peer}");
+            assert!(
+                refusal.to_string().ends_with("only the edge role may"),
+                "{refusal}"
+            );
+        }
+        // A stager never answers nor relays it: keys never pass through a stager.
+        let at_stager = authorize(Role::Stager, Role::Edge, &keys).expect_err("stager");
+        assert_eq!(
+            at_stager.to_string(),
+            "ContentKeys is not a request for a stager; send it to an origin"
+        );
+        assert!(authorize(Role::Edge, Role::Edge, &keys).is_err());
     }
 }

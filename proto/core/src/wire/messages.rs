@@ -144,6 +144,19 @@ pub enum Request {
         #[serde(deserialize_with = "bounds::name")]
         node_id: String,
     },
+    /// The content keys this edge may read (edges only, asked of the origin directly, never
+    /// through a stager: QUIC's TLS is hop by hop and a stager must never see a key).
+    /// Answered by [`Response::ContentKeys`] with the generations the node's class may read
+    /// (an empty list when it may read none); a revoked node is refused.
+    ContentKeys,
+}
+
+/// Content-key generations given to an edge: at most
+/// [`crate::keys::MAX_KEY_GENERATIONS`].
+fn key_generations<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<(crate::keys::KeyGeneration, crate::keys::ContentKey)>, D::Error> {
+    crate::bounds::list(d, crate::keys::MAX_KEY_GENERATIONS)
 }
 
 /// Most bundles one keep-set names (a site's: the union over its nodes, plus the newest
@@ -370,6 +383,25 @@ pub enum ControlCommand {
         /// What to do.
         action: RolloutAction,
     },
+    /// Start a new content-key generation: new encrypted publishes use it (issue 16).
+    KeysRotate,
+    /// The content-key generations, with fingerprints (never keys).
+    KeysList,
+    /// Remove a content-key generation (never the current one; not while a node that was not
+    /// revoked runs or should run a bundle sealed with it, unless `force`).
+    KeysRetire {
+        /// The generation.
+        generation: u32,
+        /// Retire it even though nodes still need it.
+        force: bool,
+    },
+    /// Revoke a node: the origin refuses its requests and its content keys from now on, and
+    /// starts a new key generation it never gets.
+    NodeRevoke {
+        /// Node id (or a unique prefix).
+        #[serde(deserialize_with = "bounds::name")]
+        node: String,
+    },
 }
 
 /// An operator's request about the current rollout.
@@ -559,6 +591,13 @@ pub enum Response {
     Negotiated(NegotiationOutcome),
     /// Answer to [`Request::KeepSet`] and [`Request::RelayKeepSet`].
     KeepSet(KeepSet),
+    /// Answer to [`Request::ContentKeys`]: every generation the node may read, oldest first.
+    /// `Debug` shows fingerprints only.
+    ContentKeys {
+        /// The generations and their keys.
+        #[serde(deserialize_with = "key_generations")]
+        generations: Vec<(crate::keys::KeyGeneration, crate::keys::ContentKey)>,
+    },
 }
 
 #[cfg(test)]
@@ -709,6 +748,34 @@ mod tests {
             .collect();
         let frame = encode_frame(&Response::KeepSet(KeepSet { bundles: ids })).expect("encode");
         assert!(decode_frame::<Response>(&frame).is_err());
+    }
+
+    #[test]
+    fn content_keys_round_trip_bounded_and_never_shown() {
+        use crate::keys::{ContentKey, KeyGeneration, MAX_KEY_GENERATIONS};
+        let key = ContentKey::from_bytes([0x5A; 32]);
+        let answer = Response::ContentKeys {
+            generations: vec![(KeyGeneration(1), key.clone())],
+        };
+        let frame = encode_frame(&answer).expect("encode");
+        let (decoded, _) = decode_frame::<Response>(&frame)
+            .expect("decode")
+            .expect("whole");
+        assert_eq!(decoded, answer);
+        assert!(!format!("{answer:?}").to_lowercase().contains("5a5a"));
+        let many = Response::ContentKeys {
+            generations: (0..=MAX_KEY_GENERATIONS as u32)
+                .map(|g| (KeyGeneration(g), key.clone()))
+                .collect(),
+        };
+        let frame = encode_frame(&many).expect("encode");
+        let err = decode_frame::<Response>(&frame).expect_err("too many generations");
+        assert!(err.to_string().contains("exceeds its bound"), "{err}");
+        // Truncated answers are refused, never a panic.
+        let frame = encode_frame(&answer).expect("encode");
+        for cut in 0..frame.len() {
+            let _ = decode_frame::<Response>(&frame[..cut]);
+        }
     }
 
     #[test]

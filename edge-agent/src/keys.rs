@@ -1,0 +1,175 @@
+//! The content keys this edge may read (issue 16), kept in `identity/content-keys.bin`
+//! (mode 0600, beside the node's certificate and key, so it lives in the machine's storage
+//! area and a swap carries it like the identity).
+//!
+//! The keys come from the origin only, asked directly over mutual TLS
+//! ([`Request::ContentKeys`]), never through a stager: QUIC's TLS ends at every hop, so a
+//! relaying stager would see them. [`refresh`] asks and replaces the ring with the answer
+//! (only when it changed): generations the origin no longer lists (retired, or the class lost
+//! the right) are dropped, and a revoked node drops every key. It runs at enrollment, at every
+//! daemon start, every [`DEFAULT_REFRESH_INTERVAL`] (`edge-agent serve --keys-refresh-secs`),
+//! and whenever the data path meets a bundle of a generation the ring lacks.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use proto::keyring::{self, KEYRING_FILE};
+use proto::keys::{KeyGeneration, KeyRing};
+use proto::net::{call, connect, NodeIdentity};
+use proto::wire::{ErrorCode, Request, Response, MAX_FRAME_BYTES};
+use quinn::Endpoint;
+
+use crate::state;
+
+/// How often a running daemon asks the origin for its keys.
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
+
+/// How long one ask may take, connection included.
+pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The key ring of the edge whose state directory is `dir`.
+pub fn ring_path(dir: &Path) -> PathBuf {
+    state::identity_dir(dir).join(KEYRING_FILE)
+}
+
+/// The keys this edge holds (an empty ring before the origin gave any).
+pub fn load(dir: &Path) -> Result<KeyRing> {
+    Ok(keyring::load(&ring_path(dir))?)
+}
+
+/// What a refresh changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refreshed {
+    /// Every generation held now, oldest first.
+    pub generations: Vec<KeyGeneration>,
+    /// Generations the origin gave that were not held.
+    pub added: Vec<KeyGeneration>,
+    /// Generations held that the origin no longer lists (retired, or no longer readable).
+    pub dropped: Vec<KeyGeneration>,
+}
+
+impl Refreshed {
+    /// Whether the ring on disk changed.
+    pub fn changed(&self) -> bool {
+        !self.added.is_empty() || !self.dropped.is_empty()
+    }
+}
+
+/// Asks the origin (directly, with this node's certificate on `endpoint`) for the key
+/// generations this node may read, and makes the ring under `dir` exactly that. A revoked node
+/// is refused and drops every key it held; any other failure leaves the ring as it was.
+pub async fn refresh(
+    endpoint: &Endpoint,
+    identity: &NodeIdentity,
+    dir: &Path,
+) -> Result<Refreshed> {
+    let origin: SocketAddr = identity.origin_addr().parse().with_context(|| {
+        format!(
+            "this node's identity names no origin address ({:?})",
+            identity.origin_addr()
+        )
+    })?;
+    let answer = tokio::time::timeout(REFRESH_TIMEOUT, async {
+        let conn = connect(endpoint, origin).await?;
+        let answer: Result<Response, proto::net::NetError> =
+            call(&conn, &Request::ContentKeys, MAX_FRAME_BYTES).await;
+        conn.close(0u32.into(), b"done");
+        answer
+    })
+    .await
+    .map_err(|_| {
+        anyhow!("the origin {origin} did not answer for content keys within {REFRESH_TIMEOUT:?}")
+    })?
+    .with_context(|| format!("cannot ask the origin {origin} for content keys"))?;
+    let path = ring_path(dir);
+    let held = keyring::load(&path)?;
+    let given = match answer {
+        Response::ContentKeys { generations } => {
+            let mut ring = KeyRing::new();
+            for (generation, key) in generations {
+                ring.insert(generation, key)?;
+            }
+            ring
+        }
+        Response::Error {
+            code: ErrorCode::Forbidden,
+            message,
+        } => {
+            if !held.is_empty() {
+                keyring::save(&path, &KeyRing::new())?;
+                tracing::warn!(
+                    dropped = ?held.generations().map(|g| g.0).collect::<Vec<_>>(),
+                    "the origin refused content keys; every key held was dropped"
+                );
+            }
+            bail!("the origin {origin} refused content keys: {message}");
+        }
+        Response::Error { code, message } => {
+            bail!("the origin {origin} gave no content keys ({code:?}): {message}")
+        }
+        other => bail!(
+            "the origin {origin} answered a content-key request with {}",
+            response_name(&other)
+        ),
+    };
+    let refreshed = Refreshed {
+        generations: given.generations().collect(),
+        added: given
+            .generations()
+            .filter(|g| held.get(*g).is_err())
+            .collect(),
+        dropped: held
+            .generations()
+            .filter(|g| given.get(*g).is_err())
+            .collect(),
+    };
+    // A key replaced under the same generation counts as a change too.
+    if given != held {
+        keyring::save(&path, &given)?;
+    }
+    if refreshed.changed() {
+        tracing::info!(
+            generations = ?refreshed.generations.iter().map(|g| g.0).collect::<Vec<_>>(),
+            added = ?refreshed.added.iter().map(|g| g.0).collect::<Vec<_>>(),
+            dropped = ?refreshed.dropped.iter().map(|g| g.0).collect::<Vec<_>>(),
+            "content keys refreshed"
+        );
+    } else if given.is_empty() {
+        tracing::debug!(
+            "the origin gives this node no content key (its class may not read encrypted bundles)"
+        );
+    }
+    Ok(refreshed)
+}
+
+/// The key of `generation`, for the data path: from the ring, else after one [`refresh`].
+/// When the origin does not give it either (the class may not read, the node was revoked, the
+/// generation was retired or is newer than the origin's), the error names the generation.
+pub async fn key_for(
+    endpoint: &Endpoint,
+    identity: &NodeIdentity,
+    dir: &Path,
+    generation: KeyGeneration,
+) -> Result<proto::keys::ContentKey> {
+    if let Ok(key) = load(dir)?.get(generation) {
+        return Ok(key.clone());
+    }
+    if let Err(error) = refresh(endpoint, identity, dir).await {
+        tracing::warn!(%generation, error = format!("{error:#}"), "this node lacks a key generation and could not refresh its keys");
+    }
+    let ring = load(dir)?;
+    let key = ring.get(generation)?;
+    Ok(key.clone())
+}
+
+/// The variant of an unexpected answer, without its fields (a key must never reach a log).
+fn response_name(response: &Response) -> String {
+    let shown = format!("{response:?}");
+    shown
+        .split(|c: char| !c.is_alphanumeric())
+        .next()
+        .unwrap_or("an unknown answer")
+        .to_owned()
+}

@@ -1,0 +1,255 @@
+//! The content-key commands, server side (issue 16): `origin keys rotate|list|retire` and
+//! `origin nodes revoke`, and what the mesh server asks before it answers a node: is it
+//! revoked, and which key generations may it read.
+//!
+//! A key change is two writes that cannot share one batch: the ring file (atomic, 0600) and
+//! the audit record. The ring is written first, so the audit log never names a generation
+//! that does not exist; a failed audit write is reported to the operator as a failure.
+
+// CommandError carries the policy's own errors whole (see `commands`).
+#![allow(clippy::result_large_err)]
+
+use proto::keys::{ContentKey, KeyGeneration};
+use proto::wire::ControlReply;
+
+use super::commands::to_json;
+use super::{render_table, CommandError, ControlPlane};
+use crate::db::{now_ms, Audit, DbError, Put, RevokedRecord};
+
+/// What the origin answers an edge's [`proto::wire::Request::ContentKeys`].
+#[derive(Debug)]
+pub enum KeysAnswer {
+    /// The generations the node may read (empty when its class may read none).
+    Keys(Vec<(KeyGeneration, ContentKey)>),
+    /// The node was revoked: it gets nothing.
+    Revoked,
+    /// The node never reported: the origin does not know its class yet.
+    Unknown,
+}
+
+impl ControlPlane {
+    /// Whether node `id` was revoked.
+    pub fn is_revoked(&self, id: &str) -> Result<bool, DbError> {
+        Ok(self.db.revoked(id)?.is_some())
+    }
+
+    /// The key generations node `id` may read: every one the origin keeps when the node's
+    /// class (the operator's, else its own) is an `[encryption]` reading class, none
+    /// otherwise.
+    pub fn content_keys_for(&self, id: &str) -> Result<(KeysAnswer, Option<String>), DbError> {
+        if self.is_revoked(id)? {
+            return Ok((KeysAnswer::Revoked, None));
+        }
+        let Some(record) = self.db.node(id)? else {
+            return Ok((KeysAnswer::Unknown, None));
+        };
+        let class = self.effective_inventory(&record)?.class;
+        let policy = self.db.policy()?;
+        if policy.encryption.may_read(class.as_deref()) {
+            Ok((KeysAnswer::Keys(self.keys.readable()), class))
+        } else {
+            Ok((KeysAnswer::Keys(Vec::new()), class))
+        }
+    }
+
+    /// Refuses a rollout of an unencrypted bundle to nodes whose class may run encrypted
+    /// bundles only (`[encryption] require_classes`), naming one such node and the bundle.
+    pub(super) fn refuse_plain_rollout(
+        &self,
+        nodes: &[crate::db::NodeRecord],
+        selector: &str,
+        bundles: &[&proto::wire::BundleInfo],
+    ) -> Result<(), CommandError> {
+        let encryption = self.db.policy()?.encryption;
+        if encryption.require_classes.is_empty() {
+            return Ok(());
+        }
+        // A selector that does not parse is the rollout service's to report.
+        let Ok(picked) = crate::rollout::service::select(nodes, selector) else {
+            return Ok(());
+        };
+        let classes = self.db.classes()?;
+        for bundle in bundles {
+            let encrypted = self
+                .db
+                .package(&bundle.name, &bundle.version)?
+                .is_some_and(|package| package.encrypted);
+            if encrypted {
+                continue;
+            }
+            for node in &picked {
+                let class = classes
+                    .get(&node.id)
+                    .cloned()
+                    .or_else(|| node.inventory.class.clone());
+                if encryption.requires(class.as_deref()) {
+                    return Err(CommandError::PlainRollout {
+                        bundle: format!("{}@{}", bundle.name, bundle.version),
+                        node: node.id.clone(),
+                        class: class.unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the first generation when the origin has none (at `origin serve`), audited.
+    pub fn ensure_first_key(&self) -> Result<(), CommandError> {
+        let _one_change = self.one_change();
+        if let Some((generation, fingerprint)) = self.keys.ensure_first()? {
+            self.db.commit(
+                &[],
+                Some(Audit::new(
+                    "origin",
+                    "origin",
+                    "keys.create",
+                    format!("{generation} created (fingerprint {fingerprint}); it is current"),
+                )),
+            )?;
+            tracing::info!(%generation, fingerprint, "created the first content-key generation");
+        }
+        Ok(())
+    }
+
+    pub(super) fn keys_rotate(
+        &self,
+        who: impl Fn(&str, String) -> Audit,
+        why: &str,
+    ) -> Result<ControlReply, CommandError> {
+        let _one_change = self.one_change();
+        let (generation, fingerprint) = self.keys.rotate()?;
+        let detail = format!("{generation} (fingerprint {fingerprint}) is current{why}");
+        self.db
+            .commit(&[], Some(who("keys.rotate", detail.clone())))?;
+        tracing::info!(%generation, fingerprint, "content keys rotated");
+        Ok(ControlReply {
+            success: true,
+            text: format!("{detail}; new encrypted publishes use it\n"),
+            json: format!("{{\"generation\":{}}}", generation.0),
+        })
+    }
+
+    pub(super) fn keys_list(&self) -> Result<ControlReply, CommandError> {
+        let rows = self.keys.list();
+        let mut table = vec![["GENERATION", "FINGERPRINT", "CURRENT"].map(str::to_owned)];
+        for row in &rows {
+            table.push([
+                row.generation.to_string(),
+                row.fingerprint.clone(),
+                if row.current { "yes" } else { "" }.to_owned(),
+            ]);
+        }
+        let mut text = render_table(&table);
+        if rows.is_empty() {
+            text.push_str("no content key yet (`origin serve` creates the first)\n");
+        }
+        Ok(ControlReply {
+            success: true,
+            text,
+            json: to_json(&rows),
+        })
+    }
+
+    pub(super) fn keys_retire(
+        &self,
+        generation: u32,
+        force: bool,
+        who: impl Fn(&str, String) -> Audit,
+    ) -> Result<ControlReply, CommandError> {
+        let _one_change = self.one_change();
+        let needing = self.nodes_needing(generation)?;
+        if !needing.is_empty() && !force {
+            return Err(CommandError::GenerationInUse {
+                generation: KeyGeneration(generation),
+                count: needing.len(),
+                nodes: needing
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let generation = KeyGeneration(generation);
+        let fingerprint = self.keys.retire(generation)?;
+        let detail = format!(
+            "{generation} (fingerprint {fingerprint}) retired: edges drop it at their next key refresh, and bundles sealed with it can no longer be read"
+        );
+        self.db
+            .commit(&[], Some(who("keys.retire", detail.clone())))?;
+        tracing::info!(%generation, fingerprint, "content-key generation retired");
+        Ok(ControlReply {
+            success: true,
+            text: format!("{detail}\n"),
+            json: "null".into(),
+        })
+    }
+
+    /// The nodes (not revoked) that run or should run a bundle sealed with `generation`.
+    fn nodes_needing(&self, generation: u32) -> Result<Vec<String>, DbError> {
+        let sealed: std::collections::BTreeSet<proto::manifest::BundleId> = self
+            .db
+            .packages()?
+            .into_iter()
+            .filter(|package| package.key_generation == Some(generation))
+            .map(|package| package.id)
+            .collect();
+        if sealed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut needing = Vec::new();
+        for node in self.db.nodes()? {
+            let uses = node
+                .installed
+                .iter()
+                .chain(&node.desired)
+                .any(|bundle| sealed.contains(&bundle.id));
+            if uses && !self.is_revoked(&node.id)? {
+                needing.push(node.id);
+            }
+        }
+        Ok(needing)
+    }
+
+    /// Revokes a node, then rotates the keys so what is published next uses a generation the
+    /// node never gets.
+    pub(super) fn node_revoke(
+        &self,
+        node: &str,
+        who: impl Fn(&str, String) -> Audit,
+    ) -> Result<ControlReply, CommandError> {
+        let record = {
+            let _one_change = self.one_change();
+            let record = self.find_node(node)?;
+            if self.is_revoked(&record.id)? {
+                return Ok(ControlReply {
+                    success: true,
+                    text: format!("node {} was already revoked\n", record.id),
+                    json: "null".into(),
+                });
+            }
+            let detail = format!("node {} (site {}) revoked", record.id, record.site);
+            let revoked = RevokedRecord {
+                node: record.id.clone(),
+                at_ms: now_ms(),
+                actor: who("", String::new()).actor,
+            };
+            self.db.commit(
+                &[Put::Revoked(Box::new(revoked))],
+                Some(who("node.revoke", detail)),
+            )?;
+            tracing::warn!(node = %record.id, "node revoked");
+            record
+        };
+        let rotated = self.keys_rotate(who, &format!(" after revoking node {}", record.id))?;
+        Ok(ControlReply {
+            success: true,
+            text: format!(
+                "node {} revoked: the origin refuses its requests and its keys\n{}",
+                record.id, rotated.text
+            ),
+            json: "null".into(),
+        })
+    }
+}
