@@ -13,9 +13,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, CodecError};
 use crate::hash::BlobHash;
+use crate::keys::KeyGeneration;
 
-/// Version of the manifest format written by this build.
+/// Version of the manifest format written by this build for a clear (unencrypted) bundle.
 pub const MANIFEST_FORMAT: u32 = 1;
+
+/// Version of the manifest format of an encrypted bundle: format 1 with the layout
+/// [`PayloadLayout::Sealed`] (a variant appended to the enum, so format-1 manifests encode to
+/// the same bytes and keep their ids), every chunk's `raw_bytes` and `total_raw_bytes` zero,
+/// and the chunk list naming the ciphertext blobs. Builds that know only format 1 refuse it.
+pub const SEALED_MANIFEST_FORMAT: u32 = 2;
 
 /// Largest encoded manifest accepted, in bytes (about 300k chunks).
 pub const MAX_MANIFEST_BYTES: usize = 16 * 1024 * 1024;
@@ -89,6 +96,25 @@ pub enum PayloadLayout {
         /// File name to restore the image under.
         file_name: String,
     },
+    /// An encrypted bundle (manifest format [`SEALED_MANIFEST_FORMAT`]): the chunks are sealed
+    /// with `generation`'s content key, and the real layout, with each chunk's plaintext hash
+    /// and sizes, is the sealed [`crate::seal::SealedMeta`] in `meta`.
+    Sealed {
+        /// The content-key generation that sealed the chunks and `meta`.
+        generation: KeyGeneration,
+        /// Nonce, ciphertext and tag of the encoded [`crate::seal::SealedMeta`].
+        meta: Vec<u8>,
+    },
+}
+
+impl PayloadLayout {
+    /// The generation an encrypted bundle was sealed with, or `None` for a clear one.
+    pub fn sealed_generation(&self) -> Option<KeyGeneration> {
+        match self {
+            PayloadLayout::Sealed { generation, .. } => Some(*generation),
+            _ => None,
+        }
+    }
 }
 
 /// A compatibility selector: the bundle suits machines whose fact `key` equals `value`
@@ -170,7 +196,7 @@ pub enum ManifestError {
     },
     /// A format this build does not know.
     #[error(
-        "manifest format {found} is not supported (this build reads format {MANIFEST_FORMAT})"
+        "manifest format {found} is not supported (this build reads formats {MANIFEST_FORMAT} (clear) and {SEALED_MANIFEST_FORMAT} (encrypted))"
     )]
     UnsupportedFormat {
         /// The format number found.
@@ -203,8 +229,23 @@ impl Manifest {
 
     /// Checks the internal consistency of the chunk list and totals.
     pub fn check(&self) -> Result<(), ManifestError> {
-        if self.format != MANIFEST_FORMAT {
-            return Err(ManifestError::UnsupportedFormat { found: self.format });
+        let sealed = matches!(self.layout, PayloadLayout::Sealed { .. });
+        match (self.format, sealed) {
+            (MANIFEST_FORMAT, false) | (SEALED_MANIFEST_FORMAT, true) => {}
+            (MANIFEST_FORMAT | SEALED_MANIFEST_FORMAT, _) => {
+                return Err(ManifestError::Inconsistent(format!(
+                    "format {} with a {} layout",
+                    self.format,
+                    if sealed { "sealed" } else { "clear" }
+                )))
+            }
+            (found, _) => return Err(ManifestError::UnsupportedFormat { found }),
+        }
+        if sealed && (self.total_raw_bytes != 0 || self.chunks.iter().any(|c| c.raw_bytes != 0))
+        {
+            return Err(ManifestError::Inconsistent(
+                "an encrypted manifest must not give raw sizes in the clear".into(),
+            ));
         }
         let raw: Option<u64> = self
             .chunks
