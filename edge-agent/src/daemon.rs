@@ -441,8 +441,17 @@ impl Daemon {
         let store = self.node.store.clone();
         let publisher = *self.node.identity.publisher_key();
         let stager = self.stagers.first().copied();
+        let keys = match state::content_keys(&self.dir) {
+            Ok(keys) => keys,
+            Err(error) => {
+                return Response::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("cannot read this edge's content keys: {error:#}"),
+                }
+            }
+        };
         let outcome = tokio::task::spawn_blocking(move || {
-            remote_swap::run(&config, &store, &publisher, stager, target, rescue)
+            remote_swap::run(&config, &store, &publisher, &keys, stager, target, rescue)
         })
         .await;
         let counter = |outcome: &str| {
@@ -677,7 +686,8 @@ impl Daemon {
             if root.exists() {
                 std::fs::remove_dir_all(&root)?;
             }
-            proto::pack::unpack(&report.manifest, &store, &root, &mut |_| {})?;
+            let keys = state::content_keys(&self.dir)?;
+            proto::pack::unpack_with(&report.manifest, &keys, &store, &root, &mut |_| {})?;
             Ok(())
         });
         if let Err(error) = unpacked {

@@ -637,7 +637,15 @@ fn cmd_sim_provision(args: &SimProvisionArgs) -> Result<ExitCode> {
     };
     let store = open_store(&store_dir)
         .with_context(|| format!("cannot open bundle store {}", store_dir.display()))?;
-    let marker = swap::provision_sim(&args.root, &store, &args.os, &trusted)
+    // The edge's content keys go with the machine (into its storage area), so it can open an
+    // encrypted OS.
+    let keys = match &args.edge_dir {
+        Some(edge_dir) => Some(proto::keyring::load(
+            &edge_agent::state::identity_dir(edge_dir).join(proto::keyring::KEYRING_FILE),
+        )?),
+        None => None,
+    };
+    let marker = swap::provision_sim(&args.root, &store, &args.os, &trusted, keys.as_ref())
         .with_context(|| format!("cannot provision {}", args.root.display()))?;
     println!(
         "provisioned {}: slot A runs {} {} (bundle {})",

@@ -15,7 +15,14 @@ pub fn identity_dir(dir: &Path) -> PathBuf {
     dir.join("identity")
 }
 
-/// Opens the edge's store.
+/// The content keys this edge was given (`identity/content-keys.bin`); none when the file is
+/// missing.
+pub fn content_keys(dir: &Path) -> Result<proto::keys::KeyRing> {
+    let path = identity_dir(dir).join(proto::keyring::KEYRING_FILE);
+    Ok(proto::keyring::load(&path)?)
+}
+
+/// Opens the edge's blob store.
 pub fn open_store(dir: &Path) -> Result<Store> {
     open_store_with_limit(dir, proto::store::DEFAULT_CACHE_LIMIT_BYTES)
 }
