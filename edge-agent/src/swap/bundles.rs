@@ -8,8 +8,8 @@
 use std::path::Path;
 
 use ed25519_dalek::VerifyingKey;
-use proto::manifest::ManifestError;
 use proto::keys::KeyRing;
+use proto::manifest::ManifestError;
 use proto::pack::{self, ChunkSource, UnpackError, UnpackProgress, UnpackStats};
 use proto::{BlobHash, BundleId, Manifest, SignedManifest};
 

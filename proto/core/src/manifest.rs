@@ -241,8 +241,7 @@ impl Manifest {
             }
             (found, _) => return Err(ManifestError::UnsupportedFormat { found }),
         }
-        if sealed && (self.total_raw_bytes != 0 || self.chunks.iter().any(|c| c.raw_bytes != 0))
-        {
+        if sealed && (self.total_raw_bytes != 0 || self.chunks.iter().any(|c| c.raw_bytes != 0)) {
             return Err(ManifestError::Inconsistent(
                 "an encrypted manifest must not give raw sizes in the clear".into(),
             ));

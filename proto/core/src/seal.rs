@@ -162,7 +162,13 @@ pub fn seal_chunk(
     // MiB at most (bounded by the chunker), so an empty result cannot be produced in practice
     // and would fail to open anyway.
     cipher
-        .encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad: &aad })
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: plain,
+                aad: &aad,
+            },
+        )
         .unwrap_or_default()
 }
 
@@ -179,7 +185,13 @@ pub fn open_chunk(
     let (cipher, nonce) = chunk_cipher_and_nonce(key, generation, &plain.hash);
     let aad = chunk_aad(generation, &plain.hash);
     let opened = cipher
-        .decrypt(XNonce::from_slice(&nonce), Payload { msg: sealed, aad: &aad })
+        .decrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: sealed,
+                aad: &aad,
+            },
+        )
         .map_err(|_| SealError::ChunkDoesNotOpen {
             index,
             hash,
@@ -228,7 +240,13 @@ pub fn seal_meta(
     let nonce = XNonce::from_slice(&nonce_material[..NONCE_BYTES]);
     let aad = meta_aad(generation, clear_chunks);
     let sealed = cipher(&meta_key)
-        .encrypt(nonce, Payload { msg: &bytes, aad: &aad })
+        .encrypt(
+            nonce,
+            Payload {
+                msg: &bytes,
+                aad: &aad,
+            },
+        )
         .map_err(|_| CodecError::Encode("the sealed metadata is too large".into()))?;
     let mut out = Vec::with_capacity(NONCE_BYTES + sealed.len());
     out.extend_from_slice(nonce);
@@ -298,7 +316,11 @@ mod tests {
         ContentKey::from_bytes([byte; 32])
     }
 
-    fn sealed_chunk(k: &ContentKey, generation: KeyGeneration, plain: &[u8]) -> (ChunkRef, Vec<u8>) {
+    fn sealed_chunk(
+        k: &ContentKey,
+        generation: KeyGeneration,
+        plain: &[u8],
+    ) -> (ChunkRef, Vec<u8>) {
         let plain_hash = BlobHash::of(plain);
         let sealed = seal_chunk(k, generation, &plain_hash, plain);
         (
@@ -336,7 +358,10 @@ mod tests {
         // Same plaintext sealed under generation 2 (same key bytes, another generation).
         let (_, other_gen) = sealed_chunk(&key(1), KeyGeneration(2), b"chunk one");
         let error = open_chunk(&key(1), g1, 3, hash, &plain, &other_gen).expect_err("confused");
-        assert!(matches!(error, SealError::ChunkDoesNotOpen { index: 3, .. }));
+        assert!(matches!(
+            error,
+            SealError::ChunkDoesNotOpen { index: 3, .. }
+        ));
         assert!(error.to_string().contains("key generation 1"), "{error}");
 
         // Another chunk's ciphertext under the same key.

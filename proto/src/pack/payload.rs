@@ -307,27 +307,22 @@ fn compress_worker(
             return; // Queue closed: the payload ended or packing failed.
         };
         let result = match &mut compressor {
-            Ok(compressor) => {
-                compressor
-                    .compress(&job.data)
-                    .map(|compressed| match seal {
-                        None => Compressed {
-                            hash: BlobHash::of(&compressed),
-                            stored: compressed,
-                            plain: None,
-                        },
-                        Some((generation, key)) => {
-                            let plain_hash = BlobHash::of(&compressed);
-                            let sealed =
-                                seal::seal_chunk(key, *generation, &plain_hash, &compressed);
-                            Compressed {
-                                hash: BlobHash::of(&sealed),
-                                stored: sealed,
-                                plain: Some((plain_hash, compressed.len() as u64)),
-                            }
-                        }
-                    })
-            }
+            Ok(compressor) => compressor.compress(&job.data).map(|compressed| match seal {
+                None => Compressed {
+                    hash: BlobHash::of(&compressed),
+                    stored: compressed,
+                    plain: None,
+                },
+                Some((generation, key)) => {
+                    let plain_hash = BlobHash::of(&compressed);
+                    let sealed = seal::seal_chunk(key, *generation, &plain_hash, &compressed);
+                    Compressed {
+                        hash: BlobHash::of(&sealed),
+                        stored: sealed,
+                        plain: Some((plain_hash, compressed.len() as u64)),
+                    }
+                }
+            }),
             Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
         };
         let finished = CompressDone {
@@ -505,10 +500,17 @@ impl<'a, S: ChunkSource> VerifiedPayload<'a, S> {
             });
         }
         let stored = match (&self.opener, plain) {
-            (Some(opener), Some(plain)) => {
-                seal::open_chunk(opener.key, opener.generation, index, chunk.hash, &plain, &stored)
-                    .inspect_err(|e| tracing::warn!(index, chunk = %chunk.hash, error = %e, "sealed chunk refused"))?
-            }
+            (Some(opener), Some(plain)) => seal::open_chunk(
+                opener.key,
+                opener.generation,
+                index,
+                chunk.hash,
+                &plain,
+                &stored,
+            )
+            .inspect_err(
+                |e| tracing::warn!(index, chunk = %chunk.hash, error = %e, "sealed chunk refused"),
+            )?,
             _ => stored,
         };
         let bad_compression = |detail: String| UnpackError::BadCompression {
