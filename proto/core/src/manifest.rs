@@ -452,6 +452,80 @@ pub(crate) mod tests {
         assert!("iso".parse::<BundleKind>().is_err());
     }
 
+    fn sealed_sample() -> (SignedManifest, SigningKey) {
+        use crate::keys::{ContentKey, KeyGeneration};
+        use crate::seal::{seal_meta, SealedMeta};
+        let plain = sample_manifest();
+        let mut manifest = plain.clone();
+        manifest.format = SEALED_MANIFEST_FORMAT;
+        for chunk in &mut manifest.chunks {
+            chunk.stored_bytes += crate::seal::TAG_BYTES as u64;
+            chunk.raw_bytes = 0;
+        }
+        manifest.total_raw_bytes = 0;
+        manifest.total_stored_bytes = manifest.chunks.iter().map(|c| c.stored_bytes).sum();
+        let meta = SealedMeta {
+            layout: PayloadLayout::Tree,
+            chunks: plain.chunks,
+        };
+        let generation = KeyGeneration(1);
+        manifest.layout = PayloadLayout::Sealed {
+            generation,
+            meta: seal_meta(
+                &ContentKey::from_bytes([3; 32]),
+                generation,
+                &meta,
+                &manifest.chunks,
+            )
+            .expect("seal"),
+        };
+        let key = SigningKey::from_bytes(&[7; 32]);
+        (manifest.sign(&key), key)
+    }
+
+    #[test]
+    fn a_sealed_manifest_verifies_and_a_clear_one_keeps_format_1() {
+        let (signed, key) = sealed_sample();
+        let manifest = signed.verify(&[key.verifying_key()]).expect("verify");
+        assert_eq!(manifest.format, SEALED_MANIFEST_FORMAT);
+        assert_eq!(
+            manifest.layout.sealed_generation(),
+            Some(crate::keys::KeyGeneration(1))
+        );
+        // A sealed layout under format 1, or raw sizes in the clear, are refused.
+        let mut wrong = manifest.clone();
+        wrong.format = MANIFEST_FORMAT;
+        assert!(matches!(wrong.check(), Err(ManifestError::Inconsistent(_))));
+        let mut wrong = manifest;
+        wrong.chunks[0].raw_bytes = 5;
+        wrong.total_raw_bytes = 5;
+        assert!(wrong.check().is_err());
+        assert_eq!(sample_manifest().format, MANIFEST_FORMAT);
+        assert!(sample_manifest().layout.sealed_generation().is_none());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5_000))]
+        #[test]
+        fn truncated_or_flipped_sealed_manifests_are_refused_never_panic(
+            cut in any::<usize>(), flip in any::<(usize, u8)>(),
+        ) {
+            let (signed, key) = sealed_sample();
+            let trusted = [key.verifying_key()];
+            let bytes = signed.to_bytes();
+            let truncated = &bytes[..cut % bytes.len()];
+            if let Ok(decoded) = SignedManifest::from_bytes(truncated) {
+                prop_assert!(decoded.verify(&trusted).is_err());
+            }
+            let mut flipped = bytes.clone();
+            let at = flip.0 % flipped.len();
+            flipped[at] ^= flip.1.max(1);
+            if let Ok(decoded) = SignedManifest::from_bytes(&flipped) {
+                prop_assert!(decoded.verify(&trusted).is_err());
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(100_000))]
         #[test]
