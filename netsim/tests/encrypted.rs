@@ -269,3 +269,52 @@ async fn stagers_and_peers_carry_only_ciphertext_and_edges_with_the_key_restore_
         "encrypted v2 cost {encrypted} WAN bytes, clear {clear} ({ratio:.3}x)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_ciphertext_is_refused_by_hash_and_the_edge_unpacks_intact_bytes() {
+    bins().require_test_hooks().expect("test switches");
+    let work = tempfile::tempdir().expect("tempdir");
+    let tree = work.path().join("tree");
+    datagen::generate_tree(&tree, 4 * MIB, 43).expect("tree");
+    // The stager alters every part it serves (after its own store verified the ciphertext it
+    // pulled from the origin by hash).
+    let mut mesh = Testbed::start(
+        bins(),
+        work.path(),
+        1,
+        1,
+        &["--test-corrupt-serving".to_owned()],
+    )
+    .await
+    .expect("mesh");
+    let key = ContentKey::generate();
+    proto::keyring::save(
+        &mesh.origin_dir.join(proto::keyring::KEYRING_FILE),
+        &ring(&key),
+    )
+    .expect("origin ring");
+    let edge = mesh.edges[0].clone();
+    proto::keyring::save(
+        &edge.dir.join("identity").join(proto::keyring::KEYRING_FILE),
+        &ring(&key),
+    )
+    .expect("edge ring");
+    let id = publish(&mesh, &tree, "1", true).await;
+    mesh.wait_preheated("site-a", PREHEAT_TIMEOUT)
+        .await
+        .expect("preheat");
+    let out = work.path().join("unpacked");
+    let run = unpack_on(&mesh, &edge, &id, &out).await;
+    let log = format!("{}{}", run.stdout, run.stderr);
+    assert!(run.ok, "edge failed:\n{log}");
+    assert!(
+        log.contains("did not verify"),
+        "the tampered group was not refused:\n{log}"
+    );
+    assert!(
+        log.contains("banned"),
+        "the lying stager was not banned:\n{log}"
+    );
+    same_tree(&tree, &out);
+    mesh.shutdown().await;
+}
