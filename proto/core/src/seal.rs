@@ -91,12 +91,10 @@ pub enum SealError {
         generation: KeyGeneration,
     },
     /// A chunk opened but its plaintext is not the one the sealed metadata names.
-    #[error("chunk {index} ({hash}) opened with {generation} but its plaintext hashes to {actual} ({actual_bytes} bytes), not {expected} ({expected_bytes} bytes); nothing from it was written")]
+    #[error("chunk {index} opened with {generation} but its plaintext hashes to {actual} ({actual_bytes} bytes), not {expected} ({expected_bytes} bytes); nothing from it was written")]
     PlaintextMismatch {
         /// Position in the chunk list.
         index: usize,
-        /// The chunk's (ciphertext) hash.
-        hash: BlobHash,
         /// The generation the manifest names.
         generation: KeyGeneration,
         /// The plaintext hash the sealed metadata gives.
@@ -201,7 +199,6 @@ pub fn open_chunk(
     if actual != plain.hash || opened.len() as u64 != plain.stored_bytes {
         return Err(SealError::PlaintextMismatch {
             index,
-            hash,
             generation,
             expected: plain.hash,
             expected_bytes: plain.stored_bytes,
