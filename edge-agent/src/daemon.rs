@@ -395,6 +395,35 @@ impl Daemon {
         answer
     }
 
+    /// This edge's content keys, refreshed from the origin once when a bundle is sealed with
+    /// a generation they lack.
+    async fn ring_for(
+        &self,
+        generation: Option<proto::keys::KeyGeneration>,
+    ) -> Result<proto::keys::KeyRing> {
+        crate::keys::ring_for(
+            &self.node.endpoint,
+            &self.node.identity,
+            &self.dir,
+            generation,
+        )
+        .await
+    }
+
+    /// The content keys to open the stored bundles `ids` with (see [`Self::ring_for`]).
+    async fn ring_for_bundles(&self, ids: &[BundleId]) -> Result<proto::keys::KeyRing> {
+        let trusted = [*self.node.identity.publisher_key()];
+        let mut ring = crate::keys::load(&self.dir)?;
+        for id in ids {
+            let Some(signed) = self.node.store.get_manifest(id)? else {
+                continue;
+            };
+            let generation = signed.verify(&trusted)?.layout.sealed_generation();
+            ring = self.ring_for(generation).await?;
+        }
+        Ok(ring)
+    }
+
     /// Fetches both bundles (with progress frames), then swaps the machine and answers how it
     /// ended. One swap at a time; a second ask while one runs is refused as busy.
     async fn run_swap(
@@ -443,8 +472,17 @@ impl Daemon {
         let store = self.node.store.clone();
         let publisher = *self.node.identity.publisher_key();
         let stager = self.stagers.first().copied();
+        let keys = match self.ring_for_bundles(&[rescue, target]).await {
+            Ok(keys) => keys,
+            Err(error) => {
+                return Response::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("cannot read this edge's content keys: {error:#}"),
+                }
+            }
+        };
         let outcome = tokio::task::spawn_blocking(move || {
-            remote_swap::run(&config, &store, &publisher, stager, target, rescue)
+            remote_swap::run(&config, &store, &publisher, &keys, stager, target, rescue)
         })
         .await;
         let counter = |outcome: &str| {
@@ -675,11 +713,21 @@ impl Daemon {
             }
         };
         let root = area.join("root").join(id.to_string());
+        let generation = report.manifest.layout.sealed_generation();
+        let keys = match self.ring_for(generation).await {
+            Ok(keys) => keys,
+            Err(error) => {
+                return Response::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("test run: cannot read this edge's content keys: {error:#}"),
+                }
+            }
+        };
         let unpacked = tokio::task::block_in_place(|| -> Result<()> {
             if root.exists() {
                 std::fs::remove_dir_all(&root)?;
             }
-            proto::pack::unpack(&report.manifest, &store, &root, &mut |_| {})?;
+            proto::pack::unpack_with(&report.manifest, &keys, &store, &root, &mut |_| {})?;
             Ok(())
         });
         if let Err(error) = unpacked {

@@ -469,12 +469,17 @@ pub fn progress_bar(total: u64) -> ProgressBar {
 /// Unpacks bundle `manifest` from the store under `dir` into `to`.
 pub fn unpack_to(dir: &Path, manifest: &Manifest, to: &Path, show_progress: bool) -> Result<()> {
     let store = open_store(dir)?;
+    let keys = crate::keys::load(dir)?;
+    // A missing or wrong key fails here, before `to` is created.
+    let unsealed = proto::pack::unseal(manifest, &keys)
+        .with_context(|| format!("cannot unpack into {}", to.display()))?;
+    let total = proto::pack::raw_bytes_total(manifest, unsealed.as_ref());
     let bar = if show_progress {
-        ProgressBar::new(manifest.total_raw_bytes)
+        ProgressBar::new(total)
     } else {
         ProgressBar::hidden()
     };
-    proto::pack::unpack(manifest, &store, to, &mut |p| {
+    proto::pack::unpack_with(manifest, &keys, &store, to, &mut |p| {
         bar.set_position(p.raw_bytes_done)
     })
     .with_context(|| format!("cannot unpack into {}", to.display()))?;

@@ -144,24 +144,27 @@ pub async fn refresh(
     Ok(refreshed)
 }
 
-/// The key of `generation`, for the data path: from the ring, else after one [`refresh`].
-/// When the origin does not give it either (the class may not read, the node was revoked, the
-/// generation was retired or is newer than the origin's), the error names the generation.
-pub async fn key_for(
+/// The ring to open a bundle sealed with `generation` (`None` for a clear bundle) with: this
+/// edge's ring, refreshed once from the origin when it lacks that generation. Whether the key
+/// is there after that is for the unpack to say: its error names the generation, and it
+/// writes nothing.
+pub async fn ring_for(
     endpoint: &Endpoint,
     identity: &NodeIdentity,
     dir: &Path,
-    generation: KeyGeneration,
-) -> Result<proto::keys::ContentKey> {
-    if let Ok(key) = load(dir)?.get(generation) {
-        return Ok(key.clone());
+    generation: Option<KeyGeneration>,
+) -> Result<KeyRing> {
+    let ring = load(dir)?;
+    let Some(generation) = generation else {
+        return Ok(ring);
+    };
+    if ring.get(generation).is_ok() {
+        return Ok(ring);
     }
     if let Err(error) = refresh(endpoint, identity, dir).await {
         tracing::warn!(%generation, error = format!("{error:#}"), "this node lacks a key generation and could not refresh its keys");
     }
-    let ring = load(dir)?;
-    let key = ring.get(generation)?;
-    Ok(key.clone())
+    load(dir)
 }
 
 /// The variant of an unexpected answer, without its fields (a key must never reach a log).

@@ -641,7 +641,13 @@ fn cmd_sim_provision(args: &SimProvisionArgs) -> Result<ExitCode> {
     };
     let store = open_store(&store_dir)
         .with_context(|| format!("cannot open bundle store {}", store_dir.display()))?;
-    let marker = swap::provision_sim(&args.root, &store, &args.os, &trusted)
+    // The edge's content keys go with the machine (into its storage area), so it can open an
+    // encrypted OS.
+    let keys = match &args.edge_dir {
+        Some(edge_dir) => Some(edge_agent::keys::load(edge_dir)?),
+        None => None,
+    };
+    let marker = swap::provision_sim(&args.root, &store, &args.os, &trusted, keys.as_ref())
         .with_context(|| format!("cannot provision {}", args.root.display()))?;
     println!(
         "provisioned {}: slot A runs {} {} (bundle {})",
@@ -938,6 +944,28 @@ fn cmd_fetch(args: &FetchArgs) -> Result<ExitCode> {
         started.elapsed().as_secs_f64()
     );
     if let Some(to) = &args.to {
+        // Sealed with a generation this edge lacks: ask the origin once (the unpack then names
+        // the generation if it is still missing, and writes nothing).
+        if let Some(generation) = report.manifest.layout.sealed_generation() {
+            if edge_agent::keys::load(&args.dir)?.get(generation).is_err() {
+                runtime()?.block_on(async {
+                    let node = edge_agent::fetch::Node::open(
+                        &args.dir,
+                        &args.stagers,
+                        proto::metrics::Metrics::new(),
+                    )?;
+                    let ring = edge_agent::keys::ring_for(
+                        &node.endpoint,
+                        &node.identity,
+                        &args.dir,
+                        Some(generation),
+                    )
+                    .await;
+                    node.endpoint.close(0u32.into(), b"done");
+                    ring
+                })?;
+            }
+        }
         edge_agent::fetch::unpack_to(&args.dir, &report.manifest, to, !args.no_progress)?;
         println!("unpacked into {}", to.display());
     }

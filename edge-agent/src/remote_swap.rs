@@ -67,17 +67,26 @@ pub fn check_machine(root: &Path) -> Result<()> {
 }
 
 /// Delivers `rescue` and `target` from the edge's `store` into the machine's store, then runs
-/// the swap to its end. Blocking: run it on a blocking thread.
+/// the swap to its end; `keys` (the edge's content keys) go into the machine's storage area first.
+/// Blocking: run it on a blocking thread.
 pub fn run(
     config: &RemoteSwapConfig,
     store: &Store,
     publisher: &VerifyingKey,
+    keys: &proto::keys::KeyRing,
     stager: Option<std::net::SocketAddr>,
     target: BundleId,
     rescue: BundleId,
 ) -> Result<RemoteSwapEnd> {
     check_machine(&config.machine_root)?;
     let trusted = [*publisher];
+    // The edge's content keys go into the machine's storage area with the bundles, so the
+    // swap can open an encrypted OS (the ring file is replaced as a whole).
+    if !keys.is_empty() {
+        let path = sim::storage_dir(&config.machine_root).join(proto::keyring::KEYRING_FILE);
+        proto::keyring::save(&path, keys)
+            .context("cannot give the machine this edge's content keys")?;
+    }
     {
         let machine_store_dir = sim::store_dir(&config.machine_root);
         let machine_store = open_store(&machine_store_dir).with_context(|| {

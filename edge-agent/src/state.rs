@@ -15,7 +15,7 @@ pub fn identity_dir(dir: &Path) -> PathBuf {
     dir.join("identity")
 }
 
-/// Opens the edge's store.
+/// Opens the edge's blob store.
 pub fn open_store(dir: &Path) -> Result<Store> {
     open_store_with_limit(dir, proto::store::DEFAULT_CACHE_LIMIT_BYTES)
 }

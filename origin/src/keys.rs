@@ -153,19 +153,13 @@ impl OriginKeys {
 }
 
 /// Whether a bundle's chunks are encrypted.
-///
-/// TODO(h-crypt): the data path adds the encryption field to `Manifest`; the lead wires this
-/// to it when merging h-crypt (until then no bundle counts as encrypted, so a class under
-/// `[encryption] require_classes` is offered no bundle at all).
-pub fn is_encrypted(_manifest: &Manifest) -> bool {
-    false
+pub fn is_encrypted(manifest: &Manifest) -> bool {
+    key_generation(manifest).is_some()
 }
 
 /// The content-key generation a bundle was sealed with, when it is encrypted.
-///
-/// TODO(h-crypt): read it from the manifest's encryption field when merging h-crypt.
-pub fn key_generation(_manifest: &Manifest) -> Option<KeyGeneration> {
-    None
+pub fn key_generation(manifest: &Manifest) -> Option<KeyGeneration> {
+    manifest.layout.sealed_generation()
 }
 
 #[cfg(test)]

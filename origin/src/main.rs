@@ -85,6 +85,10 @@ enum Command {
         /// Dependency NAME@VERSION (repeatable; VERSION may be *).
         #[arg(long = "depends", value_parser = parse_dep)]
         dependencies: Vec<(String, String)>,
+        /// Encrypt the bundle with the newest content-key generation (`origin keys rotate`
+        /// makes one): stagers and peers carry it without being able to read it.
+        #[arg(long)]
+        encrypt: bool,
         /// No progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -200,6 +204,7 @@ async fn main() -> Result<()> {
             kind,
             selectors,
             dependencies,
+            encrypt,
             no_progress,
         } => {
             let args = PublishArgs {
@@ -209,6 +214,7 @@ async fn main() -> Result<()> {
                 kind,
                 selectors,
                 dependencies,
+                encrypt,
                 progress: !no_progress,
             };
             cmd::bundles::publish(&home, args).await

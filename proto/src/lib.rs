@@ -23,6 +23,6 @@ pub mod transfer;
 pub mod version;
 
 pub use proto_core::{
-    bounds, chunking, codec, hash, inventory, keys, manifest, planner, role, verify, wire,
+    bounds, chunking, codec, hash, inventory, keys, manifest, planner, role, seal, verify, wire,
 };
 pub use proto_core::{BlobHash, BundleId, BundleKind, Manifest, SignedManifest};

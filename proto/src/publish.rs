@@ -14,6 +14,8 @@ use ed25519_dalek::SigningKey;
 use tokio::sync::mpsc;
 
 use crate::hash::BlobHash;
+use crate::keyring::{self, KeyringError};
+use crate::keys::{ContentKey, KeyGeneration};
 use crate::net::{call, client_endpoint, connect, NetError, NodeIdentity, Role};
 use crate::pack::{pack_path, ChunkSink, PackError, PackOptions, PackProgress, PackedBundle};
 use crate::wire::{BundleInfo, ErrorCode, Request, Response, MAX_FRAME_BYTES};
@@ -75,6 +77,15 @@ pub enum PublishError {
         /// The answer, debug-printed.
         answer: String,
     },
+    /// An encrypted publish was asked for, but the origin holds no content key.
+    #[error("cannot publish encrypted: the key ring {path} holds no content key; run `origin keys rotate` first")]
+    NoContentKey {
+        /// The key ring file.
+        path: PathBuf,
+    },
+    /// The origin's key ring cannot be read.
+    #[error("cannot publish encrypted: {0}")]
+    Keyring(#[from] KeyringError),
     /// A task of the upload died.
     #[error("the {0} task failed")]
     Task(&'static str),
@@ -123,6 +134,18 @@ impl Publisher {
         }
         Ok(Self { identity, key })
     }
+}
+
+/// The newest content-key generation of the key ring at `path` (the origin's
+/// `content-keys.bin`): the one an encrypted publish seals with. An empty or missing ring is
+/// [`PublishError::NoContentKey`].
+pub fn newest_content_key(path: &Path) -> Result<(KeyGeneration, ContentKey), PublishError> {
+    let ring = keyring::load(path)?;
+    ring.newest()
+        .map(|(generation, key)| (generation, key.clone()))
+        .ok_or_else(|| PublishError::NoContentKey {
+            path: path.to_path_buf(),
+        })
 }
 
 struct ChannelSink(mpsc::Sender<(BlobHash, Vec<u8>)>);

@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use ed25519_dalek::VerifyingKey;
+use proto::keys::KeyRing;
 use proto::manifest::ManifestError;
 use proto::pack::{self, ChunkSource, UnpackError, UnpackProgress, UnpackStats};
 use proto::{BlobHash, BundleId, Manifest, SignedManifest};
@@ -208,16 +209,30 @@ pub fn stage_bundle(
     Ok(manifest)
 }
 
+/// Checks that an encrypted bundle opens with `keys` (the key of its generation is held and
+/// opens its sealed metadata); a clear bundle always passes. Reads no chunk, writes nothing:
+/// called before any slot is touched.
+pub fn check_keys(id: &BundleId, manifest: &Manifest, keys: &KeyRing) -> Result<(), BundleError> {
+    pack::unseal(manifest, keys)
+        .map(|_| ())
+        .map_err(|source| BundleError::Unpack {
+            id: *id,
+            source: Box::new(source),
+        })
+}
+
 /// Restores bundle `id` (its `manifest` already verified) into `dest`, checking every chunk
-/// before use. Does not sync: the caller syncs the filesystem once.
+/// before use and opening an encrypted bundle with `keys`. Does not sync: the caller syncs the
+/// filesystem once.
 pub fn unpack_bundle(
     store: &dyn BundleStore,
     id: &BundleId,
     manifest: &Manifest,
+    keys: &KeyRing,
     dest: &Path,
     progress: &mut dyn FnMut(UnpackProgress),
 ) -> Result<UnpackStats, BundleError> {
-    pack::unpack(manifest, &StoreChunks(store), dest, progress).map_err(|source| {
+    pack::unpack_with(manifest, keys, &StoreChunks(store), dest, progress).map_err(|source| {
         BundleError::Unpack {
             id: *id,
             source: Box::new(source),

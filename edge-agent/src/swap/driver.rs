@@ -340,6 +340,9 @@ pub enum InstallError {
     /// The platform failed.
     #[error(transparent)]
     Platform(#[from] PlatformError),
+    /// The machine's content-key ring cannot be read.
+    #[error("cannot read the machine's content keys: {0}")]
+    Keys(#[from] proto::keyring::KeyringError),
     /// The bundle carries the slot marker's own path.
     #[error("bundle {0} contains {SLOT_MARKER_FILE}, a path reserved for the agent: repack it without that file")]
     ReservedPath(proto::BundleId),
@@ -362,15 +365,27 @@ pub fn install_bundle(
     trusted: &[VerifyingKey],
 ) -> Result<SlotMarker, InstallError> {
     let manifest = bundles::verified_manifest(store, id, trusted)?;
+    // An encrypted bundle opens with a key of the machine's ring, kept in its storage area
+    // outside both slots; a missing or wrong key is found before the slot is touched.
+    let keys = match manifest.layout.sealed_generation() {
+        Some(_) => proto::keyring::load(&machine_keyring_path(platform))?,
+        None => proto::keys::KeyRing::new(),
+    };
+    bundles::check_keys(id, &manifest, &keys)?;
     platform.clear_slot_marker(slot)?;
     fault::op_point("clear marker");
     platform.format_slot(slot)?;
     fault::op_point("format slot");
     let root = platform.slot_root(slot)?;
     let started = std::time::Instant::now();
-    let stats = bundles::unpack_bundle(store, id, &manifest, &root, &mut |_: UnpackProgress| {
-        fault::op_point("unpack chunk")
-    })?;
+    let stats = bundles::unpack_bundle(
+        store,
+        id,
+        &manifest,
+        &keys,
+        &root,
+        &mut |_: UnpackProgress| fault::op_point("unpack chunk"),
+    )?;
     if root.join(SLOT_MARKER_FILE).exists() {
         return Err(InstallError::ReservedPath(*id));
     }
@@ -388,6 +403,11 @@ pub fn install_bundle(
         "slot installed"
     );
     Ok(marker)
+}
+
+/// The machine's content-key ring: `content-keys.bin` in its storage area, outside both slots.
+pub fn machine_keyring_path(platform: &dyn Platform) -> std::path::PathBuf {
+    platform.storage_dir().join(proto::keyring::KEYRING_FILE)
 }
 
 fn trusted_keys(plan: &SwapPlan) -> Result<Vec<VerifyingKey>, String> {

@@ -115,10 +115,15 @@ pub fn provision_sim(
     store: &dyn bundles::BundleStore,
     os: &proto::BundleId,
     trusted: &[VerifyingKey],
+    keys: Option<&proto::keys::KeyRing>,
 ) -> Result<SlotMarker, ProvisionError> {
     SimPlatform::create(root)?;
     // The machine is off while it is provisioned: nothing runs from A.
     let mut platform = SimPlatform::open(root, Slot::B)?;
+    if let Some(keys) = keys {
+        proto::keyring::save(&driver::machine_keyring_path(&platform), keys)
+            .map_err(driver::InstallError::from)?;
+    }
     let marker = driver::install_bundle(&mut platform, store, Slot::A, os, trusted)?;
     platform.set_default(Slot::A)?;
     fsutil::write_atomic(&sim::booted_slot_path(root), b"A", 0o644).map_err(PlatformError::from)?;

@@ -199,7 +199,7 @@ impl Fixture {
         {
             let store = open_store(&publisher_store).expect("open store");
             let trusted = vec![key.verifying_key()];
-            edge_agent::swap::provision_sim(&template, &store, &old.id, &trusted)
+            edge_agent::swap::provision_sim(&template, &store, &old.id, &trusted, None)
                 .expect("provision");
         }
         overlay_identity(&identity_src, &sim::slot_dir(&template, Slot::A));

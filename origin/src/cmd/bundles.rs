@@ -23,6 +23,8 @@ pub struct PublishArgs<'a> {
     pub selectors: Vec<(String, String)>,
     /// Dependencies NAME@VERSION.
     pub dependencies: Vec<(String, String)>,
+    /// Encrypt with the newest content-key generation of the origin's key ring.
+    pub encrypt: bool,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -40,6 +42,12 @@ pub async fn publish(home: &OriginHome, args: PublishArgs<'_>) -> Result<()> {
         .into_iter()
         .map(|(name, version)| Dependency { name, version })
         .collect();
+    if args.encrypt {
+        let ring = home.dir().join(proto::keyring::KEYRING_FILE);
+        let (generation, key) = proto::publish::newest_content_key(&ring)?;
+        eprintln!("encrypting with {generation}");
+        options.encrypt = Some((generation, key));
+    }
     let info = origin::publish::publish(home, args.path, options, args.progress).await?;
     println!(
         "bundle {} {}@{} ({} chunks, {} bytes stored, {} bytes raw, seq {})",

@@ -28,6 +28,7 @@ pub mod keys;
 pub mod manifest;
 pub mod planner;
 pub mod role;
+pub mod seal;
 pub mod verify;
 pub mod wire;
 

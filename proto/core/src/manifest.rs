@@ -13,9 +13,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, CodecError};
 use crate::hash::BlobHash;
+use crate::keys::KeyGeneration;
 
-/// Version of the manifest format written by this build.
+/// Version of the manifest format written by this build for a clear (unencrypted) bundle.
 pub const MANIFEST_FORMAT: u32 = 1;
+
+/// Version of the manifest format of an encrypted bundle: format 1 with the layout
+/// [`PayloadLayout::Sealed`] (a variant appended to the enum, so format-1 manifests encode to
+/// the same bytes and keep their ids), every chunk's `raw_bytes` and `total_raw_bytes` zero,
+/// and the chunk list naming the ciphertext blobs. Builds that know only format 1 refuse it.
+pub const SEALED_MANIFEST_FORMAT: u32 = 2;
 
 /// Largest encoded manifest accepted, in bytes (about 300k chunks).
 pub const MAX_MANIFEST_BYTES: usize = 16 * 1024 * 1024;
@@ -89,6 +96,25 @@ pub enum PayloadLayout {
         /// File name to restore the image under.
         file_name: String,
     },
+    /// An encrypted bundle (manifest format [`SEALED_MANIFEST_FORMAT`]): the chunks are sealed
+    /// with `generation`'s content key, and the real layout, with each chunk's plaintext hash
+    /// and sizes, is the sealed [`crate::seal::SealedMeta`] in `meta`.
+    Sealed {
+        /// The content-key generation that sealed the chunks and `meta`.
+        generation: KeyGeneration,
+        /// Nonce, ciphertext and tag of the encoded [`crate::seal::SealedMeta`].
+        meta: Vec<u8>,
+    },
+}
+
+impl PayloadLayout {
+    /// The generation an encrypted bundle was sealed with, or `None` for a clear one.
+    pub fn sealed_generation(&self) -> Option<KeyGeneration> {
+        match self {
+            PayloadLayout::Sealed { generation, .. } => Some(*generation),
+            _ => None,
+        }
+    }
 }
 
 /// A compatibility selector: the bundle suits machines whose fact `key` equals `value`
@@ -170,7 +196,7 @@ pub enum ManifestError {
     },
     /// A format this build does not know.
     #[error(
-        "manifest format {found} is not supported (this build reads format {MANIFEST_FORMAT})"
+        "manifest format {found} is not supported (this build reads formats {MANIFEST_FORMAT} (clear) and {SEALED_MANIFEST_FORMAT} (encrypted))"
     )]
     UnsupportedFormat {
         /// The format number found.
@@ -203,8 +229,22 @@ impl Manifest {
 
     /// Checks the internal consistency of the chunk list and totals.
     pub fn check(&self) -> Result<(), ManifestError> {
-        if self.format != MANIFEST_FORMAT {
-            return Err(ManifestError::UnsupportedFormat { found: self.format });
+        let sealed = matches!(self.layout, PayloadLayout::Sealed { .. });
+        match (self.format, sealed) {
+            (MANIFEST_FORMAT, false) | (SEALED_MANIFEST_FORMAT, true) => {}
+            (MANIFEST_FORMAT | SEALED_MANIFEST_FORMAT, _) => {
+                return Err(ManifestError::Inconsistent(format!(
+                    "format {} with a {} layout",
+                    self.format,
+                    if sealed { "sealed" } else { "clear" }
+                )))
+            }
+            (found, _) => return Err(ManifestError::UnsupportedFormat { found }),
+        }
+        if sealed && (self.total_raw_bytes != 0 || self.chunks.iter().any(|c| c.raw_bytes != 0)) {
+            return Err(ManifestError::Inconsistent(
+                "an encrypted manifest must not give raw sizes in the clear".into(),
+            ));
         }
         let raw: Option<u64> = self
             .chunks
@@ -410,6 +450,80 @@ pub(crate) mod tests {
             assert_eq!(kind.as_str().parse::<BundleKind>(), Ok(kind));
         }
         assert!("iso".parse::<BundleKind>().is_err());
+    }
+
+    fn sealed_sample() -> (SignedManifest, SigningKey) {
+        use crate::keys::{ContentKey, KeyGeneration};
+        use crate::seal::{seal_meta, SealedMeta};
+        let plain = sample_manifest();
+        let mut manifest = plain.clone();
+        manifest.format = SEALED_MANIFEST_FORMAT;
+        for chunk in &mut manifest.chunks {
+            chunk.stored_bytes += crate::seal::TAG_BYTES as u64;
+            chunk.raw_bytes = 0;
+        }
+        manifest.total_raw_bytes = 0;
+        manifest.total_stored_bytes = manifest.chunks.iter().map(|c| c.stored_bytes).sum();
+        let meta = SealedMeta {
+            layout: PayloadLayout::Tree,
+            chunks: plain.chunks,
+        };
+        let generation = KeyGeneration(1);
+        manifest.layout = PayloadLayout::Sealed {
+            generation,
+            meta: seal_meta(
+                &ContentKey::from_bytes([3; 32]),
+                generation,
+                &meta,
+                &manifest.chunks,
+            )
+            .expect("seal"),
+        };
+        let key = SigningKey::from_bytes(&[7; 32]);
+        (manifest.sign(&key), key)
+    }
+
+    #[test]
+    fn a_sealed_manifest_verifies_and_a_clear_one_keeps_format_1() {
+        let (signed, key) = sealed_sample();
+        let manifest = signed.verify(&[key.verifying_key()]).expect("verify");
+        assert_eq!(manifest.format, SEALED_MANIFEST_FORMAT);
+        assert_eq!(
+            manifest.layout.sealed_generation(),
+            Some(crate::keys::KeyGeneration(1))
+        );
+        // A sealed layout under format 1, or raw sizes in the clear, are refused.
+        let mut wrong = manifest.clone();
+        wrong.format = MANIFEST_FORMAT;
+        assert!(matches!(wrong.check(), Err(ManifestError::Inconsistent(_))));
+        let mut wrong = manifest;
+        wrong.chunks[0].raw_bytes = 5;
+        wrong.total_raw_bytes = 5;
+        assert!(wrong.check().is_err());
+        assert_eq!(sample_manifest().format, MANIFEST_FORMAT);
+        assert!(sample_manifest().layout.sealed_generation().is_none());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5_000))]
+        #[test]
+        fn truncated_or_flipped_sealed_manifests_are_refused_never_panic(
+            cut in any::<usize>(), flip in any::<(usize, u8)>(),
+        ) {
+            let (signed, key) = sealed_sample();
+            let trusted = [key.verifying_key()];
+            let bytes = signed.to_bytes();
+            let truncated = &bytes[..cut % bytes.len()];
+            if let Ok(decoded) = SignedManifest::from_bytes(truncated) {
+                prop_assert!(decoded.verify(&trusted).is_err());
+            }
+            let mut flipped = bytes.clone();
+            let at = flip.0 % flipped.len();
+            flipped[at] ^= flip.1.max(1);
+            if let Ok(decoded) = SignedManifest::from_bytes(&flipped) {
+                prop_assert!(decoded.verify(&trusted).is_err());
+            }
+        }
     }
 
     proptest! {

@@ -65,12 +65,14 @@ use ed25519_dalek::SigningKey;
 
 use crate::chunking::{ChunkerParams, ChunkerParamsError, MAX_BYTES_HIGHEST};
 use crate::hash::BlobHash;
+use crate::keys::{ContentKey, KeyError, KeyGeneration, KeyRing};
 use crate::manifest::{
     BundleId, BundleKind, Dependency, Manifest, ManifestError, PayloadLayout, Selector,
-    SignedManifest, MANIFEST_FORMAT,
+    SignedManifest, MANIFEST_FORMAT, SEALED_MANIFEST_FORMAT,
 };
+use crate::seal::{self, SealError, SealedMeta};
 
-use payload::{pack_payload, PipelineConfig, VerifiedPayload};
+use payload::{pack_payload, Opener, PipelineConfig, VerifiedPayload};
 
 pub use payload::MAX_COMPRESS_THREADS;
 
@@ -207,6 +209,9 @@ pub struct PackOptions {
     /// Threads compressing chunks beside the one reading the input; 0 means one per core (at
     /// most [`MAX_COMPRESS_THREADS`]). The output does not depend on it.
     pub compress_threads: usize,
+    /// Encrypt the bundle with this content-key generation (see [`crate::seal`]): `None` packs
+    /// a clear bundle, exactly as before encryption existed.
+    pub encrypt: Option<(KeyGeneration, ContentKey)>,
 }
 
 impl PackOptions {
@@ -223,6 +228,7 @@ impl PackOptions {
             chunker: ChunkerParams::DEFAULT,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             compress_threads: 0,
+            encrypt: None,
         }
     }
 }
@@ -357,10 +363,11 @@ pub fn pack_path<S: ChunkSink>(
         chunker: options.chunker,
         zstd_level: options.zstd_level,
         threads: options.compress_threads,
+        seal: options.encrypt.clone(),
     };
     let (layout, (stats, chunks)) = if file_type.is_dir() {
         let total_bytes = archive::walk_totals(path)?;
-        let packed = pack_payload(config, sink, total_bytes, progress, |pipeline| {
+        let packed = pack_payload(config.clone(), sink, total_bytes, progress, |pipeline| {
             archive::write_tree(path, pipeline)
         })?;
         (PayloadLayout::Tree, packed)
@@ -380,8 +387,24 @@ pub fn pack_path<S: ChunkSink>(
             found: describe_file_type(&file_type),
         });
     };
+    let (format, layout, chunks) = match &options.encrypt {
+        None => (MANIFEST_FORMAT, layout, chunks.stored),
+        Some((generation, content_key)) => {
+            let meta = SealedMeta {
+                layout,
+                chunks: chunks.plain,
+            };
+            let sealed = seal::seal_meta(content_key, *generation, &meta, &chunks.stored)
+                .map_err(ManifestError::Malformed)?;
+            let layout = PayloadLayout::Sealed {
+                generation: *generation,
+                meta: sealed,
+            };
+            (SEALED_MANIFEST_FORMAT, layout, chunks.stored)
+        }
+    };
     let manifest = Manifest {
-        format: MANIFEST_FORMAT,
+        format,
         name: options.name.clone(),
         version: options.version.clone(),
         kind: options.kind,
@@ -404,6 +427,7 @@ pub fn pack_path<S: ChunkSink>(
         chunks = manifest.chunks.len(),
         raw_bytes = manifest.total_raw_bytes,
         stored_bytes = manifest.total_stored_bytes,
+        encrypted_with = manifest.layout.sealed_generation().map(|g| g.0),
         "packed bundle"
     );
     Ok(PackedBundle {
@@ -537,6 +561,13 @@ pub enum UnpackError {
         /// What is in the way.
         detail: String,
     },
+    /// The bundle is encrypted with a generation this node does not hold.
+    #[error("this bundle is encrypted and cannot be unpacked here, nothing was written: {0}")]
+    Key(#[from] KeyError),
+    /// The bundle's sealed metadata or a sealed chunk does not open, or opens to the wrong
+    /// plaintext.
+    #[error(transparent)]
+    Sealed(#[from] SealError),
     /// The manifest's layout does not suit the call.
     #[error("this bundle's payload is {found}, but {wanted} was asked for")]
     WrongLayout {
@@ -567,23 +598,78 @@ pub enum UnpackError {
     },
 }
 
+/// The key and the plaintext metadata of an encrypted bundle, opened.
+pub struct Unsealed<'k> {
+    /// The generation that sealed it.
+    pub generation: KeyGeneration,
+    /// That generation's key.
+    pub key: &'k ContentKey,
+    /// The layout and plaintext chunks.
+    pub meta: SealedMeta,
+}
+
+/// Opens the sealed metadata of an encrypted bundle with the key `keys` holds of its generation;
+/// `None` for a clear bundle. A missing generation ([`UnpackError::Key`]) or a key that does not
+/// open it ([`UnpackError::Sealed`]) is an error naming the generation. Writes nothing: callers
+/// check this before they touch a destination.
+pub fn unseal<'k>(
+    manifest: &Manifest,
+    keys: &'k KeyRing,
+) -> Result<Option<Unsealed<'k>>, UnpackError> {
+    let PayloadLayout::Sealed { generation, meta } = &manifest.layout else {
+        return Ok(None);
+    };
+    let key = keys.get(*generation)?;
+    let meta = seal::open_meta(key, *generation, meta, &manifest.chunks)?;
+    Ok(Some(Unsealed {
+        generation: *generation,
+        key,
+        meta,
+    }))
+}
+
+/// The payload's total raw size: from the sealed metadata when encrypted.
+pub fn raw_bytes_total(manifest: &Manifest, unsealed: Option<&Unsealed<'_>>) -> u64 {
+    unsealed.map_or(manifest.total_raw_bytes, |u| u.meta.total_raw_bytes())
+}
+
 /// Restores the bundle described by `manifest` under `dest` (created if missing): a tree's
-/// entries, or an image as `dest/<file_name>`.
-///
-/// The caller verifies the manifest's signature first ([`SignedManifest::verify`]). Every chunk
-/// is fetched from `source` and checked (hash, size, decompressed size) before any of its bytes
-/// is used. On error, what was written before the failing chunk stays in `dest`. Nothing is
-/// synced to disk: call `syncfs` (or `sync_all` on an image) once at the end, which is far
-/// cheaper than a sync per file. Unpacking a tree holds, besides its buffers, the device and
-/// inode of every non-directory it creates (to check hard links) and the path and attributes
-/// of every directory (restored at the end): tens of bytes per entry.
+/// entries, or an image as `dest/<file_name>`. A clear bundle only: an encrypted one fails with
+/// [`UnpackError::Key`] before anything is written (see [`unpack_with`]).
 pub fn unpack<S: ChunkSource>(
     manifest: &Manifest,
     source: &S,
     dest: &Path,
     progress: &mut dyn FnMut(UnpackProgress),
 ) -> Result<UnpackStats, UnpackError> {
+    unpack_with(manifest, &KeyRing::new(), source, dest, progress)
+}
+
+/// Restores the bundle described by `manifest` under `dest` (created if missing): a tree's
+/// entries, or an image as `dest/<file_name>`, opening an encrypted bundle with the key of its
+/// generation from `keys`.
+///
+/// The caller verifies the manifest's signature first ([`SignedManifest::verify`]). Every chunk
+/// is fetched from `source` and checked (hash, size; when encrypted, that it opens under the
+/// bundle's generation and that the plaintext has the hash and size the sealed metadata gives;
+/// decompressed size) before any of its bytes is used. A missing or wrong key is found before
+/// `dest` is created or written. On another error, what was written before the failing chunk
+/// stays in `dest`, except that when a chunk of an encrypted bundle does not open (key
+/// confusion), what this call wrote is removed if `dest` was absent or empty. Nothing is
+/// synced to disk: call `syncfs` (or `sync_all` on an image) once at the end, which is far
+/// cheaper than a sync per file. Unpacking a tree holds, besides its buffers, the device and
+/// inode of every non-directory it creates (to check hard links) and the path and attributes
+/// of every directory (restored at the end): tens of bytes per entry.
+pub fn unpack_with<S: ChunkSource>(
+    manifest: &Manifest,
+    keys: &KeyRing,
+    source: &S,
+    dest: &Path,
+    progress: &mut dyn FnMut(UnpackProgress),
+) -> Result<UnpackStats, UnpackError> {
     manifest.check()?;
+    let unsealed = unseal(manifest, keys)?;
+    let fresh = unsealed.is_some() && dir_absent_or_empty(dest);
     fs::DirBuilder::new()
         .recursive(true)
         .create(dest)
@@ -592,10 +678,41 @@ pub fn unpack<S: ChunkSource>(
             path: dest.to_path_buf(),
             source,
         })?;
-    let mut payload = VerifiedPayload::new(&manifest.chunks, source, progress);
-    let mut stats = match &manifest.layout {
+    let (layout, opener) = match &unsealed {
+        Some(u) => (
+            &u.meta.layout,
+            Some(Opener {
+                generation: u.generation,
+                key: u.key,
+                meta: &u.meta,
+            }),
+        ),
+        None => (&manifest.layout, None),
+    };
+    let mut payload = VerifiedPayload::new(&manifest.chunks, opener, source, progress);
+    let result = unpack_payload(layout, &mut payload, dest);
+    if let Err(UnpackError::Sealed(error)) = &result {
+        if fresh {
+            tracing::warn!(dest = %dest.display(), %error, "removing what was unpacked before a sealed chunk was refused");
+            if let Err(cleanup) = clear_dir(dest) {
+                tracing::warn!(dest = %dest.display(), error = %cleanup, "cannot remove what was unpacked");
+            }
+        }
+    }
+    let mut stats = result?;
+    stats.raw_bytes = payload.raw_bytes_done();
+    stats.chunks = payload.chunks_done();
+    Ok(stats)
+}
+
+fn unpack_payload<S: ChunkSource>(
+    layout: &PayloadLayout,
+    payload: &mut VerifiedPayload<'_, S>,
+    dest: &Path,
+) -> Result<UnpackStats, UnpackError> {
+    match layout {
         PayloadLayout::Tree => {
-            let result = extract::extract_tree(&mut payload, dest);
+            let result = extract::extract_tree(&mut *payload, dest);
             // A chunk failure surfaces inside tar as an I/O error; report the chunk instead.
             if let Some(failure) = payload.take_failure() {
                 return Err(failure);
@@ -604,26 +721,49 @@ pub fn unpack<S: ChunkSource>(
             // Verify the rest (the tar end marker's padding) so a success means the whole
             // bundle checked out.
             payload.drain()?;
-            stats
+            Ok(stats)
         }
         PayloadLayout::Image { file_name } => {
             let name = image_name_in_dest(file_name)?;
             let path = dest.join(name);
             let mut file = extract::create_file_replacing(&path, 0o644)?;
             payload.copy_to(&mut file).map_err(|e| e.at_path(&path))?;
-            UnpackStats {
+            Ok(UnpackStats {
                 files: 1,
                 ..UnpackStats::default()
-            }
+            })
         }
-    };
-    stats.raw_bytes = payload.raw_bytes_done();
-    stats.chunks = payload.chunks_done();
-    Ok(stats)
+        PayloadLayout::Sealed { generation, .. } => Err(UnpackError::WrongLayout {
+            wanted: "a tree or an image",
+            found: format!("sealed again inside its sealed metadata ({generation})"),
+        }),
+    }
+}
+
+/// Whether `dir` does not exist or holds nothing.
+fn dir_absent_or_empty(dir: &Path) -> bool {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(error) => error.kind() == io::ErrorKind::NotFound,
+    }
+}
+
+/// Removes everything inside `dir`, keeping `dir`.
+fn clear_dir(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            fs::remove_dir_all(entry.path())?;
+        } else {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Streams the verified payload of `manifest` into `writer` (an image to a block device, or a
-/// tree's tar stream to a file); returns the bytes written.
+/// tree's tar stream to a file); returns the bytes written. A clear bundle only (see
+/// [`unpack_to_writer_with`]).
 ///
 /// Each chunk is verified before any of it is written. `writer` is not flushed or synced.
 pub fn unpack_to_writer<S: ChunkSource, W: Write + ?Sized>(
@@ -632,8 +772,26 @@ pub fn unpack_to_writer<S: ChunkSource, W: Write + ?Sized>(
     writer: &mut W,
     progress: &mut dyn FnMut(UnpackProgress),
 ) -> Result<u64, UnpackError> {
+    unpack_to_writer_with(manifest, &KeyRing::new(), source, writer, progress)
+}
+
+/// Like [`unpack_to_writer`], opening an encrypted bundle with the key of its generation from
+/// `keys` (checked before anything is written).
+pub fn unpack_to_writer_with<S: ChunkSource, W: Write + ?Sized>(
+    manifest: &Manifest,
+    keys: &KeyRing,
+    source: &S,
+    writer: &mut W,
+    progress: &mut dyn FnMut(UnpackProgress),
+) -> Result<u64, UnpackError> {
     manifest.check()?;
-    let mut payload = VerifiedPayload::new(&manifest.chunks, source, progress);
+    let unsealed = unseal(manifest, keys)?;
+    let opener = unsealed.as_ref().map(|u| Opener {
+        generation: u.generation,
+        key: u.key,
+        meta: &u.meta,
+    });
+    let mut payload = VerifiedPayload::new(&manifest.chunks, opener, source, progress);
     payload
         .copy_to(writer)
         .map_err(|e| e.at_path(Path::new("<writer>")))?;

@@ -14,7 +14,9 @@ use std::sync::{mpsc, Mutex};
 
 use crate::chunking::{Chunk, ChunkerParams, StreamChunker};
 use crate::hash::BlobHash;
+use crate::keys::{ContentKey, KeyGeneration};
 use crate::manifest::ChunkRef;
+use crate::seal::{self, SealedMeta};
 
 use super::{
     ChunkSink, ChunkSource, PackError, PackProgress, UnpackError, UnpackProgress,
@@ -29,12 +31,22 @@ pub const MAX_COMPRESS_THREADS: usize = 16;
 const IN_FLIGHT_PER_THREAD: usize = 2;
 
 /// How to cut and compress.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct PipelineConfig {
     pub(super) chunker: ChunkerParams,
     pub(super) zstd_level: i32,
     /// Compression threads; 0 means one per core.
     pub(super) threads: usize,
+    /// Seal each compressed chunk with this generation's key.
+    pub(super) seal: Option<(KeyGeneration, ContentKey)>,
+}
+
+/// The chunk lists of a packed payload.
+pub(super) struct PackedChunks {
+    /// The chunks as stored (the ciphertext when sealed, with raw sizes zero).
+    pub(super) stored: Vec<ChunkRef>,
+    /// When sealed, the plaintext (compressed) chunks in the same order.
+    pub(super) plain: Vec<ChunkRef>,
 }
 
 /// Runs `produce`, which writes the payload into a [`ChunkPipeline`], with compression threads
@@ -45,7 +57,7 @@ pub(super) fn pack_payload<S: ChunkSink, T>(
     total_bytes: u64,
     progress: &mut dyn FnMut(PackProgress),
     produce: impl FnOnce(&mut ChunkPipeline<'_, S>) -> Result<T, PackError>,
-) -> Result<(T, Vec<ChunkRef>), PackError> {
+) -> Result<(T, PackedChunks), PackError> {
     let chunker = StreamChunker::new(config.chunker)?;
     // Fail early, on this thread, if zstd refuses the level.
     zstd::bulk::Compressor::new(config.zstd_level).map_err(PackError::Compress)?;
@@ -63,7 +75,8 @@ pub(super) fn pack_payload<S: ChunkSink, T>(
             let done_tx = done_tx.clone();
             let job_rx = &job_rx;
             let level = config.zstd_level;
-            scope.spawn(move || compress_worker(job_rx, done_tx, level));
+            let seal = config.seal.as_ref();
+            scope.spawn(move || compress_worker(job_rx, done_tx, level, seal));
         }
         drop(done_tx);
         let mut pipeline = ChunkPipeline {
@@ -76,6 +89,7 @@ pub(super) fn pack_payload<S: ChunkSink, T>(
             storer: ChunkStorer {
                 sink,
                 chunks: Vec::new(),
+                plain: Vec::new(),
                 waiting: BTreeMap::new(),
                 progress,
                 state: PackProgress {
@@ -110,17 +124,26 @@ struct CompressJob {
     data: Vec<u8>,
 }
 
-/// A compressed chunk, or why it could not be compressed.
+/// A compressed (and maybe sealed) chunk, or why it could not be compressed.
 struct CompressDone {
     seq: u64,
     raw_bytes: u64,
-    result: io::Result<(BlobHash, Vec<u8>)>,
+    result: io::Result<Compressed>,
+}
+
+/// The bytes to store under `hash`, and when sealed, the plaintext's hash and size.
+struct Compressed {
+    hash: BlobHash,
+    stored: Vec<u8>,
+    plain: Option<(BlobHash, u64)>,
 }
 
 /// Puts compressed chunks back in payload order and hands them to the sink.
 struct ChunkStorer<'a, S: ChunkSink> {
     sink: &'a mut S,
     chunks: Vec<ChunkRef>,
+    /// When sealed, the plaintext chunks.
+    plain: Vec<ChunkRef>,
     /// Compressed chunks that finished before an earlier one, by sequence number.
     waiting: BTreeMap<u64, CompressDone>,
     progress: &'a mut dyn FnMut(PackProgress),
@@ -156,7 +179,7 @@ impl<S: ChunkSink> ChunkPipeline<'_, S> {
     }
 
     /// Cuts the rest, waits for every chunk to be stored, and returns the chunk list.
-    fn finish(self) -> Result<Vec<ChunkRef>, PackError> {
+    fn finish(self) -> Result<PackedChunks, PackError> {
         let ChunkPipeline {
             chunker,
             jobs,
@@ -183,7 +206,10 @@ impl<S: ChunkSink> ChunkPipeline<'_, S> {
             storer.receive_one(&done)?;
         }
         (storer.progress)(storer.state);
-        Ok(storer.chunks)
+        Ok(PackedChunks {
+            stored: storer.chunks,
+            plain: storer.plain,
+        })
     }
 
     /// Queues a chunk for compression, first storing finished ones while too many are in flight.
@@ -228,17 +254,33 @@ impl<S: ChunkSink> ChunkStorer<'_, S> {
     }
 
     fn store(&mut self, done: CompressDone) -> Result<(), PackError> {
-        let (hash, compressed) = done.result.map_err(PackError::Compress)?;
+        let Compressed {
+            hash,
+            stored: compressed,
+            plain,
+        } = done.result.map_err(PackError::Compress)?;
         self.sink
             .put_chunk(hash, &compressed)
             .map_err(|e| PackError::Sink {
                 hash,
                 source: Box::new(e),
             })?;
+        // A sealed chunk's raw size is only in the sealed metadata.
+        let clear_raw_bytes = match plain {
+            Some((plain_hash, plain_bytes)) => {
+                self.plain.push(ChunkRef {
+                    hash: plain_hash,
+                    stored_bytes: plain_bytes,
+                    raw_bytes: done.raw_bytes,
+                });
+                0
+            }
+            None => done.raw_bytes,
+        };
         self.chunks.push(ChunkRef {
             hash,
             stored_bytes: compressed.len() as u64,
-            raw_bytes: done.raw_bytes,
+            raw_bytes: clear_raw_bytes,
         });
         self.state.chunks += 1;
         self.state.stored_bytes += compressed.len() as u64;
@@ -252,6 +294,7 @@ fn compress_worker(
     jobs: &Mutex<mpsc::Receiver<CompressJob>>,
     done: mpsc::Sender<CompressDone>,
     level: i32,
+    seal: Option<&(KeyGeneration, ContentKey)>,
 ) {
     let mut compressor = zstd::bulk::Compressor::new(level);
     loop {
@@ -264,9 +307,21 @@ fn compress_worker(
             return; // Queue closed: the payload ended or packing failed.
         };
         let result = match &mut compressor {
-            Ok(compressor) => compressor.compress(&job.data).map(|compressed| {
-                let hash = BlobHash::of(&compressed);
-                (hash, compressed)
+            Ok(compressor) => compressor.compress(&job.data).map(|compressed| match seal {
+                None => Compressed {
+                    hash: BlobHash::of(&compressed),
+                    stored: compressed,
+                    plain: None,
+                },
+                Some((generation, key)) => {
+                    let plain_hash = BlobHash::of(&compressed);
+                    let sealed = seal::seal_chunk(key, *generation, &plain_hash, &compressed);
+                    Compressed {
+                        hash: BlobHash::of(&sealed),
+                        stored: sealed,
+                        plain: Some((plain_hash, compressed.len() as u64)),
+                    }
+                }
             }),
             Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
         };
@@ -291,6 +346,7 @@ fn workers_gone() -> PackError {
 /// [`Read`] for the tar reader; a chunk failure is kept for [`VerifiedPayload::take_failure`].
 pub(super) struct VerifiedPayload<'a, S: ChunkSource> {
     chunks: &'a [ChunkRef],
+    opener: Option<Opener<'a>>,
     source: &'a S,
     next_index: usize,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
@@ -324,14 +380,29 @@ impl CopyError {
     }
 }
 
+/// What opens the chunks of an encrypted bundle: the generation's key and the sealed metadata.
+pub(super) struct Opener<'a> {
+    pub(super) generation: KeyGeneration,
+    pub(super) key: &'a ContentKey,
+    pub(super) meta: &'a SealedMeta,
+}
+
 impl<'a, S: ChunkSource> VerifiedPayload<'a, S> {
+    /// Reads `chunks` (the manifest's list) from `source`, opening each with `opener` when the
+    /// bundle is encrypted.
     pub(super) fn new(
         chunks: &'a [ChunkRef],
+        opener: Option<Opener<'a>>,
         source: &'a S,
         progress: &'a mut dyn FnMut(UnpackProgress),
     ) -> Self {
+        let raw_bytes_total = match &opener {
+            Some(opener) => opener.meta.total_raw_bytes(),
+            None => chunks.iter().map(|c| c.raw_bytes).sum(),
+        };
         VerifiedPayload {
             chunks,
+            opener,
             source,
             next_index: 0,
             decompressor: None,
@@ -340,7 +411,7 @@ impl<'a, S: ChunkSource> VerifiedPayload<'a, S> {
             progress,
             state: UnpackProgress {
                 chunks_total: chunks.len() as u64,
-                raw_bytes_total: chunks.iter().map(|c| c.raw_bytes).sum(),
+                raw_bytes_total,
                 ..UnpackProgress::default()
             },
             failure: None,
@@ -386,10 +457,21 @@ impl<'a, S: ChunkSource> VerifiedPayload<'a, S> {
     fn load_next(&mut self) -> Result<bool, UnpackError> {
         self.current.clear();
         self.read_pos = 0;
-        let Some(chunk) = self.chunks.get(self.next_index).copied() else {
+        let Some(mut chunk) = self.chunks.get(self.next_index).copied() else {
             return Ok(false);
         };
         let index = self.next_index;
+        let plain = match &self.opener {
+            Some(opener) => {
+                // `open_meta` checked that it describes as many chunks as the manifest lists.
+                let plain = opener.meta.chunks.get(index).copied().ok_or_else(|| {
+                    UnpackError::Malformed(format!("no sealed metadata for chunk {index}"))
+                })?;
+                chunk.raw_bytes = plain.raw_bytes;
+                Some(plain)
+            }
+            None => None,
+        };
         if chunk.raw_bytes > MAX_CHUNK_RAW_BYTES {
             return Err(UnpackError::ChunkTooLarge {
                 index,
@@ -417,6 +499,20 @@ impl<'a, S: ChunkSource> VerifiedPayload<'a, S> {
                 actual_bytes: stored.len() as u64,
             });
         }
+        let stored = match (&self.opener, plain) {
+            (Some(opener), Some(plain)) => seal::open_chunk(
+                opener.key,
+                opener.generation,
+                index,
+                chunk.hash,
+                &plain,
+                &stored,
+            )
+            .inspect_err(
+                |e| tracing::warn!(index, chunk = %chunk.hash, error = %e, "sealed chunk refused"),
+            )?,
+            _ => stored,
+        };
         let bad_compression = |detail: String| UnpackError::BadCompression {
             index,
             hash: chunk.hash,
