@@ -34,7 +34,7 @@ demo: deps
 ## Run every test of the workspace. The binaries are built first: netsim's tests start them.
 ## Both steps enable the test switches (`test-hooks`), which a normal build leaves out; the same
 ## features in both steps mean the test step reuses the binaries' compile.
-TEST_FEATURES := stager/test-hooks,edge-agent/test-hooks
+TEST_FEATURES := origin/test-hooks,stager/test-hooks,edge-agent/test-hooks
 test: deps
 	$(BUILD) --features $(TEST_FEATURES)
 	$(CARGO) test --release --workspace --features $(TEST_FEATURES)

@@ -930,6 +930,7 @@ pub async fn serve(
     let ready_info = DaemonReady {
         mesh: listen.to_string(),
         metrics: metrics_addr.to_string(),
+        pid: Some(std::process::id()),
     };
     proto::durable::write_json_atomic(
         &config.dir.join(DAEMON_FILE),

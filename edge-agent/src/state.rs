@@ -133,12 +133,36 @@ pub struct DaemonReady {
     pub mesh: String,
     /// Prometheus metrics.
     pub metrics: String,
+    /// The daemon's process (absent in files of older daemons).
+    #[serde(default)]
+    pub pid: Option<u32>,
 }
 
-/// The daemon running for the edge under `dir`, if its address file is there.
+/// The daemon running for the edge under `dir`, if its address file is there and, when the
+/// file names a process, that process is alive (a daemon that was killed leaves its file
+/// behind; it must not keep the CLI from the store).
 pub fn running_daemon(dir: &Path) -> Option<DaemonReady> {
     let text = std::fs::read(dir.join(DAEMON_FILE)).ok()?;
-    serde_json::from_slice(&text).ok()
+    let ready: DaemonReady = serde_json::from_slice(&text).ok()?;
+    match ready.pid {
+        Some(pid) if !process_alive(pid) => {
+            tracing::debug!(pid, "the daemon file names a process that is gone");
+            None
+        }
+        _ => Some(ready),
+    }
+}
+
+/// Whether process `pid` runs (exists and is not a zombie), from `/proc/PID/stat`.
+fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X"))
 }
 
 /// Writes `value` as JSON to `path` durably (see [`proto::durable`]), readable by everyone.
@@ -150,6 +174,31 @@ pub fn write_json_atomically<T: Serialize + ?Sized>(path: &Path, value: &T) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_daemon_file_of_a_dead_process_names_no_daemon() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ready = DaemonReady {
+            mesh: "127.0.0.1:1".into(),
+            metrics: "127.0.0.1:2".into(),
+            pid: Some(std::process::id()),
+        };
+        write_json_atomically(&dir.path().join(DAEMON_FILE), &ready).expect("write");
+        assert!(running_daemon(dir.path()).is_some(), "this process runs");
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let gone = child.id();
+        child.wait().expect("wait");
+        ready.pid = Some(gone);
+        write_json_atomically(&dir.path().join(DAEMON_FILE), &ready).expect("write");
+        assert!(running_daemon(dir.path()).is_none(), "process {gone} ended");
+        // A file of an older daemon, without a pid, is taken at its word.
+        std::fs::write(
+            dir.path().join(DAEMON_FILE),
+            r#"{"mesh":"127.0.0.1:1","metrics":"127.0.0.1:2"}"#,
+        )
+        .expect("write");
+        assert!(running_daemon(dir.path()).is_some());
+    }
 
     #[test]
     fn installed_bundles_and_configuration_round_trip() {

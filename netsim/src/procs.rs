@@ -65,7 +65,7 @@ impl Binaries {
     /// test switches (`serve --test-corrupt-serving`), which only the `test-hooks` feature
     /// compiles in.
     pub fn require_test_hooks(&self) -> Result<()> {
-        for name in ["stager", "edge-agent"] {
+        for name in ["origin", "stager", "edge-agent"] {
             let bin = self.path(name);
             // With the switch, clap reaches `--help` and succeeds; without, it refuses the switch.
             let output = std::process::Command::new(&bin)
@@ -85,7 +85,7 @@ impl Binaries {
 }
 
 /// The cargo features that compile the test switches into the binaries.
-pub const TEST_HOOK_FEATURES: &str = "stager/test-hooks,edge-agent/test-hooks";
+pub const TEST_HOOK_FEATURES: &str = "origin/test-hooks,stager/test-hooks,edge-agent/test-hooks";
 
 /// A command to run, with its log file (truncated).
 pub fn command(bin: &Path, args: &[String], log: &Path) -> Result<Command> {

@@ -125,10 +125,11 @@ async fn start_origin(
     origin_dir: &Path,
     listen: &str,
     fleet: &mut Fleet,
+    extra_args: &[String],
 ) -> Result<Ready> {
     let ready_file = work.join("origin.ready.json");
     let _ = std::fs::remove_file(&ready_file);
-    let args = [
+    let mut args = vec![
         s("serve"),
         s("--dir"),
         p(origin_dir),
@@ -141,6 +142,7 @@ async fn start_origin(
         s("--ready-file"),
         p(&ready_file),
     ];
+    args.extend(extra_args.iter().cloned());
     // Append, so a restarted origin keeps its earlier log.
     let log = work.join("logs").join("origin.log");
     let cmd = procs::command_appending(&bins.path("origin"), &args, &log)?;
@@ -174,7 +176,7 @@ impl Testbed {
         let origin_dir = work.join("origin");
         procs::run_to_end(&origin_bin, &[s("init"), s("--dir"), p(&origin_dir)]).await?;
         let mut fleet = Fleet::default();
-        let origin = start_origin(&bins, work, &origin_dir, "127.0.0.1:0", &mut fleet).await?;
+        let origin = start_origin(&bins, work, &origin_dir, "127.0.0.1:0", &mut fleet, &[]).await?;
         let mut mesh = Testbed {
             bins,
             work: work.to_owned(),
@@ -297,6 +299,11 @@ impl Testbed {
     /// Restarts the origin on the same mesh address (after [`Testbed::kill_origin`]); its
     /// enrollment and metrics endpoints get new ports.
     pub async fn restart_origin(&mut self) -> Result<()> {
+        self.restart_origin_with(&[]).await
+    }
+
+    /// Like [`Testbed::restart_origin`], with `extra_args` added to `origin serve`.
+    pub async fn restart_origin_with(&mut self, extra_args: &[String]) -> Result<()> {
         let listen = self.origin.mesh.clone();
         self.origin = start_origin(
             &self.bins,
@@ -304,6 +311,7 @@ impl Testbed {
             &self.origin_dir,
             &listen,
             &mut self.fleet,
+            extra_args,
         )
         .await?;
         Ok(())

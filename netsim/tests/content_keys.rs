@@ -2,7 +2,7 @@
 //! gives an edge of a reading class every generation, at its start and after `origin keys
 //! rotate`; an edge of another class gets an empty list; a stager's certificate is refused by
 //! the authorization table; `keys retire` reaches the edges' rings; a revoked node is refused
-//! and the keys rotate without it. The ring on the edge is 0600 and no stager holds a key.
+//! and the keys rotate without it, so it cannot open a bundle published after. The ring on the edge is 0600 and no stager holds a key.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -298,6 +298,60 @@ async fn edges_of_reading_classes_get_keys_from_the_origin_and_nobody_else_does(
     let origin_ring = proto::keyring::load(&mesh.origin_dir.join(proto::keyring::KEYRING_FILE))
         .expect("origin ring");
     assert_eq!(origin_ring.newest().map(|(g, _)| g), Some(KeyGeneration(3)));
+
+    // A bundle published after the revocation is sealed with generation 3, which the revoked
+    // node never gets: its fetch carries only ciphertext, and its unpack asks the origin, is
+    // refused, fails naming the generation and writes nothing.
+    mesh.kill_edge(&reader.name)
+        .await
+        .expect("stop the reader's daemon");
+    let tree = work.path().join("after-revocation");
+    netsim::datagen::generate_tree(&tree, 1024 * 1024, 7).expect("tree");
+    let published = origin_ok(
+        &mesh,
+        &[
+            "publish",
+            tree.to_str().expect("utf-8 path"),
+            "--name",
+            "after-revocation",
+            "--version",
+            "1",
+            "--encrypt",
+            "--no-progress",
+        ],
+    )
+    .await;
+    let bundle = published
+        .lines()
+        .find_map(|l| l.strip_prefix("bundle "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a bundle id")
+        .to_owned();
+    let out = work.path().join("revoked-unpack");
+    let mut args = vec![
+        "fetch".to_owned(),
+        bundle,
+        "--dir".to_owned(),
+        reader.dir.display().to_string(),
+        "--no-progress".to_owned(),
+        "--to".to_owned(),
+        out.display().to_string(),
+    ];
+    for addr in mesh.stager_addrs(&site) {
+        args.push("--stager".into());
+        args.push(addr);
+    }
+    let run = netsim::procs::run_cli(&mesh.bins.path("edge-agent"), &args)
+        .await
+        .expect("edge-agent fetch");
+    assert!(!run.ok, "a revoked node unpacked a later bundle");
+    assert!(
+        run.stderr.contains("key generation 3"),
+        "the error names the generation:\n{}",
+        run.stderr
+    );
+    assert!(!out.exists(), "the revoked node wrote {}", out.display());
+    assert!(ring(&reader).is_empty(), "the revoked node got a key");
 
     // Every change is in the audit log, and no key is.
     let audit = origin_ok(&mesh, &["audit", "--limit", "50", "--json"]).await;

@@ -315,3 +315,68 @@ async fn tampered_ciphertext_is_refused_by_hash_and_the_edge_unpacks_intact_byte
     same_tree(&tree, &out);
     mesh.shutdown().await;
 }
+
+/// The stager's count of responses from the origin that did not verify.
+async fn origin_verify_failures(mesh: &Testbed, stager: &str) -> f64 {
+    let text = mesh.stager_metrics(stager).await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("stagecoach_verify_failures_total{") && l.contains("\"origin\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stager_refuses_ciphertext_tampered_upstream_and_edges_never_see_it() {
+    bins().require_test_hooks().expect("test switches");
+    let work = tempfile::tempdir().expect("tempdir");
+    let tree = work.path().join("tree");
+    datagen::generate_tree(&tree, 4 * MIB, 44).expect("tree");
+    let mut mesh = Testbed::start(bins(), work.path(), 1, 1, &[])
+        .await
+        .expect("mesh");
+    let edge = mesh.edges[0].clone();
+    let stager = mesh.stagers[0].name.clone();
+    let_read(&mesh, work.path(), &[edge.name.as_str()]).await;
+
+    // Published while the stager is down; then the origin comes back tampering with every
+    // part it serves (after its own store verified it), as a lying upstream would.
+    mesh.kill_stager(&stager).await.expect("stop the stager");
+    let id = publish(&mesh, &tree, "1", true).await;
+    mesh.kill_origin().await.expect("stop the origin");
+    mesh.restart_origin_with(&["--test-corrupt-serving".to_owned()])
+        .await
+        .expect("lying origin");
+    mesh.restart_stager(&stager).await.expect("stager back");
+    let caught = stagecoach_testing::wait_until_async(
+        PREHEAT_TIMEOUT,
+        Duration::from_millis(200),
+        async || origin_verify_failures(&mesh, &stager).await > 0.0,
+    )
+    .await;
+    assert!(
+        caught.is_ok(),
+        "the stager never counted a tampered part from the origin"
+    );
+    let stager_log =
+        std::fs::read_to_string(work.path().join("logs").join(format!("{stager}.log")))
+            .unwrap_or_default();
+    assert!(
+        stager_log.contains("did not verify"),
+        "the stager does not say why it refused:\n{stager_log}"
+    );
+
+    // With an honest origin again, the edge completes through the stager, and nothing it was
+    // served failed verification: the tampered bytes stopped at the stager.
+    mesh.kill_origin().await.expect("stop the lying origin");
+    mesh.restart_origin().await.expect("honest origin");
+    let out = work.path().join("unpacked");
+    let run = unpack_on(&mesh, &edge, &id, &out).await;
+    let log = format!("{}{}", run.stdout, run.stderr);
+    assert!(run.ok, "edge failed:\n{log}");
+    assert!(
+        !log.contains("did not verify"),
+        "the edge was served tampered data:\n{log}"
+    );
+    same_tree(&tree, &out);
+    mesh.shutdown().await;
+}

@@ -56,6 +56,11 @@ enum Command {
         /// Write the bound addresses as JSON to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Test hook: corrupt every blob part served (only in a build with the `test-hooks`
+        /// feature).
+        #[cfg(feature = "test-hooks")]
+        #[arg(long, hide = true)]
+        test_corrupt_serving: bool,
     },
     /// Print a one-time token that enrolls one node with a role and a site.
     Enroll {
@@ -184,7 +189,11 @@ async fn main() -> Result<()> {
             enroll_listen,
             metrics_listen,
             ready_file,
+            #[cfg(feature = "test-hooks")]
+            test_corrupt_serving,
         } => {
+            #[cfg(not(feature = "test-hooks"))]
+            let test_corrupt_serving = false;
             server::serve(
                 home,
                 ServeConfig {
@@ -192,6 +201,7 @@ async fn main() -> Result<()> {
                     enroll_listen,
                     metrics_listen,
                     ready_file,
+                    test_corrupt_serving,
                 },
             )
             .await

@@ -46,6 +46,9 @@ pub struct ServeConfig {
     pub metrics_listen: SocketAddr,
     /// Also write the bound addresses here (the demo waits for it).
     pub ready_file: Option<std::path::PathBuf>,
+    /// Test hook (`--test-corrupt-serving`, only in a `test-hooks` build): every blob part
+    /// served is corrupted, as a lying or tampered upstream would send it.
+    pub test_corrupt_serving: bool,
 }
 
 /// The running origin.
@@ -56,6 +59,7 @@ pub struct Origin {
     announcements: broadcast::Sender<BundleInfo>,
     metrics: Arc<Metrics>,
     control: ControlPlane,
+    corrupt: bool,
 }
 
 impl Origin {
@@ -395,7 +399,7 @@ impl Origin {
         };
         let options = ServeOptions {
             progress: None,
-            corrupt: false,
+            corrupt: self.corrupt,
             counters: &counters,
             pace: None,
         };
@@ -643,7 +647,11 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         announcements,
         metrics: metrics.clone(),
         control,
+        corrupt: config.test_corrupt_serving,
     });
+    if config.test_corrupt_serving {
+        tracing::warn!("TEST HOOK: every blob part served will be corrupted");
+    }
     let tokens_dir = home.tokens_dir();
     tokens::check_dir(&tokens_dir)?;
     let publisher_key = *identity.publisher_key();
