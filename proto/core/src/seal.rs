@@ -15,8 +15,8 @@
 //! same tree packs to the same bundle id) and bound to the generation and the ciphertext chunk
 //! list. See `ARCHITECTURE.md` for why XChaCha20-Poly1305.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
+use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -180,21 +180,37 @@ pub fn open_chunk(
     plain: &ChunkRef,
     sealed: &[u8],
 ) -> Result<Vec<u8>, SealError> {
+    open_chunk_in_place(key, generation, index, hash, plain, sealed.to_vec())
+}
+
+/// Like [`open_chunk`], decrypting `sealed` in its own buffer (no copy): returns it shortened
+/// to the plaintext. The tag is checked before any byte is decrypted, and the plaintext's hash
+/// and size after; on error the buffer is dropped.
+pub fn open_chunk_in_place(
+    key: &ContentKey,
+    generation: KeyGeneration,
+    index: usize,
+    hash: BlobHash,
+    plain: &ChunkRef,
+    mut sealed: Vec<u8>,
+) -> Result<Vec<u8>, SealError> {
+    let does_not_open = || SealError::ChunkDoesNotOpen {
+        index,
+        hash,
+        generation,
+    };
+    let Some(plain_len) = sealed.len().checked_sub(TAG_BYTES) else {
+        return Err(does_not_open());
+    };
     let (cipher, nonce) = chunk_cipher_and_nonce(key, generation, &plain.hash);
     let aad = chunk_aad(generation, &plain.hash);
-    let opened = cipher
-        .decrypt(
-            XNonce::from_slice(&nonce),
-            Payload {
-                msg: sealed,
-                aad: &aad,
-            },
-        )
-        .map_err(|_| SealError::ChunkDoesNotOpen {
-            index,
-            hash,
-            generation,
-        })?;
+    let (body, tag) = sealed.split_at_mut(plain_len);
+    let tag = Tag::clone_from_slice(tag);
+    cipher
+        .decrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, body, &tag)
+        .map_err(|_| does_not_open())?;
+    sealed.truncate(plain_len);
+    let opened = sealed;
     let actual = BlobHash::of(&opened);
     if actual != plain.hash || opened.len() as u64 != plain.stored_bytes {
         return Err(SealError::PlaintextMismatch {

@@ -7,7 +7,7 @@
 //! they reach the sink, so the sink and the progress callback run on the calling thread only and
 //! the output does not depend on thread timing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::{mpsc, Mutex};
@@ -342,13 +342,30 @@ fn workers_gone() -> PackError {
     ))
 }
 
-/// Reads the payload of a chunk list, fetching and verifying one chunk at a time. Implements
-/// [`Read`] for the tar reader; a chunk failure is kept for [`VerifiedPayload::take_failure`].
+/// Chunks fetched ahead of the one being decompressed, verified (and opened) meanwhile on the
+/// verifier thread.
+const VERIFY_AHEAD: usize = 2;
+
+/// Reads the payload of a chunk list, in order. Chunks are fetched on the calling thread and
+/// verified (hash and size; opened and the plaintext checked when encrypted) on a verifier
+/// thread up to [`VERIFY_AHEAD`] chunks ahead, while the calling thread decompresses and hands
+/// out the previous one: a chunk's bytes are used only once it verified, and errors surface in
+/// chunk order. Implements [`Read`] for the tar reader; a chunk failure is kept for
+/// [`VerifiedPayload::take_failure`].
 pub(super) struct VerifiedPayload<'a, S: ChunkSource> {
     chunks: &'a [ChunkRef],
     opener: Option<Opener<'a>>,
     source: &'a S,
+    /// The next chunk to decompress.
     next_index: usize,
+    /// The next chunk to fetch.
+    next_fetch: usize,
+    /// Chunks fetched and not decompressed yet, in order.
+    ahead: VecDeque<Ahead>,
+    /// The verifier thread, started on the first chunk; `None` before, or when it could not be
+    /// started (chunks are then verified on the calling thread).
+    verifier: Option<Verifier>,
+    verifier_tried: bool,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
     /// The current verified chunk, and how much of it has been read.
     current: Vec<u8>,
@@ -405,6 +422,10 @@ impl<'a, S: ChunkSource> VerifiedPayload<'a, S> {
             opener,
             source,
             next_index: 0,
+            next_fetch: 0,
+            ahead: VecDeque::new(),
+            verifier: None,
+            verifier_tried: false,
             decompressor: None,
             current: Vec::new(),
             read_pos: 0,
@@ -452,15 +473,86 @@ impl<'a, S: ChunkSource> VerifiedPayload<'a, S> {
         Ok(())
     }
 
-    /// Fetches, verifies and decompresses the next chunk into `current`. Returns false at the
-    /// end of the payload. `current` is left empty on error, so no unverified byte is served.
-    fn load_next(&mut self) -> Result<bool, UnpackError> {
-        self.current.clear();
-        self.read_pos = 0;
-        let Some(mut chunk) = self.chunks.get(self.next_index).copied() else {
-            return Ok(false);
+    /// Starts the verifier thread, once; without a second core, or if it cannot start, chunks
+    /// are verified on this thread.
+    fn start_verifier(&mut self) {
+        if self.verifier_tried {
+            return;
+        }
+        self.verifier_tried = true;
+        if self.chunks.len() < 2 || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2
+        {
+            return;
+        }
+        let key = self.opener.as_ref().map(|o| (o.generation, o.key.clone()));
+        let (job_tx, job_rx) = mpsc::sync_channel::<VerifyJob>(VERIFY_AHEAD);
+        let (done_tx, done_rx) =
+            mpsc::sync_channel::<Result<Vec<u8>, UnpackError>>(VERIFY_AHEAD + 1);
+        let spawned = std::thread::Builder::new()
+            .name("chunk-verifier".into())
+            .spawn(move || {
+                for job in job_rx {
+                    let verified = verify_chunk(key.as_ref().map(|(g, k)| (*g, k)), job);
+                    if done_tx.send(verified).is_err() {
+                        return; // The payload is gone.
+                    }
+                }
+            });
+        match spawned {
+            Ok(handle) => {
+                self.verifier = Some(Verifier {
+                    jobs: Some(job_tx),
+                    done: done_rx,
+                    handle: Some(handle),
+                })
+            }
+            Err(error) => {
+                tracing::debug!(%error, "no chunk verifier thread; verifying on this thread")
+            }
+        }
+    }
+
+    /// Fetches chunks up to [`VERIFY_AHEAD`] ahead and hands them to the verifier. A chunk that
+    /// cannot be fetched stays in line as its error, and nothing after it is fetched.
+    fn fetch_ahead(&mut self) {
+        let Some(verifier) = &self.verifier else {
+            return;
         };
-        let index = self.next_index;
+        while self.ahead.len() < VERIFY_AHEAD
+            && !matches!(self.ahead.back(), Some(Ahead::Failed(_)))
+        {
+            let index = self.next_fetch;
+            let Some(job) = self.fetch(index) else {
+                return;
+            };
+            self.next_fetch += 1;
+            let entry = match job {
+                Ok(job) => {
+                    let chunk = job.chunk;
+                    let sent = match &verifier.jobs {
+                        Some(jobs) => jobs.send(job).is_ok(),
+                        None => false,
+                    };
+                    if sent {
+                        Ahead::Sent(chunk)
+                    } else {
+                        Ahead::Failed(verifier_gone(index, chunk.hash))
+                    }
+                }
+                Err(e) => Ahead::Failed(e),
+            };
+            self.ahead.push_back(entry);
+        }
+    }
+
+    /// Fetches chunk `index`, with its plaintext description when encrypted; `None` past the
+    /// end.
+    fn fetch(&self, index: usize) -> Option<Result<VerifyJob, UnpackError>> {
+        let chunk = self.chunks.get(index).copied()?;
+        Some(self.fetch_chunk(index, chunk))
+    }
+
+    fn fetch_chunk(&self, index: usize, mut chunk: ChunkRef) -> Result<VerifyJob, UnpackError> {
         let plain = match &self.opener {
             Some(opener) => {
                 // `open_meta` checked that it describes as many chunks as the manifest lists.
@@ -488,30 +580,56 @@ impl<'a, S: ChunkSource> VerifiedPayload<'a, S> {
                 hash: chunk.hash,
                 source: Box::new(e),
             })?;
-        let actual_hash = BlobHash::of(&stored);
-        if actual_hash != chunk.hash || stored.len() as u64 != chunk.stored_bytes {
-            tracing::warn!(index, chunk = %chunk.hash, actual = %actual_hash, "corrupt chunk refused");
-            return Err(UnpackError::Corrupt {
-                index,
-                hash: chunk.hash,
-                expected_bytes: chunk.stored_bytes,
-                actual_hash,
-                actual_bytes: stored.len() as u64,
-            });
+        Ok(VerifyJob {
+            index,
+            chunk,
+            plain,
+            stored,
+        })
+    }
+
+    /// Fetches, verifies and decompresses the next chunk into `current`. Returns false at the
+    /// end of the payload. `current` is left empty on error, so no unverified byte is served.
+    fn load_next(&mut self) -> Result<bool, UnpackError> {
+        let loaded = self.load_next_inner();
+        if loaded.is_err() {
+            // Forget what was fetched ahead and stop the verifier, so that a later call starts
+            // again at the failed chunk, on this thread.
+            self.ahead.clear();
+            self.verifier = None;
+            self.next_fetch = self.next_index;
         }
-        let stored = match (&self.opener, plain) {
-            (Some(opener), Some(plain)) => seal::open_chunk(
-                opener.key,
-                opener.generation,
-                index,
-                chunk.hash,
-                &plain,
-                &stored,
-            )
-            .inspect_err(
-                |e| tracing::warn!(index, chunk = %chunk.hash, error = %e, "sealed chunk refused"),
-            )?,
-            _ => stored,
+        loaded
+    }
+
+    fn load_next_inner(&mut self) -> Result<bool, UnpackError> {
+        self.current.clear();
+        self.read_pos = 0;
+        self.start_verifier();
+        self.fetch_ahead();
+        let index = self.next_index;
+        let (chunk, stored) = match self.ahead.pop_front() {
+            Some(Ahead::Failed(e)) => return Err(e),
+            Some(Ahead::Sent(chunk)) => {
+                // Keep the verifier busy with the next chunks while this one is decompressed.
+                self.fetch_ahead();
+                let verified = self
+                    .verifier
+                    .as_ref()
+                    .and_then(|v| v.done.recv().ok())
+                    .unwrap_or_else(|| Err(verifier_gone(index, chunk.hash)));
+                (chunk, verified?)
+            }
+            None => match self.fetch(index) {
+                None => return Ok(false),
+                Some(job) => {
+                    let job = job?;
+                    self.next_fetch = index + 1;
+                    let chunk = job.chunk;
+                    let opener = self.opener.as_ref().map(|o| (o.generation, o.key));
+                    (chunk, verify_chunk(opener, job)?)
+                }
+            },
         };
         let bad_compression = |detail: String| UnpackError::BadCompression {
             index,
@@ -548,6 +666,89 @@ impl<'a, S: ChunkSource> VerifiedPayload<'a, S> {
         self.state.raw_bytes_done += chunk.raw_bytes;
         (self.progress)(self.state);
         Ok(true)
+    }
+}
+
+/// A fetched chunk for the verifier.
+struct VerifyJob {
+    index: usize,
+    /// The manifest's entry, with the plaintext's raw size when encrypted.
+    chunk: ChunkRef,
+    /// The sealed metadata's entry when encrypted.
+    plain: Option<ChunkRef>,
+    stored: Vec<u8>,
+}
+
+/// A chunk fetched ahead: handed to the verifier, or why it could not be fetched.
+enum Ahead {
+    Sent(ChunkRef),
+    Failed(UnpackError),
+}
+
+/// The verifier thread and its queues.
+struct Verifier {
+    /// Dropping it closes the queue, which stops the thread.
+    jobs: Option<mpsc::SyncSender<VerifyJob>>,
+    done: mpsc::Receiver<Result<Vec<u8>, UnpackError>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        // Closing the queue stops the thread after its current chunk; it never blocks on
+        // `done`, which has room for every chunk in flight.
+        self.jobs = None;
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn verifier_gone(index: usize, hash: BlobHash) -> UnpackError {
+    UnpackError::Fetch {
+        index,
+        hash,
+        source: Box::new(io::Error::other(
+            "the chunk verifier thread stopped unexpectedly",
+        )),
+    }
+}
+
+/// Checks a fetched chunk's hash and size and, when encrypted, opens it (in place) and checks
+/// the plaintext; returns the compressed bytes to decompress.
+fn verify_chunk(
+    opener: Option<(KeyGeneration, &ContentKey)>,
+    job: VerifyJob,
+) -> Result<Vec<u8>, UnpackError> {
+    let VerifyJob {
+        index,
+        chunk,
+        plain,
+        stored,
+    } = job;
+    let actual_hash = BlobHash::of(&stored);
+    if actual_hash != chunk.hash || stored.len() as u64 != chunk.stored_bytes {
+        tracing::warn!(index, chunk = %chunk.hash, actual = %actual_hash, "corrupt chunk refused");
+        return Err(UnpackError::Corrupt {
+            index,
+            hash: chunk.hash,
+            expected_bytes: chunk.stored_bytes,
+            actual_hash,
+            actual_bytes: stored.len() as u64,
+        });
+    }
+    match (opener, plain) {
+        (Some((generation, key)), Some(plain)) => seal::open_chunk_in_place(
+            key, generation, index, chunk.hash, &plain, stored,
+        )
+        .inspect_err(
+            |e| tracing::warn!(index, chunk = %chunk.hash, error = %e, "sealed chunk refused"),
+        )
+        .map_err(UnpackError::from),
+        (Some(_), None) => Err(UnpackError::Malformed(format!(
+            "no sealed metadata for chunk {index}"
+        ))),
+        _ => Ok(stored),
     }
 }
 
