@@ -73,6 +73,7 @@ async fn run() -> Result<bool> {
         binaries: Binaries::beside_current_exe()?,
         work_dir: None,
         seed: 1,
+        capture_dir: None,
     };
     let out = tempfile::tempdir()?;
     println!("calibration: load average before: {}", load_average());

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::datagen;
 use crate::emulate::{self, EmulateOptions, Emulation};
 use crate::machines;
+use crate::plaintext;
 use crate::procs::{self, Binaries};
 use crate::progress::Progress;
 use crate::run::Interrupted;
@@ -105,6 +106,11 @@ pub struct DemoConfig {
     /// End with an OS swap on every edge: each edge has a simulated machine, and the origin
     /// swaps them all to the demo bundle (`origin swap`).
     pub swap: bool,
+    /// Publish the bundle encrypted (`origin publish --encrypt`) with plaintext markers planted
+    /// in it, let the demo's edges read it, capture each site's WAN traffic, and end by
+    /// searching the stagers' stores, the edges' stores and the captures for the markers and
+    /// unpacking the bundle on every edge ([`EncryptionResult`]).
+    pub encrypt: bool,
     /// Where the binaries live.
     pub binaries: Binaries,
 }
@@ -172,6 +178,34 @@ pub struct DemoResult {
     /// The swap at the end, with `--swap`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swap: Option<SwapResult>,
+    /// The plaintext search and the unpack at the end, with `--encrypt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionResult>,
+}
+
+/// What `--encrypt` found at the end of the demo.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EncryptionResult {
+    /// The plaintext markers planted in the published tree.
+    pub markers: Vec<String>,
+    /// Files and bytes of the stagers' directories searched (stores, indexes, state).
+    pub stager_files: u64,
+    /// See [`EncryptionResult::stager_files`].
+    pub stager_bytes: u64,
+    /// Files and bytes of the edges' stores (what they serve to peers) searched.
+    pub edge_store_files: u64,
+    /// See [`EncryptionResult::edge_store_files`].
+    pub edge_store_bytes: u64,
+    /// Bytes of the sites' captured WAN traffic (origin ↔ stagers, both ways, pcap) searched.
+    pub capture_bytes: u64,
+    /// `marker in file` for every place a marker was found: empty when nothing leaked.
+    pub found: Vec<String>,
+    /// Edges whose unpacked bundle is the published tree, byte for byte.
+    pub edges_identical: usize,
+    /// Edges asked to unpack.
+    pub edges: usize,
+    /// One line per edge whose unpack failed or differed.
+    pub failures: Vec<String>,
 }
 
 /// How the swap at the end of the demo went.
@@ -274,6 +308,32 @@ impl DemoResult {
                 out.push_str(&format!("  {failure}\n"));
             }
         }
+        if let Some(enc) = &self.encryption {
+            out.push_str(&format!(
+                "encrypted bundle: {} planted plaintext markers searched in {:.1} MiB of stager state ({} files), {:.1} MiB of edge stores ({} files) and {:.1} MiB of captured WAN traffic: {}\n",
+                enc.markers.len(),
+                mib(enc.stager_bytes),
+                enc.stager_files,
+                mib(enc.edge_store_bytes),
+                enc.edge_store_files,
+                mib(enc.capture_bytes),
+                if enc.found.is_empty() {
+                    "none found".to_owned()
+                } else {
+                    format!("{} FOUND", enc.found.len())
+                }
+            ));
+            for found in &enc.found {
+                out.push_str(&format!("  {found}\n"));
+            }
+            out.push_str(&format!(
+                "unpacked with the content key: {}/{} edges hold the published tree byte for byte\n",
+                enc.edges_identical, enc.edges
+            ));
+            for failure in &enc.failures {
+                out.push_str(&format!("  {failure}\n"));
+            }
+        }
         // The emulation's fixed caveats are in the JSON; only what went wrong is printed.
         for note in self.notes.iter().filter(|n| !n.starts_with("emulated:")) {
             out.push_str(&format!("note: {note}\n"));
@@ -320,6 +380,25 @@ async fn run_in(
             tree
         }
     };
+    let markers = if config.encrypt {
+        ensure!(
+            topo.bundle.path.is_none(),
+            "--encrypt plants plaintext markers in a generated tree; the topology names a tree \
+             of its own ({}), which the demo does not change",
+            tree.display()
+        );
+        plaintext::plant_markers(&tree, config.seed)?
+    } else {
+        Vec::new()
+    };
+    let capture_dir = if config.encrypt {
+        let dir = work.join("captures");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Some(dir)
+    } else {
+        None
+    };
     progress.phase(format!(
         "starting the origin, {} WAN relays, {} and {} enrolled edges",
         topo.sites.len(),
@@ -333,6 +412,7 @@ async fn run_in(
         binaries: config.binaries.clone(),
         work_dir: Some(work.to_path_buf()),
         seed: config.seed,
+        capture_dir,
     };
     let emulation = Emulation::start(
         topo,
@@ -343,6 +423,10 @@ async fn run_in(
         slot,
     )
     .await?;
+    if config.encrypt {
+        progress.phase("letting the demo's edges read encrypted bundles (class demo)");
+        let_edges_read(&emulation.mesh, work).await?;
+    }
     let base = if config.swap {
         // Every edge gets a machine running a small factory OS before the demo starts.
         progress.phase("giving every edge a simulated machine with a factory OS");
@@ -371,7 +455,10 @@ async fn run_in(
         None
     };
 
-    let fanout = emulation.fan_out(&tree, BUNDLE_NAME, progress).await?;
+    let publish_args: &[&str] = if config.encrypt { &["--encrypt"] } else { &[] };
+    let fanout = emulation
+        .fan_out_with(&tree, BUNDLE_NAME, publish_args, progress)
+        .await?;
     progress.phase("reading the counters");
     if let Some(failed) = fanout.fetches.iter().find(|f| !f.ok) {
         let log = std::fs::read_to_string(&failed.log).unwrap_or_default();
@@ -428,6 +515,11 @@ async fn run_in(
         }
         None => None,
     };
+    let encryption = if config.encrypt {
+        Some(check_encryption(emulation, &tree, &fanout.bundle_id, markers, progress).await?)
+    } else {
+        None
+    };
     Ok(DemoResult {
         topology: topo.name.clone(),
         strategy,
@@ -442,6 +534,149 @@ async fn run_in(
         sites,
         notes: run.notes,
         swap,
+        encryption,
+    })
+}
+
+/// The class the demo's edges are put in with `--encrypt`, and the policy that lets it read.
+const READER_CLASS: &str = "demo";
+
+/// Loads a policy that lets class [`READER_CLASS`] read encrypted bundles and puts every edge
+/// in it, as an operator does (`origin policy load`, `origin class set`).
+async fn let_edges_read(mesh: &Testbed, work: &Path) -> Result<()> {
+    let policy = work.join("encryption-policy.toml");
+    std::fs::write(
+        &policy,
+        format!("[encryption]\nread_classes = [\"{READER_CLASS}\"]\n"),
+    )
+    .with_context(|| format!("cannot write {}", policy.display()))?;
+    origin_ok(mesh, &["policy", "load", &policy.display().to_string()]).await?;
+    for edge in &mesh.edges {
+        let identity = proto::net::NodeIdentity::load(&edge.dir.join("identity"))
+            .with_context(|| format!("cannot read the identity of {}", edge.name))?;
+        let id = identity.node_id().to_string();
+        origin_ok(mesh, &["class", "set", &id, READER_CLASS]).await?;
+    }
+    Ok(())
+}
+
+async fn origin_ok(mesh: &Testbed, args: &[&str]) -> Result<()> {
+    let run = mesh.origin_cli(args).await?;
+    ensure!(
+        run.ok,
+        "origin {} failed:\n{}{}",
+        args.join(" "),
+        run.stdout,
+        run.stderr
+    );
+    Ok(())
+}
+
+/// Searches every stager's directory, every edge's store and the captured WAN traffic for
+/// `markers`, then stops the edges' daemons and unpacks `bundle` on every edge with
+/// `edge-agent fetch --to`, comparing each copy with `tree`.
+async fn check_encryption(
+    emulation: &mut Emulation,
+    tree: &Path,
+    bundle: &str,
+    markers: Vec<String>,
+    progress: &Progress,
+) -> Result<EncryptionResult> {
+    progress
+        .phase("searching stagers, edge stores and captured WAN traffic for the planted plaintext");
+    emulation.flush_captures();
+    let mesh = &emulation.mesh;
+    let stager_dirs: Vec<_> = mesh.stagers.iter().map(|st| st.dir.clone()).collect();
+    let edge_stores: Vec<_> = mesh.edges.iter().map(|e| e.dir.join("store")).collect();
+    let captures = vec![mesh.work.join("captures")];
+    let (stagers, edges, wan, markers) = tokio::task::spawn_blocking(move || -> Result<_> {
+        Ok((
+            plaintext::search(&stager_dirs, &markers)?,
+            plaintext::search(&edge_stores, &markers)?,
+            plaintext::search(&captures, &markers)?,
+            markers,
+        ))
+    })
+    .await
+    .context("the search panicked")??;
+    ensure!(
+        wan.bytes > 0,
+        "the WAN relays captured nothing: there is no traffic to search"
+    );
+    let found: Vec<String> = [&stagers, &edges, &wan]
+        .iter()
+        .flat_map(|s| s.found.iter().cloned())
+        .collect();
+
+    progress.phase("unpacking the bundle on every edge and comparing it with the published tree");
+    let names: Vec<String> = emulation
+        .mesh
+        .edges
+        .iter()
+        .map(|e| e.name.clone())
+        .collect();
+    for name in &names {
+        emulation.mesh.stop_edge(name).await?;
+    }
+    let mesh = &emulation.mesh;
+    let mut failures = Vec::new();
+    let mut identical = 0;
+    for edge in &mesh.edges {
+        let out = mesh.work.join("unpacked").join(&edge.name);
+        let mut args = vec![
+            "fetch".to_owned(),
+            bundle.to_owned(),
+            "--dir".to_owned(),
+            edge.dir.display().to_string(),
+            "--no-progress".to_owned(),
+            "--to".to_owned(),
+            out.display().to_string(),
+        ];
+        for addr in mesh.stager_addrs(&edge.site) {
+            args.push("--stager".to_owned());
+            args.push(addr);
+        }
+        let run = procs::run_cli(&mesh.bins.path("edge-agent"), &args).await?;
+        if !run.ok {
+            failures.push(format!(
+                "{}: edge-agent fetch --to failed: {}",
+                edge.name,
+                run.stderr.trim()
+            ));
+            continue;
+        }
+        let (source, copy) = (tree.to_path_buf(), out.clone());
+        let differences =
+            tokio::task::spawn_blocking(move || plaintext::tree_differences(&source, &copy))
+                .await
+                .context("the comparison panicked")??;
+        if differences.is_empty() {
+            identical += 1;
+        } else {
+            failures.push(format!(
+                "{}: {} entries differ from the source, first: {}",
+                edge.name,
+                differences.len(),
+                differences[0]
+            ));
+        }
+        // Each copy is as large as the tree; keep only the ones that differ.
+        if differences.is_empty() {
+            std::fs::remove_dir_all(&out)
+                .with_context(|| format!("cannot remove {}", out.display()))?;
+        }
+    }
+    Ok(EncryptionResult {
+        markers,
+        stager_files: stagers.files,
+        stager_bytes: stagers.bytes,
+        edge_store_files: edges.files,
+        edge_store_bytes: edges.bytes,
+        capture_bytes: wan.bytes,
+        found,
+        edges_identical: identical,
+        edges: mesh.edges.len(),
+        failures,
     })
 }
 

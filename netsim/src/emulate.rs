@@ -98,6 +98,9 @@ pub struct EmulateOptions {
     pub work_dir: Option<PathBuf>,
     /// Seeds the relays' jitter and loss draws.
     pub seed: u64,
+    /// Each site's WAN relay writes what it carries, both ways, to `SITE.wan.pcap` in this
+    /// directory ([`crate::relay::read_capture`]); `None`: no capture.
+    pub capture_dir: Option<PathBuf>,
 }
 
 /// Emulates `topo` under `strategy`: starts the binaries behind relays, publishes the bundle,
@@ -190,6 +193,11 @@ pub fn check_emulatable(topo: &Topology) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Where the WAN relay of `site` writes its capture, in [`EmulateOptions::capture_dir`] `dir`.
+pub fn wan_capture_path(dir: &Path, site: &str) -> PathBuf {
+    dir.join(format!("{site}.wan.pcap"))
 }
 
 /// The relay shape of one direction of a site's WAN link.
@@ -377,12 +385,18 @@ impl Emulation {
         };
         for (i, site) in topo.sites.iter().enumerate() {
             let shape = wan_shape(&site.wan);
-            let relay = Relay::start(RelayConfig::symmetric(
-                loopback_any(),
-                uplink_addr,
-                shape,
-                options.seed.wrapping_add(1 + i as u64),
-            ))
+            let relay = Relay::start(RelayConfig {
+                capture: options
+                    .capture_dir
+                    .as_ref()
+                    .map(|dir| wan_capture_path(dir, &site.name)),
+                ..RelayConfig::symmetric(
+                    loopback_any(),
+                    uplink_addr,
+                    shape,
+                    options.seed.wrapping_add(1 + i as u64),
+                )
+            })
             .with_context(|| format!("cannot start the WAN relay of site {}", site.name))?;
             emulation
                 .mesh
@@ -446,9 +460,23 @@ impl Emulation {
     /// (WAN MiB per site) every few seconds and showing it on `progress`; gives up after
     /// [`FANOUT_TIMEOUT`]. A failed fetch is in the result, not an error.
     pub async fn fan_out(&self, tree: &Path, name: &str, progress: &Progress) -> Result<Fanout> {
+        self.fan_out_with(tree, name, &[], progress).await
+    }
+
+    /// Like [`Emulation::fan_out`], publishing with more `origin publish` flags (`--encrypt`).
+    pub async fn fan_out_with(
+        &self,
+        tree: &Path,
+        name: &str,
+        publish_args: &[&str],
+        progress: &Progress,
+    ) -> Result<Fanout> {
         progress.phase(format!("publishing {}", tree.display()));
         let publish_started = Instant::now();
-        let bundle_id = self.mesh.publish(tree, name, "1.0.0").await?;
+        let bundle_id = self
+            .mesh
+            .publish_with(tree, name, "1.0.0", "os-image", publish_args)
+            .await?;
         let publish_s = publish_started.elapsed().as_secs_f64();
         tracing::info!(bundle = %bundle_id, publish_s, "published; edges fetching");
 
@@ -520,6 +548,13 @@ impl Emulation {
             total += self.mesh.stager_egress_bytes(&site.name).await? + same_site + other_sites;
         }
         Ok(total)
+    }
+
+    /// Writes out what the sites' WAN relays captured so far ([`EmulateOptions::capture_dir`]).
+    pub fn flush_captures(&self) {
+        for relay in &self.site_relays {
+            relay.flush_capture();
+        }
     }
 
     /// What each site's WAN relay counted so far, in topology order.

@@ -1,7 +1,8 @@
 //! netsim: runs the real Stagecoach binaries as a mesh and measures it.
 //!
 //! The local demo ([`demo`]) of real processes ([`testbed`], [`procs`], [`datagen`]), with
-//! simulated machines behind the edges ([`machines`]); the WAN
+//! simulated machines behind the edges ([`machines`]) and the plaintext checks of encrypted
+//! bundles ([`plaintext`]); the WAN
 //! relay ([`relay`]); topologies run by the real binaries behind relays ([`emulate`]); and
 //! fleet-scale simulation in virtual time ([`topology`], [`simulate`], [`report`],
 //! [`compare`], from the `netsim-sim` crate, which links no RocksDB). What every run of real processes shares, its work directory and Ctrl-C
@@ -12,6 +13,7 @@ pub mod datagen;
 pub mod demo;
 pub mod emulate;
 pub mod machines;
+pub mod plaintext;
 pub mod procs;
 pub mod progress;
 pub mod relay;

@@ -64,6 +64,12 @@ enum Command {
         /// small factory OS, and `origin swap` moves them all to the demo bundle.
         #[arg(long)]
         swap: bool,
+        /// Publish the bundle encrypted, with plaintext markers planted in it, and end by
+        /// searching every stager's store, every edge's store and the captured WAN traffic
+        /// (`captures/SITE.wan.pcap`) for them, and unpacking the bundle on every edge. Fails
+        /// if a marker is found or an unpacked copy differs from the tree.
+        #[arg(long)]
+        encrypt: bool,
         /// Keep state and logs in this new (or empty) directory instead of a temporary one.
         #[arg(long)]
         work_dir: Option<std::path::PathBuf>,
@@ -223,6 +229,7 @@ async fn run() -> Result<()> {
                 binaries: binaries(bin_dir)?,
                 work_dir,
                 seed,
+                capture_dir: None,
             };
             let started = std::time::Instant::now();
             let result = emulate::emulate(&topo, strategy, &options).await?;
@@ -249,6 +256,7 @@ async fn run() -> Result<()> {
                     binaries: binaries(bin_dir)?,
                     work_dir,
                     seed,
+                    capture_dir: None,
                 };
                 emulate::compare_emulated(&topo, &options, &out).await?
             } else {
@@ -270,6 +278,7 @@ async fn run() -> Result<()> {
             strategy,
             stager_upload_mbit,
             swap,
+            encrypt,
             work_dir,
             bin_dir,
         } => {
@@ -322,6 +331,7 @@ async fn run() -> Result<()> {
                     seed: 1,
                     stager_upload_mbit,
                     swap,
+                    encrypt,
                     binaries,
                 },
                 work.path(),
@@ -352,6 +362,21 @@ async fn run() -> Result<()> {
                 "demo ran in {:.1} s of wall time",
                 started.elapsed().as_secs_f64()
             );
+            if let Some(enc) = &result.encryption {
+                if !enc.found.is_empty() {
+                    anyhow::bail!(
+                        "planted plaintext found where only ciphertext belongs:\n  {}",
+                        enc.found.join("\n  ")
+                    );
+                }
+                if enc.edges_identical < enc.edges {
+                    anyhow::bail!(
+                        "{} of {} edges did not unpack the published tree",
+                        enc.edges - enc.edges_identical,
+                        enc.edges
+                    );
+                }
+            }
             if let Some(swap) = &result.swap {
                 if swap.done < swap.edges {
                     anyhow::bail!(

@@ -137,6 +137,9 @@ pub struct Fleet {
     children: Vec<(String, Child)>,
 }
 
+/// How long a child may take to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
 impl Fleet {
     /// Starts `cmd` as `name` and keeps it.
     pub fn spawn(&mut self, name: &str, mut cmd: Command) -> Result<u32> {
@@ -171,6 +174,31 @@ impl Fleet {
         Ok(())
     }
 
+    /// Stops the child called `name`: SIGTERM, a short grace period, then SIGKILL.
+    pub async fn stop(&mut self, name: &str) -> Result<()> {
+        let Some(pos) = self.children.iter().position(|(n, _)| n == name) else {
+            return Ok(());
+        };
+        let (_, mut child) = self.children.remove(pos);
+        if let Some(pid) = child.id() {
+            // SAFETY: plain kill(2) on a pid we started and have not reaped.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+        if tokio::time::timeout(STOP_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(name = %name, "did not stop on SIGTERM; killing");
+            child
+                .kill()
+                .await
+                .with_context(|| format!("cannot kill {name}"))?;
+        }
+        Ok(())
+    }
+
     /// Stops every child: SIGTERM, a short grace period, then SIGKILL.
     pub async fn shutdown(&mut self) {
         for (_, child) in &self.children {
@@ -181,7 +209,7 @@ impl Fleet {
                 }
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + STOP_GRACE;
         for (name, child) in &mut self.children {
             let left = deadline.saturating_duration_since(Instant::now());
             if tokio::time::timeout(left, child.wait()).await.is_err() {

@@ -430,6 +430,16 @@ impl Testbed {
         procs::wait_ready(&ready_file, &mut self.fleet).await
     }
 
+    /// Stops edge `name`'s daemon as an operator would (SIGTERM, then SIGKILL after a grace
+    /// period); its store stays for `edge-agent fetch`.
+    pub async fn stop_edge(&mut self, name: &str) -> Result<()> {
+        self.fleet.stop(name).await?;
+        if let Some(edge) = self.edges.iter_mut().find(|e| e.name == name) {
+            edge.daemon = None;
+        }
+        Ok(())
+    }
+
     /// Kills edge `name`'s daemon with SIGKILL.
     pub async fn kill_edge(&mut self, name: &str) -> Result<()> {
         self.fleet.kill(name).await
@@ -506,23 +516,33 @@ impl Testbed {
         version: &str,
         kind: &str,
     ) -> Result<String> {
-        let out = procs::run_to_end(
-            &self.bins.path("origin"),
-            &[
-                s("publish"),
-                p(tree),
-                s("--dir"),
-                p(&self.origin_dir),
-                s("--name"),
-                s(name),
-                s("--version"),
-                s(version),
-                s("--kind"),
-                s(kind),
-                s("--no-progress"),
-            ],
-        )
-        .await?;
+        self.publish_with(tree, name, version, kind, &[]).await
+    }
+
+    /// Like [`Testbed::publish_as`], with more flags for `origin publish` (`--encrypt`, say).
+    pub async fn publish_with(
+        &self,
+        tree: &Path,
+        name: &str,
+        version: &str,
+        kind: &str,
+        extra_args: &[&str],
+    ) -> Result<String> {
+        let mut args = vec![
+            s("publish"),
+            p(tree),
+            s("--dir"),
+            p(&self.origin_dir),
+            s("--name"),
+            s(name),
+            s("--version"),
+            s(version),
+            s("--kind"),
+            s(kind),
+            s("--no-progress"),
+        ];
+        args.extend(extra_args.iter().copied().map(s));
+        let out = procs::run_to_end(&self.bins.path("origin"), &args).await?;
         out.lines()
             .find_map(|l| l.strip_prefix("bundle "))
             .and_then(|rest| rest.split_whitespace().next())

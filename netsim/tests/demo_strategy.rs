@@ -2,7 +2,8 @@
 //! with `--json`, emulating its built-in topology): every edge ends with the bundle, each site
 //! pulls it over the WAN once (the payload the origin sent, and what the site's WAN relay
 //! carried) — once per edge with `direct` — and the bytes served inside a site come from the
-//! stager alone (`staged`) or from the stager and the other edges (`mesh`).
+//! stager alone (`staged`) or from the stager and the other edges (`mesh`). With `--encrypt`,
+//! no planted plaintext is found where stagers, peers or the WAN could see it.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -26,19 +27,26 @@ fn netsim_bin() -> PathBuf {
 
 /// Runs `netsim demo --json` with `strategy` and returns its JSON result.
 fn run_demo(strategy: &str) -> Value {
+    let work = tempfile::tempdir().expect("tempdir");
+    run_demo_in(work.path(), strategy, &[])
+}
+
+/// Runs `netsim demo --json` with `strategy` and `extra` flags, its work directory in `work`,
+/// and returns its JSON result.
+fn run_demo_in(work: &std::path::Path, strategy: &str, extra: &[&str]) -> Value {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let work = tempfile::tempdir().expect("tempdir");
-    let stdout_path = work.path().join("stdout.json");
-    let stderr_path = work.path().join("stderr.log");
+    let stdout_path = work.join("stdout.json");
+    let stderr_path = work.join("stderr.log");
     let mut demo = Command::new(netsim_bin())
         .args(["demo", "--json", "--bundle-mib", "16"])
         .args(["--sites", &SITES.to_string(), "--edges", &EDGES.to_string()])
         .args(["--strategy", strategy])
         .args(["--stager-upload-mbit", &STAGER_UPLOAD_MBIT.to_string()])
+        .args(extra)
         .arg("--work-dir")
-        .arg(work.path().join("demo"))
+        .arg(work.join("demo"))
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
         .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
@@ -187,6 +195,59 @@ fn mesh_edges_get_everything_from_inside_their_site() {
         assert!(
             peers > 0,
             "{name}: with a slow stager the edges never served each other"
+        );
+    }
+}
+
+/// `netsim demo --encrypt` (issue 16): the bundle crosses the WAN, the stagers and the peers
+/// encrypted. The demo searches every stager's directory, every edge's store and the captured
+/// WAN traffic for the plaintext markers it planted, and unpacks the bundle on every edge.
+#[test]
+fn an_encrypted_demo_leaks_no_planted_plaintext_and_every_edge_unpacks_the_tree() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let result = run_demo_in(work.path(), "mesh", &["--encrypt"]);
+    let (bundle, sites) = check_common(&result, "mesh");
+    assert!(
+        u(&result, "tree_bytes") > bundle,
+        "the origin reads the payload size from the sealed metadata: {result}"
+    );
+    let enc = &result["encryption"];
+    let markers: Vec<String> = enc["markers"]
+        .as_array()
+        .expect("markers")
+        .iter()
+        .map(|m| m.as_str().expect("marker").to_owned())
+        .collect();
+    assert_eq!(markers.len(), 3, "{enc}");
+    assert_eq!(
+        enc["found"],
+        serde_json::json!([]),
+        "plaintext leaked: {enc}"
+    );
+    // What was searched is what carried the bundle: every stager holds a copy, every edge
+    // store one, and the captures hold every site's WAN traffic.
+    let copies = |field: &str| u(enc, field) as f64 / bundle as f64;
+    assert!(copies("stager_bytes") >= SITES as f64, "{enc}");
+    assert!(
+        copies("edge_store_bytes") >= (SITES * EDGES) as f64,
+        "{enc}"
+    );
+    let wan: u64 = sites.iter().map(|s| u(s, "wan_link_bytes")).sum();
+    assert!(
+        u(enc, "capture_bytes") >= wan,
+        "the captures hold less than the relays carried ({wan} B): {enc}"
+    );
+    assert_eq!(u(enc, "edges"), SITES * EDGES);
+    assert_eq!(u(enc, "edges_identical"), SITES * EDGES, "{enc}");
+    // The control: the same search finds every marker in the tree that was published, in
+    // its bytes or its file names.
+    let tree = work.path().join("demo").join("tree");
+    let source = netsim::plaintext::search(&[tree], &markers).expect("search the tree");
+    for marker in &markers {
+        assert!(
+            source.found.iter().any(|f| f.starts_with(marker.as_str())),
+            "{marker} is not in the published tree: {:?}",
+            source.found
         );
     }
 }

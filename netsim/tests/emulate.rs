@@ -78,6 +78,7 @@ fn options() -> EmulateOptions {
         binaries: binaries(),
         work_dir: None,
         seed: 1,
+        capture_dir: None,
     }
 }
 

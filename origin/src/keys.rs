@@ -150,6 +150,20 @@ impl OriginKeys {
             .filter_map(|generation| ring.get(generation).ok().map(|k| (generation, k.clone())))
             .collect()
     }
+
+    /// The payload bytes of `manifest`: for an encrypted bundle, from its sealed metadata,
+    /// opened with the origin's key (the clear manifest carries 0). `None` when the generation
+    /// is gone or its key does not open the metadata.
+    pub fn raw_bytes(&self, manifest: &Manifest) -> Option<u64> {
+        let ring = self.ring();
+        match proto::pack::unseal(manifest, &ring) {
+            Ok(unsealed) => Some(proto::pack::raw_bytes_total(manifest, unsealed.as_ref())),
+            Err(error) => {
+                tracing::warn!(bundle = %manifest.name, %error, "cannot open the sealed metadata");
+                None
+            }
+        }
+    }
 }
 
 /// Whether a bundle's chunks are encrypted.

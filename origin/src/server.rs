@@ -358,7 +358,7 @@ impl Origin {
             kind: manifest.kind,
             chunk_count: manifest.chunks.len() as u64,
             stored_bytes: manifest.total_stored_bytes,
-            raw_bytes: manifest.total_raw_bytes,
+            raw_bytes: self.control.raw_bytes(&manifest),
             seq: 0,
         };
         let info = self.catalog.append(info).map_err(PublishError::Catalog)?;

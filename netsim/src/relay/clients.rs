@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 
+use super::capture::Capture;
 use super::link::{Datagram, Link};
 use super::model::LinkModel;
 use super::stats::Counters;
@@ -50,15 +51,18 @@ impl Shared {
         listen: Arc<UdpSocket>,
         config: &RelayConfig,
         counters: Arc<Counters>,
+        capture: Option<Arc<Capture>>,
     ) -> Arc<Self> {
         let now = Instant::now();
         let up = Link::new(
             LinkModel::new(config.up.clone(), config.seed, now),
             counters.up.clone(),
+            capture.clone(),
         );
         let down = Link::new(
             LinkModel::new(config.down.clone(), config.seed ^ DOWN_SEED_SALT, now),
             counters.down.clone(),
+            capture,
         );
         Arc::new(Self {
             listen,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 
+use super::capture::Capture;
 use super::model::{LinkModel, Verdict};
 use super::stats::DirectionCounters;
 use super::{lock, MAX_IN_FLIGHT_BYTES};
@@ -34,6 +35,8 @@ pub(super) struct Link {
     /// Wakes the egress task when a datagram becomes the first one due.
     head_changed: Notify,
     counters: Arc<DirectionCounters>,
+    /// Where forwarded datagrams are recorded, when the relay captures.
+    capture: Option<Arc<Capture>>,
 }
 
 struct LinkState {
@@ -72,7 +75,11 @@ impl Ord for Delayed {
 }
 
 impl Link {
-    pub(super) fn new(model: LinkModel, counters: Arc<DirectionCounters>) -> Arc<Self> {
+    pub(super) fn new(
+        model: LinkModel,
+        counters: Arc<DirectionCounters>,
+        capture: Option<Arc<Capture>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(LinkState {
                 model,
@@ -82,6 +89,7 @@ impl Link {
             }),
             head_changed: Notify::new(),
             counters,
+            capture,
         })
     }
 
@@ -168,6 +176,9 @@ impl Link {
             Ok(len) => {
                 self.counters.forwarded_datagrams.fetch_add(1, Relaxed);
                 self.counters.forwarded_bytes.fetch_add(len as u64, Relaxed);
+                if let Some(capture) = &self.capture {
+                    capture.record(&datagram.payload[..len]);
+                }
             }
             Err(error) => {
                 self.counters.send_errors.fetch_add(1, Relaxed);

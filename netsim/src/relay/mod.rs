@@ -60,7 +60,10 @@
 //! - `link`: one direction at run time: the delay line and the task that sends what is due.
 //! - `clients`: the NAT-like client mappings and the tasks that receive datagrams.
 //! - `stats`: the counters ([`RelayStats`]).
+//! - `capture`: the optional pcap file of every datagram forwarded ([`RelayConfig::capture`],
+//!   [`read_capture`]).
 
+mod capture;
 mod clients;
 mod link;
 mod model;
@@ -76,6 +79,8 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 
+pub use capture::read_capture;
+use capture::Capture;
 use clients::Shared;
 pub use shape::{bdp_bytes, LinkShape, RelayConfig};
 use stats::Counters;
@@ -118,6 +123,7 @@ pub const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 pub struct Relay {
     local_addr: SocketAddr,
     counters: Arc<Counters>,
+    capture: Option<Arc<Capture>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -149,13 +155,23 @@ impl Relay {
             "relay started"
         );
         let counters = Arc::new(Counters::default());
+        let capture = match &config.capture {
+            Some(path) => Some(Arc::new(Capture::create(path).map_err(|error| {
+                io::Error::new(
+                    error.kind(),
+                    format!("cannot create the capture file {}: {error}", path.display()),
+                )
+            })?)),
+            None => None,
+        };
         let (stop, stopped) = oneshot::channel();
         let relay_counters = counters.clone();
+        let relay_capture = capture.clone();
         let thread = std::thread::Builder::new()
             .name("netsim-relay".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let relay = Shared::new(listen, &config, relay_counters);
+                    let relay = Shared::new(listen, &config, relay_counters, relay_capture);
                     tokio::select! {
                         // Sent by `Relay::drop`, or dropped with the `Relay`.
                         _ = stopped => {}
@@ -167,6 +183,7 @@ impl Relay {
         Ok(Relay {
             local_addr,
             counters,
+            capture,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -180,6 +197,14 @@ impl Relay {
     /// The counters now; the relay keeps running.
     pub fn stats(&self) -> RelayStats {
         self.counters.snapshot()
+    }
+
+    /// Writes out the datagrams captured so far (see [`RelayConfig::capture`]), so the file
+    /// can be read while the relay runs.
+    pub fn flush_capture(&self) {
+        if let Some(capture) = &self.capture {
+            capture.flush();
+        }
     }
 
     /// Stops the relay and waits for its thread; datagrams still queued or delayed are dropped.
@@ -202,27 +227,10 @@ impl Drop for Relay {
     }
 }
 
-/// Asks for [`SOCKET_BUFFER_BYTES`] of receive and send buffer; a refusal leaves the default,
-/// which works, only with less slack.
+/// Asks for [`SOCKET_BUFFER_BYTES`] of receive and send buffer; a refusal leaves a smaller
+/// buffer, which works, only with less slack.
 fn enlarge_buffers(socket: &std::net::UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let bytes = libc::c_int::try_from(SOCKET_BUFFER_BYTES).unwrap_or(libc::c_int::MAX);
-    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        // SAFETY: setsockopt(2) on a socket we own, reading a c_int that lives across the call.
-        let result = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                std::ptr::from_ref(&bytes).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if result != 0 {
-            let error = io::Error::last_os_error();
-            tracing::debug!(option, %error, "cannot enlarge a relay socket buffer");
-        }
-    }
+    proto::net::udp::enlarge_buffers(socket, SOCKET_BUFFER_BYTES);
 }
 
 /// Locks `mutex`; a panic elsewhere while holding it leaves counters and queues usable.

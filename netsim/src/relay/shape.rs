@@ -107,6 +107,9 @@ pub struct RelayConfig {
     pub seed: u64,
     /// A client mapping that carries nothing for this long is closed.
     pub client_idle_timeout: Duration,
+    /// Write every datagram forwarded, both ways, to this pcap file (see
+    /// [`super::read_capture`]); `None`: no capture.
+    pub capture: Option<std::path::PathBuf>,
 }
 
 impl RelayConfig {
@@ -119,6 +122,7 @@ impl RelayConfig {
             down: link,
             seed,
             client_idle_timeout: CLIENT_IDLE_TIMEOUT,
+            capture: None,
         }
     }
 

@@ -28,6 +28,12 @@ pub enum KeysAnswer {
 }
 
 impl ControlPlane {
+    /// The payload bytes of `manifest`, opening its sealed metadata when it is encrypted (0
+    /// when that fails, which is logged).
+    pub fn raw_bytes(&self, manifest: &proto::manifest::Manifest) -> u64 {
+        self.keys.raw_bytes(manifest).unwrap_or(0)
+    }
+
     /// Whether node `id` was revoked.
     pub fn is_revoked(&self, id: &str) -> Result<bool, DbError> {
         Ok(self.db.revoked(id)?.is_some())

@@ -12,6 +12,7 @@
 //! - [`tls`]: rustls configurations, transport tuning, mesh endpoints and [`connect`].
 //! - [`enroll`]: one-time enrollment tokens, the enrollment server and [`enroll::enroll`].
 //! - [`frames`]: reading and writing [`crate::wire`] frames on QUIC streams.
+//! - [`udp`]: UDP sockets with kernel buffers sized for fat links, under every mesh endpoint.
 //!
 //! One request travels on one bidirectional stream; a subscription is a stream that stays open.
 
@@ -23,6 +24,7 @@ pub mod frames;
 pub mod identity;
 mod pem;
 pub mod tls;
+pub mod udp;
 
 pub use ca::{CertAuthority, IssuedCert};
 pub use enroll::probe;

@@ -73,8 +73,7 @@ pub fn transport_config() -> TransportConfig {
 pub fn server_endpoint(bind: SocketAddr, identity: &NodeIdentity) -> Result<Endpoint, NetError> {
     install_crypto_provider();
     let server_config = mesh_server_config(identity)?;
-    let mut endpoint = Endpoint::server(server_config, bind)
-        .map_err(|source| NetError::Bind { addr: bind, source })?;
+    let mut endpoint = endpoint_on(bind, Some(server_config))?;
     endpoint.set_default_client_config(mesh_client_config(identity)?);
     let addr = endpoint.local_addr().unwrap_or(bind);
     tracing::info!(%addr, node = %identity.identity(), "mesh endpoint listening");
@@ -86,10 +85,25 @@ pub fn server_endpoint(bind: SocketAddr, identity: &NodeIdentity) -> Result<Endp
 pub fn client_endpoint(identity: &NodeIdentity) -> Result<Endpoint, NetError> {
     install_crypto_provider();
     let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
-    let mut endpoint =
-        Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    let mut endpoint = endpoint_on(bind, None)?;
     endpoint.set_default_client_config(mesh_client_config(identity)?);
     Ok(endpoint)
+}
+
+/// A quinn endpoint on a socket from [`super::udp::bind`] (large kernel buffers), serving
+/// `server_config` when given.
+fn endpoint_on(
+    bind: SocketAddr,
+    server_config: Option<quinn::ServerConfig>,
+) -> Result<Endpoint, NetError> {
+    let socket = super::udp::bind(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server_config,
+        socket,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| NetError::Bind { addr: bind, source })
 }
 
 /// Connects to the mesh node at `addr`, verifying its certificate against the mesh CA.
