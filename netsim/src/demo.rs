@@ -24,7 +24,7 @@ use crate::plaintext;
 use crate::procs::{self, Binaries};
 use crate::progress::Progress;
 use crate::run::Interrupted;
-use crate::testbed::{site_name, Testbed};
+use crate::testbed::{self, site_name, Testbed};
 use crate::topology::{Strategy, Topology};
 
 /// The topology `netsim demo` emulates unless `--topology` names another.
@@ -178,9 +178,66 @@ pub struct DemoResult {
     /// The swap at the end, with `--swap`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swap: Option<SwapResult>,
+    /// The time one copy of the bundle takes through the slowest site's WAN link at its rate:
+    /// no fan-out can end sooner.
+    #[serde(default)]
+    pub wan_floor_s: f64,
+    /// What the fan-out cost in CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuResult>,
     /// The plaintext search and the unpack at the end, with `--encrypt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionResult>,
+}
+
+/// CPU seconds (user + system) spent from the moment `origin publish` returned until the last
+/// edge held the bundle ([`crate::cpu`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CpuResult {
+    /// By the origin.
+    pub origin_s: f64,
+    /// By every stager.
+    pub stagers_s: f64,
+    /// By every edge's daemon.
+    pub edge_daemons_s: f64,
+    /// By the `edge-agent fetch` commands (all the edge's work when it runs no daemon).
+    pub fetch_commands_s: f64,
+    /// The mesh: origin, stagers, edge daemons and fetch commands.
+    pub mesh_s: f64,
+    /// By netsim itself: the WAN relays, the progress display, the harness. Not the mesh's.
+    pub netsim_s: f64,
+    /// Bytes delivered, verified and stored at the edges: the bundle's stored bytes per edge
+    /// that holds it.
+    pub delivered_bytes: u64,
+    /// `mesh_s` per GiB of `delivered_bytes`.
+    pub mesh_s_per_gib: f64,
+}
+
+impl CpuResult {
+    fn from_fanout(mesh: &Testbed, fanout: &emulate::Fanout, delivered_bytes: u64) -> Self {
+        let (before, after) = (&fanout.cpu_before, &fanout.cpu_after);
+        let secs = |names: &mut dyn Iterator<Item = &str>| -> f64 {
+            names
+                .map(|name| after.child_since(before, name).as_secs_f64())
+                .sum()
+        };
+        let origin_s = secs(&mut std::iter::once(testbed::ORIGIN_NAME));
+        let stagers_s = secs(&mut mesh.stagers.iter().map(|st| st.name.as_str()));
+        let edge_daemons_s = secs(&mut mesh.edges.iter().map(|e| e.name.as_str()));
+        let fetch_commands_s = after.reaped.saturating_sub(before.reaped).as_secs_f64();
+        let mesh_s = origin_s + stagers_s + edge_daemons_s + fetch_commands_s;
+        let gib = delivered_bytes as f64 / (1024.0 * 1024.0 * 1024.0);
+        Self {
+            origin_s,
+            stagers_s,
+            edge_daemons_s,
+            fetch_commands_s,
+            mesh_s,
+            netsim_s: after.own.saturating_sub(before.own).as_secs_f64(),
+            delivered_bytes,
+            mesh_s_per_gib: if gib > 0.0 { mesh_s / gib } else { 0.0 },
+        }
+    }
 }
 
 /// What `--encrypt` found at the end of the demo.
@@ -294,11 +351,26 @@ impl DemoResult {
             ));
         }
         out.push_str(&format!(
-            "\norigin egress {:.1} MiB ({:.2}× bundle); all edges hold the bundle after {:.2} s\n",
+            "\norigin egress {:.1} MiB ({:.2}× bundle); all edges hold the bundle after {:.2} s ({:.1}× the WAN floor of {:.2} s)\n",
             mib(self.origin_egress_bytes),
             times(self.origin_egress_bytes),
-            self.all_edges_done_s
+            self.all_edges_done_s,
+            self.all_edges_done_s / self.wan_floor_s.max(f64::MIN_POSITIVE),
+            self.wan_floor_s
         ));
+        if let Some(cpu) = &self.cpu {
+            out.push_str(&format!(
+                "CPU from publish to the last edge: {:.1} s for {:.1} MiB delivered to the edges = {:.1} CPU-s per GiB (origin {:.1}, stagers {:.1}, edge daemons {:.1}, fetch commands {:.1}); the relays and netsim {:.1} s more\n",
+                cpu.mesh_s,
+                mib(cpu.delivered_bytes),
+                cpu.mesh_s_per_gib,
+                cpu.origin_s,
+                cpu.stagers_s,
+                cpu.edge_daemons_s,
+                cpu.fetch_commands_s,
+                cpu.netsim_s
+            ));
+        }
         if let Some(swap) = &self.swap {
             out.push_str(&format!(
                 "OS swap (origin swap, simulated machines): {}/{} edges run the demo bundle from slot A, rescue OS in slot B, after {:.2} s\n",
@@ -470,6 +542,17 @@ async fn run_in(
         );
     }
     let run = emulation.collect(&fanout.fetches).await?;
+    let edges_done: u64 = run.sites.iter().map(|s| u64::from(s.edges_done)).sum();
+    let cpu = CpuResult::from_fanout(
+        &emulation.mesh,
+        &fanout,
+        edges_done.saturating_mul(run.bundle_bytes),
+    );
+    let wan_floor_s = topo
+        .sites
+        .iter()
+        .map(|site| run.bundle_bytes as f64 * 8.0 / (site.wan.mbit * 1e6))
+        .fold(0.0, f64::max);
     let mesh = &emulation.mesh;
     let origin_metrics = mesh.origin_metrics().await?;
     let tree_bytes = procs::metric_sum(&origin_metrics, "stagecoach_bundle_raw_bytes", &[]);
@@ -534,6 +617,8 @@ async fn run_in(
         sites,
         notes: run.notes,
         swap,
+        wan_floor_s,
+        cpu: Some(cpu),
         encryption,
     })
 }

@@ -60,6 +60,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::compare::CompareTable;
+use crate::cpu::CpuSample;
 use crate::datagen;
 use crate::procs::{self, Binaries};
 use crate::progress::Progress;
@@ -320,6 +321,10 @@ pub struct Fanout {
     pub publish_s: f64,
     /// One per edge; `done_s` counts from the moment `origin publish` returned.
     pub fetches: Vec<EdgeFetch>,
+    /// CPU of every process (and of netsim) when `origin publish` had returned...
+    pub cpu_before: CpuSample,
+    /// ... and when the last fetch ended.
+    pub cpu_after: CpuSample,
 }
 
 impl Emulation {
@@ -481,6 +486,7 @@ impl Emulation {
         tracing::info!(bundle = %bundle_id, publish_s, "published; edges fetching");
 
         let edges = self.mesh.edges.clone();
+        let cpu_before = CpuSample::now(&self.mesh.fleet.pids());
         progress.start_fanout(edges.len() as u64);
         let fetches = {
             let fanout = self
@@ -524,10 +530,13 @@ impl Emulation {
                 }
             }
         };
+        let cpu_after = CpuSample::now(&self.mesh.fleet.pids());
         Ok(Fanout {
             bundle_id,
             publish_s,
             fetches,
+            cpu_before,
+            cpu_after,
         })
     }
 

@@ -6,9 +6,11 @@
 //! relay ([`relay`]); topologies run by the real binaries behind relays ([`emulate`]); and
 //! fleet-scale simulation in virtual time ([`topology`], [`simulate`], [`report`],
 //! [`compare`], from the `netsim-sim` crate, which links no RocksDB). What every run of real processes shares, its work directory and Ctrl-C
-//! ([`run`]) and its progress display ([`progress`]), sits in leaf modules, so [`demo`] builds
+//! ([`run`]), its progress display ([`progress`]) and its CPU accounting ([`cpu`]), sits in leaf
+//! modules, so [`demo`] builds
 //! on [`emulate`] and nothing in [`emulate`] depends on [`demo`].
 
+pub mod cpu;
 pub mod datagen;
 pub mod demo;
 pub mod emulate;

@@ -152,6 +152,14 @@ impl Fleet {
         Ok(pid)
     }
 
+    /// Every running child's name and pid.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.children
+            .iter()
+            .filter_map(|(name, child)| child.id().map(|pid| (name.clone(), pid)))
+            .collect()
+    }
+
     /// Fails if any child has exited, naming it and its status.
     pub fn check_alive(&mut self) -> Result<()> {
         for (name, child) in &mut self.children {

@@ -112,7 +112,7 @@ fn set_identity_origin(identity_dir: &Path, origin_addr: &str) -> Result<()> {
 }
 
 /// Process name of the origin in the fleet.
-const ORIGIN_NAME: &str = "origin";
+pub const ORIGIN_NAME: &str = "origin";
 
 /// How often a condition of the mesh (a log line, a file) is checked while waiting for it.
 const POLL: Duration = Duration::from_millis(100);
