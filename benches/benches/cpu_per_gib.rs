@@ -119,7 +119,12 @@ fn main() -> Result<()> {
     let median = |f: &dyn Fn(&Round) -> f64| {
         let mut v: Vec<f64> = results.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        let mid = v.len() / 2;
+        if v.len().is_multiple_of(2) {
+            (v[mid - 1] + v[mid]) / 2.0
+        } else {
+            v[mid]
+        }
     };
     println!(
         "| median | {:.2} | {:.2} | {:.2}× | {:.1}× | |",
