@@ -708,20 +708,7 @@ async fn check_encryption(
     let mut identical = 0;
     for edge in &mesh.edges {
         let out = mesh.work.join("unpacked").join(&edge.name);
-        let mut args = vec![
-            "fetch".to_owned(),
-            bundle.to_owned(),
-            "--dir".to_owned(),
-            edge.dir.display().to_string(),
-            "--no-progress".to_owned(),
-            "--to".to_owned(),
-            out.display().to_string(),
-        ];
-        for addr in mesh.stager_addrs(&edge.site) {
-            args.push("--stager".to_owned());
-            args.push(addr);
-        }
-        let run = procs::run_cli(&mesh.bins.path("edge-agent"), &args).await?;
+        let run = mesh.fetch_to(edge, bundle, &out).await?;
         if !run.ok {
             failures.push(format!(
                 "{}: edge-agent fetch --to failed: {}",

@@ -575,17 +575,7 @@ impl Testbed {
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for edge in edges {
-            let mut args = vec![
-                s("fetch"),
-                s(bundle),
-                s("--dir"),
-                p(&edge.dir),
-                s("--no-progress"),
-            ];
-            for addr in self.stager_addrs(&edge.site) {
-                args.push(s("--stager"));
-                args.push(addr);
-            }
+            let args = self.fetch_args(edge, bundle, &[]);
             let log = self
                 .work
                 .join("logs")
@@ -610,6 +600,35 @@ impl Testbed {
             results.push(fetch);
         }
         Ok(results)
+    }
+
+    /// Runs `edge-agent fetch BUNDLE --to OUT` on `edge` (its daemon, if any, stopped): fetches
+    /// what its store lacks from its site's stagers, then unpacks into `out`.
+    pub async fn fetch_to(
+        &self,
+        edge: &EdgeNode,
+        bundle: &str,
+        out: &Path,
+    ) -> Result<procs::CliRun> {
+        let args = self.fetch_args(edge, bundle, &[s("--to"), p(out)]);
+        procs::run_cli(&self.bins.path("edge-agent"), &args).await
+    }
+
+    /// `edge-agent fetch BUNDLE --dir DIR --no-progress EXTRA --stager ...` for `edge`.
+    fn fetch_args(&self, edge: &EdgeNode, bundle: &str, extra: &[String]) -> Vec<String> {
+        let mut args = vec![
+            s("fetch"),
+            s(bundle),
+            s("--dir"),
+            p(&edge.dir),
+            s("--no-progress"),
+        ];
+        args.extend(extra.iter().cloned());
+        for addr in self.stager_addrs(&edge.site) {
+            args.push(s("--stager"));
+            args.push(addr);
+        }
+        args
     }
 
     /// Runs the `origin` command line against this mesh's origin: `origin ARGS --dir ORIGIN_DIR`.

@@ -328,20 +328,8 @@ async fn edges_of_reading_classes_get_keys_from_the_origin_and_nobody_else_does(
         .expect("a bundle id")
         .to_owned();
     let out = work.path().join("revoked-unpack");
-    let mut args = vec![
-        "fetch".to_owned(),
-        bundle,
-        "--dir".to_owned(),
-        reader.dir.display().to_string(),
-        "--no-progress".to_owned(),
-        "--to".to_owned(),
-        out.display().to_string(),
-    ];
-    for addr in mesh.stager_addrs(&site) {
-        args.push("--stager".into());
-        args.push(addr);
-    }
-    let run = netsim::procs::run_cli(&mesh.bins.path("edge-agent"), &args)
+    let run = mesh
+        .fetch_to(&reader, &bundle, &out)
         .await
         .expect("edge-agent fetch");
     assert!(!run.ok, "a revoked node unpacked a later bundle");

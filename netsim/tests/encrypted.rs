@@ -127,20 +127,7 @@ async fn unpack_on(
     bundle: &str,
     out: &Path,
 ) -> netsim::procs::CliRun {
-    let mut args = vec![
-        "fetch".to_owned(),
-        bundle.to_owned(),
-        "--dir".to_owned(),
-        edge.dir.display().to_string(),
-        "--no-progress".to_owned(),
-        "--to".to_owned(),
-        out.display().to_string(),
-    ];
-    for addr in mesh.stager_addrs(&edge.site) {
-        args.push("--stager".into());
-        args.push(addr);
-    }
-    netsim::procs::run_cli(&mesh.bins.path("edge-agent"), &args)
+    mesh.fetch_to(edge, bundle, out)
         .await
         .expect("edge-agent fetch")
 }
