@@ -497,7 +497,7 @@ async fn run_in(
     .await?;
     if config.encrypt {
         progress.phase("letting the demo's edges read encrypted bundles (class demo)");
-        let_edges_read(&emulation.mesh, work).await?;
+        let_edges_read(&emulation.mesh).await?;
     }
     let base = if config.swap {
         // Every edge gets a machine running a small factory OS before the demo starts.
@@ -626,34 +626,13 @@ async fn run_in(
 /// The class the demo's edges are put in with `--encrypt`, and the policy that lets it read.
 const READER_CLASS: &str = "demo";
 
-/// Loads a policy that lets class [`READER_CLASS`] read encrypted bundles and puts every edge
-/// in it, as an operator does (`origin policy load`, `origin class set`).
-async fn let_edges_read(mesh: &Testbed, work: &Path) -> Result<()> {
-    let policy = work.join("encryption-policy.toml");
-    std::fs::write(
-        &policy,
-        format!("[encryption]\nread_classes = [\"{READER_CLASS}\"]\n"),
-    )
-    .with_context(|| format!("cannot write {}", policy.display()))?;
-    origin_ok(mesh, &["policy", "load", &policy.display().to_string()]).await?;
+/// Lets class [`READER_CLASS`] read encrypted bundles and puts every edge in it, as an
+/// operator does (`origin policy load`, `origin class set`).
+async fn let_edges_read(mesh: &Testbed) -> Result<()> {
+    mesh.set_read_classes(&[READER_CLASS]).await?;
     for edge in &mesh.edges {
-        let identity = proto::net::NodeIdentity::load(&edge.dir.join("identity"))
-            .with_context(|| format!("cannot read the identity of {}", edge.name))?;
-        let id = identity.node_id().to_string();
-        origin_ok(mesh, &["class", "set", &id, READER_CLASS]).await?;
+        mesh.set_class(edge, READER_CLASS).await?;
     }
-    Ok(())
-}
-
-async fn origin_ok(mesh: &Testbed, args: &[&str]) -> Result<()> {
-    let run = mesh.origin_cli(args).await?;
-    ensure!(
-        run.ok,
-        "origin {} failed:\n{}{}",
-        args.join(" "),
-        run.stdout,
-        run.stderr
-    );
     Ok(())
 }
 

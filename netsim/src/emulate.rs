@@ -100,7 +100,7 @@ pub struct EmulateOptions {
     /// Seeds the relays' jitter and loss draws.
     pub seed: u64,
     /// Each site's WAN relay writes what it carries, both ways, to `SITE.wan.pcap` in this
-    /// directory ([`crate::relay::read_capture`]); `None`: no capture.
+    /// directory (pcap, see [`RelayConfig::capture`]); `None`: no capture.
     pub capture_dir: Option<PathBuf>,
 }
 

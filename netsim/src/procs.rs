@@ -137,6 +137,16 @@ pub struct Fleet {
     children: Vec<(String, Child)>,
 }
 
+/// Sends SIGTERM to `child` if it has not been reaped.
+fn terminate(child: &Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: plain kill(2) on a pid we started and have not reaped.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+    }
+}
+
 /// How long a child may take to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
@@ -188,12 +198,7 @@ impl Fleet {
             return Ok(());
         };
         let (_, mut child) = self.children.remove(pos);
-        if let Some(pid) = child.id() {
-            // SAFETY: plain kill(2) on a pid we started and have not reaped.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
-            }
-        }
+        terminate(&child);
         if tokio::time::timeout(STOP_GRACE, child.wait())
             .await
             .is_err()
@@ -210,12 +215,7 @@ impl Fleet {
     /// Stops every child: SIGTERM, a short grace period, then SIGKILL.
     pub async fn shutdown(&mut self) {
         for (_, child) in &self.children {
-            if let Some(pid) = child.id() {
-                // SAFETY: plain kill(2) on a pid we started and have not reaped.
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGTERM);
-                }
-            }
+            terminate(child);
         }
         let deadline = Instant::now() + STOP_GRACE;
         for (name, child) in &mut self.children {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
 
 use crate::procs::{self, Binaries, Fleet};
@@ -637,6 +637,45 @@ impl Testbed {
         all.push("--dir".into());
         all.push(self.origin_dir.display().to_string());
         procs::run_cli(&self.bins.path("origin"), &all).await
+    }
+
+    /// Like [`Testbed::origin_cli`], failing with its output unless the command succeeds;
+    /// returns its stdout.
+    pub async fn origin_ok(&self, args: &[&str]) -> Result<String> {
+        let run = self.origin_cli(args).await?;
+        ensure!(
+            run.ok,
+            "origin {} failed:\n{}{}",
+            args.join(" "),
+            run.stdout,
+            run.stderr
+        );
+        Ok(run.stdout)
+    }
+
+    /// Loads a policy whose `[encryption] read_classes` are `classes` (`origin policy load`):
+    /// edges of those classes receive the content keys.
+    pub async fn set_read_classes(&self, classes: &[&str]) -> Result<()> {
+        let policy = self.work.join("encryption-policy.toml");
+        let list: Vec<String> = classes.iter().map(|c| format!("{c:?}")).collect();
+        std::fs::write(
+            &policy,
+            format!("[encryption]\nread_classes = [{}]\n", list.join(", ")),
+        )
+        .with_context(|| format!("cannot write {}", policy.display()))?;
+        self.origin_ok(&["policy", "load", &policy.display().to_string()])
+            .await
+            .map(drop)
+    }
+
+    /// Puts `edge` in `class` (`origin class set`).
+    pub async fn set_class(&self, edge: &EdgeNode, class: &str) -> Result<()> {
+        let identity = proto::net::NodeIdentity::load(&edge.dir.join("identity"))
+            .with_context(|| format!("cannot read the identity of {}", edge.name))?;
+        let id = identity.node_id().to_string();
+        self.origin_ok(&["class", "set", &id, class])
+            .await
+            .map(drop)
     }
 
     /// Prometheus text of the origin.

@@ -25,37 +25,17 @@ fn bins() -> Binaries {
     Binaries::beside_current_exe().expect("build the binaries: cargo build --release --bins")
 }
 
-async fn origin_ok(mesh: &Testbed, args: &[&str]) -> String {
-    let out = mesh.origin_cli(args).await.expect("run origin");
-    assert!(
-        out.ok,
-        "origin {args:?} failed:\n{}\n{}",
-        out.stdout, out.stderr
-    );
-    out.stdout
-}
-
 /// Lets edges of class `secure` read encrypted bundles, and puts `readers` in that class and
 /// every other edge of `mesh` in class `web`.
-async fn let_read(mesh: &Testbed, work: &Path, readers: &[&str]) {
-    let policy = work.join("policy.toml");
-    std::fs::write(&policy, "[encryption]\nread_classes = [\"secure\"]\n").expect("policy");
-    origin_ok(
-        mesh,
-        &["policy", "load", policy.to_str().expect("utf-8 path")],
-    )
-    .await;
+async fn let_read(mesh: &Testbed, readers: &[&str]) {
+    mesh.set_read_classes(&["secure"]).await.expect("policy");
     for edge in &mesh.edges {
-        let id = proto::net::NodeIdentity::load(&edge.dir.join("identity"))
-            .expect("edge identity")
-            .node_id()
-            .to_string();
         let class = if readers.contains(&edge.name.as_str()) {
             "secure"
         } else {
             "web"
         };
-        origin_ok(mesh, &["class", "set", &id, class]).await;
+        mesh.set_class(edge, class).await.expect("class set");
     }
 }
 
@@ -95,29 +75,10 @@ fn markers_in(dir: &Path) -> (Vec<(PathBuf, &'static str)>, u64) {
 }
 
 async fn publish(mesh: &Testbed, tree: &Path, version: &str, encrypt: bool) -> String {
-    let tree = tree.display().to_string();
-    let mut args = vec![
-        "publish",
-        tree.as_str(),
-        "--name",
-        "secret-os",
-        "--version",
-        version,
-        "--kind",
-        "os-image",
-        "--no-progress",
-    ];
-    if encrypt {
-        args.push("--encrypt");
-    }
-    let run = mesh.origin_cli(&args).await.expect("origin publish");
-    assert!(run.ok, "publish failed: {}", run.stderr);
-    run.stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("bundle "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .map(str::to_owned)
-        .expect("a bundle id")
+    let extra: &[&str] = if encrypt { &["--encrypt"] } else { &[] };
+    mesh.publish_with(tree, "secret-os", version, "os-image", extra)
+        .await
+        .expect("origin publish")
 }
 
 /// `edge-agent fetch BUNDLE --to OUT` on `edge` (the bundle is already in its store).
@@ -177,7 +138,7 @@ async fn stagers_and_peers_carry_only_ciphertext_and_edges_with_the_key_restore_
         .map(|e| e.name.as_str())
         .filter(|name| *name != keyless)
         .collect();
-    let_read(&mesh, work.path(), &readers).await;
+    let_read(&mesh, &readers).await;
 
     let v1 = publish(&mesh, &tree, "1", true).await;
     let fetched = mesh.fetch_all(&edges, &v1).await.expect("fetch");
@@ -282,7 +243,7 @@ async fn tampered_ciphertext_is_refused_by_hash_and_the_edge_unpacks_intact_byte
     .await
     .expect("mesh");
     let edge = mesh.edges[0].clone();
-    let_read(&mesh, work.path(), &[edge.name.as_str()]).await;
+    let_read(&mesh, &[edge.name.as_str()]).await;
     let id = publish(&mesh, &tree, "1", true).await;
     mesh.wait_preheated("site-a", PREHEAT_TIMEOUT)
         .await
@@ -323,7 +284,7 @@ async fn a_stager_refuses_ciphertext_tampered_upstream_and_edges_never_see_it() 
         .expect("mesh");
     let edge = mesh.edges[0].clone();
     let stager = mesh.stagers[0].name.clone();
-    let_read(&mesh, work.path(), &[edge.name.as_str()]).await;
+    let_read(&mesh, &[edge.name.as_str()]).await;
 
     // Published while the stager is down; then the origin comes back tampering with every
     // part it serves (after its own store verified it), as a lying upstream would.

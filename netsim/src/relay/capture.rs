@@ -1,6 +1,6 @@
 //! A capture of what a relay carried: every datagram it forwarded, in both directions, as a
 //! pcap file (link type `USER0`: each record is one UDP payload, without IP or UDP headers).
-//! `tcpdump -r` and Wireshark read it; `netsim demo --encrypt` searches it for plaintext.
+//! `netsim demo --encrypt` searches it for plaintext; pcap readers open it.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -93,35 +93,4 @@ impl Drop for Capture {
     fn drop(&mut self) {
         self.flush();
     }
-}
-
-/// The UDP payloads of a capture file written by a relay, in order.
-pub fn read_capture(path: &Path) -> io::Result<Vec<Vec<u8>>> {
-    let bytes = std::fs::read(path)?;
-    let invalid = |what: &str| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {what}", path.display()),
-        )
-    };
-    let header = bytes
-        .get(..24)
-        .ok_or_else(|| invalid("shorter than a pcap header"))?;
-    if header[0..4] != PCAP_MAGIC.to_ne_bytes() {
-        return Err(invalid("not a pcap file of this machine's byte order"));
-    }
-    let mut records = Vec::new();
-    let mut at = 24;
-    while at < bytes.len() {
-        let record = bytes
-            .get(at..at + 16)
-            .ok_or_else(|| invalid("truncated record header"))?;
-        let len = u32::from_ne_bytes([record[8], record[9], record[10], record[11]]) as usize;
-        let payload = bytes
-            .get(at + 16..at + 16 + len)
-            .ok_or_else(|| invalid("truncated record"))?;
-        records.push(payload.to_vec());
-        at += 16 + len;
-    }
-    Ok(records)
 }

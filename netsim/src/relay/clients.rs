@@ -16,7 +16,7 @@ use super::capture::Capture;
 use super::link::{Datagram, Link};
 use super::model::LinkModel;
 use super::stats::Counters;
-use super::{enlarge_buffers, lock, RelayConfig, MAX_CLIENTS};
+use super::{lock, RelayConfig, MAX_CLIENTS};
 
 /// Largest UDP payload, in bytes: the size of every receive buffer.
 const MAX_DATAGRAM_BYTES: usize = 65_535;
@@ -153,7 +153,7 @@ impl Shared {
             SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
         };
         let socket = std::net::UdpSocket::bind(any)?;
-        enlarge_buffers(&socket);
+        proto::net::udp::enlarge_buffers(&socket, super::SOCKET_BUFFER_BYTES);
         socket.connect(self.upstream)?;
         socket.set_nonblocking(true)?;
         UdpSocket::from_std(socket)

@@ -60,8 +60,7 @@
 //! - `link`: one direction at run time: the delay line and the task that sends what is due.
 //! - `clients`: the NAT-like client mappings and the tasks that receive datagrams.
 //! - `stats`: the counters ([`RelayStats`]).
-//! - `capture`: the optional pcap file of every datagram forwarded ([`RelayConfig::capture`],
-//!   [`read_capture`]).
+//! - `capture`: the optional pcap file of every datagram forwarded ([`RelayConfig::capture`]).
 
 mod capture;
 mod clients;
@@ -79,7 +78,6 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 
-pub use capture::read_capture;
 use capture::Capture;
 use clients::Shared;
 pub use shape::{bdp_bytes, LinkShape, RelayConfig};
@@ -112,11 +110,10 @@ pub const MAX_CLIENTS: usize = 1024;
 /// about `rate × latency`; this bounds the unshaped ones. Datagrams beyond it count as queue drops.
 pub const MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 
-/// Kernel receive and send buffer asked for each relay socket, in bytes (the kernel caps it at
-/// `net.core.rmem_max` / `wmem_max`). The default (208 KiB) overflows when the relay thread is
-/// descheduled for a few milliseconds at high rates, and a datagram the kernel drops there is
-/// lost without being counted.
-pub const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// Kernel receive and send buffer asked for each relay socket: the mesh endpoints' size. The
+/// default (208 KiB) overflows when the relay thread is descheduled for a few milliseconds at
+/// high rates, and a datagram the kernel drops there is lost without being counted.
+pub use proto::net::udp::SOCKET_BUFFER_BYTES;
 
 /// A running relay; dropping it stops it.
 #[derive(Debug)]
@@ -136,7 +133,7 @@ impl Relay {
         config.up.validate("up")?;
         config.down.validate("down")?;
         let listen = std::net::UdpSocket::bind(config.listen)?;
-        enlarge_buffers(&listen);
+        proto::net::udp::enlarge_buffers(&listen, SOCKET_BUFFER_BYTES);
         listen.set_nonblocking(true)?;
         let local_addr = listen.local_addr()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -225,12 +222,6 @@ impl Drop for Relay {
             }
         }
     }
-}
-
-/// Asks for [`SOCKET_BUFFER_BYTES`] of receive and send buffer; a refusal leaves a smaller
-/// buffer, which works, only with less slack.
-fn enlarge_buffers(socket: &std::net::UdpSocket) {
-    proto::net::udp::enlarge_buffers(socket, SOCKET_BUFFER_BYTES);
 }
 
 /// Locks `mutex`; a panic elsewhere while holding it leaves counters and queues usable.

@@ -107,8 +107,7 @@ pub struct RelayConfig {
     pub seed: u64,
     /// A client mapping that carries nothing for this long is closed.
     pub client_idle_timeout: Duration,
-    /// Write every datagram forwarded, both ways, to this pcap file (see
-    /// [`super::read_capture`]); `None`: no capture.
+    /// Write every datagram forwarded, both ways, to this pcap file; `None`: no capture.
     pub capture: Option<std::path::PathBuf>,
 }
 
