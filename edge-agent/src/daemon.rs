@@ -52,6 +52,14 @@ const NEGOTIATION_RETRY: RetryPolicy = RetryPolicy {
 /// How often the daemon asks for this node's keep-set (also after every negotiation).
 pub const KEEP_SET_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Counter of the bytes received for bundles the daemon fetched: a swap or negotiation of a
+/// bundle prepared ahead adds 0.
+pub const FETCH_BYTES: &str = "stagecoach_fetch_bytes_total";
+
+/// Counter of the fetches the daemon finished, labelled `held="whole"` when the store held
+/// every chunk already (no byte received) and `held="partly"` otherwise.
+pub const FETCHES: &str = "stagecoach_fetches_total";
+
 /// Default `--cache-gib` of `edge-agent serve`: the bound on the edge's store, in GiB.
 pub const DEFAULT_CACHE_GIB: &str = "10";
 
@@ -290,6 +298,7 @@ impl Daemon {
                     self.announcer
                         .announce(&report.id.to_string(), vec![(0, pieces)], true);
                 }
+                self.count_fetched(report.bytes_received, report.bytes_from_peers);
                 tracing::info!(bundle = %report.id, name = %report.manifest.name, version = %report.manifest.version, bytes = report.bytes_received, from_peers = report.bytes_from_peers, "fetched");
                 Response::Fetched(report.summary())
             }
@@ -298,6 +307,32 @@ impl Daemon {
                 message: format!("{error:#}"),
             },
         }
+    }
+
+    /// Counts a finished fetch: the bytes it received (0 for a bundle already held: prepared,
+    /// say), and whether it needed any.
+    fn count_fetched(&self, bytes_received: u64, bytes_from_peers: u64) {
+        self.metrics
+            .counter(
+                FETCH_BYTES,
+                "Bytes received for bundles this daemon fetched (swaps, negotiations, prepares, fetch commands)",
+                &[],
+            )
+            .add(bytes_received);
+        self.metrics
+            .counter(
+                "stagecoach_fetch_bytes_from_peers_total",
+                "Of the fetched bytes, those received from peers of the site",
+                &[],
+            )
+            .add(bytes_from_peers);
+        self.metrics
+            .counter(
+                FETCHES,
+                "Bundle fetches this daemon finished, by whether the store already held the bundle whole",
+                &[("held", if bytes_received == 0 { "whole" } else { "partly" })],
+            )
+            .inc();
     }
 
     async fn answer(

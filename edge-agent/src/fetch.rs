@@ -292,6 +292,13 @@ impl Node {
             self.metrics.clone(),
         );
         let trusted = [*self.identity.publisher_key()];
+        if let BundleSpec::Id(id) = spec {
+            // A bundle already held (prepared ahead of a swap, say) needs no source: its
+            // stored manifest, verified again, and the download then finds every chunk here.
+            if let Some(held) = self.held_manifest(id, &trusted) {
+                return Ok(held);
+            }
+        }
         let id = match spec {
             BundleSpec::Id(id) => *id,
             BundleSpec::Name { name, version } => {
@@ -309,6 +316,28 @@ impl Node {
                 fetch_manifest(&conn, id, &trusted).await
             })
             .await
+    }
+
+    /// The manifest of bundle `id` from this node's store, when it is there and verifies.
+    fn held_manifest(
+        &self,
+        id: &BundleId,
+        trusted: &[ed25519_dalek::VerifyingKey],
+    ) -> Option<(SignedManifest, Manifest)> {
+        let signed = match self.store.get_manifest(id) {
+            Ok(found) => found?,
+            Err(error) => {
+                tracing::warn!(bundle = %id, %error, "cannot read a stored manifest; asking a source");
+                return None;
+            }
+        };
+        match signed.verify_as(*id, trusted) {
+            Ok(manifest) => Some((signed, manifest)),
+            Err(error) => {
+                tracing::warn!(bundle = %id, %error, "a stored manifest does not verify; asking a source");
+                None
+            }
+        }
     }
 
     /// Fetches bundle `spec` into the store: chunks from the stagers, from `peers` when given

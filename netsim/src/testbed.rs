@@ -338,6 +338,20 @@ impl Testbed {
         TestbedClient::new(identity)
     }
 
+    /// A client holding edge `name`'s own certificate: what a test uses to ask the origin
+    /// what that node may ask (its keep-set, say).
+    pub fn edge_client(&self, name: &str) -> Result<TestbedClient> {
+        let edge = self
+            .edges
+            .iter()
+            .find(|e| e.name == name)
+            .context("no such edge")?;
+        let dir = edge.dir.join("identity");
+        let identity = proto::net::NodeIdentity::load(&dir)
+            .with_context(|| format!("cannot load {name}'s identity from {}", dir.display()))?;
+        TestbedClient::new(identity)
+    }
+
     /// Kills stager `name` with SIGKILL.
     pub async fn kill_stager(&mut self, name: &str) -> Result<()> {
         self.fleet.kill(name).await

@@ -9,6 +9,9 @@
 //! - `policy`: the loaded policy (rules, precedence, features).
 //! - `revoked`: nodes an operator revoked (`origin nodes revoke`), by node id; the origin
 //!   refuses their requests (direct or relayed) and gives them no content key.
+//! - `prepares`: `origin prepare` operations (issue 17), by a big-endian id from 1: the bundle,
+//!   the selector, and each selected node's state (pending, fetching, prepared, failed), so an
+//!   operation survives a restart of the origin.
 //! - `audit`: every change, by a big-endian sequence number, written in the same `WriteBatch`
 //!   as the change it describes, so the log never misses a change nor records one that did not
 //!   happen.
@@ -50,8 +53,15 @@ pub const POLICY: &str = "policy";
 pub const AUDIT: &str = "audit";
 /// Revoked nodes, by node id (issue 16): refused every request and every content key.
 pub const REVOKED: &str = "revoked";
+/// `origin prepare` operations, by a big-endian id (issue 17).
+pub const PREPARES: &str = "prepares";
 
-const TABLES: [&str; 7] = [NODES, PACKAGES, CLASSES, OVERRIDES, POLICY, AUDIT, REVOKED];
+const TABLES: [&str; 8] = [
+    NODES, PACKAGES, CLASSES, OVERRIDES, POLICY, AUDIT, REVOKED, PREPARES,
+];
+
+/// Most prepare operations one listing returns (newest first).
+pub const MAX_PREPARE_LISTING: usize = 1_000;
 
 /// The key of the policy document in [`POLICY`].
 const POLICY_KEY: &[u8] = b"current";
@@ -322,6 +332,85 @@ pub enum Put {
     Policy(Box<PolicyDoc>),
     /// Mark a node revoked.
     Revoked(Box<RevokedRecord>),
+    /// Insert or replace a prepare operation.
+    Prepare(Box<PrepareRecord>),
+}
+
+/// Where one node stands in a prepare operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrepareState {
+    /// Not asked yet, or offline when asked: it prepares when its daemon reports again.
+    Pending,
+    /// Its daemon is fetching the bundle.
+    Fetching,
+    /// Its daemon holds the bundle, verified and kept.
+    Prepared,
+    /// Its daemon could not fetch the bundle (the detail says why).
+    Failed,
+}
+
+impl PrepareState {
+    /// The name shown in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            PrepareState::Pending => "pending",
+            PrepareState::Fetching => "fetching",
+            PrepareState::Prepared => "prepared",
+            PrepareState::Failed => "failed",
+        }
+    }
+}
+
+/// One node of a prepare operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareNode {
+    /// Its site (from its certificate, when the operation started).
+    pub site: String,
+    /// Where it stands.
+    pub state: PrepareState,
+    /// Why, for people: the failure, or why it is still pending.
+    #[serde(default)]
+    pub detail: String,
+    /// How often its daemon was asked (0: never reached yet).
+    #[serde(default)]
+    pub attempts: u32,
+    /// Bytes its daemon received for the bundle when it finished (0 when it held it already).
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// When the state last changed (ms since the Unix epoch).
+    pub updated_ms: u64,
+}
+
+/// An `origin prepare` operation: the selected nodes fetch a bundle and keep it, no swap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareRecord {
+    /// Its id, from 1.
+    pub id: u64,
+    /// The bundle.
+    pub bundle: NodeBundle,
+    /// The bundle's stored (compressed) size, in bytes: what a node fetches at most.
+    pub stored_bytes: u64,
+    /// The selector, as given.
+    pub selector: String,
+    /// Who started it.
+    pub actor: String,
+    /// When (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// The selected nodes, by node id.
+    pub nodes: BTreeMap<String, PrepareNode>,
+}
+
+impl PrepareRecord {
+    /// True when no node waits for an answer any more: each is prepared, failed, or pending
+    /// after its daemon could not be reached (offline: it prepares when it comes back).
+    pub fn settled(&self) -> bool {
+        self.nodes.values().all(|n| match n.state {
+            PrepareState::Prepared | PrepareState::Failed => true,
+            PrepareState::Pending => n.attempts > 0,
+            PrepareState::Fetching => false,
+        })
+    }
 }
 
 /// A revoked node.
@@ -474,6 +563,29 @@ impl Db {
         self.get(REVOKED, id.as_bytes())
     }
 
+    /// The prepare operation `id`.
+    pub fn prepare(&self, id: u64) -> Result<Option<PrepareRecord>, DbError> {
+        self.get(PREPARES, &id.to_be_bytes())
+    }
+
+    /// The newest `limit` prepare operations, newest first.
+    pub fn prepares(&self, limit: usize) -> Result<Vec<PrepareRecord>, DbError> {
+        Ok(self
+            .scan(PREPARES, IteratorMode::End, limit.min(MAX_PREPARE_LISTING))?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// Every prepare operation, oldest first (the keep-sets and the resumption read them all).
+    pub fn all_prepares(&self) -> Result<Vec<PrepareRecord>, DbError> {
+        Ok(self
+            .scan(PREPARES, IteratorMode::Start, usize::MAX)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
     /// The loaded policy (the default, empty one before any load).
     pub fn policy(&self) -> Result<PolicyDoc, DbError> {
         Ok(self.get(POLICY, POLICY_KEY)?.unwrap_or_default())
@@ -581,6 +693,11 @@ impl Db {
                     record.node.as_bytes(),
                     encode(REVOKED, record)?,
                 ),
+                Put::Prepare(record) => batch.put_cf(
+                    self.cf(PREPARES)?,
+                    record.id.to_be_bytes(),
+                    encode(PREPARES, record)?,
+                ),
             }
         }
         let record = match audit {
@@ -664,7 +781,7 @@ fn package_key(name: &str, version: &str) -> Vec<u8> {
 }
 
 fn printable_key(table: &'static str, key: &[u8]) -> String {
-    if table == AUDIT {
+    if table == AUDIT || table == PREPARES {
         if let Ok(bytes) = <[u8; 8]>::try_from(key) {
             return u64::from_be_bytes(bytes).to_string();
         }

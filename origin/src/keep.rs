@@ -1,6 +1,7 @@
 //! Keep-sets (retention): which bundles each node and each site's stagers must keep. A node's:
-//! its installed (current) and desired (target) bundles, and while a rollout covering it runs,
-//! the rollout's target (prepared for the swap) and rescue. A site's: the union of its nodes'
+//! its installed (current) and desired (target) bundles, the bundles `origin prepare` prepared
+//! (or is preparing) for it until it runs that version or a newer one, and while a rollout
+//! covering it runs, the rollout's target (prepared for the swap) and rescue. A site's: the union of its nodes'
 //! sets, plus the newest published version of every bundle (what its stagers preheat). The
 //! sets are computed here (pure); [`for_node`] and [`for_site`] read the node table.
 
@@ -10,7 +11,10 @@ use proto::manifest::BundleId;
 use proto::wire::{BundleInfo, KeepSet, MAX_KEEP_BUNDLES};
 
 use crate::control::ControlPlane;
-use crate::db::{DbError, NodeRecord};
+use crate::db::{DbError, NodeRecord, PrepareRecord, PrepareState};
+
+/// Bundles prepare operations ask nodes to keep, by node id.
+pub type Prepared = BTreeMap<String, BTreeSet<BundleId>>;
 
 /// What a rollout under way (running or paused) asks its nodes to keep.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,14 +54,50 @@ pub enum KeepError {
     Db(#[from] DbError),
 }
 
+/// The bundles prepare operations ask each node to keep: every bundle of an operation in which
+/// the node did not fail, until the node runs a newer version of that bundle's name (then the
+/// preparation is spent; the version it runs is kept as installed).
+pub fn prepared_bundles(prepares: &[PrepareRecord], nodes: &[NodeRecord]) -> Prepared {
+    let by_id: BTreeMap<&str, &NodeRecord> = nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    let mut prepared = Prepared::new();
+    for op in prepares {
+        for (node, entry) in &op.nodes {
+            if entry.state == PrepareState::Failed {
+                continue;
+            }
+            let superseded = by_id.get(node.as_str()).is_some_and(|n| {
+                n.installed.iter().any(|b| {
+                    b.name == op.bundle.name
+                        && proto::version::compare_versions(&b.version, &op.bundle.version)
+                            == std::cmp::Ordering::Greater
+                })
+            });
+            if !superseded {
+                prepared
+                    .entry(node.clone())
+                    .or_default()
+                    .insert(op.bundle.id);
+            }
+        }
+    }
+    prepared
+}
+
 /// The bundles `node` must keep.
-pub fn node_keep_set(node: &NodeRecord, rollout: Option<&RolloutKeep>) -> BTreeSet<BundleId> {
+pub fn node_keep_set(
+    node: &NodeRecord,
+    rollout: Option<&RolloutKeep>,
+    prepared: &Prepared,
+) -> BTreeSet<BundleId> {
     let mut keep: BTreeSet<BundleId> = node
         .installed
         .iter()
         .chain(&node.desired)
         .map(|b| b.id)
         .collect();
+    if let Some(bundles) = prepared.get(&node.id) {
+        keep.extend(bundles);
+    }
     if let Some(rollout) = rollout.filter(|r| r.nodes.contains(&node.id)) {
         keep.insert(rollout.target);
         keep.insert(rollout.rescue);
@@ -83,10 +123,11 @@ pub fn site_keep_set(
     nodes: &[NodeRecord],
     catalog: &[BundleInfo],
     rollout: Option<&RolloutKeep>,
+    prepared: &Prepared,
 ) -> BTreeSet<BundleId> {
     let mut keep = newest_published(catalog);
     for node in nodes.iter().filter(|n| n.site == site) {
-        keep.extend(node_keep_set(node, rollout));
+        keep.extend(node_keep_set(node, rollout, prepared));
     }
     keep
 }
@@ -104,7 +145,12 @@ pub fn for_node(control: &ControlPlane, node_id: &str, site: &str) -> Result<Kee
             asked: site.to_owned(),
         });
     }
-    bounded(node_keep_set(&node, control.rollout_keep().as_ref()))
+    let prepared = prepared_bundles(&control.db().all_prepares()?, std::slice::from_ref(&node));
+    bounded(node_keep_set(
+        &node,
+        control.rollout_keep().as_ref(),
+        &prepared,
+    ))
 }
 
 /// The keep-set of the stagers of `site`.
@@ -114,11 +160,13 @@ pub fn for_site(
     catalog: &[BundleInfo],
 ) -> Result<KeepSet, KeepError> {
     let nodes = control.db().nodes()?;
+    let prepared = prepared_bundles(&control.db().all_prepares()?, &nodes);
     bounded(site_keep_set(
         site,
         &nodes,
         catalog,
         control.rollout_keep().as_ref(),
+        &prepared,
     ))
 }
 
@@ -185,7 +233,7 @@ mod tests {
     fn a_node_keeps_current_target_and_its_rollouts_bundles() {
         let n = node("n1", "a", &["os-1"], &["os-2"]);
         assert_eq!(
-            node_keep_set(&n, None),
+            node_keep_set(&n, None, &Prepared::new()),
             [id("os-1"), id("os-2")].into_iter().collect()
         );
         let rollout = RolloutKeep {
@@ -193,10 +241,13 @@ mod tests {
             rescue: id("rescue"),
             nodes: ["n1".to_owned()].into_iter().collect(),
         };
-        let kept = node_keep_set(&n, Some(&rollout));
+        let kept = node_keep_set(&n, Some(&rollout), &Prepared::new());
         assert!(kept.contains(&id("os-3")) && kept.contains(&id("rescue")));
         let other = node("n2", "a", &["os-1"], &[]);
-        assert_eq!(node_keep_set(&other, Some(&rollout)).len(), 1);
+        assert_eq!(
+            node_keep_set(&other, Some(&rollout), &Prepared::new()).len(),
+            1
+        );
     }
 
     #[test]
@@ -212,7 +263,7 @@ mod tests {
             info("os", "3", 5),
             info("app", "1", 3),
         ];
-        let kept = site_keep_set("a", &nodes, &catalog, None);
+        let kept = site_keep_set("a", &nodes, &catalog, None, &Prepared::new());
         let expected: BTreeSet<BundleId> =
             [id("os-1"), id("os-2"), id("app-1"), id("os@3"), id("app@1")]
                 .into_iter()
@@ -223,5 +274,68 @@ mod tests {
             !kept.contains(&id("os@1")),
             "an old version no node runs is not kept"
         );
+    }
+
+    fn prepare(bundle: NodeBundle, nodes: &[(&str, PrepareState)]) -> PrepareRecord {
+        PrepareRecord {
+            id: 1,
+            bundle,
+            stored_bytes: 1,
+            selector: "all".into(),
+            actor: "op".into(),
+            created_ms: 0,
+            nodes: nodes
+                .iter()
+                .map(|(id, state)| {
+                    let entry = crate::db::PrepareNode {
+                        site: "a".into(),
+                        state: *state,
+                        detail: String::new(),
+                        attempts: 1,
+                        bytes_received: 0,
+                        updated_ms: 0,
+                    };
+                    ((*id).to_owned(), entry)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn prepared_bundles_are_kept_by_the_node_and_its_site_until_a_newer_version_runs() {
+        let os2 = NodeBundle {
+            name: "os".into(),
+            version: "2".into(),
+            id: id("os@2"),
+        };
+        let op = prepare(
+            os2.clone(),
+            &[
+                ("n1", PrepareState::Prepared),
+                ("n2", PrepareState::Pending),
+                ("n3", PrepareState::Failed),
+                ("n4", PrepareState::Prepared),
+            ],
+        );
+        let mut n4 = node("n4", "a", &[], &[]);
+        n4.installed = vec![NodeBundle {
+            name: "os".into(),
+            version: "3".into(),
+            id: id("os@3"),
+        }];
+        let nodes = [
+            node("n1", "a", &["os-1"], &[]),
+            node("n2", "a", &["os-1"], &[]),
+            node("n3", "b", &["os-1"], &[]),
+            n4,
+        ];
+        let prepared = prepared_bundles(&[op], &nodes);
+        // Prepared and still pending nodes keep it; a failed one and one past it do not.
+        assert!(node_keep_set(&nodes[0], None, &prepared).contains(&os2.id));
+        assert!(node_keep_set(&nodes[1], None, &prepared).contains(&os2.id));
+        assert!(!node_keep_set(&nodes[2], None, &prepared).contains(&os2.id));
+        assert!(!node_keep_set(&nodes[3], None, &prepared).contains(&os2.id));
+        assert!(site_keep_set("a", &nodes, &[], None, &prepared).contains(&os2.id));
+        assert!(!site_keep_set("b", &nodes, &[], None, &prepared).contains(&os2.id));
     }
 }

@@ -18,6 +18,7 @@ use cmd::bundles::{parse_dep, parse_pair, PublishArgs};
 use cmd::control::{
     ClassCommand, KeysCommand, NodesCommand, OverrideCommand, PolicyCommand, RolloutCommand,
 };
+use cmd::prepare::{PrepareArgs, PrepareCommand};
 
 #[derive(Parser)]
 #[command(
@@ -170,6 +171,16 @@ enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Prepare nodes now: the nodes a selector picks fetch a bundle through their site, verify
+    /// it and keep it, without swapping, so a later rollout or boot only validates and swaps.
+    /// Offline nodes prepare when they come back. `origin prepare status [ID]` shows one.
+    #[command(args_conflicts_with_subcommands = true)]
+    Prepare {
+        #[command(subcommand)]
+        command: Option<PrepareCommand>,
+        #[command(flatten)]
+        args: PrepareArgs,
+    },
 }
 
 #[tokio::main]
@@ -267,5 +278,6 @@ async fn main() -> Result<()> {
             .await
         }
         Command::Rollout { command } => cmd::control::rollout(&home, command).await,
+        Command::Prepare { command, args } => cmd::prepare::prepare(&home, command, args).await,
     }
 }

@@ -491,6 +491,8 @@ fn command_name(command: &proto::wire::ControlCommand) -> &'static str {
         C::KeysList => "keys list",
         C::KeysRetire { .. } => "keys retire",
         C::NodeRevoke { .. } => "nodes revoke",
+        C::Prepare { .. } => "prepare",
+        C::PrepareStatus { .. } => "prepare status",
     }
 }
 
@@ -640,6 +642,9 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     );
     control.ensure_first_key()?;
     import_catalog(&control, &catalog, &store, &identity)?;
+    // Prepare operations an earlier run left unfinished go on; nodes still pending are asked
+    // again now and then.
+    control.prepares().spawn_retries()?;
     let origin = Arc::new(Origin {
         store,
         catalog,

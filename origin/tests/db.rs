@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use origin::db::{
-    Audit, Db, DbError, NodeRecord, NodeState, PackageRecord, PolicyDoc, Put, AUDIT, NODES,
-    PACKAGES,
+    Audit, Db, DbError, NodeRecord, NodeState, PackageRecord, PolicyDoc, PrepareNode,
+    PrepareRecord, PrepareState, Put, AUDIT, NODES, PACKAGES, PREPARES,
 };
 use origin::policy::{self, BundleRef, Matcher, MatcherKind, Requirement, Resolution, Rule};
 use proto::inventory::{Inventory, Nic};
@@ -251,4 +251,82 @@ fn a_second_process_gets_a_clear_error() {
     let _first = Db::open(dir.path()).expect("open");
     let error = Db::open(dir.path()).err().expect("locked").to_string();
     assert!(error.contains("origin serve"), "{error}");
+}
+
+fn prepare_record(id: u64, state: PrepareState, attempts: u32) -> PrepareRecord {
+    let node = PrepareNode {
+        site: "a".into(),
+        state,
+        detail: String::new(),
+        attempts,
+        bytes_received: 0,
+        updated_ms: 1,
+    };
+    PrepareRecord {
+        id,
+        bundle: NodeBundle {
+            name: "os".into(),
+            version: "2".into(),
+            id: BlobHash::of(b"os@2"),
+        },
+        stored_bytes: 1 << 20,
+        selector: "all".into(),
+        actor: "alice".into(),
+        created_ms: 1,
+        nodes: [("n1".to_owned(), node)].into_iter().collect(),
+    }
+}
+
+#[test]
+fn prepare_operations_survive_a_reopen_newest_first_with_their_audit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = Db::open(dir.path()).expect("open");
+        for id in 1..=3 {
+            db.commit(
+                &[Put::Prepare(Box::new(prepare_record(
+                    id,
+                    PrepareState::Pending,
+                    0,
+                )))],
+                audit("prepare.start"),
+            )
+            .expect("prepare");
+        }
+        db.commit(
+            &[Put::Prepare(Box::new(prepare_record(
+                2,
+                PrepareState::Prepared,
+                1,
+            )))],
+            audit("prepare.node"),
+        )
+        .expect("update");
+    }
+    let db = Db::open(dir.path()).expect("reopen");
+    assert_eq!(
+        db.prepare(2).expect("read"),
+        Some(prepare_record(2, PrepareState::Prepared, 1))
+    );
+    assert_eq!(db.prepare(9).expect("read"), None);
+    let ids: Vec<u64> = db.prepares(2).expect("list").iter().map(|p| p.id).collect();
+    assert_eq!(ids, [3, 2], "newest first, bounded");
+    let all: Vec<u64> = db
+        .all_prepares()
+        .expect("all")
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(all, [1, 2, 3]);
+    assert_eq!(db.audit(10).expect("audit").len(), 4);
+    // Settled: nothing waits for an answer (an offline node counts once it was tried).
+    assert!(!prepare_record(1, PrepareState::Pending, 0).settled());
+    assert!(prepare_record(1, PrepareState::Pending, 1).settled());
+    assert!(!prepare_record(1, PrepareState::Fetching, 1).settled());
+    assert!(prepare_record(1, PrepareState::Failed, 1).settled());
+
+    db.put_raw(PREPARES, &7u64.to_be_bytes(), b"\x01{not json")
+        .expect("raw");
+    let text = db.prepare(7).expect_err("corrupt").to_string();
+    assert!(text.contains("prepares") && text.contains("`7`"), "{text}");
 }

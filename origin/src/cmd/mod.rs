@@ -3,5 +3,6 @@
 
 pub mod bundles;
 pub mod control;
+pub mod prepare;
 pub mod setup;
 pub mod swap;

@@ -92,6 +92,12 @@ impl ControlPlane {
             ControlCommand::NodeRevoke { node } => {
                 tokio::task::block_in_place(|| self.node_revoke(&node, who))
             }
+            ControlCommand::Prepare { bundle, selector } => tokio::task::block_in_place(|| {
+                self.prepare_start(&bundle, &selector, catalog, actor, who)
+            }),
+            ControlCommand::PrepareStatus { id } => {
+                tokio::task::block_in_place(|| self.prepare_status(id))
+            }
         };
         match result {
             Ok(reply) => bounded(reply),
@@ -445,6 +451,35 @@ impl ControlPlane {
         Ok(rollout_reply(&status))
     }
 
+    /// `origin prepare BUNDLE --to SELECTOR`: stores the operation and asks the online nodes.
+    fn prepare_start(
+        &self,
+        bundle: &str,
+        selector: &str,
+        catalog: &Catalog,
+        actor: &str,
+        who: impl Fn(&str, String) -> Audit,
+    ) -> Result<ControlReply, CommandError> {
+        let target = find_bundle(catalog, bundle)?;
+        let nodes = self.db.nodes()?;
+        let picked = crate::rollout::service::select(&nodes, selector)
+            .map_err(crate::rollout::service::RolloutServiceError::from)?;
+        self.refuse_plain_rollout(&nodes, selector, &[&target])?;
+        let status = self
+            .prepares
+            .start(&target, selector, &picked, who, actor)?;
+        Ok(prepare_reply(&status))
+    }
+
+    /// `origin prepare status [ID]`.
+    fn prepare_status(&self, id: Option<u64>) -> Result<ControlReply, CommandError> {
+        let status = self.prepares.status(id)?.ok_or(match id {
+            Some(id) => CommandError::NoSuchPrepare(id),
+            None => CommandError::NoPrepare,
+        })?;
+        Ok(prepare_reply(&status))
+    }
+
     async fn rollout_act(
         &self,
         action: proto::wire::RolloutAction,
@@ -516,6 +551,15 @@ pub(super) fn find_bundle(catalog: &Catalog, spec: &str) -> Result<BundleInfo, C
         }
     }
     .ok_or_else(|| CommandError::NoSuchBundle(spec.to_owned()))
+}
+
+/// A prepare operation's status as a command's answer.
+fn prepare_reply(status: &super::PrepareStatus) -> ControlReply {
+    ControlReply {
+        success: true,
+        text: status.render(),
+        json: to_json(status),
+    }
 }
 
 /// A rollout's status as a command's answer: the table for people, the JSON for machines.

@@ -9,7 +9,7 @@
 //! in `commands`, test runs in `test_run`, tables and times for people in `render`.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use proto::inventory::Inventory;
 use proto::manifest::Manifest;
@@ -25,11 +25,13 @@ use crate::policy_file;
 
 mod commands;
 mod keys;
+mod prepare;
 mod render;
 mod test_run;
 
 pub use commands::NodeRow;
 pub use keys::KeysAnswer;
+pub use prepare::{PrepareStatus, Prepares, SiteProgress, MAX_ASKS_AT_ONCE, RETRY_INTERVAL};
 pub use render::{render_table, utc};
 pub use test_run::{TestRun, TestRunError, TEST_RUN_TIMEOUT};
 
@@ -94,11 +96,17 @@ pub enum CommandError {
     /// A content-key command failed.
     #[error(transparent)]
     Keys(#[from] crate::keys::KeysError),
+    /// `origin prepare status` of an operation that does not exist.
+    #[error("no prepare operation {0} on this origin; `origin prepare status` shows the newest")]
+    NoSuchPrepare(u64),
+    /// `origin prepare status` before any `origin prepare`.
+    #[error("no prepare operation has been started on this origin")]
+    NoPrepare,
 }
 
 /// The control plane of a running origin.
 pub struct ControlPlane {
-    db: Db,
+    db: Arc<Db>,
     /// Test runs by node id: never written to the database.
     test_runs: Mutex<BTreeMap<String, TestRun>>,
     /// Client endpoint with the origin's certificate (edges accept test runs from it only).
@@ -110,6 +118,8 @@ pub struct ControlPlane {
     rollouts: crate::rollout::service::RolloutService,
     /// The content keys (`origin keys ...`).
     keys: crate::keys::OriginKeys,
+    /// `origin prepare`: the stored operations and the asks under way.
+    prepares: Arc<Prepares>,
 }
 
 impl ControlPlane {
@@ -122,7 +132,9 @@ impl ControlPlane {
             .parent()
             .map(std::path::Path::to_path_buf)
             .unwrap_or_default();
+        let db = Arc::new(db);
         Self {
+            prepares: Prepares::new(db.clone(), endpoint.clone()),
             db,
             test_runs: Mutex::new(BTreeMap::new()),
             changes: Mutex::new(()),
@@ -135,6 +147,11 @@ impl ControlPlane {
     /// The database.
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// `origin prepare` operations.
+    pub fn prepares(&self) -> &Arc<Prepares> {
+        &self.prepares
     }
 
     /// What a rollout under way asks its nodes to keep (see [`crate::keep`]).
@@ -342,7 +359,10 @@ impl ControlPlane {
             None
         };
         let audit = node_audit(existing.as_ref(), &record);
+        let data_addr = record.data_addr.clone();
         self.db.commit(&[Put::Node(Box::new(record))], audit)?;
+        // A node that was offline during a prepare prepares now that its daemon reports.
+        self.prepares.kick(node_id, &data_addr);
         Ok(plan)
     }
 

@@ -402,6 +402,22 @@ pub enum ControlCommand {
         #[serde(deserialize_with = "bounds::name")]
         node: String,
     },
+    /// Make the nodes a selector picks fetch a bundle through their site, verify it and keep
+    /// it, without swapping (issue 17); nodes offline now prepare when they report again.
+    /// Answered at once with the operation (its id and every node pending).
+    Prepare {
+        /// The bundle: `NAME@VERSION`, `NAME` (the newest) or a bundle id.
+        #[serde(deserialize_with = "bounds::name")]
+        bundle: String,
+        /// `all`, or `KEY=VALUE[,KEY=VALUE...]` with keys site, class, role, node (as a rollout's).
+        #[serde(deserialize_with = "bounds::name")]
+        selector: String,
+    },
+    /// Where a prepare operation stands (`None`: the newest), node by node and site by site.
+    PrepareStatus {
+        /// The operation's id.
+        id: Option<u64>,
+    },
 }
 
 /// An operator's request about the current rollout.
@@ -664,6 +680,17 @@ mod tests {
             },
             Request::TestRun {
                 bundle: BlobHash::of(b"t"),
+            },
+            Request::Control {
+                actor: "alice".into(),
+                command: ControlCommand::Prepare {
+                    bundle: "os@2".into(),
+                    selector: "site=a".into(),
+                },
+            },
+            Request::Control {
+                actor: "alice".into(),
+                command: ControlCommand::PrepareStatus { id: Some(3) },
             },
             Request::Negotiate,
             Request::KeepSet,
