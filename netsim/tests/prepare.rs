@@ -332,7 +332,7 @@ async fn prepared_nodes_swap_without_fetching_and_an_offline_node_prepares_when_
         assert_eq!(machine["booted"], "A", "{}: {machine}", edge.name);
     }
     println!(
-        "prepare of a {mib} MiB OS to 3 online nodes of 2 sites: {prepare_s:.1} s, {received} bytes fetched; rollout to 4 nodes: {rollout_s:.1} s, {fetched_during_rollout} bytes fetched"
+        "prepare of a {mib} MiB OS to 3 online nodes of 2 sites: {received} bytes fetched, `--wait` returned after {prepare_s:.1} s (after the offline node's connection attempt timed out); rollout to 4 nodes: {rollout_s:.1} s, {fetched_during_rollout} bytes fetched"
     );
     mesh.shutdown().await;
 }

@@ -579,3 +579,65 @@ impl Prepares {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(site: &str, state: PrepareState, attempts: u32) -> PrepareNode {
+        PrepareNode {
+            site: site.into(),
+            state,
+            detail: if attempts > 0 && state == PrepareState::Pending {
+                "offline: cannot reach its daemon".into()
+            } else {
+                String::new()
+            },
+            attempts,
+            bytes_received: 0,
+            updated_ms: 0,
+        }
+    }
+
+    #[test]
+    fn status_sums_sites_and_reports_offline_nodes_as_pending() {
+        let mib = 1024 * 1024;
+        let operation = PrepareRecord {
+            id: 4,
+            bundle: NodeBundle {
+                name: "os".into(),
+                version: "2".into(),
+                id: proto::BlobHash::of(b"os@2"),
+            },
+            stored_bytes: 10 * mib,
+            selector: "all".into(),
+            actor: "alice".into(),
+            created_ms: 0,
+            nodes: [
+                ("a1", entry("a", PrepareState::Prepared, 1)),
+                ("a2", entry("a", PrepareState::Fetching, 1)),
+                ("b1", entry("b", PrepareState::Pending, 1)),
+                ("b2", entry("b", PrepareState::Failed, 1)),
+            ]
+            .into_iter()
+            .map(|(id, n)| (id.to_owned(), n))
+            .collect(),
+        };
+        let fetching = [("a2".to_owned(), 4 * mib)].into_iter().collect();
+        let status = PrepareStatus::new(operation, fetching);
+        let a = &status.sites["a"];
+        assert_eq!((a.nodes, a.prepared, a.fetching), (2, 1, 1));
+        assert_eq!((a.done_bytes, a.total_bytes), (14 * mib, 20 * mib));
+        let b = &status.sites["b"];
+        assert_eq!((b.pending, b.failed, b.done_bytes), (1, 1, 0));
+        assert!(!status.settled, "a node is still fetching");
+        let text = status.render();
+        assert!(text.contains("prepare 4: os@2"), "{text}");
+        assert!(text.contains("4.0 MiB so far"), "{text}");
+        assert!(text.contains("1 node(s) pending: offline"), "{text}");
+        // The JSON answer decodes back (the CLI's `--wait` reads it).
+        let json = serde_json::to_string(&status).expect("json");
+        let back: PrepareStatus = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, status);
+    }
+}
