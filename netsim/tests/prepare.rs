@@ -3,7 +3,8 @@
 //! prepared to every node; the other three prepare at once, that one stays pending and
 //! prepares when its daemon comes back (its store then holds the bundle whole and pinned, and
 //! its keep-set names it). A rollout of the prepared bundle then fetches 0 bytes on every
-//! node, counted from the edges' metrics endpoints: it only validates and swaps.
+//! node, counted from the edges' metrics endpoints: it only validates and swaps. So does the
+//! boot-time negotiation of another prepared bundle.
 //!
 //! The target OS is `STAGECOACH_PREPARE_MIB` MiB (default [`DEFAULT_TARGET_MIB`]); the issue's
 //! 256 MiB case is the same test with `STAGECOACH_PREPARE_MIB=256` (see the README).
@@ -331,6 +332,62 @@ async fn prepared_nodes_swap_without_fetching_and_an_offline_node_prepares_when_
         let machine = machines::status(&mesh, edge).await.expect("machine");
         assert_eq!(machine["booted"], "A", "{}: {machine}", edge.name);
     }
+
+    // Boot-time negotiation of a prepared bundle receives nothing either: os@3 is prepared to
+    // every node, then the policy names it for one node's class, which negotiates at its start.
+    datagen::generate_tree(&w.join("next"), 2 * MIB, 5).expect("tree");
+    mesh.publish(&w.join("next"), "os", "3")
+        .await
+        .expect("publish os@3");
+    let next = origin_json(
+        &mesh,
+        &["prepare", "os@3", "--to", "all", "--wait", "--json"],
+    )
+    .await;
+    assert_eq!(next["sites"]["site-a"]["prepared"], 2, "{next:#}");
+    assert_eq!(next["sites"]["site-b"]["prepared"], 2, "{next:#}");
+    let booting = edges[0].clone();
+    mesh.set_class(&booting, "next").await.expect("class");
+    let policy = w.join("next.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nid = \"next\"\nclass = \"next\"\nbundles = [\"os@3\"]\n",
+    )
+    .expect("policy");
+    mesh.origin_ok(&["policy", "load", policy.to_str().expect("utf-8")])
+        .await
+        .expect("policy load");
+    mesh.kill_edge(&booting.name).await.expect("kill edge");
+    mesh.restart_edge(&booting.name)
+        .await
+        .expect("restart edge");
+    let negotiated = wait_for_async(Duration::from_secs(60), POLL, async || {
+        let text = mesh.edge_metrics(&booting.name).await.expect("metrics");
+        let fetched = metric_sum(
+            &text,
+            "stagecoach_negotiations_total",
+            &[("answer", "fetched")],
+        );
+        Ok::<_, std::convert::Infallible>((fetched > 0).then_some(text))
+    })
+    .await;
+    let Ok(text) = negotiated else {
+        panic!("{} did not negotiate os@3 at its start", booting.name);
+    };
+    assert_eq!(
+        metric_sum(&text, "stagecoach_negotiation_bundles_fetched_total", &[]),
+        1,
+        "{text}"
+    );
+    let negotiation_bytes = metric_sum(&text, "stagecoach_negotiation_bytes_total", &[]);
+    assert_eq!(negotiation_bytes, 0, "{text}");
+    assert_eq!(metric_sum(&text, FETCH_BYTES, &[]), 0, "{text}");
+    assert_eq!(metric_sum(&text, BYTES_RECEIVED, &[]), 0, "{text}");
+    println!(
+        "{}: boot-time negotiation of the prepared os@3 fetched {negotiation_bytes} bytes",
+        booting.name
+    );
+
     println!(
         "prepare of a {mib} MiB OS to 3 online nodes of 2 sites: {received} bytes fetched, `--wait` returned after {prepare_s:.1} s (after the offline node's connection attempt timed out); rollout to 4 nodes: {rollout_s:.1} s, {fetched_during_rollout} bytes fetched"
     );

@@ -10,7 +10,8 @@
 //! - [`rollout`]: canary-first rollouts: the pure [`rollout::plan`] (waves, halt rules), the
 //!   [`rollout::driver`] that carries one out through a fleet, and the [`rollout::service`]
 //!   behind `origin rollout ...` (remote swaps, saved in `rollout.json`).
-//! - [`db`]: the control plane's RocksDB (nodes, packages, classes, overrides, policy, audit).
+//! - [`db`]: the control plane's RocksDB (nodes, packages, classes, overrides, policy, audit,
+//!   revoked nodes, prepare operations).
 //! - [`control`]: node reports, boot negotiation ([`negotiate`]) and the operator's commands,
 //!   server side; [`admin`]: the same commands, client side; [`policy_file`]: the TOML policy.
 //! - [`keep`]: keep-sets, which bundles each node and each site's stagers must keep.

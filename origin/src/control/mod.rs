@@ -1,12 +1,13 @@
 //! The origin's control plane, server side: node reports and boot negotiation, the operator's
 //! commands (`origin nodes`, `policy load|check`, `class set`, `override set|clear`, `audit`,
-//! `test-run`), and the package table fed by publish.
+//! `test-run`, `prepare`), and the package table fed by publish.
 //!
 //! Every change goes through [`Db::commit`] with its audit record. Test runs are the one
 //! exception by design: they live in memory only, so a restart of the origin forgets them.
 //!
 //! Here: node reports, the boot negotiation and the package table. The operator's commands are
-//! in `commands`, test runs in `test_run`, tables and times for people in `render`.
+//! in `commands`, test runs in `test_run`, prepare operations in `prepare`, tables and times for
+//! people in `render`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
