@@ -4,7 +4,8 @@
 //! prepares when its daemon comes back (its store then holds the bundle whole and pinned, and
 //! its keep-set names it). A rollout of the prepared bundle then fetches 0 bytes on every
 //! node, counted from the edges' metrics endpoints: it only validates and swaps. So does the
-//! boot-time negotiation of another prepared bundle.
+//! boot-time negotiation of another prepared bundle. The operations survive a restart of the
+//! origin.
 //!
 //! The target OS is `STAGECOACH_PREPARE_MIB` MiB (default [`DEFAULT_TARGET_MIB`]); the issue's
 //! 256 MiB case is the same test with `STAGECOACH_PREPARE_MIB=256` (see the README).
@@ -233,6 +234,7 @@ async fn prepared_nodes_swap_without_fetching_and_an_offline_node_prepares_when_
     assert!(received > 0, "the online nodes fetched nothing to prepare");
 
     // The offline edge comes back: it reports, and the origin asks it to prepare both.
+    let back = Instant::now();
     mesh.restart_edge(&offline_name)
         .await
         .expect("restart edge");
@@ -246,6 +248,10 @@ async fn prepared_nodes_swap_without_fetching_and_an_offline_node_prepares_when_
         let a = origin_json(&mesh, &["prepare", "status", &prepare_id, "--json"]).await;
         panic!("the edge that came back did not prepare: {a:#}");
     }
+    println!(
+        "{offline_name} prepared both bundles {:.1} s after its daemon came back",
+        back.elapsed().as_secs_f64()
+    );
     // Its keep-set names the prepared bundles, so retention never evicts them.
     let client = mesh.edge_client(&offline_name).expect("edge client");
     let keep = client
@@ -387,6 +393,19 @@ async fn prepared_nodes_swap_without_fetching_and_an_offline_node_prepares_when_
         "{}: boot-time negotiation of the prepared os@3 fetched {negotiation_bytes} bytes",
         booting.name
     );
+
+    // The operations are in the origin's database: a restart of the origin keeps them.
+    let before_restart = origin_json(&mesh, &["prepare", "status", &prepare_id, "--json"]).await;
+    mesh.kill_origin().await.expect("kill origin");
+    mesh.restart_origin().await.expect("restart origin");
+    let after = origin_json(&mesh, &["prepare", "status", &prepare_id, "--json"]).await;
+    assert_eq!(
+        after["operation"], before_restart["operation"],
+        "the operation changed across the origin's restart"
+    );
+    for id in &ids {
+        assert_eq!(state_of(&after, id), "prepared", "{id}: {after:#}");
+    }
 
     println!(
         "prepare of a {mib} MiB OS to 3 online nodes of 2 sites: {received} bytes fetched, `--wait` returned after {prepare_s:.1} s (after the offline node's connection attempt timed out); rollout to 4 nodes: {rollout_s:.1} s, {fetched_during_rollout} bytes fetched"
