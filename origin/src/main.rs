@@ -16,7 +16,8 @@ mod cmd;
 
 use cmd::bundles::{parse_dep, parse_pair, PublishArgs};
 use cmd::control::{
-    ClassCommand, KeysCommand, NodesCommand, OverrideCommand, PolicyCommand, RolloutCommand,
+    AdminCommand, ClassCommand, KeysCommand, NodesCommand, OverrideCommand, PolicyCommand,
+    RolloutCommand,
 };
 
 #[derive(Parser)]
@@ -53,6 +54,11 @@ enum Command {
         /// Prometheus metrics address (HTTP).
         #[arg(long, default_value = "127.0.0.1:9400")]
         metrics_listen: SocketAddr,
+        /// Serve the web console (and metrics and health beside it) on this address, e.g.
+        /// 127.0.0.1:8080; off by default. Only a loopback address: the console has no TLS
+        /// yet. Accounts: `origin admin add`.
+        #[arg(long)]
+        console: Option<SocketAddr>,
         /// Write the bound addresses as JSON to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
@@ -170,6 +176,12 @@ enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Web console accounts (asks the running origin; `origin serve --console` serves the
+    /// console).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
 }
 
 #[tokio::main]
@@ -188,6 +200,7 @@ async fn main() -> Result<()> {
             listen,
             enroll_listen,
             metrics_listen,
+            console,
             ready_file,
             #[cfg(feature = "test-hooks")]
             test_corrupt_serving,
@@ -200,6 +213,7 @@ async fn main() -> Result<()> {
                     listen,
                     enroll_listen,
                     metrics_listen,
+                    console,
                     ready_file,
                     test_corrupt_serving,
                 },
@@ -267,5 +281,6 @@ async fn main() -> Result<()> {
             .await
         }
         Command::Rollout { command } => cmd::control::rollout(&home, command).await,
+        Command::Admin { command } => cmd::control::admin(&home, command).await,
     }
 }

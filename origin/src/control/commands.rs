@@ -92,6 +92,13 @@ impl ControlPlane {
             ControlCommand::NodeRevoke { node } => {
                 tokio::task::block_in_place(|| self.node_revoke(&node, who))
             }
+            ControlCommand::AccountAdd {
+                name,
+                role,
+                password_hash,
+            } => tokio::task::block_in_place(|| {
+                self.account_add(peer, &name, &role, &password_hash, who)
+            }),
         };
         match result {
             Ok(reply) => bounded(reply),
@@ -445,7 +452,9 @@ impl ControlPlane {
         Ok(rollout_reply(&status))
     }
 
-    async fn rollout_act(
+    /// Status, pause, resume or abort of the rollout, audited with `who` (the CLI's operator
+    /// or a console account).
+    pub(crate) async fn rollout_act(
         &self,
         action: proto::wire::RolloutAction,
         who: impl Fn(&str, String) -> Audit,

@@ -23,6 +23,7 @@ use crate::negotiate::{self, Negotiated};
 use crate::policy::{self, BundleRef, Requirement};
 use crate::policy_file;
 
+mod accounts;
 mod commands;
 mod keys;
 mod render;
@@ -94,6 +95,15 @@ pub enum CommandError {
     /// A content-key command failed.
     #[error(transparent)]
     Keys(#[from] crate::keys::KeysError),
+    /// A console account's name, password hash or role was refused.
+    #[error(transparent)]
+    Account(#[from] crate::accounts::AccountError),
+    /// A console account's role other than admin or viewer.
+    #[error("{0}")]
+    BadRole(String),
+    /// Console accounts asked with another certificate than the origin's own.
+    #[error("only the origin's own certificate (`origin admin` on the origin's machine) may manage console accounts")]
+    AccountsNeedOrigin,
 }
 
 /// The control plane of a running origin.
@@ -135,6 +145,11 @@ impl ControlPlane {
     /// The database.
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// The rollouts (`origin rollout ...`, the console's rollout actions).
+    pub fn rollouts(&self) -> &crate::rollout::service::RolloutService {
+        &self.rollouts
     }
 
     /// What a rollout under way asks its nodes to keep (see [`crate::keep`]).
