@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use origin::db::{
-    Audit, Db, DbError, NodeRecord, NodeState, PackageRecord, PolicyDoc, Put, AUDIT, NODES,
-    PACKAGES,
+    AccountRecord, AccountRole, Audit, Db, DbError, NodeRecord, NodeState, PackageRecord,
+    PolicyDoc, Put, ACCOUNTS, AUDIT, NODES, PACKAGES,
 };
 use origin::policy::{self, BundleRef, Matcher, MatcherKind, Requirement, Resolution, Rule};
 use proto::inventory::{Inventory, Nic};
@@ -251,4 +251,44 @@ fn a_second_process_gets_a_clear_error() {
     let _first = Db::open(dir.path()).expect("open");
     let error = Db::open(dir.path()).err().expect("locked").to_string();
     assert!(error.contains("origin serve"), "{error}");
+}
+
+#[test]
+fn a_console_account_survives_a_reopen_and_never_shows_its_hash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let account = AccountRecord {
+        name: "alice".into(),
+        role: AccountRole::Admin,
+        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNo".into(),
+        updated_ms: 7,
+    };
+    {
+        let db = Db::open(dir.path()).expect("open");
+        db.commit(
+            &[Put::Account(Box::new(account.clone()))],
+            audit("account.add"),
+        )
+        .expect("account");
+        db.put_raw(ACCOUNTS, b"mallory", b"\x01{not json")
+            .expect("raw");
+    }
+    let db = Db::open(dir.path()).expect("reopen");
+    assert_eq!(db.account("alice").expect("read"), Some(account.clone()));
+    assert_eq!(db.account("nobody").expect("read"), None);
+    assert_eq!(db.audit(10).expect("audit")[0].action, "account.add");
+    let shown = format!("{account:?}");
+    assert!(
+        shown.contains("alice") && !shown.contains("argon2id"),
+        "{shown}"
+    );
+    match db.account("mallory") {
+        Err(DbError::Corrupt { table, key, .. }) => {
+            assert_eq!((table, key.as_str()), (ACCOUNTS, "mallory"));
+        }
+        other => panic!("expected a corrupt-value error, got {other:?}"),
+    }
+    assert!(
+        db.accounts().is_err(),
+        "a listing names the corrupt value too"
+    );
 }
