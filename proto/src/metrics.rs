@@ -337,18 +337,55 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<S
     serve_router(addr, router(metrics)).await
 }
 
+/// How long an HTTP client may take to send a request's headers, and stay idle between two
+/// requests on one connection.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP connections served at once by one server; more wait in the listener's backlog.
+pub const MAX_HTTP_CONNECTIONS: usize = 256;
+
 /// Serves `router` on `addr` until the runtime stops, giving handlers the client's address as
-/// `ConnectInfo<SocketAddr>`. Returns the bound address (pass port 0 to pick a free one).
+/// `ConnectInfo<SocketAddr>`. At most [`MAX_HTTP_CONNECTIONS`] at once, each closed when its
+/// client takes longer than [`HEADER_READ_TIMEOUT`] to send a request. Returns the bound
+/// address (pass port 0 to pick a free one).
 pub async fn serve_router(addr: SocketAddr, router: Router) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        let service = router.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(error) = axum::serve(listener, service).await {
-            tracing::warn!(%error, addr = %local, "HTTP server stopped");
-        }
-    });
+    tokio::spawn(accept_loop(listener, router));
     Ok(local)
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, router: Router) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let Ok(permit) = connections.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(error) => {
+                tracing::warn!(%error, "HTTP listener accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = router
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        let connection = http.serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(service),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "HTTP connection ended");
+            }
+            drop(permit);
+        });
+    }
 }
 
 /// Logs [`Metrics::summary`] every `every` until the runtime stops.
