@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod datagen;
 pub mod demo;
 pub mod emulate;
+pub mod http;
 pub mod machines;
 pub mod plaintext;
 pub mod procs;

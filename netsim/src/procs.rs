@@ -274,21 +274,13 @@ pub async fn run_to_end(bin: &Path, args: &[String]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// Fetches the Prometheus text of a daemon's metrics endpoint.
+/// Fetches the Prometheus text of a daemon's metrics endpoint (`GET /metrics`).
 pub async fn scrape(addr: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot reach metrics endpoint {addr}"))?;
-    socket
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await?;
-    let mut text = String::new();
-    socket.read_to_string(&mut text).await?;
-    Ok(text
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default())
+    let response = crate::http::get(addr, "/metrics", &[]).await?;
+    if !response.status.is_success() {
+        bail!("metrics endpoint {addr} answered {}", response.status);
+    }
+    Ok(response.body)
 }
 
 /// Sums every series of `name` in Prometheus text whose labels include all of `labels`.
@@ -333,6 +325,32 @@ pub async fn run_cli(bin: &Path, args: &[String]) -> Result<CliRun> {
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()
+        .await
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    Ok(CliRun {
+        ok: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// Runs `bin ARGS` to its end with `input` on its standard input (killed if the future is
+/// dropped).
+pub async fn run_cli_input(bin: &Path, args: &[String], input: &[u8]) -> Result<CliRun> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input).await?;
+    }
+    let output = child
+        .wait_with_output()
         .await
         .with_context(|| format!("cannot run {}", bin.display()))?;
     Ok(CliRun {

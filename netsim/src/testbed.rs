@@ -23,6 +23,9 @@ pub struct Ready {
     pub enroll: Option<String>,
     /// The Prometheus metrics endpoint.
     pub metrics: String,
+    /// The web console (origin with `--console` only).
+    #[serde(default)]
+    pub console: Option<String>,
 }
 
 /// One stager of the mesh.
@@ -257,6 +260,7 @@ impl Testbed {
                 mesh: String::new(),
                 enroll: None,
                 metrics: String::new(),
+                console: None,
             },
             extra_args: extra_args.to_vec(),
         };
@@ -651,6 +655,15 @@ impl Testbed {
         all.push("--dir".into());
         all.push(self.origin_dir.display().to_string());
         procs::run_cli(&self.bins.path("origin"), &all).await
+    }
+
+    /// Like [`Testbed::origin_cli`], with `input` on its standard input (`origin admin add
+    /// --password-stdin`).
+    pub async fn origin_cli_input(&self, args: &[&str], input: &[u8]) -> Result<procs::CliRun> {
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        all.push("--dir".into());
+        all.push(self.origin_dir.display().to_string());
+        procs::run_cli_input(&self.bins.path("origin"), &all, input).await
     }
 
     /// Like [`Testbed::origin_cli`], failing with its output unless the command succeeds;

@@ -12,6 +12,8 @@
 //! - `prepares`: `origin prepare` operations (issue 17), by a big-endian id from 1: the bundle,
 //!   the selector, and each selected node's state (pending, fetching, prepared, failed), so an
 //!   operation survives a restart of the origin.
+//! - `accounts`: the web console's accounts (issue 17): name, role (admin or viewer) and an
+//!   Argon2id hash of the password (PHC string), by name; never a password.
 //! - `audit`: every change, by a big-endian sequence number, written in the same `WriteBatch`
 //!   as the change it describes, so the log never misses a change nor records one that did not
 //!   happen.
@@ -56,8 +58,11 @@ pub const REVOKED: &str = "revoked";
 /// `origin prepare` operations, by a big-endian id (issue 17).
 pub const PREPARES: &str = "prepares";
 
-const TABLES: [&str; 8] = [
-    NODES, PACKAGES, CLASSES, OVERRIDES, POLICY, AUDIT, REVOKED, PREPARES,
+/// The console's accounts, by name (issue 17).
+pub const ACCOUNTS: &str = "accounts";
+
+const TABLES: [&str; 9] = [
+    NODES, PACKAGES, CLASSES, OVERRIDES, POLICY, AUDIT, REVOKED, PREPARES, ACCOUNTS,
 ];
 
 /// Most prepare operations one listing returns (newest first).
@@ -183,6 +188,67 @@ impl NodeRecord {
     /// The configured role.
     pub fn role(&self) -> Option<&str> {
         self.inventory.role.as_deref()
+    }
+}
+
+/// What a console account may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AccountRole {
+    /// Sees everything and may change things (pause, resume, abort a rollout).
+    Admin,
+    /// Sees everything and changes nothing.
+    Viewer,
+}
+
+impl AccountRole {
+    /// The name shown and typed (`admin`, `viewer`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AccountRole::Admin => "admin",
+            AccountRole::Viewer => "viewer",
+        }
+    }
+}
+
+impl std::fmt::Display for AccountRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for AccountRole {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "admin" => Ok(AccountRole::Admin),
+            "viewer" => Ok(AccountRole::Viewer),
+            other => Err(format!("unknown role `{other}`: use admin or viewer")),
+        }
+    }
+}
+
+/// One console account. Its `Debug` leaves the hash out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    /// The login name.
+    pub name: String,
+    /// What it may do.
+    pub role: AccountRole,
+    /// The Argon2id hash of its password, as a PHC string (`$argon2id$v=19$...`).
+    pub password_hash: String,
+    /// When it was created or last replaced (ms since the Unix epoch).
+    pub updated_ms: u64,
+}
+
+impl std::fmt::Debug for AccountRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountRecord")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("updated_ms", &self.updated_ms)
+            .finish_non_exhaustive()
     }
 }
 
@@ -332,6 +398,8 @@ pub enum Put {
     Policy(Box<PolicyDoc>),
     /// Mark a node revoked.
     Revoked(Box<RevokedRecord>),
+    /// Insert or replace a console account.
+    Account(Box<AccountRecord>),
     /// Insert or replace a prepare operation.
     Prepare(Box<PrepareRecord>),
 }
@@ -563,6 +631,20 @@ impl Db {
         self.get(REVOKED, id.as_bytes())
     }
 
+    /// The console account `name`.
+    pub fn account(&self, name: &str) -> Result<Option<AccountRecord>, DbError> {
+        self.get(ACCOUNTS, name.as_bytes())
+    }
+
+    /// Every console account, by name.
+    pub fn accounts(&self) -> Result<Vec<AccountRecord>, DbError> {
+        Ok(self
+            .scan(ACCOUNTS, IteratorMode::Start, usize::MAX)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
     /// The prepare operation `id`.
     pub fn prepare(&self, id: u64) -> Result<Option<PrepareRecord>, DbError> {
         self.get(PREPARES, &id.to_be_bytes())
@@ -697,6 +779,11 @@ impl Db {
                     self.cf(PREPARES)?,
                     record.id.to_be_bytes(),
                     encode(PREPARES, record)?,
+                ),
+                Put::Account(account) => batch.put_cf(
+                    self.cf(ACCOUNTS)?,
+                    account.name.as_bytes(),
+                    encode(ACCOUNTS, account)?,
                 ),
             }
         }

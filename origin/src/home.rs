@@ -33,6 +33,9 @@ pub struct ServeAddrs {
     pub enroll: String,
     /// The metrics endpoint.
     pub metrics: String,
+    /// The web console, metrics and health (`--console`), when served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
 }
 
 impl OriginHome {

@@ -15,9 +15,13 @@
 //! - [`control`]: node reports, boot negotiation ([`negotiate`]) and the operator's commands,
 //!   server side; [`admin`]: the same commands, client side; [`policy_file`]: the TOML policy.
 //! - [`keep`]: keep-sets, which bundles each node and each site's stagers must keep.
+//! - [`console`]: the web console (`origin serve --console`); [`accounts`]: its accounts'
+//!   names, passwords and Argon2id hashes (`origin admin add`).
 
+pub mod accounts;
 pub mod admin;
 pub mod catalog;
+pub mod console;
 pub mod control;
 pub mod db;
 pub mod home;

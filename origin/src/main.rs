@@ -16,7 +16,8 @@ mod cmd;
 
 use cmd::bundles::{parse_dep, parse_pair, PublishArgs};
 use cmd::control::{
-    ClassCommand, KeysCommand, NodesCommand, OverrideCommand, PolicyCommand, RolloutCommand,
+    AdminCommand, ClassCommand, KeysCommand, NodesCommand, OverrideCommand, PolicyCommand,
+    RolloutCommand,
 };
 use cmd::prepare::{PrepareArgs, PrepareCommand};
 
@@ -54,6 +55,11 @@ enum Command {
         /// Prometheus metrics address (HTTP).
         #[arg(long, default_value = "127.0.0.1:9400")]
         metrics_listen: SocketAddr,
+        /// Serve the web console (and metrics and health beside it) on this address, e.g.
+        /// 127.0.0.1:8080; off by default. Only a loopback address: the console has no TLS
+        /// yet. Accounts: `origin admin add`.
+        #[arg(long)]
+        console: Option<SocketAddr>,
         /// Write the bound addresses as JSON to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
@@ -181,6 +187,12 @@ enum Command {
         #[command(flatten)]
         args: PrepareArgs,
     },
+    /// Web console accounts (asks the running origin; `origin serve --console` serves the
+    /// console).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
 }
 
 #[tokio::main]
@@ -199,6 +211,7 @@ async fn main() -> Result<()> {
             listen,
             enroll_listen,
             metrics_listen,
+            console,
             ready_file,
             #[cfg(feature = "test-hooks")]
             test_corrupt_serving,
@@ -211,6 +224,7 @@ async fn main() -> Result<()> {
                     listen,
                     enroll_listen,
                     metrics_listen,
+                    console,
                     ready_file,
                     test_corrupt_serving,
                 },
@@ -279,5 +293,6 @@ async fn main() -> Result<()> {
         }
         Command::Rollout { command } => cmd::control::rollout(&home, command).await,
         Command::Prepare { command, args } => cmd::prepare::prepare(&home, command, args).await,
+        Command::Admin { command } => cmd::control::admin(&home, command).await,
     }
 }

@@ -44,6 +44,9 @@ pub struct ServeConfig {
     pub enroll_listen: SocketAddr,
     /// Prometheus metrics (HTTP).
     pub metrics_listen: SocketAddr,
+    /// The web console, with metrics and health beside it (HTTP, loopback only); off when
+    /// `None`.
+    pub console: Option<SocketAddr>,
     /// Also write the bound addresses here (the demo waits for it).
     pub ready_file: Option<std::path::PathBuf>,
     /// Test hook (`--test-corrupt-serving`, only in a `test-hooks` build): every blob part
@@ -63,6 +66,16 @@ pub struct Origin {
 }
 
 impl Origin {
+    /// The control plane (node table, audit log, rollouts).
+    pub fn control(&self) -> &ControlPlane {
+        &self.control
+    }
+
+    /// The published bundles.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
     fn counters(&self, peer: &PeerIdentity) -> PeerCounters {
         PeerCounters::new(&self.metrics, peer.role.as_str(), peer.site.as_str())
     }
@@ -493,6 +506,7 @@ fn command_name(command: &proto::wire::ControlCommand) -> &'static str {
         C::NodeRevoke { .. } => "nodes revoke",
         C::Prepare { .. } => "prepare",
         C::PrepareStatus { .. } => "prepare status",
+        C::AccountAdd { .. } => "admin add",
     }
 }
 
@@ -602,6 +616,9 @@ fn import_catalog(
 
 /// Runs `origin serve` until Ctrl-C or SIGTERM.
 pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
+    if let Some(addr) = config.console {
+        crate::console::check_listen(addr)?;
+    }
     let identity = home.origin_identity()?;
     let ca = Arc::new(home.ca()?);
     let store = home.store()?;
@@ -619,12 +636,6 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     let metrics_addr = proto::metrics::serve(config.metrics_listen, metrics.clone())
         .await
         .context("cannot start the metrics endpoint")?;
-    let addrs = ServeAddrs {
-        mesh: mesh_addr.to_string(),
-        enroll: enroll_addr.to_string(),
-        metrics: metrics_addr.to_string(),
-    };
-    write_json_atomic(&home.serve_file(), &addrs, MODE_READABLE)?;
     // Tokens embed the fingerprint of the certificate the enrollment endpoint presents.
     write_json_atomic(
         &home.dir().join("enroll-fingerprint.json"),
@@ -657,6 +668,28 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     if config.test_corrupt_serving {
         tracing::warn!("TEST HOOK: every blob part served will be corrupted");
     }
+    let console_addr = match config.console {
+        Some(addr) => {
+            let console = tokio::task::block_in_place(|| {
+                crate::console::Console::new(origin.clone(), false)
+            })?;
+            let router =
+                crate::console::router(console).merge(proto::metrics::router(metrics.clone()));
+            let bound = proto::metrics::serve_router(addr, router)
+                .await
+                .with_context(|| format!("cannot start the console on {addr}"))?;
+            tracing::info!(console = %format!("http://{bound}/"), "console serving");
+            Some(bound.to_string())
+        }
+        None => None,
+    };
+    let addrs = ServeAddrs {
+        mesh: mesh_addr.to_string(),
+        enroll: enroll_addr.to_string(),
+        metrics: metrics_addr.to_string(),
+        console: console_addr,
+    };
+    write_json_atomic(&home.serve_file(), &addrs, MODE_READABLE)?;
     let tokens_dir = home.tokens_dir();
     tokens::check_dir(&tokens_dir)?;
     let publisher_key = *identity.publisher_key();

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use origin::db::{
-    Audit, Db, DbError, NodeRecord, NodeState, PackageRecord, PolicyDoc, PrepareNode,
-    PrepareRecord, PrepareState, Put, AUDIT, NODES, PACKAGES, PREPARES,
+    AccountRecord, AccountRole, Audit, Db, DbError, NodeRecord, NodeState, PackageRecord,
+    PolicyDoc, PrepareNode, PrepareRecord, PrepareState, Put, ACCOUNTS, AUDIT, NODES, PACKAGES,
+    PREPARES,
 };
 use origin::policy::{self, BundleRef, Matcher, MatcherKind, Requirement, Resolution, Rule};
 use proto::inventory::{Inventory, Nic};
@@ -329,4 +330,44 @@ fn prepare_operations_survive_a_reopen_newest_first_with_their_audit() {
         .expect("raw");
     let text = db.prepare(7).expect_err("corrupt").to_string();
     assert!(text.contains("prepares") && text.contains("`7`"), "{text}");
+}
+
+#[test]
+fn a_console_account_survives_a_reopen_and_never_shows_its_hash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let account = AccountRecord {
+        name: "alice".into(),
+        role: AccountRole::Admin,
+        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNo".into(),
+        updated_ms: 7,
+    };
+    {
+        let db = Db::open(dir.path()).expect("open");
+        db.commit(
+            &[Put::Account(Box::new(account.clone()))],
+            audit("account.add"),
+        )
+        .expect("account");
+        db.put_raw(ACCOUNTS, b"mallory", b"\x01{not json")
+            .expect("raw");
+    }
+    let db = Db::open(dir.path()).expect("reopen");
+    assert_eq!(db.account("alice").expect("read"), Some(account.clone()));
+    assert_eq!(db.account("nobody").expect("read"), None);
+    assert_eq!(db.audit(10).expect("audit")[0].action, "account.add");
+    let shown = format!("{account:?}");
+    assert!(
+        shown.contains("alice") && !shown.contains("argon2id"),
+        "{shown}"
+    );
+    match db.account("mallory") {
+        Err(DbError::Corrupt { table, key, .. }) => {
+            assert_eq!((table, key.as_str()), (ACCOUNTS, "mallory"));
+        }
+        other => panic!("expected a corrupt-value error, got {other:?}"),
+    }
+    assert!(
+        db.accounts().is_err(),
+        "a listing names the corrupt value too"
+    );
 }

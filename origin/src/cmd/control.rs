@@ -1,13 +1,14 @@
 //! The control-plane subcommands (`policy`, `nodes`, `class`, `override`, `audit`,
-//! `test-run`, `rollout`): each becomes one [`ControlCommand`] asked of the running origin
+//! `test-run`, `rollout`, `admin`): each becomes one [`ControlCommand`] asked of the running origin
 //! ([`admin::run`]), whose answer is printed ([`admin::print`]).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use origin::admin;
+use origin::db::AccountRole;
 use origin::home::OriginHome;
+use origin::{accounts, admin};
 use proto::wire::{ControlCommand, RolloutAction};
 
 #[derive(Subcommand)]
@@ -284,4 +285,77 @@ pub async fn nodes(home: &OriginHome, command: NodesCommand) -> Result<()> {
             .await
         }
     }
+}
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Add a web console account, or replace its role and password (the running origin keeps
+    /// an Argon2id hash of the password; the password itself never leaves this command).
+    Add {
+        /// The login name: letters, digits, `.`, `_`, `-`.
+        name: String,
+        /// `admin` (may pause, resume and abort rollouts) or `viewer` (sees everything,
+        /// changes nothing).
+        #[arg(long)]
+        role: AccountRole,
+        /// Read the password from the first line of standard input instead of a prompt.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+}
+
+/// `origin admin add`.
+pub async fn admin(home: &OriginHome, command: AdminCommand) -> Result<()> {
+    match command {
+        AdminCommand::Add {
+            name,
+            role,
+            password_stdin,
+        } => {
+            accounts::check_name(&name)?;
+            let password = if password_stdin {
+                read_password_line()?
+            } else {
+                prompt_password(&name)?
+            };
+            let hash = tokio::task::spawn_blocking(move || accounts::hash_password(&password))
+                .await
+                .context("the password hashing task failed")??;
+            run(
+                home,
+                ControlCommand::AccountAdd {
+                    name,
+                    role: role.name().to_owned(),
+                    password_hash: hash,
+                },
+                false,
+                "the account was not added",
+            )
+            .await
+        }
+    }
+}
+
+/// The first line of standard input, without its line ending.
+fn read_password_line() -> Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password).to_owned();
+    accounts::check_password(&password)?;
+    Ok(password)
+}
+
+/// Asks for the password twice on the terminal, without echo.
+fn prompt_password(name: &str) -> Result<String> {
+    let password = rpassword::prompt_password(format!("Password for {name}: "))
+        .context("cannot read the password (no terminal? use --password-stdin)")?;
+    accounts::check_password(&password)?;
+    let again = rpassword::prompt_password("Again: ").context("cannot read the password")?;
+    if again != password {
+        anyhow::bail!("the two passwords differ");
+    }
+    Ok(password)
 }

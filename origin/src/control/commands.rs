@@ -98,6 +98,13 @@ impl ControlPlane {
             ControlCommand::PrepareStatus { id } => {
                 tokio::task::block_in_place(|| self.prepare_status(id))
             }
+            ControlCommand::AccountAdd {
+                name,
+                role,
+                password_hash,
+            } => tokio::task::block_in_place(|| {
+                self.account_add(peer, &name, &role, &password_hash, who)
+            }),
         };
         match result {
             Ok(reply) => bounded(reply),
@@ -480,7 +487,9 @@ impl ControlPlane {
         Ok(prepare_reply(&status))
     }
 
-    async fn rollout_act(
+    /// Status, pause, resume or abort of the rollout, audited with `who` (the CLI's operator
+    /// or a console account).
+    pub(crate) async fn rollout_act(
         &self,
         action: proto::wire::RolloutAction,
         who: impl Fn(&str, String) -> Audit,

@@ -24,6 +24,7 @@ use crate::negotiate::{self, Negotiated};
 use crate::policy::{self, BundleRef, Requirement};
 use crate::policy_file;
 
+mod accounts;
 mod commands;
 mod keys;
 mod prepare;
@@ -103,6 +104,15 @@ pub enum CommandError {
     /// `origin prepare status` before any `origin prepare`.
     #[error("no prepare operation has been started on this origin")]
     NoPrepare,
+    /// A console account's name, password hash or role was refused.
+    #[error(transparent)]
+    Account(#[from] crate::accounts::AccountError),
+    /// A console account's role other than admin or viewer.
+    #[error("{0}")]
+    BadRole(String),
+    /// Console accounts asked with another certificate than the origin's own.
+    #[error("only the origin's own certificate (`origin admin` on the origin's machine) may manage console accounts")]
+    AccountsNeedOrigin,
 }
 
 /// The control plane of a running origin.
@@ -153,6 +163,11 @@ impl ControlPlane {
     /// `origin prepare` operations.
     pub fn prepares(&self) -> &Arc<Prepares> {
         &self.prepares
+    }
+
+    /// The rollouts (`origin rollout ...`, the console's rollout actions).
+    pub fn rollouts(&self) -> &crate::rollout::service::RolloutService {
+        &self.rollouts
     }
 
     /// What a rollout under way asks its nodes to keep (see [`crate::keep`]).

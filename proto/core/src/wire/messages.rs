@@ -418,6 +418,19 @@ pub enum ControlCommand {
         /// The operation's id.
         id: Option<u64>,
     },
+    /// Add or replace a web console account (issue 17); only the origin's own certificate
+    /// may. The password never leaves the command: it sends the Argon2id hash.
+    AccountAdd {
+        /// The login name.
+        #[serde(deserialize_with = "bounds::name")]
+        name: String,
+        /// `admin` or `viewer`.
+        #[serde(deserialize_with = "bounds::name")]
+        role: String,
+        /// The Argon2id hash of the password, as a PHC string.
+        #[serde(deserialize_with = "bounds::name")]
+        password_hash: String,
+    },
 }
 
 /// An operator's request about the current rollout.

@@ -1,0 +1,167 @@
+//! The console's HTML, rendered on the server: every text from the database is escaped, and
+//! the page loads nothing but the origin's own stylesheet (no scripts yet; the live pages will
+//! add the origin's own).
+
+use std::fmt::Write as _;
+
+use super::overview::Overview;
+use crate::db::AccountRole;
+
+/// The stylesheet, served at [`super::CSS_PATH`].
+pub const CSS: &str = "\
+body{font-family:system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}\
+header{background:#1d2330;color:#fff;padding:.6em 1.2em;display:flex;justify-content:space-between;align-items:center}\
+header form,form.inline{display:inline}\
+main{padding:1em 1.2em;max-width:72em}\
+h2{font-size:1.1em;margin-top:1.6em}\
+table{border-collapse:collapse;background:#fff;min-width:30em}\
+th,td{border:1px solid #d5d9e0;padding:.3em .6em;text-align:left}\
+td.num{text-align:right;font-variant-numeric:tabular-nums}\
+button{cursor:pointer}\
+.error{color:#a11}\
+.login{max-width:22em;margin:4em auto;background:#fff;padding:1.5em;border:1px solid #d5d9e0}\
+.login label{display:block;margin:.6em 0}\
+.login input{width:100%;box-sizing:border-box}\
+";
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn head(title: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{} · Stagecoach</title><link rel=\"stylesheet\" href=\"{}\"></head>",
+        escape(title),
+        super::CSS_PATH
+    )
+}
+
+/// The login form, with `error` above it when not empty.
+pub fn login(error: &str) -> String {
+    let error = if error.is_empty() {
+        String::new()
+    } else {
+        format!("<p class=\"error\" role=\"alert\">{}</p>", escape(error))
+    };
+    format!(
+        "{}<body><form class=\"login\" method=\"post\" action=\"/login\">\
+         <h1>Stagecoach console</h1>{error}\
+         <label>Name <input name=\"name\" autocomplete=\"username\" required autofocus></label>\
+         <label>Password <input name=\"password\" type=\"password\" autocomplete=\"current-password\" required></label>\
+         <button type=\"submit\">Log in</button></form></body></html>",
+        head("Log in")
+    )
+}
+
+/// The overview page; `csrf` goes into every form (and a meta tag for scripts to come).
+pub fn overview(view: &Overview, role: AccountRole, csrf: &str) -> String {
+    let csrf = escape(csrf);
+    let mut page = head("Overview");
+    let _ = write!(
+        page,
+        "<body><meta name=\"csrf-token\" content=\"{csrf}\"><header><strong>Stagecoach</strong>\
+         <span>{} ({}) <form method=\"post\" action=\"/logout\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Log out</button></form></span>\
+         </header><main>",
+        escape(&view.account.name),
+        escape(&view.account.role),
+    );
+    let _ = write!(
+        page,
+        "<h2>Sites</h2><p>{} nodes reported.</p><table><tr><th>Site</th><th>Stagers</th><th>Edges</th><th>Nodes</th></tr>",
+        view.nodes
+    );
+    for site in &view.sites {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            escape(&site.site),
+            site.stagers,
+            site.edges,
+            site.nodes
+        );
+    }
+    page.push_str("</table>");
+
+    page.push_str("<h2>Rollouts</h2>");
+    if view.rollouts.is_empty() {
+        page.push_str("<p>No rollout is running.</p>");
+    }
+    for rollout in &view.rollouts {
+        let status = &rollout.status;
+        let nodes: usize = status.waves.iter().map(|w| w.nodes.len()).sum();
+        let wave = status
+            .current_wave
+            .map(|w| format!("{} of {}", w + 1, status.waves.len()))
+            .unwrap_or_else(|| "none".into());
+        let _ = write!(
+            page,
+            "<table><tr><th>Bundle</th><td>{}</td></tr><tr><th>Phase</th><td id=\"rollout-phase\">{}</td></tr>\
+             <tr><th>Wave</th><td>{}</td></tr><tr><th>Nodes</th><td class=\"num\">{nodes}</td></tr>\
+             <tr><th>Failures</th><td class=\"num\">{} (allowed {})</td></tr></table>",
+            escape(&status.bundle.to_string()),
+            escape(&status.phase.to_string()),
+            escape(&wave),
+            status.failed,
+            status.allowed_failures,
+        );
+        if role == AccountRole::Admin {
+            page.push_str("<p>");
+            for action in ["pause", "resume", "abort"] {
+                let _ = write!(
+                    page,
+                    "<form method=\"post\" action=\"/api/rollouts/{}/{action}\" class=\"inline\">\
+                     <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">{action}</button></form> ",
+                    escape(&rollout.id),
+                );
+            }
+            page.push_str("</p>");
+        }
+    }
+
+    page.push_str(
+        "<h2>Bundles</h2><table><tr><th>Name</th><th>Version</th><th>Kind</th><th>Stored bytes</th><th>Payload bytes</th><th>Id</th></tr>",
+    );
+    for bundle in view.bundles.iter().rev() {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td><code>{}</code></td></tr>",
+            escape(&bundle.name),
+            escape(&bundle.version),
+            escape(&bundle.kind),
+            bundle.stored_bytes,
+            bundle.raw_bytes,
+            escape(&bundle.id.chars().take(16).collect::<String>()),
+        );
+    }
+    page.push_str("</table></main></body></html>");
+    page
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(
+            escape("<script>alert('x') & \"y\"</script>"),
+            "&lt;script&gt;alert(&#39;x&#39;) &amp; &quot;y&quot;&lt;/script&gt;"
+        );
+        assert!(login("<b>").contains("&lt;b&gt;"));
+    }
+}
