@@ -6,6 +6,8 @@
 //! - [`limiter`]: login rate limiting per name and per address.
 //! - [`overview`]: what the overview shows, read from the state the CLI commands read.
 //! - [`page`]: the HTML, rendered on the server, with nothing loaded from elsewhere.
+//! - [`pages`]: sites, nodes, bundles, prepare operations and the audit log, each with a JSON
+//!   twin under `/api/`.
 //!
 //! Every state-changing route needs a session (else 401), its CSRF token in the `csrf` form
 //! field or the `X-CSRF-Token` header (else 403) and an admin account (else 403), and writes
@@ -15,6 +17,7 @@
 pub mod limiter;
 pub mod overview;
 pub mod page;
+pub mod pages;
 pub mod session;
 
 use std::net::{IpAddr, SocketAddr};
@@ -192,6 +195,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route(CSS_PATH, get(css))
         .route("/api/overview", get(api_overview))
         .route("/api/rollouts/{id}/{action}", post(rollout_action))
+        .merge(pages::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::map_response(security_headers))
         .with_state(console)

@@ -12,6 +12,10 @@ pub const CSS: &str = "\
 body{font-family:system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}\
 header{background:#1d2330;color:#fff;padding:.6em 1.2em;display:flex;justify-content:space-between;align-items:center}\
 header form,form.inline{display:inline}\
+header nav a{color:#fff;margin:0 .6em;text-decoration:none}\
+header nav a[aria-current]{text-decoration:underline}\
+.note{color:#555;max-width:60em}\
+form.search label{margin-right:.6em}\
 main{padding:1em 1.2em;max-width:72em}\
 h2{font-size:1.1em;margin-top:1.6em}\
 table{border-collapse:collapse;background:#fff;min-width:30em}\
@@ -50,6 +54,57 @@ fn head(title: &str) -> String {
     )
 }
 
+/// The console's pages, in the order of the navigation bar.
+pub const NAV: [(&str, &str); 6] = [
+    ("/", "Overview"),
+    ("/sites", "Sites"),
+    ("/nodes", "Nodes"),
+    ("/bundles", "Bundles"),
+    ("/prepares", "Prepare"),
+    ("/audit", "Audit log"),
+];
+
+/// The navigation bar, with `current` (one of [`NAV`]'s paths) marked.
+pub fn nav(current: &str) -> String {
+    let mut nav = String::from("<nav>");
+    for (path, label) in NAV {
+        let mark = if path == current {
+            " aria-current=\"page\""
+        } else {
+            ""
+        };
+        let _ = write!(nav, "<a href=\"{path}\"{mark}>{label}</a>");
+    }
+    nav.push_str("</nav>");
+    nav
+}
+
+/// A whole page: the header with the navigation bar (`current` marked), the account and its
+/// log-out form, then `body` (already escaped HTML) in `<main>`. Viewers and admins get the
+/// same chrome; pages that offer changes check `role` themselves.
+pub fn layout(
+    title: &str,
+    current: &str,
+    account: &str,
+    role: AccountRole,
+    csrf: &str,
+    body: &str,
+) -> String {
+    let csrf = escape(csrf);
+    let mut page = head(title);
+    let _ = write!(
+        page,
+        "<body><meta name=\"csrf-token\" content=\"{csrf}\"><header><strong>Stagecoach</strong>{}\
+         <span>{} ({}) <form method=\"post\" action=\"/logout\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Log out</button></form></span>\
+         </header><main>{body}</main></body></html>",
+        nav(current),
+        escape(account),
+        escape(role.name()),
+    );
+    page
+}
+
 /// The login form, with `error` above it when not empty.
 pub fn login(error: &str) -> String {
     let error = if error.is_empty() {
@@ -73,10 +128,11 @@ pub fn overview(view: &Overview, role: AccountRole, csrf: &str) -> String {
     let mut page = head("Overview");
     let _ = write!(
         page,
-        "<body><meta name=\"csrf-token\" content=\"{csrf}\"><header><strong>Stagecoach</strong>\
+        "<body><meta name=\"csrf-token\" content=\"{csrf}\"><header><strong>Stagecoach</strong>{}\
          <span>{} ({}) <form method=\"post\" action=\"/logout\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Log out</button></form></span>\
          </header><main>",
+        nav("/"),
         escape(&view.account.name),
         escape(&view.account.role),
     );

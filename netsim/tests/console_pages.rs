@@ -1,0 +1,282 @@
+//! The console's read-only pages (issue 17) with the real `origin` binary: sites, nodes (search,
+//! paging, one node), bundles, prepare operations and the audit log, as HTML with the
+//! navigation bar and as JSON twins; a viewer reads them all; bad query parameters get 400,
+//! unknown ids 404, wrong methods 405, and no session a redirect (pages) or 401 (JSON).
+
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+use netsim::datagen;
+use netsim::http::{self, Response};
+use netsim::procs::Binaries;
+use netsim::testbed::Testbed;
+use serde_json::Value;
+use stagecoach_testing::wait_until_async;
+
+const POLL: Duration = Duration::from_millis(200);
+const ADMIN: &str = "alice";
+const ADMIN_PASSWORD: &str = "alice-has-a-long-password";
+const VIEWER: &str = "vera";
+const VIEWER_PASSWORD: &str = "vera-only-looks-around";
+
+fn bins() -> Binaries {
+    Binaries::beside_current_exe().expect("build the binaries: cargo build --release --bins")
+}
+
+async fn add_account(mesh: &Testbed, name: &str, role: &str, password: &str) {
+    let run = mesh
+        .origin_cli_input(
+            &["admin", "add", name, "--role", role, "--password-stdin"],
+            format!("{password}\n").as_bytes(),
+        )
+        .await
+        .expect("run origin admin add");
+    assert!(
+        run.ok,
+        "origin admin add {name}:\n{}{}",
+        run.stdout, run.stderr
+    );
+}
+
+/// Logs in; returns the session's cookie header.
+async fn log_in(console: &str, name: &str, password: &str) -> String {
+    let answer = http::request(
+        console,
+        Method::POST,
+        "/login",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        format!("name={name}&password={password}").into_bytes(),
+    )
+    .await
+    .expect("POST /login");
+    assert_eq!(answer.status, StatusCode::SEE_OTHER, "{}", answer.body);
+    answer
+        .header_values("set-cookie")
+        .join("\n")
+        .split(';')
+        .next()
+        .expect("a cookie")
+        .trim()
+        .to_owned()
+}
+
+async fn get(console: &str, path: &str, cookie: &str) -> Response {
+    let headers: Vec<(&str, &str)> = if cookie.is_empty() {
+        Vec::new()
+    } else {
+        vec![("cookie", cookie)]
+    };
+    http::get(console, path, &headers).await.expect("GET")
+}
+
+async fn json(console: &str, path: &str, cookie: &str) -> Value {
+    let answer = get(console, path, cookie).await;
+    assert_eq!(answer.status, StatusCode::OK, "{path}: {}", answer.body);
+    serde_json::from_str(&answer.body).expect("JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_pages_sites_nodes_bundles_prepares_and_audit() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut mesh = Testbed::start(bins(), &work.path().join("mesh"), 2, 2, &[])
+        .await
+        .expect("mesh");
+    let tree = work.path().join("tree");
+    datagen::generate_tree(&tree, 256 * 1024, 7).expect("tree");
+    mesh.publish(&tree, "web", "1.0.0").await.expect("publish");
+    add_account(&mesh, ADMIN, "admin", ADMIN_PASSWORD).await;
+    add_account(&mesh, VIEWER, "viewer", VIEWER_PASSWORD).await;
+    mesh.kill_origin().await.expect("kill origin");
+    mesh.restart_origin_with(&["--console".into(), "127.0.0.1:0".into()])
+        .await
+        .expect("restart origin with --console");
+    let console = mesh.origin.console.clone().expect("console address");
+
+    // Without a session: pages send to the login form, JSON twins answer 401.
+    for path in ["/sites", "/nodes", "/bundles", "/prepares", "/audit"] {
+        let page = get(&console, path, "").await;
+        assert_eq!(page.status, StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(page.header_values("location"), ["/login"], "{path}");
+        let api = get(&console, &format!("/api{path}"), "").await;
+        assert_eq!(api.status, StatusCode::UNAUTHORIZED, "/api{path}");
+    }
+
+    let admin = log_in(&console, ADMIN, ADMIN_PASSWORD).await;
+    let viewer = log_in(&console, VIEWER, VIEWER_PASSWORD).await;
+
+    // Every edge's enrollment report is in the database.
+    let edges: Vec<String> = mesh
+        .edges
+        .iter()
+        .map(|e| {
+            proto::net::NodeIdentity::load(&e.dir.join("identity"))
+                .expect("edge identity")
+                .node_id()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(edges.len(), 4);
+    wait_until_async(Duration::from_secs(30), POLL, async || {
+        let nodes = json(&console, "/api/nodes?per_page=500", &admin).await;
+        edges.iter().all(|e| {
+            nodes["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|n| n["id"] == *e))
+        })
+    })
+    .await
+    .expect("the edges' reports reach the console");
+
+    // Sites: both sites, each with its edges and a word on what the origin does not record.
+    let sites = json(&console, "/api/sites", &viewer).await;
+    assert!(sites["note"]
+        .as_str()
+        .is_some_and(|n| n.contains("/metrics")));
+    let names: Vec<&str> = sites["sites"]
+        .as_array()
+        .expect("sites")
+        .iter()
+        .filter_map(|s| s["site"].as_str())
+        .collect();
+    assert_eq!(names, ["site-a", "site-b"], "{sites}");
+    for site in sites["sites"].as_array().expect("sites") {
+        let site_edges = site["edges"].as_array().expect("edges");
+        assert_eq!(site_edges.len(), 2, "{site}");
+    }
+
+    // Every page is HTML with the navigation bar, for viewers too, and no buttons that change.
+    let first_edge = edges[0].clone();
+    for path in [
+        "/".to_owned(),
+        "/sites".into(),
+        "/nodes".into(),
+        format!("/nodes/{first_edge}"),
+        "/bundles".into(),
+        "/prepares".into(),
+        "/audit".into(),
+    ] {
+        for cookie in [&admin, &viewer] {
+            let page = get(&console, &path, cookie).await;
+            assert_eq!(page.status, StatusCode::OK, "{path}: {}", page.body);
+            for link in [
+                "href=\"/sites\"",
+                "href=\"/nodes\"",
+                "href=\"/bundles\"",
+                "href=\"/prepares\"",
+                "href=\"/audit\"",
+            ] {
+                assert!(page.body.contains(link), "{path} has no {link}");
+            }
+        }
+    }
+    let sites_page = get(&console, "/sites", &viewer).await;
+    assert!(sites_page.body.contains(&first_edge), "{}", sites_page.body);
+
+    // Nodes: search by id, site filter, paging, and one node.
+    let found = json(&console, &format!("/api/nodes?q={first_edge}"), &viewer).await;
+    assert_eq!(found["matching"], 1, "{found}");
+    assert_eq!(found["nodes"][0]["id"], first_edge.as_str());
+    let site_b = json(&console, "/api/nodes?site=site-b", &viewer).await;
+    assert!(
+        site_b["nodes"]
+            .as_array()
+            .is_some_and(|n| !n.is_empty() && n.iter().all(|n| n["site"] == "site-b")),
+        "{site_b}"
+    );
+    let paged = json(&console, "/api/nodes?per_page=1&page=2", &viewer).await;
+    assert_eq!(paged["nodes"].as_array().map(Vec::len), Some(1), "{paged}");
+    assert_eq!(paged["page"], 2);
+    let none = json(&console, "/api/nodes?q=no-such-node", &viewer).await;
+    assert_eq!(none["matching"], 0);
+    let node = json(&console, &format!("/api/nodes/{first_edge}"), &viewer).await;
+    assert_eq!(node["node"]["id"], first_edge.as_str());
+    assert_eq!(node["node"]["last_event"], "Enrolled", "{node}");
+    let node_page = get(&console, &format!("/nodes/{first_edge}"), &viewer).await;
+    assert!(node_page.body.contains("Inventory") && node_page.body.contains("Installed"));
+
+    // Bundles: the published version with its sizes.
+    let bundles = json(&console, "/api/bundles", &viewer).await;
+    let web = &bundles["bundles"][0];
+    assert_eq!(
+        (web["name"].as_str(), web["version"].as_str()),
+        (Some("web"), Some("1.0.0")),
+        "{bundles}"
+    );
+    assert!(web["stored_bytes"].as_u64().is_some_and(|b| b > 0), "{web}");
+
+    // Prepare operations: none yet.
+    let prepares = json(&console, "/api/prepares", &viewer).await;
+    assert_eq!(prepares["prepares"], serde_json::json!([]));
+
+    // Audit: newest first, the logins on it.
+    let audit = json(&console, "/api/audit", &viewer).await;
+    let records = audit["records"].as_array().expect("records");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["actor"] == ADMIN && r["action"] == "console.login"),
+        "{audit}"
+    );
+    let seqs: Vec<u64> = records.iter().filter_map(|r| r["seq"].as_u64()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] > w[1]),
+        "newest first: {seqs:?}"
+    );
+
+    // Unknown ids: 404; bad parameters: 400; oversized: 400; wrong methods: 405.
+    for path in [
+        "/nodes/no-such-node",
+        "/api/nodes/no-such-node",
+        "/prepares/999",
+        "/api/prepares/999",
+    ] {
+        assert_eq!(
+            get(&console, path, &viewer).await.status,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+    }
+    let long = "a".repeat(4096);
+    for path in [
+        "/api/prepares/abc".to_owned(),
+        "/prepares/-1".into(),
+        "/api/nodes?page=0".into(),
+        "/api/nodes?page=x".into(),
+        "/nodes?per_page=100000".into(),
+        "/api/nodes?colour=red".into(),
+        format!("/api/nodes?q={long}"),
+        "/api/audit?page=1000000".into(),
+        "/audit?page=-3".into(),
+    ] {
+        let answer = get(&console, &path, &viewer).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{path}: {}",
+            answer.body
+        );
+    }
+    for (method, path) in [
+        (Method::POST, "/sites"),
+        (Method::DELETE, "/api/nodes"),
+        (Method::PUT, "/bundles"),
+        (Method::POST, "/api/audit"),
+        (Method::POST, &*format!("/api/nodes/{first_edge}")),
+    ] {
+        let answer = http::request(
+            &console,
+            method.clone(),
+            path,
+            &[("cookie", viewer.as_str())],
+            Vec::new(),
+        )
+        .await
+        .expect("request");
+        assert_eq!(
+            answer.status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+    }
+    mesh.shutdown().await;
+}
