@@ -56,10 +56,25 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9400")]
         metrics_listen: SocketAddr,
         /// Serve the web console (and metrics and health beside it) on this address, e.g.
-        /// 127.0.0.1:8080; off by default. Only a loopback address: the console has no TLS
-        /// yet. Accounts: `origin admin add`.
+        /// 127.0.0.1:8080; off by default. A non-loopback address needs TLS
+        /// (`--console-tls-cert/--console-tls-key` or `--console-tls-mesh`). Accounts:
+        /// `origin admin add`.
         #[arg(long)]
         console: Option<SocketAddr>,
+        /// Serve the console over HTTPS with this certificate chain (PEM, leaf first).
+        #[arg(
+            long,
+            requires = "console_tls_key",
+            conflicts_with = "console_tls_mesh"
+        )]
+        console_tls_cert: Option<PathBuf>,
+        /// The private key of `--console-tls-cert` (PEM).
+        #[arg(long, requires = "console_tls_cert")]
+        console_tls_key: Option<PathBuf>,
+        /// Serve the console over HTTPS with the origin's own certificate, issued by the mesh
+        /// CA (browsers must trust `<home>/ca/ca.crt`).
+        #[arg(long)]
+        console_tls_mesh: bool,
         /// Write the bound addresses as JSON to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
@@ -212,10 +227,20 @@ async fn main() -> Result<()> {
             enroll_listen,
             metrics_listen,
             console,
+            console_tls_cert,
+            console_tls_key,
+            console_tls_mesh,
             ready_file,
             #[cfg(feature = "test-hooks")]
             test_corrupt_serving,
         } => {
+            let console_tls = match (console_tls_cert, console_tls_key, console_tls_mesh) {
+                (Some(cert), Some(key), _) => {
+                    Some(origin::console::tls::TlsSource::Files { cert, key })
+                }
+                (_, _, true) => Some(origin::console::tls::TlsSource::Mesh),
+                _ => None,
+            };
             #[cfg(not(feature = "test-hooks"))]
             let test_corrupt_serving = false;
             server::serve(
@@ -225,6 +250,7 @@ async fn main() -> Result<()> {
                     enroll_listen,
                     metrics_listen,
                     console,
+                    console_tls,
                     ready_file,
                     test_corrupt_serving,
                 },

@@ -47,6 +47,9 @@ pub struct ServeConfig {
     /// The web console, with metrics and health beside it (HTTP, loopback only); off when
     /// `None`.
     pub console: Option<SocketAddr>,
+    /// The console's TLS (`--console-tls-cert/-key` or `--console-tls-mesh`); plain HTTP
+    /// when `None`, which only a loopback console may use.
+    pub console_tls: Option<crate::console::tls::TlsSource>,
     /// Also write the bound addresses here (the demo waits for it).
     pub ready_file: Option<std::path::PathBuf>,
     /// Test hook (`--test-corrupt-serving`, only in a `test-hooks` build): every blob part
@@ -617,7 +620,7 @@ fn import_catalog(
 /// Runs `origin serve` until Ctrl-C or SIGTERM.
 pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     if let Some(addr) = config.console {
-        crate::console::check_listen(addr)?;
+        crate::console::check_listen(addr, config.console_tls.is_some())?;
     }
     let identity = home.origin_identity()?;
     let ca = Arc::new(home.ca()?);
@@ -670,15 +673,24 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     }
     let console_addr = match config.console {
         Some(addr) => {
+            let tls = match &config.console_tls {
+                Some(source) => Some(
+                    crate::console::tls::server_config(source, &home.dir().join("identity"))
+                        .context("cannot set up the console's TLS")?,
+                ),
+                None => None,
+            };
             let console = tokio::task::block_in_place(|| {
-                crate::console::Console::new(origin.clone(), false)
+                crate::console::Console::new(origin.clone(), tls.is_some())
             })?;
             let router =
                 crate::console::router(console).merge(proto::metrics::router(metrics.clone()));
-            let bound = proto::metrics::serve_router(addr, router)
-                .await
-                .with_context(|| format!("cannot start the console on {addr}"))?;
-            tracing::info!(console = %format!("http://{bound}/"), "console serving");
+            let (bound, scheme) = match tls {
+                Some(tls) => (crate::console::tls::serve(addr, router, tls).await, "https"),
+                None => (proto::metrics::serve_router(addr, router).await, "http"),
+            };
+            let bound = bound.with_context(|| format!("cannot start the console on {addr}"))?;
+            tracing::info!(console = %format!("{scheme}://{bound}/"), "console serving");
             Some(bound.to_string())
         }
         None => None,

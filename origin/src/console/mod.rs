@@ -19,6 +19,7 @@ pub mod overview;
 pub mod page;
 pub mod pages;
 pub mod session;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -71,17 +72,17 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; img
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleConfigError {
     /// A console address other than loopback, without TLS.
-    #[error("--console {0}: non-loopback console needs --console-tls-cert/--console-tls-key, which this origin does not support yet; listen on 127.0.0.1 (and reach it through an SSH tunnel)")]
+    #[error("--console {0}: non-loopback console needs --console-tls-cert/--console-tls-key (PEM files) or --console-tls-mesh; or listen on 127.0.0.1 (and reach it through an SSH tunnel)")]
     NeedsTls(SocketAddr),
     /// The dummy hash could not be made.
     #[error(transparent)]
     Account(#[from] accounts::AccountError),
 }
 
-/// Refuses a console address that is not loopback: without TLS, cookies and passwords would
-/// cross the network in the clear.
-pub fn check_listen(addr: SocketAddr) -> Result<(), ConsoleConfigError> {
-    if addr.ip().is_loopback() {
+/// Refuses a console address that is not loopback unless it has TLS: without it, cookies and
+/// passwords would cross the network in the clear.
+pub fn check_listen(addr: SocketAddr, tls: bool) -> Result<(), ConsoleConfigError> {
+    if tls || addr.ip().is_loopback() {
         Ok(())
     } else {
         Err(ConsoleConfigError::NeedsTls(addr))
@@ -552,9 +553,10 @@ mod tests {
 
     #[test]
     fn only_loopback_without_tls() {
-        check_listen("127.0.0.1:8080".parse().expect("addr")).expect("loopback");
-        check_listen("[::1]:8080".parse().expect("addr")).expect("loopback");
-        let error = check_listen("0.0.0.0:8080".parse().expect("addr"))
+        check_listen("127.0.0.1:8080".parse().expect("addr"), false).expect("loopback");
+        check_listen("[::1]:8080".parse().expect("addr"), false).expect("loopback");
+        check_listen("0.0.0.0:8080".parse().expect("addr"), true).expect("with TLS");
+        let error = check_listen("0.0.0.0:8080".parse().expect("addr"), false)
             .expect_err("needs TLS")
             .to_string();
         assert!(
