@@ -45,6 +45,9 @@ pub const MAX_QUERY_VALUE_BYTES: usize = 128;
 /// Highest page number accepted by paged views.
 pub const MAX_PAGE: usize = 10_000;
 
+/// Edges listed per site on `/sites` (all are counted; `/nodes?site=` pages through them).
+pub const EDGES_LISTED_PER_SITE: usize = 20;
+
 /// Longest node id accepted in a path, in bytes.
 const MAX_ID_BYTES: usize = 256;
 
@@ -193,8 +196,10 @@ pub struct SiteDetail {
     pub site: String,
     /// Its stagers.
     pub stagers: Vec<NodeLine>,
-    /// Its edges (and nodes of any other role).
+    /// Its edges (and nodes of any other role), the first [`EDGES_LISTED_PER_SITE`] by id.
     pub edges: Vec<NodeLine>,
+    /// Every edge of the site (and node of another role than stager).
+    pub edge_count: usize,
     /// Edges per installed version (`name version`), for the at-a-glance column.
     pub edge_versions: BTreeMap<String, usize>,
 }
@@ -259,6 +264,7 @@ fn gather_sites(console: &Console) -> Result<SitesView, PageError> {
                 site: node.site.clone(),
                 stagers: Vec::new(),
                 edges: Vec::new(),
+                edge_count: 0,
                 edge_versions: BTreeMap::new(),
             });
         let line = NodeLine::of(node);
@@ -268,7 +274,10 @@ fn gather_sites(console: &Console) -> Result<SitesView, PageError> {
             for version in &line.installed {
                 *site.edge_versions.entry(version.clone()).or_default() += 1;
             }
-            site.edges.push(line);
+            site.edge_count += 1;
+            if site.edges.len() < EDGES_LISTED_PER_SITE {
+                site.edges.push(line);
+            }
         }
     }
     Ok(SitesView {
@@ -288,7 +297,7 @@ fn render_sites(view: &SitesView, viewer: &Viewer) -> String {
             "<h2 id=\"site-{0}\">{0}</h2><p><a href=\"/nodes?site={1}\">{2} nodes</a>; edges by version: {3}</p>",
             escape(&site.site),
             escape(&urlencode(&site.site)),
-            site.stagers.len() + site.edges.len(),
+            site.stagers.len() + site.edge_count,
             if site.edge_versions.is_empty() {
                 "none reported".to_owned()
             } else {
@@ -303,6 +312,15 @@ fn render_sites(view: &SitesView, viewer: &Viewer) -> String {
         node_table(&mut body, &site.stagers);
         body.push_str("<h3>Edges</h3>");
         node_table(&mut body, &site.edges);
+        if site.edge_count > site.edges.len() {
+            let _ = write!(
+                body,
+                "<p>The first {} of {} edges; <a href=\"/nodes?site={}\">all of them</a>.</p>",
+                site.edges.len(),
+                site.edge_count,
+                escape(&urlencode(&site.site)),
+            );
+        }
     }
     page::layout(
         "Sites",
