@@ -234,6 +234,34 @@ async fn the_rollout_page_and_its_event_stream_follow_a_pause() {
         .await
         .expect("the pause arrives");
 
+    // Streams are bounded: 128 at once (the admin's is one), the next gets 503, and the
+    // console still answers other requests meanwhile.
+    let mut more = Vec::new();
+    let refused = loop {
+        match EventStream::open(&console, "/api/events", &admin).await {
+            Ok(stream) => more.push(stream),
+            Err(error) => break error,
+        }
+        assert!(more.len() <= 128, "more than 128 event streams");
+    };
+    assert_eq!(
+        refused
+            .downcast_ref::<netsim::sse::Refused>()
+            .map(|r| r.status),
+        Some(503),
+        "{refused:#}"
+    );
+    assert_eq!(
+        more.len() + 2,
+        128,
+        "the admin's and the viewer's streams count"
+    );
+    assert_eq!(
+        get(&console, "/api/overview", &admin).await.status,
+        StatusCode::OK
+    );
+    drop(more);
+
     // The viewer logs out: that stream ends.
     let logout = http::request(
         &console,

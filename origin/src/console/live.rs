@@ -26,8 +26,10 @@ use crate::control::{CommandError, ControlPlane};
 use crate::rollout::plan::{NodeState, RolloutStatus, WaveKind};
 use crate::rollout::service::RolloutServiceError;
 
-/// Event streams open at once per origin; one more gets 503.
-pub const MAX_EVENT_STREAMS: usize = 256;
+/// Event streams open at once per origin; one more gets 503. Half the connections the HTTP
+/// server takes ([`proto::metrics::MAX_HTTP_CONNECTIONS`]), so open pages never keep page
+/// loads, logins and the buttons' requests out.
+pub const MAX_EVENT_STREAMS: usize = proto::metrics::MAX_HTTP_CONNECTIONS / 2;
 
 /// How often the poller reads the server-side state while a stream is open.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
