@@ -34,7 +34,8 @@ fi
 # (grub-common); the mDNS test makes a private network namespace (util-linux, iproute2). Without
 # them those tests skip, and under STAGECOACH_REQUIRE_ALL=1 (.ci/run) they fail. The Debian
 # root-tree test (proto/tests/bundle_debian.rs) builds its tree with mmdebstrap and marks files
-# with setcap and setfacl.
+# with setcap and setfacl. The console's browser tests (netsim/tests/console_browser.rs) drive a
+# headless Chromium through chromedriver (Debian's chromium and chromium-driver).
 have_tool() {
   command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]
 }
@@ -48,8 +49,10 @@ have_tool ip || test_need+=(iproute2)
 have_tool mmdebstrap || test_need+=(mmdebstrap)
 have_tool setcap || test_need+=(libcap2-bin)
 have_tool setfacl || test_need+=(acl)
+{ have_tool chromium || have_tool chromium-browser; } || test_need+=(chromium)
+have_tool chromedriver || test_need+=(chromium-driver)
 if [ ${#test_need[@]} -gt 0 ]; then
-  echo "stagecoach: installing ${test_need[*]} (used by the swap, discovery and exact-unpack tests)" >&2
+  echo "stagecoach: installing ${test_need[*]} (used by the swap, discovery, exact-unpack and browser tests)" >&2
   sudo_if_needed=()
   [ "$(id -u)" -eq 0 ] || sudo_if_needed=(sudo)
   # Quiet (apt's notes go nowhere) unless it fails, when everything it said is shown.

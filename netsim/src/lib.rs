@@ -21,6 +21,7 @@ pub mod procs;
 pub mod progress;
 pub mod relay;
 pub mod run;
+pub mod sse;
 pub mod testbed;
 
 // The simulator is its own crate, so Cargo keeps RocksDB and sockets out of it.

@@ -8,6 +8,8 @@
 //! - [`page`]: the HTML, rendered on the server, with nothing loaded from elsewhere.
 //! - [`pages`]: sites, nodes, bundles, prepare operations and the audit log, each with a JSON
 //!   twin under `/api/`.
+//! - [`live`]: `GET /api/events`, server-sent events of the overview and the rollout's
+//!   per-site progress, and what the rollout page shows.
 //!
 //! Every state-changing route needs a session (else 401), its CSRF token in the `csrf` form
 //! field or the `X-CSRF-Token` header (else 403) and an admin account (else 403), and writes
@@ -15,6 +17,7 @@
 //! [`router`] is the seam for more pages: merge routes into it.
 
 pub mod limiter;
+pub mod live;
 pub mod overview;
 pub mod page;
 pub mod pages;
@@ -60,13 +63,17 @@ pub const CSRF_FIELD: &str = "csrf";
 /// Where the stylesheet is served.
 pub const CSS_PATH: &str = "/console.css";
 
+/// Where the live pages' script is served.
+pub const JS_PATH: &str = "/console.js";
+
 /// The audit log's role for what a console account did.
 pub const AUDIT_ROLE: &str = "console";
 
-/// Every console page's Content-Security-Policy: only the origin's own stylesheet, forms to
-/// the origin, no framing.
+/// Every console page's Content-Security-Policy: only the origin's own stylesheet and script,
+/// requests (the event stream, the buttons' fetches) and forms to the origin, no framing.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'self'; \
-     form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+     script-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; \
+     base-uri 'none'";
 
 /// Why the console cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +102,7 @@ pub struct Console {
     sessions: Sessions,
     limiter: LoginLimiter,
     logins: tokio::sync::Semaphore,
+    live: live::Live,
     secure_cookies: bool,
     /// Checked against when the name is unknown, so a wrong name costs as long as a wrong
     /// password and names cannot be told apart by timing.
@@ -111,6 +119,7 @@ impl Console {
             sessions: Sessions::default(),
             limiter: LoginLimiter::default(),
             logins: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOGINS),
+            live: live::Live::default(),
             secure_cookies,
             dummy_hash,
         }))
@@ -119,6 +128,15 @@ impl Console {
     /// The session the request's cookie names, if it is live and its account unchanged.
     fn authenticate(&self, headers: &HeaderMap) -> Result<(String, Session), ApiError> {
         let id = session_cookie(headers).ok_or(ApiError::Unauthenticated)?;
+        self.authenticate_id(id)
+    }
+
+    /// Whether the session `id` is still live (an event stream ends when it is not).
+    fn session_live(&self, id: &str) -> bool {
+        self.authenticate_id(id.to_owned()).is_ok()
+    }
+
+    fn authenticate_id(&self, id: String) -> Result<(String, Session), ApiError> {
         let session = self
             .sessions
             .get(&id, Instant::now())
@@ -194,7 +212,10 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
         .route(CSS_PATH, get(css))
+        .route(JS_PATH, get(js))
+        .route("/rollouts/{id}", get(rollout_page))
         .route("/api/overview", get(api_overview))
+        .route("/api/events", get(api_events))
         .route("/api/rollouts/{id}/{action}", post(rollout_action))
         .merge(pages::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -213,6 +234,8 @@ enum ApiError {
     Viewer,
     /// No such thing.
     NotFound(String),
+    /// Too many event streams are open.
+    Busy(String),
     /// The rollout is not in a state that takes the action.
     Conflict(String),
     /// The database or the rollout service failed.
@@ -235,6 +258,7 @@ impl IntoResponse for ApiError {
                 "viewer accounts cannot change anything".to_owned(),
             ),
             ApiError::NotFound(what) => (StatusCode::NOT_FOUND, what),
+            ApiError::Busy(what) => (StatusCode::SERVICE_UNAVAILABLE, what),
             ApiError::Conflict(what) => (StatusCode::CONFLICT, what),
             ApiError::Internal(what) => {
                 tracing::error!(error = %what, "console request failed");
@@ -302,6 +326,13 @@ async fn css() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
         page::CSS,
+    )
+}
+
+async fn js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        page::JS,
     )
 }
 
@@ -463,6 +494,52 @@ async fn api_overview(State(console): State<Arc<Console>>, headers: HeaderMap) -
     match result {
         Ok(view) => Json(view).into_response(),
         Err(error) => error.into_response(),
+    }
+}
+
+/// `GET /api/events`: the live state as server-sent events, while the session lasts.
+async fn api_events(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    let id = match console.authenticate(&headers) {
+        Ok((id, _)) => id,
+        Err(error) => return error.into_response(),
+    };
+    let Some(permit) = console.live.admit() else {
+        return ApiError::Busy(format!(
+            "{} event streams are open, the most this origin serves; close a console tab",
+            live::MAX_EVENT_STREAMS
+        ))
+        .into_response();
+    };
+    live::events(console.clone(), id, permit)
+        .await
+        .into_response()
+}
+
+/// `GET /rollouts/{id}`: the rollout's waves, per-site progress, chart and failures.
+async fn rollout_page(
+    State(console): State<Arc<Console>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let session = match console.authenticate(&headers) {
+        Ok((_, session)) => session,
+        Err(ApiError::Unauthenticated) => return see_other("/login"),
+        Err(error) => return error.into_response(),
+    };
+    let progress = live::latest_rollout(console.origin.control(), console.origin.catalog()).await;
+    match progress {
+        Ok(Some(progress)) if progress.id == id => Html(page::rollout(
+            &progress,
+            &session.account,
+            session.role,
+            &session.csrf,
+        ))
+        .into_response(),
+        Ok(_) => ApiError::NotFound(
+            "no rollout installs this bundle id; the overview links the latest".into(),
+        )
+        .into_response(),
+        Err(error) => ApiError::Internal(error.to_string()).into_response(),
     }
 }
 

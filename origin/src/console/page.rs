@@ -1,9 +1,9 @@
 //! The console's HTML, rendered on the server: every text from the database is escaped, and
-//! the page loads nothing but the origin's own stylesheet (no scripts yet; the live pages will
-//! add the origin's own).
+//! the page loads nothing but the origin's own stylesheet and script ([`JS`]).
 
 use std::fmt::Write as _;
 
+use super::live::{Counts, RolloutProgress};
 use super::overview::Overview;
 use crate::db::AccountRole;
 
@@ -26,7 +26,15 @@ button{cursor:pointer}\
 .login{max-width:22em;margin:4em auto;background:#fff;padding:1.5em;border:1px solid #d5d9e0}\
 .login label{display:block;margin:.6em 0}\
 .login input{width:100%;box-sizing:border-box}\
+header a{color:#fff}\
+tr.current{background:#eef4ff}\
+td.done{color:#2b8a3e}td.failed{color:#c92a2a}\
+.live{color:#2b8a3e}.stale{color:#a11}\
+#progress-chart svg{background:#fff;max-width:100%;height:auto}\
 ";
+
+/// The live pages' script, served at [`super::JS_PATH`].
+pub const JS: &str = include_str!("console.js");
 
 /// Escapes text for HTML element content and quoted attribute values.
 pub fn escape(text: &str) -> String {
@@ -128,17 +136,19 @@ pub fn overview(view: &Overview, role: AccountRole, csrf: &str) -> String {
     let mut page = head("Overview");
     let _ = write!(
         page,
-        "<body><meta name=\"csrf-token\" content=\"{csrf}\"><header><strong>Stagecoach</strong>{}\
+        "<body data-page=\"overview\" data-rollouts=\"{}\"><meta name=\"csrf-token\" content=\"{csrf}\"><header><strong>Stagecoach</strong>{}\
          <span>{} ({}) <form method=\"post\" action=\"/logout\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Log out</button></form></span>\
          </header><main>",
+        escape(&view.rollouts.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(",")),
         nav("/"),
         escape(&view.account.name),
         escape(&view.account.role),
     );
     let _ = write!(
         page,
-        "<h2>Sites</h2><p>{} nodes reported.</p><table><tr><th>Site</th><th>Stagers</th><th>Edges</th><th>Nodes</th></tr>",
+        "<h2>Sites</h2><p><span id=\"overview-nodes\">{}</span> nodes reported. <span id=\"live-status\"></span></p>\
+         <table><thead><tr><th>Site</th><th>Stagers</th><th>Edges</th><th>Nodes</th></tr></thead><tbody id=\"overview-site-rows\">",
         view.nodes
     );
     for site in &view.sites {
@@ -151,9 +161,9 @@ pub fn overview(view: &Overview, role: AccountRole, csrf: &str) -> String {
             site.nodes
         );
     }
-    page.push_str("</table>");
+    page.push_str("</tbody></table>");
 
-    page.push_str("<h2>Rollouts</h2>");
+    page.push_str("<h2>Rollouts</h2><p id=\"overview-rollout-note\"></p>");
     if view.rollouts.is_empty() {
         page.push_str("<p>No rollout is running.</p>");
     }
@@ -164,11 +174,19 @@ pub fn overview(view: &Overview, role: AccountRole, csrf: &str) -> String {
             .current_wave
             .map(|w| format!("{} of {}", w + 1, status.waves.len()))
             .unwrap_or_else(|| "none".into());
+        let done = status
+            .waves
+            .iter()
+            .flat_map(|w| &w.nodes)
+            .filter(|n| n.state == crate::rollout::plan::NodeState::Healthy)
+            .count();
         let _ = write!(
             page,
-            "<table><tr><th>Bundle</th><td>{}</td></tr><tr><th>Phase</th><td id=\"rollout-phase\">{}</td></tr>\
-             <tr><th>Wave</th><td>{}</td></tr><tr><th>Nodes</th><td class=\"num\">{nodes}</td></tr>\
+            "<table><tr><th>Bundle</th><td><a href=\"/rollouts/{}\">{}</a></td></tr><tr><th>Phase</th><td id=\"rollout-phase\">{}</td></tr>\
+             <tr><th>Wave</th><td id=\"rollout-wave\">{}</td></tr><tr><th>Nodes</th><td class=\"num\">{nodes}</td></tr>\
+             <tr><th>Done</th><td class=\"num\" id=\"rollout-done\">{done} of {nodes}</td></tr>\
              <tr><th>Failures</th><td class=\"num\">{} (allowed {})</td></tr></table>",
+            escape(&rollout.id),
             escape(&status.bundle.to_string()),
             escape(&status.phase.to_string()),
             escape(&wave),
@@ -204,7 +222,116 @@ pub fn overview(view: &Overview, role: AccountRole, csrf: &str) -> String {
             escape(&bundle.id.chars().take(16).collect::<String>()),
         );
     }
-    page.push_str("</table></main></body></html>");
+    let _ = write!(
+        page,
+        "</table></main><script src=\"{}\"></script></body></html>",
+        super::JS_PATH
+    );
+    page
+}
+
+fn counts_cells(page: &mut String, counts: &Counts) {
+    let _ = write!(
+        page,
+        "<td class=\"num done\">{}</td><td class=\"num failed\">{}</td><td class=\"num offered\">{}</td>\
+         <td class=\"num pending\">{}</td><td class=\"num total\">{}</td></tr>",
+        counts.done, counts.failed, counts.offered, counts.pending, counts.total
+    );
+}
+
+const COUNTS_HEAD: &str =
+    "<th>Done</th><th>Failed</th><th>Offered</th><th>Pending</th><th>Nodes</th></tr></thead>";
+
+/// The rollout page: phase, per-site progress and its chart, waves and failures, and the
+/// buttons for admins; `console.js` keeps it current from `/api/events`.
+pub fn rollout(progress: &RolloutProgress, account: &str, role: AccountRole, csrf: &str) -> String {
+    let csrf = escape(csrf);
+    let id = escape(&progress.id);
+    let mut page = head(&format!("Rollout of {}", progress.bundle));
+    let _ = write!(
+        page,
+        "<body data-page=\"rollout\" data-rollout=\"{id}\"><meta name=\"csrf-token\" content=\"{csrf}\">\
+         <header><span><strong>Stagecoach</strong> · <a href=\"/\">Overview</a></span>\
+         <span>{} ({}) <form method=\"post\" action=\"/logout\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Log out</button></form></span>\
+         </header><main><h1>Rollout of <span id=\"rollout-bundle\">{}</span></h1>\
+         <p>Phase <strong id=\"rollout-phase\">{}</strong> · wave <span id=\"rollout-wave\">{}</span> · \
+         failures <span id=\"rollout-failed\">{}</span> (allowed <span id=\"rollout-allowed\">{}</span>) · \
+         <span id=\"live-status\"></span></p>",
+        escape(account),
+        escape(role.name()),
+        escape(&progress.bundle),
+        escape(&progress.phase),
+        progress
+            .current_wave
+            .map(|w| format!("{} of {}", w + 1, progress.waves.len()))
+            .unwrap_or_else(|| "none".into()),
+        progress.failed,
+        progress.allowed_failures,
+    );
+    if role == AccountRole::Admin {
+        let _ = write!(
+            page,
+            "<p id=\"rollout-actions\"{}>",
+            if progress.under_way { "" } else { " hidden" }
+        );
+        for action in ["pause", "resume", "abort"] {
+            let _ = write!(
+                page,
+                "<form method=\"post\" action=\"/api/rollouts/{id}/{action}\" class=\"inline rollout-action\" data-action=\"{action}\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\" id=\"rollout-{action}\">{action}</button></form> ",
+            );
+        }
+        page.push_str("<span id=\"action-result\" role=\"status\"></span></p>");
+    }
+    let _ = write!(
+        page,
+        "<h2>Progress per site</h2><table id=\"site-progress\"><thead><tr><th>Site</th>{COUNTS_HEAD}<tbody id=\"site-progress-rows\">"
+    );
+    for site in &progress.sites {
+        let _ = write!(
+            page,
+            "<tr data-site=\"{0}\"><td>{0}</td>",
+            escape(&site.site)
+        );
+        counts_cells(&mut page, &site.counts);
+    }
+    page.push_str(
+        "</tbody></table><h2>Done per site since this page opened</h2><div id=\"progress-chart\"></div>",
+    );
+    let _ = write!(
+        page,
+        "<h2>Waves</h2><table id=\"waves\"><thead><tr><th>Wave</th>{COUNTS_HEAD}<tbody id=\"wave-rows\">"
+    );
+    for wave in &progress.waves {
+        let current = progress.current_wave == Some(wave.index);
+        let _ = write!(
+            page,
+            "<tr{}><td>{}: {} ({})</td>",
+            if current { " class=\"current\"" } else { "" },
+            wave.index + 1,
+            escape(&wave.site),
+            escape(&wave.kind)
+        );
+        counts_cells(&mut page, &wave.counts);
+    }
+    page.push_str(
+        "</tbody></table><h2>Failures</h2><table id=\"failures\"><thead><tr><th>Node</th><th>Site</th><th>Reason</th></tr></thead><tbody id=\"failure-rows\">",
+    );
+    for failure in &progress.failures {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&failure.node),
+            escape(&failure.site),
+            escape(&failure.reason)
+        );
+    }
+    let _ = write!(
+        page,
+        "</tbody></table></main><script src=\"{}\"></script></body></html>",
+        super::JS_PATH
+    );
     page
 }
 

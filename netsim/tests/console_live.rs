@@ -1,0 +1,291 @@
+//! The console's live parts (issue 17) over HTTP with the real `origin` binary: the rollout
+//! page (buttons for admins only, its script from the origin, a CSP that allows nothing from
+//! elsewhere), `GET /api/events` sending the state on open and again when a rollout is
+//! paused, refused without a session, and ending when its session ends.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+use netsim::datagen;
+use netsim::http::{self, Response};
+use netsim::procs::Binaries;
+use netsim::sse::EventStream;
+use netsim::testbed::Testbed;
+use serde_json::Value;
+use stagecoach_testing::wait_until_async;
+
+/// How often the origin is asked while waiting on it.
+const POLL: Duration = Duration::from_millis(200);
+
+/// How long an expected event may take.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+const ADMIN: &str = "alice";
+const ADMIN_PASSWORD: &str = "alice-has-a-long-password";
+const VIEWER: &str = "vera";
+const VIEWER_PASSWORD: &str = "vera-only-looks-around";
+
+fn bins() -> Binaries {
+    Binaries::beside_current_exe().expect("build the binaries: cargo build --release --bins")
+}
+
+async fn add_account(mesh: &Testbed, name: &str, role: &str, password: &str) {
+    let run = mesh
+        .origin_cli_input(
+            &["admin", "add", name, "--role", role, "--password-stdin"],
+            format!("{password}\n").as_bytes(),
+        )
+        .await
+        .expect("run origin admin add");
+    assert!(
+        run.ok,
+        "origin admin add {name}:\n{}{}",
+        run.stdout, run.stderr
+    );
+}
+
+/// Logs in; returns the session cookie (`name=value`) and its CSRF token.
+async fn log_in(console: &str, name: &str, password: &str) -> (String, String) {
+    let answer = http::request(
+        console,
+        Method::POST,
+        "/login",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        format!("name={name}&password={password}").into_bytes(),
+    )
+    .await
+    .expect("POST /login");
+    assert_eq!(answer.status, StatusCode::SEE_OTHER, "{}", answer.body);
+    let cookie = answer
+        .header_values("set-cookie")
+        .join("")
+        .split(';')
+        .next()
+        .expect("a cookie")
+        .trim()
+        .to_owned();
+    let page = get(console, "/", &cookie).await;
+    let csrf = page
+        .body
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the page carries a CSRF token")
+        .to_owned();
+    (cookie, csrf)
+}
+
+async fn get(console: &str, path: &str, cookie: &str) -> Response {
+    http::get(console, path, &[("cookie", cookie)])
+        .await
+        .expect("GET")
+}
+
+fn os_tree(dir: &Path, bytes: u64, seed: u64) {
+    datagen::generate_tree(dir, bytes, seed).expect("tree");
+}
+
+fn rollout_phase(data: &str) -> String {
+    let state: Value = serde_json::from_str(data).expect("state JSON");
+    state["rollout"]["phase"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollout_page_and_its_event_stream_follow_a_pause() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path();
+    let mut mesh = Testbed::start(bins(), &w.join("mesh"), 1, 1, &[])
+        .await
+        .expect("mesh");
+    add_account(&mesh, ADMIN, "admin", ADMIN_PASSWORD).await;
+    add_account(&mesh, VIEWER, "viewer", VIEWER_PASSWORD).await;
+    os_tree(&w.join("rescue"), 64 * 1024, 1);
+    os_tree(&w.join("target"), 64 * 1024, 2);
+    mesh.publish_as(&w.join("rescue"), "rescue-os", "1", "base-os")
+        .await
+        .expect("publish rescue");
+    mesh.publish(&w.join("target"), "os", "2")
+        .await
+        .expect("publish target");
+    mesh.start_edge_daemons(false, &[]).await.expect("daemons");
+    let edge = mesh.edges[0].clone();
+    let daemon_addr = edge.daemon.as_ref().expect("daemon").mesh.clone();
+    wait_until_async(Duration::from_secs(60), POLL, async || {
+        let nodes = mesh
+            .origin_ok(&["nodes", "--json"])
+            .await
+            .unwrap_or_default();
+        nodes.contains(&daemon_addr)
+    })
+    .await
+    .expect("the edge reports its daemon's address");
+    // As in console.rs: a socket that never answers holds the canary, so the rollout stays
+    // running until paused.
+    mesh.stop_edge(&edge.name).await.expect("stop the daemon");
+    let _silent = std::net::UdpSocket::bind(&daemon_addr).expect("bind the daemon's address");
+    mesh.kill_origin().await.expect("kill origin");
+    mesh.restart_origin_with(&["--console".into(), "127.0.0.1:0".into()])
+        .await
+        .expect("restart origin with --console");
+    let console = mesh.origin.console.clone().expect("console address");
+    let (admin, _admin_csrf) = log_in(&console, ADMIN, ADMIN_PASSWORD).await;
+    let (viewer, viewer_csrf) = log_in(&console, VIEWER, VIEWER_PASSWORD).await;
+
+    // No session, no stream.
+    match EventStream::open(&console, "/api/events", "").await {
+        Err(error) => assert_eq!(
+            error
+                .downcast_ref::<netsim::sse::Refused>()
+                .map(|r| r.status),
+            Some(401),
+            "{error:#}"
+        ),
+        Ok(_) => panic!("an event stream without a session"),
+    }
+
+    mesh.origin_ok(&[
+        "rollout",
+        "start",
+        "os@2",
+        "--to",
+        "all",
+        "--rescue",
+        "rescue-os@1",
+    ])
+    .await
+    .expect("rollout start");
+    let overview: Value = serde_json::from_str(&get(&console, "/api/overview", &admin).await.body)
+        .expect("overview JSON");
+    let id = overview["rollouts"][0]["id"]
+        .as_str()
+        .expect("rollout id")
+        .to_owned();
+
+    // The overview links the rollout page; the admin's page has buttons, the viewer's none.
+    let page = get(&console, "/", &admin).await;
+    assert!(page.body.contains(&format!("href=\"/rollouts/{id}\"")));
+    let rollout_path = format!("/rollouts/{id}");
+    let admin_page = get(&console, &rollout_path, &admin).await;
+    assert_eq!(admin_page.status, StatusCode::OK, "{}", admin_page.body);
+    assert!(admin_page
+        .body
+        .contains(&format!("/api/rollouts/{id}/pause")));
+    assert!(admin_page.body.contains("id=\"site-progress-rows\""));
+    assert!(admin_page.body.contains("<script src=\"/console.js\">"));
+    let csp = admin_page.header_values("content-security-policy").join("");
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "connect-src 'self'",
+    ] {
+        assert!(csp.contains(directive), "{directive}: {csp}");
+    }
+    let viewer_page = get(&console, &rollout_path, &viewer).await;
+    assert_eq!(viewer_page.status, StatusCode::OK);
+    assert!(
+        !viewer_page.body.contains("/api/rollouts/"),
+        "a viewer gets no buttons"
+    );
+    assert_eq!(
+        get(&console, &format!("/rollouts/{}", "00".repeat(32)), &admin)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    let script = get(&console, "/console.js", &admin).await;
+    assert_eq!(script.status, StatusCode::OK);
+    assert!(script.body.contains("EventSource"));
+    assert!(!script.body.contains("http://") || !script.body.contains("src=\"http"));
+
+    // The stream sends the state when it opens, and again when the rollout is paused.
+    let mut events = EventStream::open(&console, "/api/events", &admin)
+        .await
+        .expect("open the event stream");
+    let first = events
+        .next_matching("state", EVENT_TIMEOUT, |data| {
+            rollout_phase(data) == "running"
+        })
+        .await
+        .expect("the running rollout's state");
+    let state: Value = serde_json::from_str(&first.data).expect("state JSON");
+    assert_eq!(state["rollout"]["id"], id.as_str());
+    assert_eq!(
+        state["rollout"]["sites"][0]["counts"]["total"], 1,
+        "{state:#}"
+    );
+    let mut viewer_events = EventStream::open(&console, "/api/events", &viewer)
+        .await
+        .expect("the viewer's stream");
+    viewer_events
+        .next_matching("state", EVENT_TIMEOUT, |_| true)
+        .await
+        .expect("the viewer's first state");
+    mesh.origin_ok(&["rollout", "pause"])
+        .await
+        .expect("rollout pause");
+    events
+        .next_matching("state", EVENT_TIMEOUT, |data| {
+            rollout_phase(data) == "paused"
+        })
+        .await
+        .expect("the pause arrives");
+
+    // Streams are bounded: 128 at once (the admin's is one), the next gets 503, and the
+    // console still answers other requests meanwhile.
+    let mut more = Vec::new();
+    let refused = loop {
+        match EventStream::open(&console, "/api/events", &admin).await {
+            Ok(stream) => more.push(stream),
+            Err(error) => break error,
+        }
+        assert!(more.len() <= 128, "more than 128 event streams");
+    };
+    assert_eq!(
+        refused
+            .downcast_ref::<netsim::sse::Refused>()
+            .map(|r| r.status),
+        Some(503),
+        "{refused:#}"
+    );
+    assert_eq!(
+        more.len() + 2,
+        128,
+        "the admin's and the viewer's streams count"
+    );
+    assert_eq!(
+        get(&console, "/api/overview", &admin).await.status,
+        StatusCode::OK
+    );
+    drop(more);
+
+    // The viewer logs out: that stream ends.
+    let logout = http::request(
+        &console,
+        Method::POST,
+        "/logout",
+        &[
+            ("cookie", viewer.as_str()),
+            ("x-csrf-token", viewer_csrf.as_str()),
+        ],
+        Vec::new(),
+    )
+    .await
+    .expect("POST /logout");
+    assert_eq!(logout.status, StatusCode::SEE_OTHER);
+    let ended = async {
+        loop {
+            if viewer_events.next(EVENT_TIMEOUT).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(EVENT_TIMEOUT, ended)
+        .await
+        .expect("the viewer's stream ends with the session");
+
+    mesh.shutdown().await;
+}
