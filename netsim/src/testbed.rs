@@ -651,19 +651,21 @@ impl Testbed {
 
     /// Runs the `origin` command line against this mesh's origin: `origin ARGS --dir ORIGIN_DIR`.
     pub async fn origin_cli(&self, args: &[&str]) -> Result<procs::CliRun> {
+        procs::run_cli(&self.bins.path("origin"), &self.origin_args(args)).await
+    }
+
+    /// `args` and then `--dir ORIGIN_DIR`.
+    fn origin_args(&self, args: &[&str]) -> Vec<String> {
         let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         all.push("--dir".into());
         all.push(self.origin_dir.display().to_string());
-        procs::run_cli(&self.bins.path("origin"), &all).await
+        all
     }
 
     /// Like [`Testbed::origin_cli`], with `input` on its standard input (`origin admin add
     /// --password-stdin`).
     pub async fn origin_cli_input(&self, args: &[&str], input: &[u8]) -> Result<procs::CliRun> {
-        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        all.push("--dir".into());
-        all.push(self.origin_dir.display().to_string());
-        procs::run_cli_input(&self.bins.path("origin"), &all, input).await
+        procs::run_cli_input(&self.bins.path("origin"), &self.origin_args(args), input).await
     }
 
     /// Like [`Testbed::origin_cli`], failing with its output unless the command succeeds;
@@ -678,6 +680,13 @@ impl Testbed {
             run.stderr
         );
         Ok(run.stdout)
+    }
+
+    /// Like [`Testbed::origin_ok`] for a command run with `--json`: its output, parsed.
+    pub async fn origin_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self.origin_ok(args).await?;
+        serde_json::from_str(out.trim())
+            .with_context(|| format!("origin {}: not JSON:\n{out}", args.join(" ")))
     }
 
     /// Loads a policy whose `[encryption] read_classes` are `classes` (`origin policy load`):

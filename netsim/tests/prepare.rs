@@ -51,9 +51,7 @@ async fn origin(mesh: &Testbed, args: &[&str]) -> (bool, String, String) {
 }
 
 async fn origin_json(mesh: &Testbed, args: &[&str]) -> Value {
-    let (ok, out, err) = origin(mesh, args).await;
-    assert!(ok, "origin {args:?} failed:\n{out}\n{err}");
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("origin {args:?}: {e}:\n{out}"))
+    mesh.origin_json(args).await.expect("origin --json")
 }
 
 /// The node id of edge `name` (its daemon's address is in the node table).

@@ -31,9 +31,7 @@ async fn origin(mesh: &Testbed, args: &[&str]) -> (bool, String, String) {
 }
 
 async fn origin_json(mesh: &Testbed, args: &[&str]) -> Value {
-    let (ok, out, err) = origin(mesh, args).await;
-    assert!(ok, "origin {args:?} failed:\n{out}\n{err}");
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("origin {args:?}: {e}:\n{out}"))
+    mesh.origin_json(args).await.expect("origin --json")
 }
 
 fn slot_os(status: &Value, slot: &str) -> String {

@@ -54,20 +54,39 @@ const MAX_ID_BYTES: usize = 256;
 /// The pages' routes, merged into [`super::router`].
 pub fn routes() -> Router<Arc<Console>> {
     Router::new()
-        .route("/sites", get(sites_page))
-        .route("/api/sites", get(sites_api))
-        .route("/nodes", get(nodes_page))
-        .route("/api/nodes", get(nodes_api))
-        .route("/nodes/{id}", get(node_page))
-        .route("/api/nodes/{id}", get(node_api))
-        .route("/bundles", get(bundles_page))
-        .route("/api/bundles", get(bundles_api))
-        .route("/prepares", get(prepares_page))
-        .route("/api/prepares", get(prepares_api))
-        .route("/prepares/{id}", get(prepare_page))
-        .route("/api/prepares/{id}", get(prepare_api))
-        .route("/audit", get(audit_page))
-        .route("/api/audit", get(audit_api))
+        .route("/sites", get(sites))
+        .route("/api/sites", get(sites))
+        .route("/nodes", get(nodes))
+        .route("/api/nodes", get(nodes))
+        .route("/nodes/{id}", get(node))
+        .route("/api/nodes/{id}", get(node))
+        .route("/bundles", get(bundles))
+        .route("/api/bundles", get(bundles))
+        .route("/prepares", get(prepares))
+        .route("/api/prepares", get(prepares))
+        .route("/prepares/{id}", get(prepare))
+        .route("/api/prepares/{id}", get(prepare))
+        .route("/audit", get(audit))
+        .route("/api/audit", get(audit))
+}
+
+/// Whether a request asks for a page (HTML) or its JSON twin: every view is served by one
+/// handler at both paths, and the twin is the one under `/api/`.
+struct Format {
+    html: bool,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Format {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Format {
+            html: !parts.uri.path().starts_with("/api/"),
+        })
+    }
 }
 
 /// What a page request is refused for, beyond the console's own refusals.
@@ -357,12 +376,12 @@ fn node_table(body: &mut String, nodes: &[NodeLine]) {
     body.push_str("</table>");
 }
 
-async fn sites_page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    answer(&console, &headers, true, gather_sites, render_sites)
-}
-
-async fn sites_api(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    answer(&console, &headers, false, gather_sites, render_sites)
+async fn sites(
+    State(console): State<Arc<Console>>,
+    Format { html }: Format,
+    headers: HeaderMap,
+) -> Response {
+    answer(&console, &headers, html, gather_sites, render_sites)
 }
 
 // ---- nodes ----
@@ -559,30 +578,19 @@ fn render_nodes(view: &NodesView, viewer: &Viewer) -> String {
     )
 }
 
-async fn nodes_page(
+async fn nodes(
     State(console): State<Arc<Console>>,
+    Format { html }: Format,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    nodes(&console, raw, &headers, true)
-}
-
-async fn nodes_api(
-    State(console): State<Arc<Console>>,
-    RawQuery(raw): RawQuery,
-    headers: HeaderMap,
-) -> Response {
-    nodes(&console, raw, &headers, false)
-}
-
-fn nodes(console: &Console, raw: Option<String>, headers: &HeaderMap, html: bool) -> Response {
     let query = match parse_query::<NodesQuery>(raw) {
         Ok(query) => query,
         Err(error) => return error.into_response(),
     };
     answer(
-        console,
-        headers,
+        &console,
+        &headers,
         html,
         |c| gather_nodes(c, query),
         render_nodes,
@@ -764,29 +772,16 @@ fn render_node(view: &NodeDetail, viewer: &Viewer) -> String {
     )
 }
 
-async fn node_page(
+async fn node(
     State(console): State<Arc<Console>>,
+    Format { html }: Format,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     answer(
         &console,
         &headers,
-        true,
-        |c| gather_node(c, &id),
-        render_node,
-    )
-}
-
-async fn node_api(
-    State(console): State<Arc<Console>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    answer(
-        &console,
-        &headers,
-        false,
+        html,
         |c| gather_node(c, &id),
         render_node,
     )
@@ -918,12 +913,12 @@ fn render_bundles(view: &BundlesView, viewer: &Viewer) -> String {
     )
 }
 
-async fn bundles_page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    answer(&console, &headers, true, gather_bundles, render_bundles)
-}
-
-async fn bundles_api(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    answer(&console, &headers, false, gather_bundles, render_bundles)
+async fn bundles(
+    State(console): State<Arc<Console>>,
+    Format { html }: Format,
+    headers: HeaderMap,
+) -> Response {
+    answer(&console, &headers, html, gather_bundles, render_bundles)
 }
 
 // ---- prepares ----
@@ -1156,37 +1151,24 @@ fn render_prepare(view: &PrepareDetail, viewer: &Viewer) -> String {
     )
 }
 
-async fn prepares_page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    answer(&console, &headers, true, gather_prepares, render_prepares)
-}
-
-async fn prepares_api(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    answer(&console, &headers, false, gather_prepares, render_prepares)
-}
-
-async fn prepare_page(
+async fn prepares(
     State(console): State<Arc<Console>>,
+    Format { html }: Format,
+    headers: HeaderMap,
+) -> Response {
+    answer(&console, &headers, html, gather_prepares, render_prepares)
+}
+
+async fn prepare(
+    State(console): State<Arc<Console>>,
+    Format { html }: Format,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     answer(
         &console,
         &headers,
-        true,
-        |c| gather_prepare(c, &id),
-        render_prepare,
-    )
-}
-
-async fn prepare_api(
-    State(console): State<Arc<Console>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    answer(
-        &console,
-        &headers,
-        false,
+        html,
         |c| gather_prepare(c, &id),
         render_prepare,
     )
@@ -1291,30 +1273,19 @@ fn render_audit(view: &AuditView, viewer: &Viewer) -> String {
     )
 }
 
-async fn audit_page(
+async fn audit(
     State(console): State<Arc<Console>>,
+    Format { html }: Format,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    audit(&console, raw, &headers, true)
-}
-
-async fn audit_api(
-    State(console): State<Arc<Console>>,
-    RawQuery(raw): RawQuery,
-    headers: HeaderMap,
-) -> Response {
-    audit(&console, raw, &headers, false)
-}
-
-fn audit(console: &Console, raw: Option<String>, headers: &HeaderMap, html: bool) -> Response {
     let query = match parse_query::<AuditQuery>(raw) {
         Ok(query) => query,
         Err(error) => return error.into_response(),
     };
     answer(
-        console,
-        headers,
+        &console,
+        &headers,
         html,
         |c| gather_audit(c, query),
         render_audit,
