@@ -379,13 +379,22 @@ async fn the_console_in_a_browser_follows_and_pauses_a_rollout() {
     mesh.publish(&w.join("target"), "os", "2")
         .await
         .expect("publish target");
-    // Simulated machines behind the edges, so the first site's swap really happens.
+    // Simulated machines behind the edges, so the swaps really happen. Each new OS's health
+    // check waits for a gate file the test creates, so every step of the rollout happens
+    // when the test says and never before: a swap cannot finish between two commands.
     machines::provision(&mut mesh, &factory)
         .await
         .expect("provision");
-    mesh.start_edge_daemons_with(false, &[], |edge| machines::daemon_flags(edge, &[]))
-        .await
-        .expect("daemons");
+    let gate = |edge: &str| w.join(format!("gate-{edge}"));
+    mesh.start_edge_daemons_with(false, &[], |edge| {
+        let check = format!(
+            "command=while [ ! -e '{}' ]; do sleep 0.1; done",
+            gate(&edge.name).display()
+        );
+        machines::daemon_flags(edge, &[check])
+    })
+    .await
+    .expect("daemons");
     let daemons: Vec<String> = mesh
         .edges
         .iter()
@@ -406,7 +415,8 @@ async fn the_console_in_a_browser_follows_and_pauses_a_rollout() {
         .expect("restart origin with --console");
     let console = mesh.origin.console.clone().expect("console address");
 
-    // The rollout starts and is paused at once: the first site's canary at most is offered.
+    // The rollout starts and is paused: the first site's canary is offered and waits at its
+    // health check, so the second site's wave cannot start.
     mesh.origin_ok(&[
         "rollout",
         "start",
@@ -425,23 +435,19 @@ async fn the_console_in_a_browser_follows_and_pauses_a_rollout() {
     assert_eq!(status["phase"]["phase"], "paused", "{status:#}");
     let waves = status["waves"].as_array().expect("waves");
     assert_eq!(waves.len(), 2, "one canary per site: {status:#}");
-    // The second site's node goes silent (a socket that never answers takes its daemon's
-    // address), so once resumed the rollout offers it the bundle and stays running.
+    let first_site = waves[0]["site"].as_str().expect("site").to_owned();
     let second_site = waves[1]["site"].as_str().expect("site").to_owned();
     let second_node = waves[1]["nodes"][0]["node"]
         .as_str()
         .expect("node")
         .to_owned();
-    let edge = mesh
+    let first_edge = mesh
         .edges
         .iter()
-        .find(|e| e.site == second_site)
-        .expect("the second site's edge")
+        .find(|e| e.site == first_site)
+        .expect("the first site's edge")
+        .name
         .clone();
-    let daemon_addr = edge.daemon.as_ref().expect("daemon").mesh.clone();
-    mesh.stop_edge(&edge.name).await.expect("stop the daemon");
-    let _silent = std::net::UdpSocket::bind(&daemon_addr).expect("bind the daemon's address");
-    let first_site = waves[0]["site"].as_str().expect("site").to_owned();
 
     let driver = Driver::start(&chromedriver, &w.join("chromedriver.log"));
     let shots = screenshot_dir(w);
@@ -471,16 +477,22 @@ async fn the_console_in_a_browser_follows_and_pauses_a_rollout() {
         "1"
     );
 
-    // Resume from the page: the first site finishes and the second site's node is offered,
-    // and the page shows both without reloading.
+    // Resume from the page, then let the first site's canary pass its health check: the
+    // first site finishes and the second site's node is offered (its own check waits on a
+    // gate never opened), and the page shows both without reloading.
+    let first_row = format!("#site-progress-rows tr[data-site='{first_site}']");
+    assert_eq!(
+        text(&browser, &format!("{first_row} td.offered")).await,
+        "1"
+    );
     browser
         .click("#rollout-resume")
         .await
         .expect("press resume");
-    let first_row = format!("#site-progress-rows tr[data-site='{first_site}']");
+    wait_text(&browser, "#rollout-phase", |t| t == "running").await;
+    std::fs::write(gate(&first_edge), b"").expect("open the first canary's gate");
     wait_text(&browser, &format!("{first_row} td.done"), |t| t == "1").await;
     wait_text(&browser, &format!("{second_row} td.offered"), |t| t == "1").await;
-    wait_text(&browser, "#rollout-phase", |t| t == "running").await;
     let mark = browser
         .execute("return window.stagecoachMark || 0;")
         .await
@@ -500,7 +512,7 @@ async fn the_console_in_a_browser_follows_and_pauses_a_rollout() {
     assert_eq!(status["phase"]["phase"], "paused", "{status:#}");
     assert!(
         status.to_string().contains(&second_node),
-        "the status names the silent node"
+        "the status names the node still at its health check"
     );
     let rollout_url = browser.current_url().await.expect("url");
     browser.close().await.expect("close the admin's browser");

@@ -196,6 +196,20 @@ async fn the_rollout_page_and_its_event_stream_follow_a_pause() {
             .status,
         StatusCode::NOT_FOUND
     );
+    // The page's JSON twin: the same progress, for a viewer too; no session, 401.
+    let twin = get(&console, &format!("/api{rollout_path}"), &viewer).await;
+    assert_eq!(twin.status, StatusCode::OK, "{}", twin.body);
+    let twin: Value = serde_json::from_str(&twin.body).expect("rollout JSON");
+    assert_eq!(twin["id"], id.as_str());
+    assert_eq!(twin["phase"], "running", "{twin:#}");
+    assert!(
+        twin["sites"].as_array().is_some_and(|s| !s.is_empty()),
+        "{twin:#}"
+    );
+    assert_eq!(
+        get(&console, &format!("/api{rollout_path}"), "").await.status,
+        StatusCode::UNAUTHORIZED
+    );
     let script = get(&console, "/console.js", &admin).await;
     assert_eq!(script.status, StatusCode::OK);
     assert!(script.body.contains("EventSource"));

@@ -208,19 +208,39 @@ impl Console {
 /// `ConnectInfo<SocketAddr>`, as `serve_router` does).
 pub fn router(console: Arc<Console>) -> Router {
     Router::new()
-        .route("/", get(overview_page))
+        .route("/", get(overview))
+        .route("/api/overview", get(overview))
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
         .route(CSS_PATH, get(css))
         .route(JS_PATH, get(js))
-        .route("/rollouts/{id}", get(rollout_page))
-        .route("/api/overview", get(api_overview))
+        .route("/rollouts/{id}", get(rollout))
+        .route("/api/rollouts/{id}", get(rollout))
         .route("/api/events", get(api_events))
         .route("/api/rollouts/{id}/{action}", post(rollout_action))
         .merge(pages::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::map_response(security_headers))
         .with_state(console)
+}
+
+/// Whether a request asks for a page (HTML) or its JSON twin: every view is served by one
+/// handler at both paths, and the twin is the one under `/api/`.
+pub(super) struct Format {
+    pub(super) html: bool,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Format {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Format {
+            html: !parts.uri.path().starts_with("/api/"),
+        })
+    }
 }
 
 /// What a console request is refused for.
@@ -473,25 +493,21 @@ async fn gather(console: &Console, session: &Session) -> Result<overview::Overvi
     .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-async fn overview_page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
+/// `GET /` and `GET /api/overview`: sites, stagers, edges up, bundles and rollouts.
+async fn overview(
+    State(console): State<Arc<Console>>,
+    Format { html }: Format,
+    headers: HeaderMap,
+) -> Response {
     let session = match console.authenticate(&headers) {
         Ok((_, session)) => session,
-        Err(ApiError::Unauthenticated) => return see_other("/login"),
+        Err(ApiError::Unauthenticated) if html => return see_other("/login"),
         Err(error) => return error.into_response(),
     };
     match gather(&console, &session).await {
-        Ok(view) => Html(page::overview(&view, session.role, &session.csrf)).into_response(),
-        Err(error) => error.into_response(),
-    }
-}
-
-async fn api_overview(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let result = async {
-        let (_, session) = console.authenticate(&headers)?;
-        gather(&console, &session).await
-    }
-    .await;
-    match result {
+        Ok(view) if html => {
+            Html(page::overview(&view, session.role, &session.csrf)).into_response()
+        }
         Ok(view) => Json(view).into_response(),
         Err(error) => error.into_response(),
     }
@@ -515,26 +531,34 @@ async fn api_events(State(console): State<Arc<Console>>, headers: HeaderMap) -> 
         .into_response()
 }
 
-/// `GET /rollouts/{id}`: the rollout's waves, per-site progress, chart and failures.
-async fn rollout_page(
+/// `GET /rollouts/{id}` and `GET /api/rollouts/{id}`: the rollout's waves, per-site
+/// progress, chart and failures.
+async fn rollout(
     State(console): State<Arc<Console>>,
+    Format { html }: Format,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     let session = match console.authenticate(&headers) {
         Ok((_, session)) => session,
-        Err(ApiError::Unauthenticated) => return see_other("/login"),
+        Err(ApiError::Unauthenticated) if html => return see_other("/login"),
         Err(error) => return error.into_response(),
     };
     let progress = live::latest_rollout(console.origin.control(), console.origin.catalog()).await;
     match progress {
-        Ok(Some(progress)) if progress.id == id => Html(page::rollout(
-            &progress,
-            &session.account,
-            session.role,
-            &session.csrf,
-        ))
-        .into_response(),
+        Ok(Some(progress)) if progress.id == id => {
+            if html {
+                Html(page::rollout(
+                    &progress,
+                    &session.account,
+                    session.role,
+                    &session.csrf,
+                ))
+                .into_response()
+            } else {
+                Json(progress).into_response()
+            }
+        }
         Ok(_) => ApiError::NotFound(
             "no rollout installs this bundle id; the overview links the latest".into(),
         )

@@ -87,9 +87,34 @@ pub fn nav(current: &str) -> String {
     nav
 }
 
-/// A whole page: the header with the navigation bar (`current` marked), the account and its
-/// log-out form, then `body` (already escaped HTML) in `<main>`. Viewers and admins get the
-/// same chrome; pages that offer changes check `role` themselves.
+/// The start of a page, up to and with `<main>`: the `<body>` (with `body_attrs`, already
+/// escaped), the CSRF meta tag for scripts, the header with the navigation bar (`current`
+/// marked) and the account with its log-out form. Every page after log-in starts with it.
+pub fn open_page(
+    title: &str,
+    body_attrs: &str,
+    current: &str,
+    account: &str,
+    role: AccountRole,
+    csrf: &str,
+) -> String {
+    let csrf = escape(csrf);
+    let mut page = head(title);
+    let _ = write!(
+        page,
+        "<body{body_attrs}><meta name=\"csrf-token\" content=\"{csrf}\"><header><strong>Stagecoach</strong>{}\
+         <span>{} ({}) <form method=\"post\" action=\"/logout\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Log out</button></form></span>\
+         </header><main>",
+        nav(current),
+        escape(account),
+        escape(role.name()),
+    );
+    page
+}
+
+/// A whole page: [`open_page`], then `body` (already escaped HTML). Viewers and admins get
+/// the same chrome; pages that offer changes check `role` themselves.
 pub fn layout(
     title: &str,
     current: &str,
@@ -98,18 +123,9 @@ pub fn layout(
     csrf: &str,
     body: &str,
 ) -> String {
-    let csrf = escape(csrf);
-    let mut page = head(title);
-    let _ = write!(
-        page,
-        "<body><meta name=\"csrf-token\" content=\"{csrf}\"><header><strong>Stagecoach</strong>{}\
-         <span>{} ({}) <form method=\"post\" action=\"/logout\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Log out</button></form></span>\
-         </header><main>{body}</main></body></html>",
-        nav(current),
-        escape(account),
-        escape(role.name()),
-    );
+    let mut page = open_page(title, "", current, account, role, csrf);
+    page.push_str(body);
+    page.push_str("</main></body></html>");
     page
 }
 
@@ -132,19 +148,25 @@ pub fn login(error: &str) -> String {
 
 /// The overview page; `csrf` goes into every form (and a meta tag for scripts to come).
 pub fn overview(view: &Overview, role: AccountRole, csrf: &str) -> String {
-    let csrf = escape(csrf);
-    let mut page = head("Overview");
-    let _ = write!(
-        page,
-        "<body data-page=\"overview\" data-rollouts=\"{}\"><meta name=\"csrf-token\" content=\"{csrf}\"><header><strong>Stagecoach</strong>{}\
-         <span>{} ({}) <form method=\"post\" action=\"/logout\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Log out</button></form></span>\
-         </header><main>",
-        escape(&view.rollouts.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(",")),
-        nav("/"),
-        escape(&view.account.name),
-        escape(&view.account.role),
+    let mut page = open_page(
+        "Overview",
+        &format!(
+            " data-page=\"overview\" data-rollouts=\"{}\"",
+            escape(
+                &view
+                    .rollouts
+                    .iter()
+                    .map(|r| r.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        ),
+        "/",
+        &view.account.name,
+        role,
+        csrf,
     );
+    let csrf = escape(csrf);
     let _ = write!(
         page,
         "<h2>Sites</h2><p><span id=\"overview-nodes\">{}</span> nodes reported. <span id=\"live-status\"></span></p>\
@@ -245,21 +267,22 @@ const COUNTS_HEAD: &str =
 /// The rollout page: phase, per-site progress and its chart, waves and failures, and the
 /// buttons for admins; `console.js` keeps it current from `/api/events`.
 pub fn rollout(progress: &RolloutProgress, account: &str, role: AccountRole, csrf: &str) -> String {
-    let csrf = escape(csrf);
     let id = escape(&progress.id);
-    let mut page = head(&format!("Rollout of {}", progress.bundle));
+    let mut page = open_page(
+        &format!("Rollout of {}", progress.bundle),
+        &format!(" data-page=\"rollout\" data-rollout=\"{id}\""),
+        "",
+        account,
+        role,
+        csrf,
+    );
+    let csrf = escape(csrf);
     let _ = write!(
         page,
-        "<body data-page=\"rollout\" data-rollout=\"{id}\"><meta name=\"csrf-token\" content=\"{csrf}\">\
-         <header><span><strong>Stagecoach</strong> · <a href=\"/\">Overview</a></span>\
-         <span>{} ({}) <form method=\"post\" action=\"/logout\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Log out</button></form></span>\
-         </header><main><h1>Rollout of <span id=\"rollout-bundle\">{}</span></h1>\
+        "<h1>Rollout of <span id=\"rollout-bundle\">{}</span></h1>\
          <p>Phase <strong id=\"rollout-phase\">{}</strong> · wave <span id=\"rollout-wave\">{}</span> · \
          failures <span id=\"rollout-failed\">{}</span> (allowed <span id=\"rollout-allowed\">{}</span>) · \
          <span id=\"live-status\"></span></p>",
-        escape(account),
-        escape(role.name()),
         escape(&progress.bundle),
         escape(&progress.phase),
         progress

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::page::{self, escape};
 use super::session::Session;
-use super::{see_other, ApiError, Console};
+use super::{see_other, ApiError, Console, Format};
 use crate::db::{AccountRole, NodeRecord, PrepareState};
 
 /// Nodes on one page of `/nodes` unless `per_page` says otherwise.
@@ -68,25 +68,6 @@ pub fn routes() -> Router<Arc<Console>> {
         .route("/api/prepares/{id}", get(prepare))
         .route("/audit", get(audit))
         .route("/api/audit", get(audit))
-}
-
-/// Whether a request asks for a page (HTML) or its JSON twin: every view is served by one
-/// handler at both paths, and the twin is the one under `/api/`.
-struct Format {
-    html: bool,
-}
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Format {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        _state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        Ok(Format {
-            html: !parts.uri.path().starts_with("/api/"),
-        })
-    }
 }
 
 /// What a page request is refused for, beyond the console's own refusals.
