@@ -300,7 +300,14 @@ impl Testbed {
         self.fleet.kill(ORIGIN_NAME).await
     }
 
-    /// Restarts the origin on the same mesh address (after [`Testbed::kill_origin`]); its
+    /// Stops the origin as an operator would (SIGTERM): it closes its connections, so the
+    /// stagers and daemons reconnect as soon as it is back instead of after their idle timeout.
+    pub async fn stop_origin(&mut self) -> Result<()> {
+        self.fleet.stop(ORIGIN_NAME).await
+    }
+
+    /// Restarts the origin on the same mesh address (after [`Testbed::kill_origin`] or
+    /// [`Testbed::stop_origin`]); its
     /// enrollment and metrics endpoints get new ports.
     pub async fn restart_origin(&mut self) -> Result<()> {
         self.restart_origin_with(&[]).await

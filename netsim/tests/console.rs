@@ -47,7 +47,7 @@ async fn add_account(mesh: &Testbed, name: &str, role: &str, password: &str) {
 
 /// Restarts the origin with its console on a free loopback port; returns the console address.
 async fn restart_with_console(mesh: &mut Testbed) -> String {
-    mesh.kill_origin().await.expect("kill origin");
+    mesh.stop_origin().await.expect("stop origin");
     mesh.restart_origin_with(&["--console".into(), "127.0.0.1:0".into()])
         .await
         .expect("restart origin with --console");

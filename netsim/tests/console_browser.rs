@@ -409,7 +409,7 @@ async fn the_console_in_a_browser_follows_and_pauses_a_rollout() {
     })
     .await
     .expect("the edges report their daemons' addresses");
-    mesh.kill_origin().await.expect("kill origin");
+    mesh.stop_origin().await.expect("stop origin");
     mesh.restart_origin_with(&["--console".into(), "127.0.0.1:0".into()])
         .await
         .expect("restart origin with --console");

@@ -127,7 +127,7 @@ async fn the_rollout_page_and_its_event_stream_follow_a_pause() {
     // running until paused.
     mesh.stop_edge(&edge.name).await.expect("stop the daemon");
     let _silent = std::net::UdpSocket::bind(&daemon_addr).expect("bind the daemon's address");
-    mesh.kill_origin().await.expect("kill origin");
+    mesh.stop_origin().await.expect("stop origin");
     mesh.restart_origin_with(&["--console".into(), "127.0.0.1:0".into()])
         .await
         .expect("restart origin with --console");
@@ -207,7 +207,9 @@ async fn the_rollout_page_and_its_event_stream_follow_a_pause() {
         "{twin:#}"
     );
     assert_eq!(
-        get(&console, &format!("/api{rollout_path}"), "").await.status,
+        get(&console, &format!("/api{rollout_path}"), "")
+            .await
+            .status,
         StatusCode::UNAUTHORIZED
     );
     let script = get(&console, "/console.js", &admin).await;

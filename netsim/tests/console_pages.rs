@@ -86,7 +86,7 @@ async fn console_pages_sites_nodes_bundles_prepares_and_audit() {
     mesh.publish(&tree, "web", "1.0.0").await.expect("publish");
     add_account(&mesh, ADMIN, "admin", ADMIN_PASSWORD).await;
     add_account(&mesh, VIEWER, "viewer", VIEWER_PASSWORD).await;
-    mesh.kill_origin().await.expect("kill origin");
+    mesh.stop_origin().await.expect("stop origin");
     mesh.restart_origin_with(&["--console".into(), "127.0.0.1:0".into()])
         .await
         .expect("restart origin with --console");
@@ -278,5 +278,66 @@ async fn console_pages_sites_nodes_bundles_prepares_and_audit() {
             "{method} {path}"
         );
     }
+
+    // Stagers: each site's stager reconnects to the restarted origin and is listed up; what
+    // the origin sends it for a new bundle shows as the site's WAN bytes, on the sites page and
+    // the overview.
+    if wait_until_async(Duration::from_secs(30), POLL, async || {
+        let sites = json(&console, "/api/sites", &viewer).await;
+        sites["sites"].as_array().is_some_and(|sites| {
+            sites.iter().all(|s| {
+                s["stagers"].as_array().is_some_and(|st| {
+                    st.len() == 1 && st[0]["up"] == true && st[0]["subscriptions"] == 1
+                })
+            })
+        })
+    })
+    .await
+    .is_err()
+    {
+        let sites = json(&console, "/api/sites", &viewer).await;
+        panic!("both sites' stagers are listed up: {sites:#}");
+    }
+    let tree = work.path().join("tree-2");
+    datagen::generate_tree(&tree, 256 * 1024, 8).expect("tree");
+    mesh.publish(&tree, "web", "2.0.0").await.expect("publish");
+    let stored = json(&console, "/api/bundles", &viewer).await["bundles"][0]["stored_bytes"]
+        .as_u64()
+        .expect("stored bytes");
+    // Both stagers preheat the announced bundle.
+    wait_until_async(Duration::from_secs(60), POLL, async || {
+        let overview = json(&console, "/api/overview", &viewer).await;
+        overview["sites"].as_array().is_some_and(|sites| {
+            sites
+                .iter()
+                .all(|s| s["wan_bytes_from_origin"].as_u64() >= Some(stored))
+        })
+    })
+    .await
+    .expect("both sites pull the new bundle");
+    let overview = json(&console, "/api/overview", &viewer).await;
+    let wan = |name: &str| {
+        overview["sites"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["site"] == name))
+            .and_then(|s| s["wan_bytes_from_origin"].as_u64())
+            .expect("the site's WAN bytes")
+    };
+    for site in ["site-a", "site-b"] {
+        assert!(
+            wan(site) < stored + stored / 10 + 65536,
+            "{site} pulled the bundle once: {} bytes for {stored} stored ({overview:#})",
+            wan(site)
+        );
+    }
+    let sites_page = get(&console, "/sites", &viewer).await;
+    assert_eq!(sites_page.body.matches("<tr class=\"stager\">").count(), 2);
+    let row = overview["sites"][0].clone();
+    assert_eq!(
+        (row["stagers"].as_u64(), row["edges"].as_u64()),
+        (Some(1), Some(2)),
+        "{row}"
+    );
+
     mesh.shutdown().await;
 }

@@ -34,4 +34,5 @@ pub mod publish;
 pub mod remote;
 pub mod rollout;
 pub mod server;
+pub mod stagers;
 pub mod tokens;

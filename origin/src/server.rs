@@ -66,6 +66,7 @@ pub struct Origin {
     metrics: Arc<Metrics>,
     control: ControlPlane,
     corrupt: bool,
+    stagers: crate::stagers::StagerBook,
 }
 
 impl Origin {
@@ -77,6 +78,20 @@ impl Origin {
     /// The published bundles.
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// The stagers seen since this origin started.
+    pub fn stagers(&self) -> Vec<crate::stagers::StagerSeen> {
+        self.stagers.list()
+    }
+
+    /// Bytes this origin sent to `site`'s stagers since it started: what the site pulled
+    /// across its WAN link from this origin.
+    pub fn bytes_sent_to_stagers(&self, site: &str) -> u64 {
+        self.metrics.value(
+            names::BYTES_SENT,
+            &[("peer_role", Role::Stager.as_str()), ("peer_site", site)],
+        )
     }
 
     fn counters(&self, peer: &PeerIdentity) -> PeerCounters {
@@ -426,6 +441,7 @@ impl Origin {
 
     async fn subscribe(&self, peer: &PeerIdentity, after_seq: u64, send: &mut SendStream) {
         self.request_counter("subscribe");
+        let _connected = (peer.role == Role::Stager).then(|| self.stagers.subscribed(peer));
         // Subscribe before reading the backlog so nothing published in between is lost.
         let mut live = self.announcements.subscribe();
         let mut last = after_seq;
@@ -467,6 +483,9 @@ impl RequestHandler for Origin {
         mut send: SendStream,
         _recv: RecvStream,
     ) {
+        if peer.role == Role::Stager {
+            self.stagers.touch(&peer);
+        }
         let response = match authorize(Role::Origin, peer.role, &request) {
             Err(refusal) => self.refuse(&peer, &refusal),
             Ok(()) => match self.refuse_revoked(&peer, &request) {
@@ -617,6 +636,9 @@ fn import_catalog(
     Ok(())
 }
 
+/// How long a stopping origin waits for its peers to learn that it closed their connections.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// Runs `origin serve` until Ctrl-C or SIGTERM.
 pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     if let Some(addr) = config.console {
@@ -667,6 +689,7 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         metrics: metrics.clone(),
         control,
         corrupt: config.test_corrupt_serving,
+        stagers: crate::stagers::StagerBook::default(),
     });
     if config.test_corrupt_serving {
         tracing::warn!("TEST HOOK: every blob part served will be corrupted");
@@ -737,5 +760,13 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     server::shutdown_signal().await;
     tracing::info!("origin stopping");
     mesh.close(0u32.into(), b"origin stopping");
+    // Let the close reach the stagers and edges, so they reconnect to the next origin at once
+    // instead of waiting out the idle timeout.
+    if tokio::time::timeout(CLOSE_GRACE, mesh.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not acknowledge the close");
+    }
     Ok(())
 }

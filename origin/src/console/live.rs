@@ -228,20 +228,16 @@ pub async fn latest_rollout(
 }
 
 /// Reads what a live page shows.
-pub async fn gather(
-    control: &ControlPlane,
-    catalog: &crate::catalog::Catalog,
-) -> Result<LiveState, CommandError> {
+pub async fn gather(origin: &crate::server::Origin) -> Result<LiveState, CommandError> {
     let view = overview::gather(
-        control,
-        catalog,
+        origin,
         AccountView {
             name: String::new(),
             role: String::new(),
         },
     )
     .await?;
-    let rollout = latest_rollout(control, catalog).await?;
+    let rollout = latest_rollout(origin.control(), origin.catalog()).await?;
     Ok(LiveState {
         nodes: view.nodes,
         sites: view.sites,
@@ -298,7 +294,7 @@ async fn poll(console: std::sync::Weak<Console>, sender: watch::Sender<Option<Ar
         if sender.receiver_count() <= 1 {
             continue;
         }
-        let state = match gather(console.origin.control(), console.origin.catalog()).await {
+        let state = match gather(&console.origin).await {
             Ok(state) => state,
             Err(error) => {
                 tracing::warn!(%error, "console: cannot read the live state");

@@ -482,8 +482,7 @@ async fn logout(State(console): State<Arc<Console>>, headers: HeaderMap, body: B
 
 async fn gather(console: &Console, session: &Session) -> Result<overview::Overview, ApiError> {
     overview::gather(
-        console.origin.control(),
-        console.origin.catalog(),
+        &console.origin,
         overview::AccountView {
             name: session.account.clone(),
             role: session.role.name().to_owned(),

@@ -18,9 +18,9 @@ use crate::rollout::service::RolloutServiceError;
 pub struct Overview {
     /// Who is looking.
     pub account: AccountView,
-    /// Nodes that reported, every role.
+    /// Nodes that reported (edges).
     pub nodes: usize,
-    /// Per site: its nodes by role.
+    /// Per site: its stagers, edges and WAN bytes.
     pub sites: Vec<SiteView>,
     /// Every published bundle version, in publish order.
     pub bundles: Vec<BundleView>,
@@ -42,12 +42,15 @@ pub struct AccountView {
 pub struct SiteView {
     /// Its name.
     pub site: String,
-    /// Stagers that reported.
+    /// Its stagers up now: connected to this origin, or seen within
+    /// [`crate::stagers::UP_WITHIN`].
     pub stagers: usize,
-    /// Edges that reported.
+    /// Its stagers seen since this origin started.
+    pub stagers_seen: usize,
+    /// Its edges (nodes that reported to the node database).
     pub edges: usize,
-    /// Every node that reported.
-    pub nodes: usize,
+    /// Bytes this origin sent to the site's stagers since it started (the site's WAN pull).
+    pub wan_bytes_from_origin: u64,
 }
 
 /// One published bundle version.
@@ -80,23 +83,23 @@ pub struct RolloutView {
 
 /// Gathers the overview for `account`.
 pub async fn gather(
-    control: &ControlPlane,
-    catalog: &crate::catalog::Catalog,
+    origin: &crate::server::Origin,
     account: AccountView,
 ) -> Result<Overview, CommandError> {
+    let control = origin.control();
+    let catalog = origin.catalog();
     let nodes = tokio::task::block_in_place(|| control.db().nodes())?;
     let mut sites: BTreeMap<String, SiteView> = BTreeMap::new();
     for node in &nodes {
-        let site = sites.entry(node.site.clone()).or_insert_with(|| SiteView {
-            site: node.site.clone(),
-            ..SiteView::default()
-        });
-        site.nodes += 1;
-        match node.role() {
-            Some("stager") => site.stagers += 1,
-            Some("edge") => site.edges += 1,
-            _ => {}
-        }
+        site_entry(&mut sites, &node.site).edges += 1;
+    }
+    for stager in origin.stagers() {
+        let view = site_entry(&mut sites, &stager.site);
+        view.stagers_seen += 1;
+        view.stagers += usize::from(stager.up);
+    }
+    for view in sites.values_mut() {
+        view.wan_bytes_from_origin = origin.bytes_sent_to_stagers(&view.site);
     }
     let bundles = catalog
         .all()
@@ -118,6 +121,13 @@ pub async fn gather(
         sites: sites.into_values().collect(),
         bundles,
         rollouts,
+    })
+}
+
+fn site_entry<'a>(sites: &'a mut BTreeMap<String, SiteView>, name: &str) -> &'a mut SiteView {
+    sites.entry(name.to_owned()).or_insert_with(|| SiteView {
+        site: name.to_owned(),
+        ..SiteView::default()
     })
 }
 

@@ -170,7 +170,7 @@ pub fn overview(view: &Overview, role: AccountRole, csrf: &str) -> String {
     let _ = write!(
         page,
         "<h2>Sites</h2><p><span id=\"overview-nodes\">{}</span> nodes reported. <span id=\"live-status\"></span></p>\
-         <table><thead><tr><th>Site</th><th>Stagers</th><th>Edges</th><th>Nodes</th></tr></thead><tbody id=\"overview-site-rows\">",
+         <table><thead><tr><th>Site</th><th>Stagers up</th><th>Edges</th><th>WAN bytes from the origin</th></tr></thead><tbody id=\"overview-site-rows\">",
         view.nodes
     );
     for site in &view.sites {
@@ -180,7 +180,7 @@ pub fn overview(view: &Overview, role: AccountRole, csrf: &str) -> String {
             escape(&site.site),
             site.stagers,
             site.edges,
-            site.nodes
+            site.wan_bytes_from_origin
         );
     }
     page.push_str("</tbody></table>");

@@ -180,7 +180,8 @@ fn truncate(text: &str) -> String {
 
 // ---- sites ----
 
-/// `GET /api/sites`: every site's stagers and edges as their reports tell the origin.
+/// `GET /api/sites`: every site's stagers (as this origin saw them connect) and edges (as
+/// their reports tell it).
 #[derive(Debug, Serialize)]
 pub struct SitesView {
     /// What the origin knows and does not know about the sites' traffic.
@@ -194,11 +195,13 @@ pub struct SitesView {
 pub struct SiteDetail {
     /// Its name.
     pub site: String,
-    /// Its stagers.
-    pub stagers: Vec<NodeLine>,
-    /// Its edges (and nodes of any other role), the first [`EDGES_LISTED_PER_SITE`] by id.
+    /// Its stagers seen since this origin started.
+    pub stagers: Vec<crate::stagers::StagerSeen>,
+    /// Bytes this origin sent to the site's stagers since it started (the site's WAN pull).
+    pub wan_bytes_from_origin: u64,
+    /// Its edges, the first [`EDGES_LISTED_PER_SITE`] by id.
     pub edges: Vec<NodeLine>,
-    /// Every edge of the site (and node of another role than stager).
+    /// Every edge of the site.
     pub edge_count: usize,
     /// Edges per installed version (`name version`), for the at-a-glance column.
     pub edge_versions: BTreeMap<String, usize>,
@@ -226,10 +229,12 @@ pub struct NodeLine {
 }
 
 /// What the sites page says about traffic counters.
-const SITES_NOTE: &str = "The origin's database records what each node reports: its role, \
-     class, installed and held bundles, and when it last reported. It does not record a \
-     stager's WAN bytes pulled or bytes served; read those from the stager's own /metrics \
-     (stagecoach_stager_* counters).";
+const SITES_NOTE: &str = "Edges are listed as they last reported to the origin's database: \
+     role, class, installed and held bundles. Stagers are listed as this origin saw them \
+     connect since it started (up: connected now, or seen in the last 2 minutes), with the \
+     bytes it sent them, which is what each site pulled across its WAN link from this origin. \
+     What a stager served to its edges is in that stager's own /metrics \
+     (stagecoach_bytes_sent_total).";
 
 impl NodeLine {
     fn of(node: &NodeRecord) -> Self {
@@ -257,27 +262,39 @@ impl NodeLine {
 fn gather_sites(console: &Console) -> Result<SitesView, PageError> {
     let nodes = console.origin.control().db().nodes()?;
     let mut sites: BTreeMap<String, SiteDetail> = BTreeMap::new();
+    let entry = |sites: &mut BTreeMap<String, SiteDetail>, name: &str| {
+        if !sites.contains_key(name) {
+            sites.insert(
+                name.to_owned(),
+                SiteDetail {
+                    site: name.to_owned(),
+                    stagers: Vec::new(),
+                    wan_bytes_from_origin: console.origin.bytes_sent_to_stagers(name),
+                    edges: Vec::new(),
+                    edge_count: 0,
+                    edge_versions: BTreeMap::new(),
+                },
+            );
+        }
+    };
+    for stager in console.origin.stagers() {
+        entry(&mut sites, &stager.site);
+        if let Some(site) = sites.get_mut(&stager.site) {
+            site.stagers.push(stager);
+        }
+    }
     for node in &nodes {
-        let site = sites
-            .entry(node.site.clone())
-            .or_insert_with(|| SiteDetail {
-                site: node.site.clone(),
-                stagers: Vec::new(),
-                edges: Vec::new(),
-                edge_count: 0,
-                edge_versions: BTreeMap::new(),
-            });
+        entry(&mut sites, &node.site);
+        let Some(site) = sites.get_mut(&node.site) else {
+            continue;
+        };
         let line = NodeLine::of(node);
-        if node.role() == Some("stager") {
-            site.stagers.push(line);
-        } else {
-            for version in &line.installed {
-                *site.edge_versions.entry(version.clone()).or_default() += 1;
-            }
-            site.edge_count += 1;
-            if site.edges.len() < EDGES_LISTED_PER_SITE {
-                site.edges.push(line);
-            }
+        for version in &line.installed {
+            *site.edge_versions.entry(version.clone()).or_default() += 1;
+        }
+        site.edge_count += 1;
+        if site.edges.len() < EDGES_LISTED_PER_SITE {
+            site.edges.push(line);
         }
     }
     Ok(SitesView {
@@ -294,10 +311,10 @@ fn render_sites(view: &SitesView, viewer: &Viewer) -> String {
     for site in &view.sites {
         let _ = write!(
             body,
-            "<h2 id=\"site-{0}\">{0}</h2><p><a href=\"/nodes?site={1}\">{2} nodes</a>; edges by version: {3}</p>",
+            "<h2 id=\"site-{0}\">{0}</h2><p><a href=\"/nodes?site={1}\">{2} edges</a>; edges by version: {3}</p>",
             escape(&site.site),
             escape(&urlencode(&site.site)),
-            site.stagers.len() + site.edge_count,
+            site.edge_count,
             if site.edge_versions.is_empty() {
                 "none reported".to_owned()
             } else {
@@ -308,8 +325,12 @@ fn render_sites(view: &SitesView, viewer: &Viewer) -> String {
                     .join(", ")
             }
         );
-        body.push_str("<h3>Stagers</h3>");
-        node_table(&mut body, &site.stagers);
+        let _ = write!(
+            body,
+            "<h3>Stagers</h3><p>This origin sent the site's stagers <span class=\"wan-bytes\">{}</span> bytes since it started.</p>",
+            site.wan_bytes_from_origin
+        );
+        stager_table(&mut body, &site.stagers);
         body.push_str("<h3>Edges</h3>");
         node_table(&mut body, &site.edges);
         if site.edge_count > site.edges.len() {
@@ -330,6 +351,28 @@ fn render_sites(view: &SitesView, viewer: &Viewer) -> String {
         &viewer.csrf,
         &body,
     )
+}
+
+fn stager_table(body: &mut String, stagers: &[crate::stagers::StagerSeen]) {
+    if stagers.is_empty() {
+        body.push_str("<p>None seen since this origin started.</p>");
+        return;
+    }
+    body.push_str(
+        "<table><tr><th>Stager</th><th>State</th><th>Announcement streams</th><th>First seen</th><th>Last request</th></tr>",
+    );
+    for stager in stagers {
+        let _ = write!(
+            body,
+            "<tr class=\"stager\"><td><code>{}</code></td><td>{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&stager.id),
+            if stager.up { "up" } else { "gone" },
+            stager.subscriptions,
+            escape(&format_ms(stager.first_seen_ms)),
+            escape(&format_ms(stager.last_seen_ms)),
+        );
+    }
+    body.push_str("</table>");
 }
 
 fn node_table(body: &mut String, nodes: &[NodeLine]) {

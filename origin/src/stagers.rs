@@ -1,0 +1,188 @@
+//! The stagers this origin has seen, for the console's overview and sites pages. Stagers do
+//! not report to the node database as edges do; the origin knows them from their connections:
+//! every request a stager's certificate makes marks it seen, and the announcement stream each
+//! stager keeps open marks it connected. Kept in memory: after a restart the book fills again
+//! as the stagers reconnect, which they do within seconds.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use proto::net::PeerIdentity;
+use serde::Serialize;
+
+/// A stager counts as up while its announcement stream is open, or for this long after its
+/// last request.
+pub const UP_WITHIN: Duration = Duration::from_secs(120);
+
+/// Most stagers the book keeps; when full, the one seen longest ago makes room.
+pub const MAX_STAGERS: usize = 100_000;
+
+/// What the console shows of one stager.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StagerSeen {
+    /// Its node id (public key).
+    pub id: String,
+    /// Its site, from its certificate.
+    pub site: String,
+    /// Connected now, or seen within [`UP_WITHIN`].
+    pub up: bool,
+    /// Its announcement streams open now.
+    pub subscriptions: usize,
+    /// When it was first seen since this origin started (ms since the Unix epoch).
+    pub first_seen_ms: u64,
+    /// When it last made a request (ms since the Unix epoch).
+    pub last_seen_ms: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    site: String,
+    subscriptions: usize,
+    first_seen_ms: u64,
+    last_seen_ms: u64,
+    last_seen: Instant,
+}
+
+/// The stagers seen since this origin started.
+#[derive(Debug, Default)]
+pub struct StagerBook {
+    entries: Arc<Mutex<BTreeMap<String, Entry>>>,
+}
+
+/// Marks a stager's announcement stream open until dropped.
+pub struct Subscribed {
+    entries: Arc<Mutex<BTreeMap<String, Entry>>>,
+    id: String,
+}
+
+impl Drop for Subscribed {
+    fn drop(&mut self) {
+        let mut entries = lock(&self.entries);
+        if let Some(entry) = entries.get_mut(&self.id) {
+            entry.subscriptions = entry.subscriptions.saturating_sub(1);
+            entry.last_seen = Instant::now();
+            entry.last_seen_ms = now_ms();
+        }
+    }
+}
+
+fn lock(entries: &Mutex<BTreeMap<String, Entry>>) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+    // A panic while holding the lock leaves a map that is still whole.
+    entries
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl StagerBook {
+    /// Marks `peer` (a stager) seen now.
+    pub fn touch(&self, peer: &PeerIdentity) {
+        self.touch_at(
+            &peer.node_id.to_string(),
+            peer.site.as_str(),
+            Instant::now(),
+        );
+    }
+
+    fn touch_at(&self, id: &str, site: &str, now: Instant) {
+        let mut entries = lock(&self.entries);
+        let ms = now_ms();
+        if let Some(entry) = entries.get_mut(id) {
+            entry.last_seen = now;
+            entry.last_seen_ms = ms;
+            entry.site = site.to_owned();
+            return;
+        }
+        if entries.len() >= MAX_STAGERS {
+            let oldest = entries
+                .iter()
+                .filter(|(_, e)| e.subscriptions == 0)
+                .min_by_key(|(_, e)| e.last_seen)
+                .map(|(id, _)| id.clone());
+            match oldest {
+                Some(oldest) => {
+                    entries.remove(&oldest);
+                }
+                None => return,
+            }
+        }
+        entries.insert(
+            id.to_owned(),
+            Entry {
+                site: site.to_owned(),
+                subscriptions: 0,
+                first_seen_ms: ms,
+                last_seen_ms: ms,
+                last_seen: now,
+            },
+        );
+    }
+
+    /// Marks `peer`'s announcement stream open until the guard is dropped.
+    pub fn subscribed(&self, peer: &PeerIdentity) -> Subscribed {
+        let id = peer.node_id.to_string();
+        self.touch_at(&id, peer.site.as_str(), Instant::now());
+        if let Some(entry) = lock(&self.entries).get_mut(&id) {
+            entry.subscriptions += 1;
+        }
+        Subscribed {
+            entries: self.entries.clone(),
+            id,
+        }
+    }
+
+    /// Every stager seen, by site then id.
+    pub fn list(&self) -> Vec<StagerSeen> {
+        let now = Instant::now();
+        let mut list: Vec<StagerSeen> = lock(&self.entries)
+            .iter()
+            .map(|(id, e)| StagerSeen {
+                id: id.clone(),
+                site: e.site.clone(),
+                up: e.subscriptions > 0 || now.duration_since(e.last_seen) <= UP_WITHIN,
+                subscriptions: e.subscriptions,
+                first_seen_ms: e.first_seen_ms,
+                last_seen_ms: e.last_seen_ms,
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.site, &a.id).cmp(&(&b.site, &b.id)));
+        list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stager_is_up_while_subscribed_or_recently_seen() {
+        let book = StagerBook::default();
+        let long_ago = Instant::now() - UP_WITHIN - Duration::from_secs(1);
+        book.touch_at("s1", "west", long_ago);
+        book.touch_at("s2", "east", Instant::now());
+        let list = book.list();
+        assert_eq!(list.len(), 2);
+        assert_eq!((list[0].id.as_str(), list[0].up), ("s2", true));
+        assert_eq!((list[1].id.as_str(), list[1].up), ("s1", false));
+        {
+            let entries = book.entries.clone();
+            lock(&entries).get_mut("s1").expect("s1").subscriptions = 1;
+            let guard = Subscribed {
+                entries,
+                id: "s1".into(),
+            };
+            assert!(book.list()[1].up, "an open stream keeps it up");
+            drop(guard);
+        }
+        let s1 = book.list().into_iter().find(|s| s.id == "s1").expect("s1");
+        assert_eq!(s1.subscriptions, 0);
+        assert!(s1.up, "the stream's end counts as seen");
+    }
+}
