@@ -74,6 +74,7 @@ async fn run() -> Result<bool> {
         work_dir: None,
         seed: 1,
         capture_dir: None,
+        origin_args: Vec::new(),
     };
     let out = tempfile::tempdir()?;
     println!("calibration: load average before: {}", load_average());

@@ -111,9 +111,19 @@ pub struct DemoConfig {
     /// searching the stagers' stores, the edges' stores and the captures for the markers and
     /// unpacking the bundle on every edge ([`EncryptionResult`]).
     pub encrypt: bool,
+    /// The origin's web console listens here (`origin serve --console`; loopback only, as
+    /// the console has no TLS in the demo); the demo makes an admin account and prints how
+    /// to log in.
+    pub console: String,
+    /// After the result, keep every process up until Ctrl-C, so a person can look at the
+    /// console and the daemons' metrics.
+    pub hold: bool,
     /// Where the binaries live.
     pub binaries: Binaries,
 }
+
+/// The console account the demo makes.
+pub const DEMO_ADMIN: &str = "demo";
 
 /// One site's line of the result.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -414,15 +424,80 @@ impl DemoResult {
     }
 }
 
+/// Makes the console's admin account with a fresh random password and prints the console's
+/// address and how to log in (the password also goes to `console-login.txt`, mode 0600, in
+/// the work directory).
+async fn show_console(
+    mesh: &crate::testbed::Testbed,
+    progress: &Progress,
+    work: &Path,
+) -> Result<()> {
+    let Some(console) = mesh.origin.console.clone() else {
+        bail!("the origin did not say its console's address");
+    };
+    let password: String = {
+        use rand::Rng;
+        const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+        let mut rng = rand::thread_rng();
+        (0..20)
+            .map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())]))
+            .collect()
+    };
+    let run = mesh
+        .origin_cli_input(
+            &[
+                "admin",
+                "add",
+                DEMO_ADMIN,
+                "--role",
+                "admin",
+                "--password-stdin",
+            ],
+            format!("{password}\n").as_bytes(),
+        )
+        .await?;
+    ensure!(
+        run.ok,
+        "origin admin add {DEMO_ADMIN} failed:\n{}{}",
+        run.stdout,
+        run.stderr
+    );
+    let login_file = work.join("console-login.txt");
+    proto::durable::write_atomic(
+        &login_file,
+        format!("http://{console}/\nname: {DEMO_ADMIN}\npassword: {password}\n").as_bytes(),
+        proto::durable::MODE_PRIVATE,
+    )
+    .with_context(|| format!("cannot write {}", login_file.display()))?;
+    progress.println(format!(
+        "console: http://{console}/  (log in as `{DEMO_ADMIN}`, password `{password}`)"
+    ));
+    Ok(())
+}
+
 /// Runs the demo in `work` (an empty directory: [`crate::run::WorkDir`]), showing how it goes
 /// on `progress`; stops every process it started before returning, on success, failure or
 /// Ctrl-C ([`Interrupted`]).
-pub async fn run(config: DemoConfig, work: &Path, progress: &Progress) -> Result<DemoResult> {
+///
+/// With [`DemoConfig::hold`], `on_result` gets the result while every process still runs, and
+/// the demo waits for Ctrl-C before stopping them.
+pub async fn run(
+    config: DemoConfig,
+    work: &Path,
+    progress: &Progress,
+    on_result: impl FnOnce(&DemoResult),
+) -> Result<DemoResult> {
     let mut slot = None;
     let result = tokio::select! {
         result = run_in(&config, work, progress, &mut slot) => result,
         _ = tokio::signal::ctrl_c() => Err(Interrupted.into()),
     };
+    if let (Ok(result), true) = (&result, config.hold) {
+        progress.clear();
+        on_result(result);
+        eprintln!("holding the mesh up: press Ctrl-C to stop every process");
+        let _ = tokio::signal::ctrl_c().await;
+    }
     if let Some(emulation) = slot.as_mut() {
         progress.phase("stopping every process");
         emulation.shutdown().await;
@@ -485,6 +560,7 @@ async fn run_in(
         work_dir: Some(work.to_path_buf()),
         seed: config.seed,
         capture_dir,
+        origin_args: vec!["--console".into(), config.console.clone()],
     };
     let emulation = Emulation::start(
         topo,
@@ -495,6 +571,7 @@ async fn run_in(
         slot,
     )
     .await?;
+    show_console(&emulation.mesh, progress, work).await?;
     if config.encrypt {
         progress.phase("letting the demo's edges read encrypted bundles (class demo)");
         let_edges_read(&emulation.mesh).await?;

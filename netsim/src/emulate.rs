@@ -102,6 +102,8 @@ pub struct EmulateOptions {
     /// Each site's WAN relay writes what it carries, both ways, to `SITE.wan.pcap` in this
     /// directory (pcap, see [`RelayConfig::capture`]); `None`: no capture.
     pub capture_dir: Option<PathBuf>,
+    /// More `origin serve` flags (the demo's `--console ADDR`).
+    pub origin_args: Vec<String>,
 }
 
 /// Emulates `topo` under `strategy`: starts the binaries behind relays, publishes the bundle,
@@ -353,7 +355,15 @@ impl Emulation {
         );
 
         // The origin alone first: the relays need its address, the sites need the relays'.
-        let mesh = Testbed::start(options.binaries.clone(), work, 0, 0, &[]).await?;
+        let mesh = Testbed::start_with(
+            options.binaries.clone(),
+            work,
+            0,
+            0,
+            &[],
+            &options.origin_args,
+        )
+        .await?;
         let emulation = slot.insert(Emulation {
             mesh,
             topo: topo.clone(),

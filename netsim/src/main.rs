@@ -70,6 +70,14 @@ enum Command {
         /// if a marker is found or an unpacked copy differs from the tree.
         #[arg(long)]
         encrypt: bool,
+        /// The origin's web console listens here (loopback; port 0 picks a free one). The demo
+        /// makes an admin account `demo` with a random password and prints both.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        console: String,
+        /// After the result, keep the whole mesh up (origin, stagers, edges, console) until
+        /// Ctrl-C, so you can look around.
+        #[arg(long)]
+        hold: bool,
         /// Keep state and logs in this new (or empty) directory instead of a temporary one.
         #[arg(long)]
         work_dir: Option<std::path::PathBuf>,
@@ -230,6 +238,7 @@ async fn run() -> Result<()> {
                 work_dir,
                 seed,
                 capture_dir: None,
+                origin_args: Vec::new(),
             };
             let started = std::time::Instant::now();
             let result = emulate::emulate(&topo, strategy, &options).await?;
@@ -257,6 +266,7 @@ async fn run() -> Result<()> {
                     work_dir,
                     seed,
                     capture_dir: None,
+                    origin_args: Vec::new(),
                 };
                 emulate::compare_emulated(&topo, &options, &out).await?
             } else {
@@ -279,6 +289,8 @@ async fn run() -> Result<()> {
             stager_upload_mbit,
             swap,
             encrypt,
+            console,
+            hold,
             work_dir,
             bin_dir,
         } => {
@@ -325,6 +337,16 @@ async fn run() -> Result<()> {
             );
             eprintln!("logs: {}", logs.display());
             let started = std::time::Instant::now();
+            let show = |result: &demo::DemoResult| {
+                if json {
+                    match serde_json::to_string_pretty(result) {
+                        Ok(text) => println!("{text}"),
+                        Err(error) => eprintln!("cannot print the result as JSON: {error}"),
+                    }
+                } else {
+                    print!("{}", result.table());
+                }
+            };
             let result = demo::run(
                 DemoConfig {
                     topology: topo,
@@ -332,10 +354,13 @@ async fn run() -> Result<()> {
                     stager_upload_mbit,
                     swap,
                     encrypt,
+                    console,
+                    hold,
                     binaries,
                 },
                 work.path(),
                 &progress,
+                &show,
             )
             .await;
             progress.clear();
@@ -353,15 +378,13 @@ async fn run() -> Result<()> {
                     )))
                 }
             };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&result)?);
-            } else {
-                print!("{}", result.table());
+            if !hold {
+                show(&result);
+                eprintln!(
+                    "demo ran in {:.1} s of wall time",
+                    started.elapsed().as_secs_f64()
+                );
             }
-            eprintln!(
-                "demo ran in {:.1} s of wall time",
-                started.elapsed().as_secs_f64()
-            );
             if let Some(enc) = &result.encryption {
                 if !enc.found.is_empty() {
                     anyhow::bail!(

@@ -83,6 +83,15 @@ impl Progress {
         });
     }
 
+    /// Prints `line` on stderr above the display (so the two do not garble each other).
+    pub fn println(&self, line: impl AsRef<str>) {
+        if self.bar.is_hidden() {
+            eprintln!("{}", line.as_ref());
+        } else {
+            self.bar.println(line.as_ref());
+        }
+    }
+
     /// Removes the display from the terminal.
     pub fn clear(&self) {
         self.bar.finish_and_clear();

@@ -173,13 +173,33 @@ impl Testbed {
         edges_per_site: usize,
         stager_args: &[String],
     ) -> Result<Testbed> {
+        Self::start_with(bins, work, sites, edges_per_site, stager_args, &[]).await
+    }
+
+    /// Like [`Testbed::start`], with `origin_args` added to `origin serve`.
+    pub async fn start_with(
+        bins: Binaries,
+        work: &Path,
+        sites: usize,
+        edges_per_site: usize,
+        stager_args: &[String],
+        origin_args: &[String],
+    ) -> Result<Testbed> {
         let logs = work.join("logs");
         std::fs::create_dir_all(&logs)?;
         let origin_bin = bins.path("origin");
         let origin_dir = work.join("origin");
         procs::run_to_end(&origin_bin, &[s("init"), s("--dir"), p(&origin_dir)]).await?;
         let mut fleet = Fleet::default();
-        let origin = start_origin(&bins, work, &origin_dir, "127.0.0.1:0", &mut fleet, &[]).await?;
+        let origin = start_origin(
+            &bins,
+            work,
+            &origin_dir,
+            "127.0.0.1:0",
+            &mut fleet,
+            origin_args,
+        )
+        .await?;
         let mut mesh = Testbed {
             bins,
             work: work.to_owned(),

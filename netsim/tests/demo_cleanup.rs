@@ -107,3 +107,107 @@ fn a_failing_demo_stops_every_process() {
     );
     assert_nothing_left(&work_dir);
 }
+
+/// `--hold` keeps the whole mesh and the origin's console up after the result, with the
+/// demo's admin account, until Ctrl-C; then every process stops and the demo exits 0.
+#[test]
+fn hold_keeps_the_mesh_and_its_console_up_until_ctrl_c() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let work_dir = work.path().join("demo");
+    let mut demo = Command::new(bin_dir().join("netsim"))
+        .args(["demo", "--bundle-mib", "4", "--hold", "--work-dir"])
+        .arg(&work_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start netsim demo --hold");
+    let stdout = demo.stdout.take().expect("stdout");
+    // The result table comes while every process still runs.
+    let (lines, table) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("origin egress") && lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let egress = table
+        .recv_timeout(START_TIMEOUT)
+        .expect("the demo prints its result and holds");
+    assert!(egress.contains("all edges hold the bundle"), "{egress}");
+    assert_eq!(demo.try_wait().expect("wait"), None, "the demo holds");
+
+    let login = std::fs::read_to_string(work_dir.join("console-login.txt")).expect("login file");
+    let field = |prefix: &str| {
+        login
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .expect("a login field")
+            .trim()
+            .to_owned()
+    };
+    let console = login
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("http://"))
+        .map(|l| l.trim_end_matches('/').to_owned())
+        .expect("the console's address");
+    let (name, password) = (field("name:"), field("password:"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let overview: serde_json::Value = runtime.block_on(async {
+        let answer = netsim::http::request(
+            &console,
+            hyper::Method::POST,
+            "/login",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            format!("name={name}&password={password}").into_bytes(),
+        )
+        .await
+        .expect("log in");
+        assert_eq!(
+            answer.status,
+            hyper::StatusCode::SEE_OTHER,
+            "{}",
+            answer.body
+        );
+        let cookie = answer
+            .header_values("set-cookie")
+            .join(";")
+            .split(';')
+            .next()
+            .expect("cookie")
+            .to_owned();
+        let overview = netsim::http::get(&console, "/api/overview", &[("cookie", &cookie)])
+            .await
+            .expect("overview");
+        serde_json::from_str(&overview.body).expect("overview JSON")
+    });
+    let sites = overview["sites"].as_array().expect("sites");
+    assert_eq!(sites.len(), 2, "{overview:#}");
+    let stored = overview["bundles"][0]["stored_bytes"]
+        .as_u64()
+        .expect("the bundle's stored bytes");
+    for site in sites {
+        assert_eq!(site["stagers"], 1, "{site}");
+        assert_eq!(site["edges"], 4, "{site}");
+        assert!(
+            site["wan_bytes_from_origin"].as_u64() >= Some(stored),
+            "{site}: the site pulled the {stored}-byte bundle"
+        );
+    }
+    assert_eq!(overview["account"]["role"], "admin");
+
+    // SAFETY: kill(2) with a pid we own.
+    let rc = unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
+    assert_eq!(rc, 0, "cannot signal the demo");
+    let status = procs::wait_for_exit(&mut demo, STOP_TIMEOUT).expect("the demo stops");
+    assert!(
+        status.success(),
+        "a held demo ends well on Ctrl-C: {status}"
+    );
+    assert_nothing_left(&work_dir);
+}

@@ -79,6 +79,7 @@ fn options() -> EmulateOptions {
         work_dir: None,
         seed: 1,
         capture_dir: None,
+        origin_args: Vec::new(),
     }
 }
 
