@@ -434,6 +434,49 @@ async fn console_logins_sessions_csrf_viewers_bad_requests_and_the_rate_limit() 
         StatusCode::UNAUTHORIZED
     );
 
+    // `origin admin list` shows the accounts and roles, never a hash; `origin admin remove`
+    // ends the removed account's sessions and is audited; removing it again fails clearly.
+    add_account(&mesh, "otto", "admin", ADMIN_PASSWORD).await;
+    let otto = log_in(&console, "otto", ADMIN_PASSWORD).await;
+    let list = mesh
+        .origin_ok(&["admin", "list", "--json"])
+        .await
+        .expect("admin list");
+    let accounts: Value = serde_json::from_str(list.trim()).expect("accounts JSON");
+    let listed: Vec<(&str, &str)> = accounts
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|a| Some((a["name"].as_str()?, a["role"].as_str()?)))
+        .collect();
+    assert_eq!(
+        listed,
+        [(ADMIN, "viewer"), ("otto", "admin"), (VIEWER, "viewer")]
+    );
+    assert!(!list.contains("argon2"), "{list}");
+    let removed = mesh
+        .origin_ok(&["admin", "remove", "otto"])
+        .await
+        .expect("admin remove");
+    assert!(removed.contains("removed"), "{removed}");
+    assert_eq!(
+        get(&console, "/api/overview", &otto.cookie).await.status,
+        StatusCode::UNAUTHORIZED,
+        "a removed account's session ends"
+    );
+    let again = mesh
+        .origin_cli(&["admin", "remove", "otto"])
+        .await
+        .expect("run admin remove");
+    assert!(!again.ok, "removing a missing account fails");
+    assert!(
+        format!("{}{}", again.stdout, again.stderr).contains("no console account `otto`"),
+        "{}{}",
+        again.stdout,
+        again.stderr
+    );
+    assert!(audit(&mesh).await.to_string().contains("account.remove"));
+
     // Five wrong passwords for a name: the next attempt is refused, even with the right one.
     for attempt in 1..=5 {
         let answer = login(&console, VIEWER, "wrong-password-again").await;

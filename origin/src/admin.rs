@@ -40,6 +40,9 @@ pub fn print(reply: &ControlReply, json: bool, failure: &str) -> Result<()> {
         println!("{}", reply.json);
     } else {
         print!("{}", reply.text);
+        if !reply.text.is_empty() && !reply.text.ends_with('\n') {
+            println!();
+        }
     }
     if !reply.success {
         if json {

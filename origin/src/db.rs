@@ -400,6 +400,8 @@ pub enum Put {
     Revoked(Box<RevokedRecord>),
     /// Insert or replace a console account.
     Account(Box<AccountRecord>),
+    /// Remove the console account of this name.
+    RemoveAccount(String),
     /// Insert or replace a prepare operation.
     Prepare(Box<PrepareRecord>),
 }
@@ -785,6 +787,7 @@ impl Db {
                     account.name.as_bytes(),
                     encode(ACCOUNTS, account)?,
                 ),
+                Put::RemoveAccount(name) => batch.delete_cf(self.cf(ACCOUNTS)?, name.as_bytes()),
             }
         }
         let record = match audit {

@@ -529,6 +529,8 @@ fn command_name(command: &proto::wire::ControlCommand) -> &'static str {
         C::Prepare { .. } => "prepare",
         C::PrepareStatus { .. } => "prepare status",
         C::AccountAdd { .. } => "admin add",
+        C::AccountList => "admin list",
+        C::AccountRemove { .. } => "admin remove",
     }
 }
 

@@ -302,9 +302,20 @@ pub enum AdminCommand {
         #[arg(long)]
         password_stdin: bool,
     },
+    /// List the web console accounts: name, role, when each was last set.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a web console account; its open sessions end at their next request.
+    Remove {
+        /// The login name.
+        name: String,
+    },
 }
 
-/// `origin admin add`.
+/// `origin admin add|list|remove`.
 pub async fn admin(home: &OriginHome, command: AdminCommand) -> Result<()> {
     match command {
         AdminCommand::Add {
@@ -330,6 +341,25 @@ pub async fn admin(home: &OriginHome, command: AdminCommand) -> Result<()> {
                 },
                 false,
                 "the account was not added",
+            )
+            .await
+        }
+        AdminCommand::List { json } => {
+            run(
+                home,
+                ControlCommand::AccountList,
+                json,
+                "the accounts cannot be listed",
+            )
+            .await
+        }
+        AdminCommand::Remove { name } => {
+            accounts::check_name(&name)?;
+            run(
+                home,
+                ControlCommand::AccountRemove { name },
+                false,
+                "the account was not removed",
             )
             .await
         }

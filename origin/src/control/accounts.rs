@@ -1,5 +1,7 @@
-//! `origin admin add`, server side: a console account in the `accounts` table, written with its
-//! audit record in one synced batch. The command carries the Argon2id hash, never a password.
+//! `origin admin add|list|remove`, server side: console accounts in the `accounts` table, each
+//! change written with its audit record in one synced batch. The add command carries the
+//! Argon2id hash, never a password; the list never shows hashes. Only the origin's own
+//! certificate may do any of it.
 
 // CommandError carries the policy's own errors whole (see `commands`); built once per request.
 #![allow(clippy::result_large_err)]
@@ -50,6 +52,73 @@ impl ControlPlane {
             text: format!("console account {name} ({role}) {verb}\n"),
             json: serde_json::json!({ "name": name, "role": role.name(), "replaced": replaced })
                 .to_string(),
+        })
+    }
+
+    /// The console accounts, by name.
+    pub(super) fn account_list(&self, peer: &PeerIdentity) -> Result<ControlReply, CommandError> {
+        if peer.role != Role::Origin {
+            return Err(CommandError::AccountsNeedOrigin);
+        }
+        let accounts = self.db.accounts()?;
+        let mut text = String::new();
+        if accounts.is_empty() {
+            text.push_str(
+                "no console accounts; add one with `origin admin add NAME --role admin`\n",
+            );
+        }
+        for account in &accounts {
+            text.push_str(&format!(
+                "{:<24} {:<7} set {}\n",
+                account.name,
+                account.role.name(),
+                super::render::utc(account.updated_ms)
+            ));
+        }
+        let json: Vec<serde_json::Value> = accounts
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "name": a.name,
+                    "role": a.role.name(),
+                    "updated_ms": a.updated_ms,
+                })
+            })
+            .collect();
+        Ok(ControlReply {
+            success: true,
+            text,
+            json: serde_json::Value::from(json).to_string(),
+        })
+    }
+
+    /// Removes the console account `name`; its sessions end at their next request (every
+    /// request reads the account).
+    pub(super) fn account_remove(
+        &self,
+        peer: &PeerIdentity,
+        name: &str,
+        who: impl Fn(&str, String) -> Audit,
+    ) -> Result<ControlReply, CommandError> {
+        if peer.role != Role::Origin {
+            return Err(CommandError::AccountsNeedOrigin);
+        }
+        accounts::check_name(name)?;
+        let _change = self.one_change();
+        let Some(account) = self.db.account(name)? else {
+            return Err(CommandError::NoSuchAccount(name.to_owned()));
+        };
+        self.db.commit(
+            &[Put::RemoveAccount(name.to_owned())],
+            Some(who(
+                "account.remove",
+                format!("{name} ({})", account.role.name()),
+            )),
+        )?;
+        Ok(ControlReply {
+            success: true,
+            text: format!("console account {name} removed; its sessions have ended\n"),
+            json: serde_json::json!({ "name": name, "removed": true }).to_string(),
         })
     }
 }

@@ -105,6 +105,10 @@ impl ControlPlane {
             } => tokio::task::block_in_place(|| {
                 self.account_add(peer, &name, &role, &password_hash, who)
             }),
+            ControlCommand::AccountList => tokio::task::block_in_place(|| self.account_list(peer)),
+            ControlCommand::AccountRemove { name } => {
+                tokio::task::block_in_place(|| self.account_remove(peer, &name, who))
+            }
         };
         match result {
             Ok(reply) => bounded(reply),

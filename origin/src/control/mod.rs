@@ -113,6 +113,9 @@ pub enum CommandError {
     /// Console accounts asked with another certificate than the origin's own.
     #[error("only the origin's own certificate (`origin admin` on the origin's machine) may manage console accounts")]
     AccountsNeedOrigin,
+    /// No console account of this name.
+    #[error("no console account `{0}`; `origin admin list` shows them")]
+    NoSuchAccount(String),
 }
 
 /// The control plane of a running origin.

@@ -431,6 +431,15 @@ pub enum ControlCommand {
         #[serde(deserialize_with = "bounds::name")]
         password_hash: String,
     },
+    /// The web console accounts: names, roles, when each was last set (never the hashes).
+    AccountList,
+    /// Remove a web console account; its sessions end at their next request. Only the
+    /// origin's own certificate may.
+    AccountRemove {
+        /// The login name.
+        #[serde(deserialize_with = "bounds::name")]
+        name: String,
+    },
 }
 
 /// An operator's request about the current rollout.
