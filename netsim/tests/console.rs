@@ -256,6 +256,45 @@ async fn console_logins_sessions_csrf_viewers_bad_requests_and_the_rate_limit() 
     assert!(wrong.header_values("set-cookie").is_empty());
     let unknown = login(&console, "nobody", ADMIN_PASSWORD).await;
     assert_eq!(unknown.status, StatusCode::UNAUTHORIZED);
+    // Login CSRF: a login form posted from another site's page is refused, right password or
+    // not; the console's own page (same origin) logs in.
+    for header in [
+        ("origin", "http://evil.example"),
+        ("origin", "null"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let answer = http::request(
+            &console,
+            Method::POST,
+            "/login",
+            &[FORM, header],
+            form_body(&[("name", ADMIN), ("password", ADMIN_PASSWORD)]),
+        )
+        .await
+        .expect("POST /login");
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{header:?}");
+        assert!(answer.header_values("set-cookie").is_empty(), "{header:?}");
+    }
+    let own_origin = format!("http://{console}");
+    let same_origin = http::request(
+        &console,
+        Method::POST,
+        "/login",
+        &[
+            FORM,
+            ("origin", own_origin.as_str()),
+            ("sec-fetch-site", "same-origin"),
+        ],
+        form_body(&[("name", ADMIN), ("password", ADMIN_PASSWORD)]),
+    )
+    .await
+    .expect("POST /login");
+    assert_eq!(
+        same_origin.status,
+        StatusCode::SEE_OTHER,
+        "{}",
+        same_origin.body
+    );
     let admin = log_in(&console, ADMIN, ADMIN_PASSWORD).await;
     let overview = get(&console, "/api/overview", &admin.cookie).await;
     assert_eq!(overview.status, StatusCode::OK, "{}", overview.body);

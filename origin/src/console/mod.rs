@@ -295,12 +295,33 @@ async fn security_headers(mut response: Response) -> Response {
         (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        (header::REFERRER_POLICY, "same-origin"),
         (header::CACHE_CONTROL, "no-store"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
     }
     response
+}
+
+/// Whether a browser says the request comes from another site's page. Browsers since 2023
+/// send `Sec-Fetch-Site`, which decides (`same-origin`, or `none` for a typed address, pass);
+/// without it, an `Origin` other than this console's own (`null` included) is another site's.
+fn cross_site(headers: &HeaderMap) -> bool {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if let Some(site) = text(header::HeaderName::from_static("sec-fetch-site")) {
+        return site != "same-origin" && site != "none";
+    }
+    match (text(header::ORIGIN), text(header::HOST)) {
+        (None, _) => false,
+        (Some(origin), Some(host)) => {
+            origin != format!("http://{host}") && origin != format!("https://{host}")
+        }
+        (Some(_), None) => true,
+    }
 }
 
 /// The session id of the request's cookie, if it has one.
@@ -370,8 +391,21 @@ struct LoginForm {
 async fn login(
     State(console): State<Arc<Console>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
+    // Login CSRF: another site's page must not log a browser into an account of its choosing.
+    // Browsers say where a form was submitted from; clients that say nothing are not browsers.
+    if cross_site(&headers) {
+        tracing::warn!(%peer, "console login from another site's page refused");
+        return (
+            StatusCode::FORBIDDEN,
+            Html(page::login(
+                "This login came from another site's page; open the console's own login page.",
+            )),
+        )
+            .into_response();
+    }
     match try_login(&console, peer.ip(), form).await {
         Ok(response) => response,
         Err(LoginRefused::Wrong) => (
