@@ -72,6 +72,19 @@ fn state_of<'a>(status: &'a Value, node: &str) -> &'a str {
         .unwrap_or("missing")
 }
 
+/// Whether edge `name`'s keep-set, as the origin answers it, names `bundle`.
+async fn keeps(mesh: &Testbed, name: &str, bundle: &proto::BundleId) -> bool {
+    let client = mesh.edge_client(name).expect("edge client");
+    match client
+        .call(&mesh.origin.mesh, &proto::wire::Request::KeepSet)
+        .await
+        .expect("keep-set")
+    {
+        proto::wire::Response::KeepSet(keep) => keep.bundles.contains(bundle),
+        other => panic!("no keep-set: {other:?}"),
+    }
+}
+
 /// Asserts the store under `edge_dir` holds bundle `id` whole, with its pin.
 fn assert_held_and_pinned(edge_dir: &Path, id: &str) {
     let store = proto::store::Store::open(edge_dir.join("store"), Default::default())
@@ -390,6 +403,90 @@ async fn prepared_nodes_swap_without_fetching_and_an_offline_node_prepares_when_
     println!(
         "{}: boot-time negotiation of the prepared os@3 fetched {negotiation_bytes} bytes",
         booting.name
+    );
+
+    // Cancel: a small bundle is prepared to every node while one edge is down; the three
+    // others prepare and keep it. Cancelling the operation releases it from their keep-sets,
+    // and the edge that comes back is not asked any more.
+    datagen::generate_tree(&w.join("tools"), 256 * 1024, 9).expect("tree");
+    let tools: proto::BundleId = mesh
+        .publish(&w.join("tools"), "tools", "1")
+        .await
+        .expect("publish tools")
+        .parse()
+        .expect("id");
+    let down = 0;
+    let down_name = edges[down].name.clone();
+    mesh.kill_edge(&down_name).await.expect("kill edge");
+    let started = origin_json(&mesh, &["prepare", "tools@1", "--to", "all", "--json"]).await;
+    let cancel_id = started["operation"]["id"].as_u64().expect("id").to_string();
+    let others: Vec<usize> = (0..ids.len()).filter(|i| *i != down).collect();
+    wait_until_async(Duration::from_secs(60), POLL, async || {
+        let status = origin_json(&mesh, &["prepare", "status", &cancel_id, "--json"]).await;
+        others
+            .iter()
+            .all(|i| state_of(&status, &ids[*i]) == "prepared")
+    })
+    .await
+    .expect("the online nodes prepare tools@1");
+    assert!(
+        keeps(&mesh, &edges[others[0]].name, &tools).await,
+        "a prepared node keeps tools@1"
+    );
+    let cancelled = origin_json(&mesh, &["prepare", "cancel", &cancel_id, "--json"]).await;
+    assert_eq!(
+        state_of(&cancelled, &ids[down]),
+        "cancelled",
+        "{cancelled:#}"
+    );
+    assert_eq!(cancelled["settled"], true, "{cancelled:#}");
+    assert!(
+        cancelled["operation"]["cancelled"]["actor"].is_string(),
+        "{cancelled:#}"
+    );
+    for i in &others {
+        assert_eq!(state_of(&cancelled, &ids[*i]), "prepared", "{cancelled:#}");
+    }
+    assert!(
+        !keeps(&mesh, &edges[others[0]].name, &tools).await,
+        "a cancelled operation keeps nothing"
+    );
+    for (args, expected) in [
+        (
+            vec!["prepare", "cancel", cancel_id.as_str()],
+            "cancelled already",
+        ),
+        (vec!["prepare", "cancel", "999"], "no prepare operation 999"),
+    ] {
+        let (ok, out, err) = origin(&mesh, &args).await;
+        assert!(
+            !ok && format!("{out}{err}").contains(expected),
+            "origin {args:?} must fail saying {expected:?}:\n{out}\n{err}"
+        );
+    }
+    let reported_before = |nodes: &Value| {
+        nodes
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["id"] == ids[down].as_str()))
+            .and_then(|r| r["reports"].as_u64())
+            .unwrap_or(0)
+    };
+    let reports = reported_before(&origin_json(&mesh, &["nodes", "--json"]).await);
+    mesh.restart_edge(&down_name).await.expect("restart edge");
+    wait_until_async(Duration::from_secs(60), POLL, async || {
+        reported_before(&origin_json(&mesh, &["nodes", "--json"]).await) > reports
+    })
+    .await
+    .expect("the edge that came back reports");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after_back = origin_json(&mesh, &["prepare", "status", &cancel_id, "--json"]).await;
+    assert_eq!(
+        after_back["operation"], cancelled["operation"],
+        "the edge that came back was asked for a cancelled operation"
+    );
+    assert!(
+        !keeps(&mesh, &down_name, &tools).await,
+        "the cancelled bundle is not kept"
     );
 
     // The operations are in the origin's database: a restart of the origin keeps them.

@@ -418,6 +418,8 @@ pub enum PrepareState {
     Prepared,
     /// Its daemon could not fetch the bundle (the detail says why).
     Failed,
+    /// The operation was cancelled before this node prepared (`origin prepare cancel`).
+    Cancelled,
 }
 
 impl PrepareState {
@@ -428,6 +430,7 @@ impl PrepareState {
             PrepareState::Fetching => "fetching",
             PrepareState::Prepared => "prepared",
             PrepareState::Failed => "failed",
+            PrepareState::Cancelled => "cancelled",
         }
     }
 }
@@ -469,6 +472,19 @@ pub struct PrepareRecord {
     pub created_ms: u64,
     /// The selected nodes, by node id.
     pub nodes: BTreeMap<String, PrepareNode>,
+    /// Set when the operation was cancelled: no node is asked any more, and no node keeps
+    /// the bundle for it.
+    #[serde(default)]
+    pub cancelled: Option<PrepareCancel>,
+}
+
+/// Who cancelled a prepare operation, and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareCancel {
+    /// When (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Who.
+    pub actor: String,
 }
 
 impl PrepareRecord {
@@ -476,7 +492,7 @@ impl PrepareRecord {
     /// after its daemon could not be reached (offline: it prepares when it comes back).
     pub fn settled(&self) -> bool {
         self.nodes.values().all(|n| match n.state {
-            PrepareState::Prepared | PrepareState::Failed => true,
+            PrepareState::Prepared | PrepareState::Failed | PrepareState::Cancelled => true,
             PrepareState::Pending => n.attempts > 0,
             PrepareState::Fetching => false,
         })

@@ -54,15 +54,15 @@ pub enum KeepError {
     Db(#[from] DbError),
 }
 
-/// The bundles prepare operations ask each node to keep: every bundle of an operation in which
-/// the node did not fail, until the node runs a newer version of that bundle's name (then the
+/// The bundles prepare operations ask each node to keep: every bundle of an operation not
+/// cancelled in which the node did not fail, until the node runs a newer version of that bundle's name (then the
 /// preparation is spent; the version it runs is kept as installed).
 pub fn prepared_bundles(prepares: &[PrepareRecord], nodes: &[NodeRecord]) -> Prepared {
     let by_id: BTreeMap<&str, &NodeRecord> = nodes.iter().map(|n| (n.id.as_str(), n)).collect();
     let mut prepared = Prepared::new();
-    for op in prepares {
+    for op in prepares.iter().filter(|op| op.cancelled.is_none()) {
         for (node, entry) in &op.nodes {
-            if entry.state == PrepareState::Failed {
+            if matches!(entry.state, PrepareState::Failed | PrepareState::Cancelled) {
                 continue;
             }
             let superseded = by_id.get(node.as_str()).is_some_and(|n| {
@@ -298,6 +298,7 @@ mod tests {
                     ((*id).to_owned(), entry)
                 })
                 .collect(),
+            cancelled: None,
         }
     }
 

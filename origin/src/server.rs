@@ -528,6 +528,7 @@ fn command_name(command: &proto::wire::ControlCommand) -> &'static str {
         C::NodeRevoke { .. } => "nodes revoke",
         C::Prepare { .. } => "prepare",
         C::PrepareStatus { .. } => "prepare status",
+        C::PrepareCancel { .. } => "prepare cancel",
         C::AccountAdd { .. } => "admin add",
         C::AccountList => "admin list",
         C::AccountRemove { .. } => "admin remove",

@@ -275,6 +275,7 @@ fn prepare_record(id: u64, state: PrepareState, attempts: u32) -> PrepareRecord 
         actor: "alice".into(),
         created_ms: 1,
         nodes: [("n1".to_owned(), node)].into_iter().collect(),
+        cancelled: None,
     }
 }
 

@@ -1,4 +1,5 @@
-//! `origin prepare BUNDLE --to SELECTOR` and `origin prepare status [ID]`, client side: the
+//! `origin prepare BUNDLE --to SELECTOR`, `origin prepare status [ID]` and `origin prepare
+//! cancel ID`, client side: the
 //! running origin stores the operation and asks the nodes; with `--wait` this polls its status,
 //! drawing one progress bar per site on a terminal, until no node waits for an answer (offline
 //! nodes are reported as pending: they prepare when they come back).
@@ -24,6 +25,15 @@ pub enum PrepareCommand {
     Status {
         /// The operation's id (default: the newest).
         id: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a prepare operation: nodes that have not prepared are not asked any more, and
+    /// no node keeps the bundle for it (their stores may collect it).
+    Cancel {
+        /// The operation's id.
+        id: u64,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -58,9 +68,16 @@ pub async fn prepare(
     command: Option<PrepareCommand>,
     args: PrepareArgs,
 ) -> Result<()> {
-    if let Some(PrepareCommand::Status { id, json }) = command {
-        let reply = admin::run(home, ControlCommand::PrepareStatus { id }).await?;
-        return admin::print(&reply, json, "no prepare status");
+    match command {
+        Some(PrepareCommand::Status { id, json }) => {
+            let reply = admin::run(home, ControlCommand::PrepareStatus { id }).await?;
+            return admin::print(&reply, json, "no prepare status");
+        }
+        Some(PrepareCommand::Cancel { id, json }) => {
+            let reply = admin::run(home, ControlCommand::PrepareCancel { id }).await?;
+            return admin::print(&reply, json, "the prepare operation was not cancelled");
+        }
+        None => {}
     }
     let Some(bundle) = args.bundle else {
         bail!("name the bundle to prepare: `origin prepare NAME@VERSION --to SELECTOR` (or `origin prepare status [ID]`)");

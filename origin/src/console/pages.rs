@@ -971,8 +971,21 @@ pub struct PrepareSummary {
     pub created_ms: u64,
     /// Whether no node waits for an answer any more.
     pub settled: bool,
+    /// When and by whom it was cancelled, if it was.
+    pub cancelled: Option<crate::db::PrepareCancel>,
     /// Per site: nodes per state.
     pub sites: Vec<SiteProgress>,
+}
+
+impl PrepareSummary {
+    /// Where it stands, in words: cancelled (when, by whom), settled or in progress.
+    fn standing(&self) -> String {
+        match &self.cancelled {
+            Some(c) => format!("cancelled at {} by {}", format_ms(c.at_ms), c.actor),
+            None if self.settled => "settled".to_owned(),
+            None => "in progress".to_owned(),
+        }
+    }
 }
 
 /// One site's progress in a prepare operation.
@@ -988,6 +1001,8 @@ pub struct SiteProgress {
     pub prepared: usize,
     /// Nodes failed.
     pub failed: usize,
+    /// Nodes that had not prepared when the operation was cancelled.
+    pub cancelled: usize,
     /// Bytes the prepared nodes received.
     pub bytes_received: u64,
 }
@@ -1032,6 +1047,7 @@ fn summarize(record: &crate::db::PrepareRecord) -> PrepareSummary {
             PrepareState::Fetching => site.fetching += 1,
             PrepareState::Prepared => site.prepared += 1,
             PrepareState::Failed => site.failed += 1,
+            PrepareState::Cancelled => site.cancelled += 1,
         }
         site.bytes_received += node.bytes_received;
     }
@@ -1043,6 +1059,7 @@ fn summarize(record: &crate::db::PrepareRecord) -> PrepareSummary {
         actor: record.actor.clone(),
         created_ms: record.created_ms,
         settled: record.settled(),
+        cancelled: record.cancelled.clone(),
         sites: sites.into_values().collect(),
     }
 }
@@ -1056,17 +1073,18 @@ fn gather_prepares(console: &Console) -> Result<PreparesView, PageError> {
 
 fn progress_table(body: &mut String, sites: &[SiteProgress]) {
     body.push_str(
-        "<table><tr><th>Site</th><th>Prepared</th><th>Fetching</th><th>Pending</th><th>Failed</th><th>Bytes received</th></tr>",
+        "<table><tr><th>Site</th><th>Prepared</th><th>Fetching</th><th>Pending</th><th>Failed</th><th>Cancelled</th><th>Bytes received</th></tr>",
     );
     for s in sites {
         let _ = write!(
             body,
-            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
             escape(&s.site),
             s.prepared,
             s.fetching,
             s.pending,
             s.failed,
+            s.cancelled,
             s.bytes_received
         );
     }
@@ -1089,7 +1107,7 @@ fn render_prepares(view: &PreparesView, viewer: &Viewer) -> String {
             escape(&p.selector),
             escape(&p.actor),
             escape(&format_ms(p.created_ms)),
-            if p.settled { "settled" } else { "in progress" },
+            escape(&p.standing()),
         );
         progress_table(&mut body, &p.sites);
     }
@@ -1144,7 +1162,7 @@ fn render_prepare(view: &PrepareDetail, viewer: &Viewer) -> String {
         escape(&p.actor),
         escape(&format_ms(p.created_ms)),
         p.stored_bytes,
-        if p.settled { "settled" } else { "in progress" },
+        escape(&p.standing()),
     );
     progress_table(&mut body, &p.sites);
     body.push_str(

@@ -98,6 +98,10 @@ impl ControlPlane {
             ControlCommand::PrepareStatus { id } => {
                 tokio::task::block_in_place(|| self.prepare_status(id))
             }
+            ControlCommand::PrepareCancel { id } => tokio::task::block_in_place(|| {
+                let status = self.prepares.cancel(id, actor, who)?;
+                Ok(prepare_reply(&status))
+            }),
             ControlCommand::AccountAdd {
                 name,
                 role,

@@ -33,7 +33,9 @@ mod test_run;
 
 pub use commands::NodeRow;
 pub use keys::KeysAnswer;
-pub use prepare::{PrepareStatus, Prepares, SiteProgress, MAX_ASKS_AT_ONCE, RETRY_INTERVAL};
+pub use prepare::{
+    CancelError, PrepareStatus, Prepares, SiteProgress, MAX_ASKS_AT_ONCE, RETRY_INTERVAL,
+};
 pub use render::{render_table, utc};
 pub use test_run::{TestRun, TestRunError, TEST_RUN_TIMEOUT};
 
@@ -104,6 +106,9 @@ pub enum CommandError {
     /// `origin prepare status` before any `origin prepare`.
     #[error("no prepare operation has been started on this origin")]
     NoPrepare,
+    /// `origin prepare cancel` refused.
+    #[error(transparent)]
+    PrepareCancel(#[from] CancelError),
     /// A console account's name, password hash or role was refused.
     #[error(transparent)]
     Account(#[from] crate::accounts::AccountError),

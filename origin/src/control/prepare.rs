@@ -54,6 +54,9 @@ pub struct SiteProgress {
     pub prepared: usize,
     /// Failed.
     pub failed: usize,
+    /// Not prepared when the operation was cancelled.
+    #[serde(default)]
+    pub cancelled: usize,
     /// Bytes the site's nodes hold of the bundle (prepared nodes count the whole bundle).
     pub done_bytes: u64,
     /// The bundle's stored size times the site's nodes.
@@ -96,6 +99,7 @@ impl PrepareStatus {
                     site.done_bytes += operation.stored_bytes;
                 }
                 PrepareState::Failed => site.failed += 1,
+                PrepareState::Cancelled => site.cancelled += 1,
             }
         }
         Self {
@@ -128,8 +132,22 @@ impl PrepareStatus {
             super::utc(op.created_ms),
             op.actor
         );
+        if let Some(cancel) = &op.cancelled {
+            text.push_str(&format!(
+                "cancelled {} by {}: no node is asked any more, and none keeps the bundle for it\n",
+                super::utc(cancel.at_ms),
+                cancel.actor
+            ));
+        }
         let mut sites = vec![[
-            "SITE", "NODES", "PREPARED", "FETCHING", "PENDING", "FAILED", "BYTES",
+            "SITE",
+            "NODES",
+            "PREPARED",
+            "FETCHING",
+            "PENDING",
+            "FAILED",
+            "CANCELLED",
+            "BYTES",
         ]
         .map(str::to_owned)];
         for (name, site) in &self.sites {
@@ -140,6 +158,7 @@ impl PrepareStatus {
                 site.fetching.to_string(),
                 site.pending.to_string(),
                 site.failed.to_string(),
+                site.cancelled.to_string(),
                 format!("{} of {}", mib(site.done_bytes), mib(site.total_bytes)),
             ]);
         }
@@ -181,6 +200,25 @@ impl PrepareStatus {
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Why a prepare operation was not cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// No such operation.
+    #[error("no prepare operation {0} on this origin; `origin prepare status` shows the newest")]
+    NoSuch(u64),
+    /// Cancelled before.
+    #[error("prepare {id} was cancelled already, by {by}")]
+    Already {
+        /// The operation.
+        id: u64,
+        /// Who cancelled it.
+        by: String,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
 /// The origin's prepare operations and the asks under way.
@@ -265,6 +303,7 @@ impl Prepares {
                 actor: actor.to_owned(),
                 created_ms: now,
                 nodes,
+                cancelled: None,
             };
             let detail = format!(
                 "prepare {id}: {}@{} ({}) to `{selector}`: {} node(s)",
@@ -282,6 +321,57 @@ impl Prepares {
         for node in picked.iter().filter(|n| !n.data_addr.is_empty()) {
             self.spawn_ask(record.id, &node.id, &node.data_addr);
         }
+        Ok(PrepareStatus::new(record, BTreeMap::new()))
+    }
+
+    /// Cancels operation `id`: its nodes that have not prepared become cancelled and are not
+    /// asked again, and no node keeps the bundle for it any more (nodes that prepared keep it
+    /// only if something else asks them to; their stores collect it otherwise). A fetch under
+    /// way on a daemon runs to its end, and its answer is ignored.
+    pub fn cancel(
+        &self,
+        id: u64,
+        actor: &str,
+        audit: impl Fn(&str, String) -> Audit,
+    ) -> Result<PrepareStatus, CancelError> {
+        let record = {
+            let _one_change = self.one_change();
+            let mut record = self.db.prepare(id)?.ok_or(CancelError::NoSuch(id))?;
+            if let Some(done) = &record.cancelled {
+                return Err(CancelError::Already {
+                    id,
+                    by: done.actor.clone(),
+                });
+            }
+            let now = now_ms();
+            let mut cancelled = 0;
+            for node in record.nodes.values_mut() {
+                if matches!(node.state, PrepareState::Pending | PrepareState::Fetching) {
+                    node.state = PrepareState::Cancelled;
+                    node.detail = format!("cancelled by {actor}");
+                    node.updated_ms = now;
+                    cancelled += 1;
+                }
+            }
+            record.cancelled = Some(crate::db::PrepareCancel {
+                at_ms: now,
+                actor: actor.to_owned(),
+            });
+            let detail = format!(
+                "prepare {id}: {} cancelled; {cancelled} of {} node(s) had not prepared",
+                record.bundle,
+                record.nodes.len()
+            );
+            self.db.commit(
+                &[Put::Prepare(Box::new(record.clone()))],
+                Some(audit("prepare.cancel", detail)),
+            )?;
+            record
+        };
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(op, _), _| *op != id);
         Ok(PrepareStatus::new(record, BTreeMap::new()))
     }
 
@@ -553,6 +643,10 @@ impl Prepares {
         let Some(mut record) = self.db.prepare(op)? else {
             return Ok(());
         };
+        if record.cancelled.is_some() {
+            // An ask that ends after the cancel changes nothing: the operation is over.
+            return Ok(());
+        }
         let Some(entry) = record.nodes.get_mut(node) else {
             return Ok(());
         };
@@ -570,7 +664,7 @@ impl Prepares {
             match entry.state {
                 PrepareState::Prepared => format!(" ({} bytes received)", entry.bytes_received),
                 PrepareState::Failed | PrepareState::Pending => format!(": {}", entry.detail),
-                PrepareState::Fetching => String::new(),
+                PrepareState::Fetching | PrepareState::Cancelled => String::new(),
             }
         );
         let audit = Audit::new(node, "edge", "prepare.node", detail);
@@ -622,6 +716,7 @@ mod tests {
             .into_iter()
             .map(|(id, n)| (id.to_owned(), n))
             .collect(),
+            cancelled: None,
         };
         let fetching = [("a2".to_owned(), 4 * mib)].into_iter().collect();
         let status = PrepareStatus::new(operation, fetching);

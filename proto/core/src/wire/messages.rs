@@ -418,6 +418,11 @@ pub enum ControlCommand {
         /// The operation's id.
         id: Option<u64>,
     },
+    /// Cancel a prepare operation: its nodes are not asked any more and keep nothing for it.
+    PrepareCancel {
+        /// The operation's id.
+        id: u64,
+    },
     /// Add or replace a web console account (issue 17); only the origin's own certificate
     /// may. The password never leaves the command: it sends the Argon2id hash.
     AccountAdd {
