@@ -127,11 +127,11 @@ async fn console_pages_sites_nodes_bundles_prepares_and_audit() {
     .await
     .expect("the edges' reports reach the console");
 
-    // Sites: both sites, each with its edges and a word on what the origin does not record.
+    // Sites: both sites, each with its edges and a word on where each figure comes from.
     let sites = json(&console, "/api/sites", &viewer).await;
     assert!(sites["note"]
         .as_str()
-        .is_some_and(|n| n.contains("/metrics")));
+        .is_some_and(|n| n.contains("reports every few seconds")));
     let names: Vec<&str> = sites["sites"]
         .as_array()
         .expect("sites")
@@ -332,6 +332,39 @@ async fn console_pages_sites_nodes_bundles_prepares_and_audit() {
     }
     let sites_page = get(&console, "/sites", &viewer).await;
     assert_eq!(sites_page.body.matches("<tr class=\"stager\">").count(), 2);
+
+    // Each stager reports its own figures: after site-a's edges fetch the bundle, site-a's
+    // stager says it pulled the bundle and served its edges, and the overview sums it.
+    let site_a_edges: Vec<_> = mesh
+        .edges
+        .iter()
+        .filter(|e| e.site == "site-a")
+        .cloned()
+        .collect();
+    mesh.fetch_all(&site_a_edges, "web@2.0.0")
+        .await
+        .expect("fetch in site-a");
+    let stager_stats = async || {
+        let sites = json(&console, "/api/sites", &viewer).await;
+        sites["sites"][0]["stagers"][0]["stats"].clone()
+    };
+    if wait_until_async(Duration::from_secs(30), POLL, async || {
+        let stats = stager_stats().await;
+        stats["served_bytes"].as_u64() > Some(0) && stats["pulled_bytes"].as_u64() >= Some(stored)
+    })
+    .await
+    .is_err()
+    {
+        panic!(
+            "site-a's stager reports its figures: {:#}",
+            stager_stats().await
+        );
+    }
+    let overview = json(&console, "/api/overview", &viewer).await;
+    assert!(
+        overview["sites"][0]["served_by_stagers"].as_u64() > Some(0),
+        "{overview:#}"
+    );
     let row = overview["sites"][0].clone();
     assert_eq!(
         (row["stagers"].as_u64(), row["edges"].as_u64()),

@@ -214,6 +214,14 @@ impl Origin {
                 };
                 keep_answer(peer, keep)
             }
+            Request::StagerStats {
+                served_bytes,
+                pulled_bytes,
+            } => {
+                self.request_counter("stager_stats");
+                self.stagers.report(peer, served_bytes, pulled_bytes);
+                Response::Ok
+            }
             Request::ContentKeys => {
                 self.request_counter("content_keys");
                 self.content_keys(peer)

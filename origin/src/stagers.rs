@@ -33,11 +33,25 @@ pub struct StagerSeen {
     pub first_seen_ms: u64,
     /// When it last made a request (ms since the Unix epoch).
     pub last_seen_ms: u64,
+    /// What it last reported ([`proto::wire::Request::StagerStats`]), if it did.
+    pub stats: Option<StagerStats>,
+}
+
+/// A stager's own figures, as it last reported them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct StagerStats {
+    /// Payload bytes it served to its site's edges since it started.
+    pub served_bytes: u64,
+    /// Payload bytes it received from upstream since it started.
+    pub pulled_bytes: u64,
+    /// When it reported them (ms since the Unix epoch).
+    pub reported_ms: u64,
 }
 
 #[derive(Debug)]
 struct Entry {
     site: String,
+    stats: Option<StagerStats>,
     subscriptions: usize,
     first_seen_ms: u64,
     last_seen_ms: u64,
@@ -117,12 +131,26 @@ impl StagerBook {
             id.to_owned(),
             Entry {
                 site: site.to_owned(),
+                stats: None,
                 subscriptions: 0,
                 first_seen_ms: ms,
                 last_seen_ms: ms,
                 last_seen: now,
             },
         );
+    }
+
+    /// Records the figures `peer` (a stager) reported.
+    pub fn report(&self, peer: &PeerIdentity, served_bytes: u64, pulled_bytes: u64) {
+        let id = peer.node_id.to_string();
+        self.touch_at(&id, peer.site.as_str(), Instant::now());
+        if let Some(entry) = lock(&self.entries).get_mut(&id) {
+            entry.stats = Some(StagerStats {
+                served_bytes,
+                pulled_bytes,
+                reported_ms: now_ms(),
+            });
+        }
     }
 
     /// Marks `peer`'s announcement stream open until the guard is dropped.
@@ -150,6 +178,7 @@ impl StagerBook {
                 subscriptions: e.subscriptions,
                 first_seen_ms: e.first_seen_ms,
                 last_seen_ms: e.last_seen_ms,
+                stats: e.stats,
             })
             .collect();
         list.sort_by(|a, b| (&a.site, &a.id).cmp(&(&b.site, &b.id)));

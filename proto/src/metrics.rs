@@ -248,6 +248,23 @@ impl Metrics {
             .unwrap_or(0)
     }
 
+    /// Sum of the series of `name` whose label `key` is `value` (whatever their other labels).
+    pub fn total_where(&self, name: &str, key: &str, value: &str) -> u64 {
+        self.index
+            .lock()
+            .map(|index| {
+                index
+                    .series
+                    .iter()
+                    .filter(|((n, labels), _)| {
+                        *n == name && labels.iter().any(|(k, v)| k == key && v == value)
+                    })
+                    .map(|(_, c)| c.get())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// The value of `name` with exactly these labels, or 0.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
         let labels = owned(labels);

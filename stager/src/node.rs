@@ -57,6 +57,9 @@ pub const METRICS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the stager asks the origin for its site's keep-set (also after every preheat).
 pub const KEEP_SET_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How often the stager tells the origin its traffic figures, when they changed.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Default `--cache-gib`: the bound on the stager's store, in GiB.
 pub const DEFAULT_CACHE_GIB: &str = "64";
 
@@ -234,6 +237,43 @@ impl Stager {
         loop {
             every.tick().await;
             self.refresh_keep_set().await;
+        }
+    }
+
+    /// Tells the origin what this stager moved ([`Request::StagerStats`]) every
+    /// [`STATS_INTERVAL`] when a figure changed, for the origin's console.
+    async fn report_stats(self: Arc<Self>) {
+        let mut every = tokio::time::interval(STATS_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = None;
+        loop {
+            every.tick().await;
+            let figures = (
+                self.metrics
+                    .total_where(names::BYTES_SENT, "peer_role", Role::Edge.as_str()),
+                self.metrics
+                    .total_where(names::BYTES_RECEIVED, "peer_role", Role::Origin.as_str()),
+            );
+            if last == Some(figures) {
+                continue;
+            }
+            let request = Request::StagerStats {
+                served_bytes: figures.0,
+                pulled_bytes: figures.1,
+            };
+            let answer = match self.flights.upstream().connection().await {
+                Ok(conn) => proto::net::call(&conn, &request, MAX_FRAME_BYTES)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            match answer {
+                Ok(Response::Ok) => last = Some(figures),
+                Ok(other) => {
+                    tracing::debug!(?other, "the origin did not take the stager's figures")
+                }
+                Err(error) => tracing::debug!(%error, "cannot send the stager's figures"),
+            }
         }
     }
 
@@ -701,6 +741,7 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     tokio::spawn(server::run(endpoint.clone(), stager.clone(), metrics));
     tokio::spawn(stager.clone().follow());
     tokio::spawn(stager.clone().keep_fresh());
+    tokio::spawn(stager.clone().report_stats());
     if let Some(path) = &config.ready_file {
         let ready = serde_json::json!({
             "mesh": listen.to_string(),

@@ -132,7 +132,7 @@
     setText("overview-nodes", state.nodes);
     fillBody("overview-site-rows", state.sites, function (s) {
       var tr = document.createElement("tr");
-      cell(tr, s.site); cell(tr, s.stagers, "num"); cell(tr, s.edges, "num"); cell(tr, s.wan_bytes_from_origin, "num");
+      cell(tr, s.site); cell(tr, s.stagers, "num"); cell(tr, s.edges, "num"); cell(tr, s.wan_bytes_from_origin, "num"); cell(tr, s.served_by_stagers, "num");
       return tr;
     });
     var shown = body.getAttribute("data-rollouts") || "";

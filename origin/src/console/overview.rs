@@ -51,6 +51,8 @@ pub struct SiteView {
     pub edges: usize,
     /// Bytes this origin sent to the site's stagers since it started (the site's WAN pull).
     pub wan_bytes_from_origin: u64,
+    /// Bytes the site's stagers served to its edges, as they last reported.
+    pub served_by_stagers: u64,
 }
 
 /// One published bundle version.
@@ -97,6 +99,7 @@ pub async fn gather(
         let view = site_entry(&mut sites, &stager.site);
         view.stagers_seen += 1;
         view.stagers += usize::from(stager.up);
+        view.served_by_stagers += stager.stats.map_or(0, |s| s.served_bytes);
     }
     for view in sites.values_mut() {
         view.wan_bytes_from_origin = origin.bytes_sent_to_stagers(&view.site);

@@ -170,17 +170,18 @@ pub fn overview(view: &Overview, role: AccountRole, csrf: &str) -> String {
     let _ = write!(
         page,
         "<h2>Sites</h2><p><span id=\"overview-nodes\">{}</span> nodes reported. <span id=\"live-status\"></span></p>\
-         <table><thead><tr><th>Site</th><th>Stagers up</th><th>Edges</th><th>WAN bytes from the origin</th></tr></thead><tbody id=\"overview-site-rows\">",
+         <table><thead><tr><th>Site</th><th>Stagers up</th><th>Edges</th><th>WAN bytes from the origin</th><th>Bytes stagers served</th></tr></thead><tbody id=\"overview-site-rows\">",
         view.nodes
     );
     for site in &view.sites {
         let _ = write!(
             page,
-            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
             escape(&site.site),
             site.stagers,
             site.edges,
-            site.wan_bytes_from_origin
+            site.wan_bytes_from_origin,
+            site.served_by_stagers
         );
     }
     page.push_str("</tbody></table>");

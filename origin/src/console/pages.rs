@@ -232,9 +232,9 @@ pub struct NodeLine {
 const SITES_NOTE: &str = "Edges are listed as they last reported to the origin's database: \
      role, class, installed and held bundles. Stagers are listed as this origin saw them \
      connect since it started (up: connected now, or seen in the last 2 minutes), with the \
-     bytes it sent them, which is what each site pulled across its WAN link from this origin. \
-     What a stager served to its edges is in that stager's own /metrics \
-     (stagecoach_bytes_sent_total).";
+     bytes this origin sent the site's stagers (what the site pulled across its WAN link from \
+     this origin) and each stager's own figures since it started, which it reports every few \
+     seconds: bytes pulled from upstream and bytes served to its edges.";
 
 impl NodeLine {
     fn of(node: &NodeRecord) -> Self {
@@ -359,15 +359,21 @@ fn stager_table(body: &mut String, stagers: &[crate::stagers::StagerSeen]) {
         return;
     }
     body.push_str(
-        "<table><tr><th>Stager</th><th>State</th><th>Announcement streams</th><th>First seen</th><th>Last request</th></tr>",
+        "<table><tr><th>Stager</th><th>State</th><th>Announcement streams</th><th>Pulled from upstream</th><th>Served to edges</th><th>First seen</th><th>Last request</th></tr>",
     );
     for stager in stagers {
         let _ = write!(
             body,
-            "<tr class=\"stager\"><td><code>{}</code></td><td>{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr class=\"stager\"><td><code>{}</code></td><td>{}</td><td class=\"num\">{}</td><td class=\"num pulled\">{}</td><td class=\"num served\">{}</td><td>{}</td><td>{}</td></tr>",
             escape(&stager.id),
             if stager.up { "up" } else { "gone" },
             stager.subscriptions,
+            stager
+                .stats
+                .map_or_else(|| "not reported".to_owned(), |s| s.pulled_bytes.to_string()),
+            stager
+                .stats
+                .map_or_else(|| "not reported".to_owned(), |s| s.served_bytes.to_string()),
             escape(&format_ms(stager.first_seen_ms)),
             escape(&format_ms(stager.last_seen_ms)),
         );

@@ -51,11 +51,13 @@ pub enum RequestKind {
     RelayKeepSet,
     /// [`Request::ContentKeys`].
     ContentKeys,
+    /// [`Request::StagerStats`].
+    StagerStats,
 }
 
 impl RequestKind {
     /// Every kind, in the order of [`Request`]'s variants.
-    pub const ALL: [RequestKind; 19] = [
+    pub const ALL: [RequestKind; 20] = [
         RequestKind::ListBundles,
         RequestKind::Resolve,
         RequestKind::GetManifest,
@@ -75,6 +77,7 @@ impl RequestKind {
         RequestKind::KeepSet,
         RequestKind::RelayKeepSet,
         RequestKind::ContentKeys,
+        RequestKind::StagerStats,
     ];
 
     /// The variant's name, as in the protocol (`PutBlob`).
@@ -98,6 +101,7 @@ impl RequestKind {
             RequestKind::Negotiate => "Negotiate",
             RequestKind::KeepSet => "KeepSet",
             RequestKind::RelayKeepSet => "RelayKeepSet",
+            RequestKind::StagerStats => "StagerStats",
             RequestKind::ContentKeys => "ContentKeys",
         }
     }
@@ -124,6 +128,7 @@ impl RequestKind {
             RequestKind::KeepSet => "ask which bundles to keep",
             RequestKind::RelayKeepSet => "relay an edge's keep-set request",
             RequestKind::ContentKeys => "receive content keys",
+            RequestKind::StagerStats => "report a stager's traffic",
         }
     }
 }
@@ -157,6 +162,7 @@ impl Request {
             Request::KeepSet => RequestKind::KeepSet,
             Request::RelayKeepSet { .. } => RequestKind::RelayKeepSet,
             Request::ContentKeys => RequestKind::ContentKeys,
+            Request::StagerStats { .. } => RequestKind::StagerStats,
         }
     }
 }
@@ -229,6 +235,8 @@ pub fn access(server: Role, request: RequestKind) -> Access {
         // node is enrolled, not revoked, and of a class that may read). A stager never holds
         // one, so it neither asks nor relays.
         K::ContentKeys => [EDGE, NO, NO],
+        // A stager's traffic figures, for the origin's console.
+        K::StagerStats => [STAGER, NO, NO],
     };
     match server {
         Role::Origin => origin,
@@ -419,6 +427,10 @@ mod tests {
                 node_id: "n".into(),
             },
             Request::ContentKeys,
+            Request::StagerStats {
+                served_bytes: 1,
+                pulled_bytes: 2,
+            },
         ]
     }
 
@@ -433,7 +445,7 @@ mod tests {
                 K::ListBundles | K::Resolve | K::GetManifest | K::GetBlob | K::Subscribe => None,
                 K::PutBlob | K::Publish => only(&[Role::Publisher]),
                 K::ReportNode => only(&[Role::Edge]),
-                K::RelayReport | K::RelayKeepSet => only(&[Role::Stager]),
+                K::RelayReport | K::RelayKeepSet | K::StagerStats => only(&[Role::Stager]),
                 K::KeepSet => only(&[Role::Stager, Role::Edge]),
                 K::ContentKeys => only(&[Role::Edge]),
                 K::Control => only(&[Role::Origin, Role::Publisher]),

@@ -149,6 +149,15 @@ pub enum Request {
     /// Answered by [`Response::ContentKeys`] with the generations the node's class may read
     /// (an empty list when it may read none); a revoked node is refused.
     ContentKeys,
+    /// A stager tells the origin what it moved since it started (stagers only), so the
+    /// origin's console can show it beside the WAN bytes the origin sent the site. Answered
+    /// by [`Response::Ok`]; sent now and then, and only when a figure changed.
+    StagerStats {
+        /// Payload bytes the stager served to its site's edges.
+        served_bytes: u64,
+        /// Payload bytes the stager received from upstream (the origin).
+        pulled_bytes: u64,
+    },
 }
 
 /// Content-key generations given to an edge: at most
