@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use netsim::http;
 use origin::db::{Db, NodeRecord, NodeState, Put};
 use proto::wire::{NodeBundle, ReportEvent};
@@ -169,24 +169,9 @@ async fn main() -> Result<()> {
     if !add.wait()?.success() {
         bail!("origin admin add failed");
     }
-    let login = http::request(
-        &console,
-        Method::POST,
-        "/login",
-        &[("content-type", "application/x-www-form-urlencoded")],
-        format!("name={ADMIN}&password={ADMIN_PASSWORD}").into_bytes(),
-    )
-    .await?;
-    if login.status != StatusCode::SEE_OTHER {
-        bail!("login: {} {}", login.status, login.body);
-    }
-    let cookie = login
-        .header_values("set-cookie")
-        .join("")
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let cookie = netsim::console::log_in(&console, ADMIN, ADMIN_PASSWORD)
+        .await?
+        .cookie;
 
     let rollout = start_rollout(&origin, &dir_arg, work.path())?;
     let bundles = http::get(&console, "/api/bundles", &[("cookie", cookie.as_str())]).await?;

@@ -65,34 +65,8 @@ fn phase_of(data: &str) -> Option<String> {
 }
 
 async fn log_in(console: &str) -> Result<(String, String)> {
-    let answer = http::request(
-        console,
-        Method::POST,
-        "/login",
-        &[("content-type", "application/x-www-form-urlencoded")],
-        format!("name={ADMIN}&password={ADMIN_PASSWORD}").into_bytes(),
-    )
-    .await?;
-    if answer.status != hyper::StatusCode::SEE_OTHER {
-        bail!("login: {} {}", answer.status, answer.body);
-    }
-    let cookie = answer
-        .header_values("set-cookie")
-        .join("")
-        .split(';')
-        .next()
-        .context("no cookie")?
-        .trim()
-        .to_owned();
-    let page = http::get(console, "/", &[("cookie", cookie.as_str())]).await?;
-    let csrf = page
-        .body
-        .split("name=\"csrf-token\" content=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .context("no CSRF token")?
-        .to_owned();
-    Ok((cookie, csrf))
+    let session = netsim::console::log_in(console, ADMIN, ADMIN_PASSWORD).await?;
+    Ok((session.cookie, session.csrf))
 }
 
 fn median(values: &mut [Duration]) -> Duration {
@@ -107,15 +81,7 @@ async fn run() -> Result<()> {
     let w = work.path();
     let bins = Binaries::beside_current_exe().context("build the binaries first")?;
     let mut mesh = Testbed::start(bins, &w.join("mesh"), 1, 1, &[]).await?;
-    let added = mesh
-        .origin_cli_input(
-            &["admin", "add", ADMIN, "--role", "admin", "--password-stdin"],
-            format!("{ADMIN_PASSWORD}\n").as_bytes(),
-        )
-        .await?;
-    if !added.ok {
-        bail!("origin admin add: {}{}", added.stdout, added.stderr);
-    }
+    netsim::console::add_account(&mesh, ADMIN, "admin", ADMIN_PASSWORD).await?;
     datagen::generate_tree(&w.join("rescue"), 64 * 1024, 1)?;
     datagen::generate_tree(&w.join("target"), 64 * 1024, 2)?;
     mesh.publish_as(&w.join("rescue"), "rescue-os", "1", "base-os")

@@ -443,25 +443,7 @@ async fn show_console(
             .map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())]))
             .collect()
     };
-    let run = mesh
-        .origin_cli_input(
-            &[
-                "admin",
-                "add",
-                DEMO_ADMIN,
-                "--role",
-                "admin",
-                "--password-stdin",
-            ],
-            format!("{password}\n").as_bytes(),
-        )
-        .await?;
-    ensure!(
-        run.ok,
-        "origin admin add {DEMO_ADMIN} failed:\n{}{}",
-        run.stdout,
-        run.stderr
-    );
+    crate::console::add_account(mesh, DEMO_ADMIN, "admin", &password).await?;
     let login_file = work.join("console-login.txt");
     proto::durable::write_atomic(
         &login_file,

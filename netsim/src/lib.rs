@@ -10,6 +10,7 @@
 //! modules, so [`demo`] builds
 //! on [`emulate`] and nothing in [`emulate`] depends on [`demo`].
 
+pub mod console;
 pub mod cpu;
 pub mod datagen;
 pub mod demo;

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
+use netsim::console::{form_body, Session, FORM};
 use netsim::datagen;
 use netsim::http::{self, Response};
 use netsim::procs::Binaries;
@@ -23,79 +24,35 @@ const ADMIN_PASSWORD: &str = "alice-has-a-long-password";
 const VIEWER: &str = "vera";
 const VIEWER_PASSWORD: &str = "vera-only-looks-around";
 
-const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
-
 fn bins() -> Binaries {
     Binaries::beside_current_exe().expect("build the binaries: cargo build --release --bins")
 }
 
-/// Adds a console account through `origin admin add --password-stdin`.
 async fn add_account(mesh: &Testbed, name: &str, role: &str, password: &str) {
-    let run = mesh
-        .origin_cli_input(
-            &["admin", "add", name, "--role", role, "--password-stdin"],
-            format!("{password}\n").as_bytes(),
-        )
+    netsim::console::add_account(mesh, name, role, password)
         .await
-        .expect("run origin admin add");
-    assert!(
-        run.ok,
-        "origin admin add {name}:\n{}{}",
-        run.stdout, run.stderr
-    );
+        .expect("origin admin add");
 }
 
 /// Restarts the origin with its console on a free loopback port; returns the console address.
 async fn restart_with_console(mesh: &mut Testbed) -> String {
-    mesh.stop_origin().await.expect("stop origin");
-    mesh.restart_origin_with(&["--console".into(), "127.0.0.1:0".into()])
+    mesh.restart_origin_with_console()
         .await
-        .expect("restart origin with --console");
-    mesh.origin
-        .console
-        .clone()
-        .expect("the ready file names the console")
-}
-
-fn form_body(fields: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = String::new();
-    for (name, value) in fields {
-        if !body.is_empty() {
-            body.push('&');
-        }
-        // Test values are plain ASCII letters, digits and `-`: nothing to escape.
-        body.push_str(&format!("{name}={value}"));
-    }
-    body.into_bytes()
+        .expect("restart origin with --console")
 }
 
 async fn login(console: &str, name: &str, password: &str) -> Response {
-    http::request(
-        console,
-        Method::POST,
-        "/login",
-        &[FORM],
-        form_body(&[("name", name), ("password", password)]),
-    )
-    .await
-    .expect("POST /login")
+    netsim::console::login(console, name, password)
+        .await
+        .expect("POST /login")
 }
 
-/// A logged-in browser: its cookie header and its CSRF token (read from the overview page).
-struct Browser {
-    cookie: String,
-    csrf: String,
-}
-
-async fn log_in(console: &str, name: &str, password: &str) -> Browser {
-    let answer = login(console, name, password).await;
-    assert_eq!(
-        answer.status,
-        StatusCode::SEE_OTHER,
-        "{name}: {}",
-        answer.body
-    );
-    let set_cookie = answer.header_values("set-cookie").join("\n");
+/// Logs in, checking the session cookie's attributes and id.
+async fn log_in(console: &str, name: &str, password: &str) -> Session {
+    let session = netsim::console::log_in(console, name, password)
+        .await
+        .expect("log in");
+    let set_cookie = &session.set_cookie;
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set_cookie.contains(attribute), "{attribute}: {set_cookie}");
     }
@@ -103,24 +60,18 @@ async fn log_in(console: &str, name: &str, password: &str) -> Browser {
         !set_cookie.contains("Secure"),
         "no TLS, no Secure: {set_cookie}"
     );
-    let cookie = set_cookie
-        .split(';')
-        .next()
-        .expect("a cookie")
-        .trim()
-        .to_owned();
-    let id = cookie.split_once('=').map(|(_, id)| id).unwrap_or_default();
-    assert_eq!(id.len(), 64, "a 256-bit session id in hex: {cookie}");
-    let page = get(console, "/", &cookie).await;
-    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
-    let csrf = page
-        .body
-        .split("name=\"csrf-token\" content=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("the page carries a CSRF token")
-        .to_owned();
-    Browser { cookie, csrf }
+    let id = session
+        .cookie
+        .split_once('=')
+        .map(|(_, id)| id)
+        .unwrap_or_default();
+    assert_eq!(
+        id.len(),
+        64,
+        "a 256-bit session id in hex: {}",
+        session.cookie
+    );
+    session
 }
 
 async fn get(console: &str, path: &str, cookie: &str) -> Response {

@@ -263,18 +263,9 @@ impl Drop for Driver {
 }
 
 async fn add_account(mesh: &Testbed, name: &str, role: &str, password: &str) {
-    let run = mesh
-        .origin_cli_input(
-            &["admin", "add", name, "--role", role, "--password-stdin"],
-            format!("{password}\n").as_bytes(),
-        )
+    netsim::console::add_account(mesh, name, role, password)
         .await
-        .expect("run origin admin add");
-    assert!(
-        run.ok,
-        "origin admin add {name}:\n{}{}",
-        run.stdout, run.stderr
-    );
+        .expect("origin admin add");
 }
 
 /// Logs in through the form, as a person would.

@@ -31,49 +31,17 @@ fn bins() -> Binaries {
 }
 
 async fn add_account(mesh: &Testbed, name: &str, role: &str, password: &str) {
-    let run = mesh
-        .origin_cli_input(
-            &["admin", "add", name, "--role", role, "--password-stdin"],
-            format!("{password}\n").as_bytes(),
-        )
+    netsim::console::add_account(mesh, name, role, password)
         .await
-        .expect("run origin admin add");
-    assert!(
-        run.ok,
-        "origin admin add {name}:\n{}{}",
-        run.stdout, run.stderr
-    );
+        .expect("origin admin add");
 }
 
 /// Logs in; returns the session cookie (`name=value`) and its CSRF token.
 async fn log_in(console: &str, name: &str, password: &str) -> (String, String) {
-    let answer = http::request(
-        console,
-        Method::POST,
-        "/login",
-        &[("content-type", "application/x-www-form-urlencoded")],
-        format!("name={name}&password={password}").into_bytes(),
-    )
-    .await
-    .expect("POST /login");
-    assert_eq!(answer.status, StatusCode::SEE_OTHER, "{}", answer.body);
-    let cookie = answer
-        .header_values("set-cookie")
-        .join("")
-        .split(';')
-        .next()
-        .expect("a cookie")
-        .trim()
-        .to_owned();
-    let page = get(console, "/", &cookie).await;
-    let csrf = page
-        .body
-        .split("name=\"csrf-token\" content=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("the page carries a CSRF token")
-        .to_owned();
-    (cookie, csrf)
+    let session = netsim::console::log_in(console, name, password)
+        .await
+        .expect("log in");
+    (session.cookie, session.csrf)
 }
 
 async fn get(console: &str, path: &str, cookie: &str) -> Response {

@@ -24,40 +24,17 @@ fn bins() -> Binaries {
 }
 
 async fn add_account(mesh: &Testbed, name: &str, role: &str, password: &str) {
-    let run = mesh
-        .origin_cli_input(
-            &["admin", "add", name, "--role", role, "--password-stdin"],
-            format!("{password}\n").as_bytes(),
-        )
+    netsim::console::add_account(mesh, name, role, password)
         .await
-        .expect("run origin admin add");
-    assert!(
-        run.ok,
-        "origin admin add {name}:\n{}{}",
-        run.stdout, run.stderr
-    );
+        .expect("origin admin add");
 }
 
 /// Logs in; returns the session's cookie header.
 async fn log_in(console: &str, name: &str, password: &str) -> String {
-    let answer = http::request(
-        console,
-        Method::POST,
-        "/login",
-        &[("content-type", "application/x-www-form-urlencoded")],
-        format!("name={name}&password={password}").into_bytes(),
-    )
-    .await
-    .expect("POST /login");
-    assert_eq!(answer.status, StatusCode::SEE_OTHER, "{}", answer.body);
-    answer
-        .header_values("set-cookie")
-        .join("\n")
-        .split(';')
-        .next()
-        .expect("a cookie")
-        .trim()
-        .to_owned()
+    netsim::console::log_in(console, name, password)
+        .await
+        .expect("log in")
+        .cookie
 }
 
 async fn get(console: &str, path: &str, cookie: &str) -> Response {

@@ -159,28 +159,10 @@ fn hold_keeps_the_mesh_and_its_console_up_until_ctrl_c() {
     let (name, password) = (field("name:"), field("password:"));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let overview: serde_json::Value = runtime.block_on(async {
-        let answer = netsim::http::request(
-            &console,
-            hyper::Method::POST,
-            "/login",
-            &[("content-type", "application/x-www-form-urlencoded")],
-            format!("name={name}&password={password}").into_bytes(),
-        )
-        .await
-        .expect("log in");
-        assert_eq!(
-            answer.status,
-            hyper::StatusCode::SEE_OTHER,
-            "{}",
-            answer.body
-        );
-        let cookie = answer
-            .header_values("set-cookie")
-            .join(";")
-            .split(';')
-            .next()
-            .expect("cookie")
-            .to_owned();
+        let session = netsim::console::log_in(&console, &name, &password)
+            .await
+            .expect("log in with the printed account");
+        let cookie = session.cookie;
         let overview = netsim::http::get(&console, "/api/overview", &[("cookie", &cookie)])
             .await
             .expect("overview");
