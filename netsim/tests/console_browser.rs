@@ -2,8 +2,9 @@
 //! WebDriver protocol (W3C JSON over HTTP on loopback, spoken with netsim's hyper client: the
 //! handful of commands below need no WebDriver crate), against the real `origin` binary. An admin logs in through the
 //! form, watches a rollout's per-site progress advance on the rollout page without reloading,
-//! presses pause and sees it in the page and in `origin rollout status`; a viewer sees no
-//! buttons. Screenshots of the overview and of the rollout page are saved under
+//! presses pause and sees it in the page and in `origin rollout status`; a script POST without
+//! the CSRF token is refused, and so is a viewer's with it; a viewer sees no buttons; five
+//! wrong passwords through the form slow the next login. Screenshots of the overview and of the rollout page are saved under
 //! `$CARGO_TARGET_DIR/console-screenshots/` (else the test's work directory) and printed.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`scripts/install-deps.sh` installs them);
@@ -268,8 +269,8 @@ async fn add_account(mesh: &Testbed, name: &str, role: &str, password: &str) {
         .expect("origin admin add");
 }
 
-/// Logs in through the form, as a person would.
-async fn log_in(browser: &Client, console: &str, name: &str, password: &str) {
+/// Fills in and sends the login form, as a person would.
+async fn submit_login(browser: &Client, console: &str, name: &str, password: &str) {
     browser
         .goto(&format!("http://{console}/login"))
         .await
@@ -286,6 +287,11 @@ async fn log_in(browser: &Client, console: &str, name: &str, password: &str) {
         .click("form.login button[type=submit]")
         .await
         .expect("press log in");
+}
+
+/// Logs in through the form and waits for the overview.
+async fn log_in(browser: &Client, console: &str, name: &str, password: &str) {
+    submit_login(browser, console, name, password).await;
     wait_until_async(PAGE_TIMEOUT, POLL, async || {
         browser.find("body[data-page=overview]").await.is_ok()
     })
@@ -506,6 +512,16 @@ async fn the_console_in_a_browser_follows_and_pauses_a_rollout() {
         "the status names the node still at its health check"
     );
     let rollout_url = browser.current_url().await.expect("url");
+    let resume_path = format!(
+        "/api/rollouts/{rollout_id}/resume",
+        rollout_id = rollout_url.rsplit('/').next().unwrap_or_default()
+    );
+    // A script on the admin's own page that leaves out the CSRF token is refused.
+    assert_eq!(
+        post_from_page(&browser, &resume_path, false).await,
+        403,
+        "a POST without the CSRF token"
+    );
     browser.close().await.expect("close the admin's browser");
 
     // A viewer sees the same page without buttons.
@@ -521,7 +537,54 @@ async fn the_console_in_a_browser_follows_and_pauses_a_rollout() {
         .await
         .expect("query")
         .is_empty());
+    // Even with its session's CSRF token, a viewer's POST is refused.
+    assert_eq!(
+        post_from_page(&viewer, &resume_path, true).await,
+        403,
+        "a viewer's POST"
+    );
+    let status = rollout_status(&mesh).await;
+    assert_eq!(
+        status["phase"]["phase"], "paused",
+        "nothing changed: {status:#}"
+    );
     viewer.close().await.expect("close the viewer's browser");
+
+    // Five wrong passwords through the form: the next try is slowed, right password or not.
+    let guesser = driver.browser().await;
+    for attempt in 1..=5 {
+        submit_login(&guesser, &console, VIEWER, "not-the-password-at-all").await;
+        wait_text(&guesser, "p.error", |t| {
+            t.contains("Wrong name or password")
+        })
+        .await;
+        println!("wrong password {attempt} refused");
+    }
+    submit_login(&guesser, &console, VIEWER, VIEWER_PASSWORD).await;
+    wait_text(&guesser, "p.error", |t| {
+        t.contains("Too many wrong passwords")
+    })
+    .await;
+    assert!(guesser.find("body[data-page=overview]").await.is_err());
+    guesser.close().await.expect("close the guesser's browser");
     drop(driver);
     mesh.shutdown().await;
+}
+
+/// POSTs `path` from a script of the page open in `browser` (a synchronous XMLHttpRequest,
+/// as the page's own scripts could), with the page's CSRF token when `with_token`; returns
+/// the HTTP status.
+async fn post_from_page(browser: &Client, path: &str, with_token: bool) -> u64 {
+    let script = format!(
+        "var x = new XMLHttpRequest(); x.open('POST', '{path}', false); \
+         var m = document.querySelector('meta[name=csrf-token]'); \
+         if ({with_token} && m) {{ x.setRequestHeader('X-CSRF-Token', m.content); }} \
+         x.send(); return x.status;"
+    );
+    browser
+        .execute(&script)
+        .await
+        .expect("run the script")
+        .as_u64()
+        .expect("a status")
 }
