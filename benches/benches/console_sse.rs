@@ -90,34 +90,12 @@ async fn run() -> Result<()> {
     mesh.start_edge_daemons(false, &[]).await?;
     let edge = mesh.edges[0].clone();
     let daemon_addr = edge.daemon.as_ref().context("daemon")?.mesh.clone();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !mesh
-        .origin_ok(&["nodes", "--json"])
-        .await
-        .unwrap_or_default()
-        .contains(&daemon_addr)
-    {
-        if Instant::now() > deadline {
-            bail!("the edge never reported its daemon's address");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    mesh.wait_for_daemon_reports(Duration::from_secs(60))
+        .await?;
     mesh.stop_edge(&edge.name).await?;
     let _silent = std::net::UdpSocket::bind(&daemon_addr)?;
-    mesh.kill_origin().await?;
-    mesh.restart_origin_with(&["--console".into(), "127.0.0.1:0".into()])
-        .await?;
-    let console = mesh.origin.console.clone().context("console address")?;
-    mesh.origin_ok(&[
-        "rollout",
-        "start",
-        "os@2",
-        "--to",
-        "all",
-        "--rescue",
-        "rescue-os@1",
-    ])
-    .await?;
+    let console = mesh.restart_origin_with_console().await?;
+    mesh.rollout_all("os@2", "rescue-os@1").await?;
 
     let mut sessions = Vec::new();
     for _ in 0..pages {

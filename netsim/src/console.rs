@@ -97,6 +97,41 @@ pub async fn get(console: &str, path: &str, session: Option<&Session>) -> Result
 }
 
 impl Testbed {
+    /// Waits until the origin's node table lists every running edge daemon's address (each
+    /// daemon reports it when it starts), so a rollout or prepare can reach them.
+    pub async fn wait_for_daemon_reports(&self, timeout: std::time::Duration) -> Result<()> {
+        let daemons: Vec<String> = self
+            .edges
+            .iter()
+            .filter_map(|e| e.daemon.as_ref().map(|d| d.mesh.clone()))
+            .collect();
+        stagecoach_testing::wait_until_async(
+            timeout,
+            std::time::Duration::from_millis(200),
+            async || {
+                let nodes = self
+                    .origin_ok(&["nodes", "--json"])
+                    .await
+                    .unwrap_or_default();
+                daemons.iter().all(|addr| nodes.contains(addr))
+            },
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the edge daemons did not all report their addresses within {timeout:?}"
+            )
+        })
+    }
+
+    /// `origin rollout start TARGET --to all --rescue RESCUE`; returns its output.
+    pub async fn rollout_all(&self, target: &str, rescue: &str) -> Result<String> {
+        self.origin_ok(&[
+            "rollout", "start", target, "--to", "all", "--rescue", rescue,
+        ])
+        .await
+    }
+
     /// Restarts the origin (SIGTERM, so its peers reconnect at once) with its console on a
     /// free loopback port; returns the console's address.
     pub async fn restart_origin_with_console(&mut self) -> Result<String> {

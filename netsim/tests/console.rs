@@ -14,10 +14,6 @@ use netsim::http::{self, Response};
 use netsim::procs::Binaries;
 use netsim::testbed::Testbed;
 use serde_json::Value;
-use stagecoach_testing::wait_until_async;
-
-/// How often the origin is asked while waiting on it.
-const POLL: Duration = Duration::from_millis(200);
 
 const ADMIN: &str = "alice";
 const ADMIN_PASSWORD: &str = "alice-has-a-long-password";
@@ -32,13 +28,6 @@ async fn add_account(mesh: &Testbed, name: &str, role: &str, password: &str) {
     netsim::console::add_account(mesh, name, role, password)
         .await
         .expect("origin admin add");
-}
-
-/// Restarts the origin with its console on a free loopback port; returns the console address.
-async fn restart_with_console(mesh: &mut Testbed) -> String {
-    mesh.restart_origin_with_console()
-        .await
-        .expect("restart origin with --console")
 }
 
 async fn login(console: &str, name: &str, password: &str) -> Response {
@@ -163,7 +152,10 @@ async fn console_logins_sessions_csrf_viewers_bad_requests_and_the_rate_limit() 
         refused.stderr
     );
 
-    let console = restart_with_console(&mut mesh).await;
+    let console = mesh
+        .restart_origin_with_console()
+        .await
+        .expect("restart origin with --console");
 
     // Health and metrics are served beside the console.
     let health = get(&console, "/healthz", "").await;
@@ -509,34 +501,23 @@ async fn an_admin_pauses_a_running_rollout_from_the_console() {
     mesh.start_edge_daemons(false, &[]).await.expect("daemons");
     let edge = mesh.edges[0].clone();
     let daemon_addr = edge.daemon.as_ref().expect("daemon").mesh.clone();
-    wait_until_async(Duration::from_secs(60), POLL, async || {
-        let nodes = mesh
-            .origin_ok(&["nodes", "--json"])
-            .await
-            .unwrap_or_default();
-        nodes.contains(&daemon_addr)
-    })
-    .await
-    .expect("the edge reports its daemon's address");
+    mesh.wait_for_daemon_reports(Duration::from_secs(60))
+        .await
+        .expect("the edge reports its daemon's address");
     // The daemon goes, and a socket that never answers takes its address: the rollout's swap
     // of the canary waits for a QUIC handshake, so the rollout stays running meanwhile.
     mesh.stop_edge(&edge.name).await.expect("stop the daemon");
     let _silent = std::net::UdpSocket::bind(&daemon_addr).expect("bind the daemon's address");
-    let console = restart_with_console(&mut mesh).await;
+    let console = mesh
+        .restart_origin_with_console()
+        .await
+        .expect("restart origin with --console");
     let admin = log_in(&console, ADMIN, ADMIN_PASSWORD).await;
     let viewer = log_in(&console, VIEWER, VIEWER_PASSWORD).await;
 
-    mesh.origin_ok(&[
-        "rollout",
-        "start",
-        "os@2",
-        "--to",
-        "all",
-        "--rescue",
-        "rescue-os@1",
-    ])
-    .await
-    .expect("rollout start");
+    mesh.rollout_all("os@2", "rescue-os@1")
+        .await
+        .expect("rollout start");
     let overview: Value =
         serde_json::from_str(&get(&console, "/api/overview", &admin.cookie).await.body)
             .expect("overview JSON");

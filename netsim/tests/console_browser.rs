@@ -392,39 +392,19 @@ async fn the_console_in_a_browser_follows_and_pauses_a_rollout() {
     })
     .await
     .expect("daemons");
-    let daemons: Vec<String> = mesh
-        .edges
-        .iter()
-        .map(|e| e.daemon.as_ref().expect("daemon").mesh.clone())
-        .collect();
-    wait_until_async(Duration::from_secs(60), POLL, async || {
-        let nodes = mesh
-            .origin_ok(&["nodes", "--json"])
-            .await
-            .unwrap_or_default();
-        daemons.iter().all(|addr| nodes.contains(addr))
-    })
-    .await
-    .expect("the edges report their daemons' addresses");
-    mesh.stop_origin().await.expect("stop origin");
-    mesh.restart_origin_with(&["--console".into(), "127.0.0.1:0".into()])
+    mesh.wait_for_daemon_reports(Duration::from_secs(60))
+        .await
+        .expect("the edges report their daemons' addresses");
+    let console = mesh
+        .restart_origin_with_console()
         .await
         .expect("restart origin with --console");
-    let console = mesh.origin.console.clone().expect("console address");
 
     // The rollout starts and is paused: the first site's canary is offered and waits at its
     // health check, so the second site's wave cannot start.
-    mesh.origin_ok(&[
-        "rollout",
-        "start",
-        "os@2",
-        "--to",
-        "all",
-        "--rescue",
-        "rescue-os@1",
-    ])
-    .await
-    .expect("rollout start");
+    mesh.rollout_all("os@2", "rescue-os@1")
+        .await
+        .expect("rollout start");
     mesh.origin_ok(&["rollout", "pause"])
         .await
         .expect("rollout pause");

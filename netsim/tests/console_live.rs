@@ -13,10 +13,6 @@ use netsim::procs::Binaries;
 use netsim::sse::EventStream;
 use netsim::testbed::Testbed;
 use serde_json::Value;
-use stagecoach_testing::wait_until_async;
-
-/// How often the origin is asked while waiting on it.
-const POLL: Duration = Duration::from_millis(200);
 
 /// How long an expected event may take.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -82,24 +78,17 @@ async fn the_rollout_page_and_its_event_stream_follow_a_pause() {
     mesh.start_edge_daemons(false, &[]).await.expect("daemons");
     let edge = mesh.edges[0].clone();
     let daemon_addr = edge.daemon.as_ref().expect("daemon").mesh.clone();
-    wait_until_async(Duration::from_secs(60), POLL, async || {
-        let nodes = mesh
-            .origin_ok(&["nodes", "--json"])
-            .await
-            .unwrap_or_default();
-        nodes.contains(&daemon_addr)
-    })
-    .await
-    .expect("the edge reports its daemon's address");
+    mesh.wait_for_daemon_reports(Duration::from_secs(60))
+        .await
+        .expect("the edge reports its daemon's address");
     // As in console.rs: a socket that never answers holds the canary, so the rollout stays
     // running until paused.
     mesh.stop_edge(&edge.name).await.expect("stop the daemon");
     let _silent = std::net::UdpSocket::bind(&daemon_addr).expect("bind the daemon's address");
-    mesh.stop_origin().await.expect("stop origin");
-    mesh.restart_origin_with(&["--console".into(), "127.0.0.1:0".into()])
+    let console = mesh
+        .restart_origin_with_console()
         .await
         .expect("restart origin with --console");
-    let console = mesh.origin.console.clone().expect("console address");
     let (admin, _admin_csrf) = log_in(&console, ADMIN, ADMIN_PASSWORD).await;
     let (viewer, viewer_csrf) = log_in(&console, VIEWER, VIEWER_PASSWORD).await;
 
@@ -115,17 +104,9 @@ async fn the_rollout_page_and_its_event_stream_follow_a_pause() {
         Ok(_) => panic!("an event stream without a session"),
     }
 
-    mesh.origin_ok(&[
-        "rollout",
-        "start",
-        "os@2",
-        "--to",
-        "all",
-        "--rescue",
-        "rescue-os@1",
-    ])
-    .await
-    .expect("rollout start");
+    mesh.rollout_all("os@2", "rescue-os@1")
+        .await
+        .expect("rollout start");
     let overview: Value = serde_json::from_str(&get(&console, "/api/overview", &admin).await.body)
         .expect("overview JSON");
     let id = overview["rollouts"][0]["id"]

@@ -63,11 +63,10 @@ async fn console_pages_sites_nodes_bundles_prepares_and_audit() {
     mesh.publish(&tree, "web", "1.0.0").await.expect("publish");
     add_account(&mesh, ADMIN, "admin", ADMIN_PASSWORD).await;
     add_account(&mesh, VIEWER, "viewer", VIEWER_PASSWORD).await;
-    mesh.stop_origin().await.expect("stop origin");
-    mesh.restart_origin_with(&["--console".into(), "127.0.0.1:0".into()])
+    let console = mesh
+        .restart_origin_with_console()
         .await
         .expect("restart origin with --console");
-    let console = mesh.origin.console.clone().expect("console address");
 
     // Without a session: pages send to the login form, JSON twins answer 401.
     for path in ["/sites", "/nodes", "/bundles", "/prepares", "/audit"] {
