@@ -27,11 +27,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use hyper::Method;
-use netsim::datagen;
+use netsim::console::HeldRollout;
 use netsim::http;
 use netsim::procs::Binaries;
 use netsim::sse::EventStream;
-use netsim::testbed::Testbed;
 use serde_json::Value;
 
 const ADMIN: &str = "bench";
@@ -78,23 +77,11 @@ async fn run() -> Result<()> {
     let pages = env_usize("STAGECOACH_SSE_PAGES", 50);
     let changes = env_usize("STAGECOACH_SSE_CHANGES", 10).max(1);
     let work = tempfile::tempdir()?;
-    let w = work.path();
     let bins = Binaries::beside_current_exe().context("build the binaries first")?;
-    let mut mesh = Testbed::start(bins, &w.join("mesh"), 1, 1, &[]).await?;
-    netsim::console::add_account(&mesh, ADMIN, "admin", ADMIN_PASSWORD).await?;
-    datagen::generate_tree(&w.join("rescue"), 64 * 1024, 1)?;
-    datagen::generate_tree(&w.join("target"), 64 * 1024, 2)?;
-    mesh.publish_as(&w.join("rescue"), "rescue-os", "1", "base-os")
-        .await?;
-    mesh.publish(&w.join("target"), "os", "2").await?;
-    mesh.start_edge_daemons(false, &[]).await?;
-    let edge = mesh.edges[0].clone();
-    let daemon_addr = edge.daemon.as_ref().context("daemon")?.mesh.clone();
-    mesh.wait_for_daemon_reports(Duration::from_secs(60))
-        .await?;
-    mesh.stop_edge(&edge.name).await?;
-    let _silent = std::net::UdpSocket::bind(&daemon_addr)?;
-    let console = mesh.restart_origin_with_console().await?;
+    let mut held =
+        HeldRollout::start(bins, work.path(), &[(ADMIN, "admin", ADMIN_PASSWORD)]).await?;
+    let console = held.console.clone();
+    let mesh = &mut held.mesh;
     mesh.rollout_all("os@2", "rescue-os@1").await?;
 
     let mut sessions = Vec::new();

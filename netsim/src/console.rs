@@ -2,10 +2,14 @@
 //! accounts made with `origin admin add --password-stdin`, logging in over HTTP, and the
 //! session's cookie and CSRF token, as a browser holds them.
 
+use std::path::Path;
+use std::time::Duration;
+
 use anyhow::{bail, Context, Result};
 use hyper::{Method, StatusCode};
 
 use crate::http::{self, Response};
+use crate::procs::Binaries;
 use crate::testbed::Testbed;
 
 /// The content type of an HTML form's body.
@@ -142,5 +146,59 @@ impl Testbed {
             .console
             .clone()
             .context("the origin's ready file names no console")
+    }
+}
+
+/// A mesh whose console can show a rollout that stays running: one site with one edge,
+/// `os@2` and `rescue-os@1` published, the accounts made, and the edge's daemon gone after it
+/// reported, its address taken by a socket that never answers. A rollout of `os@2` (see
+/// [`Testbed::rollout_all`]) then offers the canary and waits on its QUIC handshake (up to
+/// the 30 s idle timeout), so it runs until paused.
+pub struct HeldRollout {
+    /// The mesh.
+    pub mesh: Testbed,
+    /// The console's address.
+    pub console: String,
+    /// Holds the daemon's address.
+    _silent: std::net::UdpSocket,
+}
+
+impl HeldRollout {
+    /// Builds it under `work`, with `accounts` (name, role, password).
+    pub async fn start(
+        bins: Binaries,
+        work: &Path,
+        accounts: &[(&str, &str, &str)],
+    ) -> Result<Self> {
+        let mut mesh = Testbed::start(bins, &work.join("mesh"), 1, 1, &[]).await?;
+        for (name, role, password) in accounts {
+            add_account(&mesh, name, role, password).await?;
+        }
+        for (name, version, kind, seed) in
+            [("rescue-os", "1", "base-os", 1), ("os", "2", "os-image", 2)]
+        {
+            let tree = work.join(name);
+            crate::datagen::generate_tree(&tree, 64 * 1024, seed)?;
+            mesh.publish_as(&tree, name, version, kind).await?;
+        }
+        mesh.start_edge_daemons(false, &[]).await?;
+        mesh.wait_for_daemon_reports(Duration::from_secs(60))
+            .await?;
+        let edge = mesh.edges[0].clone();
+        let daemon_addr = edge
+            .daemon
+            .as_ref()
+            .context("the edge's daemon")?
+            .mesh
+            .clone();
+        mesh.stop_edge(&edge.name).await?;
+        let silent = std::net::UdpSocket::bind(&daemon_addr)
+            .with_context(|| format!("bind the daemon's address {daemon_addr}"))?;
+        let console = mesh.restart_origin_with_console().await?;
+        Ok(Self {
+            mesh,
+            console,
+            _silent: silent,
+        })
     }
 }

@@ -4,12 +4,8 @@
 //! login rate limit, and pausing a running rollout from the console as `origin rollout pause`
 //! would.
 
-use std::path::Path;
-use std::time::Duration;
-
 use hyper::{Method, StatusCode};
-use netsim::console::{form_body, Session, FORM};
-use netsim::datagen;
+use netsim::console::{form_body, HeldRollout, Session, FORM};
 use netsim::http::{self, Response};
 use netsim::procs::Binaries;
 use netsim::testbed::Testbed;
@@ -477,41 +473,21 @@ async fn console_logins_sessions_csrf_viewers_bad_requests_and_the_rate_limit() 
     mesh.shutdown().await;
 }
 
-fn os_tree(dir: &Path, bytes: u64, seed: u64) {
-    datagen::generate_tree(dir, bytes, seed).expect("tree");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_pauses_a_running_rollout_from_the_console() {
     let work = tempfile::tempdir().expect("tempdir");
-    let w = work.path();
-    let mut mesh = Testbed::start(bins(), &w.join("mesh"), 1, 1, &[])
-        .await
-        .expect("mesh");
-    add_account(&mesh, ADMIN, "admin", ADMIN_PASSWORD).await;
-    add_account(&mesh, VIEWER, "viewer", VIEWER_PASSWORD).await;
-    os_tree(&w.join("rescue"), 64 * 1024, 1);
-    os_tree(&w.join("target"), 64 * 1024, 2);
-    mesh.publish_as(&w.join("rescue"), "rescue-os", "1", "base-os")
-        .await
-        .expect("publish rescue");
-    mesh.publish(&w.join("target"), "os", "2")
-        .await
-        .expect("publish target");
-    mesh.start_edge_daemons(false, &[]).await.expect("daemons");
-    let edge = mesh.edges[0].clone();
-    let daemon_addr = edge.daemon.as_ref().expect("daemon").mesh.clone();
-    mesh.wait_for_daemon_reports(Duration::from_secs(60))
-        .await
-        .expect("the edge reports its daemon's address");
-    // The daemon goes, and a socket that never answers takes its address: the rollout's swap
-    // of the canary waits for a QUIC handshake, so the rollout stays running meanwhile.
-    mesh.stop_edge(&edge.name).await.expect("stop the daemon");
-    let _silent = std::net::UdpSocket::bind(&daemon_addr).expect("bind the daemon's address");
-    let console = mesh
-        .restart_origin_with_console()
-        .await
-        .expect("restart origin with --console");
+    let mut held = HeldRollout::start(
+        bins(),
+        work.path(),
+        &[
+            (ADMIN, "admin", ADMIN_PASSWORD),
+            (VIEWER, "viewer", VIEWER_PASSWORD),
+        ],
+    )
+    .await
+    .expect("a mesh with a held rollout");
+    let console = held.console.clone();
+    let mesh = &mut held.mesh;
     let admin = log_in(&console, ADMIN, ADMIN_PASSWORD).await;
     let viewer = log_in(&console, VIEWER, VIEWER_PASSWORD).await;
 
@@ -558,7 +534,7 @@ async fn an_admin_pauses_a_running_rollout_from_the_console() {
     let answer: Value = serde_json::from_str(&paused.body).expect("status JSON");
     assert_eq!(answer["phase"]["phase"], "paused", "{answer:#}");
     assert_eq!(phase().await, "paused");
-    assert!(audited(&audit(&mesh).await, ADMIN, "rollout.pause"));
+    assert!(audited(&audit(mesh).await, ADMIN, "rollout.pause"));
 
     // Aborted (from a form, as the page's button posts): it ends, and takes no more actions.
     let aborted = http::request(

@@ -3,15 +3,13 @@
 //! elsewhere), `GET /api/events` sending the state on open and again when a rollout is
 //! paused, refused without a session, and ending when its session ends.
 
-use std::path::Path;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
-use netsim::datagen;
+use netsim::console::HeldRollout;
 use netsim::http::{self, Response};
 use netsim::procs::Binaries;
 use netsim::sse::EventStream;
-use netsim::testbed::Testbed;
 use serde_json::Value;
 
 /// How long an expected event may take.
@@ -24,12 +22,6 @@ const VIEWER_PASSWORD: &str = "vera-only-looks-around";
 
 fn bins() -> Binaries {
     Binaries::beside_current_exe().expect("build the binaries: cargo build --release --bins")
-}
-
-async fn add_account(mesh: &Testbed, name: &str, role: &str, password: &str) {
-    netsim::console::add_account(mesh, name, role, password)
-        .await
-        .expect("origin admin add");
 }
 
 /// Logs in; returns the session cookie (`name=value`) and its CSRF token.
@@ -46,10 +38,6 @@ async fn get(console: &str, path: &str, cookie: &str) -> Response {
         .expect("GET")
 }
 
-fn os_tree(dir: &Path, bytes: u64, seed: u64) {
-    datagen::generate_tree(dir, bytes, seed).expect("tree");
-}
-
 fn rollout_phase(data: &str) -> String {
     let state: Value = serde_json::from_str(data).expect("state JSON");
     state["rollout"]["phase"]
@@ -61,34 +49,18 @@ fn rollout_phase(data: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rollout_page_and_its_event_stream_follow_a_pause() {
     let work = tempfile::tempdir().expect("tempdir");
-    let w = work.path();
-    let mut mesh = Testbed::start(bins(), &w.join("mesh"), 1, 1, &[])
-        .await
-        .expect("mesh");
-    add_account(&mesh, ADMIN, "admin", ADMIN_PASSWORD).await;
-    add_account(&mesh, VIEWER, "viewer", VIEWER_PASSWORD).await;
-    os_tree(&w.join("rescue"), 64 * 1024, 1);
-    os_tree(&w.join("target"), 64 * 1024, 2);
-    mesh.publish_as(&w.join("rescue"), "rescue-os", "1", "base-os")
-        .await
-        .expect("publish rescue");
-    mesh.publish(&w.join("target"), "os", "2")
-        .await
-        .expect("publish target");
-    mesh.start_edge_daemons(false, &[]).await.expect("daemons");
-    let edge = mesh.edges[0].clone();
-    let daemon_addr = edge.daemon.as_ref().expect("daemon").mesh.clone();
-    mesh.wait_for_daemon_reports(Duration::from_secs(60))
-        .await
-        .expect("the edge reports its daemon's address");
-    // As in console.rs: a socket that never answers holds the canary, so the rollout stays
-    // running until paused.
-    mesh.stop_edge(&edge.name).await.expect("stop the daemon");
-    let _silent = std::net::UdpSocket::bind(&daemon_addr).expect("bind the daemon's address");
-    let console = mesh
-        .restart_origin_with_console()
-        .await
-        .expect("restart origin with --console");
+    let mut held = HeldRollout::start(
+        bins(),
+        work.path(),
+        &[
+            (ADMIN, "admin", ADMIN_PASSWORD),
+            (VIEWER, "viewer", VIEWER_PASSWORD),
+        ],
+    )
+    .await
+    .expect("a mesh with a held rollout");
+    let console = held.console.clone();
+    let mesh = &mut held.mesh;
     let (admin, _admin_csrf) = log_in(&console, ADMIN, ADMIN_PASSWORD).await;
     let (viewer, viewer_csrf) = log_in(&console, VIEWER, VIEWER_PASSWORD).await;
 
