@@ -536,6 +536,26 @@ async fn an_admin_pauses_a_running_rollout_from_the_console() {
     assert_eq!(phase().await, "paused");
     assert!(audited(&audit(mesh).await, ADMIN, "rollout.pause"));
 
+    // The canary's node page shows its part in the rollout: offered, waiting on its swap.
+    let canary = rollout["status"]["waves"][0]["nodes"][0]["node"]
+        .as_str()
+        .expect("the canary")
+        .to_owned();
+    let node: Value = serde_json::from_str(
+        &get(&console, &format!("/api/nodes/{canary}"), &viewer.cookie)
+            .await
+            .body,
+    )
+    .expect("node JSON");
+    assert_eq!(node["last_rollout"]["bundle"], "os@2", "{node:#}");
+    assert_eq!(node["last_rollout"]["result"], "offered", "{node:#}");
+    let node_page = get(&console, &format!("/nodes/{canary}"), &viewer.cookie).await;
+    assert!(
+        node_page.body.contains("os@2 (paused): offered"),
+        "{}",
+        node_page.body
+    );
+
     // Aborted (from a form, as the page's button posts): it ends, and takes no more actions.
     let aborted = http::request(
         &console,

@@ -637,6 +637,23 @@ pub struct NodeDetail {
     pub swap_note: &'static str,
     /// Prepare operations that name this node, newest first: (operation id, bundle, state).
     pub prepares: Vec<NodePrepare>,
+    /// The node in the last rollout, if it was part of it: its swap's result as the origin
+    /// saw it.
+    pub last_rollout: Option<NodeRollout>,
+}
+
+/// One node's part in the last rollout.
+#[derive(Debug, Serialize)]
+pub struct NodeRollout {
+    /// The bundle, `name@version`.
+    pub bundle: String,
+    /// The rollout's phase.
+    pub phase: String,
+    /// The version the node ran when the rollout started.
+    pub previous_version: Option<String>,
+    /// Where the node stands: pending, offered, healthy, failed (with what it reported),
+    /// skipped (why).
+    pub result: String,
 }
 
 /// A prepare operation's entry for one node.
@@ -655,8 +672,9 @@ pub struct NodePrepare {
 const SWAP_NOTE: &str = "The origin records each node's last report: why it reported \
      (enrolled, started, or updated after fetching what its boot plan asked for), what it \
      runs (installed), what its store holds, and whether that matches its desired bundles \
-     (the state and its detail). A swap's own journal stays on the node \
-     (edge-agent swap status); the origin does not store it.";
+     (the state and its detail), and the node's result in the last rollout. The swap's own \
+     journal and the machine's slots stay on the node (edge-agent swap status); the origin \
+     does not store them.";
 
 fn gather_node(console: &Console, id: &str) -> Result<NodeDetail, PageError> {
     if id.is_empty() || id.len() > MAX_ID_BYTES {
@@ -680,10 +698,24 @@ fn gather_node(console: &Console, id: &str) -> Result<NodeDetail, PageError> {
             })
         })
         .collect();
+    let last_rollout = console
+        .origin
+        .control()
+        .rollouts()
+        .saved_status()
+        .and_then(|status| {
+            status.node(id).map(|n| NodeRollout {
+                bundle: status.bundle.to_string(),
+                phase: status.phase.to_string(),
+                previous_version: n.previous_version.clone(),
+                result: n.state.to_string(),
+            })
+        });
     Ok(NodeDetail {
         node,
         swap_note: SWAP_NOTE,
         prepares,
+        last_rollout,
     })
 }
 
@@ -714,7 +746,8 @@ fn render_node(view: &NodeDetail, viewer: &Viewer) -> String {
          <tr><th>Last report</th><td>{} ({})</td></tr>\
          <tr><th>First report</th><td>{}</td></tr>\
          <tr><th>Reports</th><td class=\"num\">{}</td></tr>\
-         <tr><th>Daemon address</th><td>{}</td></tr></table>\
+         <tr><th>Daemon address</th><td>{}</td></tr>\
+         <tr><th>Last rollout</th><td id=\"last-rollout\">{}</td></tr></table>\
          <p class=\"note\">{}</p>",
         bundle_list(&node.installed),
         bundle_list(&node.held),
@@ -726,6 +759,16 @@ fn render_node(view: &NodeDetail, viewer: &Viewer) -> String {
         escape(&format_ms(node.first_seen_ms)),
         node.reports,
         escape(&node.data_addr),
+        view.last_rollout.as_ref().map_or_else(
+            || "not part of the last rollout".to_owned(),
+            |r| escape(&format!(
+                "{} ({}): {} (ran {} before)",
+                r.bundle,
+                r.phase,
+                r.result,
+                r.previous_version.as_deref().unwrap_or("nothing")
+            ))
+        ),
         escape(view.swap_note),
     );
     let _ = write!(

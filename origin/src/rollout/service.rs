@@ -194,6 +194,13 @@ impl RolloutService {
         })
     }
 
+    /// The last rollout's status as saved (the driver saves every change), read without
+    /// asking the running driver; `None` before the first rollout or when the file cannot be
+    /// read.
+    pub fn saved_status(&self) -> Option<crate::rollout::plan::RolloutStatus> {
+        Some(self.load().ok().flatten()?.rollout.status())
+    }
+
     fn load(&self) -> Result<Option<Saved>, RolloutServiceError> {
         match std::fs::read(&self.state_file) {
             Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|error| {
