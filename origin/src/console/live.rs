@@ -273,7 +273,8 @@ impl Live {
         self.updates
             .get_or_init(|| async {
                 let (sender, receiver) = watch::channel(None);
-                tokio::spawn(poll(Arc::downgrade(console), sender));
+                let changed = console.origin.control().rollout_changed();
+                tokio::spawn(poll(Arc::downgrade(console), sender, changed));
                 receiver
             })
             .await
@@ -281,13 +282,22 @@ impl Live {
     }
 }
 
-/// Reads the state every [`POLL_INTERVAL`] while a stream listens (beyond the receiver the
-/// console keeps) and publishes it when it changed; ends with the console.
-async fn poll(console: std::sync::Weak<Console>, sender: watch::Sender<Option<Arc<str>>>) {
+/// Reads the state every [`POLL_INTERVAL`], and at once when an operator changed the rollout
+/// (`changed`, from the control plane: the console's buttons and `origin rollout`), while a
+/// stream listens (beyond the receiver the console keeps) and publishes it when it changed;
+/// ends with the console.
+async fn poll(
+    console: std::sync::Weak<Console>,
+    sender: watch::Sender<Option<Arc<str>>>,
+    changed: Arc<tokio::sync::Notify>,
+) {
     let mut ticks = tokio::time::interval(POLL_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticks.tick().await;
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = changed.notified() => {}
+        }
         let Some(console) = console.upgrade() else {
             return;
         };

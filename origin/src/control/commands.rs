@@ -511,6 +511,7 @@ impl ControlPlane {
             RolloutAction::Abort => Some("rollout.abort"),
         };
         if let Some(what) = audited {
+            self.rollout_changed.notify_one();
             let detail = format!("{}: {}", status.bundle, status.phase);
             tokio::task::block_in_place(|| self.db.commit(&[], Some(who(what, detail))))?;
         }

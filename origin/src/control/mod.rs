@@ -139,6 +139,9 @@ pub struct ControlPlane {
     keys: crate::keys::OriginKeys,
     /// `origin prepare`: the stored operations and the asks under way.
     prepares: Arc<Prepares>,
+    /// Woken when an operator changes a rollout (CLI or console), so the console's live
+    /// pages read the state at once instead of at their next tick.
+    rollout_changed: Arc<tokio::sync::Notify>,
 }
 
 impl ControlPlane {
@@ -160,7 +163,13 @@ impl ControlPlane {
             rollouts: crate::rollout::service::RolloutService::new(&home, endpoint.clone()),
             endpoint,
             keys,
+            rollout_changed: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Woken each time an operator paused, resumed or aborted a rollout.
+    pub fn rollout_changed(&self) -> Arc<tokio::sync::Notify> {
+        self.rollout_changed.clone()
     }
 
     /// The database.
