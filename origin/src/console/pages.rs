@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::page::{self, escape};
 use super::session::Session;
 use super::{see_other, ApiError, Console, Format};
-use crate::db::{AccountRole, NodeRecord, PrepareState};
+use crate::db::{AccountRole, NodeRecord};
 
 /// Nodes on one page of `/nodes` unless `per_page` says otherwise.
 pub const NODES_PER_PAGE: usize = 50;
@@ -1023,7 +1023,7 @@ pub struct PrepareSummary {
     /// When and by whom it was cancelled, if it was.
     pub cancelled: Option<crate::db::PrepareCancel>,
     /// Per site: nodes per state.
-    pub sites: Vec<SiteProgress>,
+    pub sites: Vec<SiteLine>,
 }
 
 impl PrepareSummary {
@@ -1037,23 +1037,14 @@ impl PrepareSummary {
     }
 }
 
-/// One site's progress in a prepare operation.
-#[derive(Debug, Default, Serialize)]
-pub struct SiteProgress {
+/// One site's progress in a prepare operation: the counts `origin prepare status` shows.
+#[derive(Debug, Serialize)]
+pub struct SiteLine {
     /// The site.
     pub site: String,
-    /// Nodes pending (not reached yet, or offline).
-    pub pending: usize,
-    /// Nodes fetching.
-    pub fetching: usize,
-    /// Nodes prepared.
-    pub prepared: usize,
-    /// Nodes failed.
-    pub failed: usize,
-    /// Nodes that had not prepared when the operation was cancelled.
-    pub cancelled: usize,
-    /// Bytes the prepared nodes received.
-    pub bytes_received: u64,
+    /// Its nodes per state, and bytes.
+    #[serde(flatten)]
+    pub progress: crate::control::SiteProgress,
 }
 
 /// `GET /api/prepares/{id}`: one operation, per site and per node.
@@ -1085,21 +1076,12 @@ pub struct PrepareNodeLine {
 }
 
 fn summarize(record: &crate::db::PrepareRecord) -> PrepareSummary {
-    let mut sites: BTreeMap<&str, SiteProgress> = BTreeMap::new();
-    for node in record.nodes.values() {
-        let site = sites.entry(&node.site).or_insert_with(|| SiteProgress {
-            site: node.site.clone(),
-            ..SiteProgress::default()
-        });
-        match node.state {
-            PrepareState::Pending => site.pending += 1,
-            PrepareState::Fetching => site.fetching += 1,
-            PrepareState::Prepared => site.prepared += 1,
-            PrepareState::Failed => site.failed += 1,
-            PrepareState::Cancelled => site.cancelled += 1,
-        }
-        site.bytes_received += node.bytes_received;
-    }
+    let status = crate::control::PrepareStatus::new(record.clone(), BTreeMap::new());
+    let sites = status
+        .sites
+        .into_iter()
+        .map(|(site, progress)| SiteLine { site, progress })
+        .collect();
     PrepareSummary {
         id: record.id,
         bundle: format!("{} {}", record.bundle.name, record.bundle.version),
@@ -1109,7 +1091,7 @@ fn summarize(record: &crate::db::PrepareRecord) -> PrepareSummary {
         created_ms: record.created_ms,
         settled: record.settled(),
         cancelled: record.cancelled.clone(),
-        sites: sites.into_values().collect(),
+        sites,
     }
 }
 
@@ -1120,7 +1102,7 @@ fn gather_prepares(console: &Console) -> Result<PreparesView, PageError> {
     })
 }
 
-fn progress_table(body: &mut String, sites: &[SiteProgress]) {
+fn progress_table(body: &mut String, sites: &[SiteLine]) {
     body.push_str(
         "<table><tr><th>Site</th><th>Prepared</th><th>Fetching</th><th>Pending</th><th>Failed</th><th>Cancelled</th><th>Bytes received</th></tr>",
     );
@@ -1129,12 +1111,12 @@ fn progress_table(body: &mut String, sites: &[SiteProgress]) {
             body,
             "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
             escape(&s.site),
-            s.prepared,
-            s.fetching,
-            s.pending,
-            s.failed,
-            s.cancelled,
-            s.bytes_received
+            s.progress.prepared,
+            s.progress.fetching,
+            s.progress.pending,
+            s.progress.failed,
+            s.progress.cancelled,
+            s.progress.bytes_received
         );
     }
     body.push_str("</table>");

@@ -59,6 +59,9 @@ pub struct SiteProgress {
     pub cancelled: usize,
     /// Bytes the site's nodes hold of the bundle (prepared nodes count the whole bundle).
     pub done_bytes: u64,
+    /// Bytes the site's prepared nodes received for it (0 for a node that held it already).
+    #[serde(default)]
+    pub bytes_received: u64,
     /// The bundle's stored size times the site's nodes.
     pub total_bytes: u64,
 }
@@ -84,6 +87,7 @@ impl PrepareStatus {
             let site = sites.entry(node.site.clone()).or_default();
             site.nodes += 1;
             site.total_bytes += operation.stored_bytes;
+            site.bytes_received += node.bytes_received;
             match node.state {
                 PrepareState::Pending => site.pending += 1,
                 PrepareState::Fetching => {
