@@ -341,6 +341,26 @@ async fn console_pages_sites_nodes_bundles_prepares_and_audit() {
         overview["sites"][0]["served_by_stagers"].as_u64() > Some(0),
         "{overview:#}"
     );
+
+    // A prepare operation (no daemon runs here, so every node stays pending) is listed with
+    // the per-site counts `origin prepare status` shows, and has its own page.
+    mesh.origin_ok(&["prepare", "web@2.0.0", "--to", "all"])
+        .await
+        .expect("prepare");
+    let prepares = json(&console, "/api/prepares", &viewer).await;
+    let op = &prepares["prepares"][0];
+    assert_eq!(op["bundle"], "web 2.0.0", "{prepares:#}");
+    for site in op["sites"].as_array().expect("sites") {
+        assert_eq!(
+            (site["nodes"].as_u64(), site["pending"].as_u64()),
+            (Some(2), Some(2)),
+            "{site}"
+        );
+    }
+    let id = op["id"].as_u64().expect("id");
+    let page = get(&console, &format!("/prepares/{id}"), &viewer).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("<th>Cancelled</th>"), "{}", page.body);
     let row = overview["sites"][0].clone();
     assert_eq!(
         (row["stagers"].as_u64(), row["edges"].as_u64()),
