@@ -35,7 +35,10 @@ fi
 # them those tests skip, and under STAGECOACH_REQUIRE_ALL=1 (.ci/run) they fail. The Debian
 # root-tree test (proto/tests/bundle_debian.rs) builds its tree with mmdebstrap and marks files
 # with setcap and setfacl. The console's browser tests (netsim/tests/console_browser.rs) drive a
-# headless Chromium through chromedriver (Debian's chromium and chromium-driver).
+# headless Chromium through chromedriver (Debian's chromium and chromium-driver). The VM test
+# bed (netsim/src/vm.rs, netsim/tests/vm_boot.rs) builds a disk with mmdebstrap, mke2fs, debugfs
+# and sfdisk, writes GRUB for BIOS from grub-pc-bin (never grub-pc, which installs GRUB on this
+# machine's own disk) and boots it in qemu-system-x86_64.
 have_tool() {
   command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]
 }
@@ -51,8 +54,11 @@ have_tool setcap || test_need+=(libcap2-bin)
 have_tool setfacl || test_need+=(acl)
 { have_tool chromium || have_tool chromium-browser; } || test_need+=(chromium)
 have_tool chromedriver || test_need+=(chromium-driver)
+have_tool debugfs || test_need+=(e2fsprogs)
+have_tool qemu-system-x86_64 || test_need+=(qemu-system-x86)
+[ -f /usr/lib/grub/i386-pc/boot.img ] || test_need+=(grub-pc-bin)
 if [ ${#test_need[@]} -gt 0 ]; then
-  echo "stagecoach: installing ${test_need[*]} (used by the swap, discovery, exact-unpack and browser tests)" >&2
+  echo "stagecoach: installing ${test_need[*]} (used by the swap, discovery, exact-unpack, browser and VM tests)" >&2
   sudo_if_needed=()
   [ "$(id -u)" -eq 0 ] || sudo_if_needed=(sudo)
   # Quiet (apt's notes go nowhere) unless it fails, when everything it said is shown.

@@ -1,0 +1,1041 @@
+//! Virtual machines that boot a real Debian kernel through real GRUB (BIOS) in QEMU, on the
+//! seed's A/B disk layout: the test bed of the OS swap on real machines (issue 13).
+//!
+//! [`build_image`] makes, from Debian's packages only and without loop devices, a raw disk with
+//! an msdos partition table:
+//!
+//! | part | holds                                                                      |
+//! |------|----------------------------------------------------------------------------|
+//! | MBR  | GRUB's `boot.img`; its `core.img` sits in the gap, sectors 1..2048          |
+//! | p1   | boot (ext2): `/boot/grub/grub.cfg`, `/boot/grub/grubenv`, GRUB's modules    |
+//! | p2   | slot A (ext4): a whole Debian root, with its own kernel and initramfs       |
+//! | p3   | slot B (ext4): a copy of A whose `/etc/stagecoach-marker` differs           |
+//! | p4   | storage (ext4, empty)                                                       |
+//!
+//! Each slot carries its own kernel (`/vmlinuz`, `/initrd.img`, Debian's symlinks), so an OS
+//! image written into a slot brings the kernel it was built with, and the boot partition holds
+//! only what both slots share: GRUB and its environment block. The image is built once per set
+//! of inputs and cached (see [`cache_root`]); callers boot a copy ([`VmImage::copy_to`]).
+//!
+//! [`boot`] runs QEMU (TCG, user-mode networking restricted to the guest) until the guest
+//! prints its [`BOOTED_TAG`] line on the serial console, or exits, or time runs out.
+//! [`VmImage::write_grubenv`] rewrites GRUB's environment block in place between boots, at the
+//! byte offset found when the image was built, as GRUB's own `save_env` does.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever the way an image is built changes, so cached images are rebuilt.
+pub const IMAGE_FORMAT_VERSION: u32 = 1;
+
+/// Names the directory that caches built images (default: [`DEFAULT_CACHE_DIR`] under `$HOME`).
+pub const CACHE_DIR_VAR: &str = "STAGECOACH_VM_CACHE";
+
+/// The image cache under `$HOME`, when [`CACHE_DIR_VAR`] is not set.
+pub const DEFAULT_CACHE_DIR: &str = ".cache/stagecoach/vm-images";
+
+/// Overrides the Debian mirror the images are built from.
+pub const MIRROR_VAR: &str = "STAGECOACH_DEBIAN_MIRROR";
+
+/// The Debian mirror used when [`MIRROR_VAR`] is not set.
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+
+/// How long [`mirror_reachable`] waits for the mirror to accept a connection.
+const MIRROR_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the guest prints on its serial console once it has booted: `STAGECOACH-BOOTED
+/// slot=<stagecoach.slot= of /proc/cmdline> marker=<contents of /etc/stagecoach-marker>`.
+pub const BOOTED_TAG: &str = "STAGECOACH-BOOTED";
+
+/// Where GRUB's BIOS images and modules are installed (Debian's `grub-pc-bin`).
+pub const GRUB_I386_PC_DIR: &str = "/usr/lib/grub/i386-pc";
+
+/// The tools [`build_image`] and [`boot`] run.
+pub const REQUIRED_TOOLS: &[&str] = &[
+    "mmdebstrap",
+    "mke2fs",
+    "debugfs",
+    "sfdisk",
+    "grub-mkimage",
+    "qemu-system-x86_64",
+];
+
+/// Bytes per disk sector.
+const SECTOR_BYTES: u64 = 512;
+const MIB: u64 = 1024 * 1024;
+
+/// The first partition starts at 1 MiB, leaving sectors 1..2048 to GRUB's core.img.
+const FIRST_PARTITION_SECTOR: u64 = 2048;
+
+/// The sector core.img is written at (patched into boot.img at [`BOOT_IMG_KERNEL_SECTOR`]).
+const CORE_IMG_SECTOR: u64 = 1;
+
+/// Offset in boot.img of the 64-bit LBA of core.img's first sector.
+const BOOT_IMG_KERNEL_SECTOR: usize = 0x5c;
+/// Offset in boot.img of the jump that tests the BIOS boot drive; `grub-bios-setup` replaces
+/// it with two NOPs on a hard disk, to work around BIOSes that pass a floppy's drive number.
+const BOOT_IMG_DRIVE_CHECK: usize = 0x66;
+/// Where the MBR's partition table starts; boot.img's code must stop before it.
+const MBR_PARTITION_TABLE: usize = 446;
+
+/// Block size of the boot filesystem: the 1024-byte grubenv fills exactly one block.
+const BOOT_FS_BLOCK_BYTES: u64 = 1024;
+
+/// Size of a GRUB environment block, in bytes.
+pub const GRUBENV_BYTES: usize = 1024;
+const GRUBENV_HEADER: &str = "# GRUB Environment Block\n";
+
+/// The GRUB modules built into core.img, so nothing is loaded from disk before grub.cfg runs.
+const GRUB_MODULES: &[&str] = &[
+    "biosdisk",
+    "part_msdos",
+    "ext2",
+    "normal",
+    "linux",
+    "configfile",
+    "loadenv",
+    "echo",
+    "test",
+    "serial",
+    "terminal",
+];
+
+/// Largest boot counter GRUB's script counts down (the agent's attempts are a `u8`).
+const MAX_BOOT_COUNTER: u32 = u8::MAX as u32;
+
+/// Copy granularity when writing a partition into the disk; all-zero chunks stay holes.
+const COPY_CHUNK_BYTES: usize = MIB as usize;
+
+/// How long [`boot`] waits for QEMU to exit after the guest reported (it powers off).
+const POWEROFF_GRACE: Duration = Duration::from_secs(120);
+/// How often [`boot`] reads the serial log.
+const SERIAL_POLL: Duration = Duration::from_millis(200);
+
+/// QEMU's memory for a guest, in MiB.
+const GUEST_MEMORY_MIB: u32 = 1024;
+
+/// Everything an image is built from; its hash names the cached image.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageSpec {
+    /// Debian suite (`bookworm`).
+    pub suite: String,
+    /// Debian mirror URL.
+    pub mirror: String,
+    /// Packages added to mmdebstrap's `minbase` variant.
+    pub packages: Vec<String>,
+    /// Size of the boot partition, in MiB.
+    pub boot_mib: u64,
+    /// Size of each slot partition, in MiB.
+    pub slot_mib: u64,
+    /// Size of the storage partition, in MiB.
+    pub storage_mib: u64,
+    /// Contents of `/etc/stagecoach-marker` in slot A.
+    pub marker_a: String,
+    /// Contents of `/etc/stagecoach-marker` in slot B.
+    pub marker_b: String,
+}
+
+impl Default for ImageSpec {
+    fn default() -> Self {
+        Self {
+            suite: "bookworm".into(),
+            mirror: std::env::var(MIRROR_VAR).unwrap_or_else(|_| DEFAULT_MIRROR.into()),
+            packages: [
+                "linux-image-amd64",
+                "systemd-sysv",
+                "udev",
+                "initramfs-tools",
+            ]
+            .map(String::from)
+            .to_vec(),
+            boot_mib: 32,
+            slot_mib: 1024,
+            storage_mib: 64,
+            marker_a: "base-slot-a".into(),
+            marker_b: "base-slot-b".into(),
+        }
+    }
+}
+
+/// Where the parts of a built image are, in bytes from the start of the disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Total size of the disk.
+    pub disk_bytes: u64,
+    /// Start and length of p1 (boot), p2 (slot A), p3 (slot B), p4 (storage).
+    pub partitions: [(u64, u64); 4],
+    /// Where GRUB's 1024-byte environment block (`/boot/grub/grubenv` of p1) lies.
+    pub grubenv_offset: u64,
+}
+
+/// A raw disk image with its [`Layout`].
+#[derive(Clone, Debug)]
+pub struct VmImage {
+    /// The raw disk file.
+    pub path: PathBuf,
+    /// Where its parts are.
+    pub layout: Layout,
+}
+
+/// What the guest printed on its serial console when it booted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestReport {
+    /// The `stagecoach.slot=` of the guest's `/proc/cmdline`.
+    pub slot: String,
+    /// The contents of the guest's `/etc/stagecoach-marker`.
+    pub marker: String,
+}
+
+/// How a boot ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BootEnd {
+    /// QEMU exited (the guest powered off, or QEMU failed), with this status.
+    Exited(ExitStatus),
+    /// Time ran out; QEMU was killed.
+    TimedOut,
+}
+
+/// What [`boot`] saw.
+#[derive(Clone, Debug)]
+pub struct BootOutcome {
+    /// The guest's report, if it printed one.
+    pub guest: Option<GuestReport>,
+    /// From QEMU's start to the guest's report (or to the end, without one).
+    pub time_to_report: Duration,
+    /// How the boot ended.
+    pub end: BootEnd,
+    /// The whole serial console output.
+    pub serial: String,
+}
+
+/// The directory that caches built images: `$STAGECOACH_VM_CACHE`, or
+/// `$HOME/.cache/stagecoach/vm-images`.
+pub fn cache_root() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(CACHE_DIR_VAR) {
+        return Ok(PathBuf::from(dir));
+    }
+    let home = std::env::var_os("HOME")
+        .with_context(|| format!("neither {CACHE_DIR_VAR} nor HOME is set"))?;
+    Ok(Path::new(&home).join(DEFAULT_CACHE_DIR))
+}
+
+/// The cached image of `spec`, if the cache holds it (a test with no network can check this
+/// before [`build_image`] needs the mirror).
+pub fn cached_image(spec: &ImageSpec, cache: &Path) -> Result<Option<VmImage>> {
+    load_cached(&cache.join(cache_key(spec)?))
+}
+
+/// Whether a TCP connection to the host of the `http://` or `https://` URL `mirror` opens
+/// within [`MIRROR_CONNECT_TIMEOUT`]; `Err` says why not.
+pub fn mirror_reachable(mirror: &str) -> Result<(), String> {
+    let (rest, default_port) = if let Some(rest) = mirror.strip_prefix("http://") {
+        (rest, 80)
+    } else if let Some(rest) = mirror.strip_prefix("https://") {
+        (rest, 443)
+    } else {
+        return Err(format!("{mirror} is not an http(s) URL"));
+    };
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (
+            host,
+            port.parse::<u16>()
+                .map_err(|_| format!("{mirror}: bad port {port:?}"))?,
+        ),
+        None => (authority, default_port),
+    };
+    let addresses = (host, port)
+        .to_socket_addrs()
+        .map_err(|error| format!("cannot resolve {host}: {error}"))?;
+    let mut last = format!("{host} has no address");
+    for address in addresses {
+        match TcpStream::connect_timeout(&address, MIRROR_CONNECT_TIMEOUT) {
+            Ok(_) => return Ok(()),
+            Err(error) => last = format!("cannot connect to {address}: {error}"),
+        }
+    }
+    Err(last)
+}
+
+/// The cached image of `spec`, built first when the cache lacks it (a few minutes: mmdebstrap
+/// downloads and installs a Debian root with a kernel). Progress goes to stderr; mmdebstrap's
+/// output to `mmdebstrap.log` beside the image.
+pub fn build_image(spec: &ImageSpec, cache: &Path) -> Result<VmImage> {
+    let key = cache_key(spec)?;
+    let dir = cache.join(&key);
+    if let Some(image) = load_cached(&dir)? {
+        eprintln!("vm: using the cached image {}", image.path.display());
+        return Ok(image);
+    }
+    fs::create_dir_all(cache).with_context(|| format!("cannot create {}", cache.display()))?;
+    remove_abandoned_builds(cache)?;
+    // Built beside its final place and renamed, so a cached image is always complete.
+    let building = cache.join(format!(".building-{key}-{}", std::process::id()));
+    if building.exists() {
+        fs::remove_dir_all(&building)
+            .with_context(|| format!("cannot remove {}", building.display()))?;
+    }
+    fs::create_dir_all(&building)
+        .with_context(|| format!("cannot create {}", building.display()))?;
+    let started = Instant::now();
+    let built = build_into(spec, &building, started);
+    if let Err(error) = built {
+        let _ = fs::remove_dir_all(building.join("work"));
+        return Err(error.context(format!(
+            "building the VM image failed; its logs are in {}",
+            building.display()
+        )));
+    }
+    fs::remove_dir_all(building.join("work"))
+        .with_context(|| format!("cannot remove {}/work", building.display()))?;
+    match fs::rename(&building, &dir) {
+        Ok(()) => {}
+        // Another run finished first: use its image.
+        Err(_) if dir.is_dir() => fs::remove_dir_all(&building)
+            .with_context(|| format!("cannot remove {}", building.display()))?,
+        Err(error) => {
+            return Err(error).with_context(|| format!("cannot rename to {}", dir.display()))
+        }
+    }
+    eprintln!(
+        "vm: built {} in {:.0?}",
+        dir.join(DISK_FILE).display(),
+        started.elapsed()
+    );
+    load_cached(&dir)?.with_context(|| format!("{} vanished after its build", dir.display()))
+}
+
+const DISK_FILE: &str = "disk.raw";
+const LAYOUT_FILE: &str = "layout.json";
+
+impl VmImage {
+    /// Copies the image to `dest` (sparse), for a VM of its own.
+    pub fn copy_to(&self, dest: &Path) -> Result<VmImage> {
+        run(Command::new("cp")
+            .arg("--sparse=always")
+            .arg("--reflink=auto")
+            .arg(&self.path)
+            .arg(dest))?;
+        Ok(VmImage {
+            path: dest.to_owned(),
+            layout: self.layout.clone(),
+        })
+    }
+
+    /// GRUB's environment block as `(key, value)` pairs, in file order.
+    pub fn read_grubenv(&self) -> Result<Vec<(String, String)>> {
+        let mut file = File::open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        file.seek(SeekFrom::Start(self.layout.grubenv_offset))?;
+        let mut block = vec![0u8; GRUBENV_BYTES];
+        file.read_exact(&mut block)
+            .with_context(|| format!("cannot read the grubenv of {}", self.path.display()))?;
+        parse_grubenv(&block)
+    }
+
+    /// Replaces GRUB's environment block with `vars`, in place (the VM must not be running).
+    pub fn write_grubenv(&self, vars: &[(&str, &str)]) -> Result<()> {
+        let block = encode_grubenv(vars)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        file.seek(SeekFrom::Start(self.layout.grubenv_offset))?;
+        file.write_all(&block)
+            .with_context(|| format!("cannot write the grubenv of {}", self.path.display()))?;
+        file.sync_all()?;
+        Ok(())
+    }
+}
+
+/// Boots `image` in QEMU (TCG), its serial console captured to `serial_log` and QEMU's own
+/// output to `serial_log` with `.qemu` appended. Returns when the guest has reported and
+/// powered off, or QEMU exited, or `timeout` has passed (QEMU is then killed).
+pub fn boot(image: &Path, serial_log: &Path, timeout: Duration) -> Result<BootOutcome> {
+    let qemu_log_path = PathBuf::from(format!("{}.qemu", serial_log.display()));
+    let qemu_log = File::create(&qemu_log_path)
+        .with_context(|| format!("cannot create {}", qemu_log_path.display()))?;
+    // QEMU appends to the serial file: start it empty.
+    File::create(serial_log).with_context(|| format!("cannot create {}", serial_log.display()))?;
+    let mut command = Command::new("qemu-system-x86_64");
+    command
+        .args(["-accel", "tcg", "-m", &GUEST_MEMORY_MIB.to_string()])
+        .args(["-nographic", "-monitor", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial_log.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", image.display()))
+        .args(["-nic", "user,restrict=on,model=virtio-net-pci"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(qemu_log.try_clone()?))
+        .stderr(Stdio::from(qemu_log));
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        // QEMU dies with the process (test) that started it, also when that one is killed.
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let child = command
+        .spawn()
+        .context("cannot start qemu-system-x86_64 (Debian: qemu-system-x86)")?;
+    let mut qemu = KillOnDrop(child);
+    let mut guest = None;
+    let mut time_to_report = None;
+    let end = loop {
+        if guest.is_none() {
+            let serial = read_lossy(serial_log)?;
+            if let Some(report) = find_report(&serial) {
+                guest = Some(report);
+                time_to_report = Some(started.elapsed());
+            }
+        }
+        if let Some(status) = qemu.0.try_wait().context("cannot wait for QEMU")? {
+            break BootEnd::Exited(status);
+        }
+        let limit = match time_to_report {
+            Some(reported) => (reported + POWEROFF_GRACE).min(timeout),
+            None => timeout,
+        };
+        if started.elapsed() >= limit {
+            let _ = qemu.0.kill();
+            let _ = qemu.0.wait();
+            break BootEnd::TimedOut;
+        }
+        std::thread::sleep(SERIAL_POLL);
+    };
+    let serial = read_lossy(serial_log)?;
+    if guest.is_none() {
+        guest = find_report(&serial);
+        time_to_report = guest.as_ref().map(|_| started.elapsed());
+    }
+    Ok(BootOutcome {
+        guest,
+        time_to_report: time_to_report.unwrap_or_else(|| started.elapsed()),
+        end,
+        serial,
+    })
+}
+
+/// The GRUB configuration of the A/B rule that `edge_agent::swap::boot::firmware_boot` models:
+///
+/// - `next_entry` set: boot it once, and remove it from the environment block;
+/// - else `boot_counter` set: above 0, count it down and boot `saved_entry`; at 0 (or anything
+///   but a number up to 255), boot the fallback slot B and leave the block as it is;
+/// - else boot `saved_entry`; a missing or unknown `saved_entry` boots B.
+///
+/// One difference GRUB's script language imposes: a variable set to the empty string counts as
+/// unset (the agent never writes one). Menu entries `A` and `B` boot each slot's own kernel with
+/// `root=` its partition and `stagecoach.slot=` its name, console on the first serial port.
+pub fn grub_cfg() -> String {
+    let mut cfg = String::new();
+    cfg.push_str(
+        "# Stagecoach A/B boot: the rule of edge_agent::swap::boot::firmware_boot.\n\
+         # Generated by netsim::vm; the environment block is /boot/grub/grubenv.\n\
+         serial --unit=0 --speed=115200\n\
+         terminal_input serial\n\
+         terminal_output serial\n\
+         set timeout=0\n\
+         load_env\n\
+         set stagecoach_boot=\n\
+         if [ -n \"${next_entry}\" ]; then\n\
+         \x20 if [ \"${next_entry}\" = A -o \"${next_entry}\" = a ]; then set stagecoach_boot=A; fi\n\
+         \x20 if [ \"${next_entry}\" = B -o \"${next_entry}\" = b ]; then set stagecoach_boot=B; fi\n\
+         \x20 unset next_entry\n\
+         \x20 save_env next_entry\n\
+         fi\n\
+         if [ -z \"${stagecoach_boot}\" ]; then\n\
+         \x20 set stagecoach_saved=B\n\
+         \x20 if [ \"${saved_entry}\" = A -o \"${saved_entry}\" = a ]; then set stagecoach_saved=A; fi\n\
+         \x20 if [ -n \"${boot_counter}\" ]; then\n\
+         \x20   set stagecoach_counted=\n",
+    );
+    // GRUB has no arithmetic: one line per value. Ascending, so a value counted down at its
+    // line matches no later one.
+    for remaining in 1..=MAX_BOOT_COUNTER {
+        cfg.push_str(&format!(
+            "    if [ \"${{boot_counter}}\" = {remaining} ]; then set boot_counter={}; set stagecoach_counted=y; fi\n",
+            remaining - 1
+        ));
+    }
+    cfg.push_str(
+        "    if [ \"${stagecoach_counted}\" = y ]; then\n\
+         \x20     set stagecoach_boot=\"${stagecoach_saved}\"\n\
+         \x20     save_env boot_counter\n\
+         \x20   else\n\
+         \x20     set stagecoach_boot=B\n\
+         \x20   fi\n\
+         \x20 else\n\
+         \x20   set stagecoach_boot=\"${stagecoach_saved}\"\n\
+         \x20 fi\n\
+         fi\n\
+         set default=\"${stagecoach_boot}\"\n\
+         echo \"stagecoach: booting slot ${stagecoach_boot}\"\n",
+    );
+    for (slot, partition) in [("A", 2), ("B", 3)] {
+        cfg.push_str(&format!(
+            "menuentry '{slot}' --id {slot} {{\n\
+             \x20 linux (hd0,msdos{partition})/vmlinuz root=/dev/vda{partition} rw console=ttyS0,115200 stagecoach.slot={slot}\n\
+             \x20 initrd (hd0,msdos{partition})/initrd.img\n\
+             }}\n"
+        ));
+    }
+    cfg
+}
+
+/// Parses a GRUB environment block into `(key, value)` pairs.
+pub fn parse_grubenv(block: &[u8]) -> Result<Vec<(String, String)>> {
+    ensure!(
+        block.len() == GRUBENV_BYTES,
+        "a GRUB environment block is {GRUBENV_BYTES} bytes, not {}",
+        block.len()
+    );
+    let body = block
+        .strip_prefix(GRUBENV_HEADER.as_bytes())
+        .context("not a GRUB environment block: the header line is missing")?;
+    let mut vars = Vec::new();
+    // Variable lines end in '\n'; the '#' padding after the last one has none.
+    for line in body.split(|&b| b == b'\n') {
+        if line.is_empty() || line[0] == b'#' {
+            continue;
+        }
+        let text = String::from_utf8_lossy(line);
+        let (key, value) = text
+            .split_once('=')
+            .with_context(|| format!("grubenv line {text:?} is not key=value"))?;
+        vars.push((key.to_owned(), value.to_owned()));
+    }
+    Ok(vars)
+}
+
+/// Encodes a GRUB environment block: header, `key=value` lines, `#` padding.
+pub fn encode_grubenv(vars: &[(&str, &str)]) -> Result<Vec<u8>> {
+    let mut block = GRUBENV_HEADER.as_bytes().to_vec();
+    for (key, value) in vars {
+        ensure!(
+            !key.is_empty() && !key.contains(['=', '\n', '\\']) && !value.contains(['\n', '\\']),
+            "cannot write {key:?}={value:?} to a GRUB environment block"
+        );
+        block.extend_from_slice(format!("{key}={value}\n").as_bytes());
+    }
+    ensure!(
+        block.len() <= GRUBENV_BYTES,
+        "the variables need {} bytes, more than a GRUB environment block holds",
+        block.len()
+    );
+    block.resize(GRUBENV_BYTES, b'#');
+    Ok(block)
+}
+
+/// The guest's report in a serial console's output, if it printed one.
+pub fn find_report(serial: &str) -> Option<GuestReport> {
+    serial.lines().find_map(|line| {
+        let rest = &line[line.find(BOOTED_TAG)? + BOOTED_TAG.len()..];
+        let mut slot = None;
+        let mut marker = None;
+        for field in rest.split_whitespace() {
+            if let Some(value) = field.strip_prefix("slot=") {
+                slot = Some(value.to_owned());
+            } else if let Some(value) = field.strip_prefix("marker=") {
+                marker = Some(value.to_owned());
+            }
+        }
+        Some(GuestReport {
+            slot: slot?,
+            marker: marker?,
+        })
+    })
+}
+
+/// The systemd unit every slot starts at boot.
+const BOOTED_UNIT: &str = "[Unit]\n\
+Description=Stagecoach VM test bed: report the booted slot on the serial console, then power off\n\
+After=systemd-remount-fs.service\n\
+\n\
+[Service]\n\
+Type=oneshot\n\
+ExecStart=/usr/local/sbin/stagecoach-booted\n\
+\n\
+[Install]\n\
+WantedBy=multi-user.target\n";
+
+const BOOTED_UNIT_NAME: &str = "stagecoach-booted.service";
+
+/// What the unit runs: one line on the serial port, in one write, then power off.
+const BOOTED_SCRIPT: &str = "#!/bin/sh\n\
+slot=$(sed -n 's/.*stagecoach\\.slot=\\([^ ]*\\).*/\\1/p' /proc/cmdline)\n\
+marker=$(cat /etc/stagecoach-marker)\n\
+printf '\\nSTAGECOACH-BOOTED slot=%s marker=%s\\n' \"$slot\" \"$marker\" > /dev/ttyS0\n\
+systemctl poweroff --no-block\n";
+
+/// Keeps the initramfs small: only the modules to mount a virtio ext4 root.
+const INITRAMFS_CONF: &str = "MODULES=list\nCOMPRESS=gzip\n";
+const INITRAMFS_HOOK: &str = "#!/bin/sh\n\
+[ \"$1\" = prereqs ] && exit 0\n\
+. /usr/share/initramfs-tools/hook-functions\n\
+manual_add_modules virtio_pci virtio_blk ext4 crc32c_generic\n";
+
+/// Written into the root before its packages are installed, so the kernel's first
+/// initramfs is already the small one.
+fn setup_hook() -> String {
+    format!(
+        "set -e\n\
+         mkdir -p \"$1/etc/initramfs-tools/conf.d\" \"$1/etc/initramfs-tools/hooks\"\n\
+         cat > \"$1/etc/initramfs-tools/conf.d/stagecoach-vm.conf\" <<'EOF'\n{INITRAMFS_CONF}EOF\n\
+         cat > \"$1/etc/initramfs-tools/hooks/stagecoach-vm\" <<'EOF'\n{INITRAMFS_HOOK}EOF\n\
+         chmod 755 \"$1/etc/initramfs-tools/hooks/stagecoach-vm\"\n"
+    )
+}
+
+fn cache_key(spec: &ImageSpec) -> Result<String> {
+    let inputs = format!(
+        "version={IMAGE_FORMAT_VERSION}\nspec={}\ngrub.cfg={}\nmodules={}\nunit={BOOTED_UNIT}\nscript={BOOTED_SCRIPT}\nsetup={}\n",
+        serde_json::to_string(spec)?,
+        grub_cfg(),
+        GRUB_MODULES.join(","),
+        setup_hook(),
+    );
+    Ok(blake3::hash(inputs.as_bytes()).to_hex()[..32].to_owned())
+}
+
+fn load_cached(dir: &Path) -> Result<Option<VmImage>> {
+    let disk = dir.join(DISK_FILE);
+    let layout_path = dir.join(LAYOUT_FILE);
+    if !disk.is_file() || !layout_path.is_file() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&layout_path)
+        .with_context(|| format!("cannot read {}", layout_path.display()))?;
+    let layout: Layout = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is damaged: remove {} to rebuild the image",
+            layout_path.display(),
+            dir.display()
+        )
+    })?;
+    Ok(Some(VmImage { path: disk, layout }))
+}
+
+/// Removes `.building-*` directories left by runs that died (their process is gone).
+fn remove_abandoned_builds(cache: &Path) -> Result<()> {
+    for entry in fs::read_dir(cache).with_context(|| format!("cannot list {}", cache.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".building-") else {
+            continue;
+        };
+        let alive = rest
+            .rsplit_once('-')
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            eprintln!(
+                "vm: removing the abandoned build {}",
+                entry.path().display()
+            );
+            fs::remove_dir_all(entry.path())
+                .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn build_into(spec: &ImageSpec, dir: &Path, started: Instant) -> Result<()> {
+    let step = |what: &str| eprintln!("vm: [{:>4.0?}] {what}", started.elapsed());
+    let work = dir.join("work");
+    let root = work.join("root");
+    fs::create_dir_all(&work)?;
+
+    let log_path = dir.join("mmdebstrap.log");
+    step(&format!(
+        "mmdebstrap {} minbase + {} (log: {})",
+        spec.suite,
+        spec.packages.join(","),
+        log_path.display()
+    ));
+    let log = File::create(&log_path)?;
+    run(Command::new("mmdebstrap")
+        .arg("--variant=minbase")
+        .arg(format!("--include={}", spec.packages.join(",")))
+        .arg(format!("--setup-hook={}", setup_hook()))
+        .arg(&spec.suite)
+        .arg(&root)
+        .arg(&spec.mirror)
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log)))
+    .with_context(|| format!("mmdebstrap failed: see {}", log_path.display()))?;
+
+    step("adding the boot report unit");
+    for link in ["vmlinuz", "initrd.img"] {
+        ensure!(
+            root.join(link).exists(),
+            "the Debian root has no /{link}: did linux-image-amd64 install?"
+        );
+    }
+    write_file(&root.join("etc/hostname"), "stagecoach-vm\n", 0o644)?;
+    write_file(
+        &root.join("etc/systemd/system").join(BOOTED_UNIT_NAME),
+        BOOTED_UNIT,
+        0o644,
+    )?;
+    write_file(
+        &root.join("usr/local/sbin/stagecoach-booted"),
+        BOOTED_SCRIPT,
+        0o755,
+    )?;
+    let wants = root.join("etc/systemd/system/multi-user.target.wants");
+    fs::create_dir_all(&wants)?;
+    std::os::unix::fs::symlink(
+        Path::new("/etc/systemd/system").join(BOOTED_UNIT_NAME),
+        wants.join(BOOTED_UNIT_NAME),
+    )
+    .context("cannot enable the boot report unit")?;
+
+    let marker = root.join("etc/stagecoach-marker");
+    let slot_a = work.join("slot-a.ext4");
+    let slot_b = work.join("slot-b.ext4");
+    step("making slot A (ext4)");
+    write_file(&marker, &format!("{}\n", spec.marker_a), 0o644)?;
+    mke2fs("ext4", "slot-a", &root, &slot_a, spec.slot_mib, None)?;
+    step("making slot B (ext4)");
+    write_file(&marker, &format!("{}\n", spec.marker_b), 0o644)?;
+    mke2fs("ext4", "slot-b", &root, &slot_b, spec.slot_mib, None)?;
+
+    step("making the boot partition (ext2: GRUB, grub.cfg, grubenv)");
+    let boot_root = work.join("boot-root");
+    let grub_dir = boot_root.join("boot/grub");
+    fs::create_dir_all(grub_dir.join("i386-pc"))?;
+    write_file(&grub_dir.join("grub.cfg"), &grub_cfg(), 0o644)?;
+    fs::write(
+        grub_dir.join("grubenv"),
+        encode_grubenv(&[("saved_entry", "A")])?,
+    )?;
+    for entry in fs::read_dir(GRUB_I386_PC_DIR)
+        .with_context(|| format!("cannot list {GRUB_I386_PC_DIR} (Debian: grub-pc-bin)"))?
+    {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_string_lossy().ends_with(".mod") || name.to_string_lossy().ends_with(".lst") {
+            fs::copy(entry.path(), grub_dir.join("i386-pc").join(&name))?;
+        }
+    }
+    let boot_fs = work.join("boot.ext2");
+    mke2fs(
+        "ext2",
+        "boot",
+        &boot_root,
+        &boot_fs,
+        spec.boot_mib,
+        Some(BOOT_FS_BLOCK_BYTES),
+    )?;
+    let grubenv_block = debugfs_block(&boot_fs, "/boot/grub/grubenv")?;
+
+    step("partitioning the disk and writing GRUB");
+    let sizes = [
+        spec.boot_mib,
+        spec.slot_mib,
+        spec.slot_mib,
+        spec.storage_mib,
+    ];
+    let mut partitions = [(0u64, 0u64); 4];
+    let mut next = FIRST_PARTITION_SECTOR * SECTOR_BYTES;
+    for (partition, size_mib) in partitions.iter_mut().zip(sizes) {
+        *partition = (next, size_mib * MIB);
+        next += size_mib * MIB;
+    }
+    let layout = Layout {
+        disk_bytes: next,
+        partitions,
+        grubenv_offset: partitions[0].0 + grubenv_block * BOOT_FS_BLOCK_BYTES,
+    };
+    let storage_fs = work.join("storage.ext4");
+    let empty = work.join("empty");
+    fs::create_dir_all(&empty)?;
+    mke2fs(
+        "ext4",
+        "storage",
+        &empty,
+        &storage_fs,
+        spec.storage_mib,
+        None,
+    )?;
+
+    let disk = dir.join(DISK_FILE);
+    File::create(&disk)?.set_len(layout.disk_bytes)?;
+    let mut table = String::from("label: dos\nlabel-id: 0x5354a6e1\n");
+    for (index, (start, length)) in layout.partitions.iter().enumerate() {
+        let bootable = if index == 0 { ", bootable" } else { "" };
+        table.push_str(&format!(
+            "start={}, size={}, type=83{bootable}\n",
+            start / SECTOR_BYTES,
+            length / SECTOR_BYTES
+        ));
+    }
+    run_with_stdin(Command::new("sfdisk").arg("--quiet").arg(&disk), &table)?;
+    for (file, (start, _)) in [&boot_fs, &slot_a, &slot_b, &storage_fs]
+        .into_iter()
+        .zip(layout.partitions)
+    {
+        copy_into(file, &disk, start)?;
+    }
+    install_grub(&work, &disk)?;
+
+    // The offset must hold the block written above: a wrong offset would corrupt p1 later.
+    let image = VmImage {
+        path: disk,
+        layout: layout.clone(),
+    };
+    let env = image.read_grubenv()?;
+    ensure!(
+        env == [("saved_entry".to_owned(), "A".to_owned())],
+        "the grubenv at byte {} of the image is not the one written: {env:?}",
+        layout.grubenv_offset
+    );
+    fs::write(
+        dir.join(LAYOUT_FILE),
+        serde_json::to_string_pretty(&layout)?,
+    )?;
+    step("done");
+    Ok(())
+}
+
+/// Writes GRUB for BIOS: boot.img in the MBR (keeping the partition table), core.img in the
+/// gap before the first partition, core.img's prefix `(hd0,msdos1)/boot/grub`.
+fn install_grub(work: &Path, disk: &Path) -> Result<()> {
+    let core_path = work.join("core.img");
+    run(Command::new("grub-mkimage")
+        .args(["-O", "i386-pc", "-p", "(hd0,msdos1)/boot/grub", "-o"])
+        .arg(&core_path)
+        .args(GRUB_MODULES))?;
+    let mut core = fs::read(&core_path)?;
+    let core_sectors = (core.len() as u64).div_ceil(SECTOR_BYTES);
+    ensure!(
+        core_sectors < FIRST_PARTITION_SECTOR - CORE_IMG_SECTOR,
+        "core.img is {core_sectors} sectors, more than the gap before the first partition"
+    );
+    // The blocklist at the end of core.img's first sector (diskboot.img) says where the rest
+    // is: start LBA (u64), sector count (u16), load segment (u16).
+    let blocklist = SECTOR_BYTES as usize - 12;
+    core[blocklist..blocklist + 8].copy_from_slice(&(CORE_IMG_SECTOR + 1).to_le_bytes());
+    core[blocklist + 8..blocklist + 10].copy_from_slice(
+        &u16::try_from(core_sectors - 1)
+            .context("core.img too large")?
+            .to_le_bytes(),
+    );
+
+    let boot_path = Path::new(GRUB_I386_PC_DIR).join("boot.img");
+    let boot_img = fs::read(&boot_path)
+        .with_context(|| format!("cannot read {} (Debian: grub-pc-bin)", boot_path.display()))?;
+    ensure!(
+        boot_img.len() == SECTOR_BYTES as usize,
+        "{} is not one sector",
+        boot_path.display()
+    );
+    let mut file = OpenOptions::new().read(true).write(true).open(disk)?;
+    let mut mbr = vec![0u8; SECTOR_BYTES as usize];
+    file.read_exact(&mut mbr)?;
+    mbr[..MBR_PARTITION_TABLE].copy_from_slice(&boot_img[..MBR_PARTITION_TABLE]);
+    mbr[BOOT_IMG_KERNEL_SECTOR..BOOT_IMG_KERNEL_SECTOR + 8]
+        .copy_from_slice(&CORE_IMG_SECTOR.to_le_bytes());
+    mbr[BOOT_IMG_DRIVE_CHECK..BOOT_IMG_DRIVE_CHECK + 2].copy_from_slice(&[0x90, 0x90]);
+    ensure!(
+        mbr[510..512] == [0x55, 0xaa],
+        "the MBR has no boot signature after sfdisk"
+    );
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(&mbr)?;
+    file.seek(SeekFrom::Start(CORE_IMG_SECTOR * SECTOR_BYTES))?;
+    file.write_all(&core)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Makes a filesystem image file of `size_mib` from the tree `source`.
+fn mke2fs(
+    fs_type: &str,
+    label: &str,
+    source: &Path,
+    dest: &Path,
+    size_mib: u64,
+    block_bytes: Option<u64>,
+) -> Result<()> {
+    let mut command = Command::new("mke2fs");
+    command.args(["-q", "-F", "-t", fs_type, "-L", label]);
+    if let Some(bytes) = block_bytes {
+        command.arg("-b").arg(bytes.to_string());
+    }
+    command
+        .arg("-d")
+        .arg(source)
+        .arg(dest)
+        .arg(format!("{size_mib}M"));
+    run(&mut command).with_context(|| {
+        format!(
+            "cannot make the {label} filesystem: is the slot ({size_mib} MiB) too small for {}?",
+            source.display()
+        )
+    })?;
+    Ok(())
+}
+
+/// The filesystem block holding the first bytes of `path` in the filesystem image `fs_image`.
+fn debugfs_block(fs_image: &Path, path: &str) -> Result<u64> {
+    let out = run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("bmap {path} 0"))
+        .arg(fs_image))?;
+    let block: u64 = out
+        .trim()
+        .parse()
+        .with_context(|| format!("debugfs bmap {path}: unexpected output {out:?}"))?;
+    ensure!(
+        block > 0,
+        "{path} has no data block in {}",
+        fs_image.display()
+    );
+    Ok(block)
+}
+
+/// Copies `source` into `disk` at byte `offset`, leaving all-zero chunks as holes.
+fn copy_into(source: &Path, disk: &Path, offset: u64) -> Result<()> {
+    let mut input =
+        File::open(source).with_context(|| format!("cannot open {}", source.display()))?;
+    let mut output = OpenOptions::new().write(true).open(disk)?;
+    let mut chunk = vec![0u8; COPY_CHUNK_BYTES];
+    let mut position = offset;
+    loop {
+        let mut filled = 0;
+        while filled < chunk.len() {
+            let read = input.read(&mut chunk[filled..])?;
+            if read == 0 {
+                break;
+            }
+            filled += read;
+        }
+        if filled == 0 {
+            break;
+        }
+        if chunk[..filled].iter().any(|&b| b != 0) {
+            output.seek(SeekFrom::Start(position))?;
+            output.write_all(&chunk[..filled])?;
+        }
+        position += filled as u64;
+    }
+    output.sync_all()?;
+    Ok(())
+}
+
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+fn read_lossy(path: &Path) -> Result<String> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Runs `command`; its stdout, or an error with its stderr.
+fn run(command: &mut Command) -> Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn run_with_stdin(command: &mut Command, input: &str) -> Result<()> {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(input.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Kills the child when dropped, so no QEMU outlives an error.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grubenv_round_trips_and_is_one_block() {
+        let block = encode_grubenv(&[("saved_entry", "A"), ("next_entry", "B")]).expect("fits");
+        assert_eq!(block.len(), GRUBENV_BYTES);
+        assert_eq!(
+            parse_grubenv(&block).expect("parses"),
+            [("saved_entry", "A"), ("next_entry", "B")].map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+    }
+
+    #[test]
+    fn the_report_is_found_among_console_lines() {
+        let serial =
+            "[  1.0] Linux version 6.1\r\n\r\nSTAGECOACH-BOOTED slot=B marker=base-slot-b\r\n";
+        assert_eq!(
+            find_report(serial),
+            Some(GuestReport {
+                slot: "B".into(),
+                marker: "base-slot-b".into()
+            })
+        );
+        assert_eq!(find_report("STAGECOACH-BOOTED slot=A\n"), None);
+    }
+
+    #[test]
+    fn grub_cfg_counts_down_every_value_the_agent_writes() {
+        let cfg = grub_cfg();
+        assert!(cfg.contains("= 255 ]; then set boot_counter=254;"));
+        assert!(cfg.contains("= 1 ]; then set boot_counter=0;"));
+        assert!(cfg.contains("stagecoach.slot=A"));
+        assert!(cfg.contains("root=/dev/vda3"));
+    }
+}
