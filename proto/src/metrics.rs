@@ -366,13 +366,34 @@ pub const MAX_HTTP_CONNECTIONS: usize = 256;
 /// client takes longer than [`HEADER_READ_TIMEOUT`] to send a request. Returns the bound
 /// address (pass port 0 to pick a free one).
 pub async fn serve_router(addr: SocketAddr, router: Router) -> std::io::Result<SocketAddr> {
+    serve_router_with(addr, router, |stream, _peer| async move { Some(stream) }).await
+}
+
+/// Like [`serve_router`], with each accepted connection passed through `wrap` first (a TLS
+/// handshake, say) in its own task; a connection `wrap` answers `None` for is dropped (`wrap`
+/// logs why). The bound and the header timeout hold for wrapped connections too.
+pub async fn serve_router_with<W, F, Io>(
+    addr: SocketAddr,
+    router: Router,
+    wrap: W,
+) -> std::io::Result<SocketAddr>
+where
+    W: Fn(tokio::net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = Option<Io>> + Send + 'static,
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    tokio::spawn(accept_loop(listener, router));
+    tokio::spawn(accept_loop(listener, router, wrap));
     Ok(local)
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, router: Router) {
+async fn accept_loop<W, F, Io>(listener: tokio::net::TcpListener, router: Router, wrap: W)
+where
+    W: Fn(tokio::net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = Option<Io>> + Send + 'static,
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
@@ -392,11 +413,16 @@ async fn accept_loop(listener: tokio::net::TcpListener, router: Router) {
         let service = router
             .clone()
             .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
-        let connection = http.serve_connection(
-            hyper_util::rt::TokioIo::new(stream),
-            hyper_util::service::TowerToHyperService::new(service),
-        );
+        let wrapped = wrap(stream, peer);
+        let http = http.clone();
         tokio::spawn(async move {
+            let Some(io) = wrapped.await else {
+                return;
+            };
+            let connection = http.serve_connection(
+                hyper_util::rt::TokioIo::new(io),
+                hyper_util::service::TowerToHyperService::new(service),
+            );
             if let Err(error) = connection.await {
                 tracing::debug!(%error, %peer, "HTTP connection ended");
             }

@@ -129,64 +129,32 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 /// Serves `router` over HTTPS on `addr` with `config`; returns the bound address. The
-/// router's handlers get the client's address as `ConnectInfo<SocketAddr>`.
+/// router's handlers get the client's address as `ConnectInfo<SocketAddr>`; connections are
+/// bounded and timed as plain HTTP's ([`proto::metrics::serve_router_with`]), plus a
+/// [`HANDSHAKE_TIMEOUT`] for the TLS handshake.
 pub async fn serve(
     addr: SocketAddr,
     router: Router,
     config: Arc<rustls::ServerConfig>,
 ) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    tokio::spawn(accept_loop(listener, router, TlsAcceptor::from(config)));
-    Ok(local)
-}
-
-async fn accept_loop(listener: tokio::net::TcpListener, router: Router, acceptor: TlsAcceptor) {
-    let connections = Arc::new(tokio::sync::Semaphore::new(
-        proto::metrics::MAX_HTTP_CONNECTIONS,
-    ));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(proto::metrics::HEADER_READ_TIMEOUT);
-    loop {
-        let Ok(permit) = connections.clone().acquire_owned().await else {
-            return;
-        };
-        let (stream, peer) = match listener.accept().await {
-            Ok(pair) => pair,
-            Err(error) => {
-                tracing::warn!(%error, "console listener accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let service = router
-            .clone()
-            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+    let acceptor = TlsAcceptor::from(config);
+    proto::metrics::serve_router_with(addr, router, move |stream, peer| {
         let acceptor = acceptor.clone();
-        let http = http.clone();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
+        async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => Some(tls),
                 Ok(Err(error)) => {
                     tracing::debug!(%error, %peer, "console TLS handshake failed");
-                    return;
+                    None
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "console TLS handshake timed out");
-                    return;
+                    None
                 }
-            };
-            let connection = http.serve_connection(
-                hyper_util::rt::TokioIo::new(tls),
-                hyper_util::service::TowerToHyperService::new(service),
-            );
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, %peer, "console HTTPS connection ended");
             }
-            drop(permit);
-        });
-    }
+        }
+    })
+    .await
 }
 
 #[cfg(test)]
