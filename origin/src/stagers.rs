@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use proto::net::PeerIdentity;
+use proto::net::{NodeId, PeerIdentity};
 use serde::Serialize;
 
 /// A stager counts as up while its announcement stream is open, or for this long after its
@@ -61,13 +61,13 @@ struct Entry {
 /// The stagers seen since this origin started.
 #[derive(Debug, Default)]
 pub struct StagerBook {
-    entries: Arc<Mutex<BTreeMap<String, Entry>>>,
+    entries: Arc<Mutex<BTreeMap<NodeId, Entry>>>,
 }
 
 /// Marks a stager's announcement stream open until dropped.
 pub struct Subscribed {
-    entries: Arc<Mutex<BTreeMap<String, Entry>>>,
-    id: String,
+    entries: Arc<Mutex<BTreeMap<NodeId, Entry>>>,
+    id: NodeId,
 }
 
 impl Drop for Subscribed {
@@ -81,7 +81,7 @@ impl Drop for Subscribed {
     }
 }
 
-fn lock(entries: &Mutex<BTreeMap<String, Entry>>) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+fn lock(entries: &Mutex<BTreeMap<NodeId, Entry>>) -> MutexGuard<'_, BTreeMap<NodeId, Entry>> {
     // A panic while holding the lock leaves a map that is still whole.
     entries
         .lock()
@@ -96,30 +96,46 @@ fn now_ms() -> u64 {
 }
 
 impl StagerBook {
-    /// Marks `peer` (a stager) seen now.
+    /// Marks `peer` (a stager) seen now. On every stager request: one lock, no allocation
+    /// once the stager is known.
     pub fn touch(&self, peer: &PeerIdentity) {
-        self.touch_at(
-            &peer.node_id.to_string(),
-            peer.site.as_str(),
-            Instant::now(),
-        );
+        self.seen(peer.node_id, peer.site.as_str(), Instant::now(), |_| {});
     }
 
-    fn touch_at(&self, id: &str, site: &str, now: Instant) {
+    /// Records the figures `peer` (a stager) reported.
+    pub fn report(&self, peer: &PeerIdentity, served_bytes: u64, pulled_bytes: u64) {
+        self.seen(peer.node_id, peer.site.as_str(), Instant::now(), |entry| {
+            entry.stats = Some(StagerStats {
+                served_bytes,
+                pulled_bytes,
+                reported_ms: now_ms(),
+            });
+        });
+    }
+
+    /// Marks `peer`'s announcement stream open until the guard is dropped.
+    pub fn subscribed(&self, peer: &PeerIdentity) -> Subscribed {
+        self.seen(peer.node_id, peer.site.as_str(), Instant::now(), |entry| {
+            entry.subscriptions += 1;
+        });
+        Subscribed {
+            entries: self.entries.clone(),
+            id: peer.node_id,
+        }
+    }
+
+    /// Marks stager `id` of `site` (from its certificate, so it never changes) seen at `now`
+    /// and applies `change` to its entry. When the book is full, the stager seen longest ago
+    /// without an open stream makes room; with none, the newcomer is not recorded.
+    fn seen(&self, id: NodeId, site: &str, now: Instant, change: impl FnOnce(&mut Entry)) {
         let mut entries = lock(&self.entries);
         let ms = now_ms();
-        if let Some(entry) = entries.get_mut(id) {
-            entry.last_seen = now;
-            entry.last_seen_ms = ms;
-            entry.site = site.to_owned();
-            return;
-        }
-        if entries.len() >= MAX_STAGERS {
+        if !entries.contains_key(&id) && entries.len() >= MAX_STAGERS {
             let oldest = entries
                 .iter()
                 .filter(|(_, e)| e.subscriptions == 0)
                 .min_by_key(|(_, e)| e.last_seen)
-                .map(|(id, _)| id.clone());
+                .map(|(id, _)| *id);
             match oldest {
                 Some(oldest) => {
                     entries.remove(&oldest);
@@ -127,43 +143,17 @@ impl StagerBook {
                 None => return,
             }
         }
-        entries.insert(
-            id.to_owned(),
-            Entry {
-                site: site.to_owned(),
-                stats: None,
-                subscriptions: 0,
-                first_seen_ms: ms,
-                last_seen_ms: ms,
-                last_seen: now,
-            },
-        );
-    }
-
-    /// Records the figures `peer` (a stager) reported.
-    pub fn report(&self, peer: &PeerIdentity, served_bytes: u64, pulled_bytes: u64) {
-        let id = peer.node_id.to_string();
-        self.touch_at(&id, peer.site.as_str(), Instant::now());
-        if let Some(entry) = lock(&self.entries).get_mut(&id) {
-            entry.stats = Some(StagerStats {
-                served_bytes,
-                pulled_bytes,
-                reported_ms: now_ms(),
-            });
-        }
-    }
-
-    /// Marks `peer`'s announcement stream open until the guard is dropped.
-    pub fn subscribed(&self, peer: &PeerIdentity) -> Subscribed {
-        let id = peer.node_id.to_string();
-        self.touch_at(&id, peer.site.as_str(), Instant::now());
-        if let Some(entry) = lock(&self.entries).get_mut(&id) {
-            entry.subscriptions += 1;
-        }
-        Subscribed {
-            entries: self.entries.clone(),
-            id,
-        }
+        let entry = entries.entry(id).or_insert_with(|| Entry {
+            site: site.to_owned(),
+            stats: None,
+            subscriptions: 0,
+            first_seen_ms: ms,
+            last_seen_ms: ms,
+            last_seen: now,
+        });
+        entry.last_seen = now;
+        entry.last_seen_ms = ms;
+        change(entry);
     }
 
     /// Every stager seen, by site then id.
@@ -172,7 +162,7 @@ impl StagerBook {
         let mut list: Vec<StagerSeen> = lock(&self.entries)
             .iter()
             .map(|(id, e)| StagerSeen {
-                id: id.clone(),
+                id: id.to_string(),
                 site: e.site.clone(),
                 up: e.subscriptions > 0 || now.duration_since(e.last_seen) <= UP_WITHIN,
                 subscriptions: e.subscriptions,
@@ -193,25 +183,27 @@ mod tests {
     #[test]
     fn a_stager_is_up_while_subscribed_or_recently_seen() {
         let book = StagerBook::default();
+        let (s1, s2) = (NodeId([1; 32]), NodeId([2; 32]));
         let long_ago = Instant::now() - UP_WITHIN - Duration::from_secs(1);
-        book.touch_at("s1", "west", long_ago);
-        book.touch_at("s2", "east", Instant::now());
+        book.seen(s1, "west", long_ago, |_| {});
+        book.seen(s2, "east", Instant::now(), |_| {});
         let list = book.list();
         assert_eq!(list.len(), 2);
-        assert_eq!((list[0].id.as_str(), list[0].up), ("s2", true));
-        assert_eq!((list[1].id.as_str(), list[1].up), ("s1", false));
+        assert_eq!((list[0].id.clone(), list[0].up), (s2.to_string(), true));
+        assert_eq!((list[1].id.clone(), list[1].up), (s1.to_string(), false));
         {
             let entries = book.entries.clone();
-            lock(&entries).get_mut("s1").expect("s1").subscriptions = 1;
-            let guard = Subscribed {
-                entries,
-                id: "s1".into(),
-            };
+            lock(&entries).get_mut(&s1).expect("s1").subscriptions = 1;
+            let guard = Subscribed { entries, id: s1 };
             assert!(book.list()[1].up, "an open stream keeps it up");
             drop(guard);
         }
-        let s1 = book.list().into_iter().find(|s| s.id == "s1").expect("s1");
-        assert_eq!(s1.subscriptions, 0);
-        assert!(s1.up, "the stream's end counts as seen");
+        let seen = book
+            .list()
+            .into_iter()
+            .find(|s| s.id == s1.to_string())
+            .expect("s1");
+        assert_eq!(seen.subscriptions, 0);
+        assert!(seen.up, "the stream's end counts as seen");
     }
 }
