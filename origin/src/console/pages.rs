@@ -1076,9 +1076,7 @@ pub struct PrepareNodeLine {
 }
 
 fn summarize(record: &crate::db::PrepareRecord) -> PrepareSummary {
-    let status = crate::control::PrepareStatus::new(record.clone(), BTreeMap::new());
-    let sites = status
-        .sites
+    let sites = crate::control::PrepareStatus::sites_of(record, &BTreeMap::new())
         .into_iter()
         .map(|(site, progress)| SiteLine { site, progress })
         .collect();

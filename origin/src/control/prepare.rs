@@ -82,6 +82,21 @@ pub struct PrepareStatus {
 impl PrepareStatus {
     /// The status of `operation` with the progress bytes of fetches under way.
     pub fn new(operation: PrepareRecord, fetching_bytes: BTreeMap<String, u64>) -> Self {
+        let sites = Self::sites_of(&operation, &fetching_bytes);
+        Self {
+            settled: operation.settled(),
+            operation,
+            fetching_bytes,
+            sites,
+        }
+    }
+
+    /// `operation`'s nodes counted site by site, with `fetching_bytes` (by node id) for the
+    /// fetches under way.
+    pub fn sites_of(
+        operation: &PrepareRecord,
+        fetching_bytes: &BTreeMap<String, u64>,
+    ) -> BTreeMap<String, SiteProgress> {
         let mut sites: BTreeMap<String, SiteProgress> = BTreeMap::new();
         for (id, node) in &operation.nodes {
             let site = sites.entry(node.site.clone()).or_default();
@@ -106,12 +121,7 @@ impl PrepareStatus {
                 PrepareState::Cancelled => site.cancelled += 1,
             }
         }
-        Self {
-            settled: operation.settled(),
-            operation,
-            fetching_bytes,
-            sites,
-        }
+        sites
     }
 
     /// Nodes in `state`.
