@@ -85,6 +85,10 @@ pub struct DaemonConfig {
     pub test_corrupt_serving: bool,
     /// The machine the origin may ask this daemon to swap; `None` refuses swaps.
     pub swap: Option<RemoteSwapConfig>,
+    /// The address the origin and peers reach the mesh endpoint at, when it is not the bound
+    /// one (behind NAT or port forwarding); default: the bound address, loopback for an
+    /// unspecified one.
+    pub advertise: Option<SocketAddr>,
     /// The role, class and features reported with the inventory.
     pub configured: NodeConfig,
     /// Capture an image when the origin has none and allows it (brief 004); `None` never does.
@@ -409,6 +413,7 @@ impl Daemon {
                 }
             }
             Request::StartSwap { target, rescue } => self.start_swap(target, rescue, send).await,
+            Request::SwapStatus { target } => self.swap_status(target).await,
             // `authorize` let through a request this match does not answer: they disagree.
             other => Response::Error {
                 code: ErrorCode::Internal,
@@ -472,7 +477,7 @@ impl Daemon {
             return Response::Error {
                 code: ErrorCode::BadRequest,
                 message: format!(
-                    "this edge has no machine configured for swaps (target {target}, rescue {rescue}); start its daemon with --machine-root"
+                    "this edge has no machine configured for swaps (target {target}, rescue {rescue}); start its daemon with --machine-root or --linux-config"
                 ),
             };
         };
@@ -516,6 +521,7 @@ impl Daemon {
                 }
             }
         };
+        let machine = config.machine.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             remote_swap::run(&config, &store, &publisher, &keys, stager, target, rescue)
         })
@@ -530,7 +536,13 @@ impl Daemon {
                 .inc();
         };
         match outcome {
-            Ok(Ok(end)) => {
+            Ok(Ok(remote_swap::SwapProgress::Ended(end))) => {
+                if let Err(error) = remote_swap::record_running_os(&self.dir, &machine) {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "cannot record the OS the machine runs"
+                    );
+                }
                 counter(if end.failure.is_none() {
                     "done"
                 } else {
@@ -547,6 +559,11 @@ impl Daemon {
                     failure: end.failure,
                 }
             }
+            Ok(Ok(remote_swap::SwapProgress::Rebooting { step })) => {
+                counter("rebooting");
+                tracing::info!(%target, %step, "swap goes on after this machine's reboot");
+                Response::SwapPending { step }
+            }
             Ok(Err(error)) => {
                 counter("error");
                 tracing::error!(%target, error = format!("{error:#}"), "swap failed to run");
@@ -562,6 +579,36 @@ impl Daemon {
                     message: format!("the swap task failed: {join}"),
                 }
             }
+        }
+    }
+
+    /// How the machine's last swap to `target` stands, from its journal.
+    async fn swap_status(&self, target: BundleId) -> Response {
+        self.count_request("swap-status");
+        let Some(config) = self.swap.clone() else {
+            return Response::Error {
+                code: ErrorCode::NotFound,
+                message: "this edge has no machine configured for swaps".into(),
+            };
+        };
+        let answer = tokio::task::spawn_blocking(move || {
+            remote_swap::journal_answer(&config.machine, target)
+        })
+        .await;
+        match answer {
+            Ok(Ok(remote_swap::JournalAnswer::Ended(end))) => Response::Swapped {
+                outcome: end.outcome,
+                failure: end.failure,
+            },
+            Ok(Ok(remote_swap::JournalAnswer::Running { step })) => Response::SwapPending { step },
+            Ok(Err(error)) => Response::Error {
+                code: ErrorCode::NotFound,
+                message: format!("{error:#}"),
+            },
+            Err(join) => Response::Error {
+                code: ErrorCode::Internal,
+                message: format!("the status task failed: {join}"),
+            },
         }
     }
 }
@@ -900,7 +947,9 @@ pub async fn serve(
     ready: impl FnOnce(&DaemonReady) -> Result<()>,
 ) -> Result<()> {
     if let Some(swap) = &config.swap {
-        remote_swap::check_machine(&swap.machine_root)?;
+        remote_swap::check_machine(&swap.machine)?;
+        // After a swap (or any boot) the edge reports the OS it runs: the running slot's.
+        remote_swap::record_running_os(&config.dir, &swap.machine)?;
     }
     if state::purge_tmp(&config.dir)? {
         tracing::info!(dir = %config.dir.join(state::TMP_DIR).display(), "purged the test-mode area of the last run");
@@ -948,7 +997,10 @@ pub async fn serve(
         swap: config.swap.clone(),
         swapping: tokio::sync::Mutex::new(()),
         stagers: config.stagers.clone(),
-        advertised: advertised(listen).to_string(),
+        advertised: config
+            .advertise
+            .unwrap_or_else(|| advertised(listen))
+            .to_string(),
         dir: config.dir.clone(),
         configured: config.configured.clone(),
         negotiating: tokio::sync::Mutex::new(()),

@@ -65,7 +65,7 @@ enum Command {
     /// Run the edge's daemon: serve what this edge holds to the peers of its site, and fetch
     /// bundles (from stagers and peers at once) when this node or the origin asks. At start it
     /// reports its inventory and negotiates what to boot with the origin.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Report this node's inventory and holdings and ask the origin what to boot; fetch the
     /// bundles that differ and record them as installed. Goes through the daemon when it runs.
     Negotiate(NegotiateArgs),
@@ -232,8 +232,17 @@ struct ServeArgs {
     test_corrupt_serving: bool,
     /// Root of the simulated machine this daemon swaps when the origin asks (made by
     /// `sim-provision`); without it, swap requests are refused.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "linux_config")]
     machine_root: Option<PathBuf>,
+    /// JSON configuration of the real machine this daemon runs on and swaps when the origin
+    /// asks (slot devices, grubenv, storage, reboot command): the swap runs here up to its
+    /// first reboot, and `edge-agent resume` carries it on after each boot.
+    #[arg(long)]
+    linux_config: Option<PathBuf>,
+    /// The address the origin and peers reach this daemon's mesh endpoint at, when it is not
+    /// the bound one (behind NAT or port forwarding, as in a VM).
+    #[arg(long)]
+    advertise: Option<std::net::SocketAddr>,
     /// Health check of remote swaps: `network-up`, `reach-stager=HOST:PORT` or
     /// `command=SHELL COMMAND`; repeat (default: network-up and the first --stager reachable).
     #[arg(long = "swap-health-check")]
@@ -447,7 +456,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::SimMachine(args) => cmd_sim_machine(args),
         Command::Enroll(args) => cmd_enroll(&args),
         Command::Fetch(args) => cmd_fetch(&args),
-        Command::Serve(args) => cmd_serve(args),
+        Command::Serve(args) => cmd_serve(*args),
         Command::Negotiate(args) => cmd_negotiate(&args),
         Command::Capture(args) => cmd_capture(&args),
     }
@@ -852,6 +861,13 @@ async fn negotiate_via_daemon(
 
 fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
     let capture = args.capture.setup(args.machine_root.as_deref())?;
+    let machine = match (&args.machine_root, &args.linux_config) {
+        (Some(root), _) => Some(MachineSpec::Sim { root: root.clone() }),
+        (None, Some(config)) => Some(MachineSpec::Linux {
+            config: config.clone(),
+        }),
+        (None, None) => None,
+    };
     let config = edge_agent::daemon::DaemonConfig {
         dir: args.dir.clone(),
         stagers: args.stagers,
@@ -864,9 +880,10 @@ fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
         test_corrupt_serving: args.test_corrupt_serving,
         #[cfg(not(feature = "test-hooks"))]
         test_corrupt_serving: false,
-        swap: match args.machine_root {
-            Some(machine_root) => Some(edge_agent::remote_swap::RemoteSwapConfig {
-                machine_root,
+        advertise: args.advertise,
+        swap: match machine {
+            Some(machine) => Some(edge_agent::remote_swap::RemoteSwapConfig {
+                machine,
                 health_checks: args
                     .swap_health_checks
                     .iter()

@@ -34,7 +34,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the way an image is built changes, so cached images are rebuilt.
-pub const IMAGE_FORMAT_VERSION: u32 = 1;
+pub const IMAGE_FORMAT_VERSION: u32 = 2;
 
 /// Names the directory that caches built images (default: [`DEFAULT_CACHE_DIR`] under `$HOME`).
 pub const CACHE_DIR_VAR: &str = "STAGECOACH_VM_CACHE";
@@ -141,6 +141,45 @@ pub struct ImageSpec {
     pub marker_a: String,
     /// Contents of `/etc/stagecoach-marker` in slot B.
     pub marker_b: String,
+    /// The agent image: the edge agent and its boot units in both slots, the guest staying up
+    /// (see [`ImageSpec::with_agent`]); `None` for the boot image, whose guest reports and
+    /// powers off.
+    pub agent: Option<AgentSpec>,
+}
+
+/// The edge agent an agent image carries.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentSpec {
+    /// The `edge-agent` executable copied into the image (its hash, not its path, keys the
+    /// cache).
+    #[serde(skip)]
+    pub binary: PathBuf,
+    /// BLAKE3 of the executable.
+    pub binary_blake3: String,
+}
+
+impl ImageSpec {
+    /// The image of a machine that runs the edge agent (`binary`): both slots hold the same
+    /// Debian root with the agent at `/usr/local/bin/edge-agent`, DHCP on the first network
+    /// interface (systemd-networkd), the boot partition mounted at [`GUEST_BOOT_MOUNT`] and
+    /// the storage partition at [`GUEST_STORAGE`], the unit [`AGENT_UNIT_NAME`] (resume any
+    /// journaled swap, then serve with the arguments of the storage area's `agent.env`), and
+    /// the boot report on the serial console at every boot, without powering off. The root is
+    /// kept beside the disk ([`VmImage::root`]) so a test can publish it as an OS image.
+    pub fn with_agent(binary: &Path) -> Result<Self> {
+        let bytes =
+            fs::read(binary).with_context(|| format!("cannot read {}", binary.display()))?;
+        Ok(Self {
+            storage_mib: 1536,
+            marker_a: "vm-os-1".into(),
+            marker_b: "vm-os-1".into(),
+            agent: Some(AgentSpec {
+                binary: binary.to_owned(),
+                binary_blake3: blake3::hash(&bytes).to_hex().to_string(),
+            }),
+            ..Self::default()
+        })
+    }
 }
 
 impl Default for ImageSpec {
@@ -161,6 +200,7 @@ impl Default for ImageSpec {
             storage_mib: 64,
             marker_a: "base-slot-a".into(),
             marker_b: "base-slot-b".into(),
+            agent: None,
         }
     }
 }
@@ -183,6 +223,8 @@ pub struct VmImage {
     pub path: PathBuf,
     /// Where its parts are.
     pub layout: Layout,
+    /// The Debian root both slots were made from (agent images only; slot A's marker).
+    pub root: Option<PathBuf>,
 }
 
 /// What the guest printed on its serial console when it booted.
@@ -192,6 +234,11 @@ pub struct GuestReport {
     pub slot: String,
     /// The contents of the guest's `/etc/stagecoach-marker`.
     pub marker: String,
+    /// The guest's host name (agent images).
+    pub hostname: Option<String>,
+    /// The first 16 hex digits of the SHA-256 of `/etc/ssh/ssh_host_ed25519_key.pub`, or
+    /// `none` (agent images).
+    pub host_key: Option<String>,
 }
 
 /// How a boot ended.
@@ -315,6 +362,8 @@ pub fn build_image(spec: &ImageSpec, cache: &Path) -> Result<VmImage> {
 
 const DISK_FILE: &str = "disk.raw";
 const LAYOUT_FILE: &str = "layout.json";
+/// The Debian root an agent image keeps beside its disk.
+const ROOT_DIR: &str = "root";
 
 impl VmImage {
     /// Copies the image to `dest` (sparse), for a VM of its own.
@@ -327,7 +376,19 @@ impl VmImage {
         Ok(VmImage {
             path: dest.to_owned(),
             layout: self.layout.clone(),
+            root: self.root.clone(),
         })
+    }
+
+    /// Replaces the storage partition (p4) with a fresh ext4 holding the tree `source`: a
+    /// machine's own state before its first boot (the VM must not be running).
+    pub fn write_storage(&self, source: &Path) -> Result<()> {
+        let (offset, length) = self.layout.partitions[3];
+        let fs_image = PathBuf::from(format!("{}.storage", self.path.display()));
+        mke2fs("ext4", "storage", source, &fs_image, length / MIB, None)?;
+        let copied = copy_into(&fs_image, &self.path, offset);
+        let _ = fs::remove_file(&fs_image);
+        copied
     }
 
     /// GRUB's environment block as `(key, value)` pairs, in file order.
@@ -360,33 +421,8 @@ impl VmImage {
 /// output to `serial_log` with `.qemu` appended. Returns when the guest has reported and
 /// powered off, or QEMU exited, or `timeout` has passed (QEMU is then killed).
 pub fn boot(image: &Path, serial_log: &Path, timeout: Duration) -> Result<BootOutcome> {
-    let qemu_log_path = PathBuf::from(format!("{}.qemu", serial_log.display()));
-    let qemu_log = File::create(&qemu_log_path)
-        .with_context(|| format!("cannot create {}", qemu_log_path.display()))?;
-    // QEMU appends to the serial file: start it empty.
-    File::create(serial_log).with_context(|| format!("cannot create {}", serial_log.display()))?;
-    let mut command = Command::new("qemu-system-x86_64");
-    command
-        .args(["-accel", "tcg", "-m", &GUEST_MEMORY_MIB.to_string()])
-        .args(["-nographic", "-monitor", "none", "-no-reboot"])
-        .arg("-serial")
-        .arg(format!("file:{}", serial_log.display()))
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", image.display()))
-        .args(["-nic", "user,restrict=on,model=virtio-net-pci"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(qemu_log.try_clone()?))
-        .stderr(Stdio::from(qemu_log));
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        // QEMU dies with the process (test) that started it, also when that one is killed.
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut command = qemu_command(image, serial_log, "user,restrict=on,model=virtio-net-pci")?;
+    command.arg("-no-reboot");
     let started = Instant::now();
     let child = command
         .spawn()
@@ -427,6 +463,134 @@ pub fn boot(image: &Path, serial_log: &Path, timeout: Duration) -> Result<BootOu
         end,
         serial,
     })
+}
+
+/// QEMU (TCG) for `image`, its serial console in `serial_log` (started empty) and its own
+/// output beside it (`.qemu` appended), with the network `nic` (a `-nic` value); QEMU dies
+/// with the process that starts it.
+fn qemu_command(image: &Path, serial_log: &Path, nic: &str) -> Result<Command> {
+    let qemu_log_path = PathBuf::from(format!("{}.qemu", serial_log.display()));
+    let qemu_log = File::create(&qemu_log_path)
+        .with_context(|| format!("cannot create {}", qemu_log_path.display()))?;
+    // QEMU appends to the serial file: start it empty.
+    File::create(serial_log).with_context(|| format!("cannot create {}", serial_log.display()))?;
+    let mut command = Command::new("qemu-system-x86_64");
+    command
+        .args(["-accel", "tcg", "-m", &GUEST_MEMORY_MIB.to_string()])
+        .args(["-nographic", "-monitor", "none"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial_log.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", image.display()))
+        .args(["-nic", nic])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(qemu_log.try_clone()?))
+        .stderr(Stdio::from(qemu_log));
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        // QEMU dies with the process (test) that started it, also when that one is killed.
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(command)
+}
+
+/// A machine that keeps running: an agent image in QEMU, rebooting inside QEMU as a real
+/// machine does, until [`Vm::kill`] or drop (which kills QEMU: a power cut).
+pub struct Vm {
+    qemu: KillOnDrop,
+    /// The serial console's log.
+    pub serial_log: PathBuf,
+    /// The host's UDP port forwarded to the guest's [`GUEST_AGENT_PORT`].
+    pub agent_port: u16,
+}
+
+impl Vm {
+    /// Starts `image` with user-mode networking: the guest reaches the host's loopback at
+    /// [`GUEST_HOST_ADDR`], and UDP to 127.0.0.1:`agent_port` on the host reaches the guest's
+    /// agent. Pick `agent_port` with [`free_udp_port`].
+    pub fn start(image: &Path, serial_log: &Path, agent_port: u16) -> Result<Vm> {
+        let nic = format!(
+            "user,model=virtio-net-pci,hostfwd=udp:127.0.0.1:{agent_port}-:{GUEST_AGENT_PORT}"
+        );
+        let mut command = qemu_command(image, serial_log, &nic)?;
+        let child = command
+            .spawn()
+            .context("cannot start qemu-system-x86_64 (Debian: qemu-system-x86)")?;
+        Ok(Vm {
+            qemu: KillOnDrop(child),
+            serial_log: serial_log.to_owned(),
+            agent_port,
+        })
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.qemu.0.id()
+    }
+
+    /// The serial console so far.
+    pub fn serial(&self) -> Result<String> {
+        read_lossy(&self.serial_log)
+    }
+
+    /// Every boot report so far, in order.
+    pub fn reports(&self) -> Result<Vec<GuestReport>> {
+        Ok(find_reports(&self.serial()?))
+    }
+
+    /// Whether QEMU still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.qemu.0.try_wait(), Ok(None))
+    }
+
+    /// Waits until the guest printed `count` boot reports, failing when QEMU exits or
+    /// `timeout` passes.
+    pub fn wait_for_reports(
+        &mut self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<GuestReport>> {
+        let started = Instant::now();
+        loop {
+            let reports = self.reports()?;
+            if reports.len() >= count {
+                return Ok(reports);
+            }
+            if let Some(status) = self.qemu.0.try_wait().context("cannot wait for QEMU")? {
+                bail!(
+                    "QEMU exited ({status}) after {} of {count} boot reports; serial console in {}",
+                    reports.len(),
+                    self.serial_log.display()
+                );
+            }
+            if started.elapsed() >= timeout {
+                bail!(
+                    "{} of {count} boot reports after {} s; serial console in {}",
+                    reports.len(),
+                    timeout.as_secs(),
+                    self.serial_log.display()
+                );
+            }
+            std::thread::sleep(SERIAL_POLL);
+        }
+    }
+
+    /// Cuts the power: SIGKILL to QEMU, then waits for it.
+    pub fn kill(mut self) {
+        let _ = self.qemu.0.kill();
+        let _ = self.qemu.0.wait();
+    }
+}
+
+/// A UDP port on 127.0.0.1 free now (bound and released), for a forwarding.
+pub fn free_udp_port() -> Result<u16> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("cannot bind a UDP port")?;
+    Ok(socket.local_addr()?.port())
 }
 
 /// The GRUB configuration of the A/B rule that `edge_agent::swap::boot::firmware_boot` models:
@@ -541,27 +705,139 @@ pub fn encode_grubenv(vars: &[(&str, &str)]) -> Result<Vec<u8>> {
 
 /// The guest's report in a serial console's output, if it printed one.
 pub fn find_report(serial: &str) -> Option<GuestReport> {
-    serial.lines().find_map(|line| {
-        let rest = &line[line.find(BOOTED_TAG)? + BOOTED_TAG.len()..];
-        let mut slot = None;
-        let mut marker = None;
-        for field in rest.split_whitespace() {
-            if let Some(value) = field.strip_prefix("slot=") {
-                slot = Some(value.to_owned());
-            } else if let Some(value) = field.strip_prefix("marker=") {
-                marker = Some(value.to_owned());
-            }
-        }
-        Some(GuestReport {
-            slot: slot?,
-            marker: marker?,
-        })
-    })
+    find_reports(serial).into_iter().next()
 }
+
+/// Every report in a serial console's output, one per boot, in order.
+pub fn find_reports(serial: &str) -> Vec<GuestReport> {
+    serial
+        .lines()
+        .filter_map(|line| {
+            let rest = &line[line.find(BOOTED_TAG)? + BOOTED_TAG.len()..];
+            let mut slot = None;
+            let mut marker = None;
+            let mut hostname = None;
+            let mut host_key = None;
+            for field in rest.split_whitespace() {
+                if let Some(value) = field.strip_prefix("slot=") {
+                    slot = Some(value.to_owned());
+                } else if let Some(value) = field.strip_prefix("marker=") {
+                    marker = Some(value.to_owned());
+                } else if let Some(value) = field.strip_prefix("hostname=") {
+                    hostname = Some(value.to_owned());
+                } else if let Some(value) = field.strip_prefix("hostkey=") {
+                    host_key = Some(value.to_owned());
+                }
+            }
+            Some(GuestReport {
+                slot: slot?,
+                marker: marker?,
+                hostname,
+                host_key,
+            })
+        })
+        .collect()
+}
+
+/// Where an agent image mounts the boot partition (p1), whose `boot/grub/grubenv` the agent
+/// rewrites.
+pub const GUEST_BOOT_MOUNT: &str = "/stagecoach-boot";
+
+/// Where an agent image mounts the storage partition (p4): the edge's state (`edge/`), the
+/// machine's storage area (`machine/`), the per-machine seed (`seed/`) and `agent.env`.
+pub const GUEST_STORAGE: &str = "/var/lib/stagecoach";
+
+/// The edge agent's unit in an agent image.
+pub const AGENT_UNIT_NAME: &str = "stagecoach-agent.service";
+
+/// The port the guest's agent serves the mesh on (forwarded from the host by [`Vm::start`]).
+pub const GUEST_AGENT_PORT: u16 = 7420;
+
+/// The host's loopback as a guest sees it through QEMU's user-mode networking: the origin and
+/// stager a test starts on 127.0.0.1 are at this address, same port.
+pub const GUEST_HOST_ADDR: &str = "10.0.2.2";
+
+/// The machine configuration (`edge-agent --linux-config`) of an agent image.
+const LINUX_CONFIG: &str = "{\n  \"slot_a_device\": \"/dev/vda2\",\n  \"slot_b_device\": \"/dev/vda3\",\n  \"grubenv\": \"/stagecoach-boot/boot/grub/grubenv\",\n  \"storage_dir\": \"/var/lib/stagecoach/machine\",\n  \"mount_dir\": \"/run/stagecoach/slots\",\n  \"reboot_command\": [\"systemctl\", \"reboot\", \"--no-block\"]\n}\n";
+
+/// Mounts of an agent image: the boot partition and the storage area (the root is the slot
+/// the kernel command line names).
+const AGENT_FSTAB: &str = "/dev/vda1 /stagecoach-boot ext2 defaults 0 0\n\
+/dev/vda4 /var/lib/stagecoach ext4 defaults 0 0\n";
+
+/// DHCP on the first Ethernet interface (QEMU's user-mode network answers it).
+const AGENT_NETWORK: &str = "[Match]\nName=en*\n\n[Network]\nDHCP=ipv4\n";
+
+/// The agent: carry on a journaled swap before anything else the agent does, then serve.
+const AGENT_UNIT: &str = "[Unit]\n\
+Description=Stagecoach edge agent: carry on a journaled OS swap, then serve the mesh\n\
+Wants=network-online.target\n\
+After=network-online.target stagecoach-firstboot.service\n\
+RequiresMountsFor=/var/lib/stagecoach /stagecoach-boot\n\
+ConditionPathExists=/var/lib/stagecoach/agent.env\n\
+\n\
+[Service]\n\
+EnvironmentFile=/var/lib/stagecoach/agent.env\n\
+ExecStartPre=/usr/local/bin/edge-agent resume --linux-config /etc/stagecoach/linux.json\n\
+ExecStart=/usr/local/bin/edge-agent serve --dir /var/lib/stagecoach/edge --linux-config /etc/stagecoach/linux.json $STAGECOACH_SERVE_ARGS\n\
+Restart=on-failure\n\
+RestartSec=2\n\
+TimeoutStartSec=infinity\n\
+StandardOutput=journal+console\n\
+StandardError=journal+console\n\
+\n\
+[Install]\n\
+WantedBy=multi-user.target\n";
+
+/// First boot of a machine: its own identity (host name, SSH host keys) from the storage
+/// area's seed, once. Later OS versions get it from the swap's identity carry-over, never
+/// from the seed again.
+const FIRSTBOOT_UNIT: &str = "[Unit]\n\
+Description=Stagecoach VM test bed: this machine's identity from its seed, once\n\
+RequiresMountsFor=/var/lib/stagecoach\n\
+ConditionPathExists=/var/lib/stagecoach/seed/identity\n\
+ConditionPathExists=!/var/lib/stagecoach/seed/applied\n\
+Before=stagecoach-booted.service stagecoach-agent.service\n\
+\n\
+[Service]\n\
+Type=oneshot\n\
+ExecStart=/bin/sh -c 'cp -a /var/lib/stagecoach/seed/identity/. / && hostname -F /etc/hostname && sync && touch /var/lib/stagecoach/seed/applied'\n\
+\n\
+[Install]\n\
+WantedBy=multi-user.target\n";
+
+/// The report of an agent image: slot, marker and identity, at every boot; the guest stays up.
+const AGENT_BOOTED_SCRIPT: &str = "#!/bin/sh\n\
+slot=$(sed -n 's/.*stagecoach\\.slot=\\([^ ]*\\).*/\\1/p' /proc/cmdline)\n\
+marker=$(cat /etc/stagecoach-marker)\n\
+host=$(cat /etc/hostname)\n\
+key=none\n\
+[ -f /etc/ssh/ssh_host_ed25519_key.pub ] && key=$(sha256sum /etc/ssh/ssh_host_ed25519_key.pub | cut -c1-16)\n\
+printf '\\nSTAGECOACH-BOOTED slot=%s marker=%s hostname=%s hostkey=%s\\n' \"$slot\" \"$marker\" \"$host\" \"$key\" > /dev/ttyS0\n";
+
+/// Kernel modules an image keeps (with what they depend on): a virtio machine with ext4. The
+/// rest of Debian's 400 MB of modules goes, so a slot unpacks in seconds.
+const KEEP_MODULES: &[&str] = &[
+    "virtio_net",
+    "virtio_blk",
+    "virtio_pci",
+    "virtio_rng",
+    "virtio_console",
+    "ext4",
+    "crc32c_generic",
+];
+
+/// Directories of the root an image drops (documentation and translations).
+const DROPPED_DIRS: &[&str] = &[
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+];
 
 /// The systemd unit every slot starts at boot.
 const BOOTED_UNIT: &str = "[Unit]\n\
-Description=Stagecoach VM test bed: report the booted slot on the serial console, then power off\n\
+Description=Stagecoach VM test bed: report the booted slot on the serial console\n\
 After=systemd-remount-fs.service\n\
 \n\
 [Service]\n\
@@ -601,11 +877,14 @@ fn setup_hook() -> String {
 
 fn cache_key(spec: &ImageSpec) -> Result<String> {
     let inputs = format!(
-        "version={IMAGE_FORMAT_VERSION}\nspec={}\ngrub.cfg={}\nmodules={}\nunit={BOOTED_UNIT}\nscript={BOOTED_SCRIPT}\nsetup={}\n",
+        "version={IMAGE_FORMAT_VERSION}\nspec={}\ngrub.cfg={}\nmodules={}\nunit={BOOTED_UNIT}\nscript={BOOTED_SCRIPT}\nsetup={}\nkeep={}\ndrop={}\nagent={}\n",
         serde_json::to_string(spec)?,
         grub_cfg(),
         GRUB_MODULES.join(","),
         setup_hook(),
+        KEEP_MODULES.join(","),
+        DROPPED_DIRS.join(","),
+        [LINUX_CONFIG, AGENT_FSTAB, AGENT_NETWORK, AGENT_UNIT, FIRSTBOOT_UNIT, AGENT_BOOTED_SCRIPT].join("\n"),
     );
     Ok(blake3::hash(inputs.as_bytes()).to_hex()[..32].to_owned())
 }
@@ -625,7 +904,12 @@ fn load_cached(dir: &Path) -> Result<Option<VmImage>> {
             dir.display()
         )
     })?;
-    Ok(Some(VmImage { path: disk, layout }))
+    let root = dir.join(ROOT_DIR);
+    Ok(Some(VmImage {
+        path: disk,
+        layout,
+        root: root.is_dir().then_some(root),
+    }))
 }
 
 /// Removes `.building-*` directories left by runs that died (their process is gone).
@@ -690,18 +974,29 @@ fn build_into(spec: &ImageSpec, dir: &Path, started: Instant) -> Result<()> {
         BOOTED_UNIT,
         0o644,
     )?;
+    let script = if spec.agent.is_some() {
+        AGENT_BOOTED_SCRIPT
+    } else {
+        BOOTED_SCRIPT
+    };
     write_file(
         &root.join("usr/local/sbin/stagecoach-booted"),
-        BOOTED_SCRIPT,
+        script,
         0o755,
     )?;
-    let wants = root.join("etc/systemd/system/multi-user.target.wants");
-    fs::create_dir_all(&wants)?;
-    std::os::unix::fs::symlink(
-        Path::new("/etc/systemd/system").join(BOOTED_UNIT_NAME),
-        wants.join(BOOTED_UNIT_NAME),
+    enable_unit(
+        &root,
+        "multi-user.target",
+        Path::new("/etc/systemd/system"),
+        BOOTED_UNIT_NAME,
     )
     .context("cannot enable the boot report unit")?;
+    step("trimming kernel modules and documentation");
+    trim_root(&root)?;
+    if let Some(agent) = &spec.agent {
+        step("adding the edge agent, its units and the network configuration");
+        install_agent(&root, agent)?;
+    }
 
     let marker = root.join("etc/stagecoach-marker");
     let slot_a = work.join("slot-a.ext4");
@@ -712,6 +1007,12 @@ fn build_into(spec: &ImageSpec, dir: &Path, started: Instant) -> Result<()> {
     step("making slot B (ext4)");
     write_file(&marker, &format!("{}\n", spec.marker_b), 0o644)?;
     mke2fs("ext4", "slot-b", &root, &slot_b, spec.slot_mib, None)?;
+    if spec.agent.is_some() {
+        // Kept as slot A's root: the OS a test publishes as the first version.
+        write_file(&marker, &format!("{}\n", spec.marker_a), 0o644)?;
+        fs::rename(&root, dir.join(ROOT_DIR))
+            .with_context(|| format!("cannot keep the root in {}", dir.display()))?;
+    }
 
     step("making the boot partition (ext2: GRUB, grub.cfg, grubenv)");
     let boot_root = work.join("boot-root");
@@ -796,6 +1097,7 @@ fn build_into(spec: &ImageSpec, dir: &Path, started: Instant) -> Result<()> {
     let image = VmImage {
         path: disk,
         layout: layout.clone(),
+        root: None,
     };
     let env = image.read_grubenv()?;
     ensure!(
@@ -808,6 +1110,161 @@ fn build_into(spec: &ImageSpec, dir: &Path, started: Instant) -> Result<()> {
         serde_json::to_string_pretty(&layout)?,
     )?;
     step("done");
+    Ok(())
+}
+
+/// Enables `unit` (found in `dir` of the guest) for `target`, as `systemctl enable` would.
+fn enable_unit(root: &Path, target: &str, dir: &Path, unit: &str) -> Result<()> {
+    let wants = root
+        .join("etc/systemd/system")
+        .join(format!("{target}.wants"));
+    fs::create_dir_all(&wants)?;
+    let link = wants.join(unit);
+    if fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink(dir.join(unit), &link)
+            .with_context(|| format!("cannot enable {unit}"))?;
+    }
+    Ok(())
+}
+
+/// Drops the kernel modules a virtio machine does not load (keeping [`KEEP_MODULES`] and their
+/// dependencies, from `modules.dep`) and [`DROPPED_DIRS`], then rebuilds the module index in
+/// the root.
+fn trim_root(root: &Path) -> Result<()> {
+    for dir in DROPPED_DIRS {
+        let path = root.join(dir);
+        if path.exists() {
+            fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    let modules = root.join("usr/lib/modules");
+    for entry in
+        fs::read_dir(&modules).with_context(|| format!("cannot list {}", modules.display()))?
+    {
+        let version_dir = entry?.path();
+        let dep_path = version_dir.join("modules.dep");
+        let deps = fs::read_to_string(&dep_path)
+            .with_context(|| format!("cannot read {}", dep_path.display()))?;
+        let mut depends: std::collections::HashMap<String, Vec<String>> = Default::default();
+        let mut by_name: std::collections::HashMap<String, String> = Default::default();
+        for line in deps.lines() {
+            let Some((module, rest)) = line.split_once(':') else {
+                continue;
+            };
+            depends.insert(
+                module.to_owned(),
+                rest.split_whitespace().map(str::to_owned).collect(),
+            );
+            by_name.insert(module_name(module), module.to_owned());
+        }
+        let mut keep = std::collections::HashSet::new();
+        let mut todo: Vec<String> = KEEP_MODULES
+            .iter()
+            .filter_map(|name| by_name.get(*name).cloned())
+            .collect();
+        while let Some(module) = todo.pop() {
+            if keep.insert(module.clone()) {
+                todo.extend(depends.get(&module).into_iter().flatten().cloned());
+            }
+        }
+        remove_modules_except(&version_dir.join("kernel"), &version_dir, &keep)?;
+        let version = version_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .context("a module directory without a name")?;
+        run(Command::new("chroot")
+            .arg(root)
+            .args(["depmod", "-a", &version]))
+        .context("cannot rebuild the module index in the root")?;
+    }
+    Ok(())
+}
+
+/// `kernel/fs/ext4/ext4.ko` → `ext4`; dashes count as underscores, as for modprobe.
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    stem.replace('-', "_")
+}
+
+fn remove_modules_except(
+    dir: &Path,
+    base: &Path,
+    keep: &std::collections::HashSet<String>,
+) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            remove_modules_except(&path, base, keep)?;
+        } else if path.to_string_lossy().contains(".ko") {
+            let relative = path
+                .strip_prefix(base)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !keep.contains(&relative) {
+                fs::remove_file(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Puts the edge agent, its configuration and units, the mounts and the network configuration
+/// into the root of an agent image.
+fn install_agent(root: &Path, agent: &AgentSpec) -> Result<()> {
+    let binary = root.join("usr/local/bin/edge-agent");
+    fs::create_dir_all(binary.parent().context("no parent")?)?;
+    fs::copy(&agent.binary, &binary)
+        .with_context(|| format!("cannot copy {} into the image", agent.binary.display()))?;
+    let copied = blake3::hash(&fs::read(&binary)?).to_hex().to_string();
+    ensure!(
+        copied == agent.binary_blake3,
+        "{} changed while the image was built: build the binaries first, then the image",
+        agent.binary.display()
+    );
+    write_file(&root.join("etc/stagecoach/linux.json"), LINUX_CONFIG, 0o644)?;
+    write_file(&root.join("etc/fstab"), AGENT_FSTAB, 0o644)?;
+    fs::create_dir_all(root.join(GUEST_BOOT_MOUNT.trim_start_matches('/')))?;
+    fs::create_dir_all(root.join(GUEST_STORAGE.trim_start_matches('/')))?;
+    write_file(
+        &root.join("etc/systemd/network/20-wired.network"),
+        AGENT_NETWORK,
+        0o644,
+    )?;
+    let local = Path::new("/etc/systemd/system");
+    write_file(
+        &root.join("etc/systemd/system").join(AGENT_UNIT_NAME),
+        AGENT_UNIT,
+        0o644,
+    )?;
+    write_file(
+        &root.join("etc/systemd/system/stagecoach-firstboot.service"),
+        FIRSTBOOT_UNIT,
+        0o644,
+    )?;
+    enable_unit(root, "multi-user.target", local, AGENT_UNIT_NAME)?;
+    enable_unit(
+        root,
+        "multi-user.target",
+        local,
+        "stagecoach-firstboot.service",
+    )?;
+    let packaged = Path::new("/lib/systemd/system");
+    enable_unit(
+        root,
+        "multi-user.target",
+        packaged,
+        "systemd-networkd.service",
+    )?;
+    enable_unit(root, "sockets.target", packaged, "systemd-networkd.socket")?;
+    enable_unit(
+        root,
+        "network-online.target",
+        packaged,
+        "systemd-networkd-wait-online.service",
+    )?;
     Ok(())
 }
 
@@ -1024,7 +1481,9 @@ mod tests {
             find_report(serial),
             Some(GuestReport {
                 slot: "B".into(),
-                marker: "base-slot-b".into()
+                marker: "base-slot-b".into(),
+                hostname: None,
+                host_key: None,
             })
         );
         assert_eq!(find_report("STAGECOACH-BOOTED slot=A\n"), None);

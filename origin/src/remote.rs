@@ -118,8 +118,18 @@ async fn swap_one(
         .with_context(|| format!("cannot reach the edge daemon at {edge}"))?;
     let mut recv = send_request(&conn, &Request::StartSwap { target, rescue }).await?;
     bar.set_message("fetching the bundles");
+    // Once both bundles are fetched the machine may reboot: a stream that breaks from then on
+    // is the machine going down, and the answer comes from its journal after the boot.
+    let mut fetched = 0;
     loop {
-        let frame: Option<Response> = read_frame(&mut recv, MAX_FRAME_BYTES).await?;
+        let frame: Option<Response> = match read_frame(&mut recv, MAX_FRAME_BYTES).await {
+            Ok(frame) => frame,
+            Err(error) if fetched >= 2 => {
+                tracing::info!(%edge, error = %error, "the edge went away during its swap; asking its journal after the reboot");
+                return await_rebooted_swap(endpoint, edge, target, bar, "swapping").await;
+            }
+            Err(error) => return Err(error.into()),
+        };
         match frame {
             Some(Response::FetchProgress {
                 done_bytes,
@@ -132,17 +142,82 @@ async fn swap_one(
                 ));
             }
             Some(Response::Fetched(summary)) => {
+                fetched += 1;
                 bar.set_message(format!(
                     "fetched {}@{}; swapping",
                     summary.name, summary.version
                 ));
             }
             Some(Response::Swapped { outcome, failure }) => return Ok((outcome, failure)),
+            Some(Response::SwapPending { step }) => {
+                return await_rebooted_swap(endpoint, edge, target, bar, &step).await
+            }
             Some(Response::Error { code, message }) => {
                 return Err(anyhow!("the edge refused ({code:?}): {message}"))
             }
             Some(other) => return Err(anyhow!("unexpected answer from the edge: {other:?}")),
+            None if fetched >= 2 => {
+                return await_rebooted_swap(endpoint, edge, target, bar, "swapping").await
+            }
             None => return Err(anyhow!("the edge closed the stream without an answer")),
         }
     }
+}
+
+/// How often a rebooting machine's daemon is asked how its swap stands.
+pub const SWAP_STATUS_POLL: Duration = Duration::from_secs(2);
+
+/// Longest a machine may take to finish a swap once it rebooted (its reboots, unpacking on
+/// slow disks, every trial boot): past it, the swap counts as failed for the rollout.
+pub const SWAP_REBOOT_DEADLINE: Duration = Duration::from_secs(30 * 60);
+
+/// Waits for a machine that reboots during its swap: asks its daemon, once it is back, how
+/// the swap to `target` stands ([`Request::SwapStatus`]) until the journal reached an end.
+async fn await_rebooted_swap(
+    endpoint: &quinn::Endpoint,
+    edge: SocketAddr,
+    target: BundleId,
+    bar: &ProgressBar,
+    step: &str,
+) -> Result<(String, Option<String>)> {
+    let started = std::time::Instant::now();
+    let mut step = step.to_owned();
+    let mut last_error = String::from("no answer yet");
+    loop {
+        bar.set_message(format!(
+            "rebooting ({step}), {:.0} s",
+            started.elapsed().as_secs_f64()
+        ));
+        if started.elapsed() > SWAP_REBOOT_DEADLINE {
+            return Err(anyhow!(
+                "the machine did not finish its swap within {} s of rebooting (last: {step}; {last_error})",
+                SWAP_REBOOT_DEADLINE.as_secs()
+            ));
+        }
+        match ask_swap_status(endpoint, edge, target).await {
+            Ok(Response::Swapped { outcome, failure }) => return Ok((outcome, failure)),
+            Ok(Response::SwapPending { step: now }) => step = now,
+            Ok(Response::Error { code, message }) => {
+                return Err(anyhow!(
+                    "the edge answered about its swap after the reboot ({code:?}): {message}"
+                ))
+            }
+            Ok(other) => return Err(anyhow!("unexpected answer from the edge: {other:?}")),
+            // Down, booting, or its daemon not started yet: ask again.
+            Err(error) => last_error = format!("{error:#}"),
+        }
+        tokio::time::sleep(SWAP_STATUS_POLL).await;
+    }
+}
+
+async fn ask_swap_status(
+    endpoint: &quinn::Endpoint,
+    edge: SocketAddr,
+    target: BundleId,
+) -> Result<Response> {
+    let conn = connect(endpoint, edge).await?;
+    let mut recv = send_request(&conn, &Request::SwapStatus { target }).await?;
+    read_frame::<Response>(&mut recv, MAX_FRAME_BYTES)
+        .await?
+        .ok_or_else(|| anyhow!("the edge closed the stream without an answer"))
 }

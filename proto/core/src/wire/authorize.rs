@@ -53,11 +53,13 @@ pub enum RequestKind {
     ContentKeys,
     /// [`Request::StagerStats`].
     StagerStats,
+    /// [`Request::SwapStatus`].
+    SwapStatus,
 }
 
 impl RequestKind {
     /// Every kind, in the order of [`Request`]'s variants.
-    pub const ALL: [RequestKind; 20] = [
+    pub const ALL: [RequestKind; 21] = [
         RequestKind::ListBundles,
         RequestKind::Resolve,
         RequestKind::GetManifest,
@@ -78,6 +80,7 @@ impl RequestKind {
         RequestKind::RelayKeepSet,
         RequestKind::ContentKeys,
         RequestKind::StagerStats,
+        RequestKind::SwapStatus,
     ];
 
     /// The variant's name, as in the protocol (`PutBlob`).
@@ -102,6 +105,7 @@ impl RequestKind {
             RequestKind::KeepSet => "KeepSet",
             RequestKind::RelayKeepSet => "RelayKeepSet",
             RequestKind::StagerStats => "StagerStats",
+            RequestKind::SwapStatus => "SwapStatus",
             RequestKind::ContentKeys => "ContentKeys",
         }
     }
@@ -129,6 +133,7 @@ impl RequestKind {
             RequestKind::RelayKeepSet => "relay an edge's keep-set request",
             RequestKind::ContentKeys => "receive content keys",
             RequestKind::StagerStats => "report a stager's traffic",
+            RequestKind::SwapStatus => "ask how a swap stands",
         }
     }
 }
@@ -163,6 +168,7 @@ impl Request {
             Request::RelayKeepSet { .. } => RequestKind::RelayKeepSet,
             Request::ContentKeys => RequestKind::ContentKeys,
             Request::StagerStats { .. } => RequestKind::StagerStats,
+            Request::SwapStatus { .. } => RequestKind::SwapStatus,
         }
     }
 }
@@ -221,6 +227,7 @@ pub fn access(server: Role, request: RequestKind) -> Access {
         // The edge itself (its `fetch` command) or the origin.
         K::Fetch => [NO, NO, ORIGIN_OR_EDGE],
         K::StartSwap => [NO, NO, ORIGIN],
+        K::SwapStatus => [NO, NO, ORIGIN],
         K::ReportNode => [EDGE, EDGE, NO],
         K::RelayReport => [STAGER, NO, NO],
         K::Control => [OPERATOR, NO, NO],

@@ -158,6 +158,14 @@ pub enum Request {
         /// Payload bytes the stager received from upstream (the origin).
         pulled_bytes: u64,
     },
+    /// How the last swap to `target` stands (origin only, to an edge daemon): asked after a
+    /// [`Request::StartSwap`] whose machine rebooted, until it ends. Answered by
+    /// [`Response::Swapped`] once the journal reached an end, [`Response::SwapPending`]
+    /// while it runs, or an error when the machine's last swap is not to `target`.
+    SwapStatus {
+        /// The OS the swap installs.
+        target: BundleId,
+    },
 }
 
 /// Content-key generations given to an edge: at most
@@ -649,6 +657,14 @@ pub enum Response {
         /// The generations and their keys.
         #[serde(deserialize_with = "key_generations")]
         generations: Vec<(crate::keys::KeyGeneration, crate::keys::ContentKey)>,
+    },
+    /// A swap is under way and has not ended: sent by a real machine before it reboots during
+    /// a [`Request::StartSwap`] (the stream then ends with the machine's reboot), and as the
+    /// answer to [`Request::SwapStatus`] while the journal has not reached an end.
+    SwapPending {
+        /// The journal's current step (`reboot-to-rescue`, `health-check`, ...).
+        #[serde(deserialize_with = "bounds::name")]
+        step: String,
     },
 }
 

@@ -1,0 +1,343 @@
+//! The OS swap on machines that boot a real Debian kernel through real GRUB (issue 13): two
+//! QEMU virtual machines built by `netsim::vm` from Debian's packages, each running the real
+//! `edge-agent serve --linux-config` on `LinuxPlatform`, reach the origin and stager this test
+//! starts on the host's loopback through QEMU's user-mode networking. `origin rollout start`
+//! (canary first) swaps both to a new version of their OS, published with `origin publish`:
+//! each machine reboots into its rescue slot, writes the new OS into slot A, reboots into it on
+//! a trial, passes its health checks and commits, and its daemon reports the new version.
+//!
+//! What the test checks comes from inside each guest, on its serial console (the slot on
+//! `/proc/cmdline`, the OS's marker file, the host name and SSH host key carried over from the
+//! machine's first OS), and from the origin (the rollout's outcome, the node's installed OS).
+//!
+//! Needs root, the VM tools (`scripts/install-deps.sh` installs them) and, the first time, the
+//! Debian mirror; runs the guests under TCG:
+//!
+//! `cargo nextest run --release --workspace --features origin/test-hooks,stager/test-hooks,edge-agent/test-hooks -E 'binary(vm_swap)' --no-capture`
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use netsim::procs::Binaries;
+use netsim::testbed::Testbed;
+use netsim::vm::{self, GuestReport, ImageSpec, Vm, GUEST_AGENT_PORT, GUEST_HOST_ADDR};
+use serde_json::Value;
+use stagecoach_testing::need;
+use stagecoach_testing::{can_run, skip_or_fail, wait_for_async};
+
+const TEST: &str = "a_rollout_swaps_two_vms_to_a_new_os_through_grub_keeping_their_identity";
+
+/// Longest a first boot may take under TCG.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Longest the whole rollout (two machines, each two reboots, under TCG) may take.
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// How often the origin is asked while waiting on it.
+const POLL: Duration = Duration::from_secs(2);
+
+const MACHINES: usize = 2;
+
+fn grub_bios_modules() -> Result<(), String> {
+    let boot_img = Path::new(vm::GRUB_I386_PC_DIR).join("boot.img");
+    if boot_img.is_file() {
+        Ok(())
+    } else {
+        Err(format!(
+            "no {} (Debian: grub-pc-bin; scripts/install-deps.sh installs it)",
+            boot_img.display()
+        ))
+    }
+}
+
+/// One virtual machine of the test and what it must keep across the swap.
+struct Machine {
+    name: String,
+    vm: Vm,
+    host_key: String,
+}
+
+/// The storage area of a machine before its first boot: the enrolled edge's state, the
+/// daemon's arguments, and the seed of its identity (host name, SSH host key).
+fn storage_tree(dir: &Path, edge_dir: &Path, name: &str, serve_args: &str) -> String {
+    std::fs::create_dir_all(dir.join("machine")).expect("machine dir");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(edge_dir)
+        .arg(dir.join("edge"))
+        .status()
+        .expect("cp");
+    assert!(copied.success(), "cannot copy {}", edge_dir.display());
+    std::fs::write(
+        dir.join("agent.env"),
+        format!("STAGECOACH_SERVE_ARGS={serve_args}\n"),
+    )
+    .expect("agent.env");
+    let etc = dir.join("seed/identity/etc");
+    std::fs::create_dir_all(etc.join("ssh")).expect("seed");
+    std::fs::write(etc.join("hostname"), format!("{name}\n")).expect("hostname");
+    // A host key of the machine's own (not a real key: the test follows its bytes).
+    let public = format!(
+        "ssh-ed25519 {} root@{name}\n",
+        blake3::hash(name.as_bytes()).to_hex()
+    );
+    std::fs::write(etc.join("ssh/ssh_host_ed25519_key.pub"), &public).expect("key");
+    std::fs::write(
+        etc.join("ssh/ssh_host_ed25519_key"),
+        format!("secret of {name}\n"),
+    )
+    .expect("key");
+    let digest = std::process::Command::new("sha256sum")
+        .arg(etc.join("ssh/ssh_host_ed25519_key.pub"))
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&digest.stdout)[..16].to_owned()
+}
+
+fn assert_report(report: &GuestReport, machine: &Machine, slot: &str, marker: &str, when: &str) {
+    assert_eq!(
+        (
+            report.slot.as_str(),
+            report.marker.as_str(),
+            report.hostname.as_deref(),
+            report.host_key.as_deref()
+        ),
+        (
+            slot,
+            marker,
+            Some(machine.name.as_str()),
+            Some(machine.host_key.as_str())
+        ),
+        "{} {when}: serial console in {}",
+        machine.name,
+        machine.vm.serial_log.display()
+    );
+}
+
+/// A copy of `root` whose `/etc/stagecoach-marker` says `marker` (hard links: the cached root
+/// is never written; the marker is replaced, not edited).
+fn marked_copy(root: &Path, dest: &Path, marker: &str) {
+    let copied = std::process::Command::new("cp")
+        .arg("-al")
+        .arg(root)
+        .arg(dest)
+        .status()
+        .expect("cp");
+    assert!(copied.success(), "cannot copy {}", root.display());
+    let path = dest.join("etc/stagecoach-marker");
+    std::fs::remove_file(&path).expect("remove the marker");
+    std::fs::write(&path, format!("{marker}\n")).expect("write the marker");
+}
+
+async fn origin_json(mesh: &Testbed, args: &[&str]) -> Value {
+    mesh.origin_json(args).await.expect("origin --json")
+}
+
+fn guest_addr(host_addr: &str) -> String {
+    let port = host_addr.rsplit(':').next().expect("port");
+    format!("{GUEST_HOST_ADDR}:{port}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_swaps_two_vms_to_a_new_os_through_grub_keeping_their_identity() {
+    let preconditions = [
+        need::root(),
+        need::tools(vm::REQUIRED_TOOLS),
+        need::tools(&["chroot", "cp", "sha256sum"]),
+        grub_bios_modules(),
+    ];
+    if !can_run(TEST, &preconditions) {
+        return;
+    }
+    let bins = Binaries::beside_current_exe().expect("build the binaries first");
+    let cache = vm::cache_root().expect("cache directory");
+    let spec = ImageSpec::with_agent(&bins.path("edge-agent")).expect("agent image spec");
+    if vm::cached_image(&spec, &cache)
+        .expect("read the image cache")
+        .is_none()
+    {
+        if let Err(reason) = vm::mirror_reachable(&spec.mirror) {
+            skip_or_fail(
+                TEST,
+                &format!("no cached VM image and no Debian mirror: {reason}"),
+            );
+            return;
+        }
+    }
+    let started = Instant::now();
+    let base = tokio::task::spawn_blocking({
+        let cache = cache.clone();
+        move || vm::build_image(&spec, &cache)
+    })
+    .await
+    .expect("build task")
+    .unwrap_or_else(|error| panic!("cannot build the VM image: {error:#}"));
+    eprintln!(
+        "{TEST}: image ready in {:.1} s: {}",
+        started.elapsed().as_secs_f64(),
+        base.path.display()
+    );
+    let root: PathBuf = base.root.clone().expect("an agent image keeps its root");
+
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path();
+    let mut mesh = Testbed::start(bins, &w.join("mesh"), 1, 0, &[])
+        .await
+        .expect("mesh");
+
+    // The machines' first OS is the image's root as built, published again as their rescue OS
+    // (a base-os bundle); the new OS differs from it by its marker.
+    let published = Instant::now();
+    let first = mesh
+        .publish_as(&root, "vm-rescue", "1", "base-os")
+        .await
+        .expect("publish vm-rescue@1");
+    let second_root = w.join("vm-os-2");
+    marked_copy(&root, &second_root, "vm-os-2");
+    mesh.publish(&second_root, "vm-os", "2")
+        .await
+        .expect("publish vm-os@2");
+    eprintln!(
+        "{TEST}: published vm-rescue@1 ({first}) and vm-os@2 in {:.1} s",
+        published.elapsed().as_secs_f64()
+    );
+
+    // The guests reach the origin and the stager through QEMU at the host's address.
+    let stager = mesh.stager_addrs("site-a")[0].clone();
+    let origin = mesh.origin.mesh.clone();
+    mesh.route_site_via("site-a", &guest_addr(&origin));
+    let mut machines = Vec::new();
+    for index in 0..MACHINES {
+        let name = format!("vm-{index}");
+        let edge = mesh.add_edge("site-a", index).await.expect("enroll");
+        let dir = w.join(&name);
+        std::fs::create_dir_all(&dir).expect("vm dir");
+        let port = vm::free_udp_port().expect("port");
+        let serve_args = format!(
+            "--stager {} --listen 0.0.0.0:{GUEST_AGENT_PORT} --advertise 127.0.0.1:{port} --peers off",
+            guest_addr(&stager)
+        );
+        let host_key = storage_tree(&dir.join("storage"), &edge.dir, &name, &serve_args);
+        let disk = base.copy_to(&dir.join("disk.raw")).expect("copy the image");
+        disk.write_storage(&dir.join("storage"))
+            .expect("write the storage area");
+        let vm = Vm::start(&disk.path, &dir.join("serial.log"), port).expect("start QEMU");
+        machines.push(Machine { name, vm, host_key });
+    }
+
+    // First boot: slot A, the first OS, the machine's own identity from its seed.
+    for machine in &mut machines {
+        let reports = machine
+            .vm
+            .wait_for_reports(1, BOOT_TIMEOUT)
+            .unwrap_or_else(|error| panic!("{}: {error:#}", machine.name));
+        eprintln!(
+            "{TEST}: {} booted after {:.1} s",
+            machine.name,
+            started.elapsed().as_secs_f64()
+        );
+        assert_report(&reports[0], machine, "A", "vm-os-1", "at its first boot");
+    }
+
+    // Each daemon reports its address (the forwarded port) through the stager.
+    let reported = wait_for_async(BOOT_TIMEOUT, POLL, async || {
+        let nodes = origin_json(&mesh, &["nodes", "--json"]).await;
+        let with_addr = nodes.as_array().map_or(0, |rows| {
+            rows.iter()
+                .filter(|r| r["data_addr"].as_str().is_some_and(|a| !a.is_empty()))
+                .count()
+        });
+        Ok::<_, std::convert::Infallible>((with_addr == MACHINES).then_some(nodes))
+    })
+    .await;
+    if reported.is_err() {
+        let nodes = origin_json(&mesh, &["nodes", "--json"]).await;
+        let consoles: Vec<String> = machines
+            .iter()
+            .map(|m| m.vm.serial().unwrap_or_default())
+            .collect();
+        panic!(
+            "the machines' daemons did not all report: {nodes:#}\n{}",
+            consoles.join("\n-----\n")
+        );
+    }
+
+    let rollout_started = Instant::now();
+    let plan = origin_json(
+        &mesh,
+        &[
+            "rollout",
+            "start",
+            "vm-os@2",
+            "--to",
+            "all",
+            "--rescue",
+            "vm-rescue@1",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(
+        plan["waves"].as_array().map(Vec::len),
+        Some(2),
+        "one site: its canary, then the rest: {plan:#}"
+    );
+    let settled = wait_for_async(ROLLOUT_TIMEOUT, POLL, async || {
+        let status = origin_json(&mesh, &["rollout", "status", "--json"]).await;
+        Ok::<_, std::convert::Infallible>((status["phase"]["phase"] != "running").then_some(status))
+    })
+    .await;
+    let Ok(status) = settled else {
+        let status = origin_json(&mesh, &["rollout", "status", "--json"]).await;
+        panic!("the rollout did not settle: {status:#}");
+    };
+    eprintln!(
+        "{TEST}: rollout settled after {:.1} s",
+        rollout_started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        status["phase"]["phase"], "done",
+        "the rollout must complete: {status:#}"
+    );
+
+    // Inside each guest: the boots of the swap (rescue B, then A on its trial), and the new OS
+    // on slot A with the identity of the machine's first OS.
+    for machine in &mut machines {
+        let reports = machine.vm.reports().expect("reports");
+        eprintln!("{TEST}: {} boots: {reports:?}", machine.name);
+        assert!(
+            reports.len() >= 3,
+            "{}: the swap must boot the rescue, then the new OS: {reports:?}",
+            machine.name
+        );
+        assert_report(&reports[1], machine, "B", "vm-os-1", "in its rescue slot");
+        let last = reports.last().expect("a report");
+        assert_report(last, machine, "A", "vm-os-2", "after the swap");
+    }
+
+    // The origin: every node's installed OS is the new version (its daemon reported it after
+    // the swap).
+    let updated = wait_for_async(BOOT_TIMEOUT, POLL, async || {
+        let nodes = origin_json(&mesh, &["nodes", "--json"]).await;
+        let on_new = nodes.as_array().map_or(0, |rows| {
+            rows.iter()
+                .filter(|r| {
+                    r["installed"].as_array().is_some_and(|installed| {
+                        installed
+                            .iter()
+                            .any(|b| b["name"] == "vm-os" && b["version"] == "2")
+                    })
+                })
+                .count()
+        });
+        Ok::<_, std::convert::Infallible>((on_new == MACHINES).then_some(()))
+    })
+    .await;
+    if updated.is_err() {
+        let nodes = origin_json(&mesh, &["nodes", "--json"]).await;
+        panic!("the origin must show the new version for both machines: {nodes:#}");
+    }
+    for machine in machines {
+        machine.vm.kill();
+    }
+}
