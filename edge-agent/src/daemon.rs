@@ -487,6 +487,7 @@ impl Daemon {
                 message: "a swap is already running on this edge".into(),
             };
         };
+        tracing::info!(%target, %rescue, "swap asked; fetching the bundles");
         self.retention.set_local(SWAP_KEEP_REASON, [target, rescue]);
         let _kept = KeptForSwap(&self.retention);
         for (what, id) in [("rescue", rescue), ("target", target)] {

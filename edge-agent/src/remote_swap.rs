@@ -325,7 +325,8 @@ fn run_sim(
 }
 
 /// Records the OS the machine runs (the booted slot's marker) in the edge's `installed.json`,
-/// in place of any other version of the same bundle, so the edge's reports name it. Returns the
+/// in place of any other version of the same bundle and of the OS it ran before (a rollback to
+/// the rescue replaces the OS the swap left), so the edge's reports name it. Returns the
 /// marker, or `None` when the running slot carries none (a machine installed by other means).
 pub fn record_running_os(
     dir: &Path,
@@ -339,18 +340,23 @@ pub fn record_running_os(
     else {
         return Ok(None);
     };
-    let mut installed = crate::state::load_installed(dir)?;
+    let previous = crate::state::load_running_os(dir)?;
     let entry = proto::wire::NodeBundle {
         name: marker.name.clone(),
         version: marker.version.clone(),
         id: marker.bundle,
     };
-    if !installed.contains(&entry) {
-        installed.retain(|bundle| bundle.name != marker.name);
-        installed.push(entry);
-        installed.sort();
+    let mut installed = crate::state::load_installed(dir)?;
+    let before = installed.clone();
+    installed.retain(|bundle| bundle.name != entry.name && Some(bundle) != previous.as_ref());
+    installed.push(entry.clone());
+    installed.sort();
+    if installed != before {
         crate::state::save_installed(dir, &installed)?;
         tracing::info!(slot = %booted, bundle = %marker.bundle, name = %marker.name, version = %marker.version, "recorded the running OS as installed");
+    }
+    if previous.as_ref() != Some(&entry) {
+        crate::state::save_running_os(dir, &entry)?;
     }
     Ok(Some(marker))
 }

@@ -39,6 +39,10 @@ pub const CONFIG_FILE: &str = "node.json";
 /// The bundles this node has installed (what it boots with).
 pub const INSTALLED_FILE: &str = "installed.json";
 
+/// The OS the machine ran when the daemon last looked (its booted slot's marker), so the entry
+/// of an OS the machine left is dropped from [`INSTALLED_FILE`] after a swap.
+pub const RUNNING_OS_FILE: &str = "running-os.json";
+
 /// Temporary area (test mode); purged at every start.
 pub const TMP_DIR: &str = "tmp";
 
@@ -111,6 +115,23 @@ pub fn load_installed(dir: &Path) -> Result<Vec<NodeBundle>> {
 /// Records `installed` under `dir` (written whole, then renamed, then the directory synced).
 pub fn save_installed(dir: &Path, installed: &[NodeBundle]) -> Result<()> {
     write_json_atomically(&dir.join(INSTALLED_FILE), installed)
+}
+
+/// The running OS recorded under `dir`, if any.
+pub fn load_running_os(dir: &Path) -> Result<Option<NodeBundle>> {
+    let path = dir.join(RUNNING_OS_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("{} is malformed; fix or remove it", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Records the running OS under `dir`.
+pub fn save_running_os(dir: &Path, running: &NodeBundle) -> Result<()> {
+    write_json_atomically(&dir.join(RUNNING_OS_FILE), running)
 }
 
 /// Removes the temporary area (test mode) under `dir`; returns true when there was one.

@@ -587,6 +587,138 @@ impl Vm {
     }
 }
 
+/// One line the guest's `edge-agent` logged on the serial console (tracing's default format,
+/// through systemd's console output).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentLogLine {
+    /// When, in seconds since the Unix epoch, by the guest's clock.
+    pub at: f64,
+    /// `INFO`, `WARN`, ...
+    pub level: String,
+    /// The module that logged it (`edge_agent::swap::driver`).
+    pub target: String,
+    /// The message, without its fields.
+    pub message: String,
+    /// The fields, in order; quoted values unquoted.
+    pub fields: Vec<(String, String)>,
+}
+
+impl AgentLogLine {
+    /// The value of field `name`.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// The agent's log lines among a serial console's output, in order.
+pub fn agent_log(serial: &str) -> Vec<AgentLogLine> {
+    strip_ansi(serial)
+        .lines()
+        .filter_map(|line| {
+            let rest = &line[line.find("edge-agent[")?..];
+            parse_agent_line(&rest[rest.find("]: ")? + 3..])
+        })
+        .collect()
+}
+
+/// Terminal escape sequences (colours, cursor moves) removed.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `2026-12-06T17:15:26.338148Z  INFO edge_agent::swap::driver: step step="wipe-target"`.
+fn parse_agent_line(line: &str) -> Option<AgentLogLine> {
+    let mut words = line.split_whitespace();
+    let at = parse_rfc3339_utc(words.next()?)?;
+    let level = words.next()?.to_owned();
+    let rest = line[line.find(&level)? + level.len()..].trim_start();
+    let (target, rest) = rest.split_once(": ")?;
+    let mut message = Vec::new();
+    let mut fields = Vec::new();
+    for token in split_quoted(rest) {
+        match token.split_once('=') {
+            Some((key, value))
+                if !key.is_empty()
+                    && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+            {
+                fields.push((key.to_owned(), value.trim_matches('"').to_owned()));
+            }
+            _ if fields.is_empty() => message.push(token),
+            _ => {}
+        }
+    }
+    Some(AgentLogLine {
+        at,
+        level,
+        target: target.to_owned(),
+        message: message.join(" "),
+        fields,
+    })
+}
+
+/// Words split at spaces outside double quotes.
+fn split_quoted(text: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                word.push(c);
+            }
+            ' ' if !quoted => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            _ => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SS.fffZ`.
+fn parse_rfc3339_utc(text: &str) -> Option<f64> {
+    let text = text.strip_suffix('Z')?;
+    let (date, time) = text.split_once('T')?;
+    let mut ymd = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let mut hms = time.splitn(3, ':');
+    let h: f64 = hms.next()?.parse().ok()?;
+    let min: f64 = hms.next()?.parse().ok()?;
+    let s: f64 = hms.next()?.parse().ok()?;
+    // Days from the civil date (H. Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s)
+}
+
 /// A UDP port on 127.0.0.1 free now (bound and released), for a forwarding.
 pub fn free_udp_port() -> Result<u16> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("cannot bind a UDP port")?;
@@ -1487,6 +1619,25 @@ mod tests {
             })
         );
         assert_eq!(find_report("STAGECOACH-BOOTED slot=A\n"), None);
+    }
+
+    #[test]
+    fn agent_log_lines_are_read_off_the_console() {
+        let serial = "[   29.3] edge-agent[226]: \u{1b}[2m2026-12-06T17:15:35.995204Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \u{1b}[2medge_agent::swap::driver\u{1b}[0m\u{1b}[2m:\u{1b}[0m slot installed \u{1b}[3mslot\u{1b}[0m\u{1b}[2m=\u{1b}[0mA \u{1b}[3mname\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"vm os\" \u{1b}[3melapsed_ms\u{1b}[0m\u{1b}[2m=\u{1b}[0m8849\r\n[  OK  ] Reached target\r\n";
+        let lines = agent_log(serial);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let line = &lines[0];
+        assert_eq!(line.level, "INFO");
+        assert_eq!(line.target, "edge_agent::swap::driver");
+        assert_eq!(line.message, "slot installed");
+        assert_eq!(line.field("slot"), Some("A"));
+        assert_eq!(line.field("name"), Some("vm os"));
+        assert_eq!(line.field("elapsed_ms"), Some("8849"));
+        // 2026-12-06 is day 20,793 since the epoch.
+        assert!(
+            (line.at - (20_793.0 * 86_400.0 + 17.0 * 3600.0 + 15.0 * 60.0 + 35.995204)).abs()
+                < 1e-3
+        );
     }
 
     #[test]

@@ -438,6 +438,7 @@ mod tests {
                 served_bytes: 1,
                 pulled_bytes: 2,
             },
+            Request::SwapStatus { target: hash },
         ]
     }
 
@@ -467,7 +468,7 @@ mod tests {
             Role::Edge => match kind {
                 K::GetBlob | K::GetManifest | K::SitePeers | K::Negotiate => only(&[Role::Edge]),
                 K::Fetch => only(&[Role::Origin, Role::Edge]),
-                K::TestRun | K::StartSwap => only(&[Role::Origin]),
+                K::TestRun | K::StartSwap | K::SwapStatus => only(&[Role::Origin]),
                 _ => Some(BadRequest),
             },
             Role::Publisher => Some(BadRequest),
