@@ -587,6 +587,66 @@ impl Vm {
     }
 }
 
+/// The storage area (p4) of a test machine before its first boot, made in `dir`: a copy of
+/// the enrolled edge's directory `edge_dir` (its key, certificate and store), `agent.env` with
+/// the daemon's arguments `serve_args`, and the seed of the machine's own identity (host name
+/// `name`, an SSH host key of its own; not a real key: tests follow its bytes). Returns the
+/// first 16 hex digits of the SHA-256 of the public key, as the guest's boot report gives it.
+pub fn seed_storage(dir: &Path, edge_dir: &Path, name: &str, serve_args: &str) -> Result<String> {
+    fs::create_dir_all(dir.join("machine"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(edge_dir)
+        .arg(dir.join("edge")))
+    .with_context(|| format!("cannot copy {}", edge_dir.display()))?;
+    write_file(
+        &dir.join("agent.env"),
+        &format!("STAGECOACH_SERVE_ARGS={serve_args}\n"),
+        0o600,
+    )?;
+    let etc = dir.join("seed/identity/etc");
+    write_file(&etc.join("hostname"), &format!("{name}\n"), 0o644)?;
+    let public = format!(
+        "ssh-ed25519 {} root@{name}\n",
+        blake3::hash(name.as_bytes()).to_hex()
+    );
+    write_file(&etc.join("ssh/ssh_host_ed25519_key.pub"), &public, 0o644)?;
+    write_file(
+        &etc.join("ssh/ssh_host_ed25519_key"),
+        &format!("secret of {name}\n"),
+        0o600,
+    )?;
+    let digest = Command::new("sha256sum")
+        .arg(etc.join("ssh/ssh_host_ed25519_key.pub"))
+        .output()
+        .context("cannot run sha256sum")?;
+    ensure!(digest.status.success(), "sha256sum failed");
+    let text = String::from_utf8_lossy(&digest.stdout);
+    text.get(..16)
+        .map(str::to_owned)
+        .context("sha256sum printed no digest")
+}
+
+/// A copy of the root `root` in `dest` whose `/etc/stagecoach-marker` says `marker`: hard
+/// links, so the cached root is never written (the marker is replaced, not edited).
+pub fn marked_copy(root: &Path, dest: &Path, marker: &str) -> Result<()> {
+    run(Command::new("cp").arg("-al").arg(root).arg(dest))
+        .with_context(|| format!("cannot copy {}", root.display()))?;
+    let path = dest.join("etc/stagecoach-marker");
+    fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+    write_file(&path, &format!("{marker}\n"), 0o644)
+}
+
+/// The address at which a guest reaches `host_addr` (a `127.0.0.1:PORT` of the host) through
+/// QEMU's user-mode networking.
+pub fn guest_addr(host_addr: &str) -> Result<String> {
+    let (_, port) = host_addr
+        .rsplit_once(':')
+        .with_context(|| format!("{host_addr} has no port"))?;
+    Ok(format!("{GUEST_HOST_ADDR}:{port}"))
+}
+
 /// One line the guest's `edge-agent` logged on the serial console (tracing's default format,
 /// through systemd's console output).
 #[derive(Clone, Debug, PartialEq)]

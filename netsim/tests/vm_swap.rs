@@ -154,43 +154,6 @@ fn print_swap_times(machine: &Machine, target: &str, what: &str) -> SwapTimes {
     times
 }
 
-/// The storage area of a machine before its first boot: the enrolled edge's state, the
-/// daemon's arguments, and the seed of its identity (host name, SSH host key).
-fn storage_tree(dir: &Path, edge_dir: &Path, name: &str, serve_args: &str) -> String {
-    std::fs::create_dir_all(dir.join("machine")).expect("machine dir");
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(edge_dir)
-        .arg(dir.join("edge"))
-        .status()
-        .expect("cp");
-    assert!(copied.success(), "cannot copy {}", edge_dir.display());
-    std::fs::write(
-        dir.join("agent.env"),
-        format!("STAGECOACH_SERVE_ARGS={serve_args}\n"),
-    )
-    .expect("agent.env");
-    let etc = dir.join("seed/identity/etc");
-    std::fs::create_dir_all(etc.join("ssh")).expect("seed");
-    std::fs::write(etc.join("hostname"), format!("{name}\n")).expect("hostname");
-    // A host key of the machine's own (not a real key: the test follows its bytes).
-    let public = format!(
-        "ssh-ed25519 {} root@{name}\n",
-        blake3::hash(name.as_bytes()).to_hex()
-    );
-    std::fs::write(etc.join("ssh/ssh_host_ed25519_key.pub"), &public).expect("key");
-    std::fs::write(
-        etc.join("ssh/ssh_host_ed25519_key"),
-        format!("secret of {name}\n"),
-    )
-    .expect("key");
-    let digest = std::process::Command::new("sha256sum")
-        .arg(etc.join("ssh/ssh_host_ed25519_key.pub"))
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&digest.stdout)[..16].to_owned()
-}
-
 fn assert_report(report: &GuestReport, machine: &Machine, slot: &str, marker: &str, when: &str) {
     assert_eq!(
         (
@@ -211,28 +174,8 @@ fn assert_report(report: &GuestReport, machine: &Machine, slot: &str, marker: &s
     );
 }
 
-/// A copy of `root` whose `/etc/stagecoach-marker` says `marker` (hard links: the cached root
-/// is never written; the marker is replaced, not edited).
-fn marked_copy(root: &Path, dest: &Path, marker: &str) {
-    let copied = std::process::Command::new("cp")
-        .arg("-al")
-        .arg(root)
-        .arg(dest)
-        .status()
-        .expect("cp");
-    assert!(copied.success(), "cannot copy {}", root.display());
-    let path = dest.join("etc/stagecoach-marker");
-    std::fs::remove_file(&path).expect("remove the marker");
-    std::fs::write(&path, format!("{marker}\n")).expect("write the marker");
-}
-
 async fn origin_json(mesh: &Testbed, args: &[&str]) -> Value {
     mesh.origin_json(args).await.expect("origin --json")
-}
-
-fn guest_addr(host_addr: &str) -> String {
-    let port = host_addr.rsplit(':').next().expect("port");
-    format!("{GUEST_HOST_ADDR}:{port}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,7 +233,7 @@ async fn a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the
         .await
         .expect("publish vm-rescue@1");
     let second_root = w.join("vm-os-2");
-    marked_copy(&root, &second_root, "vm-os-2");
+    vm::marked_copy(&root, &second_root, "vm-os-2").expect("vm-os@2");
     let second = mesh
         .publish(&second_root, "vm-os", "2")
         .await
@@ -303,7 +246,7 @@ async fn a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the
     // The guests reach the origin and the stager through QEMU at the host's address.
     let stager = mesh.stager_addrs("site-a")[0].clone();
     let origin = mesh.origin.mesh.clone();
-    mesh.route_site_via("site-a", &guest_addr(&origin));
+    mesh.route_site_via("site-a", &vm::guest_addr(&origin).expect("origin address"));
     let mut machines = Vec::new();
     for index in 0..MACHINES {
         let name = format!("vm-{index}");
@@ -313,9 +256,10 @@ async fn a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the
         let port = vm::free_udp_port().expect("port");
         let serve_args = format!(
             "--stager {} --listen 0.0.0.0:{GUEST_AGENT_PORT} --advertise 127.0.0.1:{port} --peers off --swap-boot-attempts {BOOT_ATTEMPTS}",
-            guest_addr(&stager)
+            vm::guest_addr(&stager).expect("stager address")
         );
-        let host_key = storage_tree(&dir.join("storage"), &edge.dir, &name, &serve_args);
+        let host_key = vm::seed_storage(&dir.join("storage"), &edge.dir, &name, &serve_args)
+            .expect("the machine's storage area");
         let disk = base.copy_to(&dir.join("disk.raw")).expect("copy the image");
         disk.write_storage(&dir.join("storage"))
             .expect("write the storage area");
@@ -467,7 +411,7 @@ async fn a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the
     // the health checks until the firmware falls back to the rescue; the rollout halts after
     // its canary and the other machine is left alone.
     let third_root = w.join("vm-os-3");
-    marked_copy(&root, &third_root, "vm-os-3");
+    vm::marked_copy(&root, &third_root, "vm-os-3").expect("vm-os@3");
     for link in NETWORKD_LINKS {
         std::fs::remove_file(third_root.join(link))
             .unwrap_or_else(|e| panic!("cannot disable the network of vm-os@3 ({link}): {e}"));

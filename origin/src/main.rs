@@ -123,7 +123,7 @@ enum Command {
     /// List published bundles.
     Bundles,
     /// Swap the OS of edges remotely: each edge fetches the bundles from its site, verifies
-    /// them, and runs the crash-safe swap (its daemon needs --machine-root).
+    /// them, and runs the crash-safe swap (its daemon needs --machine-root or --linux-config).
     Swap {
         /// The OS to install: a bundle id, NAME@VERSION or NAME (the newest).
         #[arg(long)]
