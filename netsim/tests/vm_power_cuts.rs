@@ -13,7 +13,7 @@
 //! `STAGECOACH_VM_TRIALS=30 cargo nextest run --release --workspace --features origin/test-hooks,stager/test-hooks,edge-agent/test-hooks -E 'binary(vm_power_cuts)' --no-capture`
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use netsim::procs::{self, Binaries};
 use netsim::testbed::Testbed;
@@ -51,7 +51,6 @@ fn grub_bios_modules() -> Result<(), String> {
 }
 
 /// How a trial ended.
-#[derive(Debug)]
 struct Trial {
     cut_after: f64,
     cut_during: String,
@@ -63,17 +62,25 @@ fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// What the agent was doing when the power went: its last log line, or the boot.
+/// What the machine was doing when the power went: the last step of the swap logged during
+/// the boot it was in, else where that boot was.
 fn doing(serial: &str) -> String {
-    let log = vm::agent_log(serial);
-    let reports = vm::find_reports(serial).len();
-    match log.last() {
+    let boots = serial.matches("Linux version").count();
+    let current = serial
+        .rfind("Linux version")
+        .map_or(serial, |start| &serial[start..]);
+    let log = vm::agent_log(current);
+    let swap_line = log.iter().rev().find(|l| {
+        l.target.starts_with("edge_agent::swap") || l.message == "swap starting on this machine"
+    });
+    match swap_line {
         Some(line) if line.message == "step" => {
-            format!("step {}", line.field("step").unwrap_or("?"))
+            format!("step {} (boot {boots})", line.field("step").unwrap_or("?"))
         }
-        Some(line) if line.message == "rebooting" => "a reboot".to_owned(),
-        Some(line) => format!("{:?} (after {reports} boots)", line.message),
-        None => format!("a boot (after {reports} boots)"),
+        Some(line) if line.message == "rebooting" => format!("the shutdown of boot {boots}"),
+        Some(line) => format!("{:?} (boot {boots})", line.message),
+        None if vm::find_reports(current).is_empty() => format!("boot {boots}, starting"),
+        None => format!("boot {boots}, before the agent"),
     }
 }
 
@@ -303,7 +310,10 @@ async fn power_cuts_during_swaps_never_leave_a_vm_unbootable() {
         unbootable.len()
     );
     for (index, trial) in results.iter().enumerate() {
-        eprintln!("{TEST}:   {index}: {trial:?}");
+        eprintln!(
+            "{TEST}:   {index}: cut {:.1} s in, during {}: {} after {} boots",
+            trial.cut_after, trial.cut_during, trial.outcome, trial.boots_after_cut
+        );
     }
     assert!(
         unbootable.is_empty(),

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use netsim::procs::Binaries;
 use netsim::testbed::Testbed;
-use netsim::vm::{self, GuestReport, ImageSpec, Vm, GUEST_AGENT_PORT, GUEST_HOST_ADDR};
+use netsim::vm::{self, GuestReport, ImageSpec, Vm, GUEST_AGENT_PORT};
 use serde_json::Value;
 use stagecoach_testing::need;
 use stagecoach_testing::{can_run, skip_or_fail, wait_for_async};
