@@ -68,6 +68,56 @@ pub const REQUIRED_TOOLS: &[&str] = &[
     "qemu-system-x86_64",
 ];
 
+/// What a VM test needs of this machine: root (mmdebstrap installs files owned by many users),
+/// the tools that build and boot an image and `extra_tools`, and GRUB's BIOS modules. Each
+/// `Err` says what is missing and where it comes from.
+pub fn test_preconditions(extra_tools: &[&str]) -> Vec<Result<(), String>> {
+    use stagecoach_testing::need;
+    let boot_img = Path::new(GRUB_I386_PC_DIR).join("boot.img");
+    let grub = if boot_img.is_file() {
+        Ok(())
+    } else {
+        Err(format!(
+            "no {} (Debian: grub-pc-bin; scripts/install-deps.sh installs it)",
+            boot_img.display()
+        ))
+    };
+    vec![
+        need::root(),
+        need::tools(REQUIRED_TOOLS),
+        need::tools(extra_tools),
+        grub,
+    ]
+}
+
+/// Whether the image of `spec` can be had here: cached under `cache`, or buildable because the
+/// Debian mirror answers. `Err` says why not.
+pub fn image_available(spec: &ImageSpec, cache: &Path) -> Result<(), String> {
+    match cached_image(spec, cache) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => mirror_reachable(&spec.mirror)
+            .map_err(|reason| format!("no cached VM image and no Debian mirror: {reason}")),
+        Err(error) => Err(format!("cannot read the image cache: {error:#}")),
+    }
+}
+
+/// For a test that boots the agent image of the `edge-agent` at `agent`: checks what it needs
+/// ([`test_preconditions`], [`image_available`]) and returns the image's spec and the cache,
+/// or `None` once the test was skipped with the reason (or failed, under
+/// `STAGECOACH_REQUIRE_ALL=1`).
+pub fn agent_image_for_test(test: &str, agent: &Path) -> Result<Option<(ImageSpec, PathBuf)>> {
+    if !stagecoach_testing::can_run(test, &test_preconditions(&["chroot", "cp", "sha256sum"])) {
+        return Ok(None);
+    }
+    let cache = cache_root()?;
+    let spec = ImageSpec::with_agent(agent)?;
+    if let Err(reason) = image_available(&spec, &cache) {
+        stagecoach_testing::skip_or_fail(test, &reason);
+        return Ok(None);
+    }
+    Ok(Some((spec, cache)))
+}
+
 /// Bytes per disk sector.
 const SECTOR_BYTES: u64 = 512;
 const MIB: u64 = 1024 * 1024;

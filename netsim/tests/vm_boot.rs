@@ -14,25 +14,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use netsim::vm::{self, BootOutcome, ImageSpec, VmImage};
-use stagecoach_testing::need;
 use stagecoach_testing::{can_run, skip_or_fail};
 
 const TEST: &str = "a_real_kernel_boots_the_slot_grub_chooses_by_the_a_b_rule";
 
 /// Longest a boot may take under TCG before the test gives up on it.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn grub_bios_modules() -> Result<(), String> {
-    let boot_img = Path::new(vm::GRUB_I386_PC_DIR).join("boot.img");
-    if boot_img.is_file() {
-        Ok(())
-    } else {
-        Err(format!(
-            "no {} (Debian: grub-pc-bin; scripts/install-deps.sh installs it)",
-            boot_img.display()
-        ))
-    }
-}
 
 /// Boots `image`, prints the boot time, and returns what the guest printed.
 fn boot(image: &VmImage, work: &Path, name: &str) -> BootOutcome {
@@ -74,12 +61,7 @@ fn assert_booted(outcome: &BootOutcome, slot: &str, marker: &str) {
 
 #[test]
 fn a_real_kernel_boots_the_slot_grub_chooses_by_the_a_b_rule() {
-    let preconditions = [
-        need::root(),
-        need::tools(vm::REQUIRED_TOOLS),
-        grub_bios_modules(),
-    ];
-    if !can_run(TEST, &preconditions) {
+    if !can_run(TEST, &vm::test_preconditions(&[])) {
         return;
     }
     let cache = vm::cache_root().expect("cache directory");
@@ -87,15 +69,9 @@ fn a_real_kernel_boots_the_slot_grub_chooses_by_the_a_b_rule() {
     let started = Instant::now();
     // Building needs the Debian mirror; without a cached image or a network this machine
     // cannot run the test.
-    let cached = vm::cached_image(&spec, &cache).expect("read the image cache");
-    if cached.is_none() {
-        if let Err(reason) = vm::mirror_reachable(&spec.mirror) {
-            skip_or_fail(
-                TEST,
-                &format!("no cached VM image and no Debian mirror: {reason}"),
-            );
-            return;
-        }
+    if let Err(reason) = vm::image_available(&spec, &cache) {
+        skip_or_fail(TEST, &reason);
+        return;
     }
     let base = vm::build_image(&spec, &cache)
         .unwrap_or_else(|error| panic!("cannot build the VM image: {error:#}"));

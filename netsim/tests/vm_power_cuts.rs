@@ -12,15 +12,13 @@
 //!
 //! `STAGECOACH_VM_TRIALS=30 cargo nextest run --release --workspace --features origin/test-hooks,stager/test-hooks,edge-agent/test-hooks -E 'binary(vm_power_cuts)' --no-capture`
 
-use std::path::Path;
 use std::time::Duration;
 
 use netsim::procs::{self, Binaries};
 use netsim::testbed::Testbed;
-use netsim::vm::{self, GuestReport, ImageSpec, Vm, GUEST_AGENT_PORT};
+use netsim::vm::{self, GuestReport, Vm, GUEST_AGENT_PORT};
 use rand::{Rng, SeedableRng};
-use stagecoach_testing::need;
-use stagecoach_testing::{can_run, skip_or_fail, wait_for_async};
+use stagecoach_testing::wait_for_async;
 
 const TEST: &str = "power_cuts_during_swaps_never_leave_a_vm_unbootable";
 
@@ -37,18 +35,6 @@ const CUT_WINDOW_SECS: f64 = 90.0;
 const DEFAULT_TRIALS: usize = 5;
 
 const NAME: &str = "vm-cut";
-
-fn grub_bios_modules() -> Result<(), String> {
-    let boot_img = Path::new(vm::GRUB_I386_PC_DIR).join("boot.img");
-    if boot_img.is_file() {
-        Ok(())
-    } else {
-        Err(format!(
-            "no {} (Debian: grub-pc-bin; scripts/install-deps.sh installs it)",
-            boot_img.display()
-        ))
-    }
-}
 
 /// How a trial ended.
 struct Trial {
@@ -94,30 +80,12 @@ fn check_identity(report: &GuestReport, host_key: &str, when: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_during_swaps_never_leave_a_vm_unbootable() {
-    let preconditions = [
-        need::root(),
-        need::tools(vm::REQUIRED_TOOLS),
-        need::tools(&["chroot", "cp", "sha256sum"]),
-        grub_bios_modules(),
-    ];
-    if !can_run(TEST, &preconditions) {
-        return;
-    }
     let bins = Binaries::beside_current_exe().expect("build the binaries first");
-    let cache = vm::cache_root().expect("cache directory");
-    let spec = ImageSpec::with_agent(&bins.path("edge-agent")).expect("agent image spec");
-    if vm::cached_image(&spec, &cache)
-        .expect("read the image cache")
-        .is_none()
-    {
-        if let Err(reason) = vm::mirror_reachable(&spec.mirror) {
-            skip_or_fail(
-                TEST,
-                &format!("no cached VM image and no Debian mirror: {reason}"),
-            );
-            return;
-        }
-    }
+    let Some((spec, cache)) =
+        vm::agent_image_for_test(TEST, &bins.path("edge-agent")).expect("the agent image")
+    else {
+        return;
+    };
     let trials: usize = env_number("STAGECOACH_VM_TRIALS").unwrap_or(DEFAULT_TRIALS);
     let seed: u64 = env_number("STAGECOACH_VM_SEED").unwrap_or_else(rand::random);
     eprintln!("{TEST}: {trials} trials, seed {seed} (STAGECOACH_VM_SEED={seed} repeats the cuts)");

@@ -18,15 +18,14 @@
 //!
 //! `cargo nextest run --release --workspace --features origin/test-hooks,stager/test-hooks,edge-agent/test-hooks -E 'binary(vm_swap)' --no-capture`
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use netsim::procs::Binaries;
 use netsim::testbed::Testbed;
-use netsim::vm::{self, GuestReport, ImageSpec, Vm, GUEST_AGENT_PORT};
+use netsim::vm::{self, GuestReport, Vm, GUEST_AGENT_PORT};
 use serde_json::Value;
-use stagecoach_testing::need;
-use stagecoach_testing::{can_run, skip_or_fail, wait_for_async};
+use stagecoach_testing::wait_for_async;
 
 const TEST: &str = "a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the_rescue";
 
@@ -44,18 +43,6 @@ const MACHINES: usize = 2;
 /// Trial boots of a new OS before the rescue takes over (fewer than the default 3: each is
 /// half a minute under TCG).
 const BOOT_ATTEMPTS: u8 = 2;
-
-fn grub_bios_modules() -> Result<(), String> {
-    let boot_img = Path::new(vm::GRUB_I386_PC_DIR).join("boot.img");
-    if boot_img.is_file() {
-        Ok(())
-    } else {
-        Err(format!(
-            "no {} (Debian: grub-pc-bin; scripts/install-deps.sh installs it)",
-            boot_img.display()
-        ))
-    }
-}
 
 /// One virtual machine of the test and what it must keep across the swap.
 struct Machine {
@@ -178,32 +165,32 @@ async fn origin_json(mesh: &Testbed, args: &[&str]) -> Value {
     mesh.origin_json(args).await.expect("origin --json")
 }
 
+/// Waits for the running rollout to leave the `running` phase; returns its status.
+async fn settle(mesh: &Testbed, started: Instant, what: &str) -> Value {
+    let settled = wait_for_async(ROLLOUT_TIMEOUT, POLL, async || {
+        let status = origin_json(mesh, &["rollout", "status", "--json"]).await;
+        Ok::<_, std::convert::Infallible>((status["phase"]["phase"] != "running").then_some(status))
+    })
+    .await;
+    let Ok(status) = settled else {
+        let status = origin_json(mesh, &["rollout", "status", "--json"]).await;
+        panic!("the {what} did not settle: {status:#}");
+    };
+    eprintln!(
+        "{TEST}: {what} settled after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    status
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the_rescue() {
-    let preconditions = [
-        need::root(),
-        need::tools(vm::REQUIRED_TOOLS),
-        need::tools(&["chroot", "cp", "sha256sum"]),
-        grub_bios_modules(),
-    ];
-    if !can_run(TEST, &preconditions) {
-        return;
-    }
     let bins = Binaries::beside_current_exe().expect("build the binaries first");
-    let cache = vm::cache_root().expect("cache directory");
-    let spec = ImageSpec::with_agent(&bins.path("edge-agent")).expect("agent image spec");
-    if vm::cached_image(&spec, &cache)
-        .expect("read the image cache")
-        .is_none()
-    {
-        if let Err(reason) = vm::mirror_reachable(&spec.mirror) {
-            skip_or_fail(
-                TEST,
-                &format!("no cached VM image and no Debian mirror: {reason}"),
-            );
-            return;
-        }
-    }
+    let Some((spec, cache)) =
+        vm::agent_image_for_test(TEST, &bins.path("edge-agent")).expect("the agent image")
+    else {
+        return;
+    };
     let started = Instant::now();
     let base = tokio::task::spawn_blocking({
         let cache = cache.clone();
@@ -344,19 +331,7 @@ async fn a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the
         Some(2),
         "one site: its canary, then the rest: {plan:#}"
     );
-    let settled = wait_for_async(ROLLOUT_TIMEOUT, POLL, async || {
-        let status = origin_json(&mesh, &["rollout", "status", "--json"]).await;
-        Ok::<_, std::convert::Infallible>((status["phase"]["phase"] != "running").then_some(status))
-    })
-    .await;
-    let Ok(status) = settled else {
-        let status = origin_json(&mesh, &["rollout", "status", "--json"]).await;
-        panic!("the rollout did not settle: {status:#}");
-    };
-    eprintln!(
-        "{TEST}: rollout settled after {:.1} s",
-        rollout_started.elapsed().as_secs_f64()
-    );
+    let status = settle(&mesh, rollout_started, "rollout").await;
     assert_eq!(
         status["phase"]["phase"], "done",
         "the rollout must complete: {status:#}"
@@ -439,19 +414,7 @@ async fn a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the
         ],
     )
     .await;
-    let settled = wait_for_async(ROLLOUT_TIMEOUT, POLL, async || {
-        let status = origin_json(&mesh, &["rollout", "status", "--json"]).await;
-        Ok::<_, std::convert::Infallible>((status["phase"]["phase"] != "running").then_some(status))
-    })
-    .await;
-    let Ok(status) = settled else {
-        let status = origin_json(&mesh, &["rollout", "status", "--json"]).await;
-        panic!("the failing rollout did not settle: {status:#}");
-    };
-    eprintln!(
-        "{TEST}: failing rollout settled after {:.1} s",
-        rollout_started.elapsed().as_secs_f64()
-    );
+    let status = settle(&mesh, rollout_started, "failing rollout").await;
     assert_eq!(
         status["phase"]["phase"], "halted",
         "a canary that fails its health checks halts the rollout: {status:#}"
