@@ -19,8 +19,8 @@ use edge_agent::swap::sim::{
 };
 use edge_agent::swap::store::open_store;
 use edge_agent::swap::{
-    self, machine_store_dir, status, HealthCheck, MachineSpec, RunEnd, Slot, SwapContext, SwapPlan,
-    REBOOT_EXIT_CODE,
+    self, machine_store_dir, open_machine_store, status, HealthCheck, MachineSpec, RunEnd, Slot,
+    SwapContext, SwapPlan, REBOOT_EXIT_CODE,
 };
 use proto::BundleId;
 
@@ -570,13 +570,7 @@ fn cmd_resume(machine: &MachineArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let machine_store = machine_store_dir(platform.as_ref());
-    let store = open_store(&machine_store).with_context(|| {
-        format!(
-            "cannot open the machine's store {}",
-            machine_store.display()
-        )
-    })?;
+    let store = open_machine_store(platform.as_ref())?;
     // The source store is read only until the bundles are staged into the machine's store.
     let needs_source = matches!(state.step, Step::VerifyBundles | Step::StageBundles);
     let source = match (&state.plan.source_store, needs_source) {
@@ -619,13 +613,7 @@ fn cmd_rollback(args: &RollbackArgs) -> Result<ExitCode> {
     let mut platform = spec
         .open(args.machine.booted_slot)
         .context("cannot open the machine")?;
-    let machine_store = machine_store_dir(platform.as_ref());
-    let store = open_store(&machine_store).with_context(|| {
-        format!(
-            "cannot open the machine's store {}",
-            machine_store.display()
-        )
-    })?;
+    let store = open_machine_store(platform.as_ref())?;
     let mut ctx = SwapContext {
         platform: platform.as_mut(),
         store: &store,

@@ -27,9 +27,8 @@ use crate::swap::plan::DEFAULT_IDENTITY_PATHS;
 use crate::swap::sim::{
     self, run_sim_machine, BootExit, NoHooks, SimMachineConfig, DEFAULT_MAX_BOOTS,
 };
-use crate::swap::store::open_store;
 use crate::swap::{
-    driver, machine_store_dir, status, HealthCheck, MachineSpec, RunEnd, SwapContext, SwapPlan,
+    driver, open_machine_store, status, HealthCheck, MachineSpec, RunEnd, SwapContext, SwapPlan,
     SwapState,
 };
 
@@ -110,7 +109,7 @@ pub fn run(
     target: BundleId,
     rescue: BundleId,
 ) -> Result<SwapProgress> {
-    check_machine(&config.machine)?;
+    // The daemon checked the machine at start (`check_machine`); opening it checks it again.
     let trusted = [*publisher];
     let mut platform = config
         .machine
@@ -122,13 +121,7 @@ pub fn run(
         proto::keyring::save(&driver::machine_keyring_path(platform.as_ref()), keys)
             .context("cannot give the machine this edge's content keys")?;
     }
-    let machine_store_dir = machine_store_dir(platform.as_ref());
-    let machine_store = open_store(&machine_store_dir).with_context(|| {
-        format!(
-            "cannot open the machine's store {}",
-            machine_store_dir.display()
-        )
-    })?;
+    let machine_store = open_machine_store(platform.as_ref())?;
     for (what, id) in [("rescue", rescue), ("target", target)] {
         stage_bundle(
             store,

@@ -97,6 +97,14 @@ pub fn machine_store_dir(platform: &dyn Platform) -> PathBuf {
     platform.storage_dir().join(MACHINE_STORE_DIR)
 }
 
+/// Opens the machine's own bundle store ([`machine_store_dir`]).
+pub fn open_machine_store(platform: &dyn Platform) -> anyhow::Result<proto::store::Store> {
+    use anyhow::Context as _;
+    let dir = machine_store_dir(platform);
+    store::open_store(&dir)
+        .with_context(|| format!("cannot open the machine's store {}", dir.display()))
+}
+
 /// Why a simulated machine could not be provisioned.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
