@@ -113,7 +113,13 @@ async fn a_lying_edge_is_banned_and_the_others_finish() {
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("tree");
     datagen::generate_tree(&tree, 8 * MIB, 22).expect("tree");
-    let mut mesh = Testbed::start(bins(), work.path(), 1, 4, &[])
+    // The stager's upload is held to 100 Mbit/s so the honest edges' fetch lasts a couple of
+    // seconds. Each daemon learns from the tracker every 300 ms, and the liar's restart may
+    // reach the others' boards only after their downloads began; unthrottled, the stager
+    // could serve the whole 8 MiB before any of them knew the liar held it, and the liar would
+    // never be asked (a third of the runs failed that way on a 2-core machine).
+    let limit = [s("--upload-limit-mbit"), s("100")];
+    let mut mesh = Testbed::start(bins(), work.path(), 1, 4, &limit)
         .await
         .expect("mesh");
     mesh.start_edge_daemons(true, &[]).await.expect("daemons");
