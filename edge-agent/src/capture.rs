@@ -1,13 +1,18 @@
 //! Capturing an image when the origin has none for this node (brief 004).
 //!
 //! The origin answers a negotiation with `NoImageCapture` when no rule matches the node and its
-//! class may capture. The edge then empties its spare slot (the one not booted), runs the
+//! class may capture. The edge then empties its spare slot (the one not booted: on a real
+//! machine a fresh ext4 filesystem on the slot's partition, mounted for the script), runs the
 //! operator's install script with that slot's directory as its argument (bounded by a timeout,
 //! its output logged), packs the slot as an `os-image` bundle whose selectors and metadata carry
 //! the node's inventory facts, and publishes it with a publisher identity it was given
 //! explicitly (`--publisher-dir`, a copy of `ORIGIN_HOME/publisher`): an edge certificate alone
 //! may not upload. The origin then adds a rule mapping the node's model (else manufacturer,
 //! else class) to the captured bundle, so the next node with the same facts gets it.
+//!
+//! A captured image never carries a slot's completion marker: a script that copies the running
+//! OS copies its marker too, and a bundle holding one would mark a slot complete as soon as
+//! that file was unpacked, before the rest. The capture removes it before packing.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,8 +31,9 @@ use proto::BundleKind;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::state::NodeConfig;
-use crate::swap::sim::{recorded_booted_slot, slot_dir};
-use crate::swap::{Platform, SimPlatform, Slot};
+use crate::swap::platform::SLOT_MARKER_FILE;
+use crate::swap::sim::recorded_booted_slot;
+use crate::swap::{MachineSpec, Platform, Slot};
 
 /// How long an install script may run by default.
 pub const DEFAULT_SCRIPT_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -64,8 +70,8 @@ pub mod keys {
 /// What a capture needs.
 #[derive(Clone, Debug)]
 pub struct CaptureOptions {
-    /// Root of the (simulated) machine whose spare slot receives the install.
-    pub machine_root: PathBuf,
+    /// The machine whose spare slot receives the install.
+    pub machine: MachineSpec,
     /// The install script; run with the spare slot's directory as its one argument.
     pub script: PathBuf,
     /// A publisher directory (identity files and `manifest-signing.key`).
@@ -82,8 +88,8 @@ pub struct CaptureOptions {
 /// the bundle name comes from the origin's answer.
 #[derive(Clone, Debug)]
 pub struct CaptureSetup {
-    /// Root of the (simulated) machine.
-    pub machine_root: PathBuf,
+    /// The machine whose spare slot receives the install.
+    pub machine: MachineSpec,
     /// The install script.
     pub script: PathBuf,
     /// A publisher directory.
@@ -96,7 +102,7 @@ impl CaptureSetup {
     /// The options of a capture published as `name`.
     pub fn options(&self, name: &str) -> CaptureOptions {
         CaptureOptions {
-            machine_root: self.machine_root.clone(),
+            machine: self.machine.clone(),
             script: self.script.clone(),
             publisher_dir: self.publisher_dir.clone(),
             name: name.to_owned(),
@@ -115,16 +121,28 @@ pub struct Captured {
     pub info: BundleInfo,
 }
 
+/// Opens `machine` for a capture: a simulated machine that recorded no boot runs from A; a
+/// real one from the slot its kernel command line names.
+fn open_machine(machine: &MachineSpec) -> Result<Box<dyn Platform>> {
+    let booted = match machine {
+        MachineSpec::Sim { root } => Some(
+            recorded_booted_slot(root)
+                .with_context(|| format!("cannot read the booted slot of {}", root.display()))?
+                .unwrap_or(Slot::A),
+        ),
+        MachineSpec::Linux { .. } => None,
+    };
+    machine
+        .open(booted)
+        .context("cannot open the machine to capture")
+}
+
 /// The slot not booted: the one a capture installs into.
-pub fn spare_slot(machine_root: &Path) -> Result<(Slot, Slot)> {
-    let booted = recorded_booted_slot(machine_root)
-        .with_context(|| format!("cannot read the booted slot of {}", machine_root.display()))?
-        .unwrap_or(Slot::A);
-    let spare = match booted {
+fn spare_of(booted: Slot) -> Slot {
+    match booted {
         Slot::A => Slot::B,
         Slot::B => Slot::A,
-    };
-    Ok((booted, spare))
+    }
 }
 
 /// The selectors and metadata of a captured image: the node's inventory facts.
@@ -248,14 +266,23 @@ pub async fn capture(
             identity.origin_addr()
         )
     })?;
-    let (booted, spare) = spare_slot(&options.machine_root)?;
-    let mut platform = SimPlatform::open(&options.machine_root, booted)
-        .with_context(|| format!("cannot open the machine {}", options.machine_root.display()))?;
+    // The platform keeps the spare slot mounted (on a real machine) until it is dropped, after
+    // the upload.
+    let mut platform = open_machine(&options.machine)?;
+    let spare = spare_of(platform.booted_slot());
     platform
-        .format_slot(spare)
+        .wipe_slot(spare)
         .with_context(|| format!("cannot empty the spare slot {spare}"))?;
-    let dir = slot_dir(&options.machine_root, spare);
+    let dir = platform
+        .slot_root(spare)
+        .with_context(|| format!("cannot reach the spare slot {spare}"))?;
     run_script(&options.script, &dir, options.timeout).await?;
+    let marker = dir.join(SLOT_MARKER_FILE);
+    if marker.exists() {
+        tracing::info!(slot = %spare, "the install script left a slot marker (a copy of the running OS?); removed: a captured image carries none");
+        std::fs::remove_file(&marker)
+            .with_context(|| format!("cannot remove {}", marker.display()))?;
+    }
 
     let inventory = crate::negotiate::collect_inventory(identity, config);
     let node_id = identity.node_id().to_string();
@@ -284,5 +311,6 @@ pub async fn capture(
     .await
     .context("cannot publish the captured image")?;
     tracing::info!(bundle = %info.id, name = %info.name, version = %info.version, "captured image published");
+    drop(platform);
     Ok(Captured { slot: spare, info })
 }

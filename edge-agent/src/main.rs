@@ -94,7 +94,7 @@ struct CaptureFlags {
 impl CaptureFlags {
     fn setup(
         &self,
-        machine_root: Option<&Path>,
+        machine: Option<&MachineSpec>,
     ) -> Result<Option<edge_agent::capture::CaptureSetup>> {
         let Some(script) = &self.capture_script else {
             return Ok(None);
@@ -102,11 +102,11 @@ impl CaptureFlags {
         let Some(publisher_dir) = &self.publisher_dir else {
             bail!("--capture-script needs --publisher-dir: uploading a captured image needs publisher rights");
         };
-        let Some(machine_root) = machine_root else {
-            bail!("--capture-script needs --machine-root: the script installs into the machine's spare slot");
+        let Some(machine) = machine else {
+            bail!("--capture-script needs --machine-root or --linux-config: the script installs into the machine's spare slot");
         };
         Ok(Some(edge_agent::capture::CaptureSetup {
-            machine_root: machine_root.to_path_buf(),
+            machine: machine.clone(),
             script: script.clone(),
             publisher_dir: publisher_dir.clone(),
             timeout: std::time::Duration::from_secs(self.capture_timeout_s),
@@ -121,8 +121,16 @@ struct CaptureArgs {
     #[arg(long, default_value = "/var/lib/stagecoach/edge")]
     dir: PathBuf,
     /// Root of the simulated machine whose spare slot receives the install.
+    #[arg(
+        long,
+        required_unless_present = "linux_config",
+        conflicts_with = "linux_config"
+    )]
+    machine_root: Option<PathBuf>,
+    /// JSON configuration of the real machine this runs on, whose spare slot partition
+    /// receives the install (formatted, then mounted for the script).
     #[arg(long)]
-    machine_root: PathBuf,
+    linux_config: Option<PathBuf>,
     /// The install script; its one argument is the spare slot's directory.
     #[arg(long)]
     script: PathBuf,
@@ -188,8 +196,11 @@ struct NegotiateArgs {
     #[command(flatten)]
     capture: CaptureFlags,
     /// Root of the simulated machine (for --capture-script).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "linux_config")]
     machine_root: Option<PathBuf>,
+    /// JSON configuration of the real machine this runs on (for --capture-script).
+    #[arg(long)]
+    linux_config: Option<PathBuf>,
 }
 
 /// Arguments of `edge-agent serve`.
@@ -466,8 +477,10 @@ fn cmd_capture(args: &CaptureArgs) -> Result<ExitCode> {
     let config = args.facts.config(&args.dir)?;
     let identity = proto::net::NodeIdentity::load(&edge_agent::state::identity_dir(&args.dir))
         .with_context(|| format!("{} holds no enrolled edge", args.dir.display()))?;
+    let machine = machine_spec(args.machine_root.as_ref(), args.linux_config.as_ref())
+        .context("capture needs --machine-root or --linux-config")?;
     let options = edge_agent::capture::CaptureOptions {
-        machine_root: args.machine_root.clone(),
+        machine,
         script: args.script.clone(),
         publisher_dir: args.publisher_dir.clone(),
         name: args.name.clone(),
@@ -774,7 +787,8 @@ fn cmd_enroll(args: &EnrollArgs) -> Result<ExitCode> {
 
 fn cmd_negotiate(args: &NegotiateArgs) -> Result<ExitCode> {
     let config = args.facts.config(&args.dir)?;
-    let capture = args.capture.setup(args.machine_root.as_deref())?;
+    let machine = machine_spec(args.machine_root.as_ref(), args.linux_config.as_ref());
+    let capture = args.capture.setup(machine.as_ref())?;
     let runtime = runtime()?;
     let outcome = match edge_agent::state::running_daemon(&args.dir) {
         Some(daemon) => {
@@ -847,15 +861,20 @@ async fn negotiate_via_daemon(
     }
 }
 
-fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
-    let capture = args.capture.setup(args.machine_root.as_deref())?;
-    let machine = match (&args.machine_root, &args.linux_config) {
+/// The machine named by `--machine-root` (simulated) or `--linux-config` (real), if either.
+fn machine_spec(root: Option<&PathBuf>, linux_config: Option<&PathBuf>) -> Option<MachineSpec> {
+    match (root, linux_config) {
         (Some(root), _) => Some(MachineSpec::Sim { root: root.clone() }),
         (None, Some(config)) => Some(MachineSpec::Linux {
             config: config.clone(),
         }),
         (None, None) => None,
-    };
+    }
+}
+
+fn cmd_serve(args: ServeArgs) -> Result<ExitCode> {
+    let machine = machine_spec(args.machine_root.as_ref(), args.linux_config.as_ref());
+    let capture = args.capture.setup(machine.as_ref())?;
     let config = edge_agent::daemon::DaemonConfig {
         dir: args.dir.clone(),
         stagers: args.stagers,

@@ -21,6 +21,10 @@ const MODEL: &str = "LabBox-9000";
 
 /// What the install script writes into the spare slot.
 const MARKER_FILE: &str = "etc/captured-release";
+
+/// A slot's completion marker, which the install script also leaves (as a copy of a running
+/// OS would): the capture must not publish it.
+const SLOT_MARKER: &str = ".stagecoach-slot.json";
 const MARKER_TEXT: &str = "built by the lab install script";
 
 fn bins() -> Binaries {
@@ -81,7 +85,7 @@ fn install_script(dir: &Path) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "#!/bin/sh\nset -e\nmkdir -p \"$1/etc\"\necho '{MARKER_TEXT}' > \"$1/{MARKER_FILE}\"\necho installed into \"$1\"\n"
+            "#!/bin/sh\nset -e\nmkdir -p \"$1/etc\"\necho '{MARKER_TEXT}' > \"$1/{MARKER_FILE}\"\necho '{{}}' > \"$1/{SLOT_MARKER}\"\necho installed into \"$1\"\n"
         ),
     )
     .expect("script");
@@ -271,6 +275,10 @@ async fn a_node_without_an_image_captures_one_and_the_next_identical_node_receiv
         std::fs::read_to_string(unpacked.join(MARKER_FILE)).expect("the script's file"),
         format!("{MARKER_TEXT}\n"),
         "the second node got what the first node's script built"
+    );
+    assert!(
+        !unpacked.join(SLOT_MARKER).exists(),
+        "a captured image carries no slot marker (it would mark a slot complete mid-unpack)"
     );
 
     // `origin nodes` shows both lab nodes wanting the captured image; the prod node none.

@@ -121,7 +121,11 @@ enum Command {
         no_progress: bool,
     },
     /// List published bundles.
-    Bundles,
+    Bundles {
+        /// Print JSON (each bundle's id, name, version, kind, chunk count, sizes and sequence).
+        #[arg(long)]
+        json: bool,
+    },
     /// Swap the OS of edges remotely: each edge fetches the bundles from its site, verifies
     /// them, and runs the crash-safe swap (its daemon needs --machine-root or --linux-config).
     Swap {
@@ -280,7 +284,7 @@ async fn main() -> Result<()> {
             };
             cmd::bundles::publish(&home, args).await
         }
-        Command::Bundles => cmd::bundles::list(&home).await,
+        Command::Bundles { json } => cmd::bundles::list(&home, json).await,
         Command::Swap {
             target,
             rescue,

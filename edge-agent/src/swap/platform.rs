@@ -90,8 +90,9 @@ pub enum PlatformError {
     },
 }
 
-/// Everything that touches the machine.
-pub trait Platform {
+/// Everything that touches the machine. `Send`, so an async task (a capture, a remote swap)
+/// may hold one across its awaits.
+pub trait Platform: Send {
     /// A short name for logs (`sim`, `linux`).
     fn name(&self) -> &'static str;
 

@@ -62,12 +62,16 @@ pub async fn publish(home: &OriginHome, args: PublishArgs<'_>) -> Result<()> {
     Ok(())
 }
 
-/// `origin bundles`: the published bundles, oldest first.
-pub async fn list(home: &OriginHome) -> Result<()> {
+/// `origin bundles`: the published bundles, oldest first; with `json`, as a JSON array.
+pub async fn list(home: &OriginHome, json: bool) -> Result<()> {
     let identity = home.publisher_identity()?;
     let endpoint = client_endpoint(&identity)?;
     let conn = connect(&endpoint, home.mesh_addr()?).await?;
     let list = proto::transfer::fetch::list_bundles(&conn).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
     println!(
         "{:<4} {:<24} {:<12} {:<10} {:>12} {:>12}  id",
         "seq", "name", "version", "kind", "stored", "raw"
