@@ -25,6 +25,7 @@ pub mod run;
 pub mod sse;
 pub mod testbed;
 pub mod vm;
+pub mod vmnet;
 
 // The simulator is its own crate, so Cargo keeps RocksDB and sockets out of it.
 pub use netsim_sim::{compare, report, simulate, topology};

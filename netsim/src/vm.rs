@@ -106,7 +106,10 @@ pub fn image_available(spec: &ImageSpec, cache: &Path) -> Result<(), String> {
 /// or `None` once the test was skipped with the reason (or failed, under
 /// `STAGECOACH_REQUIRE_ALL=1`).
 pub fn agent_image_for_test(test: &str, agent: &Path) -> Result<Option<(ImageSpec, PathBuf)>> {
-    if !stagecoach_testing::can_run(test, &test_preconditions(&["chroot", "cp", "sha256sum"])) {
+    let mut needs = test_preconditions(&["chroot", "cp", "sha256sum"]);
+    // Each VM runs in a network namespace of its own (crate::vmnet).
+    needs.push(stagecoach_testing::need::network_namespaces());
+    if !stagecoach_testing::can_run(test, &needs) {
         return Ok(None);
     }
     let cache = cache_root()?;
@@ -471,7 +474,12 @@ impl VmImage {
 /// output to `serial_log` with `.qemu` appended. Returns when the guest has reported and
 /// powered off, or QEMU exited, or `timeout` has passed (QEMU is then killed).
 pub fn boot(image: &Path, serial_log: &Path, timeout: Duration) -> Result<BootOutcome> {
-    let mut command = qemu_command(image, serial_log, "user,restrict=on,model=virtio-net-pci")?;
+    let mut command = qemu_command(
+        image,
+        serial_log,
+        "user,restrict=on,model=virtio-net-pci",
+        None,
+    )?;
     command.arg("-no-reboot");
     let started = Instant::now();
     let child = command
@@ -518,7 +526,12 @@ pub fn boot(image: &Path, serial_log: &Path, timeout: Duration) -> Result<BootOu
 /// QEMU (TCG) for `image`, its serial console in `serial_log` (started empty) and its own
 /// output beside it (`.qemu` appended), with the network `nic` (a `-nic` value); QEMU dies
 /// with the process that starts it.
-fn qemu_command(image: &Path, serial_log: &Path, nic: &str) -> Result<Command> {
+fn qemu_command(
+    image: &Path,
+    serial_log: &Path,
+    nic: &str,
+    netns: Option<std::os::fd::RawFd>,
+) -> Result<Command> {
     let qemu_log_path = PathBuf::from(format!("{}.qemu", serial_log.display()));
     let qemu_log = File::create(&qemu_log_path)
         .with_context(|| format!("cannot create {}", qemu_log_path.display()))?;
@@ -536,12 +549,19 @@ fn qemu_command(image: &Path, serial_log: &Path, nic: &str) -> Result<Command> {
         .stdin(Stdio::null())
         .stdout(Stdio::from(qemu_log.try_clone()?))
         .stderr(Stdio::from(qemu_log));
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    // SAFETY: prctl and setns are async-signal-safe and touch no memory of the parent; the
+    // namespace's descriptor is held open by the caller until QEMU has started.
     unsafe {
-        // QEMU dies with the process (test) that started it, also when that one is killed.
-        command.pre_exec(|| {
+        // QEMU dies with the process (test) that started it, also when that one is killed, and
+        // runs in the VM's network namespace when it has one.
+        command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = netns {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -552,7 +572,9 @@ fn qemu_command(image: &Path, serial_log: &Path, nic: &str) -> Result<Command> {
 /// A machine that keeps running: an agent image in QEMU, rebooting inside QEMU as a real
 /// machine does, until [`Vm::kill`] or drop (which kills QEMU: a power cut).
 pub struct Vm {
+    /// Dropped first: QEMU ends before its network.
     qemu: KillOnDrop,
+    network: crate::vmnet::GuestNetwork,
     /// The serial console's log.
     pub serial_log: PathBuf,
     /// The host's UDP port forwarded to the guest's [`GUEST_AGENT_PORT`].
@@ -560,22 +582,39 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Starts `image` with user-mode networking: the guest reaches the host's loopback at
-    /// [`GUEST_HOST_ADDR`], and UDP to 127.0.0.1:`agent_port` on the host reaches the guest's
-    /// agent. Pick `agent_port` with [`free_udp_port`].
-    pub fn start(image: &Path, serial_log: &Path, agent_port: u16) -> Result<Vm> {
+    /// Starts `image` with user-mode networking in a network namespace of its own
+    /// ([`crate::vmnet::GuestNetwork`]): the guest reaches, at [`GUEST_HOST_ADDR`], the UDP
+    /// ports `reach` of the host's loopback (the origin and stager of a test) and nothing
+    /// else, and UDP to 127.0.0.1:`agent_port` on the host reaches the guest's agent. Pick
+    /// `agent_port` with [`free_udp_port`]. Needs root.
+    pub fn start(image: &Path, serial_log: &Path, agent_port: u16, reach: &[u16]) -> Result<Vm> {
+        let network = crate::vmnet::GuestNetwork::new(reach, agent_port)?;
         let nic = format!(
             "user,model=virtio-net-pci,hostfwd=udp:127.0.0.1:{agent_port}-:{GUEST_AGENT_PORT}"
         );
-        let mut command = qemu_command(image, serial_log, &nic)?;
+        let mut command = qemu_command(image, serial_log, &nic, Some(network.namespace_fd()))?;
         let child = command
             .spawn()
             .context("cannot start qemu-system-x86_64 (Debian: qemu-system-x86)")?;
         Ok(Vm {
             qemu: KillOnDrop(child),
+            network,
             serial_log: serial_log.to_owned(),
             agent_port,
         })
+    }
+
+    /// Datagrams relayed between the guest's namespace and the host, both ways.
+    pub fn relayed_datagrams(&self) -> u64 {
+        self.network
+            .relayed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What the guest's probe unit found (see [`PROBE_FILE`]): each target it tried, and
+    /// whether a TCP connection to it opened.
+    pub fn probes(&self) -> Result<Vec<(String, bool)>> {
+        Ok(find_probes(&self.serial()?))
     }
 
     /// QEMU's process id.
@@ -630,7 +669,7 @@ impl Vm {
         }
     }
 
-    /// Cuts the power: SIGKILL to QEMU, then waits for it.
+    /// Cuts the power: SIGKILL to QEMU, then waits for it; the relays stop after it.
     pub fn kill(mut self) {
         let _ = self.qemu.0.kill();
         let _ = self.qemu.0.wait();
@@ -686,6 +725,15 @@ pub fn marked_copy(root: &Path, dest: &Path, marker: &str) -> Result<()> {
     let path = dest.join("etc/stagecoach-marker");
     fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
     write_file(&path, &format!("{marker}\n"), 0o644)
+}
+
+/// The port of `host_addr` (`HOST:PORT`): what a VM started with it in `reach` may use.
+pub fn port_of(host_addr: &str) -> Result<u16> {
+    let (_, port) = host_addr
+        .rsplit_once(':')
+        .with_context(|| format!("{host_addr} has no port"))?;
+    port.parse()
+        .with_context(|| format!("{host_addr}: bad port"))
 }
 
 /// The address at which a guest reaches `host_addr` (a `127.0.0.1:PORT` of the host) through
@@ -1057,6 +1105,48 @@ key=none\n\
 [ -f /etc/ssh/ssh_host_ed25519_key.pub ] && key=$(sha256sum /etc/ssh/ssh_host_ed25519_key.pub | cut -c1-16)\n\
 printf '\\nSTAGECOACH-BOOTED slot=%s marker=%s hostname=%s hostkey=%s\\n' \"$slot\" \"$marker\" \"$host\" \"$key\" > /dev/ttyS0\n";
 
+/// Where a test lists, in a machine's storage area, the `HOST:PORT`s its guest tries to open a
+/// TCP connection to once the network is up (one per line); the guest prints one
+/// `STAGECOACH-PROBE HOST:PORT open|closed` line per target on its serial console.
+pub const PROBE_FILE: &str = "probe-tcp";
+
+/// The probe of an agent image (see [`PROBE_FILE`]).
+const PROBE_SCRIPT: &str = "#!/bin/bash\n\
+while read -r target; do\n\
+  [ -n \"$target\" ] || continue\n\
+  if timeout 5 bash -c \"exec 3<>/dev/tcp/${target%:*}/${target##*:}\" 2>/dev/null; then result=open; else result=closed; fi\n\
+  printf '\\nSTAGECOACH-PROBE %s %s\\n' \"$target\" \"$result\" > /dev/ttyS0\n\
+done < /var/lib/stagecoach/probe-tcp\n";
+
+/// The unit that runs [`PROBE_SCRIPT`] when a test asked for it.
+const PROBE_UNIT: &str = "[Unit]\n\
+Description=Stagecoach VM test bed: report which addresses this machine reaches\n\
+Wants=network-online.target\n\
+After=network-online.target\n\
+RequiresMountsFor=/var/lib/stagecoach\n\
+ConditionPathExists=/var/lib/stagecoach/probe-tcp\n\
+\n\
+[Service]\n\
+Type=oneshot\n\
+ExecStart=/usr/local/sbin/stagecoach-probe\n\
+\n\
+[Install]\n\
+WantedBy=multi-user.target\n";
+
+const PROBE_UNIT_NAME: &str = "stagecoach-probe.service";
+
+/// The probes a guest reported on `serial`: target, and whether it opened.
+pub fn find_probes(serial: &str) -> Vec<(String, bool)> {
+    serial
+        .lines()
+        .filter_map(|line| {
+            let rest = line.trim().strip_prefix("STAGECOACH-PROBE ")?;
+            let (target, result) = rest.split_once(' ')?;
+            Some((target.to_owned(), result.trim() == "open"))
+        })
+        .collect()
+}
+
 /// Kernel modules an image keeps (with what they depend on): a virtio machine with ext4. The
 /// rest of Debian's 400 MB of modules goes, so a slot unpacks in seconds.
 const KEEP_MODULES: &[&str] = &[
@@ -1126,7 +1216,7 @@ fn cache_key(spec: &ImageSpec) -> Result<String> {
         setup_hook(),
         KEEP_MODULES.join(","),
         DROPPED_DIRS.join(","),
-        [LINUX_CONFIG, AGENT_FSTAB, AGENT_NETWORK, AGENT_UNIT, FIRSTBOOT_UNIT, AGENT_BOOTED_SCRIPT].join("\n"),
+        [LINUX_CONFIG, AGENT_FSTAB, AGENT_NETWORK, AGENT_UNIT, FIRSTBOOT_UNIT, AGENT_BOOTED_SCRIPT, PROBE_UNIT, PROBE_SCRIPT].join("\n"),
     );
     Ok(blake3::hash(inputs.as_bytes()).to_hex()[..32].to_owned())
 }
@@ -1486,6 +1576,17 @@ fn install_agent(root: &Path, agent: &AgentSpec) -> Result<()> {
         FIRSTBOOT_UNIT,
         0o644,
     )?;
+    write_file(
+        &root.join("usr/local/sbin/stagecoach-probe"),
+        PROBE_SCRIPT,
+        0o755,
+    )?;
+    write_file(
+        &root.join("etc/systemd/system").join(PROBE_UNIT_NAME),
+        PROBE_UNIT,
+        0o644,
+    )?;
+    enable_unit(root, "multi-user.target", local, PROBE_UNIT_NAME)?;
     enable_unit(root, "multi-user.target", local, AGENT_UNIT_NAME)?;
     enable_unit(
         root,

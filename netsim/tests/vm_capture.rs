@@ -6,6 +6,10 @@
 //! `origin swap` installs it: the second machine boots the captured OS on slot A with its own
 //! identity (host name, SSH host key) carried over, as its serial console shows.
 //!
+//! Each VM runs in a network namespace of its own (`netsim::vmnet`): it reaches the origin
+//! and the stager and nothing else, which the first machine's probe checks (a TCP service of
+//! the host, at 10.0.2.2 and at the host's own address, stays out of reach).
+//!
 //! The install script is the operator's: here it copies the running OS into the slot
 //! (`cp -ax`) and marks the copy, which is what an operator capturing a hand-installed machine
 //! does.
@@ -57,6 +61,15 @@ const POLICY: &str = "[capture]\nclasses = [\"lab\"]\nname = \"vm-captured\"\n";
 /// Trial boots of a new OS before the rescue takes over.
 const BOOT_ATTEMPTS: u8 = 2;
 
+/// The host's address on its default route (none without one): a guest of plain user-mode
+/// networking reaches the host there too.
+fn host_address() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    // No datagram is sent: connecting a UDP socket only picks the route and source address.
+    socket.connect("192.0.2.1:9").ok()?;
+    Some(socket.local_addr().ok()?.ip()).filter(|ip| !ip.is_loopback())
+}
+
 async fn origin_json(mesh: &Testbed, args: &[&str]) -> Value {
     mesh.origin_json(args).await.expect("origin --json")
 }
@@ -81,6 +94,11 @@ async fn start_machine(
     let dir = work.join(&name);
     std::fs::create_dir_all(&dir).expect("vm dir");
     let stager = mesh.stager_addrs("site-a")[0].clone();
+    // All the machine reaches: the origin and the stager.
+    let reach = [
+        vm::port_of(&mesh.origin.mesh).expect("origin port"),
+        vm::port_of(&stager).expect("stager port"),
+    ];
     let port = vm::free_udp_port().expect("port");
     let serve_args = format!(
         "--stager {} --listen 0.0.0.0:{GUEST_AGENT_PORT} --advertise 127.0.0.1:{port} --peers off --swap-boot-attempts {BOOT_ATTEMPTS} --class lab {extra_args}",
@@ -93,7 +111,7 @@ async fn start_machine(
     let disk = base.copy_to(&dir.join("disk.raw")).expect("copy the image");
     disk.write_storage(&storage)
         .expect("write the storage area");
-    let vm = Vm::start(&disk.path, &dir.join("serial.log"), port).expect("start QEMU");
+    let vm = Vm::start(&disk.path, &dir.join("serial.log"), port, &reach).expect("start QEMU");
     Machine { name, vm, host_key }
 }
 
@@ -146,6 +164,16 @@ async fn a_vm_without_an_image_captures_one_and_a_second_vm_of_its_model_boots_i
     let origin = mesh.origin.mesh.clone();
     mesh.route_site_via("site-a", &vm::guest_addr(&origin).expect("origin address"));
 
+    // A host service the machines must not reach (QEMU's user-mode network alone would let
+    // them, at 10.0.2.2 and at the host's own address); the first machine's probe tries it.
+    let forbidden = std::net::TcpListener::bind("0.0.0.0:0").expect("a host service");
+    forbidden.set_nonblocking(true).expect("nonblocking");
+    let forbidden_port = forbidden.local_addr().expect("addr").port();
+    let mut probe_targets = vec![format!("{}:{forbidden_port}", vm::GUEST_HOST_ADDR)];
+    if let Some(ip) = host_address() {
+        probe_targets.push(format!("{ip}:{forbidden_port}"));
+    }
+
     // The first machine may capture: the install script and a copy of the publisher's
     // identity are in its storage area.
     let publisher = mesh.origin_dir.join("publisher");
@@ -164,6 +192,11 @@ async fn a_vm_without_an_image_captures_one_and_a_second_vm_of_its_model_boots_i
             .status()
             .expect("cp");
         assert!(copied.success(), "cannot copy the publisher directory");
+        std::fs::write(
+            storage.join(vm::PROBE_FILE),
+            probe_targets.join("\n") + "\n",
+        )
+        .expect("probe list");
     })
     .await;
 
@@ -194,6 +227,36 @@ async fn a_vm_without_an_image_captures_one_and_a_second_vm_of_its_model_boots_i
         seconds_between("packing and publishing", "captured image published").unwrap_or(f64::NAN),
         captured["stored_bytes"].as_u64().unwrap_or(0) as f64 / (1024.0 * 1024.0),
     );
+    // The machine reached the origin and the stager (it negotiated, captured and published)
+    // and nothing else.
+    let probes = wait_for_async(BOOT_TIMEOUT, POLL, async || {
+        let probes = first.vm.probes().expect("serial console");
+        Ok::<_, std::convert::Infallible>((probes.len() >= probe_targets.len()).then_some(probes))
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the first machine's probe never reported; console in {}",
+            first.vm.serial_log.display()
+        )
+    });
+    eprintln!(
+        "{TEST}: {} probes: {probes:?}; {} datagrams relayed to and from the origin and stager",
+        first.name,
+        first.vm.relayed_datagrams()
+    );
+    for (target, open) in &probes {
+        assert!(
+            !open,
+            "{}: the guest opened a connection to {target}, a host service outside the origin and stager",
+            first.name
+        );
+    }
+    assert!(
+        matches!(forbidden.accept(), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the host service must not have been reached"
+    );
+
     // The origin records the capturing machine's facts and maps its model to the image.
     let check = mesh
         .origin_ok(&["policy", "check"])

@@ -122,6 +122,11 @@ async fn power_cuts_during_swaps_never_leave_a_vm_unbootable() {
     let origin = mesh.origin.mesh.clone();
     mesh.route_site_via("site-a", &vm::guest_addr(&origin).expect("origin address"));
     let edge = mesh.add_edge("site-a", 0).await.expect("enroll");
+    // All the machine reaches: the origin and the stager.
+    let reach = [
+        vm::port_of(&origin).expect("origin port"),
+        vm::port_of(&stager).expect("stager port"),
+    ];
     let port = vm::free_udp_port().expect("port");
     let serve_args = format!(
         "--stager {} --listen 0.0.0.0:{GUEST_AGENT_PORT} --advertise 127.0.0.1:{port} --peers off --swap-boot-attempts 2",
@@ -134,7 +139,7 @@ async fn power_cuts_during_swaps_never_leave_a_vm_unbootable() {
         .expect("write the storage area");
     let mut run = 0;
     let serial_of = |run: usize| w.join(format!("serial-{run}.log"));
-    let mut machine = Vm::start(&disk.path, &serial_of(run), port).expect("start QEMU");
+    let mut machine = Vm::start(&disk.path, &serial_of(run), port, &reach).expect("start QEMU");
     let first = machine
         .wait_for_reports(1, BOOT_TIMEOUT)
         .expect("first boot");
@@ -213,7 +218,7 @@ async fn power_cuts_during_swaps_never_leave_a_vm_unbootable() {
 
         // Power back: the machine must boot an OS, whatever the cut interrupted.
         run += 1;
-        machine = Vm::start(&disk.path, &serial_of(run), port).expect("restart QEMU");
+        machine = Vm::start(&disk.path, &serial_of(run), port, &reach).expect("restart QEMU");
         if let Err(error) = machine.wait_for_reports(1, BOOT_TIMEOUT) {
             unbootable.push(format!("trial {trial} ({cut_during}): {error:#}"));
             break;

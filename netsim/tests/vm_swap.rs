@@ -234,6 +234,11 @@ async fn a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the
     let stager = mesh.stager_addrs("site-a")[0].clone();
     let origin = mesh.origin.mesh.clone();
     mesh.route_site_via("site-a", &vm::guest_addr(&origin).expect("origin address"));
+    // All a machine reaches: the origin and the stager.
+    let reach = [
+        vm::port_of(&origin).expect("origin port"),
+        vm::port_of(&stager).expect("stager port"),
+    ];
     let mut machines = Vec::new();
     for index in 0..MACHINES {
         let name = format!("vm-{index}");
@@ -251,7 +256,7 @@ async fn a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the
         disk.write_storage(&dir.join("storage"))
             .expect("write the storage area");
         let started_at = unix_now();
-        let vm = Vm::start(&disk.path, &dir.join("serial.log"), port).expect("start QEMU");
+        let vm = Vm::start(&disk.path, &dir.join("serial.log"), port, &reach).expect("start QEMU");
         machines.push(Machine {
             name,
             vm,
@@ -311,6 +316,20 @@ async fn a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the
         }
     }
 
+    // The nodes as the origin knows them: by the node id of their mesh certificate.
+    let node_ids = |nodes: &Value| -> Vec<String> {
+        let mut ids: Vec<String> = nodes
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .filter_map(|r| r["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    };
+    let ids_before = node_ids(&origin_json(&mesh, &["nodes", "--json"]).await);
     let rollout_started = Instant::now();
     let plan = origin_json(
         &mesh,
@@ -380,6 +399,13 @@ async fn a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the
         let nodes = origin_json(&mesh, &["nodes", "--json"]).await;
         panic!("the origin must show the new version for both machines: {nodes:#}");
     }
+    // Each machine came back with its own mesh certificate (kept in its storage area): the
+    // same node ids, and no new enrollment.
+    assert_eq!(
+        node_ids(&origin_json(&mesh, &["nodes", "--json"]).await),
+        ids_before,
+        "the machines must reconnect as the same nodes"
+    );
 
     // A third OS whose network never comes up: systemd-networkd is not enabled, so the network
     // configuration the swap carries over is kept but nothing applies it. Its trial boots fail
