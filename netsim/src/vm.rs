@@ -373,6 +373,8 @@ pub fn build_image(spec: &ImageSpec, cache: &Path) -> Result<VmImage> {
     let dir = cache.join(&key);
     if let Some(image) = load_cached(&dir)? {
         eprintln!("vm: using the cached image {}", image.path.display());
+        mark_used(&dir)?;
+        prune_stale_images(cache, &key, STALE_IMAGE_AFTER)?;
         return Ok(image);
     }
     fs::create_dir_all(cache).with_context(|| format!("cannot create {}", cache.display()))?;
@@ -410,7 +412,76 @@ pub fn build_image(spec: &ImageSpec, cache: &Path) -> Result<VmImage> {
         dir.join(DISK_FILE).display(),
         started.elapsed()
     );
+    mark_used(&dir)?;
+    prune_stale_images(cache, &key, STALE_IMAGE_AFTER)?;
     load_cached(&dir)?.with_context(|| format!("{} vanished after its build", dir.display()))
+}
+
+/// How long a cached image may go unused before a build or use of another one removes it.
+/// Every new `edge-agent` build makes a new agent image (700 MiB): without this, a developer's
+/// cache grows by one per build.
+pub const STALE_IMAGE_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// File in an image's cache directory whose modification time says when it was last used.
+const LAST_USED_FILE: &str = "last-used";
+
+fn mark_used(dir: &Path) -> Result<()> {
+    let path = dir.join(LAST_USED_FILE);
+    File::create(&path)
+        .and_then(|file| file.set_modified(std::time::SystemTime::now()))
+        .with_context(|| format!("cannot mark {} used", dir.display()))
+}
+
+/// Removes the cached images other than `current` unused for `stale_after` (by their
+/// [`LAST_USED_FILE`], else the directory's own time), saying which; names the others that
+/// remain, with their size, and how to remove them. Returns the directories removed.
+pub fn prune_stale_images(
+    cache: &Path,
+    current: &str,
+    stale_after: Duration,
+) -> Result<Vec<PathBuf>> {
+    let now = std::time::SystemTime::now();
+    let mut removed = Vec::new();
+    let mut kept = Vec::new();
+    for entry in fs::read_dir(cache).with_context(|| format!("cannot list {}", cache.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        // Builds in progress (`.building-*`) are remove_abandoned_builds's.
+        if name == current || name.starts_with('.') || !path.is_dir() {
+            continue;
+        }
+        let used = fs::metadata(path.join(LAST_USED_FILE))
+            .or_else(|_| fs::metadata(&path))
+            .and_then(|meta| meta.modified())
+            .with_context(|| format!("cannot read the time of {}", path.display()))?;
+        let idle = now.duration_since(used).unwrap_or_default();
+        if idle >= stale_after {
+            eprintln!(
+                "vm: removing the cached image {} (unused for {:.0} h)",
+                path.display(),
+                idle.as_secs_f64() / 3600.0
+            );
+            fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot remove the stale image {}", path.display()))?;
+            removed.push(path);
+        } else {
+            kept.push(path);
+        }
+    }
+    if !kept.is_empty() {
+        eprintln!(
+            "vm: {} other cached image(s) in {}, removed after {:.0} h unused (or remove them now: rm -r {})",
+            kept.len(),
+            cache.display(),
+            stale_after.as_secs_f64() / 3600.0,
+            kept.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(removed)
 }
 
 const DISK_FILE: &str = "disk.raw";
@@ -1805,6 +1876,31 @@ impl Drop for KillOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_unused_for_long_are_removed_and_the_current_one_never() {
+        let cache = tempfile::tempdir().expect("tempdir");
+        let old = std::time::SystemTime::now() - Duration::from_secs(48 * 3600);
+        for name in ["current", "stale", "recent"] {
+            let dir = cache.path().join(name);
+            fs::create_dir_all(&dir).expect("dir");
+            mark_used(&dir).expect("mark");
+            if name != "recent" {
+                File::options()
+                    .write(true)
+                    .open(dir.join(LAST_USED_FILE))
+                    .and_then(|f| f.set_modified(old))
+                    .expect("age it");
+            }
+        }
+        fs::create_dir_all(cache.path().join(".building-x-1")).expect("build dir");
+        let removed =
+            prune_stale_images(cache.path(), "current", STALE_IMAGE_AFTER).expect("prune");
+        assert_eq!(removed, vec![cache.path().join("stale")]);
+        for kept in ["current", "recent", ".building-x-1"] {
+            assert!(cache.path().join(kept).is_dir(), "{kept} must stay");
+        }
+    }
 
     #[test]
     fn grubenv_round_trips_and_is_one_block() {
