@@ -121,6 +121,26 @@ pub fn agent_image_for_test(test: &str, agent: &Path) -> Result<Option<(ImageSpe
     Ok(Some((spec, cache)))
 }
 
+/// For a test that boots the agent image of the `edge-agent` at `agent`:
+/// [`agent_image_for_test`], then the image built or taken from the cache (on a blocking
+/// thread), with the time that took printed. `None` once the test was skipped.
+pub async fn agent_image_ready(test: &str, agent: &Path) -> Result<Option<VmImage>> {
+    let Some((spec, cache)) = agent_image_for_test(test, agent)? else {
+        return Ok(None);
+    };
+    let started = Instant::now();
+    let image = tokio::task::spawn_blocking(move || build_image(&spec, &cache))
+        .await
+        .context("the image build task failed")?
+        .context("cannot build the VM image")?;
+    eprintln!(
+        "{test}: image ready in {:.1} s: {}",
+        started.elapsed().as_secs_f64(),
+        image.path.display()
+    );
+    Ok(Some(image))
+}
+
 /// Bytes per disk sector.
 const SECTOR_BYTES: u64 = 512;
 const MIB: u64 = 1024 * 1024;

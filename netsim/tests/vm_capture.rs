@@ -128,24 +128,13 @@ async fn captured_bundle(mesh: &Testbed) -> Option<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_without_an_image_captures_one_and_a_second_vm_of_its_model_boots_it() {
     let bins = Binaries::beside_current_exe().expect("build the binaries first");
-    let Some((spec, cache)) =
-        vm::agent_image_for_test(TEST, &bins.path("edge-agent")).expect("the agent image")
+    let Some(base) = vm::agent_image_ready(TEST, &bins.path("edge-agent"))
+        .await
+        .unwrap_or_else(|error| panic!("the agent image: {error:#}"))
     else {
         return;
     };
-    let started = Instant::now();
-    let base = tokio::task::spawn_blocking({
-        let cache = cache.clone();
-        move || vm::build_image(&spec, &cache)
-    })
-    .await
-    .expect("build task")
-    .unwrap_or_else(|error| panic!("cannot build the VM image: {error:#}"));
     let root = base.root.clone().expect("an agent image keeps its root");
-    eprintln!(
-        "{TEST}: image ready in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
 
     let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();

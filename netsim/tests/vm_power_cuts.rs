@@ -81,8 +81,9 @@ fn check_identity(report: &GuestReport, host_key: &str, when: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_during_swaps_never_leave_a_vm_unbootable() {
     let bins = Binaries::beside_current_exe().expect("build the binaries first");
-    let Some((spec, cache)) =
-        vm::agent_image_for_test(TEST, &bins.path("edge-agent")).expect("the agent image")
+    let Some(base) = vm::agent_image_ready(TEST, &bins.path("edge-agent"))
+        .await
+        .unwrap_or_else(|error| panic!("the agent image: {error:#}"))
     else {
         return;
     };
@@ -91,13 +92,6 @@ async fn power_cuts_during_swaps_never_leave_a_vm_unbootable() {
     eprintln!("{TEST}: {trials} trials, seed {seed} (STAGECOACH_VM_SEED={seed} repeats the cuts)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
-    let base = tokio::task::spawn_blocking({
-        let cache = cache.clone();
-        move || vm::build_image(&spec, &cache)
-    })
-    .await
-    .expect("build task")
-    .unwrap_or_else(|error| panic!("cannot build the VM image: {error:#}"));
     let root = base.root.clone().expect("an agent image keeps its root");
 
     let work = tempfile::tempdir().expect("tempdir");

@@ -186,24 +186,13 @@ async fn settle(mesh: &Testbed, started: Instant, what: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_swaps_two_vms_through_grub_and_a_failing_os_falls_back_to_the_rescue() {
     let bins = Binaries::beside_current_exe().expect("build the binaries first");
-    let Some((spec, cache)) =
-        vm::agent_image_for_test(TEST, &bins.path("edge-agent")).expect("the agent image")
+    let Some(base) = vm::agent_image_ready(TEST, &bins.path("edge-agent"))
+        .await
+        .unwrap_or_else(|error| panic!("the agent image: {error:#}"))
     else {
         return;
     };
     let started = Instant::now();
-    let base = tokio::task::spawn_blocking({
-        let cache = cache.clone();
-        move || vm::build_image(&spec, &cache)
-    })
-    .await
-    .expect("build task")
-    .unwrap_or_else(|error| panic!("cannot build the VM image: {error:#}"));
-    eprintln!(
-        "{TEST}: image ready in {:.1} s: {}",
-        started.elapsed().as_secs_f64(),
-        base.path.display()
-    );
     let root: PathBuf = base.root.clone().expect("an agent image keeps its root");
 
     let work = tempfile::tempdir().expect("tempdir");
