@@ -142,10 +142,18 @@ fn relay(
                 continue;
             }
             None => {
-                let socket = upstream().context("cannot make an upstream socket")?;
-                socket.connect(target)?;
-                socket.set_read_timeout(Some(POLL))?;
-                let socket = Arc::new(socket);
+                let made = upstream().and_then(|socket| {
+                    socket.connect(target)?;
+                    socket.set_read_timeout(Some(POLL))?;
+                    Ok(socket)
+                });
+                let socket = match made {
+                    Ok(socket) => Arc::new(socket),
+                    Err(error) => {
+                        tracing::warn!(%client, %target, %error, "VM network relay: no upstream socket; datagram dropped");
+                        continue;
+                    }
+                };
                 clients.insert(client, socket.clone());
                 let (back, listen, stop, relayed) = (
                     socket.clone(),
