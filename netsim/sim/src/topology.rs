@@ -40,6 +40,14 @@
 //! #   (emulate only: the simulator uses the mean); loss: packet loss probability in [0, 1).
 //! #   latency_ms, jitter_ms and loss default to 0.
 //! # lan_mbit = 1000              # optional: this site's LAN rate instead of lan.node_mbit
+//! # region = "eu"                # optional: the site's stagers pull through the region's
+//! #                              # stagers (then the origin, on failover); `wan` is then the
+//! #                              # site's link from its region (and from the origin)
+//!
+//! [[regions]]                    # optional: regional stagers between the origin and sites
+//! name = "eu"                    # unique; a site joins it with `region = "eu"`
+//! stagers = 1                    # the region's stagers (default 1, at least 1)
+//! wan = { mbit = 1000, latency_ms = 20 }  # the link origin → the region's stagers
 //!
 //! [[site_groups]]                # ... and/or groups of identical sites for big fleets
 //! count = 50                     # number of sites in the group (at least 1)
@@ -48,6 +56,7 @@
 //! edges = 200
 //! wan = { mbit = 100, latency_ms = 30 }
 //! # lan_mbit = 10000
+//! # region = "eu"
 //! ```
 //!
 //! `[[sites]]` come first in the expanded site list, then each group's sites in file order. Unknown
@@ -183,8 +192,22 @@ pub struct Topology {
     pub peers_per_edge: u32,
     /// Overrides of the download planner's defaults.
     pub planner: PlannerOverrides,
+    /// Regions: regional stagers between the origin and the sites that name them.
+    pub regions: Vec<Region>,
     /// Every site, groups expanded.
     pub sites: Vec<Site>,
+}
+
+/// A region: stagers that pull each bundle from the origin once and serve it to the stagers
+/// of the region's sites.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Region {
+    /// Unique name (sites name it in `region`).
+    pub name: String,
+    /// The region's stagers (at least 1).
+    pub stagers: u32,
+    /// The link origin → the region's stagers.
+    pub wan: WanLink,
 }
 
 /// The bundle of a topology.
@@ -224,6 +247,8 @@ pub struct Site {
     pub wan: WanLink,
     /// Each node's LAN rate in this site, in Mbit/s, each direction.
     pub lan_mbit: f64,
+    /// The region whose stagers this site's stagers pull through (`None`: the origin).
+    pub region: Option<String>,
 }
 
 /// A WAN link, origin → site.
@@ -272,7 +297,12 @@ impl Topology {
         self.sites.iter().map(|s| u64::from(s.edges)).sum()
     }
 
-    /// Total stagers over all sites.
+    /// The region named `name`.
+    pub fn region(&self, name: &str) -> Option<&Region> {
+        self.regions.iter().find(|r| r.name == name)
+    }
+
+    /// Total stagers over all sites (regional stagers not counted).
     pub fn total_stagers(&self) -> u64 {
         self.sites.iter().map(|s| u64::from(s.stagers)).sum()
     }
@@ -352,8 +382,15 @@ impl Site {
     }
 
     /// Everything but the name: sites with equal keys behave identically.
-    pub(crate) fn shape_key(&self) -> [u64; 7] {
+    pub(crate) fn shape_key(&self) -> [u64; 8] {
+        // FNV-1a of the region's name: sites of different regions never fold together.
+        let region = self.region.as_deref().map_or(0, |name| {
+            name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+        });
         [
+            region,
             u64::from(self.stagers),
             u64::from(self.edges),
             self.wan.mbit.to_bits(),
@@ -411,6 +448,17 @@ struct RawTopology {
     sites: Vec<RawSite>,
     #[serde(default)]
     site_groups: Vec<RawSiteGroup>,
+    #[serde(default)]
+    regions: Vec<RawRegion>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegion {
+    name: String,
+    #[serde(default = "default_stagers")]
+    stagers: u32,
+    wan: WanLink,
 }
 
 fn default_strategy() -> Strategy {
@@ -454,6 +502,7 @@ struct RawSite {
     edges: u32,
     wan: WanLink,
     lan_mbit: Option<f64>,
+    region: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -466,6 +515,7 @@ struct RawSiteGroup {
     edges: u32,
     wan: WanLink,
     lan_mbit: Option<f64>,
+    region: Option<String>,
 }
 
 fn default_stagers() -> u32 {
@@ -521,15 +571,18 @@ impl RawTopology {
         let mut sites = Vec::new();
         for (i, raw) in self.sites.into_iter().enumerate() {
             let field = format!("sites[{i}]");
-            sites.push(validate_site(
-                &field,
-                raw.name,
-                raw.stagers,
-                raw.edges,
-                raw.wan,
-                raw.lan_mbit,
-                node_mbit,
-            )?);
+            sites.push(
+                validate_site(
+                    &field,
+                    raw.name,
+                    raw.stagers,
+                    raw.edges,
+                    raw.wan,
+                    raw.lan_mbit,
+                    node_mbit,
+                )?
+                .in_region(raw.region),
+            );
         }
         for (g, group) in self.site_groups.into_iter().enumerate() {
             let field = format!("site_groups[{g}]");
@@ -546,15 +599,18 @@ impl RawTopology {
                 ));
             }
             for i in 0..group.count {
-                sites.push(validate_site(
-                    &field,
-                    format!("{}-{i:03}", group.name_prefix),
-                    group.stagers,
-                    group.edges,
-                    group.wan,
-                    group.lan_mbit,
-                    node_mbit,
-                )?);
+                sites.push(
+                    validate_site(
+                        &field,
+                        format!("{}-{i:03}", group.name_prefix),
+                        group.stagers,
+                        group.edges,
+                        group.wan,
+                        group.lan_mbit,
+                        node_mbit,
+                    )?
+                    .in_region(group.region.clone()),
+                );
             }
         }
         if sites.is_empty() {
@@ -570,6 +626,26 @@ impl RawTopology {
                     format!("sites[{i}].name"),
                     format!("{:?} is used by more than one site", site.name),
                 ));
+            }
+        }
+        let regions = validate_regions(self.regions)?;
+        for (i, site) in sites.iter().enumerate() {
+            if let Some(region) = &site.region {
+                if !regions.iter().any(|r| &r.name == region) {
+                    let known: Vec<&str> = regions.iter().map(|r| r.name.as_str()).collect();
+                    return Err(invalid(
+                        format!("sites[{i}].region"),
+                        format!(
+                            "of site {:?} names no region: {region:?} (regions: {})",
+                            site.name,
+                            if known.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    ));
+                }
             }
         }
         let nodes: u64 = sites
@@ -590,6 +666,7 @@ impl RawTopology {
             lan_latency_ms,
             peers_per_edge,
             planner: self.planner,
+            regions,
             sites,
         })
     }
@@ -653,6 +730,55 @@ fn validate_planner(planner: &PlannerOverrides) -> Result<(), TopologyError> {
     Ok(())
 }
 
+fn validate_regions(raw: Vec<RawRegion>) -> Result<Vec<Region>, TopologyError> {
+    let mut regions: Vec<Region> = Vec::with_capacity(raw.len());
+    for (i, region) in raw.into_iter().enumerate() {
+        let field = format!("regions[{i}]");
+        if region.name.trim().is_empty() {
+            return Err(invalid(format!("{field}.name"), "must not be empty"));
+        }
+        if regions.iter().any(|r| r.name == region.name) {
+            return Err(invalid(
+                format!("{field}.name"),
+                format!("{:?} is used by more than one region", region.name),
+            ));
+        }
+        if region.stagers == 0 {
+            return Err(invalid(
+                format!("{field}.stagers"),
+                format!("of region {:?} must be at least 1", region.name),
+            ));
+        }
+        validate_link(&field, &region.wan)?;
+        regions.push(Region {
+            name: region.name,
+            stagers: region.stagers,
+            wan: region.wan,
+        });
+    }
+    Ok(regions)
+}
+
+fn validate_link(field: &str, wan: &WanLink) -> Result<(), TopologyError> {
+    positive(&format!("{field}.wan.mbit"), wan.mbit)?;
+    non_negative(&format!("{field}.wan.latency_ms"), wan.latency_ms)?;
+    non_negative(&format!("{field}.wan.jitter_ms"), wan.jitter_ms)?;
+    if !(wan.loss.is_finite() && (0.0..1.0).contains(&wan.loss)) {
+        return Err(invalid(
+            format!("{field}.wan.loss"),
+            format!("must be in [0, 1), got {}", wan.loss),
+        ));
+    }
+    Ok(())
+}
+
+impl Site {
+    fn in_region(mut self, region: Option<String>) -> Self {
+        self.region = region;
+        self
+    }
+}
+
 fn validate_site(
     field: &str,
     name: String,
@@ -677,15 +803,7 @@ fn validate_site(
             format!("of site {name:?} must be at least 1"),
         ));
     }
-    positive(&format!("{field}.wan.mbit"), wan.mbit)?;
-    non_negative(&format!("{field}.wan.latency_ms"), wan.latency_ms)?;
-    non_negative(&format!("{field}.wan.jitter_ms"), wan.jitter_ms)?;
-    if !(wan.loss.is_finite() && (0.0..1.0).contains(&wan.loss)) {
-        return Err(invalid(
-            format!("{field}.wan.loss"),
-            format!("must be in [0, 1), got {}", wan.loss),
-        ));
-    }
+    validate_link(field, &wan)?;
     let lan_mbit = match lan_mbit {
         Some(mbit) => positive(&format!("{field}.lan_mbit"), mbit)?,
         None => default_lan_mbit,
@@ -696,5 +814,6 @@ fn validate_site(
         edges,
         wan,
         lan_mbit,
+        region: None,
     })
 }
