@@ -331,6 +331,29 @@ mod tests {
     }
 
     #[test]
+    fn piece_owners_spread_evenly_and_move_only_when_their_stager_leaves() {
+        use super::fleet::piece_owner;
+        let pieces = 4096u32;
+        for stagers in 2..=5u32 {
+            let mut owned = vec![0u32; stagers as usize];
+            for piece in 0..pieces {
+                let owner = piece_owner(stagers, piece);
+                owned[owner as usize] += 1;
+                // Without the last stager, its pieces move and no other piece does.
+                let without_last = piece_owner(stagers - 1, piece);
+                if owner != stagers - 1 {
+                    assert_eq!(without_last, owner, "{stagers} stagers, piece {piece}");
+                }
+            }
+            let fair = f64::from(pieces) / f64::from(stagers);
+            for &count in &owned {
+                assert!((f64::from(count) - fair).abs() < 0.1 * fair, "{owned:?}");
+            }
+        }
+        assert!((0..pieces).all(|piece| piece_owner(1, piece) == 0));
+    }
+
+    #[test]
     fn loss_limited_rate_is_cubic_on_long_paths_and_reno_on_short_ones() {
         assert_eq!(loss_limited_rate(0.0, 0.1), f64::INFINITY);
         // 240 ms, 1e-4: CUBIC's window 1.054 × 2400^0.75 ≈ 363 segments beats Reno's 122.
