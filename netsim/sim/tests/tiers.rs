@@ -43,6 +43,10 @@ fn a_tiered_fleet_sends_one_copy_per_region_and_beats_the_flat_one_on_a_busy_ori
     let flat_topo = flattened(&tiered_topo);
 
     let tiered = simulate(&tiered_topo, Strategy::Mesh, 1).unwrap();
+    assert!(tiered
+        .notes
+        .iter()
+        .any(|n| n.contains("20 regions simulated as 1 class")));
     let flat = simulate(&flat_topo, Strategy::Mesh, 1).unwrap();
     let bundle = tiered.bundle_bytes;
     assert_eq!(bundle, 256 * MIB);
@@ -221,7 +225,8 @@ fn two_regional_stagers_split_the_regions_pull_and_serve_a_site_of_two_stagers()
 
 #[test]
 fn folding_sites_of_a_region_matches_simulating_each() {
-    // 2 regions of 4 identical sites, and 2 flat sites: folded, 3 classes.
+    // 3 regions of 4 identical sites (a and c identical), and 2 flat sites: folded, 2 classes
+    // of regions and 3 of sites.
     let mut text = String::from(
         r#"
 name = "folding"
@@ -240,9 +245,12 @@ wan = { mbit = 300, latency_ms = 15 }
 name = "b"
 stagers = 2
 wan = { mbit = 300, latency_ms = 25 }
+[[regions]]
+name = "c"
+wan = { mbit = 300, latency_ms = 15 }
 "#,
     );
-    for region in ["a", "b"] {
+    for region in ["a", "b", "c"] {
         text.push_str(&format!(
             "[[site_groups]]\ncount = 4\nname_prefix = \"{region}\"\nstagers = 2\nedges = 6\n\
              wan = {{ mbit = 100, latency_ms = 10 }}\nregion = \"{region}\"\n"
@@ -265,7 +273,14 @@ wan = { mbit = 300, latency_ms = 25 }
             },
         )
         .unwrap();
-        assert!(folded.notes.iter().any(|n| n.contains("as 3 classes")));
+        assert!(folded
+            .notes
+            .iter()
+            .any(|n| n.contains("14 sites simulated as 3 classes")));
+        assert!(folded
+            .notes
+            .iter()
+            .any(|n| n.contains("3 regions simulated as 2 classes")));
         let (a, b) = (
             folded.all_edges_done_s.unwrap(),
             each.all_edges_done_s.unwrap(),
@@ -275,8 +290,13 @@ wan = { mbit = 300, latency_ms = 25 }
         // One copy per region and per flat site.
         let bundle = folded.bundle_bytes as f64;
         for result in [&folded, &each] {
-            assert!(close(result.origin_egress_bytes as f64, 4.0 * bundle, 0.01));
-            assert_eq!(result.site_stagers.len(), 8);
+            assert!(close(result.origin_egress_bytes as f64, 5.0 * bundle, 0.01));
+            assert_eq!(result.site_stagers.len(), 12);
+            assert_eq!(result.regions.len(), 3);
+            for region in &result.regions {
+                assert_eq!(region.sites, 4);
+                assert!(close(region.served_bytes as f64, 4.0 * bundle, 0.01));
+            }
         }
         assert_eq!(folded.regions, {
             let mut regions = each.regions.clone();

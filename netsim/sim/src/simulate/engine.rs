@@ -51,9 +51,11 @@ pub(super) enum Role {
 
 /// One simulated site: a representative standing for `multiplicity` identical sites.
 pub(super) struct SimSite {
-    /// How many identical sites this one stands for (weight on the origin uplink, and on its
-    /// region's uplink).
+    /// How many identical sites this one stands for (weight on the origin uplink).
     pub multiplicity: u32,
+    /// Of those, how many each region of its region class holds (weight on the region's link
+    /// to its sites).
+    region_multiplicity: u32,
     /// Index in `Engine::regions` of the region the site's stagers pull through.
     region: Option<u32>,
     wan_link: LinkId,
@@ -84,12 +86,13 @@ pub(super) struct SimSite {
     pub done_ns: Option<u64>,
 }
 
-/// A region's stagers, simulated once whatever the folding: a regional stager's state does not
-/// depend on which member of a folded class asks it, and each class's flows from it count once
-/// per member on the region's uplink, as they do on the origin's.
+/// A region's stagers: a representative standing for `multiplicity` identical regions. A
+/// regional stager's state does not depend on which member of a folded class of sites asks it,
+/// so each class's flows from it count once per member on the region's link to its sites, as
+/// they do on the origin's uplink.
 pub(super) struct SimRegion {
-    /// Index in `Topology::regions`.
-    pub topo_index: usize,
+    /// How many identical regions this one stands for (weight on the origin uplink).
+    pub multiplicity: u32,
     /// Link origin → the region (its `wan`).
     wan_link: LinkId,
     /// Link the region → its sites: the region's link is as fast up as down.
@@ -104,11 +107,11 @@ pub(super) struct SimRegion {
     connection_cap: f64,
     /// Node ids of the region's stagers.
     pub stager_nodes: Range<u32>,
-    /// Sites (folded members counted) whose stagers pull through the region.
+    /// Sites (folded members counted) whose stagers pull through one region of the class.
     pub sites: u32,
-    /// Bytes the origin sent to the region's stagers.
+    /// Bytes the origin sent to one region's stagers.
     pub pulled_bytes: f64,
-    /// Bytes the region's stagers sent to its sites' stagers (folded members counted).
+    /// Bytes one region's stagers sent to its sites' stagers (folded members counted).
     pub served_bytes: f64,
 }
 
@@ -578,7 +581,7 @@ impl Engine {
             }
             Role::Regional => {
                 site.wan_bytes += bytes;
-                let served = bytes * f64::from(site.multiplicity);
+                let served = bytes * f64::from(site.region_multiplicity);
                 self.regions[self.nodes[src as usize].region as usize].served_bytes += served;
                 self.nodes[dst as usize].upstream_bytes += bytes;
             }
@@ -713,7 +716,12 @@ impl Engine {
             let upstream = match (src.role, dst.role) {
                 (Role::Origin, Role::Regional) => {
                     let region = &self.regions[dst.region as usize];
-                    Some((UPLINK, region.wan_link, 1, region.connection_cap))
+                    Some((
+                        UPLINK,
+                        region.wan_link,
+                        region.multiplicity,
+                        region.connection_cap,
+                    ))
                 }
                 (Role::Origin, _) => {
                     let site = &self.sites[dst.site as usize];
@@ -730,7 +738,7 @@ impl Engine {
                     Some((
                         region.up_link,
                         site.wan_link,
-                        site.multiplicity,
+                        site.region_multiplicity,
                         site.connection_cap,
                     ))
                 }

@@ -76,9 +76,12 @@
 //!   other sites' events.
 //! - **Folding identical sites.** Sites equal in everything but the name, given the same seeds,
 //!   behave identically, so one representative is simulated and its flows count `n` times on the
-//!   origin uplink and on their region's link to its sites, the only links sites share (sites of
-//!   different regions never fold together). Regional stagers are simulated once each: what
-//!   they hold does not depend on which member of a class asks. That is exact for a fleet whose identical sites
+//!   origin uplink and on their region's link to its sites, the only links sites share. A
+//!   regional stager's state does not depend on which member of a class asks it, so it serves
+//!   the representative for all of them. Regions equal in everything but the name, holding the
+//!   same sites up to names, fold the same way (their flows count once per member on the origin
+//!   uplink), and their sites fold together; sites of regions that differ never do (see
+//!   `classes`). That is exact for a fleet whose identical sites
 //!   share seeds; unfolded runs seed every site differently and land within about 1% (a test
 //!   checks 3%). Results say when folding was used; [`SimOptions::fold_identical_sites`] turns
 //!   it off.
@@ -93,6 +96,7 @@
 //! per rate change: a 500-edge mesh site with 64 pieces costs about 3 s on one core. Folded, 200
 //! sites in four classes take seconds; unfolded, every distinct site pays its own.
 
+mod classes;
 mod component;
 mod engine;
 pub mod fleet;
@@ -160,45 +164,27 @@ pub fn simulate_with(
     let bundle_bytes = topo.bundle_bytes()?;
     anyhow::ensure!(bundle_bytes > 0, "the bundle is empty: nothing to simulate");
 
-    // Classes of identical sites: representative index, members.
-    let mut class_of_site = Vec::with_capacity(topo.sites.len());
-    let mut representatives: Vec<usize> = Vec::new();
-    let mut multiplicities: Vec<u32> = Vec::new();
-    let mut class_by_shape = std::collections::HashMap::new();
-    for (i, site) in topo.sites.iter().enumerate() {
-        let class = if options.fold_identical_sites {
-            *class_by_shape.entry(site.shape_key()).or_insert_with(|| {
-                representatives.push(i);
-                multiplicities.push(0);
-                representatives.len() - 1
-            })
-        } else {
-            representatives.push(i);
-            multiplicities.push(0);
-            representatives.len() - 1
-        };
-        multiplicities[class] += 1;
-        class_of_site.push(class);
-    }
-
-    let mut engine = engine::Engine::new(
-        topo,
-        strategy,
-        bundle_bytes,
-        &representatives,
-        &multiplicities,
-        options,
-    )?;
+    let classes = classes::Classes::new(topo, options.fold_identical_sites);
+    let mut engine = engine::Engine::new(topo, strategy, bundle_bytes, &classes, options)?;
     let end_ns = engine.run()?;
 
     let mut notes = Vec::new();
-    if representatives.len() < topo.sites.len() {
-        let classes = representatives.len();
+    if classes.site_representatives.len() < topo.sites.len() {
+        let count = classes.site_representatives.len();
         notes.push(format!(
-            "{} sites simulated as {classes} {} of identical sites (exact: identical sites behave \
+            "{} sites simulated as {count} {} of identical sites (exact: identical sites behave \
              identically; each class's flows count once per member on the origin uplink)",
             topo.sites.len(),
-            if classes == 1 { "class" } else { "classes" },
+            if count == 1 { "class" } else { "classes" },
+        ));
+    }
+    if classes.region_representatives.len() < topo.regions.len() {
+        let count = classes.region_representatives.len();
+        notes.push(format!(
+            "{} regions simulated as {count} {} of identical regions (same stagers, link and \
+             sites; each class's flows count once per member on the origin uplink)",
+            topo.regions.len(),
+            if count == 1 { "class" } else { "classes" },
         ));
     }
     if strategy == Strategy::Mesh {
@@ -232,13 +218,15 @@ pub fn simulate_with(
         origin_egress += sim.origin_bytes * f64::from(sim.multiplicity);
     }
     for region in &engine.regions {
-        origin_egress += region.pulled_bytes;
+        origin_egress += region.pulled_bytes * f64::from(region.multiplicity);
     }
-    let regions = engine
+    let regions = topo
         .regions
         .iter()
-        .map(|region| RegionResult {
-            name: topo.regions[region.topo_index].name.clone(),
+        .zip(&classes.class_of_region)
+        .map(|(topo_region, &class)| (topo_region, &engine.regions[class]))
+        .map(|(topo_region, region)| RegionResult {
+            name: topo_region.name.clone(),
             sites: region.sites,
             pulled_bytes: region.pulled_bytes.round() as u64,
             stager_pulled_bytes: engine.upstream_bytes(region.stager_nodes.clone()),
@@ -246,7 +234,7 @@ pub fn simulate_with(
         })
         .collect();
     for (i, site) in topo.sites.iter().enumerate() {
-        let sim = &engine.sites[class_of_site[i]];
+        let sim = &engine.sites[classes.class_of_site[i]];
         if sim.stager_nodes.len() > 1 {
             site_stagers.push(SiteStagers {
                 site: site.name.clone(),

@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use proto_core::planner::{Planner, PlannerConfig, SourceKind};
 
 use super::*;
+use crate::simulate::classes::Classes;
 use crate::simulate::fleet::{
     loss_limited_rate, mix, peer_graph, planner_config_for, wire_efficiency, Downloader,
     PEER_ANNOUNCE_DELAY, SESSION_SETUP_ROUND_TRIPS,
@@ -18,14 +19,13 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 const REGION_SEED_SALT: u64 = 0x5245_4749_4f4e;
 
 impl Engine {
-    /// Builds the fleet: `representatives[i]` is simulated once, standing for
-    /// `multiplicities[i]` identical sites.
+    /// Builds the fleet: each class's representative site and region is simulated once,
+    /// standing for its members.
     pub fn new(
         topo: &Topology,
         strategy: Strategy,
         bundle_bytes: u64,
-        representatives: &[usize],
-        multiplicities: &[u32],
+        classes: &Classes,
         options: &SimOptions,
     ) -> Result<Engine> {
         let piece_bytes = topo.bundle.piece_bytes;
@@ -83,11 +83,31 @@ impl Engine {
         engine.push_node(Role::Origin, u32::MAX, UPLINK, UPLINK);
         engine.nodes[ORIGIN as usize].done = true;
         engine.nodes[ORIGIN as usize].holds = Vec::new();
-        for index in 0..topo.regions.len() {
-            engine.add_region(topo, index, &configs, options.seed);
+        for (&topo_index, &members) in classes
+            .region_representatives
+            .iter()
+            .zip(&classes.region_members)
+        {
+            engine.add_region(topo, topo_index, members, &configs, options.seed);
         }
-        for (&topo_index, &multiplicity) in representatives.iter().zip(multiplicities) {
-            engine.add_site(topo, topo_index, multiplicity, &configs, options.seed);
+        for (class, &topo_index) in classes.site_representatives.iter().enumerate() {
+            let multiplicity = Multiplicity {
+                total: classes.site_members[class],
+                per_region: classes.site_members_per_region(topo, class),
+            };
+            let region = topo.sites[topo_index]
+                .region
+                .as_deref()
+                .and_then(|name| topo.regions.iter().position(|r| r.name == name))
+                .map(|r| classes.class_of_region[r] as u32);
+            engine.add_site(
+                topo,
+                topo_index,
+                region,
+                multiplicity,
+                &configs,
+                options.seed,
+            );
         }
         Ok(engine)
     }
@@ -179,7 +199,14 @@ impl Engine {
 
     /// Adds region `index` of the topology: its links, components and stagers. In `direct`
     /// its stagers take no part.
-    fn add_region(&mut self, topo: &Topology, index: usize, configs: &PlannerConfigs, seed: u64) {
+    fn add_region(
+        &mut self,
+        topo: &Topology,
+        index: usize,
+        multiplicity: u32,
+        configs: &PlannerConfigs,
+        seed: u64,
+    ) {
         let region: &Region = &topo.regions[index];
         let region_id = self.regions.len() as u32;
         let goodput = mbit_to_bytes_per_s(region.wan.mbit) * (1.0 - region.wan.loss);
@@ -216,7 +243,7 @@ impl Engine {
             }
         }
         self.regions.push(SimRegion {
-            topo_index: index,
+            multiplicity,
             wan_link,
             up_link,
             downstream_component,
@@ -235,18 +262,13 @@ impl Engine {
         &mut self,
         topo: &Topology,
         topo_index: usize,
-        multiplicity: u32,
+        region: Option<u32>,
+        multiplicity: Multiplicity,
         configs: &PlannerConfigs,
         seed: u64,
     ) {
         let site: &Site = &topo.sites[topo_index];
         let site_id = self.sites.len() as u32;
-        let region = site.region.as_deref().map(|name| {
-            topo.regions
-                .iter()
-                .position(|r| r.name == name)
-                .expect("a validated topology's sites name known regions") as u32
-        });
         let wan_link = self.add_link(site.wan_goodput_bytes_per_s() * wire_efficiency());
         let lan_component = self.components.len() as u32;
         self.components.push(Component::default());
@@ -346,10 +368,11 @@ impl Engine {
             }
         }
         if let Some(r) = region {
-            self.regions[r as usize].sites += multiplicity;
+            self.regions[r as usize].sites += multiplicity.per_region;
         }
         self.sites.push(SimSite {
-            multiplicity,
+            multiplicity: multiplicity.total,
+            region_multiplicity: multiplicity.per_region,
             region,
             wan_link,
             lan_component,
@@ -367,6 +390,15 @@ impl Engine {
             done_ns: None,
         });
     }
+}
+
+/// How many sites a simulated site stands for.
+#[derive(Clone, Copy)]
+struct Multiplicity {
+    /// In the whole topology (its weight on the origin's uplink).
+    total: u32,
+    /// In each region of its region class (its weight on its region's link to its sites).
+    per_region: u32,
 }
 
 /// The planner settings of each kind of downloader in one run.
