@@ -221,6 +221,13 @@ fn two_regional_stagers_split_the_regions_pull_and_serve_a_site_of_two_stagers()
     let site_wan = result.sites[0].wan_bytes as f64;
     assert!((bundle..=1.05 * bundle).contains(&site_wan), "{site_wan}");
     assert!(close(region.served_bytes as f64, site_wan, 1e-9));
+
+    // In `direct` every edge pulls from the origin across its site's WAN; regions idle.
+    let direct = simulate(&topo, Strategy::Direct, 1).unwrap();
+    assert_eq!(direct.edges_done(), 10);
+    assert_eq!(direct.origin_egress_bytes, 10 * direct.bundle_bytes);
+    assert_eq!(direct.regions[0].pulled_bytes, 0);
+    assert_eq!(direct.regions[0].served_bytes, 0);
 }
 
 #[test]
