@@ -701,6 +701,8 @@ impl Emulation {
             line_rate_floor_s: topo.line_rate_floor_s(bundle_bytes),
             origin_egress_bytes,
             sites,
+            regions: Vec::new(),
+            site_stagers: Vec::new(),
             notes,
         })
     }

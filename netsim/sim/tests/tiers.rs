@@ -9,9 +9,9 @@ use netsim_sim::topology::Topology;
 
 const MIB: u64 = 1024 * 1024;
 
-/// `topologies/tiered.toml` at the root of the workspace.
+/// `netsim/topologies/tiered.toml`.
 fn tiered_topology() -> Topology {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topologies/tiered.toml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topologies/tiered.toml");
     Topology::load(&path).unwrap()
 }
 
