@@ -14,6 +14,9 @@
 //! cargo build --release --bins
 //! cargo bench -p benches --bench calibration
 //! ```
+//!
+//! `STAGECOACH_CALIBRATION_TOPOLOGY` names another file of `netsim/topologies/`, for example
+//! `calibration-tiered.toml` (a region's stager and sites of two sibling stagers).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -68,7 +71,10 @@ async fn run() -> Result<bool> {
         Err(_) => DEFAULT_ROUNDS,
     };
     let topologies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../netsim/topologies");
-    let topo = Topology::load(&topologies.join("calibration.toml"))?;
+    let file = std::env::var("STAGECOACH_CALIBRATION_TOPOLOGY")
+        .unwrap_or_else(|_| "calibration.toml".to_owned());
+    let topo = Topology::load(&topologies.join(&file))?;
+    println!("calibration: topology {file}");
     let options = EmulateOptions {
         binaries: Binaries::beside_current_exe()?,
         work_dir: None,
