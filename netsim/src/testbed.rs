@@ -957,9 +957,17 @@ impl Testbed {
                 let log = whole
                     .rfind("stager serving")
                     .map_or(whole.as_str(), |at| &whole[at..]);
-                let held = log.matches("bundle held by the site").count();
-                let announced = log.matches("announced").count();
-                held > 0 && held >= announced
+                // By bundle: a stager that resubscribes (after a failover, say) hears an
+                // unfinished announcement again.
+                let ids = |marker: &str| {
+                    log.lines()
+                        .filter(|line| line.contains(marker))
+                        .filter_map(|line| line.split("bundle=").nth(1)?.split(' ').next())
+                        .collect::<std::collections::HashSet<_>>()
+                };
+                let held = ids("bundle held by the site");
+                let announced = ids(" announced ");
+                !held.is_empty() && announced.is_subset(&held)
             });
             if all {
                 return Ok(Some(()));

@@ -39,9 +39,18 @@ enum Command {
         /// The site this stager serves (checked against its certificate).
         #[arg(long)]
         site: Option<String>,
-        /// The origin's mesh address (default: the one learnt at enrollment).
+        /// The origin's mesh address (default: the one learnt at enrollment). Control requests
+        /// always go here; data too when no --upstream answers.
         #[arg(long)]
         origin: Option<SocketAddr>,
+        /// An upstream stager (a region's) to pull bundles through (repeatable, in order of
+        /// preference; the origin comes after them).
+        #[arg(long = "upstream", value_name = "ADDR")]
+        upstreams: Vec<SocketAddr>,
+        /// Another stager of this site (repeatable): each chunk is then pulled across the WAN
+        /// by one of the site's stagers, and the others copy it from that one.
+        #[arg(long = "sibling", value_name = "ADDR")]
+        siblings: Vec<SocketAddr>,
         /// Mesh address for the site's edges.
         #[arg(long, default_value = "0.0.0.0:7410")]
         listen: SocketAddr,
@@ -65,6 +74,9 @@ enum Command {
         #[arg(long)]
         upload_limit_mbit: Option<u64>,
     },
+    /// What the running stager pulls from where: its upstreams (the one in use), failovers,
+    /// siblings and bytes moved.
+    Status,
 }
 
 #[tokio::main]
@@ -90,6 +102,8 @@ async fn main() -> Result<()> {
         Command::Serve {
             site,
             origin,
+            upstreams,
+            siblings,
             listen,
             metrics_listen,
             ready_file,
@@ -104,6 +118,8 @@ async fn main() -> Result<()> {
                 dir: cli.dir,
                 site,
                 origin,
+                upstreams,
+                siblings,
                 listen,
                 metrics_listen,
                 ready_file,
@@ -113,6 +129,7 @@ async fn main() -> Result<()> {
             })
             .await?
         }
+        Command::Status => print!("{}", node::render_status(&cli.dir)?),
     }
     Ok(())
 }

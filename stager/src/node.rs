@@ -30,7 +30,9 @@ use proto::wire::{
 use proto::{BlobHash, SignedManifest};
 use quinn::{RecvStream, SendStream};
 
-use crate::upstream::{Flights, Upstream};
+use crate::upstream::{
+    FailoverEvent, Fault, Flights, SiblingStatus, Siblings, UpstreamStatus, Upstreams,
+};
 
 /// Chunks of one bundle prefetched at once.
 pub const PREHEAT_CONCURRENCY: usize = 8;
@@ -60,6 +62,13 @@ pub const KEEP_SET_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the stager tells the origin its traffic figures, when they changed.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often `status.json` is rewritten (when it changed).
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The file under the state directory where a running stager says what it does
+/// (`stager status` reads it).
+pub const STATUS_FILE: &str = "status.json";
+
 /// Default `--cache-gib`: the bound on the stager's store, in GiB.
 pub const DEFAULT_CACHE_GIB: &str = "64";
 
@@ -72,6 +81,10 @@ pub struct StagerConfig {
     pub site: Option<String>,
     /// Origin mesh address (default: from enrollment).
     pub origin: Option<SocketAddr>,
+    /// Upstream stagers (a region's), in order of preference; the origin comes after them.
+    pub upstreams: Vec<SocketAddr>,
+    /// The other stagers of this site.
+    pub siblings: Vec<SocketAddr>,
     /// Mesh address for the site's edges.
     pub listen: SocketAddr,
     /// Prometheus metrics address.
@@ -148,8 +161,17 @@ impl Stager {
                 (signed, manifest)
             }
             None => {
-                let conn = self.flights.upstream().connection().await?;
-                fetch_manifest(&conn, id, &self.trusted).await?
+                let upstreams = self.flights.upstreams();
+                let (conn, index) = upstreams.data().await?;
+                match fetch_manifest(&conn, id, &self.trusted).await {
+                    Ok(found) => found,
+                    Err(error) => {
+                        if let Some(fault) = Fault::of(&error) {
+                            upstreams.fault(index, fault).await;
+                        }
+                        return Err(error);
+                    }
+                }
             }
         };
         let mut known = self.known();
@@ -216,7 +238,7 @@ impl Stager {
     /// plus what is being fetched), then collects garbage. Without an answer every pin stays.
     async fn refresh_keep_set(&self) {
         let ticket = self.retention.ticket();
-        let answer = match self.flights.upstream().connection().await {
+        let answer = match self.flights.upstreams().origin().await {
             Ok(conn) => keep_set(&conn, &Request::KeepSet).await,
             Err(error) => Err(FetchError::Net(error)),
         };
@@ -251,8 +273,7 @@ impl Stager {
             let figures = (
                 self.metrics
                     .total_where(names::BYTES_SENT, "peer_role", Role::Edge.as_str()),
-                self.metrics
-                    .total_where(names::BYTES_RECEIVED, "peer_role", Role::Origin.as_str()),
+                self.flights.upstreams().pulled_bytes(),
             );
             if last == Some(figures) {
                 continue;
@@ -261,7 +282,7 @@ impl Stager {
                 served_bytes: figures.0,
                 pulled_bytes: figures.1,
             };
-            let answer = match self.flights.upstream().connection().await {
+            let answer = match self.flights.upstreams().origin().await {
                 Ok(conn) => proto::net::call(&conn, &request, MAX_FRAME_BYTES)
                     .await
                     .map_err(|e| e.to_string()),
@@ -281,7 +302,7 @@ impl Stager {
     async fn follow(self: Arc<Self>) {
         loop {
             if let Err(error) = self.follow_once().await {
-                tracing::warn!(%error, "subscription to the origin ended; resubscribing");
+                tracing::warn!(%error, "upstream subscription ended; resubscribing");
             }
             tokio::time::sleep(RESUBSCRIBE_DELAY).await;
         }
@@ -289,9 +310,9 @@ impl Stager {
 
     async fn follow_once(self: &Arc<Self>) -> Result<()> {
         let after_seq = read_seq(&self.seq_file);
-        let conn = self.flights.upstream().connection().await?;
+        let (conn, _) = self.flights.upstreams().data().await?;
         let mut recv = send_request(&conn, &Request::Subscribe { after_seq }).await?;
-        tracing::info!(after_seq, "subscribed to the origin");
+        tracing::info!(after_seq, upstream = %conn.remote_address(), "subscribed upstream");
         // Dropped when the subscription ends: unfinished preheats stop, and since the saved
         // sequence number is below them, the next subscription announces them again.
         let mut preheats = tokio::task::JoinSet::new();
@@ -367,7 +388,22 @@ impl Stager {
         // Only chunks of verified manifests are fetched upstream: an edge cannot make the
         // stager pull arbitrary blobs or trust a size it made up.
         let size = self.known().chunk_sizes.get(&hash).copied();
-        let progress = size.and_then(|size| self.flights.join(hash, size));
+        // A sibling asks because it takes this stager for the chunk's owner: the chunk comes
+        // from upstream, never from another sibling, so two stagers never wait on each other.
+        let sibling = peer.role == Role::Stager && peer.site == self.site;
+        let progress = match size {
+            Some(size) if sibling => match self.flights.join_for_sibling(hash, size) {
+                Ok(progress) => progress,
+                Err(_busy) => {
+                    return Some(Response::Error {
+                        code: ErrorCode::Busy,
+                        message: format!("chunk {hash} is being fetched from a sibling here"),
+                    })
+                }
+            },
+            Some(size) => self.flights.join(hash, size),
+            None => None,
+        };
         let counters = PeerCounters::new(&self.metrics, peer.role.as_str(), peer.site.as_str());
         let options = ServeOptions {
             progress,
@@ -390,8 +426,19 @@ impl Stager {
         request: Request,
         send: &mut SendStream,
     ) -> Option<Response> {
-        // A stager serves its own site: an edge or a stager of another site is refused.
-        if peer.role != Role::Origin && peer.site != self.site {
+        // A stager serves its own site, and data to the stagers below it (a region's stagers
+        // serve their sites' stagers): an edge of another site is refused, and so is a stager
+        // of another site asking anything but data.
+        let data_for_a_stager = peer.role == Role::Stager
+            && matches!(
+                request,
+                Request::ListBundles
+                    | Request::Resolve { .. }
+                    | Request::GetManifest { .. }
+                    | Request::GetBlob { .. }
+                    | Request::Subscribe { .. }
+            );
+        if peer.role != Role::Origin && peer.site != self.site && !data_for_a_stager {
             self.metrics
                 .counter(
                     names::FORBIDDEN,
@@ -435,8 +482,8 @@ impl Stager {
                 };
                 match local {
                     Some(info) => Response::Resolved(info),
-                    None => match self.flights.upstream().connection().await {
-                        Ok(conn) => {
+                    None => match self.flights.upstreams().data().await {
+                        Ok((conn, _)) => {
                             match proto::transfer::fetch::resolve(&conn, &name, version.as_deref())
                                 .await
                             {
@@ -457,6 +504,11 @@ impl Stager {
             }
             Request::GetBlob { hash, groups, .. } => {
                 return self.answer_blob(peer, hash, groups, send).await;
+            }
+            Request::Subscribe { after_seq } => {
+                self.request_counter("subscribe");
+                self.relay_subscription(peer, after_seq, send).await;
+                return None;
             }
             Request::SitePeers {
                 data_addr,
@@ -484,6 +536,45 @@ impl Stager {
 }
 
 impl Stager {
+    /// Relays the announcements of this stager's upstream to a stager below it, from
+    /// `after_seq` on (the origin's sequence numbers, so the stager below can resume from
+    /// another upstream). Ends when either side does; the stager below then resubscribes.
+    async fn relay_subscription(&self, peer: &PeerIdentity, after_seq: u64, send: &mut SendStream) {
+        let upstream = match self.flights.upstreams().data().await {
+            Ok((conn, _)) => send_request(&conn, &Request::Subscribe { after_seq }).await,
+            Err(error) => Err(error),
+        };
+        let mut recv = match upstream {
+            Ok(recv) => recv,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "cannot subscribe upstream for a stager below");
+                let refusal = Response::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("this stager cannot subscribe upstream: {error}"),
+                };
+                let _ = write_frame(send, &refusal).await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        tracing::info!(%peer, after_seq, "relaying announcements to a stager below");
+        loop {
+            match read_frame::<Response>(&mut recv, MAX_FRAME_BYTES).await {
+                Ok(Some(message)) => {
+                    if write_frame(send, &message).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "upstream subscription ended");
+                    break;
+                }
+            }
+        }
+        let _ = send.finish();
+    }
+
     /// Passes an edge's report (and negotiation) on to the origin with the edge's node id from
     /// its certificate; the origin takes the site from this stager's certificate. The
     /// origin's answer goes back as it is.
@@ -498,7 +589,7 @@ impl Stager {
             report,
             negotiate,
         };
-        let answer = match self.flights.upstream().connection().await {
+        let answer = match self.flights.upstreams().origin().await {
             Ok(conn) => proto::net::call(&conn, &request, MAX_FRAME_BYTES).await,
             Err(error) => Err(error),
         };
@@ -531,7 +622,7 @@ impl Stager {
         let request = Request::RelayKeepSet {
             node_id: peer.node_id.to_string(),
         };
-        let answer = match self.flights.upstream().connection().await {
+        let answer = match self.flights.upstreams().origin().await {
             Ok(conn) => proto::net::call(&conn, &request, MAX_FRAME_BYTES).await,
             Err(error) => Err(error),
         };
@@ -611,6 +702,175 @@ impl RequestHandler for Stager {
             }
         }
     }
+}
+
+/// What `status.json` holds: what a running stager pulls from where.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct StagerStatus {
+    /// The stager's process id.
+    pub pid: u32,
+    /// When the file was written, in seconds since the Unix epoch.
+    pub written_unix_s: f64,
+    /// The stager's site.
+    pub site: String,
+    /// Its mesh address.
+    pub listen: String,
+    /// The upstreams in order of preference (the origin last), with the one in use.
+    pub upstreams: Vec<UpstreamStatus>,
+    /// The failovers since it started (the latest [`crate::upstream::MAX_FAILOVER_EVENTS`]).
+    pub failovers: Vec<FailoverEvent>,
+    /// The other stagers of the site.
+    pub siblings: Vec<SiblingStatus>,
+    /// Bytes received from upstream (stagers and the origin): what crossed the WAN.
+    pub pulled_bytes: u64,
+    /// Bytes received from siblings.
+    pub from_siblings_bytes: u64,
+    /// Bytes served to siblings.
+    pub served_siblings_bytes: u64,
+    /// Bytes served to the site's edges.
+    pub served_edges_bytes: u64,
+    /// Bytes served to stagers of other sites (as their upstream).
+    pub served_stagers_below_bytes: u64,
+}
+
+impl Stager {
+    async fn status(&self, listen: SocketAddr) -> StagerStatus {
+        let (upstreams, failovers) = self.flights.upstreams().status().await;
+        let siblings = self.flights.siblings();
+        let to_stagers =
+            self.metrics
+                .total_where(names::BYTES_SENT, "peer_role", Role::Stager.as_str());
+        let served_siblings_bytes = siblings.counters().sent.get();
+        StagerStatus {
+            pid: std::process::id(),
+            written_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            site: self.site.to_string(),
+            listen: listen.to_string(),
+            upstreams,
+            failovers,
+            siblings: siblings.status(),
+            pulled_bytes: self.flights.upstreams().pulled_bytes(),
+            from_siblings_bytes: siblings.counters().received.get(),
+            served_siblings_bytes,
+            served_edges_bytes: self.metrics.total_where(
+                names::BYTES_SENT,
+                "peer_role",
+                Role::Edge.as_str(),
+            ),
+            served_stagers_below_bytes: to_stagers.saturating_sub(served_siblings_bytes),
+        }
+    }
+
+    /// Rewrites `status.json` every [`STATUS_INTERVAL`] when something in it changed.
+    async fn write_status(self: Arc<Self>, path: PathBuf, listen: SocketAddr) {
+        let mut every = tokio::time::interval(STATUS_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = String::new();
+        loop {
+            every.tick().await;
+            let mut status = self.status(listen).await;
+            let written = status.written_unix_s;
+            status.written_unix_s = 0.0;
+            let unchanged = serde_json::to_string(&status).unwrap_or_default();
+            if unchanged == last {
+                continue;
+            }
+            status.written_unix_s = written;
+            if let Err(error) = durable::write_json_atomic(&path, &status, durable::MODE_READABLE) {
+                tracing::warn!(path = %path.display(), %error, "cannot write the status file");
+                continue;
+            }
+            last = unchanged;
+        }
+    }
+}
+
+/// `stager status`: what the stager whose state directory is `dir` reports in its status file,
+/// as text.
+pub fn render_status(dir: &Path) -> Result<String> {
+    use std::fmt::Write as _;
+    let path = dir.join(STATUS_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {}: is a stager running with --dir {}?",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let status: StagerStatus = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a stager status file", path.display()))?;
+    let running = Path::new(&format!("/proc/{}", status.pid)).exists();
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "stager of site {} at {} (pid {}{})",
+        status.site,
+        status.listen,
+        status.pid,
+        if running {
+            ""
+        } else {
+            ", NOT RUNNING: figures as it last wrote them"
+        }
+    );
+    let _ = writeln!(out, "upstreams, in order of preference:");
+    for upstream in &status.upstreams {
+        let _ = writeln!(
+            out,
+            "  {:<22} {:<7} {:<9} pulled {:>10.1} MiB",
+            upstream.addr,
+            match upstream.kind {
+                crate::upstream::UpstreamKind::Stager => "stager",
+                crate::upstream::UpstreamKind::Origin => "origin",
+            },
+            upstream.state,
+            mib(upstream.pulled_bytes)
+        );
+    }
+    if status.siblings.is_empty() {
+        let _ = writeln!(out, "siblings: none");
+    } else {
+        let _ = writeln!(out, "siblings (the site's other stagers):");
+        for sibling in &status.siblings {
+            let _ = writeln!(
+                out,
+                "  {:<22} {:<7} {}",
+                sibling.addr,
+                sibling.state,
+                sibling.node_id.as_deref().unwrap_or("(not connected yet)")
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "pulled over the WAN {:.1} MiB; from siblings {:.1} MiB; served to siblings {:.1} MiB, to edges {:.1} MiB, to stagers below {:.1} MiB",
+        mib(status.pulled_bytes),
+        mib(status.from_siblings_bytes),
+        mib(status.served_siblings_bytes),
+        mib(status.served_edges_bytes),
+        mib(status.served_stagers_below_bytes)
+    );
+    if status.failovers.is_empty() {
+        let _ = writeln!(out, "failovers: none");
+    } else {
+        let _ = writeln!(out, "failovers:");
+        for event in &status.failovers {
+            let _ = writeln!(
+                out,
+                "  at {:.1}: {} -> {} ({}{}{})",
+                event.at_unix_s,
+                event.from.as_deref().unwrap_or("-"),
+                event.to,
+                event.reason,
+                if event.detail.is_empty() { "" } else { ": " },
+                event.detail
+            );
+        }
+    }
+    Ok(out)
 }
 
 fn read_seq(path: &Path) -> u64 {
@@ -711,9 +971,23 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     let endpoint =
         server_endpoint(config.listen, &identity).context("cannot start the mesh endpoint")?;
     let listen = endpoint.local_addr()?;
-    let upstream = Arc::new(Upstream::new(endpoint.clone(), origin));
-    let origin_counters = PeerCounters::new(&metrics, Role::Origin.as_str(), "origin");
-    let flights = Flights::new(upstream, store.clone(), origin_counters);
+    let watched = proto::net::watched_client_config(&identity)?;
+    let upstreams = Upstreams::new(
+        endpoint.clone(),
+        watched.clone(),
+        &config.upstreams,
+        origin,
+        metrics.clone(),
+    );
+    let siblings = Siblings::new(
+        identity.node_id().to_string(),
+        identity.site().to_string(),
+        endpoint.clone(),
+        watched,
+        &config.siblings,
+        metrics.clone(),
+    );
+    let flights = Flights::new(upstreams, siblings.clone(), store.clone());
     let stager = Arc::new(Stager {
         site: identity.site().clone(),
         store,
@@ -742,6 +1016,12 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     tokio::spawn(stager.clone().follow());
     tokio::spawn(stager.clone().keep_fresh());
     tokio::spawn(stager.clone().report_stats());
+    tokio::spawn(siblings.maintain());
+    tokio::spawn(
+        stager
+            .clone()
+            .write_status(config.dir.join(STATUS_FILE), listen),
+    );
     if let Some(path) = &config.ready_file {
         let ready = serde_json::json!({
             "mesh": listen.to_string(),
@@ -749,7 +1029,7 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
         });
         durable::write_json_atomic(path, &ready, durable::MODE_READABLE)?;
     }
-    tracing::info!(site = %stager.site, %listen, metrics = %metrics_addr, %origin, "stager serving");
+    tracing::info!(site = %stager.site, %listen, metrics = %metrics_addr, %origin, upstreams = ?config.upstreams, siblings = ?config.siblings, "stager serving");
     server::shutdown_signal().await;
     endpoint.close(0u32.into(), b"stager stopping");
     Ok(())

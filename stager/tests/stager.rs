@@ -148,14 +148,31 @@ async fn roles_and_sites_are_checked_against_the_certificate() {
         }
     }
 
-    // An edge or a stager of another site gets nothing from this site's stager.
+    // An edge of another site gets nothing from this site's stager; a stager of another site
+    // gets data (a stager serves the stagers below it, as a region's stager), nothing else.
     let get_manifest = Request::GetManifest { id };
     let get_blob = Request::GetBlob {
         hash: manifest.chunks[0].hash,
         size: manifest.chunks[0].stored_bytes,
         groups: vec![(0, 1)],
     };
-    for (role, name) in [("edge", "edge-b"), ("stager", "stager-b")] {
+    let below = mesh
+        .enroll_client("stager", "site-b", "stager-b")
+        .await
+        .expect("stager of site-b");
+    let answer = below.call(&stager, &get_manifest).await.expect("answer");
+    assert!(
+        matches!(answer, Response::Manifest(_)),
+        "a stager below gets the manifest: {answer:?}"
+    );
+    let report = Request::KeepSet;
+    let answer = below.call(&stager, &report).await.expect("answer");
+    assert_refused(
+        &answer,
+        ErrorCode::Forbidden,
+        "a stager of site-b asks for a keep-set",
+    );
+    for (role, name) in [("edge", "edge-b")] {
         let stranger = mesh
             .enroll_client(role, "site-b", name)
             .await
@@ -187,7 +204,7 @@ async fn roles_and_sites_are_checked_against_the_certificate() {
         .await
         .expect("metrics");
     assert!(
-        metric_sum(&text, "stagecoach_forbidden_total", &[]) >= 8,
+        metric_sum(&text, "stagecoach_forbidden_total", &[]) >= 6,
         "every refusal is counted:\n{text}"
     );
 }

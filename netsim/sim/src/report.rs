@@ -76,10 +76,17 @@ pub struct RunResult {
     pub all_edges_done_s: Option<f64>,
     /// The line-rate floor in seconds (see `Topology::line_rate_floor_s`).
     pub line_rate_floor_s: f64,
-    /// Bytes the origin sent in all.
+    /// Bytes the origin sent in all (payload, over its uplink): to flat sites and to regions.
     pub origin_egress_bytes: u64,
     /// Per site, in topology order.
     pub sites: Vec<SiteResult>,
+    /// Per region of the topology, in topology order (empty without `[[regions]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<RegionResult>,
+    /// The WAN split of every site with several stagers, in topology order (sites with one
+    /// stager are not listed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub site_stagers: Vec<SiteStagers>,
     /// Anything a reader needs to interpret the numbers (folding, caps, piece count).
     #[serde(default)]
     pub notes: Vec<String>,
@@ -111,6 +118,32 @@ pub struct SiteResult {
     /// is absent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub edge_done_s: Vec<f64>,
+}
+
+/// One region's share of a run: what its stagers pulled from the origin and served to the
+/// stagers of its sites.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegionResult {
+    /// Region name.
+    pub name: String,
+    /// Sites whose stagers pull through the region.
+    pub sites: u32,
+    /// Bytes the origin sent to the region's stagers (over the region's link).
+    pub pulled_bytes: u64,
+    /// Of `pulled_bytes`, each of the region's stagers' (each piece crosses to one of them).
+    pub stager_pulled_bytes: Vec<u64>,
+    /// Bytes the region's stagers sent to the stagers of its sites.
+    pub served_bytes: u64,
+}
+
+/// How a site with several stagers split its WAN pulls.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteStagers {
+    /// Site name.
+    pub site: String,
+    /// Bytes each of the site's stagers pulled across the site's WAN (from the origin or the
+    /// site's region); they sum to the site's `wan_bytes`.
+    pub pulled_bytes: Vec<u64>,
 }
 
 impl RunResult {
@@ -207,6 +240,32 @@ impl RunResult {
         }
         out.push('\n');
         let bundle = self.bundle_bytes.max(1) as f64;
+        if !self.regions.is_empty() {
+            out.push_str(
+                "| upstream | sites | sent | sent ÷ bundle | pulled | pulled ÷ bundle |\n\
+                 |---|---:|---:|---:|---:|---:|\n",
+            );
+            let _ = writeln!(
+                out,
+                "| origin | {} | {} | {:.2} | — | — |",
+                self.sites.len(),
+                human_bytes(self.origin_egress_bytes as f64),
+                self.origin_egress_bytes as f64 / bundle,
+            );
+            for region in &self.regions {
+                let _ = writeln!(
+                    out,
+                    "| region {} | {} | {} | {:.2} | {} | {:.2} |",
+                    region.name,
+                    region.sites,
+                    human_bytes(region.served_bytes as f64),
+                    region.served_bytes as f64 / bundle,
+                    human_bytes(region.pulled_bytes as f64),
+                    region.pulled_bytes as f64 / bundle,
+                );
+            }
+            out.push('\n');
+        }
         out.push_str(
             "| site | edges | done | done at | WAN bytes | WAN ÷ bundle | stager egress | peer bytes |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|\n",

@@ -188,6 +188,9 @@ pub struct Topology {
     pub origin_uplink_mbit: f64,
     /// One-way latency of one LAN hop, in ms.
     pub lan_latency_ms: f64,
+    /// Each node's LAN rate where no site overrides it (`lan.node_mbit`; regional stagers'), in
+    /// Mbit/s.
+    pub lan_node_mbit: f64,
     /// Peers each edge knows in `mesh` (before capping at the site's other edges).
     pub peers_per_edge: u32,
     /// Overrides of the download planner's defaults.
@@ -342,9 +345,15 @@ impl Topology {
     /// For each site: `bundle_bytes / min(WAN goodput, LAN node rate)` plus one round trip
     /// origin → node ([`Topology::origin_rtt_s`]); every byte an edge holds crossed the site's
     /// WAN and the edge's LAN port, pipelined at best, after at least one request. WAN goodput is
-    /// `mbit × (1 − loss)`. For the origin: `sites × bundle_bytes / uplink` plus the smallest
-    /// origin round trip, since every site needs at least one copy through the uplink. The floor
-    /// is the largest of these.
+    /// `mbit × (1 − loss)`. For the origin: `copies × bundle_bytes / uplink` plus the smallest
+    /// origin round trip, since every copy leaves through the uplink. The floor is the largest
+    /// of these.
+    ///
+    /// Without regions a copy per site is the fewest. With regions, a strategy either sends
+    /// through them (one copy per flat site and per region that sites name, and each region's
+    /// link carries one copy per site of the region, after the region's round trip from the
+    /// origin) or around them (`direct`: one copy per edge); the floor is the smaller of the
+    /// two.
     pub fn line_rate_floor_s(&self, bundle_bytes: u64) -> f64 {
         let bytes = bundle_bytes as f64;
         let per_site = self
@@ -360,8 +369,30 @@ impl Topology {
             .iter()
             .map(|site| self.origin_rtt_s(site))
             .fold(f64::INFINITY, f64::min);
-        let origin = self.sites.len() as f64 * bytes / self.origin_uplink_bytes_per_s() + min_rtt;
-        per_site.max(origin)
+        let uplink = self.origin_uplink_bytes_per_s();
+        let flat_sites = self.sites.iter().filter(|s| s.region.is_none()).count();
+        if flat_sites == self.sites.len() {
+            return per_site.max(self.sites.len() as f64 * bytes / uplink + min_rtt);
+        }
+        let mut copies = flat_sites as f64;
+        let mut through_regions = per_site;
+        for region in &self.regions {
+            let members = self
+                .sites
+                .iter()
+                .filter(|s| s.region.as_deref() == Some(region.name.as_str()))
+                .count();
+            if members == 0 {
+                continue;
+            }
+            copies += 1.0;
+            let goodput = mbit_to_bytes_per_s(region.wan.mbit) * (1.0 - region.wan.loss);
+            let region_rtt_s = 2.0 * (region.wan.latency_ms / 1000.0 + self.lan_latency_s());
+            through_regions = through_regions.max(members as f64 * bytes / goodput + region_rtt_s);
+        }
+        through_regions = through_regions.max(copies * bytes / uplink + min_rtt);
+        let around_regions = per_site.max(self.total_edges() as f64 * bytes / uplink + min_rtt);
+        through_regions.min(around_regions)
     }
 }
 
@@ -664,6 +695,7 @@ impl RawTopology {
             bundle,
             origin_uplink_mbit,
             lan_latency_ms,
+            lan_node_mbit: node_mbit,
             peers_per_edge,
             planner: self.planner,
             regions,

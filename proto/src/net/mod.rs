@@ -39,6 +39,7 @@ pub use frames::{
 };
 pub use identity::{peer_identity, NodeId, NodeIdentity, PeerIdentity, Role, Site};
 pub use tls::{
-    accept, client_endpoint, connect, install_crypto_provider, server_endpoint,
-    CONNECTION_SEND_WINDOW_BYTES, MESH_ALPN, MESH_SERVER_NAME,
+    accept, client_endpoint, connect, connect_with, install_crypto_provider, server_endpoint,
+    watched_client_config, CONNECTION_SEND_WINDOW_BYTES, MESH_ALPN, MESH_SERVER_NAME,
+    WATCHED_IDLE_TIMEOUT_MS,
 };

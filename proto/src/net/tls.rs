@@ -42,6 +42,13 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a connection may hear nothing before it is dropped, in milliseconds.
 pub const IDLE_TIMEOUT_MS: u32 = 30_000;
 
+/// Keep-alive of a [`watched_client_config`] connection.
+pub const WATCHED_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Idle timeout of a [`watched_client_config`] connection, in milliseconds: a peer that died
+/// (killed, its machine gone) is noticed within this, not within [`IDLE_TIMEOUT_MS`].
+pub const WATCHED_IDLE_TIMEOUT_MS: u32 = 4_000;
+
 /// How long [`connect`] and [`accept`] wait for the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -118,11 +125,36 @@ pub async fn connect(endpoint: &Endpoint, addr: SocketAddr) -> Result<Connection
             addr,
             reason: e.to_string(),
         })?;
-    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+    finish_connect(connecting, addr, HANDSHAKE_TIMEOUT).await
+}
+
+/// [`connect`] with `config` instead of the endpoint's default, waiting at most `timeout` for
+/// the handshake.
+pub async fn connect_with(
+    endpoint: &Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Connection, NetError> {
+    let connecting = endpoint
+        .connect_with(config, addr, MESH_SERVER_NAME)
+        .map_err(|e| NetError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    finish_connect(connecting, addr, timeout).await
+}
+
+async fn finish_connect(
+    connecting: quinn::Connecting,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Connection, NetError> {
+    let conn = tokio::time::timeout(timeout, connecting)
         .await
         .map_err(|_| NetError::Timeout {
             what: "TLS handshake",
-            after_ms: HANDSHAKE_TIMEOUT.as_millis() as u64,
+            after_ms: timeout.as_millis() as u64,
         })??;
     tracing::debug!(peer = %addr, "connected");
     Ok(conn)
@@ -176,6 +208,20 @@ pub fn mesh_client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig
     let quic = QuicClientConfig::try_from(tls).map_err(tls_config)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// A mesh client config whose connections notice a dead peer within
+/// [`WATCHED_IDLE_TIMEOUT_MS`] (keep-alive every [`WATCHED_KEEP_ALIVE_INTERVAL`]): for links
+/// with somewhere else to go when the peer dies, such as a stager's upstream stagers and
+/// siblings.
+pub fn watched_client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig, NetError> {
+    let mut config = mesh_client_config(identity)?;
+    let mut transport = transport_config();
+    transport
+        .keep_alive_interval(Some(WATCHED_KEEP_ALIVE_INTERVAL))
+        .max_idle_timeout(Some(VarInt::from_u32(WATCHED_IDLE_TIMEOUT_MS).into()));
+    config.transport_config(Arc::new(transport));
     Ok(config)
 }
 

@@ -8,12 +8,14 @@ mod build;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::ops::Range;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 use proto_core::planner::{Planner, Request};
 
 use super::component::Component;
+use super::fleet::piece_owner;
 use super::network::{FlowLinks, LinkId, MaxMinSolver};
 use crate::topology::Strategy;
 
@@ -40,6 +42,9 @@ const MAX_EVENTS: u64 = 20_000_000_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Role {
     Origin,
+    /// A regional stager: pulls from the origin, serves the stagers of its region's sites.
+    Regional,
+    /// A site's stager: pulls from the origin or its site's region, serves the site's edges.
     Stager,
     Edge,
 }
@@ -48,17 +53,28 @@ pub(super) enum Role {
 pub(super) struct SimSite {
     /// How many identical sites this one stands for (weight on the origin uplink).
     pub multiplicity: u32,
+    /// Of those, how many each region of its region class holds (weight on the region's link
+    /// to its sites).
+    region_multiplicity: u32,
+    /// Index in `Engine::regions` of the region the site's stagers pull through.
+    region: Option<u32>,
     wan_link: LinkId,
     lan_component: u32,
+    /// Node ids of the site's stagers.
+    pub stager_nodes: Range<u32>,
     /// Node ids of the site's edges.
-    pub edge_nodes: std::ops::Range<u32>,
-    origin_rtt_ns: u64,
+    pub edge_nodes: Range<u32>,
+    /// Round trip upstream → a node of the site (the origin, or the site's region).
+    upstream_rtt_ns: u64,
     lan_rtt_ns: u64,
-    /// Loss-limited rate of one origin → node connection, bytes/s (infinite without loss).
+    /// Loss-limited rate of one upstream → node connection, bytes/s (infinite without loss).
     connection_cap: f64,
-    /// Bytes over the site's WAN (partial bytes of cancelled requests included).
+    /// Bytes over the site's WAN (partial bytes of cancelled requests included), from the
+    /// origin or the site's region.
     pub wan_bytes: f64,
-    /// Bytes the site's stagers sent.
+    /// Of `wan_bytes`, those the origin sent.
+    pub origin_bytes: f64,
+    /// Bytes the site's stagers sent inside the site: to its edges and to each other.
     pub stager_egress_bytes: f64,
     /// Bytes edges sent to edges.
     pub peer_bytes: f64,
@@ -70,11 +86,54 @@ pub(super) struct SimSite {
     pub done_ns: Option<u64>,
 }
 
+/// A region's stagers: a representative standing for `multiplicity` identical regions. A
+/// regional stager's state does not depend on which member of a folded class of sites asks it,
+/// so each class's flows from it count once per member on the region's link to its sites, as
+/// they do on the origin's uplink.
+pub(super) struct SimRegion {
+    /// How many identical regions this one stands for (weight on the origin uplink).
+    pub multiplicity: u32,
+    /// Link origin → the region (its `wan`).
+    wan_link: LinkId,
+    /// Link the region → its sites: the region's link is as fast up as down.
+    up_link: LinkId,
+    /// Component of the flows region → site stagers.
+    downstream_component: u32,
+    /// Component of the copies between the region's stagers.
+    lan_component: u32,
+    origin_rtt_ns: u64,
+    lan_rtt_ns: u64,
+    /// Loss-limited rate of one origin → regional stager connection, bytes/s.
+    connection_cap: f64,
+    /// Node ids of the region's stagers.
+    pub stager_nodes: Range<u32>,
+    /// Sites (folded members counted) whose stagers pull through one region of the class.
+    pub sites: u32,
+    /// Bytes the origin sent to one region's stagers.
+    pub pulled_bytes: f64,
+    /// Bytes one region's stagers sent to its sites' stagers (folded members counted).
+    pub served_bytes: f64,
+}
+
 struct Node {
+    /// The node's site; `u32::MAX` for the origin and regional stagers.
     site: u32,
+    /// A regional stager's region; `u32::MAX` for every other node.
+    region: u32,
     role: Role,
     up_link: LinkId,
+    /// The LAN port down: copies from peers and sibling stagers arrive on it.
     down_link: LinkId,
+    /// The port upstream pulls arrive on: `down_link` for an edge, a second link at the same
+    /// rate for a stager, whose `down_link` carries its siblings' copies in another component.
+    /// A stager's total inflow is at most its site's WAN rate (siblings forward only what crossed
+    /// it), so the split binds only where the WAN is faster than the LAN.
+    upstream_link: LinkId,
+    /// A stager's siblings, itself included (the stagers of its site or region): each piece
+    /// crosses the WAN to exactly one of them. Empty for the origin and edges.
+    siblings: Range<u32>,
+    /// Bytes received from upstream (the origin, or a regional stager).
+    upstream_bytes: f64,
     planner: Option<Planner>,
     /// Nodes whose planners list this node as a source.
     subscribers: Vec<u32>,
@@ -148,6 +207,7 @@ pub(super) struct Engine {
     max_ns: u64,
     nodes: Vec<Node>,
     pub sites: Vec<SimSite>,
+    pub regions: Vec<SimRegion>,
     capacities: Vec<f64>,
     components: Vec<Component>,
     flows: Vec<Flow>,
@@ -169,6 +229,13 @@ impl Engine {
     fn add_link(&mut self, capacity: f64) -> LinkId {
         self.capacities.push(capacity);
         (self.capacities.len() - 1) as LinkId
+    }
+
+    /// Bytes each of `nodes` received from upstream, rounded.
+    pub fn upstream_bytes(&self, nodes: Range<u32>) -> Vec<u64> {
+        nodes
+            .map(|node| self.nodes[node as usize].upstream_bytes.round() as u64)
+            .collect()
     }
 
     /// Runs until every edge holds the bundle. Returns the virtual time then, in ns.
@@ -302,17 +369,8 @@ impl Engine {
         if src as usize >= self.nodes.len() || src == dst {
             bail!("node {dst}'s planner asked unknown source {src} for piece {piece}");
         }
-        let site = self.nodes[dst as usize].site;
-        let (component, rtt_ns) = if src == ORIGIN {
-            (WAN_COMPONENT, self.sites[site as usize].origin_rtt_ns)
-        } else {
-            if self.nodes[src as usize].site != site {
-                bail!("node {dst}'s planner asked node {src} of another site");
-            }
-            (
-                self.sites[site as usize].lan_component,
-                self.sites[site as usize].lan_rtt_ns,
-            )
+        let Some((component, rtt_ns)) = self.route(src, dst) else {
+            bail!("node {dst}'s planner asked node {src}, which it has no path from");
         };
         let flow = Flow {
             state: FlowState::Waiting,
@@ -353,6 +411,35 @@ impl Engine {
             );
         }
         Ok(())
+    }
+
+    /// The component a flow `src` → `dst` belongs to, and its round trip in ns; `None` when no
+    /// path joins them (another site, another region).
+    fn route(&self, src: u32, dst: u32) -> Option<(u32, u64)> {
+        let (s, d) = (&self.nodes[src as usize], &self.nodes[dst as usize]);
+        match (s.role, d.role) {
+            (Role::Origin, Role::Regional) => {
+                Some((WAN_COMPONENT, self.regions[d.region as usize].origin_rtt_ns))
+            }
+            (Role::Origin, _) => Some((WAN_COMPONENT, self.sites[d.site as usize].upstream_rtt_ns)),
+            (Role::Regional, Role::Regional) if s.region == d.region => {
+                let region = &self.regions[s.region as usize];
+                Some((region.lan_component, region.lan_rtt_ns))
+            }
+            (Role::Regional, Role::Stager)
+                if self.sites[d.site as usize].region == Some(s.region) =>
+            {
+                Some((
+                    self.regions[s.region as usize].downstream_component,
+                    self.sites[d.site as usize].upstream_rtt_ns,
+                ))
+            }
+            (Role::Stager | Role::Edge, Role::Stager | Role::Edge) if s.site == d.site => {
+                let site = &self.sites[d.site as usize];
+                Some((site.lan_component, site.lan_rtt_ns))
+            }
+            _ => None,
+        }
     }
 
     /// The flow's round trip is paid: it starts moving bytes.
@@ -476,9 +563,28 @@ impl Engine {
         if let Some(pos) = downloads.iter().position(|&d| d == id) {
             downloads.swap_remove(pos);
         }
+        let (src_role, dst_role) = (self.nodes[src as usize].role, self.nodes[dst as usize].role);
+        if dst_role == Role::Regional {
+            let region = &mut self.regions[self.nodes[dst as usize].region as usize];
+            if src_role == Role::Origin {
+                region.pulled_bytes += bytes;
+                self.nodes[dst as usize].upstream_bytes += bytes;
+            }
+            return;
+        }
         let site = &mut self.sites[self.nodes[dst as usize].site as usize];
-        match self.nodes[src as usize].role {
-            Role::Origin => site.wan_bytes += bytes,
+        match src_role {
+            Role::Origin => {
+                site.wan_bytes += bytes;
+                site.origin_bytes += bytes;
+                self.nodes[dst as usize].upstream_bytes += bytes;
+            }
+            Role::Regional => {
+                site.wan_bytes += bytes;
+                let served = bytes * f64::from(site.region_multiplicity);
+                self.regions[self.nodes[src as usize].region as usize].served_bytes += served;
+                self.nodes[dst as usize].upstream_bytes += bytes;
+            }
             Role::Stager => site.stager_egress_bytes += bytes,
             Role::Edge => site.peer_bytes += bytes,
         }
@@ -509,6 +615,9 @@ impl Engine {
     fn announce(&mut self, node: u32, piece: u32) {
         let subscribers = std::mem::take(&mut self.nodes[node as usize].subscribers);
         for &sub in &subscribers {
+            if !self.takes_piece_from(node, sub, piece) {
+                continue;
+            }
             let wants = {
                 let s = &mut self.nodes[sub as usize];
                 if let Some(planner) = s.planner.as_mut() {
@@ -522,6 +631,22 @@ impl Engine {
             }
         }
         self.nodes[node as usize].subscribers = subscribers;
+    }
+
+    /// Whether `sub` fetches `piece` from `src`: an edge takes any piece from any source; a
+    /// stager takes a piece from its upstream only when it owns it among its siblings, and
+    /// from a sibling only when that sibling owns it (it crossed the WAN there).
+    fn takes_piece_from(&self, src: u32, sub: u32, piece: u32) -> bool {
+        let siblings = &self.nodes[sub as usize].siblings;
+        if siblings.len() <= 1 {
+            return true;
+        }
+        let owner = siblings.start + piece_owner(siblings.len() as u32, piece);
+        if siblings.contains(&src) {
+            owner == src
+        } else {
+            owner == sub
+        }
     }
 
     /// Marks `node` done when its planner is, or polls it again.
@@ -582,22 +707,58 @@ impl Engine {
         for &g in &c.live_groups {
             let group = &c.groups[g as usize];
             let count = f64::from(group.flows);
-            let dst = &self.nodes[group.dst as usize];
-            let links = if group.src == ORIGIN {
-                let site = &self.sites[dst.site as usize];
-                let mut links = FlowLinks::new(&[UPLINK, site.wan_link, dst.down_link])
-                    .with_weight(0, count * f64::from(site.multiplicity))
-                    .with_weight(1, count)
-                    .with_weight(2, count);
-                if site.connection_cap.is_finite() {
-                    // The group is the node's one connection to the origin.
-                    links = links.with_cap(site.connection_cap / count);
+            let (src, dst) = (
+                &self.nodes[group.src as usize],
+                &self.nodes[group.dst as usize],
+            );
+            // Upstream paths: the sender's shared link (counted once per folded member), the
+            // receiving site's or region's WAN, the receiver's upstream port.
+            let upstream = match (src.role, dst.role) {
+                (Role::Origin, Role::Regional) => {
+                    let region = &self.regions[dst.region as usize];
+                    Some((
+                        UPLINK,
+                        region.wan_link,
+                        region.multiplicity,
+                        region.connection_cap,
+                    ))
                 }
-                links
-            } else {
-                FlowLinks::new(&[self.nodes[group.src as usize].up_link, dst.down_link])
+                (Role::Origin, _) => {
+                    let site = &self.sites[dst.site as usize];
+                    Some((
+                        UPLINK,
+                        site.wan_link,
+                        site.multiplicity,
+                        site.connection_cap,
+                    ))
+                }
+                (Role::Regional, Role::Stager) => {
+                    let site = &self.sites[dst.site as usize];
+                    let region = &self.regions[src.region as usize];
+                    Some((
+                        region.up_link,
+                        site.wan_link,
+                        site.region_multiplicity,
+                        site.connection_cap,
+                    ))
+                }
+                _ => None,
+            };
+            let links = match upstream {
+                Some((sender_link, wan_link, multiplicity, connection_cap)) => {
+                    let mut links = FlowLinks::new(&[sender_link, wan_link, dst.upstream_link])
+                        .with_weight(0, count * f64::from(multiplicity))
+                        .with_weight(1, count)
+                        .with_weight(2, count);
+                    if connection_cap.is_finite() {
+                        // The group is the node's one connection to that upstream.
+                        links = links.with_cap(connection_cap / count);
+                    }
+                    links
+                }
+                None => FlowLinks::new(&[src.up_link, dst.down_link])
                     .with_weight(0, count)
-                    .with_weight(1, count)
+                    .with_weight(1, count),
             };
             self.solver_flows.push(links);
         }

@@ -156,6 +156,17 @@ pub(super) fn peer_graph(edges: u32, peers_per_edge: u32, seed: u64) -> Vec<Vec<
     peers
 }
 
+/// Which of `stagers` siblings (by rank, `0..stagers`) pulls `piece` across the WAN:
+/// rendezvous hashing, the highest score of (piece, rank) wins. Each piece has exactly one
+/// owner, pieces spread evenly, and losing a sibling moves only the pieces it owned.
+pub fn piece_owner(stagers: u32, piece: u32) -> u32 {
+    if stagers <= 1 {
+        return 0;
+    }
+    let score = |rank: u32| mix((u64::from(piece) << 32) | u64::from(rank));
+    (0..stagers).max_by_key(|&rank| score(rank)).unwrap_or(0)
+}
+
 /// SplitMix64's finaliser: a well-spread 64-bit hash.
 pub(super) fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -17,15 +17,30 @@
 //!   graph, so knowing is mutual and every edge has the same number of peers. Real swarms bound
 //!   the peer set the same way, and it keeps the cost per completed piece bounded.
 //!
-//! A site with several stagers has each stager pull from the origin itself (as the stager code
-//! does today), so its WAN carries one copy per stager. Everything starts at t = 0, the moment the
-//! bundle is published.
+//! **Siblings.** The stagers of one site split the WAN: each piece crosses it to exactly one of
+//! them, its owner by rendezvous hashing of the piece over the site's stagers
+//! ([`fleet::piece_owner`]); the others copy it from the owner over the LAN once the owner holds
+//! it (cut-through at piece granularity, as for edges). So a site's WAN carries one copy of the
+//! bundle whatever its stagers, and each of `n` stagers pulls about `1/n` of it. Edges fetch from
+//! all of the site's stagers.
 //!
-//! **Links**, in bytes per second, each one direction: the origin uplink (shared by every site);
-//! per site a WAN link origin → site at `wan.mbit × (1 − loss)`; per node a LAN port up and a LAN
-//! port down at the site's LAN rate. No bundle byte flows site → origin, so there is no WAN up
-//! link. Paths: origin → node is uplink, site WAN, node's LAN down; node → node (same site) is
-//! source's LAN up, destination's LAN down. Sites never exchange bytes.
+//! **Regions.** A region's stagers pull from the origin over the region's link and split the
+//! pieces among themselves as siblings do. The stagers of a site in a region pull from the
+//! region's stagers (any that holds the piece, once it holds it) over the site's WAN, instead of
+//! from the origin; in `direct` regions take no part. A region with no sites still pulls, as a
+//! subscribed stager does. Everything starts at t = 0, the moment the bundle is published.
+//!
+//! **Links**, in bytes per second, each one direction: the origin uplink (shared by everything
+//! the origin sends); per site a WAN link upstream → site at `wan.mbit × (1 − loss)` (upstream is
+//! the origin, or the site's region); per region a link origin → region and one region → its
+//! sites, both at the region's `wan` rate (its one link, as fast up as down, shared by its
+//! stagers); per node a LAN port up and a LAN port down at the site's LAN rate (`lan.node_mbit`
+//! for regional stagers), and per stager a second port down that upstream pulls arrive on. No
+//! bundle byte flows towards the origin, so there is no WAN up link. Paths: origin → site node is
+//! uplink, site WAN, node's port down; origin → regional stager is uplink, region link, its
+//! upstream port; regional stager → site stager is the region's link to its sites, site WAN, the
+//! stager's upstream port; node → node (same site or region) is source's LAN up, destination's
+//! LAN down. Sites never exchange bytes.
 //!
 //! **Protocol costs**, calibrated against `netsim emulate` (`tests/emulate.rs`): links are rated
 //! in wire bytes, so WAN and uplink capacities carry bundle bytes at [`fleet::wire_efficiency`]
@@ -53,13 +68,20 @@
 //!
 //! # Making it fast
 //!
-//! - **Components.** Flows from the origin (the WAN component) and flows inside one site (that
-//!   site's LAN component) never cross a common link, so a change recomputes only its own
-//!   component's rates, and each component keeps one pending "next completion" event. A
-//!   staged/mesh site's LAN therefore never waits on other sites' events.
+//! - **Components.** Flows from the origin (the WAN component), flows from one region to its
+//!   sites, flows inside one region and flows inside one site (that site's LAN component) never
+//!   cross a common link (a stager's upstream port keeps its WAN pulls apart from its siblings'
+//!   copies), so a change recomputes only its own component's rates, and each component keeps
+//!   one pending "next completion" event. A staged/mesh site's LAN therefore never waits on
+//!   other sites' events.
 //! - **Folding identical sites.** Sites equal in everything but the name, given the same seeds,
 //!   behave identically, so one representative is simulated and its flows count `n` times on the
-//!   origin uplink, the only link sites share. That is exact for a fleet whose identical sites
+//!   origin uplink and on their region's link to its sites, the only links sites share. A
+//!   regional stager's state does not depend on which member of a class asks it, so it serves
+//!   the representative for all of them. Regions equal in everything but the name, holding the
+//!   same sites up to names, fold the same way (their flows count once per member on the origin
+//!   uplink), and their sites fold together; sites of regions that differ never do (see
+//!   `classes`). That is exact for a fleet whose identical sites
 //!   share seeds; unfolded runs seed every site differently and land within about 1% (a test
 //!   checks 3%). Results say when folding was used; [`SimOptions::fold_identical_sites`] turns
 //!   it off.
@@ -74,6 +96,7 @@
 //! per rate change: a 500-edge mesh site with 64 pieces costs about 3 s on one core. Folded, 200
 //! sites in four classes take seconds; unfolded, every distinct site pays its own.
 
+mod classes;
 mod component;
 mod engine;
 pub mod fleet;
@@ -83,7 +106,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::report::{Mode, RunResult, SiteResult};
+use crate::report::{Mode, RegionResult, RunResult, SiteResult, SiteStagers};
 use crate::topology::Topology;
 
 pub use crate::topology::Strategy;
@@ -141,45 +164,27 @@ pub fn simulate_with(
     let bundle_bytes = topo.bundle_bytes()?;
     anyhow::ensure!(bundle_bytes > 0, "the bundle is empty: nothing to simulate");
 
-    // Classes of identical sites: representative index, members.
-    let mut class_of_site = Vec::with_capacity(topo.sites.len());
-    let mut representatives: Vec<usize> = Vec::new();
-    let mut multiplicities: Vec<u32> = Vec::new();
-    let mut class_by_shape = std::collections::HashMap::new();
-    for (i, site) in topo.sites.iter().enumerate() {
-        let class = if options.fold_identical_sites {
-            *class_by_shape.entry(site.shape_key()).or_insert_with(|| {
-                representatives.push(i);
-                multiplicities.push(0);
-                representatives.len() - 1
-            })
-        } else {
-            representatives.push(i);
-            multiplicities.push(0);
-            representatives.len() - 1
-        };
-        multiplicities[class] += 1;
-        class_of_site.push(class);
-    }
-
-    let mut engine = engine::Engine::new(
-        topo,
-        strategy,
-        bundle_bytes,
-        &representatives,
-        &multiplicities,
-        options,
-    )?;
+    let classes = classes::Classes::new(topo, options.fold_identical_sites);
+    let mut engine = engine::Engine::new(topo, strategy, bundle_bytes, &classes, options)?;
     let end_ns = engine.run()?;
 
     let mut notes = Vec::new();
-    if representatives.len() < topo.sites.len() {
-        let classes = representatives.len();
+    if classes.site_representatives.len() < topo.sites.len() {
+        let count = classes.site_representatives.len();
         notes.push(format!(
-            "{} sites simulated as {classes} {} of identical sites (exact: identical sites behave \
+            "{} sites simulated as {count} {} of identical sites (exact: identical sites behave \
              identically; each class's flows count once per member on the origin uplink)",
             topo.sites.len(),
-            if classes == 1 { "class" } else { "classes" },
+            if count == 1 { "class" } else { "classes" },
+        ));
+    }
+    if classes.region_representatives.len() < topo.regions.len() {
+        let count = classes.region_representatives.len();
+        notes.push(format!(
+            "{} regions simulated as {count} {} of identical regions (same stagers, link and \
+             sites; each class's flows count once per member on the origin uplink)",
+            topo.regions.len(),
+            if count == 1 { "class" } else { "classes" },
         ));
     }
     if strategy == Strategy::Mesh {
@@ -207,12 +212,35 @@ pub fn simulate_with(
     ));
 
     let mut sites = Vec::with_capacity(topo.sites.len());
+    let mut site_stagers = Vec::new();
     let mut origin_egress = 0.0;
     for sim in &engine.sites {
-        origin_egress += sim.wan_bytes * f64::from(sim.multiplicity);
+        origin_egress += sim.origin_bytes * f64::from(sim.multiplicity);
     }
+    for region in &engine.regions {
+        origin_egress += region.pulled_bytes * f64::from(region.multiplicity);
+    }
+    let regions = topo
+        .regions
+        .iter()
+        .zip(&classes.class_of_region)
+        .map(|(topo_region, &class)| (topo_region, &engine.regions[class]))
+        .map(|(topo_region, region)| RegionResult {
+            name: topo_region.name.clone(),
+            sites: region.sites,
+            pulled_bytes: region.pulled_bytes.round() as u64,
+            stager_pulled_bytes: engine.upstream_bytes(region.stager_nodes.clone()),
+            served_bytes: region.served_bytes.round() as u64,
+        })
+        .collect();
     for (i, site) in topo.sites.iter().enumerate() {
-        let sim = &engine.sites[class_of_site[i]];
+        let sim = &engine.sites[classes.class_of_site[i]];
+        if sim.stager_nodes.len() > 1 {
+            site_stagers.push(SiteStagers {
+                site: site.name.clone(),
+                pulled_bytes: engine.upstream_bytes(sim.stager_nodes.clone()),
+            });
+        }
         sites.push(SiteResult {
             name: site.name.clone(),
             edges: site.edges,
@@ -235,6 +263,8 @@ pub fn simulate_with(
         line_rate_floor_s: topo.line_rate_floor_s(bundle_bytes),
         origin_egress_bytes: origin_egress.round() as u64,
         sites,
+        regions,
+        site_stagers,
         notes,
     })
 }
@@ -286,6 +316,29 @@ mod tests {
                 assert_eq!(unique.len(), peers.len());
             }
         }
+    }
+
+    #[test]
+    fn piece_owners_spread_evenly_and_move_only_when_their_stager_leaves() {
+        use super::fleet::piece_owner;
+        let pieces = 4096u32;
+        for stagers in 2..=5u32 {
+            let mut owned = vec![0u32; stagers as usize];
+            for piece in 0..pieces {
+                let owner = piece_owner(stagers, piece);
+                owned[owner as usize] += 1;
+                // Without the last stager, its pieces move and no other piece does.
+                let without_last = piece_owner(stagers - 1, piece);
+                if owner != stagers - 1 {
+                    assert_eq!(without_last, owner, "{stagers} stagers, piece {piece}");
+                }
+            }
+            let fair = f64::from(pieces) / f64::from(stagers);
+            for &count in &owned {
+                assert!((f64::from(count) - fair).abs() < 0.1 * fair, "{owned:?}");
+            }
+        }
+        assert!((0..pieces).all(|piece| piece_owner(1, piece) == 0));
     }
 
     #[test]

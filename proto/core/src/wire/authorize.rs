@@ -220,7 +220,9 @@ pub fn access(server: Role, request: RequestKind) -> Access {
         // Uploads go to the origin only; a stager refuses them outright.
         K::PutBlob => [PUBLISHER, NOBODY, NO],
         K::Publish => [PUBLISHER, NOBODY, NO],
-        K::Subscribe => [ANY, NO, NO],
+        // A stager relays the announcements of its own upstream to the stagers below it (a
+        // regional stager to its sites' stagers).
+        K::Subscribe => [ANY, STAGER, NO],
         // Enrollment has its own endpoint; no mesh server answers it.
         K::Enroll => [NO, NO, NO],
         K::SitePeers => [NO, EDGE, EDGE],
@@ -463,6 +465,8 @@ mod tests {
                 K::ListBundles | K::Resolve | K::GetManifest | K::GetBlob => None,
                 K::PutBlob | K::Publish => Some(Forbidden),
                 K::SitePeers | K::ReportNode | K::KeepSet => only(&[Role::Edge]),
+                // Since issue 15: stagers below this one subscribe through it.
+                K::Subscribe => only(&[Role::Stager]),
                 _ => Some(BadRequest),
             },
             Role::Edge => match kind {
@@ -548,12 +552,15 @@ mod tests {
             "{by_stager}"
         );
         let subscribe = Request::Subscribe { after_seq: 0 };
-        let not_here = authorize(Role::Stager, Role::Stager, &subscribe).expect_err("stager");
+        authorize(Role::Stager, Role::Stager, &subscribe).expect("a stager below subscribes");
+        let not_here = authorize(Role::Edge, Role::Stager, &subscribe).expect_err("edge");
         assert_eq!(not_here.code(), ErrorCode::BadRequest);
         assert_eq!(
             not_here.to_string(),
-            "Subscribe is not a request for a stager; send it to an origin"
+            "Subscribe is not a request for an edge; send it to an origin or a stager"
         );
+        let edge_subscribes = authorize(Role::Stager, Role::Edge, &subscribe).expect_err("edge");
+        assert_eq!(edge_subscribes.code(), ErrorCode::Forbidden);
         let enroll = Request::Enroll {
             secret: [0; 32],
             csr_pem: String::new(),

@@ -4,22 +4,28 @@ use anyhow::{bail, Result};
 use proto_core::planner::{Planner, PlannerConfig, SourceKind};
 
 use super::*;
+use crate::simulate::classes::Classes;
 use crate::simulate::fleet::{
     loss_limited_rate, mix, peer_graph, planner_config_for, wire_efficiency, Downloader,
     PEER_ANNOUNCE_DELAY, SESSION_SETUP_ROUND_TRIPS,
 };
 use crate::simulate::{SimOptions, MAX_PIECES};
-use crate::topology::{Site, Topology};
+use crate::topology::{mbit_to_bytes_per_s, Region, Site, Topology};
+
+/// The golden-ratio multiplier that spreads indices before mixing them into seeds.
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Mixed into the seed of regional stagers' planners, so they differ from sites' nodes.
+const REGION_SEED_SALT: u64 = 0x5245_4749_4f4e;
 
 impl Engine {
-    /// Builds the fleet: `representatives[i]` is simulated once, standing for
-    /// `multiplicities[i]` identical sites.
+    /// Builds the fleet: each class's representative site and region is simulated once,
+    /// standing for its members.
     pub fn new(
         topo: &Topology,
         strategy: Strategy,
         bundle_bytes: u64,
-        representatives: &[usize],
-        multiplicities: &[u32],
+        classes: &Classes,
         options: &SimOptions,
     ) -> Result<Engine> {
         let piece_bytes = topo.bundle.piece_bytes;
@@ -58,6 +64,7 @@ impl Engine {
             max_ns: duration_ns(options.max_virtual_time),
             nodes: Vec::new(),
             sites: Vec::new(),
+            regions: Vec::new(),
             capacities: vec![topo.origin_uplink_bytes_per_s() * wire_efficiency()],
             components: vec![Component::default()],
             flows: Vec::new(),
@@ -73,30 +80,190 @@ impl Engine {
             rates: Vec::new(),
             peer_announce_delay_ns: duration_ns(PEER_ANNOUNCE_DELAY),
         };
-        engine.nodes.push(Node {
-            site: u32::MAX,
-            role: Role::Origin,
-            up_link: UPLINK,
-            down_link: UPLINK,
+        engine.push_node(Role::Origin, u32::MAX, UPLINK, UPLINK);
+        engine.nodes[ORIGIN as usize].done = true;
+        engine.nodes[ORIGIN as usize].holds = Vec::new();
+        for (&topo_index, &members) in classes
+            .region_representatives
+            .iter()
+            .zip(&classes.region_members)
+        {
+            engine.add_region(topo, topo_index, members, &configs, options.seed);
+        }
+        for (class, &topo_index) in classes.site_representatives.iter().enumerate() {
+            let multiplicity = Multiplicity {
+                total: classes.site_members[class],
+                per_region: classes.site_members_per_region(topo, class),
+            };
+            let region = topo.sites[topo_index]
+                .region
+                .as_deref()
+                .and_then(|name| topo.regions.iter().position(|r| r.name == name))
+                .map(|r| classes.class_of_region[r] as u32);
+            engine.add_site(
+                topo,
+                topo_index,
+                region,
+                multiplicity,
+                &configs,
+                options.seed,
+            );
+        }
+        Ok(engine)
+    }
+
+    /// Adds a node holding nothing, with its links, and returns its id.
+    fn push_node(&mut self, role: Role, site: u32, up_link: LinkId, down_link: LinkId) -> u32 {
+        let id = self.nodes.len() as u32;
+        self.nodes.push(Node {
+            site,
+            region: u32::MAX,
+            role,
+            up_link,
+            down_link,
+            upstream_link: down_link,
+            siblings: 0..0,
+            upstream_bytes: 0.0,
             planner: None,
             subscribers: Vec::new(),
             downloads: Vec::new(),
-            holds: Vec::new(),
+            holds: vec![false; self.piece_sizes.len()],
             needs_poll: false,
             wakeup_ns: u64::MAX,
-            done: true,
+            done: false,
         });
-        for (&topo_index, &multiplicity) in representatives.iter().zip(multiplicities) {
-            engine.add_site(topo, topo_index, multiplicity, &configs, options.seed);
+        id
+    }
+
+    /// Adds `count` stagers at a LAN rate of `lan` bytes/s, siblings of each other, each with
+    /// its own upstream port; returns their ids.
+    fn push_stagers(&mut self, role: Role, site: u32, count: u32, lan: f64) -> Range<u32> {
+        let first = self.nodes.len() as u32;
+        for _ in 0..count {
+            let (up_link, down_link) = (self.add_link(lan), self.add_link(lan));
+            let stager = self.push_node(role, site, up_link, down_link);
+            self.nodes[stager as usize].upstream_link = self.add_link(lan);
         }
-        Ok(engine)
+        let stagers = first..self.nodes.len() as u32;
+        for stager in stagers.clone() {
+            self.nodes[stager as usize].siblings = stagers.clone();
+        }
+        stagers
+    }
+
+    /// A stager's planner: its upstream holds the pieces the stager owns among its siblings
+    /// (every piece for a lone stager) when `upstream_holds_all`, else it announces them as they
+    /// arrive; each sibling is a source of the pieces it owns once it holds them.
+    fn stager_planner(
+        &self,
+        stager: u32,
+        upstreams: &[u32],
+        upstream_holds_all: bool,
+        config: &PlannerConfig,
+        seed: u64,
+    ) -> Planner {
+        let mut planner = Planner::new(self.piece_sizes.clone(), &[], config.clone(), seed);
+        let siblings = self.nodes[stager as usize].siblings.clone();
+        for &upstream in upstreams {
+            planner.add_source(upstream, SourceKind::Upstream);
+            if !upstream_holds_all {
+                continue;
+            }
+            if siblings.len() <= 1 {
+                planner.source_has_all(upstream);
+            } else {
+                let rank = stager - siblings.start;
+                for piece in 0..self.piece_sizes.len() as u32 {
+                    if piece_owner(siblings.len() as u32, piece) == rank {
+                        planner.source_has(upstream, piece);
+                    }
+                }
+            }
+        }
+        for sibling in siblings.filter(|&s| s != stager) {
+            planner.add_source(sibling, SourceKind::Upstream);
+        }
+        planner
+    }
+
+    /// Gives `node` its planner, to start once its session is set up (`setup_ns` from t = 0).
+    fn start_planner(&mut self, node: u32, planner: Planner, setup_ns: u64) {
+        self.nodes[node as usize].planner = Some(planner);
+        if setup_ns == 0 {
+            self.mark_poll(node);
+        } else {
+            self.nodes[node as usize].wakeup_ns = setup_ns;
+            self.push_event(setup_ns, EventKind::Wakeup { node });
+        }
+    }
+
+    /// Adds region `index` of the topology: its links, components and stagers. In `direct`
+    /// its stagers take no part.
+    fn add_region(
+        &mut self,
+        topo: &Topology,
+        index: usize,
+        multiplicity: u32,
+        configs: &PlannerConfigs,
+        seed: u64,
+    ) {
+        let region: &Region = &topo.regions[index];
+        let region_id = self.regions.len() as u32;
+        let goodput = mbit_to_bytes_per_s(region.wan.mbit) * (1.0 - region.wan.loss);
+        let wan_link = self.add_link(goodput * wire_efficiency());
+        let up_link = self.add_link(goodput * wire_efficiency());
+        let downstream_component = self.components.len() as u32;
+        self.components.push(Component::default());
+        let lan_component = self.components.len() as u32;
+        self.components.push(Component::default());
+        let lan = mbit_to_bytes_per_s(topo.lan_node_mbit);
+        let stagers = self.push_stagers(Role::Regional, u32::MAX, region.stagers, lan);
+        for stager in stagers.clone() {
+            let node = &mut self.nodes[stager as usize];
+            node.region = region_id;
+            node.subscribers = stagers.clone().filter(|&s| s != stager).collect();
+        }
+        let origin_rtt_s = 2.0 * (region.wan.latency_ms / 1000.0 + topo.lan_latency_s());
+        if self.strategy == Strategy::Direct {
+            for stager in stagers.clone() {
+                self.nodes[stager as usize].done = true;
+            }
+        } else {
+            let region_seed = mix(seed ^ REGION_SEED_SALT ^ (index as u64).wrapping_mul(GOLDEN));
+            let setup_ns = u64::from(SESSION_SETUP_ROUND_TRIPS) * seconds_ns(origin_rtt_s);
+            for stager in stagers.clone() {
+                let planner = self.stager_planner(
+                    stager,
+                    &[ORIGIN],
+                    true,
+                    &configs.stager,
+                    mix(region_seed ^ u64::from(stager)),
+                );
+                self.start_planner(stager, planner, setup_ns);
+            }
+        }
+        self.regions.push(SimRegion {
+            multiplicity,
+            wan_link,
+            up_link,
+            downstream_component,
+            lan_component,
+            origin_rtt_ns: seconds_ns(origin_rtt_s),
+            lan_rtt_ns: seconds_ns(topo.lan_rtt_s()),
+            connection_cap: loss_limited_rate(region.wan.loss, origin_rtt_s),
+            stager_nodes: stagers,
+            sites: 0,
+            pulled_bytes: 0.0,
+            served_bytes: 0.0,
+        });
     }
 
     fn add_site(
         &mut self,
         topo: &Topology,
         topo_index: usize,
-        multiplicity: u32,
+        region: Option<u32>,
+        multiplicity: Multiplicity,
         configs: &PlannerConfigs,
         seed: u64,
     ) {
@@ -108,41 +275,18 @@ impl Engine {
         let lan = site.lan_bytes_per_s();
         let origin_rtt_s = topo.origin_rtt_s(site);
         let connection_cap = loss_limited_rate(site.wan.loss, origin_rtt_s);
-        let pieces = self.piece_sizes.len();
-        let new_node = |engine: &mut Engine, role: Role| -> u32 {
-            let up_link = engine.add_link(lan);
-            let down_link = engine.add_link(lan);
-            let id = engine.nodes.len() as u32;
-            engine.nodes.push(Node {
-                site: site_id,
-                role,
-                up_link,
-                down_link,
-                planner: None,
-                subscribers: Vec::new(),
-                downloads: Vec::new(),
-                holds: vec![false; pieces],
-                needs_poll: false,
-                wakeup_ns: u64::MAX,
-                done: false,
-            });
-            id
-        };
-        let first_stager = self.nodes.len() as u32;
-        for _ in 0..site.stagers {
-            new_node(self, Role::Stager);
-        }
+        let stagers = self.push_stagers(Role::Stager, site_id, site.stagers, lan);
         let first_edge = self.nodes.len() as u32;
         for _ in 0..site.edges {
-            new_node(self, Role::Edge);
+            let (up_link, down_link) = (self.add_link(lan), self.add_link(lan));
+            self.push_node(Role::Edge, site_id, up_link, down_link);
         }
-        let stagers = first_stager..first_edge;
         let edges = first_edge..self.nodes.len() as u32;
         self.edges_left += u64::from(site.edges);
 
         // Seeds differ per site and node so sites do not move in lockstep; a folded class uses
         // its representative's.
-        let site_seed = mix(seed ^ (topo_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let site_seed = mix(seed ^ (topo_index as u64).wrapping_mul(GOLDEN));
         let planner_for = |node: u32, config: &PlannerConfig| {
             Planner::new(
                 self.piece_sizes.clone(),
@@ -162,11 +306,28 @@ impl Engine {
                 }
             }
             Strategy::Staged | Strategy::Mesh => {
+                // A site in a region pulls from the region's stagers, which announce pieces as
+                // they get them; the origin holds everything from the start.
+                let upstreams: Vec<u32> = match region {
+                    Some(r) => self.regions[r as usize].stager_nodes.clone().collect(),
+                    None => vec![ORIGIN],
+                };
                 for stager in stagers.clone() {
-                    let mut planner = planner_for(stager, &configs.stager);
-                    planner.add_source(ORIGIN, SourceKind::Upstream);
-                    planner.source_has_all(ORIGIN);
+                    let planner = self.stager_planner(
+                        stager,
+                        &upstreams,
+                        region.is_none(),
+                        &configs.stager,
+                        mix(site_seed ^ u64::from(stager)),
+                    );
                     planners.push((stager, planner));
+                }
+                if let Some(r) = region {
+                    for regional in self.regions[r as usize].stager_nodes.clone() {
+                        self.nodes[regional as usize]
+                            .subscribers
+                            .extend(stagers.clone());
+                    }
                 }
                 let neighbours = if self.strategy == Strategy::Mesh {
                     peer_graph(site.edges, topo.peers_per_edge, site_seed)
@@ -184,7 +345,10 @@ impl Engine {
                     planners.push((edge, planner));
                 }
                 for stager in stagers.clone() {
-                    self.nodes[stager as usize].subscribers = edges.clone().collect();
+                    // Edges first, then siblings (which take only the pieces it owns).
+                    let siblings = stagers.clone().filter(|&s| s != stager);
+                    self.nodes[stager as usize].subscribers =
+                        edges.clone().chain(siblings).collect();
                 }
                 for (i, edge) in edges.clone().enumerate() {
                     self.nodes[edge as usize].subscribers =
@@ -192,16 +356,10 @@ impl Engine {
                 }
             }
         }
+        // Nothing is requested before the session is set up.
+        let setup_ns = u64::from(SESSION_SETUP_ROUND_TRIPS) * seconds_ns(origin_rtt_s);
         for (node, planner) in planners {
-            self.nodes[node as usize].planner = Some(planner);
-            // Nothing is requested before the session is set up.
-            let setup_ns = u64::from(SESSION_SETUP_ROUND_TRIPS) * seconds_ns(origin_rtt_s);
-            if setup_ns == 0 {
-                self.mark_poll(node);
-            } else {
-                self.nodes[node as usize].wakeup_ns = setup_ns;
-                self.push_event(setup_ns, EventKind::Wakeup { node });
-            }
+            self.start_planner(node, planner, setup_ns);
         }
         if self.strategy == Strategy::Direct {
             // Stagers take no part; they count as done so nothing waits on them.
@@ -209,15 +367,22 @@ impl Engine {
                 self.nodes[stager as usize].done = true;
             }
         }
+        if let Some(r) = region {
+            self.regions[r as usize].sites += multiplicity.per_region;
+        }
         self.sites.push(SimSite {
-            multiplicity,
+            multiplicity: multiplicity.total,
+            region_multiplicity: multiplicity.per_region,
+            region,
             wan_link,
             lan_component,
+            stager_nodes: stagers,
             edge_nodes: edges,
-            origin_rtt_ns: seconds_ns(origin_rtt_s),
+            upstream_rtt_ns: seconds_ns(origin_rtt_s),
             lan_rtt_ns: seconds_ns(topo.lan_rtt_s()),
             connection_cap,
             wan_bytes: 0.0,
+            origin_bytes: 0.0,
             stager_egress_bytes: 0.0,
             peer_bytes: 0.0,
             edges_done: 0,
@@ -225,6 +390,15 @@ impl Engine {
             done_ns: None,
         });
     }
+}
+
+/// How many sites a simulated site stands for.
+#[derive(Clone, Copy)]
+struct Multiplicity {
+    /// In the whole topology (its weight on the origin's uplink).
+    total: u32,
+    /// In each region of its region class (its weight on its region's link to its sites).
+    per_region: u32,
 }
 
 /// The planner settings of each kind of downloader in one run.
