@@ -191,18 +191,11 @@ pub struct StagerPulled {
 impl StagerPulled {
     /// Reads what stager `name` of `site` pulled from its metrics `text`.
     fn from_metrics(name: &str, site: &str, text: &str) -> Self {
-        let received = "stagecoach_bytes_received_total";
-        let from_origin = procs::metric_sum(text, received, &[("peer_role", "origin")]);
-        let from_stagers = procs::metric_sum(text, received, &[("peer_role", "stager")]);
-        let sibling_bytes = procs::metric_sum(
-            text,
-            received,
-            &[("peer_role", "stager"), ("peer_site", site)],
-        );
+        let moved = emulate::StagerPulled::from_metrics(site, text);
         Self {
             name: name.to_owned(),
-            upstream_bytes: from_origin + from_stagers.saturating_sub(sibling_bytes),
-            sibling_bytes,
+            upstream_bytes: moved.upstream_bytes,
+            sibling_bytes: moved.sibling_bytes,
         }
     }
 }

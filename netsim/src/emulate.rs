@@ -82,7 +82,7 @@ use crate::progress::Progress;
 use crate::relay::{
     self, DirectionStats, LinkShape, Relay, RelayConfig, RelayStats, MIN_WAN_QUEUE_BYTES,
 };
-use crate::report::{Mode, RunResult, SiteResult};
+use crate::report::{Mode, RegionResult, RunResult, SiteResult, SiteStagers};
 use crate::run::{Interrupted, WorkDir};
 use crate::testbed::{self, EdgeFetch, EdgeNode, Testbed};
 use crate::topology::{Site, Strategy, Topology, WanLink};
@@ -948,6 +948,7 @@ impl Emulation {
         });
         notes.push("emulated: LAN latency not added; LAN rates limit uploads only".to_owned());
         notes.extend(self.tier_notes(bundle_bytes));
+        let (regions, site_stagers) = self.tier_results(&mut notes).await;
         Ok(RunResult {
             topology: topo.name.clone(),
             strategy,
@@ -957,8 +958,116 @@ impl Emulation {
             line_rate_floor_s: topo.line_rate_floor_s(bundle_bytes),
             origin_egress_bytes,
             sites,
+            regions,
+            site_stagers,
             notes,
         })
+    }
+
+    /// The regions' and the sites' stagers' shares, from the stagers' metrics (payload bytes,
+    /// as the simulator counts them). A stager that does not answer (killed by a test) counts
+    /// nothing, which `notes` says.
+    async fn tier_results(&self, notes: &mut Vec<String>) -> (Vec<RegionResult>, Vec<SiteStagers>) {
+        let mut pulled = HashMap::new();
+        for stager in &self.mesh.stagers {
+            match procs::scrape(&stager.ready.metrics).await {
+                Ok(text) => {
+                    pulled.insert(
+                        stager.name.clone(),
+                        StagerPulled::from_metrics(&stager.site, &text),
+                    );
+                }
+                Err(error) => notes.push(format!(
+                    "{} did not answer for its metrics ({error:#}); its bytes are not counted",
+                    stager.name
+                )),
+            }
+        }
+        let of_site = |site: &str| -> Vec<StagerPulled> {
+            self.mesh
+                .stagers
+                .iter()
+                .filter(|st| st.site == site)
+                .map(|st| pulled.get(&st.name).copied().unwrap_or_default())
+                .collect()
+        };
+        let regions = if self.strategy == Strategy::Direct {
+            Vec::new()
+        } else {
+            self.topo
+                .regions
+                .iter()
+                .map(|region| {
+                    let stagers = of_site(&testbed::region_site(&region.name));
+                    RegionResult {
+                        name: region.name.clone(),
+                        sites: self
+                            .topo
+                            .sites
+                            .iter()
+                            .filter(|site| site.region.as_deref() == Some(region.name.as_str()))
+                            .count() as u32,
+                        pulled_bytes: stagers.iter().map(|st| st.upstream_bytes).sum(),
+                        stager_pulled_bytes: stagers.iter().map(|st| st.upstream_bytes).collect(),
+                        served_bytes: stagers.iter().map(|st| st.served_stagers_bytes).sum(),
+                    }
+                })
+                .collect()
+        };
+        let site_stagers = if self.strategy == Strategy::Direct {
+            Vec::new()
+        } else {
+            self.topo
+                .sites
+                .iter()
+                .filter(|site| site.stagers > 1)
+                .map(|site| SiteStagers {
+                    site: site.name.clone(),
+                    pulled_bytes: of_site(&site.name)
+                        .iter()
+                        .map(|st| st.upstream_bytes)
+                        .collect(),
+                })
+                .collect()
+        };
+        (regions, site_stagers)
+    }
+}
+
+/// What one stager moved, from its metrics: payload bytes, by whom it came from or went to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StagerPulled {
+    /// From its upstreams across the WAN: the origin and stagers of other sites (a region's).
+    pub upstream_bytes: u64,
+    /// From the other stagers of its site, over the LAN.
+    pub sibling_bytes: u64,
+    /// To stagers of other sites (what a regional stager serves its sites' stagers).
+    pub served_stagers_bytes: u64,
+}
+
+impl StagerPulled {
+    /// Reads what a stager of `site` moved from its Prometheus text `metrics`.
+    pub fn from_metrics(site: &str, metrics: &str) -> Self {
+        let received = "stagecoach_bytes_received_total";
+        let sent = "stagecoach_bytes_sent_total";
+        let from_origin = procs::metric_sum(metrics, received, &[("peer_role", "origin")]);
+        let from_stagers = procs::metric_sum(metrics, received, &[("peer_role", "stager")]);
+        let sibling_bytes = procs::metric_sum(
+            metrics,
+            received,
+            &[("peer_role", "stager"), ("peer_site", site)],
+        );
+        let to_stagers = procs::metric_sum(metrics, sent, &[("peer_role", "stager")]);
+        let to_siblings = procs::metric_sum(
+            metrics,
+            sent,
+            &[("peer_role", "stager"), ("peer_site", site)],
+        );
+        Self {
+            upstream_bytes: from_origin + from_stagers.saturating_sub(sibling_bytes),
+            sibling_bytes,
+            served_stagers_bytes: to_stagers.saturating_sub(to_siblings),
+        }
     }
 }
 
