@@ -124,6 +124,10 @@ fn set_identity_origin(identity_dir: &Path, origin_addr: &str) -> Result<()> {
 /// Process name of the origin in the fleet.
 pub const ORIGIN_NAME: &str = "origin";
 
+/// How long sibling stagers may take to connect to each other once all are up (they dial every
+/// second).
+pub const SIBLINGS_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How often a condition of the mesh (a log line, a file) is checked while waiting for it.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -362,7 +366,42 @@ impl Testbed {
             node.ready = self.start_stager(node, listen).await?;
             self.stagers.push(node.clone());
         }
+        // Until a stager reached its siblings it owns every chunk itself; a bundle published
+        // then would cross the WAN to several of them. In a real site they run long before.
+        self.wait_siblings_connected(&nodes, SIBLINGS_TIMEOUT)
+            .await?;
         Ok(nodes)
+    }
+
+    /// Waits until each of `nodes` logged that it connected to every one of its siblings (in
+    /// its current run: its log is appended across restarts).
+    pub async fn wait_siblings_connected(
+        &mut self,
+        nodes: &[StagerNode],
+        timeout: Duration,
+    ) -> Result<()> {
+        let logs = self.work.join("logs");
+        let fleet = &mut self.fleet;
+        stagecoach_testing::wait_for_async(timeout, POLL, async || {
+            let all = nodes.iter().all(|node| {
+                let whole = std::fs::read_to_string(logs.join(format!("{}.log", node.name)))
+                    .unwrap_or_default();
+                let log = whole
+                    .rfind("stager serving")
+                    .map_or(whole.as_str(), |at| &whole[at..]);
+                node.siblings.iter().all(|addr| {
+                    let marker = format!("sibling={addr} ");
+                    log.lines()
+                        .any(|l| l.contains("sibling stager connected") && l.contains(&marker))
+                })
+            });
+            if all {
+                return Ok(Some(()));
+            }
+            fleet.check_alive().map(|()| None)
+        })
+        .await
+        .context("the stagers of a site did not all reach their siblings")
     }
 
     /// Enrolls and starts `count` regional stagers of `region`: stagers of the site
