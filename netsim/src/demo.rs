@@ -5,7 +5,9 @@
 //! `--swap` an OS swap of every edge at the end.
 //!
 //! The demo's flags override the topology's fields (`--bundle-mib`, `--sites`, `--edges`,
-//! `--strategy`); `--topology FILE` runs it on another topology. WAN bytes are reported twice:
+//! `--strategy`, `--stagers-per-site`); `--topology FILE` runs it on another topology. With two
+//! or more stagers per site they are siblings: the table shows each stager's bytes pulled over
+//! the WAN and copied from its siblings, and the site's WAN bytes stay about one bundle. WAN bytes are reported twice:
 //! `wan_bytes`, the payload the origin sent to the site's nodes (what the site pulled, as the
 //! mesh counts it), and `wan_link_bytes`, what the site's relay carried origin → site (UDP
 //! payload: QUIC's headers, acknowledgements and retransmissions included).
@@ -35,6 +37,9 @@ const BUNDLE_NAME: &str = "demo-os";
 
 const MIB: u64 = 1024 * 1024;
 
+/// Most stagers per site `--stagers-per-site` starts: each is a process on this machine.
+pub const MAX_STAGERS_PER_SITE: usize = 8;
+
 /// The demo's flags that override fields of its topology (`None`: the topology's).
 #[derive(Clone, Debug, Default)]
 pub struct DemoOverrides {
@@ -46,6 +51,8 @@ pub struct DemoOverrides {
     pub edges: Option<usize>,
     /// How edges get the bundle.
     pub strategy: Option<Strategy>,
+    /// Stagers of every site (siblings of each other when more than one).
+    pub stagers_per_site: Option<usize>,
 }
 
 /// The demo's topology: `file`, or [`BUILTIN_TOPOLOGY`] when `None`, with `overrides` applied.
@@ -90,6 +97,17 @@ pub fn demo_topology(file: Option<&Path>, overrides: &DemoOverrides) -> Result<T
     if let Some(strategy) = overrides.strategy {
         topo.strategy = strategy;
     }
+    if let Some(stagers) = overrides.stagers_per_site {
+        ensure!(stagers > 0, "--stagers-per-site must be at least 1");
+        ensure!(
+            stagers <= MAX_STAGERS_PER_SITE,
+            "--stagers-per-site runs at most {MAX_STAGERS_PER_SITE} stagers per site on one machine"
+        );
+        let stagers = u32::try_from(stagers).context("--stagers-per-site is too large")?;
+        for site in &mut topo.sites {
+            site.stagers = stagers;
+        }
+    }
     emulate::check_emulatable(&topo)?;
     Ok(topo)
 }
@@ -130,8 +148,8 @@ pub const DEMO_ADMIN: &str = "demo";
 pub struct SiteResult {
     /// Site name.
     pub name: String,
-    /// Payload bytes the origin sent to the site's nodes (its stagers; with `direct`, its
-    /// edges): what the site pulled over the WAN.
+    /// Payload bytes the origin and the regional stagers sent to the site's nodes (its
+    /// stagers; with `direct`, its edges): what the site pulled over the WAN.
     pub wan_bytes: u64,
     /// Bytes the site's WAN relay carried origin → site: UDP payload, so QUIC's overhead
     /// included.
@@ -154,6 +172,32 @@ pub struct SiteResult {
     pub done_s: f64,
     /// Seconds from publish until each edge held the bundle, ascending.
     pub edge_done_s: Vec<f64>,
+    /// What each of the site's stagers pulled, in start order.
+    #[serde(default)]
+    pub stagers: Vec<StagerPulled>,
+}
+
+/// What one stager pulled, from its stager's metrics (payload bytes received).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StagerPulled {
+    /// The stager's name, e.g. `stager-site-a-1`.
+    pub name: String,
+    /// From its upstreams across the WAN: the origin and any regional stager.
+    pub upstream_bytes: u64,
+    /// From the other stagers of its site, over the LAN.
+    pub sibling_bytes: u64,
+}
+
+impl StagerPulled {
+    /// Reads what stager `name` of `site` pulled from its metrics `text`.
+    fn from_metrics(name: &str, site: &str, text: &str) -> Self {
+        let moved = emulate::StagerPulled::from_metrics(site, text);
+        Self {
+            name: name.to_owned(),
+            upstream_bytes: moved.upstream_bytes,
+            sibling_bytes: moved.sibling_bytes,
+        }
+    }
 }
 
 /// The demo's result, also printed as JSON with `--json`.
@@ -359,6 +403,20 @@ impl DemoResult {
                 site.edges,
                 site.done_s
             ));
+        }
+        let several = self.sites.iter().any(|site| site.stagers.len() > 1);
+        if several {
+            out.push_str("\nstager                 pulled over the WAN MiB  (× bundle)  from siblings MiB  (× bundle)\n");
+            for stager in self.sites.iter().flat_map(|site| &site.stagers) {
+                out.push_str(&format!(
+                    "{:<22} {:>23.1}  ({:>6.2}×)  {:>17.1}  ({:>6.2}×)\n",
+                    stager.name,
+                    mib(stager.upstream_bytes),
+                    times(stager.upstream_bytes),
+                    mib(stager.sibling_bytes),
+                    times(stager.sibling_bytes)
+                ));
+            }
         }
         out.push_str(&format!(
             "\norigin egress {:.1} MiB ({:.2}× bundle); all edges hold the bundle after {:.2} s ({:.1}× the WAN floor of {:.2} s)\n",
@@ -616,15 +674,40 @@ async fn run_in(
     let origin_metrics = mesh.origin_metrics().await?;
     let tree_bytes = procs::metric_sum(&origin_metrics, "stagecoach_bundle_raw_bytes", &[]);
     let relays = emulation.site_relay_stats();
+    let mut regional_metrics = Vec::new();
+    let region_sites: Vec<String> = topo
+        .regions
+        .iter()
+        .map(|region| testbed::region_site(&region.name))
+        .collect();
+    for stager in mesh
+        .stagers
+        .iter()
+        .filter(|st| region_sites.contains(&st.site))
+    {
+        regional_metrics.push(procs::scrape(&stager.ready.metrics).await?);
+    }
     let mut sites = Vec::new();
     for ((site, result), relay) in topo.sites.iter().zip(&run.sites).zip(&relays) {
-        sites.push(SiteResult {
-            name: site.name.clone(),
-            wan_bytes: procs::metric_sum(
-                &origin_metrics,
+        let sent_to_site = |text: &str| {
+            procs::metric_sum(
+                text,
                 "stagecoach_bytes_sent_total",
                 &[("peer_site", site.name.as_str())],
-            ),
+            )
+        };
+        let mut stagers = Vec::new();
+        for stager in mesh.stagers.iter().filter(|st| st.site == site.name) {
+            let text = procs::scrape(&stager.ready.metrics).await?;
+            stagers.push(StagerPulled::from_metrics(&stager.name, &site.name, &text));
+        }
+        sites.push(SiteResult {
+            name: site.name.clone(),
+            wan_bytes: sent_to_site(&origin_metrics)
+                + regional_metrics
+                    .iter()
+                    .map(|text| sent_to_site(text))
+                    .sum::<u64>(),
             wan_link_bytes: relay.down.forwarded_bytes,
             wan_mbit: site.wan.mbit,
             wan_latency_ms: site.wan.latency_ms,
@@ -635,6 +718,7 @@ async fn run_in(
             edges: site.edges as usize,
             done_s: result.edge_done_s.last().copied().unwrap_or(0.0),
             edge_done_s: result.edge_done_s.clone(),
+            stagers,
         });
     }
     let all_edges_done_s = run
@@ -834,13 +918,14 @@ mod tests {
             sites: Some(3),
             edges: Some(2),
             strategy: Some(Strategy::Staged),
+            stagers_per_site: Some(2),
         };
         let topo = demo_topology(None, &overrides).expect("topology");
         assert_eq!(topo.bundle.size_bytes, Some(16 * MIB));
         assert_eq!(topo.strategy, Strategy::Staged);
         let names: Vec<&str> = topo.sites.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["site-a", "site-b", "site-c"]);
-        assert!(topo.sites.iter().all(|s| s.edges == 2));
+        assert!(topo.sites.iter().all(|s| s.edges == 2 && s.stagers == 2));
         assert_eq!(topo.sites[2].wan, topo.sites[1].wan);
 
         let one = demo_topology(
@@ -868,6 +953,14 @@ mod tests {
             },
             DemoOverrides {
                 bundle_mib: Some(u64::MAX),
+                ..DemoOverrides::default()
+            },
+            DemoOverrides {
+                stagers_per_site: Some(0),
+                ..DemoOverrides::default()
+            },
+            DemoOverrides {
+                stagers_per_site: Some(MAX_STAGERS_PER_SITE + 1),
                 ..DemoOverrides::default()
             },
             // More edges than one machine runs.

@@ -15,8 +15,19 @@
 //!   it ([`Testbed::route_site_via`]): stagers get it as `--origin`, edges' identities name it. Its
 //!   counters are the site's WAN bytes: UDP payload origin → site, so QUIC's headers,
 //!   acknowledgements and retransmissions are in them.
+//! - Per region (`[[regions]]`, `staged` and `mesh`) a **region relay** in front of the uplink
+//!   relay (or the origin), shaped as the region's `wan`, and the region's stagers behind it:
+//!   stagers enrolled for the site `region-NAME` ([`testbed::region_site`]), with no edges,
+//!   siblings of each other when there are several.
+//! - Per site in a region, besides its WAN relay to the origin, one relay per regional stager,
+//!   each shaped as the site's `wan` too (a relay leads to one address). The site's stagers get
+//!   them as `--upstream` (in the region's order) and the origin relay as `--origin`, their
+//!   failover path. The site's WAN bytes are the sum over its relays (the result's notes say
+//!   how much came from the region and how much from the origin).
 //! - Per site its stagers (`staged`, `mesh`), each with `--upload-limit-mbit` set to the site's
-//!   LAN rate: a node's LAN port up.
+//!   LAN rate: a node's LAN port up. With `stagers >= 2` they are siblings (`--sibling`, see
+//!   [`Testbed::add_stagers`]): each chunk crosses the WAN to one of them and the others copy
+//!   it over the LAN (loopback, not shaped).
 //! - Per site its edges, enrolled. `direct`: each runs `edge-agent fetch` with no stager, so it
 //!   fetches from the origin through the site's relay. `staged`: `edge-agent fetch` from the
 //!   site's stagers. `mesh`: edge daemons (`edge-agent serve --peers on`, uploads limited to the
@@ -38,6 +49,10 @@
 //! Inside a site everything is loopback: the LAN's latency (`lan.latency_ms`) is not added, and
 //! only uploads are rate-limited (stagers, and edge daemons to peers), not each edge's download.
 //! Every process shares this machine's cores, so a fleet is limited to what one machine runs.
+//!
+//! The origin's egress on the links (what its uplink relay carried, or without one the sum over
+//! the relays in front of it) is in the result's notes as copies of the bundle: about one per
+//! site without regions, one per region (plus any failover) with them.
 //!
 //! Every process started is stopped when the run ends, fails, or is interrupted with Ctrl-C
 //! ([`Interrupted`]).
@@ -64,10 +79,12 @@ use crate::cpu::CpuSample;
 use crate::datagen;
 use crate::procs::{self, Binaries};
 use crate::progress::Progress;
-use crate::relay::{self, LinkShape, Relay, RelayConfig, RelayStats, MIN_WAN_QUEUE_BYTES};
-use crate::report::{Mode, RunResult, SiteResult};
+use crate::relay::{
+    self, DirectionStats, LinkShape, Relay, RelayConfig, RelayStats, MIN_WAN_QUEUE_BYTES,
+};
+use crate::report::{Mode, RegionResult, RunResult, SiteResult, SiteStagers};
 use crate::run::{Interrupted, WorkDir};
-use crate::testbed::{EdgeFetch, EdgeNode, Testbed};
+use crate::testbed::{self, EdgeFetch, EdgeNode, Testbed};
 use crate::topology::{Site, Strategy, Topology, WanLink};
 
 /// How often progress is logged while edges fetch.
@@ -195,12 +212,33 @@ pub fn check_emulatable(topo: &Topology) -> Result<()> {
             )
         })?;
     }
+    for region in &topo.regions {
+        let site = testbed::region_site(&region.name);
+        proto::net::Site::new(site.as_str()).map_err(|e| {
+            anyhow::anyhow!(
+                "region {:?} cannot be emulated: its stagers' site {site:?} is not valid: {e} \
+                 (use lowercase letters, digits and '-')",
+                region.name
+            )
+        })?;
+        ensure!(
+            !topo.sites.iter().any(|s| s.name == site),
+            "site {site:?} has the name region {:?}'s stagers are enrolled for; rename one",
+            region.name
+        );
+    }
     Ok(())
 }
 
 /// Where the WAN relay of `site` writes its capture, in [`EmulateOptions::capture_dir`] `dir`.
 pub fn wan_capture_path(dir: &Path, site: &str) -> PathBuf {
     dir.join(format!("{site}.wan.pcap"))
+}
+
+/// Where the relay from site `site` to the `index`th stager of its region writes its capture,
+/// in [`EmulateOptions::capture_dir`] `dir`.
+pub fn regional_capture_path(dir: &Path, site: &str, index: usize) -> PathBuf {
+    dir.join(format!("{site}.wan-region-{index}.pcap"))
 }
 
 /// The relay shape of one direction of a site's WAN link.
@@ -225,7 +263,9 @@ pub fn uplink_shape(topo: &Topology) -> LinkShape {
     let longest_rtt = topo
         .sites
         .iter()
-        .map(|site| Duration::from_secs_f64(2.0 * site.wan.latency_ms / 1000.0))
+        .map(|site| &site.wan)
+        .chain(topo.regions.iter().map(|region| &region.wan))
+        .map(|wan| Duration::from_secs_f64(2.0 * wan.latency_ms / 1000.0))
         .max()
         .unwrap_or_default();
     LinkShape {
@@ -238,7 +278,14 @@ pub fn uplink_shape(topo: &Topology) -> LinkShape {
 /// Whether the origin's uplink can limit the sites: it is narrower than their WAN links
 /// together. When it is not, emulate runs no uplink relay.
 pub fn uplink_binds(topo: &Topology) -> bool {
-    topo.origin_uplink_mbit < topo.sites.iter().map(|site| site.wan.mbit).sum::<f64>()
+    // A site in a region may fail over to the origin, so every link from the origin counts.
+    let links = topo.sites.iter().map(|site| site.wan.mbit).sum::<f64>()
+        + topo
+            .regions
+            .iter()
+            .map(|region| region.wan.mbit)
+            .sum::<f64>();
+    topo.origin_uplink_mbit < links
 }
 
 fn mbit_to_bits(mbit: f64) -> u64 {
@@ -258,10 +305,79 @@ pub struct Emulation {
     topo: Topology,
     strategy: Strategy,
     /// One per site, in topology order.
-    site_relays: Vec<Relay>,
+    site_links: Vec<SiteLinks>,
+    /// One per region, in topology order (none with `direct`).
+    region_links: Vec<RegionLink>,
     /// In front of the origin; `None` while starting, and when the uplink cannot limit the
     /// sites ([`uplink_binds`]).
     uplink_relay: Option<Relay>,
+}
+
+/// The relays of one site's WAN link, each shaped as the site's `wan`.
+struct SiteLinks {
+    /// Towards the origin (or its uplink relay): the site's only link outside a region, its
+    /// failover path inside one.
+    origin: Relay,
+    /// Towards each stager of the site's region, in the region's order (empty outside a
+    /// region, and with `direct`).
+    regional: Vec<Relay>,
+}
+
+impl SiteLinks {
+    /// Every relay of the site's link.
+    fn relays(&self) -> impl Iterator<Item = &Relay> {
+        std::iter::once(&self.origin).chain(&self.regional)
+    }
+
+    /// What the site's relays counted, added up.
+    fn stats(&self) -> RelayStats {
+        self.relays()
+            .map(Relay::stats)
+            .fold(RelayStats::default(), add_stats)
+    }
+}
+
+/// One region's link from the origin to its stagers.
+struct RegionLink {
+    /// The region's name.
+    name: String,
+    /// Shaped as the region's `wan`, in front of the origin (or its uplink relay).
+    relay: Relay,
+}
+
+/// `a + b`, counter by counter.
+fn add_stats(a: RelayStats, b: RelayStats) -> RelayStats {
+    let add = |a: DirectionStats, b: DirectionStats| DirectionStats {
+        received_datagrams: a.received_datagrams + b.received_datagrams,
+        received_bytes: a.received_bytes + b.received_bytes,
+        forwarded_datagrams: a.forwarded_datagrams + b.forwarded_datagrams,
+        forwarded_bytes: a.forwarded_bytes + b.forwarded_bytes,
+        dropped_queue_datagrams: a.dropped_queue_datagrams + b.dropped_queue_datagrams,
+        dropped_loss_datagrams: a.dropped_loss_datagrams + b.dropped_loss_datagrams,
+        send_errors: a.send_errors + b.send_errors,
+    };
+    RelayStats {
+        up: add(a.up, b.up),
+        down: add(a.down, b.down),
+        active_clients: a.active_clients + b.active_clients,
+        refused_datagrams: a.refused_datagrams + b.refused_datagrams,
+    }
+}
+
+/// What one site's WAN relays carried origin → site so far, split by where it came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteWanBytes {
+    /// Through the relay towards the origin.
+    pub from_origin: u64,
+    /// Through the relays towards the region's stagers, added up.
+    pub from_region: u64,
+}
+
+impl SiteWanBytes {
+    /// Both: the site's WAN bytes.
+    pub fn total(&self) -> u64 {
+        self.from_origin + self.from_region
+    }
 }
 
 impl Emulation {
@@ -269,6 +385,51 @@ impl Emulation {
     pub async fn shutdown(&mut self) {
         self.mesh.shutdown().await;
         // The relays stop when dropped with the emulation.
+    }
+
+    /// What site `site`'s WAN relays carried origin → site so far; `None` for no such site.
+    pub fn site_wan_bytes(&self, site: &str) -> Option<SiteWanBytes> {
+        let index = self.topo.sites.iter().position(|s| s.name == site)?;
+        let links = &self.site_links[index];
+        Some(SiteWanBytes {
+            from_origin: links.origin.stats().down.forwarded_bytes,
+            from_region: links
+                .regional
+                .iter()
+                .map(|relay| relay.stats().down.forwarded_bytes)
+                .sum(),
+        })
+    }
+
+    /// What region `region`'s link carried origin → its stagers so far; `None` for no such
+    /// region (or none started, with `direct`).
+    pub fn region_wan_bytes(&self, region: &str) -> Option<u64> {
+        self.region_links
+            .iter()
+            .find(|link| link.name == region)
+            .map(|link| link.relay.stats().down.forwarded_bytes)
+    }
+
+    /// Bytes that left the origin on the emulated links so far: what its uplink relay carried
+    /// down, or without one, what the relays in front of it carried (every region's, and every
+    /// site's towards the origin). UDP payload, QUIC's overhead included.
+    pub fn origin_link_bytes(&self) -> u64 {
+        match &self.uplink_relay {
+            Some(relay) => relay.stats().down.forwarded_bytes,
+            None => {
+                let regions: u64 = self
+                    .region_links
+                    .iter()
+                    .map(|link| link.relay.stats().down.forwarded_bytes)
+                    .sum();
+                let sites: u64 = self
+                    .site_links
+                    .iter()
+                    .map(|links| links.origin.stats().down.forwarded_bytes)
+                    .sum();
+                regions + sites
+            }
+        }
     }
 }
 
@@ -368,7 +529,8 @@ impl Emulation {
             mesh,
             topo: topo.clone(),
             strategy,
-            site_relays: Vec::new(),
+            site_links: Vec::new(),
+            region_links: Vec::new(),
             uplink_relay: None,
         });
         let origin_addr: SocketAddr = emulation
@@ -398,43 +560,132 @@ impl Emulation {
             );
             origin_addr
         };
-        for (i, site) in topo.sites.iter().enumerate() {
+        // Seeds of the relays' draws: the sites' as before regions existed, then the regions'.
+        let mut seeds = (1..).map(|i: u64| options.seed.wrapping_add(i));
+        let site_seeds: Vec<u64> = seeds.by_ref().take(topo.sites.len()).collect();
+
+        // The regions first: their stagers' addresses are where the sites' relays lead.
+        let mut regional_addrs: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+        if strategy != Strategy::Direct {
+            for region in &topo.regions {
+                let site = testbed::region_site(&region.name);
+                let relay = Relay::start(RelayConfig {
+                    capture: options
+                        .capture_dir
+                        .as_ref()
+                        .map(|dir| wan_capture_path(dir, &site)),
+                    ..RelayConfig::symmetric(
+                        loopback_any(),
+                        uplink_addr,
+                        wan_shape(&region.wan),
+                        seeds.next().unwrap_or(options.seed),
+                    )
+                })
+                .with_context(|| format!("cannot start the WAN relay of region {}", region.name))?;
+                emulation
+                    .mesh
+                    .route_site_via(&site, &relay.local_addr().to_string());
+                let stagers = emulation
+                    .mesh
+                    .add_regional_stagers(&region.name, region.stagers as usize, &[])
+                    .await?;
+                let addrs = stagers
+                    .iter()
+                    .map(|st| {
+                        st.ready.mesh.parse::<SocketAddr>().with_context(|| {
+                            format!("mesh address {:?} of {}", st.ready.mesh, st.name)
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                tracing::info!(
+                    region = %region.name,
+                    relay = %relay.local_addr(),
+                    stagers = addrs.len(),
+                    wan_mbit = region.wan.mbit,
+                    latency_ms = region.wan.latency_ms,
+                    "region WAN relay and stagers"
+                );
+                regional_addrs.insert(region.name.clone(), addrs);
+                emulation.region_links.push(RegionLink {
+                    name: region.name.clone(),
+                    relay,
+                });
+            }
+        }
+
+        for (site, seed) in topo.sites.iter().zip(site_seeds) {
             let shape = wan_shape(&site.wan);
             let relay = Relay::start(RelayConfig {
                 capture: options
                     .capture_dir
                     .as_ref()
                     .map(|dir| wan_capture_path(dir, &site.name)),
-                ..RelayConfig::symmetric(
-                    loopback_any(),
-                    uplink_addr,
-                    shape,
-                    options.seed.wrapping_add(1 + i as u64),
-                )
+                ..RelayConfig::symmetric(loopback_any(), uplink_addr, shape.clone(), seed)
             })
             .with_context(|| format!("cannot start the WAN relay of site {}", site.name))?;
             emulation
                 .mesh
                 .route_site_via(&site.name, &relay.local_addr().to_string());
+            // Inside a region, one more relay per regional stager, each shaped as the site's
+            // link: a relay leads to one address.
+            let targets = site
+                .region
+                .as_ref()
+                .and_then(|region| regional_addrs.get(region))
+                .cloned()
+                .unwrap_or_default();
+            let mut regional = Vec::with_capacity(targets.len());
+            for (k, target) in targets.iter().enumerate() {
+                let relay = Relay::start(RelayConfig {
+                    capture: options
+                        .capture_dir
+                        .as_ref()
+                        .map(|dir| regional_capture_path(dir, &site.name, k)),
+                    ..RelayConfig::symmetric(
+                        loopback_any(),
+                        *target,
+                        shape.clone(),
+                        seed.wrapping_add(1000 * (k as u64 + 1)),
+                    )
+                })
+                .with_context(|| {
+                    format!(
+                        "cannot start the WAN relay of site {} to its region",
+                        site.name
+                    )
+                })?;
+                regional.push(relay);
+            }
+            let upstreams: Vec<String> = regional
+                .iter()
+                .map(|relay| relay.local_addr().to_string())
+                .collect();
+            emulation.mesh.route_site_upstreams(&site.name, &upstreams);
             tracing::info!(
                 site = %site.name,
                 relay = %relay.local_addr(),
+                region = site.region.as_deref().unwrap_or("-"),
+                regional_relays = %upstreams.join(","),
                 wan_mbit = site.wan.mbit,
                 latency_ms = site.wan.latency_ms,
                 jitter_ms = site.wan.jitter_ms,
                 loss = site.wan.loss,
                 "site WAN relay"
             );
-            emulation.site_relays.push(relay);
+            emulation.site_links.push(SiteLinks {
+                origin: relay,
+                regional,
+            });
         }
 
         for site in &topo.sites {
             if strategy != Strategy::Direct {
                 let mbit = stager_upload_mbit.unwrap_or_else(|| lan_limit_mbit(site));
                 let limit = vec!["--upload-limit-mbit".to_owned(), mbit.to_string()];
-                for _ in 0..site.stagers {
-                    emulation.mesh.add_stager(&site.name, &limit).await?;
-                }
+                emulation
+                    .mesh
+                    .add_stagers(&site.name, site.stagers as usize, &limit)
+                    .await?;
             }
             for e in 0..site.edges {
                 emulation.mesh.add_edge(&site.name, e as usize).await?;
@@ -523,9 +774,9 @@ impl Emulation {
                             .topo
                             .sites
                             .iter()
-                            .zip(&self.site_relays)
-                            .map(|(site, relay)| {
-                                format!("{} {:.1}", site.name, relay.stats().down.forwarded_bytes as f64 / (1024.0 * 1024.0))
+                            .zip(&self.site_links)
+                            .map(|(site, links)| {
+                                format!("{} {:.1}", site.name, links.stats().down.forwarded_bytes as f64 / (1024.0 * 1024.0))
                             })
                             .collect();
                         tracing::info!(
@@ -552,9 +803,9 @@ impl Emulation {
 
     /// Bytes the sites' WAN relays carried origin → site so far, all sites together.
     fn wan_down_bytes(&self) -> u64 {
-        self.site_relays
+        self.site_links
             .iter()
-            .map(|relay| relay.stats().down.forwarded_bytes)
+            .map(|links| links.stats().down.forwarded_bytes)
             .sum()
     }
 
@@ -571,14 +822,18 @@ impl Emulation {
 
     /// Writes out what the sites' WAN relays captured so far ([`EmulateOptions::capture_dir`]).
     pub fn flush_captures(&self) {
-        for relay in &self.site_relays {
+        for relay in self.site_links.iter().flat_map(SiteLinks::relays) {
             relay.flush_capture();
+        }
+        for link in &self.region_links {
+            link.relay.flush_capture();
         }
     }
 
-    /// What each site's WAN relay counted so far, in topology order.
+    /// What each site's WAN relays counted so far, in topology order (a site in a region: its
+    /// relays to the region's stagers and to the origin, added up).
     pub fn site_relay_stats(&self) -> Vec<RelayStats> {
-        self.site_relays.iter().map(Relay::stats).collect()
+        self.site_links.iter().map(SiteLinks::stats).collect()
     }
 
     /// The topology this emulation runs.
@@ -612,8 +867,8 @@ impl Emulation {
         let mut notes = Vec::new();
         let mut sites = Vec::new();
         let mut wan_up_bytes = 0;
-        for (site, relay) in topo.sites.iter().zip(&emulation.site_relays) {
-            let stats = relay.stats();
+        for (site, links) in topo.sites.iter().zip(&emulation.site_links) {
+            let stats = links.stats();
             wan_up_bytes += stats.up.forwarded_bytes;
             let dropped_queue =
                 stats.down.dropped_queue_datagrams + stats.up.dropped_queue_datagrams;
@@ -692,6 +947,8 @@ impl Emulation {
             ),
         });
         notes.push("emulated: LAN latency not added; LAN rates limit uploads only".to_owned());
+        notes.extend(self.tier_notes(bundle_bytes));
+        let (regions, site_stagers) = self.tier_results(&mut notes).await;
         Ok(RunResult {
             topology: topo.name.clone(),
             strategy,
@@ -701,10 +958,180 @@ impl Emulation {
             line_rate_floor_s: topo.line_rate_floor_s(bundle_bytes),
             origin_egress_bytes,
             sites,
-            regions: Vec::new(),
-            site_stagers: Vec::new(),
+            regions,
+            site_stagers,
             notes,
         })
+    }
+
+    /// The regions' and the sites' stagers' shares, from the stagers' metrics (payload bytes,
+    /// as the simulator counts them). A stager that does not answer (killed by a test) counts
+    /// nothing, which `notes` says.
+    async fn tier_results(&self, notes: &mut Vec<String>) -> (Vec<RegionResult>, Vec<SiteStagers>) {
+        let mut pulled = HashMap::new();
+        for stager in &self.mesh.stagers {
+            match procs::scrape(&stager.ready.metrics).await {
+                Ok(text) => {
+                    pulled.insert(
+                        stager.name.clone(),
+                        StagerPulled::from_metrics(&stager.site, &text),
+                    );
+                }
+                Err(error) => notes.push(format!(
+                    "{} did not answer for its metrics ({error:#}); its bytes are not counted",
+                    stager.name
+                )),
+            }
+        }
+        let of_site = |site: &str| -> Vec<StagerPulled> {
+            self.mesh
+                .stagers
+                .iter()
+                .filter(|st| st.site == site)
+                .map(|st| pulled.get(&st.name).copied().unwrap_or_default())
+                .collect()
+        };
+        let regions = if self.strategy == Strategy::Direct {
+            Vec::new()
+        } else {
+            self.topo
+                .regions
+                .iter()
+                .map(|region| {
+                    let stagers = of_site(&testbed::region_site(&region.name));
+                    RegionResult {
+                        name: region.name.clone(),
+                        sites: self
+                            .topo
+                            .sites
+                            .iter()
+                            .filter(|site| site.region.as_deref() == Some(region.name.as_str()))
+                            .count() as u32,
+                        pulled_bytes: stagers.iter().map(|st| st.upstream_bytes).sum(),
+                        stager_pulled_bytes: stagers.iter().map(|st| st.upstream_bytes).collect(),
+                        served_bytes: stagers.iter().map(|st| st.served_stagers_bytes).sum(),
+                    }
+                })
+                .collect()
+        };
+        let site_stagers = if self.strategy == Strategy::Direct {
+            Vec::new()
+        } else {
+            self.topo
+                .sites
+                .iter()
+                .filter(|site| site.stagers > 1)
+                .map(|site| SiteStagers {
+                    site: site.name.clone(),
+                    pulled_bytes: of_site(&site.name)
+                        .iter()
+                        .map(|st| st.upstream_bytes)
+                        .collect(),
+                })
+                .collect()
+        };
+        (regions, site_stagers)
+    }
+}
+
+/// What one stager moved, from its metrics: payload bytes, by whom it came from or went to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StagerPulled {
+    /// From its upstreams across the WAN: the origin and stagers of other sites (a region's).
+    pub upstream_bytes: u64,
+    /// From the other stagers of its site, over the LAN.
+    pub sibling_bytes: u64,
+    /// To stagers of other sites (what a regional stager serves its sites' stagers).
+    pub served_stagers_bytes: u64,
+}
+
+impl StagerPulled {
+    /// Reads what a stager of `site` moved from its Prometheus text `metrics`.
+    pub fn from_metrics(site: &str, metrics: &str) -> Self {
+        let received = "stagecoach_bytes_received_total";
+        let sent = "stagecoach_bytes_sent_total";
+        let from_origin = procs::metric_sum(metrics, received, &[("peer_role", "origin")]);
+        let from_stagers = procs::metric_sum(metrics, received, &[("peer_role", "stager")]);
+        let sibling_bytes = procs::metric_sum(
+            metrics,
+            received,
+            &[("peer_role", "stager"), ("peer_site", site)],
+        );
+        let to_stagers = procs::metric_sum(metrics, sent, &[("peer_role", "stager")]);
+        let to_siblings = procs::metric_sum(
+            metrics,
+            sent,
+            &[("peer_role", "stager"), ("peer_site", site)],
+        );
+        Self {
+            upstream_bytes: from_origin + from_stagers.saturating_sub(sibling_bytes),
+            sibling_bytes,
+            served_stagers_bytes: to_stagers.saturating_sub(to_siblings),
+        }
+    }
+}
+
+impl Emulation {
+    /// The notes on regions and several stagers per site: how a site's WAN bytes add up, what
+    /// each link carried, and the origin's egress on the links as copies of the bundle.
+    fn tier_notes(&self, bundle_bytes: u64) -> Vec<String> {
+        let copies = |bytes: u64| bytes as f64 / bundle_bytes.max(1) as f64;
+        let mut notes = Vec::new();
+        if !self.region_links.is_empty() {
+            notes.push(
+                "emulated: a site in a region reaches each regional stager and the origin \
+                 through relays of its own, each shaped as the site's WAN link (a relay leads to \
+                 one address); its WAN bytes are their sum"
+                    .to_owned(),
+            );
+            for link in &self.region_links {
+                let bytes = link.relay.stats().down.forwarded_bytes;
+                notes.push(format!(
+                    "emulated: region {}: its link carried {} origin → regional stagers ({:.2}× \
+                     the bundle)",
+                    link.name,
+                    crate::report::human_bytes(bytes as f64),
+                    copies(bytes)
+                ));
+            }
+            for (site, links) in self.topo.sites.iter().zip(&self.site_links) {
+                if links.regional.is_empty() {
+                    continue;
+                }
+                let from_origin = links.origin.stats().down.forwarded_bytes;
+                let from_region: u64 = links
+                    .regional
+                    .iter()
+                    .map(|relay| relay.stats().down.forwarded_bytes)
+                    .sum();
+                notes.push(format!(
+                    "emulated: {}: {} from its region's stagers, {} from the origin",
+                    site.name,
+                    crate::report::human_bytes(from_region as f64),
+                    crate::report::human_bytes(from_origin as f64)
+                ));
+            }
+        }
+        if self.topo.sites.iter().any(|site| site.stagers > 1) && self.strategy != Strategy::Direct
+        {
+            notes.push(
+                "emulated: a site's stagers are siblings (`stager serve --sibling`): each chunk \
+                 crosses the WAN to one of them, the others copy it over the LAN"
+                    .to_owned(),
+            );
+        }
+        let origin_link_bytes = self.origin_link_bytes();
+        notes.push(format!(
+            "emulated: origin egress on the links {} = {:.2}× the bundle ({})",
+            crate::report::human_bytes(origin_link_bytes as f64),
+            copies(origin_link_bytes),
+            if self.uplink_relay.is_some() {
+                "its uplink relay"
+            } else {
+                "the relays in front of it"
+            }
+        ));
+        notes
     }
 }
 

@@ -56,6 +56,11 @@ enum Command {
         /// How edges get the bundle: direct, staged or mesh (default: the topology's, mesh).
         #[arg(long)]
         strategy: Option<netsim::topology::Strategy>,
+        /// Stagers per site (default: the topology's, 1). With 2 or more they back each other
+        /// up: each chunk crosses the WAN to one of them, the others copy it over the LAN, and
+        /// the table shows what each pulled.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        stagers_per_site: Option<u64>,
         /// Upload limit of each stager to its edges, in Mbit/s (default: the site's LAN rate,
         /// 10 Gbit/s in the built-in topology). A slow stager shows what peers take off it.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -286,6 +291,7 @@ async fn run() -> Result<()> {
             sites,
             edges,
             strategy,
+            stagers_per_site,
             stager_upload_mbit,
             swap,
             encrypt,
@@ -306,6 +312,7 @@ async fn run() -> Result<()> {
                     sites: count(sites, "--sites")?,
                     edges: count(edges, "--edges")?,
                     strategy,
+                    stagers_per_site: count(stagers_per_site, "--stagers-per-site")?,
                 },
             )?;
             let work = WorkDir::create(work_dir.as_deref(), "stagecoach-demo-")?;
@@ -322,7 +329,10 @@ async fn run() -> Result<()> {
             let shape: Vec<String> = topo
                 .sites
                 .iter()
-                .map(|s| format!("{} ({} stager + {} edges)", s.name, s.stagers, s.edges))
+                .map(|s| {
+                    let stagers = if s.stagers == 1 { "stager" } else { "stagers" };
+                    format!("{} ({} {stagers} + {} edges)", s.name, s.stagers, s.edges)
+                })
                 .collect();
             let bundle = match (&topo.bundle.path, topo.bundle.size_bytes) {
                 (Some(path), _) => path.display().to_string(),

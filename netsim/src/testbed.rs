@@ -41,6 +41,10 @@ pub struct StagerNode {
     pub ready: Ready,
     /// Extra flags it was started with.
     pub extra_args: Vec<String>,
+    /// Mesh addresses of the other stagers of its site it was told of (`--sibling`).
+    pub siblings: Vec<String>,
+    /// Its upstream stagers, in order of preference (`--upstream`); the origin comes after.
+    pub upstreams: Vec<String>,
 }
 
 /// One enrolled edge.
@@ -90,6 +94,9 @@ pub struct Testbed {
     /// Per site, the address its nodes reach the origin at when it is not the origin's own (a
     /// relay in front of it: [`Testbed::route_site_via`]).
     site_origins: HashMap<String, String>,
+    /// Per site, the upstream stagers its stagers added from now on pull through before the
+    /// origin ([`Testbed::route_site_upstreams`]).
+    site_upstreams: HashMap<String, Vec<String>>,
 }
 
 fn s(x: impl AsRef<str>) -> String {
@@ -116,6 +123,10 @@ fn set_identity_origin(identity_dir: &Path, origin_addr: &str) -> Result<()> {
 
 /// Process name of the origin in the fleet.
 pub const ORIGIN_NAME: &str = "origin";
+
+/// How long sibling stagers may take to connect to each other once all are up (they dial every
+/// second).
+pub const SIBLINGS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often a condition of the mesh (a log line, a file) is checked while waiting for it.
 const POLL: Duration = Duration::from_millis(100);
@@ -151,6 +162,26 @@ async fn start_origin(
     let cmd = procs::command_appending(&bins.path("origin"), &args, &log)?;
     fleet.spawn(ORIGIN_NAME, cmd)?;
     procs::wait_ready(&ready_file, fleet).await
+}
+
+/// The site name a regional stager of region `region` is enrolled for: `region-NAME`.
+pub fn region_site(region: &str) -> String {
+    format!("region-{region}")
+}
+
+/// Loopback addresses with ports free right now, one per stager of a group that must know each
+/// other's addresses before any of them starts. The kernel hands out each port while its socket
+/// is bound, so the ports differ; they are released just before the stagers bind them, a window
+/// of milliseconds in which another process would have to pick the same port of thousands.
+fn free_loopback_ports(count: usize) -> Result<Vec<String>> {
+    let sockets = (0..count)
+        .map(|_| std::net::UdpSocket::bind(("127.0.0.1", 0)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("cannot reserve loopback ports for the stagers")?;
+    sockets
+        .iter()
+        .map(|socket| Ok(socket.local_addr()?.to_string()))
+        .collect()
 }
 
 /// The name of site `index`: `site-a`, `site-b`, ...
@@ -209,6 +240,7 @@ impl Testbed {
             stagers: Vec::new(),
             edges: Vec::new(),
             site_origins: HashMap::new(),
+            site_upstreams: HashMap::new(),
         };
         for i in 0..sites {
             let site = site_name(i);
@@ -227,6 +259,14 @@ impl Testbed {
     pub fn route_site_via(&mut self, site: &str, origin_addr: &str) {
         self.site_origins
             .insert(site.to_owned(), origin_addr.to_owned());
+    }
+
+    /// Makes the stagers of `site` added from now on pull from the stagers at `upstreams` (a
+    /// region's stagers, or relays in front of them), in this order of preference, before the
+    /// origin: each gets `--upstream ADDR` per address. The origin stays their last resort.
+    pub fn route_site_upstreams(&mut self, site: &str, upstreams: &[String]) {
+        self.site_upstreams
+            .insert(site.to_owned(), upstreams.to_vec());
     }
 
     /// The address the nodes of `site` reach the origin at.
@@ -272,7 +312,122 @@ impl Testbed {
         let dir = self.work.join(&name);
         self.enroll(&self.bins.path("stager"), "stager", site, &dir)
             .await?;
-        let mut node = StagerNode {
+        let mut node = self.new_stager_node(site, name, dir, extra_args);
+        node.ready = self.start_stager(&node, "127.0.0.1:0").await?;
+        self.stagers.push(node.clone());
+        Ok(node)
+    }
+
+    /// Enrolls and starts `count` stagers for `site` that know each other: each is started
+    /// with `--sibling` naming the others (and the site's stagers started before), so each
+    /// chunk crosses the WAN to one of them and the others copy it over the LAN. Their mesh
+    /// ports are picked before any starts ([`free_loopback_ports`]), so no restart is needed;
+    /// a stager tolerates a sibling that is not up yet. With `count` 1 this is
+    /// [`Testbed::add_stager`]. A stager killed and restarted ([`Testbed::restart_stager`])
+    /// keeps its address and its siblings.
+    pub async fn add_stagers(
+        &mut self,
+        site: &str,
+        count: usize,
+        extra_args: &[String],
+    ) -> Result<Vec<StagerNode>> {
+        if count <= 1 {
+            let mut added = Vec::new();
+            for _ in 0..count {
+                added.push(self.add_stager(site, extra_args).await?);
+            }
+            return Ok(added);
+        }
+        let first = self.stagers.iter().filter(|st| st.site == site).count();
+        let mut nodes = Vec::with_capacity(count);
+        for index in first..first + count {
+            let name = format!("stager-{site}-{index}");
+            let dir = self.work.join(&name);
+            self.enroll(&self.bins.path("stager"), "stager", site, &dir)
+                .await?;
+            nodes.push(self.new_stager_node(site, name, dir, extra_args));
+        }
+        let earlier = self.stager_addrs(site);
+        let listen = free_loopback_ports(count)?;
+        for (i, node) in nodes.iter_mut().enumerate() {
+            node.siblings = earlier
+                .iter()
+                .chain(
+                    listen
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j != i)
+                        .map(|(_, a)| a),
+                )
+                .cloned()
+                .collect();
+        }
+        for (node, listen) in nodes.iter_mut().zip(&listen) {
+            node.ready = self.start_stager(node, listen).await?;
+            self.stagers.push(node.clone());
+        }
+        // Until a stager reached its siblings it owns every chunk itself; a bundle published
+        // then would cross the WAN to several of them. In a real site they run long before.
+        self.wait_siblings_connected(&nodes, SIBLINGS_TIMEOUT)
+            .await?;
+        Ok(nodes)
+    }
+
+    /// Waits until each of `nodes` logged that it connected to every one of its siblings (in
+    /// its current run: its log is appended across restarts).
+    pub async fn wait_siblings_connected(
+        &mut self,
+        nodes: &[StagerNode],
+        timeout: Duration,
+    ) -> Result<()> {
+        let logs = self.work.join("logs");
+        let fleet = &mut self.fleet;
+        stagecoach_testing::wait_for_async(timeout, POLL, async || {
+            let all = nodes.iter().all(|node| {
+                let whole = std::fs::read_to_string(logs.join(format!("{}.log", node.name)))
+                    .unwrap_or_default();
+                let log = whole
+                    .rfind("stager serving")
+                    .map_or(whole.as_str(), |at| &whole[at..]);
+                node.siblings.iter().all(|addr| {
+                    let marker = format!("sibling={addr} ");
+                    log.lines()
+                        .any(|l| l.contains("sibling stager connected") && l.contains(&marker))
+                })
+            });
+            if all {
+                return Ok(Some(()));
+            }
+            fleet.check_alive().map(|()| None)
+        })
+        .await
+        .context("the stagers of a site did not all reach their siblings")
+    }
+
+    /// Enrolls and starts `count` regional stagers of `region`: stagers of the site
+    /// [`region_site`] (`region-NAME`), with no edges, siblings of each other. Sites pull
+    /// through them when their stagers name them with `--upstream`
+    /// ([`Testbed::route_site_upstreams`]); they reach the origin at
+    /// [`Testbed::origin_addr_for`] of their site (a relay shaped as the region's link, say).
+    pub async fn add_regional_stagers(
+        &mut self,
+        region: &str,
+        count: usize,
+        extra_args: &[String],
+    ) -> Result<Vec<StagerNode>> {
+        self.add_stagers(&region_site(region), count, extra_args)
+            .await
+    }
+
+    /// A stager of `site` not started yet, with the site's upstreams.
+    fn new_stager_node(
+        &self,
+        site: &str,
+        name: String,
+        dir: PathBuf,
+        extra_args: &[String],
+    ) -> StagerNode {
+        StagerNode {
             site: site.to_owned(),
             name,
             dir,
@@ -283,10 +438,24 @@ impl Testbed {
                 console: None,
             },
             extra_args: extra_args.to_vec(),
-        };
-        node.ready = self.start_stager(&node, "127.0.0.1:0").await?;
-        self.stagers.push(node.clone());
-        Ok(node)
+            siblings: Vec::new(),
+            upstreams: self.site_upstreams.get(site).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// What `stager status --dir DIR` prints for stager `name`: the upstream in use, its
+    /// failovers with their reasons, bytes pulled per upstream and served to siblings.
+    pub async fn stager_status(&self, name: &str) -> Result<procs::CliRun> {
+        let node = self
+            .stagers
+            .iter()
+            .find(|st| st.name == name)
+            .context("no such stager")?;
+        procs::run_cli(
+            &self.bins.path("stager"),
+            &[s("status"), s("--dir"), p(&node.dir)],
+        )
+        .await
     }
 
     async fn start_stager(&mut self, node: &StagerNode, listen: &str) -> Result<Ready> {
@@ -307,6 +476,12 @@ impl Testbed {
             s("--ready-file"),
             p(&ready_file),
         ];
+        for addr in &node.upstreams {
+            args.extend([s("--upstream"), addr.clone()]);
+        }
+        for addr in &node.siblings {
+            args.extend([s("--sibling"), addr.clone()]);
+        }
         args.extend(node.extra_args.iter().cloned());
         let log = self.work.join("logs").join(format!("{}.log", node.name));
         // Append, so a restarted stager keeps its earlier log.
@@ -617,6 +792,19 @@ impl Testbed {
         bundle: &str,
         mut on_done: impl FnMut(&EdgeFetch),
     ) -> Result<Vec<EdgeFetch>> {
+        let mut fetches = self.start_fetches(edges, bundle)?;
+        let mut results = Vec::new();
+        while let Some(fetch) = fetches.next().await? {
+            on_done(&fetch);
+            results.push(fetch);
+        }
+        Ok(results)
+    }
+
+    /// Starts `edge-agent fetch` for `bundle` on each of `edges` at once and returns without
+    /// waiting: the fetches run while the caller changes the mesh (kills a stager, say), and
+    /// [`Fetches::next`] / [`Fetches::wait`] collect them.
+    pub fn start_fetches(&self, edges: &[EdgeNode], bundle: &str) -> Result<Fetches> {
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for edge in edges {
@@ -638,13 +826,19 @@ impl Testbed {
                 }
             });
         }
-        let mut results = Vec::new();
-        while let Some(done) = tasks.join_next().await {
-            let fetch = done.context("fetch task panicked")?;
-            on_done(&fetch);
-            results.push(fetch);
+        Ok(Fetches { tasks })
+    }
+
+    /// Bytes the edges' daemons received so far, from every source (stagers, the origin,
+    /// peers): the edges' progress. Edges without a daemon count nothing.
+    pub async fn edge_received_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for edge in &self.edges {
+            let Some(daemon) = &edge.daemon else { continue };
+            let text = procs::scrape(&daemon.metrics).await?;
+            total += procs::metric_sum(&text, "stagecoach_bytes_received_total", &[]);
         }
-        Ok(results)
+        Ok(total)
     }
 
     /// Runs `edge-agent fetch BUNDLE --to OUT` on `edge` (its daemon, if any, stopped): fetches
@@ -826,6 +1020,31 @@ impl Testbed {
     /// Stops every process.
     pub async fn shutdown(&mut self) {
         self.fleet.shutdown().await;
+    }
+}
+
+/// Edge fetches running ([`Testbed::start_fetches`]). Dropping it kills the fetch commands
+/// still running.
+pub struct Fetches {
+    tasks: tokio::task::JoinSet<EdgeFetch>,
+}
+
+impl Fetches {
+    /// The next fetch to end, `None` once every one has.
+    pub async fn next(&mut self) -> Result<Option<EdgeFetch>> {
+        match self.tasks.join_next().await {
+            Some(done) => Ok(Some(done.context("fetch task panicked")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits for every fetch, in the order they end.
+    pub async fn wait(mut self) -> Result<Vec<EdgeFetch>> {
+        let mut results = Vec::new();
+        while let Some(fetch) = self.next().await? {
+            results.push(fetch);
+        }
+        Ok(results)
     }
 }
 
