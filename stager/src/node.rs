@@ -510,6 +510,11 @@ impl Stager {
                 self.relay_subscription(peer, after_seq, send).await;
                 return None;
             }
+            Request::SiblingFlights => {
+                self.request_counter("sibling_flights");
+                self.share_flights(peer, send).await;
+                return None;
+            }
             Request::SitePeers {
                 data_addr,
                 p2p_addrs,
@@ -536,6 +541,39 @@ impl Stager {
 }
 
 impl Stager {
+    /// Tells a sibling (a stager of this site: the site was checked) each chunk this stager
+    /// starts pulling upstream, until the sibling goes away.
+    async fn share_flights(&self, peer: &PeerIdentity, send: &mut SendStream) {
+        let mut starts = self.flights.upstream_starts();
+        tracing::info!(%peer, "a sibling follows this stager's pulls");
+        loop {
+            match starts.recv().await {
+                Ok(hash) => {
+                    if write_frame(send, &Response::FlightStarted { hash })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(%peer, missed, "a sibling fell behind this stager's pulls");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    }
+
+    /// A sibling started pulling `hash` upstream: copy it as it arrives there, if a manifest
+    /// this stager verified names it (a sibling's word never makes it fetch anything else).
+    fn copy_from_sibling(self: &Arc<Self>, hash: BlobHash) {
+        let size = self.known().chunk_sizes.get(&hash).copied();
+        if let Some(size) = size {
+            // The flight runs on its own; nobody waits for it here.
+            let _ = self.flights.join(hash, size);
+        }
+    }
+
     /// Relays the announcements of this stager's upstream to a stager below it, from
     /// `after_seq` on (the origin's sequence numbers, so the stager below can resume from
     /// another upstream). Ends when either side does; the stager below then resubscribes.
@@ -1016,6 +1054,12 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     tokio::spawn(stager.clone().follow());
     tokio::spawn(stager.clone().keep_fresh());
     tokio::spawn(stager.clone().report_stats());
+    let weak = Arc::downgrade(&stager);
+    siblings.on_flight(Arc::new(move |hash| {
+        if let Some(stager) = weak.upgrade() {
+            stager.copy_from_sibling(hash);
+        }
+    }));
     tokio::spawn(siblings.maintain());
     tokio::spawn(
         stager

@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::metrics::Metrics;
-use proto::net::{connect, connect_with, peer_identity, NetError, Role};
+use proto::net::{connect, connect_with, peer_identity, read_frame, send_request, NetError, Role};
 use proto::retry::{retry, RetryPolicy};
 use proto::store::Store;
 use proto::transfer::fetch::{fetch_blob, FetchError};
 use proto::transfer::PeerCounters;
-use proto::wire::ErrorCode;
+use proto::wire::{ErrorCode, Request, Response, MAX_FRAME_BYTES};
 use proto::BlobHash;
 use quinn::{Connection, Endpoint};
 use serde::{Deserialize, Serialize};
@@ -56,6 +56,15 @@ pub const PREFERRED_RETRY_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How often a sibling that is not connected is dialed.
 pub const SIBLING_DIAL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Chunks pulled from upstream at once, whoever asked (preheat, edges, siblings): more
+/// streams would not fill the WAN any better, and every chunk in flight holds up to one part
+/// in memory that a killed stager loses, and its siblings must then pull again.
+pub const MAX_UPSTREAM_FLIGHTS: usize = 8;
+
+/// Chunk starts a stager keeps for siblings that follow it and read slowly; one that falls
+/// further behind misses some (it copies them when its own preheat gets there).
+pub const FLIGHT_EVENTS_BACKLOG: usize = 4096;
 
 /// Failovers kept for `stager status`.
 pub const MAX_FAILOVER_EVENTS: usize = 32;
@@ -540,8 +549,12 @@ impl Sibling {
     }
 }
 
+/// What a stager does with a chunk a sibling started pulling upstream.
+pub type OnSiblingFlight = Arc<dyn Fn(BlobHash) + Send + Sync>;
+
 /// The other stagers of this site.
 pub struct Siblings {
+    on_flight: std::sync::OnceLock<OnSiblingFlight>,
     me: String,
     site: String,
     endpoint: Endpoint,
@@ -583,6 +596,7 @@ impl Siblings {
     ) -> Arc<Self> {
         let counters = PeerCounters::new(&metrics, Role::Stager.as_str(), &site);
         Arc::new(Self {
+            on_flight: std::sync::OnceLock::new(),
             me,
             site,
             endpoint,
@@ -605,6 +619,41 @@ impl Siblings {
 
     fn list(&self) -> std::sync::MutexGuard<'_, Vec<Sibling>> {
         self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets what to do when a sibling says it started pulling a chunk upstream (once).
+    pub fn on_flight(&self, action: OnSiblingFlight) {
+        let _ = self.on_flight.set(action);
+    }
+
+    /// Follows a sibling's upstream pulls ([`Request::SiblingFlights`]) until the stream or
+    /// its connection ends.
+    async fn follow(self: Arc<Self>, addr: SocketAddr, conn: Connection) {
+        let mut recv = match send_request(&conn, &Request::SiblingFlights).await {
+            Ok(recv) => recv,
+            Err(error) => {
+                tracing::debug!(sibling = %addr, %error, "cannot follow the sibling's pulls");
+                return;
+            }
+        };
+        loop {
+            match read_frame::<Response>(&mut recv, MAX_FRAME_BYTES).await {
+                Ok(Some(Response::FlightStarted { hash })) => {
+                    if let Some(action) = self.on_flight.get() {
+                        action(hash);
+                    }
+                }
+                Ok(Some(other)) => {
+                    tracing::warn!(sibling = %addr, answer = ?other, "sibling does not share its pulls");
+                    return;
+                }
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::debug!(sibling = %addr, %error, "stopped following the sibling's pulls");
+                    return;
+                }
+            }
+        }
     }
 
     /// Whether this stager has siblings at all.
@@ -715,6 +764,7 @@ impl Siblings {
                     continue;
                 }
                 tracing::info!(sibling = %addr, node = %who.node_id, "sibling stager connected");
+                tokio::spawn(self.clone().follow(addr, conn.clone()));
                 let mut list = self.list();
                 if let Some(sibling) = list.get_mut(index) {
                     sibling.node_id = Some(who.node_id.to_string());
@@ -759,6 +809,10 @@ pub struct Flights {
     siblings: Arc<Siblings>,
     store: Store,
     inflight: Mutex<HashMap<BlobHash, Flight>>,
+    /// Each chunk as a flight starts pulling it upstream, for siblings that follow.
+    started: tokio::sync::broadcast::Sender<BlobHash>,
+    /// [`MAX_UPSTREAM_FLIGHTS`].
+    upstream_slots: tokio::sync::Semaphore,
 }
 
 /// Why a sibling's request for a chunk is not joined.
@@ -773,6 +827,8 @@ impl Flights {
             siblings,
             store,
             inflight: Mutex::new(HashMap::new()),
+            started: tokio::sync::broadcast::channel(FLIGHT_EVENTS_BACKLOG).0,
+            upstream_slots: tokio::sync::Semaphore::new(MAX_UPSTREAM_FLIGHTS),
         })
     }
 
@@ -784,6 +840,11 @@ impl Flights {
     /// The siblings.
     pub fn siblings(&self) -> &Arc<Siblings> {
         &self.siblings
+    }
+
+    /// The chunks this stager starts pulling upstream from now on.
+    pub fn upstream_starts(&self) -> tokio::sync::broadcast::Receiver<BlobHash> {
+        self.started.subscribe()
     }
 
     /// Joins the fetch of `hash` (`size` bytes, from a verified manifest), starting it if none
@@ -885,7 +946,14 @@ impl Flights {
                         return fetched;
                     }
                 }
+                let _slot = self
+                    .upstream_slots
+                    .acquire()
+                    .await
+                    .map_err(|_| FetchError::Protocol("the stager is stopping".to_owned()))?;
                 let (conn, index) = self.upstreams.data().await?;
+                // Nobody may be following: that is no error.
+                let _ = self.started.send(hash);
                 let counters = self.upstreams.counters(index);
                 let fetched = fetch_blob(&conn, &self.store, hash, size, counters, Some(tx)).await;
                 if let Err(error) = &fetched {

@@ -55,11 +55,13 @@ pub enum RequestKind {
     StagerStats,
     /// [`Request::SwapStatus`].
     SwapStatus,
+    /// [`Request::SiblingFlights`].
+    SiblingFlights,
 }
 
 impl RequestKind {
     /// Every kind, in the order of [`Request`]'s variants.
-    pub const ALL: [RequestKind; 21] = [
+    pub const ALL: [RequestKind; 22] = [
         RequestKind::ListBundles,
         RequestKind::Resolve,
         RequestKind::GetManifest,
@@ -81,6 +83,7 @@ impl RequestKind {
         RequestKind::ContentKeys,
         RequestKind::StagerStats,
         RequestKind::SwapStatus,
+        RequestKind::SiblingFlights,
     ];
 
     /// The variant's name, as in the protocol (`PutBlob`).
@@ -106,6 +109,7 @@ impl RequestKind {
             RequestKind::RelayKeepSet => "RelayKeepSet",
             RequestKind::StagerStats => "StagerStats",
             RequestKind::SwapStatus => "SwapStatus",
+            RequestKind::SiblingFlights => "SiblingFlights",
             RequestKind::ContentKeys => "ContentKeys",
         }
     }
@@ -134,6 +138,7 @@ impl RequestKind {
             RequestKind::ContentKeys => "receive content keys",
             RequestKind::StagerStats => "report a stager's traffic",
             RequestKind::SwapStatus => "ask how a swap stands",
+            RequestKind::SiblingFlights => "follow a sibling stager's upstream pulls",
         }
     }
 }
@@ -169,6 +174,7 @@ impl Request {
             Request::ContentKeys => RequestKind::ContentKeys,
             Request::StagerStats { .. } => RequestKind::StagerStats,
             Request::SwapStatus { .. } => RequestKind::SwapStatus,
+            Request::SiblingFlights => RequestKind::SiblingFlights,
         }
     }
 }
@@ -230,6 +236,8 @@ pub fn access(server: Role, request: RequestKind) -> Access {
         K::Fetch => [NO, NO, ORIGIN_OR_EDGE],
         K::StartSwap => [NO, NO, ORIGIN],
         K::SwapStatus => [NO, NO, ORIGIN],
+        // Another stager of the same site (the stager checks the site).
+        K::SiblingFlights => [NO, STAGER, NO],
         K::ReportNode => [EDGE, EDGE, NO],
         K::RelayReport => [STAGER, NO, NO],
         K::Control => [OPERATOR, NO, NO],
@@ -441,6 +449,7 @@ mod tests {
                 pulled_bytes: 2,
             },
             Request::SwapStatus { target: hash },
+            Request::SiblingFlights,
         ]
     }
 
@@ -465,8 +474,9 @@ mod tests {
                 K::ListBundles | K::Resolve | K::GetManifest | K::GetBlob => None,
                 K::PutBlob | K::Publish => Some(Forbidden),
                 K::SitePeers | K::ReportNode | K::KeepSet => only(&[Role::Edge]),
-                // Since issue 15: stagers below this one subscribe through it.
-                K::Subscribe => only(&[Role::Stager]),
+                // Since issue 15: stagers below this one subscribe through it, and siblings
+                // follow its upstream pulls.
+                K::Subscribe | K::SiblingFlights => only(&[Role::Stager]),
                 _ => Some(BadRequest),
             },
             Role::Edge => match kind {

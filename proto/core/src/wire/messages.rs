@@ -166,6 +166,12 @@ pub enum Request {
         /// The OS the swap installs.
         target: BundleId,
     },
+    /// A stager asks a sibling (another stager of its site) to tell it each chunk the sibling
+    /// starts pulling from upstream: answered by a stream of [`Response::FlightStarted`] for as
+    /// long as both keep the stream open. The asker copies each such chunk it lacks as it
+    /// arrives at the sibling, so the site loses little more than the sibling's bytes in
+    /// transit if the sibling dies.
+    SiblingFlights,
 }
 
 /// Content-key generations given to an edge: at most
@@ -665,6 +671,12 @@ pub enum Response {
         /// The journal's current step (`reboot-to-rescue`, `health-check`, ...).
         #[serde(deserialize_with = "bounds::name")]
         step: String,
+    },
+    /// On a [`Request::SiblingFlights`] stream: the sibling started pulling chunk `hash` from
+    /// upstream. Only a hint: the asker copies it only if a manifest it verified names it.
+    FlightStarted {
+        /// The chunk.
+        hash: BlobHash,
     },
 }
 
