@@ -512,7 +512,7 @@ impl Daemon {
         }
         let store = self.node.store.clone();
         let publisher = *self.node.identity.publisher_key();
-        let stager = self.stagers.first().copied();
+        let stagers = self.stagers.clone();
         let keys = match self.ring_for_bundles(&[rescue, target]).await {
             Ok(keys) => keys,
             Err(error) => {
@@ -524,7 +524,7 @@ impl Daemon {
         };
         let machine = config.machine.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            remote_swap::run(&config, &store, &publisher, &keys, stager, target, rescue)
+            remote_swap::run(&config, &store, &publisher, &keys, &stagers, target, rescue)
         })
         .await;
         let counter = |outcome: &str| {

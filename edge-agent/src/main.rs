@@ -254,8 +254,9 @@ struct ServeArgs {
     /// the bound one (behind NAT or port forwarding, as in a VM).
     #[arg(long)]
     advertise: Option<std::net::SocketAddr>,
-    /// Health check of remote swaps: `network-up`, `reach-stager=HOST:PORT` or
-    /// `command=SHELL COMMAND`; repeat (default: network-up and the first --stager reachable).
+    /// Health check of remote swaps: `network-up`, `reach-stager=HOST:PORT` (several
+    /// separated by commas: any one) or `command=SHELL COMMAND`; repeat (default: network-up
+    /// and any of the --stager addresses reachable).
     #[arg(long = "swap-health-check")]
     swap_health_checks: Vec<HealthCheck>,
     /// Trial boots of the new OS in a remote swap before the rescue takes over.
@@ -364,7 +365,8 @@ struct SwapArgs {
     #[arg(long = "identity")]
     identity: Vec<String>,
     /// Health check: `network-up`, `reach-stager=HOST:PORT` or `command=SHELL COMMAND`; repeat
-    /// (default: network-up and reach-stager with --stager).
+    /// (default: network-up and reach-stager with --stager). `reach-stager=A:P,B:P` passes when
+    /// any of them answers.
     #[arg(long = "health-check")]
     health_checks: Vec<HealthCheck>,
     /// The stager's address, for the default health checks.

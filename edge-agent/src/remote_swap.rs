@@ -41,7 +41,7 @@ pub struct RemoteSwapConfig {
     /// The machine: a simulated one (made by `edge-agent sim-provision`) or this real one.
     pub machine: MachineSpec,
     /// Health checks (`network-up`, `reach-stager=HOST:PORT`, `command=...`); empty means the
-    /// defaults: network up and the first stager reachable.
+    /// defaults: network up and one of the site's stagers reachable.
     pub health_checks: Vec<String>,
     /// Trial boots of the new OS before the rescue takes over.
     pub boot_attempts: u8,
@@ -105,7 +105,7 @@ pub fn run(
     store: &Store,
     publisher: &VerifyingKey,
     keys: &proto::keys::KeyRing,
-    stager: Option<std::net::SocketAddr>,
+    stagers: &[std::net::SocketAddr],
     target: BundleId,
     rescue: BundleId,
 ) -> Result<SwapProgress> {
@@ -133,7 +133,7 @@ pub fn run(
         )
         .with_context(|| format!("cannot deliver the {what} bundle {id} to the machine"))?;
     }
-    let health_checks = health_checks(config, stager)?;
+    let health_checks = health_checks(config, stagers)?;
     match &config.machine {
         MachineSpec::Sim { root } => {
             // The machine's store closes here: the agent the supervisor boots opens it.
@@ -173,21 +173,24 @@ pub fn run(
     }
 }
 
-/// The checks the new OS must pass: the configured ones, else network up and the first stager
-/// reachable.
+/// The checks the new OS must pass: the configured ones, else network up and one of the site's
+/// stagers reachable (a site with a backup stager passes while either answers).
 fn health_checks(
     config: &RemoteSwapConfig,
-    stager: Option<std::net::SocketAddr>,
+    stagers: &[std::net::SocketAddr],
 ) -> Result<Vec<HealthCheck>> {
     if config.health_checks.is_empty() {
-        let Some(stager) = stager else {
+        if stagers.is_empty() {
             bail!("the default health checks need a stager: start the daemon with --stager, or give --swap-health-check");
-        };
+        }
+        let addr = stagers
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         return Ok(vec![
             HealthCheck::NetworkUp,
-            HealthCheck::ReachStager {
-                addr: stager.to_string(),
-            },
+            HealthCheck::ReachStager { addr },
         ]);
     }
     config

@@ -89,7 +89,23 @@ fn network_up() -> Result<(), String> {
     ))
 }
 
-fn reach(addr: &str) -> Result<(), String> {
+/// One of the stagers in `addrs` (`HOST:PORT`, several separated by commas: a site's stager
+/// and its backups) answers.
+fn reach(addrs: &str) -> Result<(), String> {
+    let mut failures = Vec::new();
+    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        match reach_one(addr) {
+            Ok(()) => return Ok(()),
+            Err(reason) => failures.push(reason),
+        }
+    }
+    if failures.is_empty() {
+        return Err(format!("no stager address in {addrs:?}"));
+    }
+    Err(failures.join("; "))
+}
+
+fn reach_one(addr: &str) -> Result<(), String> {
     let timeout = Duration::from_millis(STAGER_CONNECT_TIMEOUT_MS);
     let addrs: Vec<_> = addr
         .to_socket_addrs()
@@ -229,5 +245,28 @@ mod tests {
         )
         .expect_err("nothing listens");
         assert!(err.contains("127.0.0.1:1"), "{err}");
+    }
+
+    #[test]
+    fn one_reachable_stager_of_several_is_enough() {
+        // A TCP service counts as a stager that answers.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+        let live = listener.local_addr().expect("address");
+        let check = format!("reach-stager=127.0.0.1:1,{live}")
+            .parse()
+            .expect("check");
+        assert_eq!(run_check(&check, Slot::A, Path::new("/")), Ok(()));
+        let err = run_check(
+            &"reach-stager=127.0.0.1:1,127.0.0.1:2"
+                .parse()
+                .expect("check"),
+            Slot::A,
+            Path::new("/"),
+        )
+        .expect_err("neither answers");
+        assert!(
+            err.contains("127.0.0.1:1") && err.contains("127.0.0.1:2"),
+            "both are named: {err}"
+        );
     }
 }

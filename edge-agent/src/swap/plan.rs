@@ -45,9 +45,10 @@ pub const DEFAULT_IDENTITY_PATHS: &[&str] = &[
 pub enum HealthCheck {
     /// A network interface other than loopback is up.
     NetworkUp,
-    /// A TCP connection to the stager at `addr` (`host:port`) opens in time.
+    /// A QUIC handshake (or a TCP connection) with the stager at `addr` (`host:port`; several
+    /// separated by commas: any one of them) completes in time.
     ReachStager {
-        /// `host:port` of the stager.
+        /// `host:port` of the stager, or several separated by commas.
         addr: String,
     },
     /// `sh -c command` exits 0, run with `STAGECOACH_SLOT` and `STAGECOACH_SLOT_ROOT` set.
