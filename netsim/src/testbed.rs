@@ -75,6 +75,20 @@ pub struct EdgeFetch {
     pub log: PathBuf,
 }
 
+/// Panics unless `fetched` holds `edges` fetches that all succeeded, naming the first that did
+/// not with its log (for tests).
+pub fn assert_all_fetched(fetched: &[EdgeFetch], edges: usize) {
+    assert_eq!(fetched.len(), edges, "every edge fetched");
+    for f in fetched {
+        assert!(
+            f.ok,
+            "{} did not get the bundle: {}",
+            f.edge.name,
+            std::fs::read_to_string(&f.log).unwrap_or_default()
+        );
+    }
+}
+
 /// The running mesh. Dropping it stops every process.
 pub struct Testbed {
     /// Binaries used.

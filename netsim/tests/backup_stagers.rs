@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use netsim::datagen;
 use netsim::procs::{metric_sum, Binaries};
 use netsim::relay::{LinkShape, Relay, RelayConfig};
-use netsim::testbed::{EdgeFetch, Testbed};
+use netsim::testbed::Testbed;
 use stagecoach_testing::wait_for_async;
 
 const MIB: u64 = 1024 * 1024;
@@ -73,18 +73,6 @@ async fn origin_sent_to_site(mesh: &Testbed) -> u64 {
     metric_sum(&text, "stagecoach_bytes_sent_total", &[("peer_site", SITE)])
 }
 
-fn assert_all_ok(fetched: &[EdgeFetch], edges: usize) {
-    assert_eq!(fetched.len(), edges, "every edge fetched");
-    for f in fetched {
-        assert!(
-            f.ok,
-            "{} did not get the bundle: {}",
-            f.edge.name,
-            std::fs::read_to_string(&f.log).unwrap_or_default()
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_finish_when_one_of_two_stagers_is_killed_mid_bundle() {
     const EDGES: usize = 4;
@@ -126,7 +114,7 @@ async fn edges_finish_when_one_of_two_stagers_is_killed_mid_bundle() {
     let watch = watch_progress(&mesh, &wan, edges_at_kill, wan_at_kill, killed_at);
     let (fetched, progress) = tokio::join!(fetches.wait(), watch);
     let fetched = fetched.expect("fetches");
-    assert_all_ok(&fetched, EDGES);
+    netsim::testbed::assert_all_fetched(&fetched, EDGES);
     let crossed = wan.stats().down.forwarded_bytes;
     let payload = origin_sent_to_site(&mesh).await;
     let link_ratio = crossed as f64 / bundle as f64;

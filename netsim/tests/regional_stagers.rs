@@ -14,7 +14,7 @@ use netsim::datagen;
 use netsim::emulate::{self, EmulateOptions, Emulation};
 use netsim::procs::{metric_sum, Binaries};
 use netsim::report::RunResult;
-use netsim::testbed::{self, EdgeFetch};
+use netsim::testbed;
 use netsim::topology::{Strategy, Topology};
 use stagecoach_testing::wait_for_async;
 
@@ -95,18 +95,6 @@ fn options(work: Option<&Path>) -> EmulateOptions {
         seed: 7,
         capture_dir: None,
         origin_args: Vec::new(),
-    }
-}
-
-fn assert_all_ok(fetched: &[EdgeFetch], edges: usize) {
-    assert_eq!(fetched.len(), edges, "every edge fetched");
-    for f in fetched {
-        assert!(
-            f.ok,
-            "{} did not get the bundle: {}",
-            f.edge.name,
-            std::fs::read_to_string(&f.log).unwrap_or_default()
-        );
     }
 }
 
@@ -222,7 +210,7 @@ async fn site_stagers_fail_over_to_the_origin_when_the_regional_stager_dies() {
         }
     }
     let all_done_s = killed_at.elapsed().as_secs_f64();
-    assert_all_ok(&fetched, edges.len());
+    testbed::assert_all_fetched(&fetched, edges.len());
 
     eprintln!(
         "regional stager killed: the sites' links from the origin carried data {:?} s after the \

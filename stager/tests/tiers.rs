@@ -71,6 +71,28 @@ fn pulled(metrics: &str) -> u64 {
         .sum::<u64>()
 }
 
+/// Asserts from a stager's `metrics` that it banned one stager of `kind` (`sibling` or
+/// `upstream`) at its first bad group: at most one per request it had in flight to it. The
+/// bad groups counted.
+fn assert_banned_at_its_first_bad_groups(metrics: &str, kind: &str) -> u64 {
+    assert_eq!(
+        metric_sum(metrics, "stagecoach_stager_bans_total", &[("kind", kind)]),
+        1,
+        "one {kind} stager banned, once:\n{metrics}"
+    );
+    let failures = metric_sum(
+        metrics,
+        "stagecoach_verify_failures_total",
+        &[("peer_role", "stager")],
+    );
+    assert!(
+        (1..=stager::upstream::MAX_UPSTREAM_FLIGHTS.max(stager::node::PREHEAT_CONCURRENCY) as u64)
+            .contains(&failures),
+        "{failures} bad groups before the ban"
+    );
+    failures
+}
+
 /// Waits until the log of stager `name` holds `needle` at least `times` times.
 async fn wait_log(mesh: &Testbed, name: &str, needle: &str, times: usize) {
     let path = mesh.work.join("logs").join(format!("{name}.log"));
@@ -185,25 +207,7 @@ async fn a_lying_sibling_is_banned_and_its_chunks_come_from_upstream() {
         .expect("the honest stager holds the bundle");
     let bundle = stored_bytes(&manifest_of(&mesh, &id).await);
     let metrics = mesh.stager_metrics(&honest.name).await.expect("metrics");
-    assert_eq!(
-        metric_sum(
-            &metrics,
-            "stagecoach_stager_bans_total",
-            &[("kind", "sibling")]
-        ),
-        1,
-        "the liar is banned once:\n{metrics}"
-    );
-    // Caught at its first bad group: at most one group per request it had in flight.
-    let failures = metric_sum(
-        &metrics,
-        "stagecoach_verify_failures_total",
-        &[("peer_role", "stager")],
-    );
-    assert!(
-        (1..=stager::node::PREHEAT_CONCURRENCY as u64).contains(&failures),
-        "{failures} bad groups before the ban"
-    );
+    let failures = assert_banned_at_its_first_bad_groups(&metrics, "sibling");
     // Groups that verified before the bad one are kept; the bad one and everything after it
     // came from upstream.
     let from_liar = metric_sum(
@@ -318,24 +322,7 @@ async fn a_lying_regional_stager_is_banned_and_the_site_pulls_from_the_origin() 
         .await
         .expect("the site holds the bundle");
     let metrics = mesh.stager_metrics(&below.name).await.expect("metrics");
-    assert_eq!(
-        metric_sum(
-            &metrics,
-            "stagecoach_stager_bans_total",
-            &[("kind", "upstream")]
-        ),
-        1,
-        "the lying regional stager is banned once:\n{metrics}"
-    );
-    let failures = metric_sum(
-        &metrics,
-        "stagecoach_verify_failures_total",
-        &[("peer_role", "stager")],
-    );
-    assert!(
-        (1..=stager::node::PREHEAT_CONCURRENCY as u64).contains(&failures),
-        "{failures} bad groups before the ban"
-    );
+    assert_banned_at_its_first_bad_groups(&metrics, "upstream");
     let text = wait_status(&mesh, &below.name, |t| t.contains("-> ")).await;
     assert!(
         line_with(&text, &regional.ready.mesh).contains("banned"),
