@@ -1050,6 +1050,9 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     }
     let metrics_addr = proto::metrics::serve(config.metrics_listen, metrics.clone()).await?;
     proto::metrics::spawn_log_summary(metrics.clone(), METRICS_LOG_INTERVAL, "stager");
+    // Logged before any task starts, so every line of this run comes after it (tests read the
+    // log from the last such line on).
+    tracing::info!(site = %stager.site, %listen, metrics = %metrics_addr, %origin, upstreams = ?config.upstreams, siblings = ?config.siblings, "stager serving");
     tokio::spawn(server::run(endpoint.clone(), stager.clone(), metrics));
     tokio::spawn(stager.clone().follow());
     tokio::spawn(stager.clone().keep_fresh());
@@ -1073,7 +1076,6 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
         });
         durable::write_json_atomic(path, &ready, durable::MODE_READABLE)?;
     }
-    tracing::info!(site = %stager.site, %listen, metrics = %metrics_addr, %origin, upstreams = ?config.upstreams, siblings = ?config.siblings, "stager serving");
     server::shutdown_signal().await;
     endpoint.close(0u32.into(), b"stager stopping");
     Ok(())
