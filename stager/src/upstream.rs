@@ -301,17 +301,26 @@ impl Upstreams {
         }
     }
 
-    /// The connection to the origin, for control requests.
+    /// The connection to the origin, for control requests. The handshake runs without the
+    /// lock: an origin that does not answer never holds up data from a live upstream stager.
     pub async fn origin(&self) -> Result<Connection, NetError> {
         let index = self.origin_index();
-        let mut inner = self.inner.lock().await;
-        if let Some(conn) = inner.sources[index].live() {
-            return Ok(conn);
-        }
-        let addr = inner.sources[index].addr;
+        let addr = {
+            let inner = self.inner.lock().await;
+            if let Some(conn) = inner.sources[index].live() {
+                return Ok(conn);
+            }
+            inner.sources[index].addr
+        };
         let conn = self.dial(addr, UpstreamKind::Origin).await?;
-        tracing::info!(origin = %addr, "connected to the origin");
+        let mut inner = self.inner.lock().await;
         let source = &mut inner.sources[index];
+        if let Some(existing) = source.live() {
+            // Another request connected meanwhile: keep one connection.
+            conn.close(0u32.into(), b"duplicate");
+            return Ok(existing);
+        }
+        tracing::info!(origin = %addr, "connected to the origin");
         source.conn = Some(conn.clone());
         source.tried = true;
         Ok(conn)
