@@ -135,27 +135,11 @@ async fn wait_status(mesh: &Testbed, name: &str, ok: impl Fn(&str) -> bool) -> S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_cold_siblings_pull_each_chunk_upstream_once_between_them() {
     let work = tempfile::tempdir().expect("tempdir");
-    let work = Box::leak(Box::new(work));
-    eprintln!("WORK {}", work.path().display());
     let (mut mesh, tree) = mesh_and_tree(work.path(), 24 * MIB, 7).await;
-    let first = mesh.add_stager("site-a", &[]).await.expect("stager 0");
-    let second = mesh
-        .add_stager("site-a", &[s("--sibling"), first.ready.mesh.clone()])
-        .await
-        .expect("stager 1");
-    // The first learns of the second by a restart with --sibling (both then start cold: no
-    // bundle was published yet).
-    let index = mesh
-        .stagers
-        .iter()
-        .position(|st| st.name == first.name)
-        .expect("first");
-    mesh.stagers[index].extra_args = vec![s("--sibling"), second.ready.mesh.clone()];
-    mesh.kill_stager(&first.name).await.expect("stop");
-    mesh.restart_stager(&first.name).await.expect("restart");
-    // Both hold a connection to the other: the second's first one died with the restart.
-    wait_log(&mesh, &first.name, "sibling stager connected", 1).await;
-    wait_log(&mesh, &second.name, "sibling stager connected", 2).await;
+    // Both start cold (nothing published yet), each with the other as its sibling; this returns
+    // once each reached the other.
+    let stagers = mesh.add_stagers("site-a", 2, &[]).await.expect("stagers");
+    let (first, second) = (stagers[0].clone(), stagers[1].clone());
 
     let id = mesh.publish(&tree, "os", "1").await.expect("publish");
     mesh.wait_preheated("site-a", PREHEAT_TIMEOUT)
@@ -188,8 +172,6 @@ async fn two_cold_siblings_pull_each_chunk_upstream_once_between_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_sibling_is_banned_and_its_chunks_come_from_upstream() {
     let work = tempfile::tempdir().expect("tempdir");
-    let work = Box::leak(Box::new(work));
-    eprintln!("WORK {}", work.path().display());
     let (mut mesh, tree) = mesh_and_tree(work.path(), 8 * MIB, 8).await;
     let liar = mesh
         .add_stager("site-a", &[s("--test-corrupt-serving")])
@@ -233,8 +215,6 @@ async fn a_lying_sibling_is_banned_and_its_chunks_come_from_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_regional_stager_serves_its_sites_which_fail_over_to_the_origin_when_it_dies() {
     let work = tempfile::tempdir().expect("tempdir");
-    let work = Box::leak(Box::new(work));
-    eprintln!("WORK {}", work.path().display());
     let (mut mesh, tree) = mesh_and_tree(work.path(), 16 * MIB, 9).await;
     let regional = mesh.add_stager("region-eu", &[]).await.expect("regional");
     let below = mesh
@@ -306,8 +286,6 @@ async fn a_regional_stager_serves_its_sites_which_fail_over_to_the_origin_when_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_regional_stager_is_banned_and_the_site_pulls_from_the_origin() {
     let work = tempfile::tempdir().expect("tempdir");
-    let work = Box::leak(Box::new(work));
-    eprintln!("WORK {}", work.path().display());
     let (mut mesh, tree) = mesh_and_tree(work.path(), 8 * MIB, 11).await;
     let regional = mesh
         .add_stager("region-eu", &[s("--test-corrupt-serving")])
