@@ -211,12 +211,15 @@ impl Engine {
         let region_id = self.regions.len() as u32;
         let goodput = mbit_to_bytes_per_s(region.wan.mbit) * (1.0 - region.wan.loss);
         let wan_link = self.add_link(goodput * wire_efficiency());
-        let up_link = self.add_link(goodput * wire_efficiency());
+        let lan = mbit_to_bytes_per_s(topo.lan_node_mbit);
+        // What the region's stagers send their sites leaves through their own ports (each at
+        // the LAN rate) and crosses each site's WAN link, not the region's link from the
+        // origin (which is how `emulate` runs it: the region's relay carries origin → region).
+        let up_link = self.add_link(lan * f64::from(region.stagers) * wire_efficiency());
         let downstream_component = self.components.len() as u32;
         self.components.push(Component::default());
         let lan_component = self.components.len() as u32;
         self.components.push(Component::default());
-        let lan = mbit_to_bytes_per_s(topo.lan_node_mbit);
         let stagers = self.push_stagers(Role::Regional, u32::MAX, region.stagers, lan);
         for stager in stagers.clone() {
             let node = &mut self.nodes[stager as usize];
