@@ -665,11 +665,6 @@ impl Siblings {
         }
     }
 
-    /// Whether this stager has siblings at all.
-    pub fn any(&self) -> bool {
-        !self.list().is_empty()
-    }
-
     /// Counters of the bytes exchanged with siblings.
     pub fn counters(&self) -> &PeerCounters {
         &self.counters
