@@ -929,11 +929,11 @@ pub async fn serve_with_peers(
         return serve(config, board, Arc::new(Silent), ready).await;
     }
     let identity = NodeIdentity::load(&state::identity_dir(&config.dir))?;
-    let (announcer, addr_tx) =
-        peers::spawn_tracker(identity, config.stagers.clone(), board.clone(), p2p);
+    let stagers = crate::fetch::site_stagers(&config.stagers, &identity);
+    let (announcer, addr_tx) = peers::spawn_tracker(identity, stagers, board.clone(), p2p);
     serve(config, board, announcer, move |info| {
         if let Ok(addr) = info.mesh.parse::<SocketAddr>() {
-            let _ = addr_tx.send(advertised(addr));
+            let _ = addr_tx.send(proto::net::advertised(addr));
         }
         ready(info)
     })
@@ -982,6 +982,7 @@ pub async fn serve(
     let listen = endpoint.local_addr()?;
     let metrics_addr = proto::metrics::serve(config.metrics_listen, metrics.clone()).await?;
     let site = node.identity.site().as_str().to_owned();
+    let stagers = node.stagers.clone();
     let daemon = Arc::new(Daemon {
         node,
         site,
@@ -997,10 +998,10 @@ pub async fn serve(
         fetching: tokio::sync::Mutex::new(()),
         swap: config.swap.clone(),
         swapping: tokio::sync::Mutex::new(()),
-        stagers: config.stagers.clone(),
+        stagers,
         advertised: config
             .advertise
-            .unwrap_or_else(|| advertised(listen))
+            .unwrap_or_else(|| proto::net::advertised(listen))
             .to_string(),
         dir: config.dir.clone(),
         configured: config.configured.clone(),
@@ -1136,13 +1137,4 @@ fn spawn_startup_negotiation(daemon: Arc<Daemon>) {
             ),
         }
     });
-}
-
-/// The address peers should use: an unspecified bind address is advertised as loopback.
-pub fn advertised(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
-    } else {
-        addr
-    }
 }

@@ -83,7 +83,7 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Stagers first, in the order given, then the origin.
+    /// Stagers first (the order given is the preference among live connections), then the origin.
     pub fn new(
         endpoint: Endpoint,
         stagers: &[SocketAddr],
@@ -116,30 +116,49 @@ impl Sources {
         }
     }
 
-    /// The first usable source after `skip` of them: a connection, its index and counters.
-    async fn get(&self, from: usize) -> Option<(usize, Connection, PeerCounters)> {
+    /// A usable source not in `tried`: its connection, index and counters. A live connection
+    /// is taken first, in order of preference. Otherwise the stagers are dialed at once and
+    /// the first to answer is used, so a dead stager costs no handshake timeout; the origin
+    /// is dialed only when no stager answers.
+    async fn get(&self, tried: &[usize]) -> Option<(usize, Connection, PeerCounters)> {
         let mut sources = self.sources.lock().await;
-        for index in from..sources.len() {
-            let source = &mut sources[index];
-            if source.down || source.banned {
+        let usable = |index: usize, source: &Source| {
+            !source.down && !source.banned && !tried.contains(&index)
+        };
+        for (index, source) in sources.iter().enumerate() {
+            if !usable(index, source) {
                 continue;
             }
-            if let Some(conn) = &source.conn {
-                if conn.close_reason().is_none() {
-                    let counters = PeerCounters::new(&self.metrics, source.role, "");
-                    return Some((index, conn.clone(), counters));
+            if let Some(conn) = source.conn.as_ref().filter(|c| c.close_reason().is_none()) {
+                let counters = PeerCounters::new(&self.metrics, source.role, "");
+                return Some((index, conn.clone(), counters));
+            }
+        }
+        for role in ["stager", "origin"] {
+            let mut dials = tokio::task::JoinSet::new();
+            for (index, source) in sources.iter().enumerate() {
+                if usable(index, source) && source.role == role {
+                    let (endpoint, addr) = (self.endpoint.clone(), source.addr);
+                    dials.spawn(async move { (index, connect(&endpoint, addr).await) });
                 }
             }
-            match connect(&self.endpoint, source.addr).await {
-                Ok(conn) => {
-                    tracing::info!(source = %source.addr, role = source.role, "connected");
-                    source.conn = Some(conn.clone());
-                    let counters = PeerCounters::new(&self.metrics, source.role, "");
-                    return Some((index, conn, counters));
-                }
-                Err(error) => {
-                    tracing::warn!(source = %source.addr, role = source.role, %error, "source unreachable; trying the next");
-                    source.down = true;
+            // Dropping the set when one answers abandons the other handshakes.
+            while let Some(joined) = dials.join_next().await {
+                let Ok((index, dialed)) = joined else {
+                    continue;
+                };
+                let source = &mut sources[index];
+                match dialed {
+                    Ok(conn) => {
+                        tracing::info!(source = %source.addr, role = source.role, "connected");
+                        source.conn = Some(conn.clone());
+                        let counters = PeerCounters::new(&self.metrics, source.role, "");
+                        return Some((index, conn, counters));
+                    }
+                    Err(error) => {
+                        tracing::warn!(source = %source.addr, role = source.role, %error, "source unreachable; trying the next");
+                        source.down = true;
+                    }
                 }
             }
         }
@@ -166,22 +185,22 @@ impl Sources {
         }
     }
 
-    /// Runs `op` against the sources in order until one succeeds.
+    /// Runs `op` against the sources ([`Sources::get`]) until one succeeds, each at most once.
     async fn with_source<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
     where
         F: FnMut(Connection, PeerCounters) -> Fut,
         Fut: std::future::Future<Output = Result<T, FetchError>>,
     {
-        let mut from = 0;
+        let mut tried = Vec::new();
         let mut last_error = None;
-        while let Some((index, conn, counters)) = self.get(from).await {
+        while let Some((index, conn, counters)) = self.get(&tried).await {
             match op(conn, counters).await {
                 Ok(value) => return Ok(value),
                 Err(error) if error.is_source_fault() => {
                     tracing::warn!(%error, what, "source failed; trying the next");
                     self.mark(index, &error).await;
                     last_error = Some(error);
-                    from = index + 1;
+                    tried.push(index);
                 }
                 Err(error) => return Err(error.into()),
             }
@@ -270,14 +289,15 @@ impl Node {
         let store = open_store_with_limit(dir, limit_bytes)?;
         let endpoint = client_endpoint(&identity)?;
         Ok(Self {
+            stagers: site_stagers(stagers, &identity),
             identity,
             store,
             endpoint,
-            stagers: stagers.to_vec(),
             metrics,
         })
     }
 
+    /// The origin's mesh address, from enrollment.
     fn origin(&self) -> Option<SocketAddr> {
         self.identity.origin_addr().parse().ok()
     }
@@ -382,6 +402,25 @@ impl Node {
             chunks_present: moved.pieces_present as usize,
         })
     }
+}
+
+/// The site's stagers an edge uses: the `configured` ones (`--stager`) first, then those the
+/// origin named at enrollment that are not among them. An enrolled address that does not
+/// parse is left out with a warning.
+pub fn site_stagers(configured: &[SocketAddr], identity: &NodeIdentity) -> Vec<SocketAddr> {
+    let mut stagers = configured.to_vec();
+    for text in identity.stagers() {
+        match text.parse::<SocketAddr>() {
+            Ok(addr) if !stagers.contains(&addr) => stagers.push(addr),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(
+                stager = %text,
+                %error,
+                "a stager named at enrollment is not a host:port address; left out"
+            ),
+        }
+    }
+    stagers
 }
 
 /// Fetches `spec` into the store under `dir` from `stagers`, then the origin (no peers).

@@ -188,7 +188,8 @@ struct NegotiateArgs {
     /// The edge's state directory (identity and bundle store).
     #[arg(long, default_value = "/var/lib/stagecoach/edge")]
     dir: PathBuf,
-    /// A stager of this site (repeatable; tried in order, then the origin).
+    /// A stager of this site (repeatable; with those the origin named at enrollment, the first
+    /// to answer is used, then the origin).
     #[arg(long = "stager")]
     stagers: Vec<std::net::SocketAddr>,
     #[command(flatten)]
@@ -209,7 +210,7 @@ struct ServeArgs {
     /// The edge's state directory (identity and bundle store).
     #[arg(long, default_value = "/var/lib/stagecoach/edge")]
     dir: PathBuf,
-    /// A stager of this site (repeatable).
+    /// A stager of this site (repeatable; those the origin named at enrollment are used too).
     #[arg(long = "stager")]
     stagers: Vec<std::net::SocketAddr>,
     /// Address to serve the site's peers on (QUIC).
@@ -285,7 +286,8 @@ struct EnrollArgs {
     /// The edge's state directory (identity and bundle store).
     #[arg(long, default_value = "/var/lib/stagecoach/edge")]
     dir: PathBuf,
-    /// A stager of this site to report through (repeatable; default: the origin directly).
+    /// A stager of this site to report through (repeatable; besides those the origin named at
+    /// enrollment; with none, the origin directly).
     #[arg(long = "stager")]
     stagers: Vec<std::net::SocketAddr>,
     #[command(flatten)]
@@ -301,7 +303,8 @@ struct FetchArgs {
     /// The edge's state directory (identity and bundle store).
     #[arg(long, default_value = "/var/lib/stagecoach/edge")]
     dir: PathBuf,
-    /// A stager of this site (repeatable; tried in order, then the origin).
+    /// A stager of this site (repeatable; with those the origin named at enrollment, the first
+    /// to answer is used, then the origin).
     #[arg(long = "stager")]
     stagers: Vec<std::net::SocketAddr>,
     /// Also unpack the bundle into this directory.
@@ -741,6 +744,9 @@ fn cmd_enroll(args: &EnrollArgs) -> Result<ExitCode> {
         identity.origin_addr()
     );
     println!("node id {}", identity.node_id());
+    if !identity.stagers().is_empty() {
+        println!("site stagers {}", identity.stagers().join(", "));
+    }
     // The inventory at enrollment; a failure here leaves the node enrolled (it reports again
     // at every start).
     let config = args.facts.config(&args.dir)?;

@@ -222,6 +222,17 @@ impl Origin {
                 self.stagers.report(peer, served_bytes, pulled_bytes);
                 Response::Ok
             }
+            Request::StagerAddress { data_addr } => {
+                self.request_counter("stager_address");
+                if let Err(error) = data_addr.parse::<SocketAddr>() {
+                    return Response::Error {
+                        code: ErrorCode::BadRequest,
+                        message: format!("{data_addr:?} is not a host:port address: {error}"),
+                    };
+                }
+                self.stagers.advertise(peer, data_addr);
+                Response::Ok
+            }
             Request::ContentKeys => {
                 self.request_counter("content_keys");
                 self.content_keys(peer)
@@ -741,15 +752,17 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     let publisher_key = *identity.publisher_key();
     let origin_addr = mesh_addr.to_string();
     let enrolled = metrics.counter("stagecoach_enrollments_total", "Nodes enrolled", &[]);
+    let stager_book = origin.stagers.clone();
     tokio::spawn(serve_enrollment(enroll, move |request| {
         let ca = ca.clone();
+        let stager_book = stager_book.clone();
         let tokens_dir = tokens_dir.clone();
         let origin_addr = origin_addr.clone();
         let enrolled = enrolled.clone();
         async move {
             let (role, site) = tokens::consume(&tokens_dir, &request.secret)
                 .map_err(|e| EnrollDenied::forbidden(e.to_string()))?;
-            let grant = EnrollGrant::issue(
+            let mut grant = EnrollGrant::issue(
                 &ca,
                 &request.csr_pem,
                 role,
@@ -757,8 +770,9 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
                 &publisher_key,
                 origin_addr,
             )?;
+            grant.stagers = stager_book.site_addrs(site.as_str());
             enrolled.inc();
-            tracing::info!(%role, %site, remote = %request.remote, "enrolled a node");
+            tracing::info!(%role, %site, remote = %request.remote, stagers = ?grant.stagers, "enrolled a node");
             Ok(grant)
         }
     }));

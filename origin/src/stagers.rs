@@ -35,6 +35,8 @@ pub struct StagerSeen {
     pub last_seen_ms: u64,
     /// What it last reported ([`proto::wire::Request::StagerStats`]), if it did.
     pub stats: Option<StagerStats>,
+    /// Where its site's edges reach it ([`proto::wire::Request::StagerAddress`]), if it said.
+    pub addr: Option<String>,
 }
 
 /// A stager's own figures, as it last reported them.
@@ -52,14 +54,15 @@ pub struct StagerStats {
 struct Entry {
     site: String,
     stats: Option<StagerStats>,
+    addr: Option<String>,
     subscriptions: usize,
     first_seen_ms: u64,
     last_seen_ms: u64,
     last_seen: Instant,
 }
 
-/// The stagers seen since this origin started.
-#[derive(Debug, Default)]
+/// The stagers seen since this origin started. Clones share the book.
+#[derive(Clone, Debug, Default)]
 pub struct StagerBook {
     entries: Arc<Mutex<BTreeMap<NodeId, Entry>>>,
 }
@@ -78,6 +81,12 @@ impl Drop for Subscribed {
             entry.last_seen = Instant::now();
             entry.last_seen_ms = now_ms();
         }
+    }
+}
+
+impl Entry {
+    fn is_up(&self, now: Instant) -> bool {
+        self.subscriptions > 0 || now.duration_since(self.last_seen) <= UP_WITHIN
     }
 }
 
@@ -113,6 +122,25 @@ impl StagerBook {
         });
     }
 
+    /// Records where `peer` (a stager) serves its site's edges.
+    pub fn advertise(&self, peer: &PeerIdentity, addr: String) {
+        self.seen(peer.node_id, peer.site.as_str(), Instant::now(), |entry| {
+            entry.addr = Some(addr);
+        });
+    }
+
+    /// The addresses of `site`'s stagers that are up and said where they serve, ordered by
+    /// node id: what an enrolling node of `site` is given.
+    pub fn site_addrs(&self, site: &str) -> Vec<String> {
+        let now = Instant::now();
+        lock(&self.entries)
+            .values()
+            .filter(|e| e.site == site && e.is_up(now))
+            .filter_map(|e| e.addr.clone())
+            .take(proto::bounds::MAX_SITE_STAGERS)
+            .collect()
+    }
+
     /// Marks `peer`'s announcement stream open until the guard is dropped.
     pub fn subscribed(&self, peer: &PeerIdentity) -> Subscribed {
         self.seen(peer.node_id, peer.site.as_str(), Instant::now(), |entry| {
@@ -146,6 +174,7 @@ impl StagerBook {
         let entry = entries.entry(id).or_insert_with(|| Entry {
             site: site.to_owned(),
             stats: None,
+            addr: None,
             subscriptions: 0,
             first_seen_ms: ms,
             last_seen_ms: ms,
@@ -164,11 +193,12 @@ impl StagerBook {
             .map(|(id, e)| StagerSeen {
                 id: id.to_string(),
                 site: e.site.clone(),
-                up: e.subscriptions > 0 || now.duration_since(e.last_seen) <= UP_WITHIN,
+                up: e.is_up(now),
                 subscriptions: e.subscriptions,
                 first_seen_ms: e.first_seen_ms,
                 last_seen_ms: e.last_seen_ms,
                 stats: e.stats,
+                addr: e.addr.clone(),
             })
             .collect();
         list.sort_by(|a, b| (&a.site, &a.id).cmp(&(&b.site, &b.id)));
@@ -205,5 +235,29 @@ mod tests {
             .expect("s1");
         assert_eq!(seen.subscriptions, 0);
         assert!(seen.up, "the stream's end counts as seen");
+    }
+
+    #[test]
+    fn an_enrolling_node_gets_the_up_stagers_of_its_site_that_said_where_they_serve() {
+        let book = StagerBook::default();
+        let peer = |id: u8, site: &str| PeerIdentity {
+            node_id: NodeId([id; 32]),
+            role: proto::net::Role::Stager,
+            site: site.parse().expect("site"),
+        };
+        book.advertise(&peer(2, "west"), "10.0.0.2:7410".into());
+        book.advertise(&peer(1, "west"), "10.0.0.1:7410".into());
+        book.advertise(&peer(3, "east"), "10.0.1.1:7410".into());
+        book.touch(&peer(4, "west"));
+        let long_ago = Instant::now() - UP_WITHIN - Duration::from_secs(1);
+        book.seen(NodeId([5; 32]), "west", long_ago, |e| {
+            e.addr = Some("10.0.0.5:7410".into())
+        });
+        assert_eq!(
+            book.site_addrs("west"),
+            ["10.0.0.1:7410", "10.0.0.2:7410"],
+            "up, with an address, of the site, by node id"
+        );
+        assert_eq!(book.site_addrs("north"), Vec::<String>::new());
     }
 }

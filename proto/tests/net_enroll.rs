@@ -84,7 +84,11 @@ impl Origin {
                     &site,
                     &publisher_key,
                     mesh_addr.to_string(),
-                ),
+                )
+                .map(|mut grant| {
+                    grant.stagers = site_stagers(site.as_str());
+                    grant
+                }),
                 None => Err(EnrollDenied::forbidden(
                     "unknown or already used token; ask for a new one with `origin enroll`",
                 )),
@@ -118,6 +122,14 @@ impl Origin {
     }
 }
 
+/// The stagers the test origin names to a node of `site`.
+fn site_stagers(site: &str) -> Vec<String> {
+    match site {
+        "fra1" => vec!["10.1.0.1:7410".to_owned(), "10.1.0.2:7410".to_owned()],
+        _ => Vec::new(),
+    }
+}
+
 #[tokio::test]
 async fn enrolled_node_gets_its_role_and_site_and_joins_the_mesh() {
     let origin = Origin::start();
@@ -138,6 +150,12 @@ async fn enrolled_node_gets_its_role_and_site_and_joins_the_mesh() {
     assert_eq!(loaded.publisher_key(), &origin.publisher_key);
     assert_eq!(loaded.origin_addr(), origin.mesh_addr.to_string());
     assert_eq!(loaded.ca_cert_der(), origin.ca.cert_der());
+    assert_eq!(
+        enrolled.stagers(),
+        site_stagers("fra1"),
+        "the site's stagers follow"
+    );
+    assert_eq!(loaded.stagers(), site_stagers("fra1"), "and are kept");
     let key_mode = std::fs::metadata(node_dir.join(NODE_KEY_FILE))
         .expect("key file")
         .permissions()

@@ -27,6 +27,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Obtain this stager's certificate with a token from `origin enroll --role stager`.
@@ -54,6 +56,10 @@ enum Command {
         /// Mesh address for the site's edges.
         #[arg(long, default_value = "0.0.0.0:7410")]
         listen: SocketAddr,
+        /// Where the site's edges reach this stager (default: --listen as bound, 0.0.0.0 read
+        /// as 127.0.0.1). The origin gives it to the edges that enroll in the site.
+        #[arg(long)]
+        advertise: Option<SocketAddr>,
         /// Prometheus metrics address (HTTP).
         #[arg(long, default_value = "127.0.0.1:9410")]
         metrics_listen: SocketAddr,
@@ -105,6 +111,7 @@ async fn main() -> Result<()> {
             upstreams,
             siblings,
             listen,
+            advertise,
             metrics_listen,
             ready_file,
             cache_limit_bytes,
@@ -121,6 +128,7 @@ async fn main() -> Result<()> {
                 upstreams,
                 siblings,
                 listen,
+                advertise,
                 metrics_listen,
                 ready_file,
                 cache_limit_bytes,

@@ -62,6 +62,10 @@ pub const KEEP_SET_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the stager tells the origin its traffic figures, when they changed.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often the stager tells the origin where it serves its site, once the origin took it
+/// (until then, every [`STATS_INTERVAL`]): a restarted origin learns it again within this.
+pub const ADVERTISE_INTERVAL: Duration = Duration::from_secs(30);
+
 /// How often `status.json` is rewritten (when it changed).
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -87,6 +91,10 @@ pub struct StagerConfig {
     pub siblings: Vec<SocketAddr>,
     /// Mesh address for the site's edges.
     pub listen: SocketAddr,
+    /// Where the site's edges reach this stager, told to the origin so it can name the site's
+    /// stagers to an enrolling edge (default: `listen` as bound, an unspecified address
+    /// read as loopback).
+    pub advertise: Option<SocketAddr>,
     /// Prometheus metrics address.
     pub metrics_listen: SocketAddr,
     /// Write bound addresses as JSON here once listening.
@@ -295,6 +303,42 @@ impl Stager {
                 }
                 Err(error) => tracing::debug!(%error, "cannot send the stager's figures"),
             }
+        }
+    }
+
+    /// Tells the origin where the site's edges reach this stager ([`Request::StagerAddress`]),
+    /// every [`ADVERTISE_INTERVAL`] (every [`STATS_INTERVAL`] while the origin does not
+    /// answer), so it can name the site's stagers to the edges that enroll.
+    async fn advertise(self: Arc<Self>, addr: SocketAddr) {
+        let request = Request::StagerAddress {
+            data_addr: addr.to_string(),
+        };
+        let mut told = false;
+        loop {
+            let answer = match self.flights.upstreams().origin().await {
+                Ok(conn) => proto::net::call(&conn, &request, MAX_FRAME_BYTES)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            let wait = match answer {
+                Ok(Response::Ok) => {
+                    if !told {
+                        tracing::info!(%addr, "the origin knows where this stager serves its site");
+                        told = true;
+                    }
+                    ADVERTISE_INTERVAL
+                }
+                Ok(other) => {
+                    tracing::warn!(?other, %addr, "the origin did not take this stager's address");
+                    ADVERTISE_INTERVAL
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "cannot tell the origin this stager's address");
+                    STATS_INTERVAL
+                }
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -1057,6 +1101,13 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     tokio::spawn(stager.clone().follow());
     tokio::spawn(stager.clone().keep_fresh());
     tokio::spawn(stager.clone().report_stats());
+    let advertised = config
+        .advertise
+        .unwrap_or_else(|| proto::net::advertised(listen));
+    if advertised.ip().is_loopback() && !origin.ip().is_loopback() {
+        tracing::warn!(%advertised, "this stager tells the origin a loopback address, which edges on other machines cannot reach: pass --advertise HOST:PORT");
+    }
+    tokio::spawn(stager.clone().advertise(advertised));
     let weak = Arc::downgrade(&stager);
     siblings.on_flight(Arc::new(move |hash| {
         if let Some(stager) = weak.upgrade() {

@@ -309,3 +309,124 @@ async fn a_lying_regional_stager_is_banned_and_the_site_pulls_from_the_origin() 
     assert!(line_with(&text, "origin ").contains("in use"), "{text}");
     assert!(line_with(&text, "-> ").contains("(bad_data"), "{text}");
 }
+
+/// Bytes from the origin to edges below one 16 KiB group carry no bundle data, only control
+/// answers (the content keys an edge asks the origin for at enrollment, say).
+const NO_BUNDLE_DATA: u64 = 16 * 1024;
+
+/// Payload bytes the origin sent to edges (of any site).
+async fn origin_sent_to_edges(mesh: &Testbed) -> u64 {
+    let text = mesh.origin_metrics().await.expect("origin metrics");
+    metric_sum(
+        &text,
+        "stagecoach_bytes_sent_total",
+        &[("peer_role", "edge")],
+    )
+}
+
+/// `edge-agent fetch BUNDLE --dir DIR --no-progress`, with no `--stager`: the edge has only
+/// what enrollment told it.
+async fn fetch_unconfigured(mesh: &Testbed, dir: &Path, bundle: &str) -> netsim::procs::CliRun {
+    let args = [
+        s("fetch"),
+        s(bundle),
+        s("--dir"),
+        dir.display().to_string(),
+        s("--no-progress"),
+    ];
+    netsim::procs::run_cli(&mesh.bins.path("edge-agent"), &args)
+        .await
+        .expect("edge-agent fetch")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_learns_its_sites_stagers_at_enrollment_and_fetches_from_the_survivor() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (mut mesh, tree) = mesh_and_tree(work.path(), 8 * MIB, 11).await;
+    let stagers = mesh.add_stagers("site-a", 2, &[]).await.expect("stagers");
+    let regional = mesh
+        .add_stager("region-eu", &[])
+        .await
+        .expect("another site's stager");
+    for stager in stagers.iter().chain([&regional]) {
+        wait_log(
+            &mesh,
+            &stager.name,
+            "the origin knows where this stager serves its site",
+            1,
+        )
+        .await;
+    }
+
+    // Enrolled with a token only: the origin names the site's two stagers, not the other site's.
+    let dir = work.path().join("edge-unconfigured");
+    let token = mesh.token("edge", "site-a").await.expect("token");
+    let enrolled = netsim::procs::run_cli(
+        &mesh.bins.path("edge-agent"),
+        &[s("enroll"), token, s("--dir"), dir.display().to_string()],
+    )
+    .await
+    .expect("edge-agent enroll");
+    assert!(enrolled.ok, "{}\n{}", enrolled.stdout, enrolled.stderr);
+    let line = line_with(&enrolled.stdout, "site stagers");
+    for stager in &stagers {
+        assert!(line.contains(&stager.ready.mesh), "{line}");
+    }
+    assert!(!line.contains(&regional.ready.mesh), "{line}");
+
+    let first = mesh.publish(&tree, "os", "1").await.expect("publish");
+    mesh.wait_preheated("site-a", PREHEAT_TIMEOUT)
+        .await
+        .expect("the site holds os@1");
+    let fetched = fetch_unconfigured(&mesh, &dir, &first).await;
+    assert!(fetched.ok, "{}\n{}", fetched.stdout, fetched.stderr);
+    let control = origin_sent_to_edges(&mesh).await;
+    assert!(
+        control < NO_BUNDLE_DATA,
+        "the edge fetched from its site's stagers, not the origin ({control} B from it)"
+    );
+
+    // One stager dies: the edge fetches the next bundle from the other.
+    let served_by = |metrics: &str| {
+        metric_sum(
+            metrics,
+            "stagecoach_bytes_sent_total",
+            &[("peer_role", "edge")],
+        )
+    };
+    let before = served_by(
+        &mesh
+            .stager_metrics(&stagers[1].name)
+            .await
+            .expect("metrics"),
+    );
+    mesh.kill_stager(&stagers[0].name).await.expect("kill -9");
+    let tree2 = work.path().join("tree-2");
+    datagen::generate_incompressible_tree(&tree2, 4 * MIB, 12).expect("tree 2");
+    let second = mesh.publish(&tree2, "os", "2").await.expect("publish os@2");
+    let started = std::time::Instant::now();
+    let fetched = fetch_unconfigured(&mesh, &dir, &second).await;
+    assert!(fetched.ok, "{}\n{}", fetched.stdout, fetched.stderr);
+    eprintln!(
+        "os@2 fetched in {:.2} s with one of the two stagers dead (its handshake times out \
+         after {} ms)",
+        started.elapsed().as_secs_f64(),
+        proto::net::LAN_HANDSHAKE_TIMEOUT.as_millis()
+    );
+    let sent = origin_sent_to_edges(&mesh).await - control;
+    assert!(
+        sent < NO_BUNDLE_DATA,
+        "the edge fetched os@2 from the surviving stager, not the origin ({sent} B from it)"
+    );
+    let after = served_by(
+        &mesh
+            .stager_metrics(&stagers[1].name)
+            .await
+            .expect("metrics"),
+    );
+    assert!(
+        after - before >= 4 * MIB,
+        "the survivor served os@2: {} B",
+        after - before
+    );
+}

@@ -336,11 +336,12 @@ impl<'a> Run<'a> {
                 source.counters.clone(),
                 source.addr,
             );
+            let lan = source.role != SourceRole::Origin;
             let done_tx = done_tx.clone();
             let handle = tasks.spawn(async move {
                 let started = Instant::now();
                 let result = async {
-                    let conn = connection(&endpoint, &conn_slot, addr).await?;
+                    let conn = connection(&endpoint, &conn_slot, addr, lan).await?;
                     fetch_blob(&conn, &store, hash, size, &counters, None).await
                 }
                 .await;
@@ -495,11 +496,13 @@ async fn recv_peer(peers: &mut Option<mpsc::Receiver<PeerHave>>) -> Option<PeerH
     }
 }
 
-/// The source's connection, (re)connecting when there is none or it closed.
+/// The source's connection, (re)connecting when there is none or it closed. A source on the
+/// site's LAN (`lan`: a stager or a peer) gets [`proto::net::LAN_HANDSHAKE_TIMEOUT`] to answer.
 async fn connection(
     endpoint: &Endpoint,
     slot: &tokio::sync::Mutex<ConnSlot>,
     addr: SocketAddr,
+    lan: bool,
 ) -> Result<Connection, FetchError> {
     let mut slot = slot.lock().await;
     if slot.unreachable {
@@ -513,7 +516,12 @@ async fn connection(
             return Ok(conn.clone());
         }
     }
-    match connect(endpoint, addr).await {
+    let dialed = if lan {
+        proto::net::connect_within_lan(endpoint, addr).await
+    } else {
+        connect(endpoint, addr).await
+    };
+    match dialed {
         Ok(conn) => {
             slot.conn = Some(conn.clone());
             Ok(conn)

@@ -126,6 +126,14 @@ pub fn facts<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     names(d, MAX_FACTS)
 }
 
+/// Most stagers an enrollment answer names ([`crate::wire::Response::SiteStagers`]).
+pub const MAX_SITE_STAGERS: usize = 64;
+
+/// At most [`MAX_SITE_STAGERS`] addresses.
+pub fn site_stagers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    names(d, MAX_SITE_STAGERS)
+}
+
 /// A list of bundles (installed, held or planned) of at most [`MAX_NODE_BUNDLES`].
 pub fn node_bundles<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     d: D,

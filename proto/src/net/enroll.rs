@@ -275,6 +275,9 @@ pub struct EnrollGrant {
     pub publisher_key: [u8; 32],
     /// Where the origin's mesh endpoint listens (`host:port`).
     pub origin_addr: String,
+    /// The node's site's stagers the origin knows to be up (`host:port` each), sent after the
+    /// grant as [`Response::SiteStagers`]; empty sends none.
+    pub stagers: Vec<String>,
 }
 
 impl EnrollGrant {
@@ -298,6 +301,7 @@ impl EnrollGrant {
             ca_pem: ca.cert_pem(),
             publisher_key: publisher_key.to_bytes(),
             origin_addr,
+            stagers: Vec::new(),
         })
     }
 }
@@ -412,6 +416,7 @@ where
         }
         Err(e) => return Err(e),
     };
+    let mut stagers = None;
     let answer = match request {
         Request::Enroll { secret, csr_pem } => {
             match handler(EnrollRequest {
@@ -422,7 +427,8 @@ where
             .await
             {
                 Ok(grant) => {
-                    tracing::info!(%remote, "enrollment granted");
+                    tracing::info!(%remote, stagers = grant.stagers.len(), "enrollment granted");
+                    stagers = Some(Response::SiteStagers(grant.stagers));
                     Response::Enrolled {
                         cert_pem: grant.cert_pem,
                         ca_pem: grant.ca_pem,
@@ -450,6 +456,9 @@ where
         },
     };
     write_frame(&mut send, &answer).await?;
+    if let Some(stagers) = &stagers {
+        write_frame(&mut send, stagers).await?;
+    }
     send.finish()?;
     // Dropping the connection before the client has the answer could discard it.
     let _ = send.stopped().await;
@@ -491,7 +500,7 @@ pub async fn enroll(token: &EnrollToken, dir: &Path) -> Result<NodeIdentity, Net
         after_ms: ENROLL_TIMEOUT.as_millis() as u64,
     }));
     endpoint.close(VarInt::from_u32(0), b"enrolled");
-    let answer = match exchanged {
+    let (answer, stagers) = match exchanged {
         Err(_) if pin_mismatch.load(Ordering::SeqCst) => {
             return Err(NetError::FingerprintMismatch {
                 addr: token.enroll_addr,
@@ -525,7 +534,8 @@ pub async fn enroll(token: &EnrollToken, dir: &Path) -> Result<NodeIdentity, Net
         key: PrivatePkcs8KeyDer::from(key.serialize_der()),
         cert,
     };
-    let identity = NodeIdentity::new(issued, ca_cert, publisher_key, origin_addr)?;
+    let identity =
+        NodeIdentity::new(issued, ca_cert, publisher_key, origin_addr)?.with_stagers(stagers);
     if identity.role() != token.role || identity.site() != &token.site {
         return Err(NetError::BadCertificate(format!(
             "the origin issued a certificate for {} in {}, but the token is for {} in {}",
@@ -546,7 +556,7 @@ async fn exchange(
     client_config: quinn::ClientConfig,
     token: &EnrollToken,
     csr_pem: String,
-) -> Result<Response, NetError> {
+) -> Result<(Response, Vec<String>), NetError> {
     let addr = token.enroll_addr;
     let conn = endpoint
         .connect_with(client_config, addr, MESH_SERVER_NAME)
@@ -569,8 +579,27 @@ async fn exchange(
                 "the enrollment server closed the stream without answering".to_owned(),
             )
         })?;
+    // The site's stagers follow a grant (an older origin sends none). The certificate is
+    // issued and the token spent by now, so a list that does not arrive costs only the list.
+    let stagers = match &answer {
+        Response::Enrolled { .. } => {
+            match read_frame::<Response>(&mut recv, MAX_ENROLL_RESPONSE_BYTES).await {
+                Ok(Some(Response::SiteStagers(stagers))) => stagers,
+                Ok(None) => Vec::new(),
+                Ok(Some(other)) => {
+                    tracing::warn!(answer = ?other, "the enrollment server sent something else than the site's stagers; enrolled without them");
+                    Vec::new()
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the site's stagers from the enrollment server; enrolled without them");
+                    Vec::new()
+                }
+            }
+        }
+        _ => Vec::new(),
+    };
     conn.close(VarInt::from_u32(0), b"done");
-    Ok(answer)
+    Ok((answer, stagers))
 }
 
 fn enroll_transport() -> TransportConfig {

@@ -232,6 +232,7 @@ pub struct NodeIdentity {
     ca_cert: CertificateDer<'static>,
     publisher_key: VerifyingKey,
     origin_addr: String,
+    stagers: Vec<String>,
     me: PeerIdentity,
 }
 
@@ -242,6 +243,9 @@ struct MeshFile {
     publisher_key: String,
     /// The origin's mesh address.
     origin_addr: String,
+    /// The site's stagers the origin named at enrollment (`host:port` each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    stagers: Vec<String>,
 }
 
 impl NodeIdentity {
@@ -267,8 +271,15 @@ impl NodeIdentity {
             ca_cert,
             publisher_key,
             origin_addr,
+            stagers: Vec::new(),
             me,
         })
+    }
+
+    /// This identity with `stagers` as the site's stagers learnt at enrollment.
+    pub fn with_stagers(mut self, stagers: Vec<String>) -> Self {
+        self.stagers = stagers;
+        self
     }
 
     /// True when `dir` holds an identity (it may still fail to load if damaged).
@@ -295,12 +306,13 @@ impl NodeIdentity {
         let publisher_key = parse_publisher_key(&mesh.publisher_key)
             .map_err(|reason| bad_file(&mesh_path, reason))?;
 
-        Self::new(
+        Ok(Self::new(
             IssuedCert { key, cert },
             ca_cert,
             publisher_key,
             mesh.origin_addr,
-        )
+        )?
+        .with_stagers(mesh.stagers))
     }
 
     /// Saves the identity into `dir` (created if missing), replacing any identity there. The
@@ -311,6 +323,7 @@ impl NodeIdentity {
         let mesh = MeshFile {
             publisher_key: hex::encode(self.publisher_key.as_bytes()),
             origin_addr: self.origin_addr.clone(),
+            stagers: self.stagers.clone(),
         };
         let mesh_json = serde_json::to_vec_pretty(&mesh)
             .map_err(|e| bad_file(&dir.join(MESH_FILE), e.to_string()))?;
@@ -380,6 +393,12 @@ impl NodeIdentity {
         &self.origin_addr
     }
 
+    /// The site's stagers the origin named at enrollment (`host:port` each; empty when it
+    /// knew none up, or for an identity enrolled before origins named them).
+    pub fn stagers(&self) -> &[String] {
+        &self.stagers
+    }
+
     /// The private key, for building TLS configurations.
     pub(crate) fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
@@ -394,6 +413,7 @@ impl Clone for NodeIdentity {
             ca_cert: self.ca_cert.clone(),
             publisher_key: self.publisher_key,
             origin_addr: self.origin_addr.clone(),
+            stagers: self.stagers.clone(),
             me: self.me.clone(),
         }
     }
@@ -405,6 +425,7 @@ impl fmt::Debug for NodeIdentity {
         f.debug_struct("NodeIdentity")
             .field("me", &self.me)
             .field("origin_addr", &self.origin_addr)
+            .field("stagers", &self.stagers)
             .field("publisher_key", &hex::encode(self.publisher_key.as_bytes()))
             .finish_non_exhaustive()
     }

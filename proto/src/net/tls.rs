@@ -5,7 +5,7 @@
 //! server's certificate against the same CA under the name [`MESH_SERVER_NAME`]. Every config
 //! is built on an explicit ring provider, so it works whatever provider the process default is.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +51,11 @@ pub const WATCHED_IDLE_TIMEOUT_MS: u32 = 4_000;
 
 /// How long [`connect`] and [`accept`] wait for the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`connect_within_lan`] waits for the handshake: a source on the site's LAN (a
+/// stager, a peer) that takes longer is taken for dead, so a killed stager holds up no
+/// download for the WAN's [`HANDSHAKE_TIMEOUT`].
+pub const LAN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Installs rustls' ring provider as the process default, once; later calls do nothing. Call it
 /// at start-up: when a second provider is linked (libp2p's QUIC brings one), rustls builders
@@ -126,6 +131,30 @@ pub async fn connect(endpoint: &Endpoint, addr: SocketAddr) -> Result<Connection
             reason: e.to_string(),
         })?;
     finish_connect(connecting, addr, HANDSHAKE_TIMEOUT).await
+}
+
+/// The address to tell others when none is configured: `bound`, with an unspecified IP (a
+/// bind to all interfaces) read as loopback of its family.
+pub fn advertised(bound: SocketAddr) -> SocketAddr {
+    match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, bound.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, bound.port()).into(),
+        _ => bound,
+    }
+}
+
+/// [`connect`] to a node of the site's LAN, waiting at most [`LAN_HANDSHAKE_TIMEOUT`].
+pub async fn connect_within_lan(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+) -> Result<Connection, NetError> {
+    let connecting = endpoint
+        .connect(addr, MESH_SERVER_NAME)
+        .map_err(|e| NetError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    finish_connect(connecting, addr, LAN_HANDSHAKE_TIMEOUT).await
 }
 
 /// [`connect`] with `config` instead of the endpoint's default, waiting at most `timeout` for

@@ -57,11 +57,13 @@ pub enum RequestKind {
     SwapStatus,
     /// [`Request::SiblingFlights`].
     SiblingFlights,
+    /// [`Request::StagerAddress`].
+    StagerAddress,
 }
 
 impl RequestKind {
     /// Every kind, in the order of [`Request`]'s variants.
-    pub const ALL: [RequestKind; 22] = [
+    pub const ALL: [RequestKind; 23] = [
         RequestKind::ListBundles,
         RequestKind::Resolve,
         RequestKind::GetManifest,
@@ -84,6 +86,7 @@ impl RequestKind {
         RequestKind::StagerStats,
         RequestKind::SwapStatus,
         RequestKind::SiblingFlights,
+        RequestKind::StagerAddress,
     ];
 
     /// The variant's name, as in the protocol (`PutBlob`).
@@ -110,6 +113,7 @@ impl RequestKind {
             RequestKind::StagerStats => "StagerStats",
             RequestKind::SwapStatus => "SwapStatus",
             RequestKind::SiblingFlights => "SiblingFlights",
+            RequestKind::StagerAddress => "StagerAddress",
             RequestKind::ContentKeys => "ContentKeys",
         }
     }
@@ -139,6 +143,7 @@ impl RequestKind {
             RequestKind::StagerStats => "report a stager's traffic",
             RequestKind::SwapStatus => "ask how a swap stands",
             RequestKind::SiblingFlights => "follow a sibling stager's upstream pulls",
+            RequestKind::StagerAddress => "tell where a stager serves its site",
         }
     }
 }
@@ -175,6 +180,7 @@ impl Request {
             Request::StagerStats { .. } => RequestKind::StagerStats,
             Request::SwapStatus { .. } => RequestKind::SwapStatus,
             Request::SiblingFlights => RequestKind::SiblingFlights,
+            Request::StagerAddress { .. } => RequestKind::StagerAddress,
         }
     }
 }
@@ -254,6 +260,8 @@ pub fn access(server: Role, request: RequestKind) -> Access {
         K::ContentKeys => [EDGE, NO, NO],
         // A stager's traffic figures, for the origin's console.
         K::StagerStats => [STAGER, NO, NO],
+        // Where a stager serves its site, for the origin's enrollment answers.
+        K::StagerAddress => [STAGER, NO, NO],
     };
     match server {
         Role::Origin => origin,
@@ -450,6 +458,9 @@ mod tests {
             },
             Request::SwapStatus { target: hash },
             Request::SiblingFlights,
+            Request::StagerAddress {
+                data_addr: "127.0.0.1:7410".into(),
+            },
         ]
     }
 
@@ -464,7 +475,9 @@ mod tests {
                 K::ListBundles | K::Resolve | K::GetManifest | K::GetBlob | K::Subscribe => None,
                 K::PutBlob | K::Publish => only(&[Role::Publisher]),
                 K::ReportNode => only(&[Role::Edge]),
-                K::RelayReport | K::RelayKeepSet | K::StagerStats => only(&[Role::Stager]),
+                K::RelayReport | K::RelayKeepSet | K::StagerStats | K::StagerAddress => {
+                    only(&[Role::Stager])
+                }
                 K::KeepSet => only(&[Role::Stager, Role::Edge]),
                 K::ContentKeys => only(&[Role::Edge]),
                 K::Control => only(&[Role::Origin, Role::Publisher]),

@@ -172,6 +172,14 @@ pub enum Request {
     /// arrives at the sibling, so the site loses little more than the sibling's bytes in
     /// transit if the sibling dies.
     SiblingFlights,
+    /// A stager tells the origin where its site's edges reach it (stagers only), so the origin
+    /// can give an enrolling node its site's stagers ([`Response::SiteStagers`]). Answered by
+    /// [`Response::Ok`]; sent at start and now and then, so a restarted origin learns it again.
+    StagerAddress {
+        /// `host:port` of the stager's mesh endpoint, as the site's edges reach it.
+        #[serde(deserialize_with = "bounds::name")]
+        data_addr: String,
+    },
 }
 
 /// Content-key generations given to an edge: at most
@@ -678,6 +686,11 @@ pub enum Response {
         /// The chunk.
         hash: BlobHash,
     },
+    /// After [`Response::Enrolled`], on the same stream: the site's stagers the origin knows
+    /// to be up (`host:port` each), for the node to fetch from besides any it is configured
+    /// with. A node that reads only the first frame (an older one) ignores it; an older
+    /// origin sends none.
+    SiteStagers(#[serde(deserialize_with = "bounds::site_stagers")] Vec<String>),
 }
 
 #[cfg(test)]
