@@ -24,13 +24,12 @@ use std::time::Instant;
 use proto::chunking::ChunkerParams;
 use proto::manifest::{generate_signing_key, BundleKind};
 use proto::pack::{pack_path, MemChunks, PackOptions, PackedBundle};
+use stagecoach_testing::debian;
 
 const SUITE: &str = "bookworm";
 const VARIANT: &str = "minbase";
 /// The patch release: packages added to the first version's.
 const PATCH_PACKAGES: &[&str] = &["less", "procps", "iproute2", "netbase", "iputils-ping"];
-const MIRROR_VAR: &str = "STAGECOACH_DEBIAN_MIRROR";
-const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 /// Average chunk sizes tried besides the default, for the choice issue 20 asks to measure.
 const AVERAGES_KIB: &[usize] = &[512, 128, 64, 32];
 
@@ -43,7 +42,7 @@ fn main() {
         eprintln!("patch_release: skipped: mmdebstrap is not installed (scripts/install-deps.sh)");
         return;
     }
-    let mirror = std::env::var(MIRROR_VAR).unwrap_or_else(|_| DEFAULT_MIRROR.to_owned());
+    let mirror = debian::mirror();
     let v1 = cached_tree(&mirror, &[]).expect("build the first version");
     let v2 = cached_tree(&mirror, PATCH_PACKAGES).expect("build the patch release");
     let changed = changed_files(&v1, &v2).expect("compare the trees");
@@ -295,51 +294,11 @@ fn changed_files(v1: &Path, v2: &Path) -> io::Result<Vec<(PathBuf, u64)>> {
 
 /// A bookworm minbase tree with `packages` added, built once with mmdebstrap and cached.
 fn cached_tree(mirror: &str, packages: &[&str]) -> io::Result<PathBuf> {
-    // The key of `proto/tests/bundle_debian.rs`, which caches the first version too.
-    let version = Command::new("mmdebstrap").arg("--version").output()?.stdout;
-    let version = String::from_utf8_lossy(&version);
-    let key = blake3::hash(
-        format!(
-            "suite={SUITE}\nvariant={VARIANT}\npackages={}\nmirror={mirror}\nmmdebstrap={}\n",
-            packages.join(","),
-            version.lines().next().unwrap_or("").trim()
-        )
-        .as_bytes(),
-    )
-    .to_hex();
-    let home = std::env::var_os("HOME").ok_or_else(|| io::Error::other("HOME is not set"))?;
-    let cache = Path::new(&home).join(".cache/stagecoach/rootfs");
-    let tree = cache.join(key.as_str());
-    if tree.is_dir() {
-        return Ok(tree);
+    debian::TreeSpec {
+        suite: SUITE,
+        variant: VARIANT,
+        packages,
+        mirror,
     }
-    fs::create_dir_all(&cache)?;
-    let building = cache.join(format!(".building-{key}-{}", std::process::id()));
-    eprintln!(
-        "patch_release: building {SUITE} {VARIANT} +[{}] with mmdebstrap (about a minute)",
-        packages.join(",")
-    );
-    let mut command = Command::new("mmdebstrap");
-    command
-        .arg("--quiet")
-        .arg(format!("--variant={VARIANT}"))
-        .stdin(Stdio::null());
-    if !packages.is_empty() {
-        command.arg(format!("--include={}", packages.join(",")));
-    }
-    let output = command.arg(SUITE).arg(&building).arg(mirror).output()?;
-    if !output.status.success() {
-        let _ = fs::remove_dir_all(&building);
-        return Err(io::Error::other(format!(
-            "mmdebstrap failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        )));
-    }
-    match fs::rename(&building, &tree) {
-        Ok(()) => {}
-        Err(_) if tree.is_dir() => fs::remove_dir_all(&building)?,
-        Err(e) => return Err(e),
-    }
-    Ok(tree)
+    .build()
 }

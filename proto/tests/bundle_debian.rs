@@ -13,28 +13,23 @@ mod bundle_common;
 
 use std::fs;
 use std::io;
-use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 use bundle_common::*;
 use proto::bundles::StoreSink;
 use proto::chunking::ChunkerParams;
 use proto::pack::{pack_path, unpack};
 use proto::store::{Store, StoreOptions};
+use stagecoach_testing::debian;
 
 const TEST: &str = "debian_root_tree_unpacks_exactly";
 const SUITE: &str = "bookworm";
 const VARIANT: &str = "minbase";
 /// Packages added to the variant's; part of the cache key.
 const EXTRA_PACKAGES: &[&str] = &[];
-/// Overrides the Debian mirror (default: [`DEFAULT_MIRROR`]).
-const MIRROR_VAR: &str = "STAGECOACH_DEBIAN_MIRROR";
-const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
-/// How long the network check waits for the mirror to accept a connection.
-const MIRROR_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[test]
 fn debian_root_tree_unpacks_exactly() {
@@ -45,15 +40,15 @@ fn debian_root_tree_unpacks_exactly() {
         );
         return;
     }
-    let Some(mmdebstrap_version) = tool_version("mmdebstrap") else {
+    if tool_version("mmdebstrap").is_none() {
         skip_or_fail(
             TEST,
             "mmdebstrap is not installed (scripts/install-deps.sh installs it)",
         );
         return;
     };
-    let mirror = std::env::var(MIRROR_VAR).unwrap_or_else(|_| DEFAULT_MIRROR.to_owned());
-    let cached = match cached_rootfs(&mirror, &mmdebstrap_version) {
+    let mirror = debian::mirror();
+    let cached = match cached_rootfs(&mirror) {
         Ok(Some(tree)) => tree,
         Ok(None) => return, // skipped: no network
         Err(e) => panic!("cannot build the Debian tree: {e}"),
@@ -136,85 +131,22 @@ fn debian_root_tree_unpacks_exactly() {
 
 /// The cached tree for these inputs, built first if missing; `None` (after reporting the skip)
 /// when it must be built and the mirror cannot be reached.
-fn cached_rootfs(mirror: &str, mmdebstrap_version: &str) -> io::Result<Option<PathBuf>> {
-    let key = blake3::hash(
-        format!(
-            "suite={SUITE}\nvariant={VARIANT}\npackages={}\nmirror={mirror}\nmmdebstrap={mmdebstrap_version}\n",
-            EXTRA_PACKAGES.join(",")
-        )
-        .as_bytes(),
-    )
-    .to_hex();
-    let home = std::env::var_os("HOME").ok_or_else(|| io::Error::other("HOME is not set"))?;
-    let cache = Path::new(&home).join(".cache/stagecoach/rootfs");
-    let tree = cache.join(key.as_str());
-    if tree.is_dir() {
+fn cached_rootfs(mirror: &str) -> io::Result<Option<PathBuf>> {
+    let spec = debian::TreeSpec {
+        suite: SUITE,
+        variant: VARIANT,
+        packages: EXTRA_PACKAGES,
+        mirror,
+    };
+    if let Some(tree) = spec.cached()? {
         eprintln!("{TEST}: using the cached tree {}", tree.display());
         return Ok(Some(tree));
     }
-    if let Err(reason) = mirror_reachable(mirror) {
+    if let Err(reason) = debian::mirror_reachable(mirror) {
         skip_or_fail(TEST, &format!("no cached tree and no network: {reason}"));
         return Ok(None);
     }
-    fs::create_dir_all(&cache)?;
-    // Built beside its final place and renamed, so a tree in the cache is always complete.
-    let building = cache.join(format!(".building-{key}-{}", std::process::id()));
-    if building.exists() {
-        fs::remove_dir_all(&building)?;
-    }
-    eprintln!(
-        "{TEST}: building the Debian tree into {} (about a minute)",
-        building.display()
-    );
-    let mut command = Command::new("mmdebstrap");
-    command
-        .arg("--quiet")
-        .arg(format!("--variant={VARIANT}"))
-        .stdin(Stdio::null());
-    if !EXTRA_PACKAGES.is_empty() {
-        command.arg(format!("--include={}", EXTRA_PACKAGES.join(",")));
-    }
-    let output = command.arg(SUITE).arg(&building).arg(mirror).output()?;
-    if !output.status.success() {
-        let _ = fs::remove_dir_all(&building);
-        return Err(io::Error::other(format!(
-            "mmdebstrap failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        )));
-    }
-    // The cache is root's; the tree inside keeps its own modes.
-    fs::set_permissions(&cache, fs::Permissions::from_mode(0o700))?;
-    match fs::rename(&building, &tree) {
-        Ok(()) => {}
-        // Another run finished first: use its tree.
-        Err(_) if tree.is_dir() => fs::remove_dir_all(&building)?,
-        Err(e) => return Err(e),
-    }
-    Ok(Some(tree))
-}
-
-/// Whether a TCP connection to the mirror's host opens.
-fn mirror_reachable(mirror: &str) -> Result<(), String> {
-    let rest = mirror
-        .strip_prefix("http://")
-        .map(|r| (r, 80))
-        .or_else(|| mirror.strip_prefix("https://").map(|r| (r, 443)));
-    let Some((rest, port)) = rest else {
-        return Err(format!("{mirror} is not an http(s) URL"));
-    };
-    let host = rest.split('/').next().unwrap_or(rest);
-    let addrs = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
-    let mut last = format!("{host} has no address");
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, MIRROR_CONNECT_TIMEOUT) {
-            Ok(_) => return Ok(()),
-            Err(e) => last = format!("cannot connect to {addr}: {e}"),
-        }
-    }
-    Err(last)
+    spec.build().map(Some)
 }
 
 /// Adds to a Debian tree what minbase lacks: a binary with a file capability, POSIX ACLs, a

@@ -124,13 +124,7 @@ fn endpoint_on(
 /// certificate, so a server that refuses this node closes the connection just after this
 /// returns; the first stream operation then fails with [`NetError::RefusedByPeer`].
 pub async fn connect(endpoint: &Endpoint, addr: SocketAddr) -> Result<Connection, NetError> {
-    let connecting = endpoint
-        .connect(addr, MESH_SERVER_NAME)
-        .map_err(|e| NetError::Connect {
-            addr,
-            reason: e.to_string(),
-        })?;
-    finish_connect(connecting, addr, HANDSHAKE_TIMEOUT).await
+    connect_within(endpoint, addr, HANDSHAKE_TIMEOUT).await
 }
 
 /// The address to tell others when none is configured: `bound`, with an unspecified IP (a
@@ -148,13 +142,22 @@ pub async fn connect_within_lan(
     endpoint: &Endpoint,
     addr: SocketAddr,
 ) -> Result<Connection, NetError> {
+    connect_within(endpoint, addr, LAN_HANDSHAKE_TIMEOUT).await
+}
+
+/// [`connect`], waiting at most `timeout` for the handshake.
+async fn connect_within(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Connection, NetError> {
     let connecting = endpoint
         .connect(addr, MESH_SERVER_NAME)
         .map_err(|e| NetError::Connect {
             addr,
             reason: e.to_string(),
         })?;
-    finish_connect(connecting, addr, LAN_HANDSHAKE_TIMEOUT).await
+    finish_connect(connecting, addr, timeout).await
 }
 
 /// [`connect`] with `config` instead of the endpoint's default, waiting at most `timeout` for

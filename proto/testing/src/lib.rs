@@ -17,6 +17,7 @@ use std::fmt;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+pub mod debian;
 pub mod need;
 
 /// Set to `1` to make every test that cannot run fail instead of skipping.
