@@ -471,8 +471,8 @@ impl Store {
         let data = open_existing(&paths.data)?.ok_or_else(not_found)?;
         let outboard = open_existing(&paths.outboard)?.ok_or_else(not_found)?;
         verify::encode_ranges_checked(
-            &FileData { file: &data },
-            &FileOutboard { file: &outboard },
+            &FileData::new(&data),
+            &FileOutboard::new(&outboard),
             *hash,
             size,
             &ranges,
@@ -847,8 +847,8 @@ impl Store {
             let one: GroupRanges = std::iter::once(group).collect();
             encoded.clear();
             let encoded_ok = verify::encode_ranges_checked(
-                &FileData { file: data },
-                &FileOutboard { file: outboard },
+                &FileData::new(data),
+                &FileOutboard::new(outboard),
                 hash,
                 size,
                 &one,
