@@ -375,9 +375,10 @@ impl Store {
         paths.ensure_dir()?;
         let (data, data_created) = files::open_read_write(&paths.data)?;
         let (outboard, outboard_created) = files::open_read_write(&paths.outboard)?;
-        if data_created || outboard_created {
-            files::sync_dir(&paths.dir)?;
-        }
+        // The new entries need a directory fsync before any synced record claims their data;
+        // `PartialBlob` does it right after it fsyncs the files, when the journal commit for
+        // them has made it almost free, instead of here, where it is a commit of its own.
+        let dir_unsynced = data_created || outboard_created;
         let mut verified = recorded;
         let mut complete = complete;
         let mut unsynced = GroupRanges::empty();
@@ -425,6 +426,7 @@ impl Store {
             verified,
             unsynced,
             live,
+            dir_unsynced,
         }))
     }
 

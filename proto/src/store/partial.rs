@@ -6,7 +6,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, RwLock};
 
-use super::files::{io_error, BlobPaths};
+use super::files::{io_error, sync_dir, BlobPaths};
 use super::index::RecordState;
 use super::{Durability, Store, StoreError};
 use crate::hash::BlobHash;
@@ -43,6 +43,7 @@ pub(super) struct PartialParts {
     pub verified: GroupRanges,
     pub unsynced: GroupRanges,
     pub live: Arc<RwLock<GroupRanges>>,
+    pub dir_unsynced: bool,
 }
 
 /// A download in progress into the store, from [`Store::begin_or_resume`].
@@ -78,6 +79,8 @@ pub struct PartialBlob {
     pending_bytes: u64,
     /// `committed ∪ pending`, shared with readers of the store.
     live: Arc<RwLock<GroupRanges>>,
+    /// The files were created and their directory not fsynced since: the next sync does it.
+    dir_unsynced: bool,
     finished: bool,
     // Last field: dropped after `Drop::drop` committed, it lets another writer open the blob.
     _guard: WriterGuard,
@@ -99,6 +102,7 @@ impl PartialBlob {
             pending: GroupRanges::empty(),
             pending_bytes: 0,
             live: parts.live,
+            dir_unsynced: parts.dir_unsynced,
             finished: false,
             _guard: parts.guard,
         }
@@ -359,7 +363,7 @@ impl PartialBlob {
         Ok(())
     }
 
-    /// Fsyncs data and outboard. On failure the pending groups are no longer claimed by anyone:
+    /// Fsyncs data and outboard, and their directory when they are new. On failure the pending groups are no longer claimed by anyone:
     /// not durable, so not verified.
     fn sync_files(&mut self) -> Result<(), StoreError> {
         let synced = self
@@ -370,6 +374,14 @@ impl PartialBlob {
                 self.outboard
                     .sync_data()
                     .map_err(io_error("syncing", &self.paths.outboard))
+            })
+            .and_then(|()| {
+                // New files' entries, after the files: their journal commit is done by now.
+                if self.dir_unsynced {
+                    sync_dir(&self.paths.dir)?;
+                    self.dir_unsynced = false;
+                }
+                Ok(())
             });
         if synced.is_err() {
             *self.live.write().unwrap_or_else(|e| e.into_inner()) = self.committed.clone();
