@@ -154,25 +154,21 @@ pub fn remove_if_present(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// Bytes a [`FileData`] reads at once: a whole part of an answer (32 groups) in one system
-/// call instead of one per 16 KiB group.
-const DATA_READ_AHEAD_BYTES: usize = 512 * 1024;
+/// Bytes a [`FileData`] reads at once: 8 groups, so a part of 32 takes 4 system calls instead of
+/// 32, while a node answering many requests at once holds little beside the parts themselves.
+const DATA_READ_AHEAD_BYTES: usize = 128 * 1024;
 
 /// Bytes a [`FileOutboard`] reads at once: the parents of a part lie together in the
 /// post-order outboard (a 32-group subtree's 31 parents are 1,984 bytes), so one read serves
 /// most of them instead of one 64-byte read each.
 const OUTBOARD_READ_AHEAD_BYTES: usize = 16 * 1024;
 
-thread_local! {
-    /// The read-ahead buffers of this thread, kept between answers so every part does not map
-    /// and fault in fresh memory.
-    static READ_AHEAD_BUFFERS: std::cell::RefCell<Vec<Vec<u8>>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-}
+/// Read-ahead buffers kept between answers for the whole process (not per thread: answers run
+/// on whichever blocking thread is free, and a node may have a hundred), so every part does not
+/// map and fault in fresh memory. At most this many, each at most [`DATA_READ_AHEAD_BYTES`].
+const KEPT_READ_AHEAD_BUFFERS: usize = 8;
 
-/// Read-ahead buffers of a thread kept for reuse (a [`FileData`] and a [`FileOutboard`] each
-/// hold one while they live).
-const KEPT_READ_AHEAD_BUFFERS: usize = 4;
+static READ_AHEAD_BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
 /// A window of a file read ahead: `bytes[..valid]` holds the file from `start`.
 struct ReadAhead {
@@ -186,7 +182,9 @@ struct ReadAhead {
 impl ReadAhead {
     fn new(ahead: usize) -> Self {
         let mut bytes = READ_AHEAD_BUFFERS
-            .with(|kept| kept.borrow_mut().pop())
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
             .unwrap_or_default();
         // Zeroed once per buffer, not per read: `valid` says what holds file bytes.
         if bytes.len() < ahead {
@@ -242,14 +240,14 @@ impl ReadAhead {
 
 impl Drop for ReadAhead {
     fn drop(&mut self) {
-        let bytes = std::mem::take(&mut self.bytes);
-        // A thread that is exiting has no buffers to keep.
-        let _ = READ_AHEAD_BUFFERS.try_with(|kept| {
-            let mut kept = kept.borrow_mut();
-            if kept.len() < KEPT_READ_AHEAD_BUFFERS {
-                kept.push(bytes);
-            }
-        });
+        // Only buffers of the usual size are kept (a read larger than the window grew this one).
+        if self.bytes.len() > DATA_READ_AHEAD_BYTES {
+            return;
+        }
+        let mut kept = READ_AHEAD_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < KEPT_READ_AHEAD_BUFFERS {
+            kept.push(std::mem::take(&mut self.bytes));
+        }
     }
 }
 
