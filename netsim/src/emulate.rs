@@ -354,6 +354,7 @@ fn add_stats(a: RelayStats, b: RelayStats) -> RelayStats {
         forwarded_bytes: a.forwarded_bytes + b.forwarded_bytes,
         dropped_queue_datagrams: a.dropped_queue_datagrams + b.dropped_queue_datagrams,
         dropped_loss_datagrams: a.dropped_loss_datagrams + b.dropped_loss_datagrams,
+        dropped_oversize_datagrams: a.dropped_oversize_datagrams + b.dropped_oversize_datagrams,
         send_errors: a.send_errors + b.send_errors,
     };
     RelayStats {

@@ -236,6 +236,66 @@ fn a_corrupt_stream_keeps_what_verified_and_names_the_bad_group() {
 }
 
 #[test]
+fn a_part_written_whole_keeps_what_verified_and_names_the_bad_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // Not a whole number of groups, so the last run ends short.
+    let data = blob(40 * GROUP_BYTES as usize + 777, 17);
+    let hash = BlobHash::of(&data);
+    let size = data.len() as u64;
+    // Two runs of groups, so a part carries separate runs and parents from both subtrees.
+    let first = GroupRanges::groups(3..9).union(&GroupRanges::groups(20..41));
+    let mut bad = stream(&data, &first);
+    let mut decoder = Decoder::new(hash, first.clone());
+    let (mut at, mut offset_of_group_25) = (0, None);
+    while let Some(n) = decoder.needed() {
+        if let DecodeItem::Group(group) = decoder.push(&bad[at..at + n]).unwrap() {
+            if group.index() == 25 {
+                offset_of_group_25 = Some(at);
+            }
+        }
+        at += n;
+    }
+    bad[offset_of_group_25.unwrap() + 5] ^= 0x01;
+
+    let mut writer = store.begin_or_resume(hash, size).unwrap();
+    let error = writer.write_part(&bad, first.clone()).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            StoreError::Verify(VerifyError::GroupMismatch { group: 25, .. })
+        ),
+        "{error}"
+    );
+    assert_eq!(
+        writer.verified(),
+        GroupRanges::groups(3..9).union(&GroupRanges::groups(20..25))
+    );
+    // The groups written are served with the parents above them.
+    let mut served = Vec::new();
+    store
+        .encode_ranges(&hash, &GroupRanges::groups(20..25), &mut served)
+        .unwrap();
+    assert_eq!(served, stream(&data, &GroupRanges::groups(20..25)));
+    // A stream longer than its ranges is refused.
+    let mut long = stream(&data, &GroupRanges::group(0));
+    long.push(0);
+    assert!(matches!(
+        writer.write_part(&long, GroupRanges::group(0)),
+        Err(StoreError::Verify(VerifyError::TrailingBytes { extra: 1 }))
+    ));
+    let missing = writer.missing();
+    assert_eq!(
+        writer
+            .write_part(&stream(&data, &missing), missing.clone())
+            .unwrap(),
+        missing.count(size)
+    );
+    writer.finish().unwrap();
+    assert_eq!(store.get_blob(&hash).unwrap(), Some(data));
+}
+
+#[test]
 fn writers_refuse_foreign_items_wrong_sizes_and_a_second_writer() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());

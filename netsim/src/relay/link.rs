@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use super::capture::Capture;
 use super::model::{LinkModel, Verdict};
 use super::stats::DirectionCounters;
-use super::{lock, MAX_IN_FLIGHT_BYTES};
+use super::{lock, MAX_IN_FLIGHT_BYTES, WAN_MAX_DATAGRAM_BYTES};
 
 /// poller rounds its wait up too, so a wake-up comes 0–2 ms late; the egress task aims one tick
 /// early and sends every datagram due within a tick, which centres the error on zero.
@@ -99,6 +99,12 @@ impl Link {
         let len = datagram.payload.len();
         self.counters.received_datagrams.fetch_add(1, Relaxed);
         self.counters.received_bytes.fetch_add(len as u64, Relaxed);
+        if len > WAN_MAX_DATAGRAM_BYTES {
+            self.counters
+                .dropped_oversize_datagrams
+                .fetch_add(1, Relaxed);
+            return;
+        }
         let mut state = lock(&self.state);
         let release = match state.model.offer(now, len) {
             Verdict::Release(release) => release,

@@ -8,6 +8,9 @@
 //!
 //! # One direction of the link
 //!
+//! 0. **MTU.** A datagram larger than [`WAN_MAX_DATAGRAM_BYTES`] (an Ethernet frame's payload) is
+//!    dropped on arrival (counted in [`DirectionStats::dropped_oversize_datagrams`]), so QUIC's
+//!    path MTU discovery finds a WAN's size through the relay and loopback's beside it.
 //! 1. **Rate.** Datagrams wait in a FIFO of `queue_bytes` for a token bucket that fills at
 //!    `rate_bits_per_s` and holds a burst of [`BURST_DATAGRAMS`] full-size datagrams. A datagram
 //!    that finds the FIFO full is dropped (tail drop, counted in
@@ -88,6 +91,12 @@ pub use netsim_sim::IPV4_UDP_HEADER_BYTES;
 
 /// Wire size of a full-size datagram (an Ethernet MTU), in bytes; sizes the token bucket's burst.
 pub const FULL_DATAGRAM_WIRE_BYTES: usize = 1500;
+
+/// Largest UDP payload a relay carries, in bytes: a full-size datagram less its IPv4 and UDP
+/// headers. A WAN is Ethernet-sized even where the ends (loopback here) carry jumbo frames, so
+/// larger datagrams (QUIC's path MTU probes) are dropped, as a real path drops them, and counted
+/// in [`DirectionStats::dropped_oversize_datagrams`].
+pub const WAN_MAX_DATAGRAM_BYTES: usize = FULL_DATAGRAM_WIRE_BYTES - IPV4_UDP_HEADER_BYTES;
 
 /// How many full-size datagrams the token bucket lets through back to back after an idle spell.
 pub const BURST_DATAGRAMS: usize = 4;

@@ -21,6 +21,9 @@ pub struct DirectionStats {
     pub dropped_queue_datagrams: u64,
     /// Datagrams dropped by the random loss.
     pub dropped_loss_datagrams: u64,
+    /// Datagrams dropped for being larger than a WAN carries ([`super::WAN_MAX_DATAGRAM_BYTES`]):
+    /// QUIC's path MTU probes, which tell it to stay at Ethernet's size.
+    pub dropped_oversize_datagrams: u64,
     /// Datagrams the relay failed to send (the socket refused them).
     pub send_errors: u64,
 }
@@ -32,6 +35,7 @@ impl DirectionStats {
             self.forwarded_datagrams
                 + self.dropped_queue_datagrams
                 + self.dropped_loss_datagrams
+                + self.dropped_oversize_datagrams
                 + self.send_errors,
         )
     }
@@ -69,6 +73,7 @@ pub(super) struct DirectionCounters {
     pub(super) forwarded_bytes: AtomicU64,
     pub(super) dropped_queue_datagrams: AtomicU64,
     pub(super) dropped_loss_datagrams: AtomicU64,
+    pub(super) dropped_oversize_datagrams: AtomicU64,
     pub(super) send_errors: AtomicU64,
 }
 
@@ -92,6 +97,7 @@ impl DirectionCounters {
             forwarded_bytes: self.forwarded_bytes.load(Relaxed),
             dropped_queue_datagrams: self.dropped_queue_datagrams.load(Relaxed),
             dropped_loss_datagrams: self.dropped_loss_datagrams.load(Relaxed),
+            dropped_oversize_datagrams: self.dropped_oversize_datagrams.load(Relaxed),
             send_errors: self.send_errors.load(Relaxed),
         }
     }

@@ -375,9 +375,10 @@ impl Store {
         paths.ensure_dir()?;
         let (data, data_created) = files::open_read_write(&paths.data)?;
         let (outboard, outboard_created) = files::open_read_write(&paths.outboard)?;
-        if data_created || outboard_created {
-            files::sync_dir(&paths.dir)?;
-        }
+        // The new entries need a directory fsync before any synced record claims their data;
+        // `PartialBlob` does it right after it fsyncs the files, when the journal commit for
+        // them has made it almost free, instead of here, where it is a commit of its own.
+        let dir_unsynced = data_created || outboard_created;
         let mut verified = recorded;
         let mut complete = complete;
         let mut unsynced = GroupRanges::empty();
@@ -425,6 +426,7 @@ impl Store {
             verified,
             unsynced,
             live,
+            dir_unsynced,
         }))
     }
 
@@ -471,8 +473,8 @@ impl Store {
         let data = open_existing(&paths.data)?.ok_or_else(not_found)?;
         let outboard = open_existing(&paths.outboard)?.ok_or_else(not_found)?;
         verify::encode_ranges_checked(
-            &FileData { file: &data },
-            &FileOutboard { file: &outboard },
+            &FileData::new(&data),
+            &FileOutboard::new(&outboard),
             *hash,
             size,
             &ranges,
@@ -847,8 +849,8 @@ impl Store {
             let one: GroupRanges = std::iter::once(group).collect();
             encoded.clear();
             let encoded_ok = verify::encode_ranges_checked(
-                &FileData { file: data },
-                &FileOutboard { file: outboard },
+                &FileData::new(data),
+                &FileOutboard::new(outboard),
                 hash,
                 size,
                 &one,

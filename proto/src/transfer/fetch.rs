@@ -173,7 +173,7 @@ pub async fn fetch_blob(
     };
     let mut recv = send_request(conn, &request).await?;
     let mut received = 0u64;
-    let mut buf = Vec::new();
+    let mut buf = PartBuffer::take();
     loop {
         let (header, header_bytes): (Response, usize) =
             read_frame_counted(&mut recv, MAX_BLOB_HEADER_BYTES)
@@ -196,7 +196,7 @@ pub async fn fetch_blob(
             &mut recv,
             &mut partial,
             part,
-            &mut buf,
+            &mut buf.0,
             hash,
             counters,
             progress,
@@ -210,6 +210,32 @@ pub async fn fetch_blob(
         let missing = partial.missing().count(size);
         tokio::task::block_in_place(|| partial.commit())?;
         Err(FetchError::Incomplete { hash, missing })
+    }
+}
+
+/// Part buffers kept between fetches (each at most one part, about 530 KiB): a node fetches
+/// many blobs of about half a MiB, and a fresh buffer for each is fresh memory to map, fault
+/// in and zero.
+const KEPT_PART_BUFFERS: usize = 16;
+
+static PART_BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// A fetch's part buffer, from the pool and back to it when dropped.
+struct PartBuffer(Vec<u8>);
+
+impl PartBuffer {
+    fn take() -> Self {
+        let kept = PART_BUFFERS.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        Self(kept.unwrap_or_default())
+    }
+}
+
+impl Drop for PartBuffer {
+    fn drop(&mut self) {
+        let mut kept = PART_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < KEPT_PART_BUFFERS {
+            kept.push(std::mem::take(&mut self.0));
+        }
     }
 }
 
@@ -260,10 +286,15 @@ async fn receive_part(
         )));
     }
     let encoded_len = crate::verify::encoded_len(size, &part) as usize;
-    buf.resize(encoded_len, 0);
-    read_exact(recv, &mut buf[..]).await?;
+    // Grown, never shrunk: the buffer comes back from the pool with its bytes, so only growth
+    // is zeroed.
+    if buf.len() < encoded_len {
+        buf.resize(encoded_len, 0);
+    }
+    let buf = &mut buf[..encoded_len];
+    read_exact(recv, buf).await?;
     counters.received.add(encoded_len as u64);
-    let written = tokio::task::block_in_place(|| partial.write_stream(&buf[..], part));
+    let written = tokio::task::block_in_place(|| partial.write_part(buf, part));
     match written {
         Ok(written_groups) => {
             if let Some(progress) = progress {
