@@ -24,7 +24,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -42,14 +41,7 @@ pub const CACHE_DIR_VAR: &str = "STAGECOACH_VM_CACHE";
 /// The image cache under `$HOME`, when [`CACHE_DIR_VAR`] is not set.
 pub const DEFAULT_CACHE_DIR: &str = ".cache/stagecoach/vm-images";
 
-/// Overrides the Debian mirror the images are built from.
-pub const MIRROR_VAR: &str = "STAGECOACH_DEBIAN_MIRROR";
-
-/// The Debian mirror used when [`MIRROR_VAR`] is not set.
-pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
-
-/// How long [`mirror_reachable`] waits for the mirror to accept a connection.
-const MIRROR_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub use stagecoach_testing::debian::{mirror_reachable, DEFAULT_MIRROR, MIRROR_VAR};
 
 /// What the guest prints on its serial console once it has booted: `STAGECOACH-BOOTED
 /// slot=<stagecoach.slot= of /proc/cmdline> marker=<contents of /etc/stagecoach-marker>`.
@@ -351,38 +343,6 @@ pub fn cache_root() -> Result<PathBuf> {
 /// before [`build_image`] needs the mirror).
 pub fn cached_image(spec: &ImageSpec, cache: &Path) -> Result<Option<VmImage>> {
     load_cached(&cache.join(cache_key(spec)?))
-}
-
-/// Whether a TCP connection to the host of the `http://` or `https://` URL `mirror` opens
-/// within [`MIRROR_CONNECT_TIMEOUT`]; `Err` says why not.
-pub fn mirror_reachable(mirror: &str) -> Result<(), String> {
-    let (rest, default_port) = if let Some(rest) = mirror.strip_prefix("http://") {
-        (rest, 80)
-    } else if let Some(rest) = mirror.strip_prefix("https://") {
-        (rest, 443)
-    } else {
-        return Err(format!("{mirror} is not an http(s) URL"));
-    };
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) => (
-            host,
-            port.parse::<u16>()
-                .map_err(|_| format!("{mirror}: bad port {port:?}"))?,
-        ),
-        None => (authority, default_port),
-    };
-    let addresses = (host, port)
-        .to_socket_addrs()
-        .map_err(|error| format!("cannot resolve {host}: {error}"))?;
-    let mut last = format!("{host} has no address");
-    for address in addresses {
-        match TcpStream::connect_timeout(&address, MIRROR_CONNECT_TIMEOUT) {
-            Ok(_) => return Ok(()),
-            Err(error) => last = format!("cannot connect to {address}: {error}"),
-        }
-    }
-    Err(last)
 }
 
 /// The cached image of `spec`, built first when the cache lacks it (a few minutes: mmdebstrap

@@ -143,24 +143,33 @@ pub fn mmdebstrap_version() -> io::Result<String> {
         .to_owned())
 }
 
-/// Whether a TCP connection to the mirror's host opens.
+/// Whether a TCP connection to the host of the `http://` or `https://` URL `mirror` opens
+/// within [`MIRROR_CONNECT_TIMEOUT`]; `Err` says why not.
 pub fn mirror_reachable(mirror: &str) -> Result<(), String> {
-    let rest = mirror
-        .strip_prefix("http://")
-        .map(|r| (r, 80))
-        .or_else(|| mirror.strip_prefix("https://").map(|r| (r, 443)));
-    let Some((rest, port)) = rest else {
+    let (rest, default_port) = if let Some(rest) = mirror.strip_prefix("http://") {
+        (rest, 80)
+    } else if let Some(rest) = mirror.strip_prefix("https://") {
+        (rest, 443)
+    } else {
         return Err(format!("{mirror} is not an http(s) URL"));
     };
-    let host = rest.split('/').next().unwrap_or(rest);
-    let addrs = (host, port)
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (
+            host,
+            port.parse::<u16>()
+                .map_err(|_| format!("{mirror}: bad port {port:?}"))?,
+        ),
+        None => (authority, default_port),
+    };
+    let addresses = (host, port)
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+        .map_err(|error| format!("cannot resolve {host}: {error}"))?;
     let mut last = format!("{host} has no address");
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, MIRROR_CONNECT_TIMEOUT) {
+    for address in addresses {
+        match TcpStream::connect_timeout(&address, MIRROR_CONNECT_TIMEOUT) {
             Ok(_) => return Ok(()),
-            Err(e) => last = format!("cannot connect to {addr}: {e}"),
+            Err(error) => last = format!("cannot connect to {address}: {error}"),
         }
     }
     Err(last)
