@@ -174,3 +174,25 @@ pub fn mirror_reachable(mirror: &str) -> Result<(), String> {
     }
     Err(last)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mirror_is_reachable_when_its_host_and_port_accept_a_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = listener.local_addr().expect("address").port();
+        assert_eq!(
+            mirror_reachable(&format!("http://127.0.0.1:{port}/debian")),
+            Ok(())
+        );
+        drop(listener);
+        let refused = mirror_reachable(&format!("http://127.0.0.1:{port}/debian"));
+        assert!(refused.is_err_and(|e| e.contains("cannot connect to 127.0.0.1")));
+        let ftp = mirror_reachable("ftp://deb.debian.org/debian");
+        assert!(ftp.is_err_and(|e| e.contains("is not an http(s) URL")));
+        let port = mirror_reachable("http://127.0.0.1:eighty/debian");
+        assert!(port.is_err_and(|e| e.contains("bad port")));
+    }
+}
