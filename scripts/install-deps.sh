@@ -17,11 +17,13 @@ have_libclang() {
 if ! have_libclang; then
   need+=(libclang-dev)
 fi
+# etcd-client's build compiles etcd's protobuf definitions with protoc.
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
 
 if [ ${#need[@]} -gt 0 ]; then
-  echo "stagecoach: installing ${need[*]} (needed to build rocksdb)" >&2
+  echo "stagecoach: installing ${need[*]} (needed to build rocksdb and the etcd client)" >&2
   if [ "$(id -u)" -eq 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
@@ -38,7 +40,8 @@ fi
 # headless Chromium through chromedriver (Debian's chromium and chromium-driver). The VM test
 # bed (netsim/src/vm.rs, netsim/tests/vm_boot.rs) builds a disk with mmdebstrap, mke2fs, debugfs
 # and sfdisk, writes GRUB for BIOS from grub-pc-bin (never grub-pc, which installs GRUB on this
-# machine's own disk) and boots it in qemu-system-x86_64.
+# machine's own disk) and boots it in qemu-system-x86_64. The origin's etcd tests
+# (origin/tests/db.rs) start a 3-member cluster of Debian's etcd-server on loopback.
 have_tool() {
   command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]
 }
@@ -56,9 +59,11 @@ have_tool setfacl || test_need+=(acl)
 have_tool chromedriver || test_need+=(chromium-driver)
 have_tool debugfs || test_need+=(e2fsprogs)
 have_tool qemu-system-x86_64 || test_need+=(qemu-system-x86)
+# The control-plane store's etcd tests start their own 3-member cluster on loopback.
+have_tool etcd || test_need+=(etcd-server)
 [ -f /usr/lib/grub/i386-pc/boot.img ] || test_need+=(grub-pc-bin)
 if [ ${#test_need[@]} -gt 0 ]; then
-  echo "stagecoach: installing ${test_need[*]} (used by the swap, discovery, exact-unpack, browser and VM tests)" >&2
+  echo "stagecoach: installing ${test_need[*]} (used by the swap, discovery, exact-unpack, browser, VM and etcd tests)" >&2
   sudo_if_needed=()
   [ "$(id -u)" -eq 0 ] || sudo_if_needed=(sudo)
   # Quiet (apt's notes go nowhere) unless it fails, when everything it said is shown.

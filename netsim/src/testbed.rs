@@ -111,6 +111,8 @@ pub struct Testbed {
     /// Per site, the upstream stagers its stagers added from now on pull through before the
     /// origin ([`Testbed::route_site_upstreams`]).
     site_upstreams: HashMap<String, Vec<String>>,
+    /// Arguments every start of the origin gets, restarts included (`--store URL`).
+    origin_store_args: Vec<String>,
 }
 
 fn s(x: impl AsRef<str>) -> String {
@@ -230,6 +232,38 @@ impl Testbed {
         stager_args: &[String],
         origin_args: &[String],
     ) -> Result<Testbed> {
+        Self::start_on_store(
+            bins,
+            work,
+            sites,
+            edges_per_site,
+            stager_args,
+            origin_args,
+            None,
+        )
+        .await
+    }
+
+    /// Like [`Testbed::start_with`], the origin keeping its control plane in the store `store`
+    /// (`origin serve --store`, e.g. `etcd://A,B,C/PREFIX`) at every start, restarts included;
+    /// the origin's embedded RocksDB when `None`.
+    pub async fn start_on_store(
+        bins: Binaries,
+        work: &Path,
+        sites: usize,
+        edges_per_site: usize,
+        stager_args: &[String],
+        origin_args: &[String],
+        store: Option<&str>,
+    ) -> Result<Testbed> {
+        let origin_store_args: Vec<String> = store
+            .map(|url| vec![s("--store"), s(url)])
+            .unwrap_or_default();
+        let first_args: Vec<String> = origin_store_args
+            .iter()
+            .chain(origin_args)
+            .cloned()
+            .collect();
         let logs = work.join("logs");
         std::fs::create_dir_all(&logs)?;
         let origin_bin = bins.path("origin");
@@ -242,7 +276,7 @@ impl Testbed {
             &origin_dir,
             "127.0.0.1:0",
             &mut fleet,
-            origin_args,
+            &first_args,
         )
         .await?;
         let mut mesh = Testbed {
@@ -255,6 +289,7 @@ impl Testbed {
             edges: Vec::new(),
             site_origins: HashMap::new(),
             site_upstreams: HashMap::new(),
+            origin_store_args,
         };
         for i in 0..sites {
             let site = site_name(i);
@@ -522,16 +557,23 @@ impl Testbed {
         self.restart_origin_with(&[]).await
     }
 
-    /// Like [`Testbed::restart_origin`], with `extra_args` added to `origin serve`.
+    /// Like [`Testbed::restart_origin`], with `extra_args` added to `origin serve` (after the
+    /// store's, which every start gets).
     pub async fn restart_origin_with(&mut self, extra_args: &[String]) -> Result<()> {
         let listen = self.origin.mesh.clone();
+        let args: Vec<String> = self
+            .origin_store_args
+            .iter()
+            .chain(extra_args)
+            .cloned()
+            .collect();
         self.origin = start_origin(
             &self.bins,
             &self.work,
             &self.origin_dir,
             &listen,
             &mut self.fleet,
-            extra_args,
+            &args,
         )
         .await?;
         Ok(())

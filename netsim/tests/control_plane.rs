@@ -1,6 +1,7 @@
 //! The origin's control plane with real processes on loopback: inventory reports at
 //! enrollment and at every start, `origin nodes`, policy load and check, boot-time negotiation
-//! (brief 002) and test mode.
+//! (brief 002) and test mode. Each test runs twice: the origin's store in its embedded RocksDB,
+//! and in a real 3-member etcd cluster (`origin serve --store etcd://...`, issue 14).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,7 +10,30 @@ use netsim::datagen;
 use netsim::procs::{self, Binaries};
 use netsim::testbed::{EdgeNode, Testbed};
 use serde_json::Value;
+use stagecoach_testing::etcd::{self, EtcdCluster};
 use stagecoach_testing::{wait_for_async, wait_until_async};
+
+/// A 3-member etcd cluster on loopback for the origin's store, or `None` (a counted skip) where
+/// etcd is not installed.
+fn etcd_cluster(test: &str) -> Option<EtcdCluster> {
+    if !stagecoach_testing::can_run(test, &[etcd::available()]) {
+        return None;
+    }
+    Some(tokio::task::block_in_place(|| {
+        EtcdCluster::start(3).expect("start a 3-member etcd cluster")
+    }))
+}
+
+/// Checks that the origin keeps its control plane where the test asked: etcd, or its RocksDB.
+async fn assert_store(mesh: &Testbed, store: Option<&str>) {
+    let backend = if store.is_some() { "etcd" } else { "rocksdb" };
+    let metrics = mesh.origin_metrics().await.expect("origin metrics");
+    let line = format!("stagecoach_origin_store_info{{backend=\"{backend}\"}} 1");
+    assert!(
+        metrics.contains(&line),
+        "no `{line}` in the origin's metrics"
+    );
+}
 
 /// How often a daemon's metrics or log are read while waiting on them.
 const POLL: Duration = Duration::from_millis(100);
@@ -177,10 +201,32 @@ fn any_file_contains(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inventory_shows_in_origin_nodes_and_policy_check_names_both_conflicting_rules() {
+    inventory_shows_in_origin_nodes_and_policy_check_names_both_conflicting_rules_on(None).await;
+}
+
+/// The same, the origin's control plane in a 3-member etcd cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_shows_in_origin_nodes_and_policy_check_names_both_conflicting_rules_on_etcd() {
+    let Some(cluster) = etcd_cluster(
+        "inventory_shows_in_origin_nodes_and_policy_check_names_both_conflicting_rules_on_etcd",
+    ) else {
+        return;
+    };
+    inventory_shows_in_origin_nodes_and_policy_check_names_both_conflicting_rules_on(Some(
+        &cluster.store_url("stagecoach"),
+    ))
+    .await;
+}
+
+async fn inventory_shows_in_origin_nodes_and_policy_check_names_both_conflicting_rules_on(
+    store: Option<&str>,
+) {
     let work = tempfile::tempdir().expect("tempdir");
-    let mut mesh = Testbed::start(bins(), &work.path().join("mesh"), 1, 2, &[])
-        .await
-        .expect("mesh");
+    let mut mesh =
+        Testbed::start_on_store(bins(), &work.path().join("mesh"), 1, 2, &[], &[], store)
+            .await
+            .expect("mesh");
+    assert_store(&mesh, store).await;
 
     // Enrollment reported each edge's inventory.
     let enrolled = nodes(&mesh).await;
@@ -444,11 +490,32 @@ bundles = ["os@2"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negotiation_downloads_nothing_when_in_sync_and_only_the_bundles_that_differ() {
+    negotiation_downloads_nothing_when_in_sync_and_only_the_bundles_that_differ_on(None).await;
+}
+
+/// The same, the origin's control plane in a 3-member etcd cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negotiation_downloads_nothing_when_in_sync_and_only_the_bundles_that_differ_on_etcd() {
+    let Some(cluster) = etcd_cluster(
+        "negotiation_downloads_nothing_when_in_sync_and_only_the_bundles_that_differ_on_etcd",
+    ) else {
+        return;
+    };
+    negotiation_downloads_nothing_when_in_sync_and_only_the_bundles_that_differ_on(Some(
+        &cluster.store_url("stagecoach"),
+    ))
+    .await;
+}
+
+async fn negotiation_downloads_nothing_when_in_sync_and_only_the_bundles_that_differ_on(
+    store: Option<&str>,
+) {
     let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
-    let mut mesh = Testbed::start(bins(), &w.join("mesh"), 1, 2, &[])
+    let mut mesh = Testbed::start_on_store(bins(), &w.join("mesh"), 1, 2, &[], &[], store)
         .await
         .expect("mesh");
+    assert_store(&mesh, store).await;
     for (dir, bytes, seed) in [
         ("os1", 2 * MIB, 11),
         ("os2", 2 * MIB, 12),
@@ -604,11 +671,26 @@ bundles = ["os@2", "app@1"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_mode_leaves_nothing_behind_after_restarts() {
+    test_mode_leaves_nothing_behind_after_restarts_on(None).await;
+}
+
+/// The same, the origin's control plane in a 3-member etcd cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_mode_leaves_nothing_behind_after_restarts_on_etcd() {
+    let Some(cluster) = etcd_cluster("test_mode_leaves_nothing_behind_after_restarts_on_etcd")
+    else {
+        return;
+    };
+    test_mode_leaves_nothing_behind_after_restarts_on(Some(&cluster.store_url("stagecoach"))).await;
+}
+
+async fn test_mode_leaves_nothing_behind_after_restarts_on(store: Option<&str>) {
     let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
-    let mut mesh = Testbed::start(bins(), &w.join("mesh"), 1, 1, &[])
+    let mut mesh = Testbed::start_on_store(bins(), &w.join("mesh"), 1, 1, &[], &[], store)
         .await
         .expect("mesh");
+    assert_store(&mesh, store).await;
     datagen::generate_tree(&w.join("os1"), MIB, 21).expect("tree");
     datagen::generate_tree(&w.join("trial"), MIB, 22).expect("tree");
     mesh.publish(&w.join("os1"), "os", "1").await.expect("os@1");

@@ -125,7 +125,8 @@ impl OriginHome {
         Ok(())
     }
 
-    fn require_init(&self) -> Result<()> {
+    /// Fails with what to run when `origin init` did not run here.
+    pub fn require_init(&self) -> Result<()> {
         if !self.is_initialised() {
             bail!(
                 "{} holds no origin: run `origin init --dir {}` first",

@@ -20,6 +20,7 @@ use cmd::control::{
     RolloutCommand,
 };
 use cmd::prepare::{PrepareArgs, PrepareCommand};
+use cmd::store::EtcdTlsArgs;
 
 #[derive(Parser)]
 #[command(
@@ -78,6 +79,13 @@ enum Command {
         /// Write the bound addresses as JSON to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// The control-plane store: `rocksdb` (the embedded database in the origin's home,
+        /// for one origin) or `etcd://HOST:PORT,HOST:PORT,...[/PREFIX]` (an etcd cluster
+        /// several origins share; prefix `stagecoach` by default).
+        #[arg(long, default_value = "rocksdb", env = "STAGECOACH_ORIGIN_STORE")]
+        store: String,
+        #[command(flatten)]
+        etcd_tls: EtcdTlsArgs,
         /// Test hook: corrupt every blob part served (only in a build with the `test-hooks`
         /// feature).
         #[cfg(feature = "test-hooks")]
@@ -212,6 +220,37 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// The control-plane store: its health, and copying one into another.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// The store's backend and health (each etcd member up or down, leader or follower).
+    Status {
+        /// The store: `rocksdb` (this home's; `origin serve` must not be running) or
+        /// `etcd://HOST:PORT,...[/PREFIX]`.
+        #[arg(long, default_value = "rocksdb", env = "STAGECOACH_ORIGIN_STORE")]
+        store: String,
+        #[command(flatten)]
+        etcd_tls: EtcdTlsArgs,
+    },
+    /// Copy every record (nodes, packages, classes, overrides, policy, audit log, ...) of one
+    /// store into another, empty one: this home's RocksDB into etcd, or etcd into it. Stop
+    /// `origin serve` first.
+    Copy {
+        /// The store copied from.
+        #[arg(long, default_value = "rocksdb")]
+        from: String,
+        /// The store copied into (it must be empty).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        etcd_tls: EtcdTlsArgs,
+    },
 }
 
 #[tokio::main]
@@ -235,9 +274,12 @@ async fn main() -> Result<()> {
             console_tls_key,
             console_tls_mesh,
             ready_file,
+            store,
+            etcd_tls,
             #[cfg(feature = "test-hooks")]
             test_corrupt_serving,
         } => {
+            let store = etcd_tls.store(&store, &home)?;
             let console_tls = match (console_tls_cert, console_tls_key, console_tls_mesh) {
                 (Some(cert), Some(key), _) => {
                     Some(origin::console::tls::TlsSource::Files { cert, key })
@@ -256,11 +298,20 @@ async fn main() -> Result<()> {
                     console,
                     console_tls,
                     ready_file,
+                    store,
                     test_corrupt_serving,
                 },
             )
             .await
         }
+        Command::Store { command } => match command {
+            StoreCommand::Status { store, etcd_tls } => {
+                cmd::store::status(&etcd_tls.store(&store, &home)?)
+            }
+            StoreCommand::Copy { from, to, etcd_tls } => {
+                cmd::store::copy(&etcd_tls.store(&from, &home)?, &etcd_tls.store(&to, &home)?)
+            }
+        },
         Command::Enroll { role, site } => cmd::setup::enroll(&home, role, site),
         Command::Publish {
             path,

@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub console_tls: Option<crate::console::tls::TlsSource>,
     /// Also write the bound addresses here (the demo waits for it).
     pub ready_file: Option<std::path::PathBuf>,
+    /// The control-plane store (`--store`): the embedded RocksDB in the home, or etcd.
+    pub store: crate::db::StoreConfig,
     /// Test hook (`--test-corrupt-serving`, only in a `test-hooks` build): every blob part
     /// served is corrupted, as a lying or tampered upstream would send it.
     pub test_corrupt_serving: bool,
@@ -690,10 +692,21 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         MODE_READABLE,
     )?;
     let (announcements, _) = broadcast::channel(ANNOUNCE_QUEUE);
-    let db = home.db()?;
+    home.require_init()?;
+    let db = crate::db::Db::open_store(&config.store)
+        .with_context(|| format!("cannot open the control-plane store ({})", config.store))?;
+    tracing::info!(store = %config.store, "control-plane store open");
+    metrics
+        .gauge(
+            "stagecoach_origin_store_info",
+            "The control-plane store's backend (1 for the one in use)",
+            &[("backend", config.store.backend())],
+        )
+        .set(1);
     let keys = crate::keys::OriginKeys::open(home.dir())?;
     let control = ControlPlane::new(
         db,
+        home.dir(),
         proto::net::client_endpoint(&identity)
             .context("cannot start the origin's client endpoint")?,
         keys,

@@ -1,17 +1,24 @@
-//! The control plane's database: every record kind survives a reopen, every change is written
-//! with its audit record in one batch, and a corrupt value is a clear error naming its key.
+//! The control plane's store, on both backends: the embedded RocksDB and a real 3-member etcd
+//! cluster on loopback (Debian's etcd-server; skipped, counted, where it is missing). Every
+//! record kind survives a reopen, every change is written with its audit record in one atomic
+//! write, a corrupt value is a clear error naming its key; on etcd, two origins changing the
+//! same record lose no update, a cluster without quorum refuses changes with a clear error and
+//! recovers by itself, and `origin store copy` moves every record into etcd and back.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use origin::db::{
-    AccountRecord, AccountRole, Audit, Db, DbError, NodeRecord, NodeState, PackageRecord,
-    PolicyDoc, PrepareNode, PrepareRecord, PrepareState, Put, ACCOUNTS, AUDIT, NODES, PACKAGES,
-    PREPARES,
+    plan, AccountRecord, AccountRole, Audit, Commit, Db, DbError, NodeRecord, NodeState,
+    PackageRecord, PolicyDoc, PrepareNode, PrepareRecord, PrepareState, Put, StoreConfig, ACCOUNTS,
+    AUDIT, NODES, PACKAGES, PREPARES,
 };
 use origin::policy::{self, BundleRef, Matcher, MatcherKind, Requirement, Resolution, Rule};
 use proto::inventory::{Inventory, Nic};
 use proto::wire::{NodeBundle, ReportEvent};
 use proto::BlobHash;
+use stagecoach_testing::etcd::{self, EtcdCluster};
 
 fn node(id: &str) -> NodeRecord {
     NodeRecord {
@@ -87,15 +94,65 @@ fn policy_doc() -> PolicyDoc {
     }
 }
 
+/// A store under test, which can be opened again (a new connection, or a reopen).
+enum TestStore {
+    Rocks(tempfile::TempDir),
+    Etcd(EtcdCluster, StoreConfig),
+}
+
+impl TestStore {
+    fn name(&self) -> &'static str {
+        match self {
+            TestStore::Rocks(_) => "rocksdb",
+            TestStore::Etcd(..) => "etcd",
+        }
+    }
+
+    fn open(&self) -> Db {
+        let config = match self {
+            TestStore::Rocks(dir) => StoreConfig::Rocks(dir.path().to_owned()),
+            TestStore::Etcd(_, config) => config.clone(),
+        };
+        Db::open_store(&config).unwrap_or_else(|e| panic!("open {}: {e}", self.name()))
+    }
+}
+
+fn rocks_store() -> TestStore {
+    TestStore::Rocks(tempfile::tempdir().expect("tempdir"))
+}
+
+/// A 3-member etcd cluster and the store on it, or `None` (reported as a skip) without etcd.
+fn etcd_store(test: &str) -> Option<TestStore> {
+    if !stagecoach_testing::can_run(test, &[etcd::available()]) {
+        return None;
+    }
+    let cluster = EtcdCluster::start(3).expect("start a 3-member etcd cluster");
+    let config = StoreConfig::parse(&cluster.store_url("test"), Path::new("/nonexistent"))
+        .expect("store url");
+    Some(TestStore::Etcd(cluster, config))
+}
+
+/// The embedded store and, where etcd is installed, one on a fresh etcd cluster.
+fn both_stores(test: &str) -> Vec<TestStore> {
+    let mut stores = vec![rocks_store()];
+    stores.extend(etcd_store(&format!("{test} (etcd)")));
+    stores
+}
+
 fn audit(action: &str) -> Option<Audit> {
     Some(Audit::new("alice", "origin", action, "details"))
 }
 
 #[test]
 fn every_record_kind_survives_a_reopen() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    for store in both_stores("every_record_kind_survives_a_reopen") {
+        every_record_kind_survives_a_reopen_on(&store);
+    }
+}
+
+fn every_record_kind_survives_a_reopen_on(store: &TestStore) {
     {
-        let db = Db::open(dir.path()).expect("open");
+        let db = store.open();
         db.commit(&[Put::Node(Box::new(node("n1")))], audit("node"))
             .expect("node");
         db.commit(
@@ -125,7 +182,7 @@ fn every_record_kind_survives_a_reopen() {
         db.commit(&[Put::Policy(Box::new(policy_doc()))], audit("policy"))
             .expect("policy");
     }
-    let db = Db::open(dir.path()).expect("reopen");
+    let db = store.open();
     assert_eq!(db.node("n1").expect("read"), Some(node("n1")));
     assert_eq!(db.nodes().expect("nodes"), vec![node("n1")]);
     assert_eq!(
@@ -186,8 +243,6 @@ fn every_record_kind_survives_a_reopen() {
 
 #[test]
 fn the_audit_record_is_in_the_same_batch_as_its_change() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = Db::open(dir.path()).expect("open");
     let puts = [
         Put::Node(Box::new(node("n1"))),
         Put::Class {
@@ -195,31 +250,35 @@ fn the_audit_record_is_in_the_same_batch_as_its_change() {
             class: Some("c".into()),
         },
     ];
-    let (batch, record) = db.batch(&puts, audit("two"), 7, 42).expect("batch");
-    assert_eq!(
-        batch.len(),
-        puts.len() + 1,
-        "one batch: the changes and the audit"
-    );
+    let (writes, record) = plan(&puts, audit("two"), 7, 42).expect("plan");
+    assert_eq!(writes.len(), puts.len(), "one write per put");
     let record = record.expect("record");
     assert_eq!((record.seq, record.at_ms), (7, 42));
     assert_eq!(record.actor, "alice");
-    // A commit shows both or neither; without an audit, no record is written.
-    let written = db
-        .commit(&puts, audit("two"))
-        .expect("commit")
-        .expect("record");
-    assert_eq!(written.seq, 1);
-    assert!(db.node("n1").expect("read").is_some());
-    assert_eq!(db.audit(10).expect("audit"), vec![written]);
-    assert!(db.commit(&puts, None).expect("quiet").is_none());
-    assert_eq!(db.audit(10).expect("audit").len(), 1);
+    for store in both_stores("the_audit_record_is_in_the_same_batch_as_its_change") {
+        let db = store.open();
+        // A commit shows both or neither; without an audit, no record is written.
+        let written = db
+            .commit(&puts, audit("two"))
+            .expect("commit")
+            .expect("record");
+        assert_eq!(written.seq, 1, "{}", store.name());
+        assert!(db.node("n1").expect("read").is_some());
+        assert_eq!(db.audit(10).expect("audit"), vec![written]);
+        assert!(db.commit(&puts, None).expect("quiet").is_none());
+        assert_eq!(db.audit(10).expect("audit").len(), 1);
+    }
 }
 
 #[test]
 fn a_corrupt_value_is_an_error_naming_its_key() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = Db::open(dir.path()).expect("open");
+    for store in both_stores("a_corrupt_value_is_an_error_naming_its_key") {
+        a_corrupt_value_is_an_error_naming_its_key_on(&store);
+    }
+}
+
+fn a_corrupt_value_is_an_error_naming_its_key_on(store: &TestStore) {
+    let db = store.open();
     db.put_raw(NODES, b"node-x", b"\x01{not json").expect("raw");
     let error = db.node("node-x").expect_err("corrupt");
     assert!(matches!(error, DbError::Corrupt { .. }), "{error:?}");
@@ -242,7 +301,7 @@ fn a_corrupt_value_is_an_error_naming_its_key() {
     assert!(text.contains("audit") && text.contains("`1`"), "{text}");
     drop(db);
     // Reopening works: the corrupt values are reported, not fatal.
-    let db = Db::open(dir.path()).expect("reopen");
+    let db = store.open();
     assert!(db.node("node-x").is_err());
 }
 
@@ -281,9 +340,14 @@ fn prepare_record(id: u64, state: PrepareState, attempts: u32) -> PrepareRecord 
 
 #[test]
 fn prepare_operations_survive_a_reopen_newest_first_with_their_audit() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    for store in both_stores("prepare_operations_survive_a_reopen_newest_first_with_their_audit") {
+        prepare_operations_survive_a_reopen_on(&store);
+    }
+}
+
+fn prepare_operations_survive_a_reopen_on(store: &TestStore) {
     {
-        let db = Db::open(dir.path()).expect("open");
+        let db = store.open();
         for id in 1..=3 {
             db.commit(
                 &[Put::Prepare(Box::new(prepare_record(
@@ -305,7 +369,7 @@ fn prepare_operations_survive_a_reopen_newest_first_with_their_audit() {
         )
         .expect("update");
     }
-    let db = Db::open(dir.path()).expect("reopen");
+    let db = store.open();
     assert_eq!(
         db.prepare(2).expect("read"),
         Some(prepare_record(2, PrepareState::Prepared, 1))
@@ -335,7 +399,12 @@ fn prepare_operations_survive_a_reopen_newest_first_with_their_audit() {
 
 #[test]
 fn a_console_account_survives_a_reopen_and_never_shows_its_hash() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    for store in both_stores("a_console_account_survives_a_reopen_and_never_shows_its_hash") {
+        a_console_account_survives_a_reopen_on(&store);
+    }
+}
+
+fn a_console_account_survives_a_reopen_on(store: &TestStore) {
     let account = AccountRecord {
         name: "alice".into(),
         role: AccountRole::Admin,
@@ -343,7 +412,7 @@ fn a_console_account_survives_a_reopen_and_never_shows_its_hash() {
         updated_ms: 7,
     };
     {
-        let db = Db::open(dir.path()).expect("open");
+        let db = store.open();
         db.commit(
             &[Put::Account(Box::new(account.clone()))],
             audit("account.add"),
@@ -352,7 +421,7 @@ fn a_console_account_survives_a_reopen_and_never_shows_its_hash() {
         db.put_raw(ACCOUNTS, b"mallory", b"\x01{not json")
             .expect("raw");
     }
-    let db = Db::open(dir.path()).expect("reopen");
+    let db = store.open();
     assert_eq!(db.account("alice").expect("read"), Some(account.clone()));
     assert_eq!(db.account("nobody").expect("read"), None);
     assert_eq!(db.audit(10).expect("audit")[0].action, "account.add");
@@ -370,5 +439,248 @@ fn a_console_account_survives_a_reopen_and_never_shows_its_hash() {
     assert!(
         db.accounts().is_err(),
         "a listing names the corrupt value too"
+    );
+}
+
+/// Node `id` as never reported before.
+fn fresh_node(id: &str) -> NodeRecord {
+    NodeRecord {
+        reports: 0,
+        ..node(id)
+    }
+}
+
+#[test]
+fn two_origins_changing_the_same_record_lose_no_update() {
+    let Some(store) = etcd_store("two_origins_changing_the_same_record_lose_no_update") else {
+        return;
+    };
+    // Two connections: two origins sharing the cluster, each changing node n1 read-modify-write.
+    let origins = [store.open(), store.open()];
+    const EACH: u64 = 40;
+    std::thread::scope(|scope| {
+        for (i, db) in origins.iter().enumerate() {
+            scope.spawn(move || {
+                for n in 0..EACH {
+                    db.change(|| {
+                        let mut record = db.node("n1")?.unwrap_or_else(|| fresh_node("n1"));
+                        record.reports += 1;
+                        let audit =
+                            Audit::new(format!("origin-{i}"), "origin", "report", n.to_string());
+                        Ok::<_, DbError>(Commit::new(
+                            vec![Put::Node(Box::new(record))],
+                            Some(audit),
+                            (),
+                        ))
+                    })
+                    .expect("a change commits, retried after a conflict");
+                }
+            });
+        }
+    });
+    let record = origins[0].node("n1").expect("read").expect("n1");
+    assert_eq!(
+        record.reports,
+        2 * EACH,
+        "every increment of both origins is kept"
+    );
+    let log = origins[1].audit(1000).expect("audit");
+    let seqs: Vec<u64> = log.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=2 * EACH).collect::<Vec<_>>(),
+        "the audit log has no gap and no duplicate"
+    );
+    for origin in ["origin-0", "origin-1"] {
+        assert_eq!(
+            log.iter().filter(|r| r.actor == origin).count() as u64,
+            EACH,
+            "{origin}'s changes are all recorded once"
+        );
+    }
+}
+
+#[test]
+fn without_quorum_changes_are_refused_clearly_and_resume_when_members_return() {
+    let Some(TestStore::Etcd(mut cluster, config)) =
+        etcd_store("without_quorum_changes_are_refused_clearly_and_resume_when_members_return")
+    else {
+        return;
+    };
+    let db = Db::open_store(&config).expect("open");
+    db.commit(&[Put::Node(Box::new(node("n1")))], audit("before"))
+        .expect("a change with every member up");
+    cluster.kill(1).expect("kill");
+    cluster.kill(2).expect("kill");
+    let started = Instant::now();
+    let error = db
+        .commit(&[Put::Node(Box::new(node("n2")))], audit("during"))
+        .expect_err("a change without quorum is refused");
+    let text = error.to_string();
+    println!(
+        "refused after {:.1} s: {text}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        text.contains("no leader") || text.contains("quorum"),
+        "the error says the cluster lost its quorum: {text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "refused promptly, not after a long hang"
+    );
+    cluster.restart(1).expect("restart");
+    cluster.restart(2).expect("restart");
+    cluster
+        .wait_healthy(Duration::from_secs(30))
+        .expect("the members rejoin");
+    // The same connection recovers by itself.
+    let recovered = Instant::now();
+    stagecoach_testing::wait_for(Duration::from_secs(30), Duration::from_millis(200), || {
+        Ok::<_, DbError>(
+            db.commit(&[Put::Node(Box::new(node("n3")))], audit("after"))
+                .ok(),
+        )
+    })
+    .expect("changes are accepted again once the quorum is back");
+    println!(
+        "accepted again {:.1} s after the members were healthy",
+        recovered.elapsed().as_secs_f64()
+    );
+    let log = db.audit(10).expect("audit");
+    let actions: Vec<&str> = log.iter().map(|r| r.action.as_str()).collect();
+    // A refused change that etcd had already proposed may still apply, whole, once the quorum
+    // is back; a change is never half-recorded, and nothing acknowledged is lost.
+    assert!(
+        actions == ["before", "after"] || actions == ["before", "during", "after"],
+        "{actions:?}"
+    );
+    assert_eq!(
+        log.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=log.len() as u64).collect::<Vec<_>>()
+    );
+    assert!(db.node("n1").expect("read").is_some());
+    assert!(db.node("n3").expect("read").is_some());
+    assert_eq!(
+        db.node("n2").expect("read").is_some(),
+        actions.contains(&"during"),
+        "the refused change's record is there exactly when its audit record is"
+    );
+}
+
+fn origin_cli(home: &Path, args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_origin"))
+        .arg("--dir")
+        .arg(home)
+        .args(args)
+        .output()
+        .expect("run origin");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "origin {args:?} failed: {text}");
+    text
+}
+
+#[test]
+fn store_copy_moves_every_record_into_etcd_and_back() {
+    let Some(TestStore::Etcd(cluster, config)) =
+        etcd_store("store_copy_moves_every_record_into_etcd_and_back")
+    else {
+        return;
+    };
+    let home = tempfile::tempdir().expect("home");
+    let account = AccountRecord {
+        name: "alice".into(),
+        role: AccountRole::Viewer,
+        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNo".into(),
+        updated_ms: 7,
+    };
+    {
+        let db = Db::open(&home.path().join("db")).expect("open the home's database");
+        // More nodes than one copy transaction holds.
+        for i in 0..250 {
+            db.commit(
+                &[Put::Node(Box::new(node(&format!("n{i:03}"))))],
+                audit("node"),
+            )
+            .expect("node");
+        }
+        db.commit(
+            &[
+                Put::Package(Box::new(package("app", "1", &[]))),
+                Put::Class {
+                    node: "n001".into(),
+                    class: Some("canary".into()),
+                },
+                Put::Overrides {
+                    node: "n002".into(),
+                    bundles: vec![BundleRef::new("app", "1")],
+                },
+                Put::Policy(Box::new(policy_doc())),
+                Put::Account(Box::new(account)),
+                Put::Prepare(Box::new(prepare_record(1, PrepareState::Pending, 0))),
+            ],
+            audit("the rest"),
+        )
+        .expect("the rest");
+    }
+    let before = Db::open(&home.path().join("db"))
+        .expect("reopen")
+        .export()
+        .expect("export");
+
+    let url = cluster.store_url("test");
+    let out = origin_cli(home.path(), &["store", "copy", "--to", &url]);
+    assert!(out.contains("copied 507 records"), "{out}");
+    let etcd_db = Db::open_store(&config).expect("open etcd");
+    assert_eq!(
+        etcd_db.export().expect("export"),
+        before,
+        "etcd holds every record"
+    );
+    assert_eq!(etcd_db.classes().expect("classes")["n001"], "canary");
+    // The audit log goes on where the copy left it.
+    let next = etcd_db
+        .commit(&[], audit("after the copy"))
+        .expect("commit")
+        .expect("record");
+    assert_eq!(next.seq, 252);
+    drop(etcd_db);
+
+    // A second copy into the same, no longer empty, store is refused.
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_origin"))
+        .arg("--dir")
+        .arg(home.path())
+        .args(["store", "copy", "--to", &url])
+        .output()
+        .expect("run origin");
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && text.contains("not empty"),
+        "{text}"
+    );
+
+    let status = origin_cli(home.path(), &["store", "status", "--store", &url]);
+    assert_eq!(status.matches(": up, ").count(), 3, "{status}");
+    assert_eq!(status.matches(", leader,").count(), 1, "{status}");
+    assert!(status.contains("last change: audit #252"), "{status}");
+
+    // And back into an empty home's RocksDB.
+    let back = tempfile::tempdir().expect("home");
+    let out = origin_cli(
+        back.path(),
+        &["store", "copy", "--from", &url, "--to", "rocksdb"],
+    );
+    assert!(out.contains("copied 508 records"), "{out}");
+    let returned = Db::open(&back.path().join("db")).expect("open");
+    let audit_log = returned.audit(1).expect("audit");
+    assert_eq!(audit_log[0].action, "after the copy");
+    assert_eq!(returned.nodes().expect("nodes").len(), 250);
+    assert_eq!(
+        returned.account("alice").expect("read").map(|a| a.role),
+        Some(AccountRole::Viewer)
     );
 }

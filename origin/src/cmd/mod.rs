@@ -5,4 +5,5 @@ pub mod bundles;
 pub mod control;
 pub mod prepare;
 pub mod setup;
+pub mod store;
 pub mod swap;

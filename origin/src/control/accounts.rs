@@ -11,7 +11,7 @@ use proto::wire::ControlReply;
 
 use super::{CommandError, ControlPlane};
 use crate::accounts;
-use crate::db::{now_ms, AccountRecord, AccountRole, Audit, Put};
+use crate::db::{now_ms, AccountRecord, AccountRole, Audit, Commit, Put};
 
 impl ControlPlane {
     /// Adds or replaces the console account `name` with `role` and `password_hash`.
@@ -29,23 +29,26 @@ impl ControlPlane {
         accounts::check_name(name)?;
         accounts::check_hash(password_hash)?;
         let role: AccountRole = role.parse().map_err(CommandError::BadRole)?;
-        let _change = self.one_change();
-        let replaced = self.db.account(name)?.is_some();
-        let record = AccountRecord {
-            name: name.to_owned(),
-            role,
-            password_hash: password_hash.to_owned(),
-            updated_ms: now_ms(),
-        };
-        let action = if replaced {
-            "account.replace"
-        } else {
-            "account.add"
-        };
-        self.db.commit(
-            &[Put::Account(Box::new(record))],
-            Some(who(action, format!("{name} ({role})"))),
-        )?;
+        let replaced = self.db.change(|| {
+            let replaced = self.db.account(name)?.is_some();
+            let record = AccountRecord {
+                name: name.to_owned(),
+                role,
+                password_hash: password_hash.to_owned(),
+                updated_ms: now_ms(),
+            };
+            let action = if replaced {
+                "account.replace"
+            } else {
+                "account.add"
+            };
+            let audit = who(action, format!("{name} ({role})"));
+            Ok::<_, CommandError>(Commit::new(
+                vec![Put::Account(Box::new(record))],
+                Some(audit),
+                replaced,
+            ))
+        })?;
         let verb = if replaced { "replaced" } else { "added" };
         Ok(ControlReply {
             success: true,
@@ -104,17 +107,20 @@ impl ControlPlane {
             return Err(CommandError::AccountsNeedOrigin);
         }
         accounts::check_name(name)?;
-        let _change = self.one_change();
-        let Some(account) = self.db.account(name)? else {
-            return Err(CommandError::NoSuchAccount(name.to_owned()));
-        };
-        self.db.commit(
-            &[Put::RemoveAccount(name.to_owned())],
-            Some(who(
+        self.db.change(|| {
+            let Some(account) = self.db.account(name)? else {
+                return Err(CommandError::NoSuchAccount(name.to_owned()));
+            };
+            let audit = who(
                 "account.remove",
                 format!("{name} ({})", account.role.name()),
-            )),
-        )?;
+            );
+            Ok(Commit::new(
+                vec![Put::RemoveAccount(name.to_owned())],
+                Some(audit),
+                (),
+            ))
+        })?;
         Ok(ControlReply {
             success: true,
             text: format!("console account {name} removed; its sessions have ended\n"),

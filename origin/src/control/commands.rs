@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::{list, render_table, utc, Change, CommandError, ControlPlane, TestRun};
 use crate::catalog::Catalog;
-use crate::db::{now_ms, Audit, AuditRecord, DbError, NodeRecord, Put};
+use crate::db::{now_ms, Audit, AuditRecord, Commit, DbError, NodeRecord, Put};
 use crate::policy::{self, BundleRef};
 use crate::policy_file;
 
@@ -223,38 +223,43 @@ impl ControlPlane {
         toml: &str,
         who: impl Fn(&str, String) -> Audit,
     ) -> Result<ControlReply, CommandError> {
-        let _one_change = self.one_change();
         let doc = policy_file::parse(source, toml)?;
-        let packages = self.package_map()?;
-        let mut warnings = Vec::new();
-        for rule in &doc.rules {
-            for bundle in &rule.bundles {
-                if !packages.contains_key(&(bundle.name.clone(), bundle.version.clone())) {
-                    warnings.push(format!(
-                        "warning: rule `{}` names {bundle}, which was never published",
-                        rule.id
-                    ));
+        let (detail, changed_nodes, warnings) = self.db.change(|| {
+            let packages = self.package_map()?;
+            let mut warnings = Vec::new();
+            for rule in &doc.rules {
+                for bundle in &rule.bundles {
+                    if !packages.contains_key(&(bundle.name.clone(), bundle.version.clone())) {
+                        warnings.push(format!(
+                            "warning: rule `{}` names {bundle}, which was never published",
+                            rule.id
+                        ));
+                    }
                 }
             }
-        }
-        let detail = format!(
-            "{source}: {} rules, {} features, precedence {}",
-            doc.rules.len(),
-            doc.features.len(),
-            doc.precedence
-                .iter()
-                .map(|k| k.name())
-                .collect::<Vec<_>>()
-                .join(" > ")
-        );
-        let mut puts = self.refreshed(&Change {
-            doc: Some(doc.clone()),
-            ..Change::default()
+            let detail = format!(
+                "{source}: {} rules, {} features, precedence {}",
+                doc.rules.len(),
+                doc.features.len(),
+                doc.precedence
+                    .iter()
+                    .map(|k| k.name())
+                    .collect::<Vec<_>>()
+                    .join(" > ")
+            );
+            let mut puts = self.refreshed(&Change {
+                doc: Some(doc.clone()),
+                ..Change::default()
+            })?;
+            let changed_nodes = puts.len();
+            puts.insert(0, Put::Policy(Box::new(doc.clone())));
+            let audit = who("policy.load", detail.clone());
+            Ok::<_, CommandError>(Commit::new(
+                puts,
+                Some(audit),
+                (detail, changed_nodes, warnings),
+            ))
         })?;
-        let changed_nodes = puts.len();
-        puts.insert(0, Put::Policy(Box::new(doc)));
-        self.db
-            .commit(&puts, Some(who("policy.load", detail.clone())))?;
         let check = self.policy_check()?;
         let mut text = format!(
             "loaded {detail}\n{changed_nodes} node(s) now have other desired bundles or state\n"
@@ -299,31 +304,32 @@ impl ControlPlane {
         class: &str,
         who: impl Fn(&str, String) -> Audit,
     ) -> Result<ControlReply, CommandError> {
-        let _one_change = self.one_change();
-        let record = self.find_node(node)?;
         if class.is_empty() {
             return Err(CommandError::EmptyClass);
         }
-        let before = self.db.classes()?.remove(&record.id);
-        let detail = format!(
-            "node {}: class {} -> {class}",
-            record.id,
-            before
-                .or(record.inventory.class.clone())
-                .unwrap_or_else(|| "-".into())
-        );
-        let mut classes = self.db.classes()?;
-        classes.insert(record.id.clone(), class.to_owned());
-        let mut puts = vec![Put::Class {
-            node: record.id.clone(),
-            class: Some(class.to_owned()),
-        }];
-        puts.extend(self.refreshed(&Change {
-            classes: Some(classes),
-            ..Change::default()
-        })?);
-        self.db
-            .commit(&puts, Some(who("class.set", detail.clone())))?;
+        let detail = self.db.change(|| {
+            let record = self.find_node(node)?;
+            let before = self.db.classes()?.remove(&record.id);
+            let detail = format!(
+                "node {}: class {} -> {class}",
+                record.id,
+                before
+                    .or(record.inventory.class.clone())
+                    .unwrap_or_else(|| "-".into())
+            );
+            let mut classes = self.db.classes()?;
+            classes.insert(record.id.clone(), class.to_owned());
+            let mut puts = vec![Put::Class {
+                node: record.id.clone(),
+                class: Some(class.to_owned()),
+            }];
+            puts.extend(self.refreshed(&Change {
+                classes: Some(classes),
+                ..Change::default()
+            })?);
+            let audit = who("class.set", detail.clone());
+            Ok::<_, CommandError>(Commit::new(puts, Some(audit), detail))
+        })?;
         Ok(ControlReply {
             success: true,
             text: format!("{detail}\n"),
@@ -337,23 +343,24 @@ impl ControlPlane {
         bundle: &str,
         who: impl Fn(&str, String) -> Audit,
     ) -> Result<ControlReply, CommandError> {
-        let _one_change = self.one_change();
-        let record = self.find_node(node)?;
         let pinned = policy_file::exact_bundle(bundle)?;
-        if self.db.package(&pinned.name, &pinned.version)?.is_none() {
-            return Err(CommandError::NeverPublished(pinned));
-        }
-        let mut overrides = self.db.overrides()?.remove(&record.id).unwrap_or_default();
-        overrides.retain(|b| b.name != pinned.name);
-        overrides.push(pinned.clone());
-        let detail = format!(
-            "node {}: pin {pinned} (overrides now {})",
-            record.id,
-            refs(&overrides)
-        );
-        let puts = self.override_puts(&record.id, overrides)?;
-        self.db
-            .commit(&puts, Some(who("override.set", detail.clone())))?;
+        let detail = self.db.change(|| {
+            let record = self.find_node(node)?;
+            if self.db.package(&pinned.name, &pinned.version)?.is_none() {
+                return Err(CommandError::NeverPublished(pinned.clone()));
+            }
+            let mut overrides = self.db.overrides()?.remove(&record.id).unwrap_or_default();
+            overrides.retain(|b| b.name != pinned.name);
+            overrides.push(pinned.clone());
+            let detail = format!(
+                "node {}: pin {pinned} (overrides now {})",
+                record.id,
+                refs(&overrides)
+            );
+            let puts = self.override_puts(&record.id, overrides)?;
+            let audit = who("override.set", detail.clone());
+            Ok::<_, CommandError>(Commit::new(puts, Some(audit), detail))
+        })?;
         Ok(ControlReply {
             success: true,
             text: format!("{detail}\n"),
@@ -367,29 +374,36 @@ impl ControlPlane {
         name: Option<&str>,
         who: impl Fn(&str, String) -> Audit,
     ) -> Result<ControlReply, CommandError> {
-        let _one_change = self.one_change();
-        let record = self.find_node(node)?;
-        let before = self.db.overrides()?.remove(&record.id).unwrap_or_default();
-        let after: Vec<BundleRef> = match name {
-            Some(name) => before.iter().filter(|b| b.name != name).cloned().collect(),
-            None => Vec::new(),
+        let outcome = self.db.change(|| {
+            let record = self.find_node(node)?;
+            let before = self.db.overrides()?.remove(&record.id).unwrap_or_default();
+            let after: Vec<BundleRef> = match name {
+                Some(name) => before.iter().filter(|b| b.name != name).cloned().collect(),
+                None => Vec::new(),
+            };
+            if after.len() == before.len() {
+                return Ok(Commit::none(Err(record.id)));
+            }
+            let detail = format!(
+                "node {}: overrides {} -> {}",
+                record.id,
+                refs(&before),
+                refs(&after)
+            );
+            let puts = self.override_puts(&record.id, after)?;
+            let audit = who("override.clear", detail.clone());
+            Ok::<_, CommandError>(Commit::new(puts, Some(audit), Ok(detail)))
+        })?;
+        let detail = match outcome {
+            Ok(detail) => detail,
+            Err(node) => {
+                return Ok(ControlReply {
+                    success: true,
+                    text: format!("node {node} has no such override; nothing changed\n"),
+                    json: "null".into(),
+                })
+            }
         };
-        if after.len() == before.len() {
-            return Ok(ControlReply {
-                success: true,
-                text: format!("node {} has no such override; nothing changed\n", record.id),
-                json: "null".into(),
-            });
-        }
-        let detail = format!(
-            "node {}: overrides {} -> {}",
-            record.id,
-            refs(&before),
-            refs(&after)
-        );
-        let puts = self.override_puts(&record.id, after)?;
-        self.db
-            .commit(&puts, Some(who("override.clear", detail.clone())))?;
         Ok(ControlReply {
             success: true,
             text: format!("{detail}\n"),

@@ -14,7 +14,7 @@ use proto::wire::ControlReply;
 
 use super::commands::to_json;
 use super::{render_table, CommandError, ControlPlane};
-use crate::db::{now_ms, Audit, DbError, Put, RevokedRecord};
+use crate::db::{now_ms, Audit, Commit, DbError, Put, RevokedRecord};
 
 /// What the origin answers an edge's [`proto::wire::Request::ContentKeys`].
 #[derive(Debug)]
@@ -102,7 +102,7 @@ impl ControlPlane {
 
     /// Creates the first generation when the origin has none (at `origin serve`), audited.
     pub fn ensure_first_key(&self) -> Result<(), CommandError> {
-        let _one_change = self.one_change();
+        let _one_change = self.one_key_change();
         if let Some((generation, fingerprint)) = self.keys.ensure_first()? {
             self.db.commit(
                 &[],
@@ -123,7 +123,7 @@ impl ControlPlane {
         who: impl Fn(&str, String) -> Audit,
         why: &str,
     ) -> Result<ControlReply, CommandError> {
-        let _one_change = self.one_change();
+        let _one_change = self.one_key_change();
         let (generation, fingerprint) = self.keys.rotate()?;
         let detail = format!("{generation} (fingerprint {fingerprint}) is current{why}");
         self.db
@@ -163,7 +163,7 @@ impl ControlPlane {
         force: bool,
         who: impl Fn(&str, String) -> Audit,
     ) -> Result<ControlReply, CommandError> {
-        let _one_change = self.one_change();
+        let _one_change = self.one_key_change();
         let needing = self.nodes_needing(generation)?;
         if !needing.is_empty() && !force {
             return Err(CommandError::GenerationInUse {
@@ -225,15 +225,10 @@ impl ControlPlane {
         node: &str,
         who: impl Fn(&str, String) -> Audit,
     ) -> Result<ControlReply, CommandError> {
-        let record = {
-            let _one_change = self.one_change();
+        let revoked = self.db.change(|| {
             let record = self.find_node(node)?;
             if self.is_revoked(&record.id)? {
-                return Ok(ControlReply {
-                    success: true,
-                    text: format!("node {} was already revoked\n", record.id),
-                    json: "null".into(),
-                });
+                return Ok(Commit::none(Err(record.id)));
             }
             let detail = format!("node {} (site {}) revoked", record.id, record.site);
             let revoked = RevokedRecord {
@@ -241,13 +236,24 @@ impl ControlPlane {
                 at_ms: now_ms(),
                 actor: who("", String::new()).actor,
             };
-            self.db.commit(
-                &[Put::Revoked(Box::new(revoked))],
-                Some(who("node.revoke", detail)),
-            )?;
-            tracing::warn!(node = %record.id, "node revoked");
-            record
+            let audit = who("node.revoke", detail);
+            Ok::<_, CommandError>(Commit::new(
+                vec![Put::Revoked(Box::new(revoked))],
+                Some(audit),
+                Ok(record),
+            ))
+        })?;
+        let record = match revoked {
+            Ok(record) => record,
+            Err(id) => {
+                return Ok(ControlReply {
+                    success: true,
+                    text: format!("node {id} was already revoked\n"),
+                    json: "null".into(),
+                })
+            }
         };
+        tracing::warn!(node = %record.id, "node revoked");
         let rotated = self.keys_rotate(who, &format!(" after revoking node {}", record.id))?;
         Ok(ControlReply {
             success: true,

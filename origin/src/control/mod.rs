@@ -18,7 +18,8 @@ use proto::net::PeerIdentity;
 use proto::wire::{BootPlan, BundleInfo, NodeBundle, NodeReport, ReportEvent};
 
 use crate::db::{
-    build_store, now_ms, Audit, Db, DbError, NodeRecord, NodeState, PackageRecord, PolicyDoc, Put,
+    build_store, now_ms, Audit, Commit, Db, DbError, NodeRecord, NodeState, PackageRecord,
+    PolicyDoc, Put,
 };
 use crate::negotiate::{self, Negotiated};
 use crate::policy::{self, BundleRef, Requirement};
@@ -130,9 +131,9 @@ pub struct ControlPlane {
     test_runs: Mutex<BTreeMap<String, TestRun>>,
     /// Client endpoint with the origin's certificate (edges accept test runs from it only).
     endpoint: quinn::Endpoint,
-    /// Held from the first read to the commit of every change, so two changes (a node's
-    /// report and an operator's command, say) never overwrite each other's records.
-    changes: Mutex<()>,
+    /// Held through every content-key operation (rotate, retire, the first generation), whose
+    /// files live beside the origin; the store's own changes are serialized by [`Db::change`].
+    key_changes: Mutex<()>,
     /// `origin rollout ...`: the running rollout and the saved state of the last.
     rollouts: crate::rollout::service::RolloutService,
     /// The content keys (`origin keys ...`).
@@ -145,22 +146,21 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// The control plane over `db` and the content keys `keys`; test runs connect out through
-    /// `endpoint`.
-    pub fn new(db: Db, endpoint: quinn::Endpoint, keys: crate::keys::OriginKeys) -> Self {
-        // The rollout's file lives beside the database, in the origin's home.
-        let home = db
-            .path()
-            .parent()
-            .map(std::path::Path::to_path_buf)
-            .unwrap_or_default();
+    /// The control plane over `db` and the content keys `keys`, for the origin whose home is
+    /// `home` (the rollout's file lives there); test runs connect out through `endpoint`.
+    pub fn new(
+        db: Db,
+        home: &std::path::Path,
+        endpoint: quinn::Endpoint,
+        keys: crate::keys::OriginKeys,
+    ) -> Self {
         let db = Arc::new(db);
         Self {
             prepares: Prepares::new(db.clone(), endpoint.clone()),
             db,
             test_runs: Mutex::new(BTreeMap::new()),
-            changes: Mutex::new(()),
-            rollouts: crate::rollout::service::RolloutService::new(&home, endpoint.clone()),
+            key_changes: Mutex::new(()),
+            rollouts: crate::rollout::service::RolloutService::new(home, endpoint.clone()),
             endpoint,
             keys,
             rollout_changed: Arc::new(tokio::sync::Notify::new()),
@@ -192,8 +192,8 @@ impl ControlPlane {
         self.rollouts.kept()
     }
 
-    fn one_change(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.changes.lock().unwrap_or_else(|e| e.into_inner())
+    fn one_key_change(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.key_changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn test_runs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, TestRun>> {
@@ -208,12 +208,6 @@ impl ControlPlane {
         actor: &PeerIdentity,
         action: &str,
     ) -> Result<(), DbError> {
-        let _one_change = self.one_change();
-        if let Some(existing) = self.db.package(&info.name, &info.version)? {
-            if existing.id == info.id {
-                return Ok(());
-            }
-        }
         let depends: Vec<Requirement> = manifest
             .dependencies
             .iter()
@@ -232,6 +226,24 @@ impl ControlPlane {
                 }
             })
             .collect();
+        let deps = if depends.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " depends {}",
+                depends
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        self.db.change(|| {
+            if let Some(existing) = self.db.package(&info.name, &info.version)? {
+                if existing.id == info.id {
+                    return Ok(Commit::none(()));
+                }
+            }
         let record = PackageRecord {
             name: info.name.clone(),
             version: info.version.clone(),
@@ -248,18 +260,6 @@ impl ControlPlane {
             },
             encrypted: crate::keys::is_encrypted(manifest),
             key_generation: crate::keys::key_generation(manifest).map(|g| g.0),
-        };
-        let deps = if depends.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " depends {}",
-                depends
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
         };
         let mut packages = self.db.packages()?;
         packages.retain(|p| !(p.name == record.name && p.version == record.version));
@@ -299,19 +299,17 @@ impl ControlPlane {
             doc,
             ..Change::default()
         })?);
-        self.db.commit(
-            &puts,
-            Some(Audit::new(
-                actor.node_id.to_string(),
-                actor.role.as_str(),
-                action,
-                format!(
-                    "{}@{} ({}){deps}{captured}",
-                    info.name, info.version, info.id
-                ),
-            )),
-        )?;
-        Ok(())
+        let audit = Audit::new(
+            actor.node_id.to_string(),
+            actor.role.as_str(),
+            action,
+            format!(
+                "{}@{} ({}){deps}{captured}",
+                info.name, info.version, info.id
+            ),
+        );
+        Ok(Commit::new(puts, Some(audit), ()))
+        })
     }
 
     /// Records a node's report (id and site from its certificate) and, with `negotiate`,
@@ -323,77 +321,84 @@ impl ControlPlane {
         report: NodeReport,
         negotiate: bool,
     ) -> Result<Option<BootPlan>, DbError> {
-        let _one_change = self.one_change();
-        let now = now_ms();
-        let existing = self.db.node(node_id)?;
-        let mut record = existing.clone().unwrap_or_else(|| NodeRecord {
-            id: node_id.to_owned(),
-            site: site.to_owned(),
-            inventory: Inventory::default(),
-            installed: Vec::new(),
-            held: Vec::new(),
-            desired: Vec::new(),
-            state: NodeState::Reported,
-            state_detail: String::new(),
-            data_addr: String::new(),
-            first_seen_ms: now,
-            last_seen_ms: now,
-            last_event: report.event,
-            reports: 0,
-        });
-        record.site = site.to_owned();
-        // The site comes from the certificate, whatever the node configured.
-        record.inventory = Inventory {
-            site: Some(site.to_owned()),
-            ..report.inventory
-        };
-        record.installed = report.installed;
-        record.held = report.held;
-        if !report.data_addr.is_empty() || report.event == ReportEvent::Started {
-            record.data_addr = report.data_addr;
-        }
-        record.last_seen_ms = now.max(record.last_seen_ms);
-        record.last_event = report.event;
-        record.reports += 1;
         if report.event == ReportEvent::Started {
             // A node that restarted runs nothing in test mode any more.
             if self.test_runs().remove(node_id).is_some() {
                 tracing::info!(node = node_id, "test run ended with the node's restart");
             }
         }
-        let plan = if negotiate {
-            let store = self.db.policy_store()?;
-            let inventory = self.effective_inventory(&record)?;
-            let resolution = policy::resolve(&store, node_id, &inventory);
-            let packages = self.package_map()?;
-            let doc = self.db.policy()?;
-            let Negotiated {
-                plan,
-                desired,
-                state,
-                detail,
-            } = negotiate::offer_capture(
-                negotiate::require_encrypted(
-                    negotiate::plan(&resolution, &record.installed, &packages),
-                    doc.encryption.requires(inventory.class.as_deref()),
-                    &packages,
-                ),
-                doc.capture.as_ref(),
-                inventory.class.as_deref(),
-            );
-            record.desired = desired;
-            record.state = state;
-            record.state_detail = detail;
-            Some(plan)
-        } else {
-            if !record.desired.is_empty() {
-                record.state = negotiate::state_after_update(&record.installed, &record.desired);
+        let (plan, data_addr) = self.db.change(|| {
+            let report = report.clone();
+            let now = now_ms();
+            let existing = self.db.node(node_id)?;
+            let mut record = existing.clone().unwrap_or_else(|| NodeRecord {
+                id: node_id.to_owned(),
+                site: site.to_owned(),
+                inventory: Inventory::default(),
+                installed: Vec::new(),
+                held: Vec::new(),
+                desired: Vec::new(),
+                state: NodeState::Reported,
+                state_detail: String::new(),
+                data_addr: String::new(),
+                first_seen_ms: now,
+                last_seen_ms: now,
+                last_event: report.event,
+                reports: 0,
+            });
+            record.site = site.to_owned();
+            // The site comes from the certificate, whatever the node configured.
+            record.inventory = Inventory {
+                site: Some(site.to_owned()),
+                ..report.inventory
+            };
+            record.installed = report.installed;
+            record.held = report.held;
+            if !report.data_addr.is_empty() || report.event == ReportEvent::Started {
+                record.data_addr = report.data_addr;
             }
-            None
-        };
-        let audit = node_audit(existing.as_ref(), &record);
-        let data_addr = record.data_addr.clone();
-        self.db.commit(&[Put::Node(Box::new(record))], audit)?;
+            record.last_seen_ms = now.max(record.last_seen_ms);
+            record.last_event = report.event;
+            record.reports += 1;
+            let plan = if negotiate {
+                let store = self.db.policy_store()?;
+                let inventory = self.effective_inventory(&record)?;
+                let resolution = policy::resolve(&store, node_id, &inventory);
+                let packages = self.package_map()?;
+                let doc = self.db.policy()?;
+                let Negotiated {
+                    plan,
+                    desired,
+                    state,
+                    detail,
+                } = negotiate::offer_capture(
+                    negotiate::require_encrypted(
+                        negotiate::plan(&resolution, &record.installed, &packages),
+                        doc.encryption.requires(inventory.class.as_deref()),
+                        &packages,
+                    ),
+                    doc.capture.as_ref(),
+                    inventory.class.as_deref(),
+                );
+                record.desired = desired;
+                record.state = state;
+                record.state_detail = detail;
+                Some(plan)
+            } else {
+                if !record.desired.is_empty() {
+                    record.state =
+                        negotiate::state_after_update(&record.installed, &record.desired);
+                }
+                None
+            };
+            let audit = node_audit(existing.as_ref(), &record);
+            let data_addr = record.data_addr.clone();
+            Ok::<_, DbError>(Commit::new(
+                vec![Put::Node(Box::new(record))],
+                audit,
+                (plan, data_addr),
+            ))
+        })?;
         // A node that was offline during a prepare prepares now that its daemon reports.
         self.prepares.kick(node_id, &data_addr);
         Ok(plan)

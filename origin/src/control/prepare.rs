@@ -20,7 +20,7 @@ use proto::wire::{BundleInfo, NodeBundle, Request, Response, MAX_FRAME_BYTES};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{
-    now_ms, Audit, Db, DbError, NodeRecord, PrepareNode, PrepareRecord, PrepareState, Put,
+    now_ms, Audit, Commit, Db, DbError, NodeRecord, PrepareNode, PrepareRecord, PrepareState, Put,
 };
 
 /// Daemons asked to fetch at once, whatever the number of selected nodes.
@@ -240,8 +240,6 @@ pub struct Prepares {
     db: Arc<Db>,
     /// Client endpoint with the origin's certificate (daemons take a fetch from it).
     endpoint: quinn::Endpoint,
-    /// Held from the read to the commit of every change of a prepare record.
-    changes: Mutex<()>,
     /// Bytes held so far by each fetching node: (operation, node) → bytes. Memory only.
     progress: Mutex<HashMap<(u64, String), u64>>,
     /// Asks under way, by (operation, node); the value is a newer address the node reported
@@ -257,15 +255,10 @@ impl Prepares {
         Arc::new(Self {
             db,
             endpoint,
-            changes: Mutex::new(()),
             progress: Mutex::new(HashMap::new()),
             asking: Mutex::new(HashMap::new()),
             permits: Arc::new(tokio::sync::Semaphore::new(MAX_ASKS_AT_ONCE)),
         })
-    }
-
-    fn one_change(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stores a new operation for `picked` (already selected, in site order) and asks every
@@ -279,8 +272,7 @@ impl Prepares {
         actor: &str,
     ) -> Result<PrepareStatus, DbError> {
         let now = now_ms();
-        let record = {
-            let _one_change = self.one_change();
+        let record = self.db.change(|| {
             let id = self.db.prepares(1)?.first().map_or(1, |p| p.id + 1);
             let nodes = picked
                 .iter()
@@ -326,12 +318,12 @@ impl Prepares {
                 bundle.id,
                 picked.len()
             );
-            self.db.commit(
-                &[Put::Prepare(Box::new(record.clone()))],
+            Ok::<_, DbError>(Commit::new(
+                vec![Put::Prepare(Box::new(record.clone()))],
                 Some(audit("prepare.start", detail)),
-            )?;
-            record
-        };
+                record,
+            ))
+        })?;
         for node in picked.iter().filter(|n| !n.data_addr.is_empty()) {
             self.spawn_ask(record.id, &node.id, &node.data_addr);
         }
@@ -348,8 +340,7 @@ impl Prepares {
         actor: &str,
         audit: impl Fn(&str, String) -> Audit,
     ) -> Result<PrepareStatus, CancelError> {
-        let record = {
-            let _one_change = self.one_change();
+        let record = self.db.change(|| {
             let mut record = self.db.prepare(id)?.ok_or(CancelError::NoSuch(id))?;
             if let Some(done) = &record.cancelled {
                 return Err(CancelError::Already {
@@ -376,12 +367,12 @@ impl Prepares {
                 record.bundle,
                 record.nodes.len()
             );
-            self.db.commit(
-                &[Put::Prepare(Box::new(record.clone()))],
+            Ok(Commit::new(
+                vec![Put::Prepare(Box::new(record.clone()))],
                 Some(audit("prepare.cancel", detail)),
-            )?;
-            record
-        };
+                record,
+            ))
+        })?;
         self.progress
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -651,40 +642,43 @@ impl Prepares {
         &self,
         op: u64,
         node: &str,
-        change: impl FnOnce(&mut PrepareNode),
+        change: impl Fn(&mut PrepareNode),
     ) -> Result<(), DbError> {
-        let _one_change = self.one_change();
-        let Some(mut record) = self.db.prepare(op)? else {
-            return Ok(());
-        };
-        if record.cancelled.is_some() {
-            // An ask that ends after the cancel changes nothing: the operation is over.
-            return Ok(());
-        }
-        let Some(entry) = record.nodes.get_mut(node) else {
-            return Ok(());
-        };
-        let before = entry.clone();
-        change(entry);
-        if *entry == before {
-            return Ok(());
-        }
-        entry.updated_ms = now_ms();
-        let detail = format!(
-            "prepare {op}: {} {} -> {}{}",
-            record.bundle,
-            before.state.name(),
-            entry.state.name(),
-            match entry.state {
-                PrepareState::Prepared => format!(" ({} bytes received)", entry.bytes_received),
-                PrepareState::Failed | PrepareState::Pending => format!(": {}", entry.detail),
-                PrepareState::Fetching | PrepareState::Cancelled => String::new(),
+        self.db.change(|| {
+            let Some(mut record) = self.db.prepare(op)? else {
+                return Ok(Commit::none(()));
+            };
+            if record.cancelled.is_some() {
+                // An ask that ends after the cancel changes nothing: the operation is over.
+                return Ok(Commit::none(()));
             }
-        );
-        let audit = Audit::new(node, "edge", "prepare.node", detail);
-        self.db
-            .commit(&[Put::Prepare(Box::new(record))], Some(audit))?;
-        Ok(())
+            let Some(entry) = record.nodes.get_mut(node) else {
+                return Ok(Commit::none(()));
+            };
+            let before = entry.clone();
+            change(entry);
+            if *entry == before {
+                return Ok(Commit::none(()));
+            }
+            entry.updated_ms = now_ms();
+            let detail = format!(
+                "prepare {op}: {} {} -> {}{}",
+                record.bundle,
+                before.state.name(),
+                entry.state.name(),
+                match entry.state {
+                    PrepareState::Prepared => format!(" ({} bytes received)", entry.bytes_received),
+                    PrepareState::Failed | PrepareState::Pending => format!(": {}", entry.detail),
+                    PrepareState::Fetching | PrepareState::Cancelled => String::new(),
+                }
+            );
+            let audit = Audit::new(node, "edge", "prepare.node", detail);
+            Ok(Commit::new(
+                vec![Put::Prepare(Box::new(record))],
+                Some(audit),
+                (),
+            ))
+        })
     }
 }
 

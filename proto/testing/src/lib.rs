@@ -9,6 +9,8 @@
 //!   install or how to run.
 //! - [`wait_until`], [`wait_for`] and their async twins: wait on a condition with a timeout,
 //!   instead of sleeping and hoping.
+//! - [`etcd`]: a real etcd cluster on loopback (the origin's shared control-plane store).
+//! - [`debian`]: Debian root trees built with mmdebstrap, cached by their inputs.
 //!
 //! This crate is a dev-dependency of every crate (and a dependency of `netsim`, whose mesh
 //! harness is test support); nothing in a node's binary links it.
@@ -18,6 +20,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 pub mod debian;
+pub mod etcd;
 pub mod need;
 
 /// Set to `1` to make every test that cannot run fail instead of skipping.

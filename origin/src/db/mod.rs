@@ -1,4 +1,7 @@
-//! The origin's databases: one RocksDB under the origin's home, one column family per table.
+//! The origin's control-plane store: the tables below, kept by one of two backends behind
+//! [`Backend`]: the embedded RocksDB under the origin's home ([`rocks`], one column family per
+//! table; the default, for one origin), or an etcd cluster that several origins share
+//! ([`etcd`], `origin serve --store etcd://...`).
 //!
 //! - `nodes`: every node that reported (id, site, inventory, installed, desired, state, last
 //!   seen, daemon address), by node id.
@@ -14,14 +17,22 @@
 //!   operation survives a restart of the origin.
 //! - `accounts`: the web console's accounts (issue 17): name, role (admin or viewer) and an
 //!   Argon2id hash of the password (PHC string), by name; never a password.
-//! - `audit`: every change, by a big-endian sequence number, written in the same `WriteBatch`
-//!   as the change it describes, so the log never misses a change nor records one that did not
-//!   happen.
+//! - `audit`: every change, by a big-endian sequence number, written in the same atomic change
+//!   (a RocksDB `WriteBatch`, an etcd transaction) as the change it describes, so the log never
+//!   misses a change nor records one that did not happen.
+//!
+//! Changes that read before they write run through [`Db::change`]: they commit only if no
+//! other change committed since they started reading (etcd: a compare on the change counter's
+//! revision in the same transaction), and run again otherwise, so two origins never lose each
+//! other's updates and the audit sequence has no gap and no duplicate.
 //!
 //! Values are one format byte ([`VALUE_FORMAT`]) followed by JSON, so a record can gain fields
 //! (with defaults) without a migration. A value that does not decode is a [`DbError::Corrupt`]
-//! naming the table and the key, never a panic. Only `origin serve` opens the database
-//! (RocksDB allows one process); the CLI asks the running server.
+//! naming the table and the key, never a panic. Only `origin serve` opens the store (RocksDB
+//! allows one process; etcd any number of origins); the CLI asks the running server.
+
+pub mod etcd;
+pub mod rocks;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,9 +41,6 @@ use std::sync::Mutex;
 use proto::inventory::Inventory;
 use proto::manifest::BundleId;
 use proto::wire::{NodeBundle, ReportEvent};
-use rocksdb::{
-    ColumnFamilyDescriptor, DBCompressionType, IteratorMode, Options, WriteBatch, WriteOptions, DB,
-};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -61,7 +69,8 @@ pub const PREPARES: &str = "prepares";
 /// The console's accounts, by name (issue 17).
 pub const ACCOUNTS: &str = "accounts";
 
-const TABLES: [&str; 9] = [
+/// Every table.
+pub const TABLES: [&str; 9] = [
     NODES, PACKAGES, CLASSES, OVERRIDES, POLICY, AUDIT, REVOKED, PREPARES, ACCOUNTS,
 ];
 
@@ -106,6 +115,26 @@ pub enum DbError {
         /// What is wrong.
         why: String,
     },
+    /// etcd refused or did not answer.
+    #[error("etcd {op} failed: {message}")]
+    Etcd {
+        /// What was being done.
+        op: &'static str,
+        /// etcd's message, with what to do about it.
+        message: String,
+    },
+    /// Other origins kept committing first.
+    #[error("the change conflicted with other origins' changes {attempts} times in a row; nothing was written: try again")]
+    Conflict {
+        /// How often it was tried.
+        attempts: u32,
+    },
+    /// `--store` names no store this origin knows.
+    #[error("bad --store {0}")]
+    BadStore(String),
+    /// `origin store copy` into a store that holds records.
+    #[error("{0} is not empty: `origin store copy` writes only into an empty store")]
+    NotEmpty(String),
     /// A value could not be encoded.
     #[error("cannot encode a value for table `{table}`: {why}")]
     Encode {
@@ -510,52 +539,187 @@ pub struct RevokedRecord {
     pub actor: String,
 }
 
-/// The open database.
+/// Where the control-plane store lives: `origin serve --store`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// The embedded RocksDB under the origin's home (the default, for one origin).
+    Rocks(PathBuf),
+    /// An etcd cluster shared by several origins.
+    Etcd(etcd::EtcdConfig),
+}
+
+impl StoreConfig {
+    /// Parses `--store`: `rocksdb` (the embedded database at `home_db`) or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`.
+    pub fn parse(text: &str, home_db: &Path) -> Result<Self, DbError> {
+        let text = text.trim();
+        if text.is_empty() || text == "rocksdb" {
+            return Ok(StoreConfig::Rocks(home_db.to_owned()));
+        }
+        if let Some(rest) = text.strip_prefix("etcd://") {
+            return Ok(StoreConfig::Etcd(etcd::EtcdConfig::parse(rest)?));
+        }
+        Err(DbError::BadStore(format!(
+            "`{text}`: use `rocksdb` or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`"
+        )))
+    }
+
+    /// The backend's name, as `origin status` and the metrics show it.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            StoreConfig::Rocks(_) => "rocksdb",
+            StoreConfig::Etcd(_) => "etcd",
+        }
+    }
+}
+
+impl std::fmt::Display for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreConfig::Rocks(path) => write!(f, "rocksdb at {}", path.display()),
+            StoreConfig::Etcd(config) => write!(f, "{config}"),
+        }
+    }
+}
+
+/// One write of a backend: a value put under a key of a table, or a key deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Insert or replace.
+    Put {
+        /// The table.
+        table: &'static str,
+        /// The key.
+        key: Vec<u8>,
+        /// The encoded value.
+        value: Vec<u8>,
+    },
+    /// Remove (nothing happens when the key is absent).
+    Delete {
+        /// The table.
+        table: &'static str,
+        /// The key.
+        key: Vec<u8>,
+    },
+}
+
+/// Where a change started: what the backend must still hold for the change to commit. A
+/// change that read the store at one token commits only if nothing else committed since
+/// (so no update is lost between origins sharing an etcd cluster).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Token {
+    /// The backend's change revision (etcd: the mod revision of the change counter; the
+    /// embedded database, which one process owns, keeps 0).
+    pub revision: i64,
+    /// The last audit sequence number written: the change's record gets the next.
+    pub last_audit: u64,
+}
+
+/// Raw entries of one table, in key order: (key, encoded value).
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Every table's raw entries: what [`Db::export`] reads and [`Db::import`] writes.
+pub type Tables = Vec<(&'static str, Entries)>;
+
+/// What a backend did with a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Every write and the audit record are stored.
+    Committed,
+    /// Another change committed since the token: nothing was written.
+    Conflict,
+}
+
+/// A control-plane store: a few tables of keys and values, and changes that commit whole or
+/// not at all. [`Db`] encodes, decodes and retries on top of it.
+pub trait Backend: Send + Sync {
+    /// The value under `key` in `table`.
+    fn get(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError>;
+    /// At most `limit` entries of `table` in key order, or newest (highest key) first.
+    fn scan(
+        &self,
+        table: &'static str,
+        newest_first: bool,
+        limit: usize,
+    ) -> Result<Entries, DbError>;
+    /// The token a change starts from.
+    fn begin(&self) -> Result<Token, DbError>;
+    /// Writes `writes`, the audit record `audit` (its sequence number and encoded value)
+    /// when given, and the change counter (`token.last_audit`, plus one with a record), as
+    /// one atomic and durable change, unless another change committed since `token`.
+    fn write(
+        &self,
+        token: Token,
+        writes: &[Write],
+        audit: Option<(u64, &[u8])>,
+    ) -> Result<Written, DbError>;
+    /// Its health, for `origin status`: `Ok` with a line per member, or why it is not usable.
+    fn health(&self) -> Result<Vec<String>, DbError>;
+}
+
+/// Most times a change is tried again after another origin committed first.
+pub const MAX_CHANGE_ATTEMPTS: u32 = 32;
+
+/// A change to commit: the puts, the audit record, and what the change returns.
+#[derive(Debug)]
+pub struct Commit<T> {
+    /// The records written.
+    pub puts: Vec<Put>,
+    /// The audit record written with them.
+    pub audit: Option<Audit>,
+    /// What [`Db::change`] returns once committed.
+    pub value: T,
+}
+
+impl<T> Commit<T> {
+    /// A change of `puts` audited by `audit`, returning `value`.
+    pub fn new(puts: Vec<Put>, audit: Option<Audit>, value: T) -> Self {
+        Self { puts, audit, value }
+    }
+
+    /// Nothing to write: [`Db::change`] returns `value` at once.
+    pub fn none(value: T) -> Self {
+        Self::new(Vec::new(), None, value)
+    }
+}
+
+/// The open control-plane store.
 pub struct Db {
-    db: DB,
-    path: PathBuf,
-    /// The next audit sequence number; held while a batch is built and written, so sequence
-    /// numbers follow commit order.
-    next_audit: Mutex<u64>,
+    backend: Box<dyn Backend>,
+    config: StoreConfig,
+    /// Held from the first read to the commit of every change of this process, so its own
+    /// changes never conflict with each other; other origins are kept out by the token.
+    changes: Mutex<()>,
 }
 
 impl Db {
-    /// Opens (or creates) the database at `path`.
+    /// Opens (or creates) the embedded database at `path`.
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        let mut options = Options::default();
-        options.create_if_missing(true);
-        options.create_missing_column_families(true);
-        options.set_compression_type(DBCompressionType::None);
-        options.set_keep_log_file_num(4);
-        let families = TABLES.iter().map(|name| {
-            let mut cf = Options::default();
-            cf.set_compression_type(DBCompressionType::None);
-            ColumnFamilyDescriptor::new(*name, cf)
-        });
-        let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| DbError::Open {
-            path: path.to_owned(),
-            message: e.into_string(),
-        })?;
-        let mut db = Self {
-            db,
-            path: path.to_owned(),
-            next_audit: Mutex::new(1),
+        Self::open_store(&StoreConfig::Rocks(path.to_owned()))
+    }
+
+    /// Opens the store `config` names: the embedded database, or a connection to etcd that
+    /// answered (a cluster that cannot be reached is an error here, not at the first change).
+    pub fn open_store(config: &StoreConfig) -> Result<Self, DbError> {
+        let backend: Box<dyn Backend> = match config {
+            StoreConfig::Rocks(path) => Box::new(rocks::RocksBackend::open(path)?),
+            StoreConfig::Etcd(etcd) => Box::new(etcd::EtcdBackend::connect(etcd)?),
         };
-        let last = db.last_audit_seq()?;
-        db.next_audit = Mutex::new(last + 1);
-        Ok(db)
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn cf(&self, table: &'static str) -> Result<&rocksdb::ColumnFamily, DbError> {
-        self.db.cf_handle(table).ok_or_else(|| DbError::Rocks {
-            op: "open table",
-            message: format!("table `{table}` is missing"),
+        Ok(Self {
+            backend,
+            config: config.clone(),
+            changes: Mutex::new(()),
         })
+    }
+
+    /// Where the store lives.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// The backend's health, one line per member (etcd) or the directory (RocksDB).
+    pub fn health(&self) -> Result<Vec<String>, DbError> {
+        self.backend.health()
     }
 
     fn get<T: DeserializeOwned>(
@@ -563,29 +727,39 @@ impl Db {
         table: &'static str,
         key: &[u8],
     ) -> Result<Option<T>, DbError> {
-        let bytes = self
-            .db
-            .get_cf(self.cf(table)?, key)
-            .map_err(|e| rocks("read", e))?;
-        bytes.map(|b| decode(table, key, &b)).transpose()
+        self.backend
+            .get(table, key)?
+            .map(|b| decode(table, key, &b))
+            .transpose()
     }
 
     fn scan<T: DeserializeOwned>(
         &self,
         table: &'static str,
-        mode: IteratorMode<'_>,
+        newest_first: bool,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, T)>, DbError> {
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(table)?, mode) {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, value) = item.map_err(|e| rocks("scan", e))?;
-            let decoded = decode(table, &key, &value)?;
-            out.push((key.to_vec(), decoded));
-        }
-        Ok(out)
+        self.backend
+            .scan(table, newest_first, limit)?
+            .into_iter()
+            .map(|(key, value)| {
+                let decoded = decode(table, &key, &value)?;
+                Ok((key, decoded))
+            })
+            .collect()
+    }
+
+    fn values<T: DeserializeOwned>(
+        &self,
+        table: &'static str,
+        newest_first: bool,
+        limit: usize,
+    ) -> Result<Vec<T>, DbError> {
+        Ok(self
+            .scan(table, newest_first, limit)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
     }
 
     /// The node `id`.
@@ -595,11 +769,7 @@ impl Db {
 
     /// Every node, by id.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, DbError> {
-        Ok(self
-            .scan(NODES, IteratorMode::Start, usize::MAX)?
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect())
+        self.values(NODES, false, usize::MAX)
     }
 
     /// The package `name@version`.
@@ -609,11 +779,7 @@ impl Db {
 
     /// Every package version, by name then version (byte order).
     pub fn packages(&self) -> Result<Vec<PackageRecord>, DbError> {
-        Ok(self
-            .scan(PACKAGES, IteratorMode::Start, usize::MAX)?
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect())
+        self.values(PACKAGES, false, usize::MAX)
     }
 
     /// Every class assignment: node id → class.
@@ -630,7 +796,7 @@ impl Db {
         &self,
         table: &'static str,
     ) -> Result<BTreeMap<String, T>, DbError> {
-        self.scan(table, IteratorMode::Start, usize::MAX)?
+        self.scan(table, false, usize::MAX)?
             .into_iter()
             .map(|(key, value)| {
                 String::from_utf8(key)
@@ -656,11 +822,7 @@ impl Db {
 
     /// Every console account, by name.
     pub fn accounts(&self) -> Result<Vec<AccountRecord>, DbError> {
-        Ok(self
-            .scan(ACCOUNTS, IteratorMode::Start, usize::MAX)?
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect())
+        self.values(ACCOUNTS, false, usize::MAX)
     }
 
     /// The prepare operation `id`.
@@ -670,20 +832,12 @@ impl Db {
 
     /// The newest `limit` prepare operations, newest first.
     pub fn prepares(&self, limit: usize) -> Result<Vec<PrepareRecord>, DbError> {
-        Ok(self
-            .scan(PREPARES, IteratorMode::End, limit.min(MAX_PREPARE_LISTING))?
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect())
+        self.values(PREPARES, true, limit.min(MAX_PREPARE_LISTING))
     }
 
     /// Every prepare operation, oldest first (the keep-sets and the resumption read them all).
     pub fn all_prepares(&self) -> Result<Vec<PrepareRecord>, DbError> {
-        Ok(self
-            .scan(PREPARES, IteratorMode::Start, usize::MAX)?
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect())
+        self.values(PREPARES, false, usize::MAX)
     }
 
     /// The loaded policy (the default, empty one before any load).
@@ -703,134 +857,236 @@ impl Db {
 
     /// The newest `limit` audit records, oldest first.
     pub fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>, DbError> {
-        let mut records: Vec<AuditRecord> = self
-            .scan(AUDIT, IteratorMode::End, limit.min(MAX_AUDIT_LISTING))?
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect();
+        let mut records: Vec<AuditRecord> =
+            self.values(AUDIT, true, limit.min(MAX_AUDIT_LISTING))?;
         records.reverse();
         Ok(records)
     }
 
-    fn last_audit_seq(&self) -> Result<u64, DbError> {
-        let cf = self.cf(AUDIT)?;
-        match self.db.iterator_cf(cf, IteratorMode::End).next() {
-            None => Ok(0),
-            Some(item) => {
-                let (key, _) = item.map_err(|e| rocks("scan", e))?;
-                let bytes: [u8; 8] = key.as_ref().try_into().map_err(|_| DbError::Corrupt {
-                    table: AUDIT,
-                    key: hex::encode(&key),
-                    why: "an audit key is not an 8-byte sequence number".into(),
-                })?;
-                Ok(u64::from_be_bytes(bytes))
+    /// Runs a change: `body` reads what it needs through this `Db` and returns the puts, the
+    /// audit record and its result. They commit in one atomic write, with the audit record,
+    /// only if no other change committed since `body` started reading; otherwise `body` runs
+    /// again on what is stored now (at most [`MAX_CHANGE_ATTEMPTS`] times, then
+    /// [`DbError::Conflict`]). So two origins changing the same records never lose an update.
+    /// `body` must have no effect outside its return value until it returns for the last time.
+    pub fn change<T, E: From<DbError>>(
+        &self,
+        mut body: impl FnMut() -> Result<Commit<T>, E>,
+    ) -> Result<T, E> {
+        let _one_change = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        for attempt in 1..=MAX_CHANGE_ATTEMPTS {
+            let token = self.backend.begin()?;
+            let change = body()?;
+            if change.puts.is_empty() && change.audit.is_none() {
+                return Ok(change.value);
+            }
+            match self.write(token, &change.puts, change.audit)? {
+                Some(_) => return Ok(change.value),
+                None => {
+                    tracing::debug!(
+                        attempt,
+                        "another origin changed the store first; the change runs again"
+                    );
+                    backoff(attempt);
+                }
             }
         }
+        Err(DbError::Conflict {
+            attempts: MAX_CHANGE_ATTEMPTS,
+        }
+        .into())
     }
 
-    /// Writes `puts` and, when given, their audit record, in one synced `WriteBatch`: both or
-    /// neither. Returns the audit record written.
+    /// Writes `puts` and, when given, their audit record, as one atomic and durable change:
+    /// both or neither. For writes that do not depend on what the store holds (an audit
+    /// record alone, an import); a change that read first goes through [`Db::change`].
+    /// Returns the audit record written.
     pub fn commit(
         &self,
         puts: &[Put],
         audit: Option<Audit>,
     ) -> Result<Option<AuditRecord>, DbError> {
-        let mut next = self
-            .next_audit
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (batch, record) = self.batch(puts, audit, *next, now_ms())?;
-        let mut options = WriteOptions::default();
-        options.set_sync(true);
-        self.db
-            .write_opt(batch, &options)
-            .map_err(|e| rocks("write", e))?;
-        if record.is_some() {
-            *next += 1;
+        let _one_change = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        for attempt in 1..=MAX_CHANGE_ATTEMPTS {
+            let token = self.backend.begin()?;
+            if let Some(written) = self.write(token, puts, audit.clone())? {
+                return Ok(written);
+            }
+            backoff(attempt);
         }
-        Ok(record)
+        Err(DbError::Conflict {
+            attempts: MAX_CHANGE_ATTEMPTS,
+        })
     }
 
-    /// The batch [`Db::commit`] writes: one operation per put, then the audit record.
-    pub fn batch(
+    /// `Some(record written)` once committed, `None` on a conflict.
+    fn write(
         &self,
+        token: Token,
         puts: &[Put],
         audit: Option<Audit>,
-        seq: u64,
-        at_ms: u64,
-    ) -> Result<(WriteBatch, Option<AuditRecord>), DbError> {
-        let mut batch = WriteBatch::default();
-        for put in puts {
-            match put {
-                Put::Node(node) => {
-                    batch.put_cf(self.cf(NODES)?, node.id.as_bytes(), encode(NODES, node)?)
+    ) -> Result<Option<Option<AuditRecord>>, DbError> {
+        let (writes, record) = plan(puts, audit, token.last_audit + 1, now_ms())?;
+        let encoded = record
+            .as_ref()
+            .map(|r| encode(AUDIT, r).map(|bytes| (r.seq, bytes)))
+            .transpose()?;
+        let audit = encoded
+            .as_ref()
+            .map(|(seq, bytes)| (*seq, bytes.as_slice()));
+        match self.backend.write(token, &writes, audit)? {
+            Written::Committed => Ok(Some(record)),
+            Written::Conflict => Ok(None),
+        }
+    }
+
+    /// Every entry of every table, raw: what `origin store copy` moves.
+    pub fn export(&self) -> Result<Tables, DbError> {
+        TABLES
+            .iter()
+            .map(|table| Ok((*table, self.backend.scan(table, false, usize::MAX)?)))
+            .collect()
+    }
+
+    /// Writes `tables` (from [`Db::export`]) into this store, which must be empty, in changes
+    /// of at most `batch` entries (etcd bounds the operations of one transaction); the audit
+    /// sequence goes on from the highest record imported. Returns the entries written.
+    pub fn import(
+        &self,
+        tables: &[(&'static str, Entries)],
+        batch: usize,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, DbError> {
+        let held: usize = TABLES
+            .iter()
+            .map(|table| self.backend.scan(table, false, 1).map(|e| e.len()))
+            .sum::<Result<usize, DbError>>()?;
+        if held > 0 {
+            return Err(DbError::NotEmpty(self.config.to_string()));
+        }
+        let _one_change = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last_audit = 0u64;
+        let mut written = 0u64;
+        for (table, entries) in tables {
+            for chunk in entries.chunks(batch.max(1)) {
+                if *table == AUDIT {
+                    for (key, _) in chunk {
+                        let seq = <[u8; 8]>::try_from(key.as_slice())
+                            .map(u64::from_be_bytes)
+                            .map_err(|_| DbError::Corrupt {
+                                table: AUDIT,
+                                key: hex::encode(key),
+                                why: "an audit key is not an 8-byte sequence number".into(),
+                            })?;
+                        last_audit = last_audit.max(seq);
+                    }
                 }
-                Put::Package(package) => batch.put_cf(
-                    self.cf(PACKAGES)?,
-                    package_key(&package.name, &package.version),
-                    encode(PACKAGES, package)?,
-                ),
-                Put::Class { node, class: None } => {
-                    batch.delete_cf(self.cf(CLASSES)?, node.as_bytes())
+                let writes: Vec<Write> = chunk
+                    .iter()
+                    .map(|(key, value)| Write::Put {
+                        table,
+                        key: key.clone(),
+                        value: value.clone(),
+                    })
+                    .collect();
+                let mut token = self.backend.begin()?;
+                token.last_audit = token.last_audit.max(last_audit);
+                if self.backend.write(token, &writes, None)? == Written::Conflict {
+                    return Err(DbError::Conflict { attempts: 1 });
                 }
-                Put::Class {
-                    node,
-                    class: Some(class),
-                } => batch.put_cf(self.cf(CLASSES)?, node.as_bytes(), encode(CLASSES, class)?),
-                Put::Overrides { node, bundles } if bundles.is_empty() => {
-                    batch.delete_cf(self.cf(OVERRIDES)?, node.as_bytes())
-                }
-                Put::Overrides { node, bundles } => batch.put_cf(
-                    self.cf(OVERRIDES)?,
-                    node.as_bytes(),
-                    encode(OVERRIDES, bundles)?,
-                ),
-                Put::Policy(doc) => {
-                    batch.put_cf(self.cf(POLICY)?, POLICY_KEY, encode(POLICY, doc)?)
-                }
-                Put::Revoked(record) => batch.put_cf(
-                    self.cf(REVOKED)?,
-                    record.node.as_bytes(),
-                    encode(REVOKED, record)?,
-                ),
-                Put::Prepare(record) => batch.put_cf(
-                    self.cf(PREPARES)?,
-                    record.id.to_be_bytes(),
-                    encode(PREPARES, record)?,
-                ),
-                Put::Account(account) => batch.put_cf(
-                    self.cf(ACCOUNTS)?,
-                    account.name.as_bytes(),
-                    encode(ACCOUNTS, account)?,
-                ),
-                Put::RemoveAccount(name) => batch.delete_cf(self.cf(ACCOUNTS)?, name.as_bytes()),
+                written += writes.len() as u64;
+                progress(written);
             }
         }
-        let record = match audit {
-            Some(audit) => {
-                let record = AuditRecord {
-                    seq,
-                    at_ms,
-                    actor: audit.actor,
-                    role: audit.role,
-                    action: audit.action,
-                    detail: audit.detail,
-                };
-                batch.put_cf(self.cf(AUDIT)?, seq.to_be_bytes(), encode(AUDIT, &record)?);
-                Some(record)
-            }
-            None => None,
-        };
-        Ok((batch, record))
+        Ok(written)
     }
 
     /// Test hook: writes raw bytes under `key` in `table`, bypassing the encoding.
     #[doc(hidden)]
     pub fn put_raw(&self, table: &'static str, key: &[u8], value: &[u8]) -> Result<(), DbError> {
-        self.db
-            .put_cf(self.cf(table)?, key, value)
-            .map_err(|e| rocks("write", e))
+        let write = Write::Put {
+            table,
+            key: key.to_vec(),
+            value: value.to_vec(),
+        };
+        let _one_change = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let token = self.backend.begin()?;
+        match self.backend.write(token, &[write], None)? {
+            Written::Committed => Ok(()),
+            Written::Conflict => Err(DbError::Conflict { attempts: 1 }),
+        }
     }
+}
+
+/// A short, growing, jittered wait before a change runs again, so two origins that
+/// conflicted do not collide again at once.
+fn backoff(attempt: u32) {
+    let base = 2u64.saturating_pow(attempt.min(6));
+    let jitter = rand::random::<u64>() % base.max(1);
+    std::thread::sleep(std::time::Duration::from_millis(base + jitter));
+}
+
+/// The writes of a change (one per put) and its audit record, with sequence number `seq` and
+/// time `at_ms`: what [`Db::commit`] hands its backend, to write in one atomic change.
+pub fn plan(
+    puts: &[Put],
+    audit: Option<Audit>,
+    seq: u64,
+    at_ms: u64,
+) -> Result<(Vec<Write>, Option<AuditRecord>), DbError> {
+    let mut writes = Vec::with_capacity(puts.len() + 1);
+    let put = |table: &'static str, key: &[u8], value: Vec<u8>| Write::Put {
+        table,
+        key: key.to_vec(),
+        value,
+    };
+    let delete = |table: &'static str, key: &[u8]| Write::Delete {
+        table,
+        key: key.to_vec(),
+    };
+    for item in puts {
+        writes.push(match item {
+            Put::Node(node) => put(NODES, node.id.as_bytes(), encode(NODES, node)?),
+            Put::Package(package) => put(
+                PACKAGES,
+                &package_key(&package.name, &package.version),
+                encode(PACKAGES, package)?,
+            ),
+            Put::Class { node, class: None } => delete(CLASSES, node.as_bytes()),
+            Put::Class {
+                node,
+                class: Some(class),
+            } => put(CLASSES, node.as_bytes(), encode(CLASSES, class)?),
+            Put::Overrides { node, bundles } if bundles.is_empty() => {
+                delete(OVERRIDES, node.as_bytes())
+            }
+            Put::Overrides { node, bundles } => {
+                put(OVERRIDES, node.as_bytes(), encode(OVERRIDES, bundles)?)
+            }
+            Put::Policy(doc) => put(POLICY, POLICY_KEY, encode(POLICY, doc)?),
+            Put::Revoked(record) => put(REVOKED, record.node.as_bytes(), encode(REVOKED, record)?),
+            Put::Prepare(record) => put(
+                PREPARES,
+                &record.id.to_be_bytes(),
+                encode(PREPARES, record)?,
+            ),
+            Put::Account(account) => put(
+                ACCOUNTS,
+                account.name.as_bytes(),
+                encode(ACCOUNTS, account)?,
+            ),
+            Put::RemoveAccount(name) => delete(ACCOUNTS, name.as_bytes()),
+        });
+    }
+    let record = audit.map(|audit| AuditRecord {
+        seq,
+        at_ms,
+        actor: audit.actor,
+        role: audit.role,
+        action: audit.action,
+        detail: audit.detail,
+    });
+    Ok((writes, record))
 }
 
 /// The policy store made of a policy document, overrides (as node-override rules) and
@@ -931,12 +1187,5 @@ fn decode<T: DeserializeOwned>(
         Some((other, _)) => Err(corrupt(format!(
             "value format {other}, this origin reads format {VALUE_FORMAT}"
         ))),
-    }
-}
-
-fn rocks(op: &'static str, error: rocksdb::Error) -> DbError {
-    DbError::Rocks {
-        op,
-        message: error.into_string(),
     }
 }

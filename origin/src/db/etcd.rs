@@ -1,0 +1,476 @@
+//! The shared backend: an etcd cluster that several origins use at once
+//! (`origin serve --store etcd://HOST:PORT,HOST:PORT,.../PREFIX`).
+//!
+//! Layout, under the prefix (default `stagecoach`): `PREFIX/t/TABLE/KEY` holds the value of
+//! `KEY` in `TABLE`, and `PREFIX/meta/changes` the change counter: the last audit sequence
+//! number (8 bytes, big-endian). Every change is one etcd transaction that compares the
+//! counter's mod revision with the one its token read, then writes the records, the audit
+//! record and the counter. So a change commits only if no other change (from any origin)
+//! committed since it began reading, and audit sequence numbers follow commit order with no
+//! gap and no duplicate. Every request asks for a leader (`require_leader`): a cluster that
+//! lost its quorum refuses at once with a clear error instead of answering from a stale member.
+//!
+//! The store's API is synchronous (RocksDB's is); requests run on a small runtime of this
+//! backend's own and the caller's thread waits for the answer, as it waits on a RocksDB write.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient,
+    SortOrder, SortTarget, TlsOptions, Txn, TxnOp,
+};
+
+use super::{Backend, DbError, Entries, Token, Write, Written};
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "stagecoach";
+
+/// How long one request may take before it fails (a member that does not answer).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a connection to a member may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Entries read per request of a scan (a node record with its inventory is a few KiB).
+const SCAN_PAGE: i64 = 256;
+
+/// Largest answer read (a page of records, a large policy).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Where the etcd cluster is and how to reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// `HOST:PORT` of each member given.
+    pub endpoints: Vec<String>,
+    /// The key prefix of this fleet's records (several fleets may share a cluster).
+    pub prefix: String,
+    /// TLS to etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`); plain HTTP/2 when `None`.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: the CA that issued the members' certificates and, for mutual TLS, this
+/// origin's client certificate and key (PEM files).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The members' CA.
+    pub ca: PathBuf,
+    /// The client certificate and key, for clusters that ask for one.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdConfig {
+    /// Parses what follows `etcd://`: `HOST:PORT[,HOST:PORT...][/PREFIX]`.
+    pub fn parse(text: &str) -> Result<Self, DbError> {
+        let (hosts, prefix) = match text.split_once('/') {
+            Some((hosts, prefix)) => (hosts, prefix.trim_matches('/')),
+            None => (text, DEFAULT_PREFIX),
+        };
+        let bad = |why: String| DbError::BadStore(format!("`etcd://{text}`: {why}"));
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+            let Some((name, port)) = host.rsplit_once(':') else {
+                return Err(bad(format!(
+                    "`{host}` has no port (HOST:PORT, etcd's is 2379)"
+                )));
+            };
+            if name.is_empty() || port.parse::<u16>().is_err() {
+                return Err(bad(format!("`{host}` is not HOST:PORT")));
+            }
+            endpoints.push(host.to_owned());
+        }
+        if endpoints.is_empty() {
+            return Err(bad("no member named".into()));
+        }
+        if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad(format!("`{prefix}` is not a key prefix")));
+        }
+        Ok(Self {
+            endpoints,
+            prefix: prefix.to_owned(),
+            tls: None,
+        })
+    }
+
+    /// With TLS to the members.
+    pub fn with_tls(mut self, tls: EtcdTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    fn urls(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        self.endpoints
+            .iter()
+            .map(|e| format!("{scheme}://{e}"))
+            .collect()
+    }
+}
+
+impl std::fmt::Display for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "etcd at {} (prefix {}{})",
+            self.endpoints.join(","),
+            self.prefix,
+            if self.tls.is_some() { ", TLS" } else { "" }
+        )
+    }
+}
+
+/// A connection to the cluster.
+pub struct EtcdBackend {
+    client: Client,
+    config: EtcdConfig,
+    /// Runs the client's requests; shut down in the background on drop (a runtime may not be
+    /// dropped from inside another's async context).
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl EtcdBackend {
+    /// Connects to the cluster and reads the change counter once, so a cluster that cannot
+    /// be reached or has no leader is an error here.
+    pub fn connect(config: &EtcdConfig) -> Result<Self, DbError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd-client")
+            .enable_all()
+            .build()
+            .map_err(|e| DbError::Etcd {
+                op: "start",
+                message: format!("cannot start the client's runtime: {e}"),
+            })?;
+        let options = connect_options(config)?;
+        let urls = config.urls();
+        let described = config.to_string();
+        // Not `block_on`: the caller may itself run inside a runtime (`origin serve`).
+        let client = wait_on(&runtime, CONNECT_TIMEOUT + REQUEST_TIMEOUT, async move {
+            Client::connect(urls, Some(options)).await
+        })
+        .ok_or_else(|| DbError::Etcd {
+            op: "connect",
+            message: format!("{described}: no member answered within {CONNECT_TIMEOUT:?}"),
+        })?
+        .map_err(|e| etcd_error("connect", config, e))?;
+        let backend = Self {
+            client,
+            config: config.clone(),
+            runtime: Some(runtime),
+        };
+        backend.begin()?;
+        Ok(backend)
+    }
+
+    /// Runs `future` on the backend's runtime and waits for it on this thread.
+    fn run<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        future: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    ) -> Result<T, DbError> {
+        let Some(runtime) = &self.runtime else {
+            return Err(DbError::Etcd {
+                op,
+                message: "the client is shut down".into(),
+            });
+        };
+        match wait_on(runtime, REQUEST_TIMEOUT, future) {
+            Some(Ok(value)) => Ok(value),
+            Some(Err(error)) => Err(etcd_error(op, &self.config, error)),
+            None => Err(DbError::Etcd {
+                op,
+                message: format!(
+                    "{}: no answer within {REQUEST_TIMEOUT:?}: members down, or no quorum?{}",
+                    self.config,
+                    if op == "write" {
+                        " The change may still be applied, whole, once the cluster recovers: the audit log will show it"
+                    } else {
+                        ""
+                    }
+                ),
+            }),
+        }
+    }
+
+    fn kv(&self) -> KvClient {
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn table_prefix(&self, table: &str) -> Vec<u8> {
+        format!("{}/t/{table}/", self.config.prefix).into_bytes()
+    }
+
+    fn key(&self, table: &str, key: &[u8]) -> Vec<u8> {
+        let mut full = self.table_prefix(table);
+        full.extend_from_slice(key);
+        full
+    }
+
+    fn counter_key(&self) -> Vec<u8> {
+        format!("{}/meta/changes", self.config.prefix).into_bytes()
+    }
+}
+
+/// Runs `future` on `runtime` and waits on this thread for its output, for at most `timeout`
+/// (`None` when it did not finish in time, or the runtime stopped).
+fn wait_on<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    timeout: Duration,
+    future: impl Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        if let Ok(output) = tokio::time::timeout(timeout, future).await {
+            let _ = tx.send(output);
+        }
+    });
+    rx.recv().ok()
+}
+
+impl Drop for EtcdBackend {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, DbError> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_require_leader(true);
+    if let Some(tls) = &config.tls {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| DbError::Etcd {
+                op: "read TLS files",
+                message: format!("{}: {e}", path.display()),
+            })
+        };
+        let mut tls_options =
+            TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+        if let Some((cert, key)) = &tls.client {
+            tls_options = tls_options.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(tls_options);
+    }
+    Ok(options)
+}
+
+/// etcd's error, with what an operator can do about the common ones.
+fn etcd_error(op: &'static str, config: &EtcdConfig, error: etcd_client::Error) -> DbError {
+    let text = error.to_string();
+    let hint = if text.contains("no leader") {
+        ": the cluster has no leader (fewer than a quorum of its members are up?); changes are refused until it has one"
+    } else if text.contains("too many operations in txn") {
+        ": one change writes more records than the cluster allows in a transaction (raise etcd's --max-txn-ops)"
+    } else if text.contains("request is too large") {
+        ": one change is larger than the cluster accepts (raise etcd's --max-request-bytes)"
+    } else if text.contains("Timeout expired")
+        || text.contains("transport")
+        || text.contains("connect")
+        || text.contains("Unavailable")
+    {
+        ": no answer from the cluster: members down, or fewer than a quorum of them up? (is the address right?)"
+    } else {
+        ""
+    };
+    let unsure = if op == "write" && text.contains("Timeout expired") {
+        ". The change may still be applied, whole, once the cluster recovers: the audit log will show it"
+    } else {
+        ""
+    };
+    DbError::Etcd {
+        op,
+        message: format!("{config}: {text}{hint}{unsure}"),
+    }
+}
+
+/// The key just past every key that starts with `prefix` (its last byte is never 0xff here:
+/// table prefixes end in `/`).
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl Backend for EtcdBackend {
+    fn get(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        let mut kv = self.kv();
+        let key = self.key(table, key);
+        self.run("read", async move {
+            let mut response = kv.get(key, None).await?;
+            Ok(response
+                .take_kvs()
+                .into_iter()
+                .next()
+                .map(|kv| kv.into_key_value().1))
+        })
+    }
+
+    fn scan(
+        &self,
+        table: &'static str,
+        newest_first: bool,
+        limit: usize,
+    ) -> Result<Entries, DbError> {
+        let prefix = self.table_prefix(table);
+        let mut start = prefix.clone();
+        let mut end = range_end(&prefix);
+        let mut out = Vec::new();
+        // Every page reads the revision the first one saw: one consistent listing.
+        let mut revision = 0;
+        while out.len() < limit {
+            let page = SCAN_PAGE.min(i64::try_from(limit - out.len()).unwrap_or(SCAN_PAGE));
+            let order = if newest_first {
+                SortOrder::Descend
+            } else {
+                SortOrder::Ascend
+            };
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(page)
+                .with_sort(SortTarget::Key, order);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let mut kv = self.kv();
+            let from = start.clone();
+            let mut response =
+                self.run("scan", async move { kv.get(from, Some(options)).await })?;
+            if revision == 0 {
+                revision = response.header().map_or(0, |h| h.revision());
+            }
+            let kvs = response.take_kvs();
+            let more = response.more();
+            let fetched = kvs.len();
+            for kv in kvs {
+                let (key, value) = kv.into_key_value();
+                if newest_first {
+                    end.clone_from(&key);
+                } else {
+                    start.clone_from(&key);
+                    start.push(0);
+                }
+                out.push((key[prefix.len()..].to_vec(), value));
+            }
+            if !more || fetched == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn begin(&self) -> Result<Token, DbError> {
+        let mut kv = self.kv();
+        let key = self.counter_key();
+        let found = self.run("read the change counter", async move {
+            let mut response = kv.get(key, None).await?;
+            Ok(response.take_kvs().into_iter().next())
+        })?;
+        let Some(found) = found else {
+            return Ok(Token {
+                revision: 0,
+                last_audit: 0,
+            });
+        };
+        let revision = found.mod_revision();
+        let bytes: [u8; 8] = found.value().try_into().map_err(|_| DbError::Corrupt {
+            table: "meta",
+            key: "changes".into(),
+            why: format!("the change counter is {} bytes, not 8", found.value().len()),
+        })?;
+        Ok(Token {
+            revision,
+            last_audit: u64::from_be_bytes(bytes),
+        })
+    }
+
+    fn write(
+        &self,
+        token: Token,
+        writes: &[Write],
+        audit: Option<(u64, &[u8])>,
+    ) -> Result<Written, DbError> {
+        let counter = self.counter_key();
+        let mut ops: Vec<TxnOp> = writes
+            .iter()
+            .map(|write| match write {
+                Write::Put { table, key, value } => {
+                    TxnOp::put(self.key(table, key), value.clone(), None)
+                }
+                Write::Delete { table, key } => TxnOp::delete(self.key(table, key), None),
+            })
+            .collect();
+        let last_audit = match audit {
+            Some((seq, value)) => {
+                ops.push(TxnOp::put(
+                    self.key(super::AUDIT, &seq.to_be_bytes()),
+                    value.to_vec(),
+                    None,
+                ));
+                seq
+            }
+            None => token.last_audit,
+        };
+        ops.push(TxnOp::put(
+            counter.clone(),
+            last_audit.to_be_bytes().to_vec(),
+            None,
+        ));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                counter,
+                CompareOp::Equal,
+                token.revision,
+            )])
+            .and_then(ops);
+        let mut kv = self.kv();
+        let response = self.run("write", async move { kv.txn(txn).await })?;
+        Ok(if response.succeeded() {
+            Written::Committed
+        } else {
+            Written::Conflict
+        })
+    }
+
+    fn health(&self) -> Result<Vec<String>, DbError> {
+        let mut lines = Vec::new();
+        let options = connect_options(&self.config)?;
+        for url in self.config.urls() {
+            let options = options.clone();
+            let target = url.clone();
+            let status = self.run("status", async move {
+                let mut client = Client::connect([target], Some(options)).await?;
+                client.status().await
+            });
+            lines.push(match status {
+                Ok(status) => {
+                    let member = status.header().map_or(0, |h| h.member_id());
+                    let role = if status.leader() == member {
+                        "leader"
+                    } else {
+                        "follower"
+                    };
+                    format!(
+                        "{url}: up, {role}, etcd {}, raft term {}, {} bytes",
+                        status.version(),
+                        status.raft_term(),
+                        status.db_size()
+                    )
+                }
+                Err(error) => format!("{url}: down: {error}"),
+            });
+        }
+        Ok(lines)
+    }
+}
