@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 
 use crate::procs::{self, Binaries, Fleet};
@@ -113,7 +113,15 @@ pub struct Testbed {
     site_upstreams: HashMap<String, Vec<String>>,
     /// Arguments every start of the origin gets, restarts included (`--store URL`).
     origin_store_args: Vec<String>,
+    /// The etcd cluster the origin keeps its store in, when this testbed started one
+    /// ([`ORIGIN_STORE_VAR`]); last, so it stops after the origin.
+    etcd: Option<stagecoach_testing::etcd::EtcdCluster>,
 }
+
+/// Set to `etcd` to run every testbed's origin on a 3-member etcd cluster the testbed starts
+/// (`origin serve --store etcd://...`), so any suite runs against etcd instead of the origin's
+/// embedded RocksDB: `STAGECOACH_TEST_ORIGIN_STORE=etcd cargo test ...`.
+pub const ORIGIN_STORE_VAR: &str = "STAGECOACH_TEST_ORIGIN_STORE";
 
 fn s(x: impl AsRef<str>) -> String {
     x.as_ref().to_owned()
@@ -256,9 +264,27 @@ impl Testbed {
         origin_args: &[String],
         store: Option<&str>,
     ) -> Result<Testbed> {
-        let origin_store_args: Vec<String> = store
-            .map(|url| vec![s("--store"), s(url)])
-            .unwrap_or_default();
+        let mut etcd = None;
+        let mut store = store.map(str::to_owned);
+        if store.is_none() {
+            match std::env::var(ORIGIN_STORE_VAR).as_deref() {
+                Ok("etcd") => {
+                    stagecoach_testing::etcd::available()
+                        .map_err(|why| anyhow::anyhow!("{ORIGIN_STORE_VAR}=etcd: {why}"))?;
+                    let cluster = tokio::task::spawn_blocking(|| {
+                        stagecoach_testing::etcd::EtcdCluster::start(3)
+                    })
+                    .await?
+                    .context("cannot start a 3-member etcd cluster for the origin")?;
+                    store = Some(cluster.store_url("stagecoach"));
+                    etcd = Some(cluster);
+                }
+                Ok("" | "rocksdb") | Err(_) => {}
+                Ok(other) => bail!("{ORIGIN_STORE_VAR}={other}: use etcd or rocksdb"),
+            }
+        }
+        let origin_store_args: Vec<String> =
+            store.map(|url| vec![s("--store"), url]).unwrap_or_default();
         let first_args: Vec<String> = origin_store_args
             .iter()
             .chain(origin_args)
@@ -290,6 +316,7 @@ impl Testbed {
             site_origins: HashMap::new(),
             site_upstreams: HashMap::new(),
             origin_store_args,
+            etcd,
         };
         for i in 0..sites {
             let site = site_name(i);
@@ -537,6 +564,12 @@ impl Testbed {
         let cmd = procs::command_appending(&self.bins.path("stager"), &args, &log)?;
         self.fleet.spawn(&node.name, cmd)?;
         procs::wait_ready(&ready_file, &mut self.fleet).await
+    }
+
+    /// The etcd cluster holding the origin's store, when this testbed started one
+    /// ([`ORIGIN_STORE_VAR`]).
+    pub fn etcd(&mut self) -> Option<&mut stagecoach_testing::etcd::EtcdCluster> {
+        self.etcd.as_mut()
     }
 
     /// Kills the origin with SIGKILL.

@@ -26,7 +26,12 @@ fn etcd_cluster(test: &str) -> Option<EtcdCluster> {
 
 /// Checks that the origin keeps its control plane where the test asked: etcd, or its RocksDB.
 async fn assert_store(mesh: &Testbed, store: Option<&str>) {
-    let backend = if store.is_some() { "etcd" } else { "rocksdb" };
+    let etcd_by_env = std::env::var(netsim::testbed::ORIGIN_STORE_VAR).as_deref() == Ok("etcd");
+    let backend = if store.is_some() || etcd_by_env {
+        "etcd"
+    } else {
+        "rocksdb"
+    };
     let metrics = mesh.origin_metrics().await.expect("origin metrics");
     let line = format!("stagecoach_origin_store_info{{backend=\"{backend}\"}} 1");
     assert!(
