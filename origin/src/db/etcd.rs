@@ -15,7 +15,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient,
@@ -163,33 +163,52 @@ impl EtcdBackend {
         Ok(backend)
     }
 
-    /// Runs `future` on the backend's runtime and waits for it on this thread.
-    fn run<T: Send + 'static>(
-        &self,
-        op: &'static str,
-        future: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
-    ) -> Result<T, DbError> {
+    /// Runs the request `make` builds on the backend's runtime and waits for it on this thread.
+    /// A request that never left this process (no connection to the member the client picked,
+    /// for example one that was down a moment ago) is sent again, within the same deadline.
+    fn run<T, F, Fut>(&self, op: &'static str, make: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
         let Some(runtime) = &self.runtime else {
             return Err(DbError::Etcd {
                 op,
                 message: "the client is shut down".into(),
             });
         };
-        match wait_on(runtime, REQUEST_TIMEOUT, future) {
-            Some(Ok(value)) => Ok(value),
-            Some(Err(error)) => Err(etcd_error(op, &self.config, error)),
-            None => Err(DbError::Etcd {
-                op,
-                message: format!(
-                    "{}: no answer within {REQUEST_TIMEOUT:?}: members down, or no quorum?{}",
-                    self.config,
-                    if op == "write" {
-                        " The change may still be applied, whole, once the cluster recovers: the audit log will show it"
-                    } else {
-                        ""
-                    }
-                ),
-            }),
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut pause = Duration::from_millis(20);
+        // A member's own status is asked once: "down" is the answer there.
+        let resend = op != "status";
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match wait_on(runtime, left, make()) {
+                Some(Ok(value)) => return Ok(value),
+                Some(Err(error))
+                    if resend && never_sent(&error) && Instant::now() + pause < deadline =>
+                {
+                    tracing::debug!(op, %error, "etcd request not sent; trying again");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Some(Err(error)) => return Err(etcd_error(op, &self.config, error)),
+                None => {
+                    return Err(DbError::Etcd {
+                        op,
+                        message: format!(
+                            "{}: no answer within {REQUEST_TIMEOUT:?}: members down, or no quorum?{}",
+                            self.config,
+                            if op == "write" {
+                                " The change may still be applied, whole, once the cluster recovers: the audit log will show it"
+                            } else {
+                                ""
+                            }
+                        ),
+                    });
+                }
+            }
         }
     }
 
@@ -261,6 +280,16 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, DbError> {
     Ok(options)
 }
 
+/// Whether the request failed before it reached any member (the client had no connection to
+/// the member it picked), so sending it again cannot apply a change twice.
+fn never_sent(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => status.message().contains("connect error"),
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
+}
+
 /// etcd's error, with what an operator can do about the common ones.
 fn etcd_error(op: &'static str, config: &EtcdConfig, error: etcd_client::Error) -> DbError {
     let text = error.to_string();
@@ -305,15 +334,18 @@ fn range_end(prefix: &[u8]) -> Vec<u8> {
 
 impl Backend for EtcdBackend {
     fn get(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
-        let mut kv = self.kv();
+        let kv = self.kv();
         let key = self.key(table, key);
-        self.run("read", async move {
-            let mut response = kv.get(key, None).await?;
-            Ok(response
-                .take_kvs()
-                .into_iter()
-                .next()
-                .map(|kv| kv.into_key_value().1))
+        self.run("read", || {
+            let (mut kv, key) = (kv.clone(), key.clone());
+            async move {
+                let mut response = kv.get(key, None).await?;
+                Ok(response
+                    .take_kvs()
+                    .into_iter()
+                    .next()
+                    .map(|kv| kv.into_key_value().1))
+            }
         })
     }
 
@@ -343,10 +375,11 @@ impl Backend for EtcdBackend {
             if revision > 0 {
                 options = options.with_revision(revision);
             }
-            let mut kv = self.kv();
-            let from = start.clone();
-            let mut response =
-                self.run("scan", async move { kv.get(from, Some(options)).await })?;
+            let kv = self.kv();
+            let mut response = self.run("scan", || {
+                let (mut kv, from, options) = (kv.clone(), start.clone(), options.clone());
+                async move { kv.get(from, Some(options)).await }
+            })?;
             if revision == 0 {
                 revision = response.header().map_or(0, |h| h.revision());
             }
@@ -371,11 +404,14 @@ impl Backend for EtcdBackend {
     }
 
     fn begin(&self) -> Result<Token, DbError> {
-        let mut kv = self.kv();
+        let kv = self.kv();
         let key = self.counter_key();
-        let found = self.run("read the change counter", async move {
-            let mut response = kv.get(key, None).await?;
-            Ok(response.take_kvs().into_iter().next())
+        let found = self.run("read the change counter", || {
+            let (mut kv, key) = (kv.clone(), key.clone());
+            async move {
+                let mut response = kv.get(key, None).await?;
+                Ok(response.take_kvs().into_iter().next())
+            }
         })?;
         let Some(found) = found else {
             return Ok(Token {
@@ -434,8 +470,11 @@ impl Backend for EtcdBackend {
                 token.revision,
             )])
             .and_then(ops);
-        let mut kv = self.kv();
-        let response = self.run("write", async move { kv.txn(txn).await })?;
+        let kv = self.kv();
+        let response = self.run("write", || {
+            let (mut kv, txn) = (kv.clone(), txn.clone());
+            async move { kv.txn(txn).await }
+        })?;
         Ok(if response.succeeded() {
             Written::Committed
         } else {
@@ -447,11 +486,12 @@ impl Backend for EtcdBackend {
         let mut lines = Vec::new();
         let options = connect_options(&self.config)?;
         for url in self.config.urls() {
-            let options = options.clone();
-            let target = url.clone();
-            let status = self.run("status", async move {
-                let mut client = Client::connect([target], Some(options)).await?;
-                client.status().await
+            let status = self.run("status", || {
+                let (options, target) = (options.clone(), url.clone());
+                async move {
+                    let mut client = Client::connect([target], Some(options)).await?;
+                    client.status().await
+                }
             });
             lines.push(match status {
                 Ok(status) => {
