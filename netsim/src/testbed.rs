@@ -165,7 +165,29 @@ async fn start_origin(
     fleet: &mut Fleet,
     extra_args: &[String],
 ) -> Result<Ready> {
-    let ready_file = work.join("origin.ready.json");
+    start_origin_named(
+        ORIGIN_NAME,
+        bins,
+        work,
+        origin_dir,
+        listen,
+        fleet,
+        extra_args,
+    )
+    .await
+}
+
+/// [`start_origin`] for the origin called `name` in the fleet (its log `logs/NAME.log`).
+async fn start_origin_named(
+    name: &str,
+    bins: &Binaries,
+    work: &Path,
+    origin_dir: &Path,
+    listen: &str,
+    fleet: &mut Fleet,
+    extra_args: &[String],
+) -> Result<Ready> {
+    let ready_file = work.join(format!("{name}.ready.json"));
     let _ = std::fs::remove_file(&ready_file);
     let mut args = vec![
         s("serve"),
@@ -182,9 +204,9 @@ async fn start_origin(
     ];
     args.extend(extra_args.iter().cloned());
     // Append, so a restarted origin keeps its earlier log.
-    let log = work.join("logs").join("origin.log");
+    let log = work.join("logs").join(format!("{name}.log"));
     let cmd = procs::command_appending(&bins.path("origin"), &args, &log)?;
-    fleet.spawn(ORIGIN_NAME, cmd)?;
+    fleet.spawn(name, cmd)?;
     procs::wait_ready(&ready_file, fleet).await
 }
 
@@ -610,6 +632,63 @@ impl Testbed {
         )
         .await?;
         Ok(())
+    }
+
+    /// Sets up another origin of this mesh, `name`, as an operator would: `origin keys
+    /// export` from the first, `origin init --join` into `work/NAME`, and `origin serve` on the
+    /// same store (the testbed's origin must keep its store in etcd). Returns its home; the
+    /// `origin` command line reaches it with `--dir` that home, and the fleet knows it as
+    /// `name` (kill it with `fleet.kill(name)`).
+    pub async fn join_origin(&mut self, name: &str) -> Result<(PathBuf, Ready)> {
+        ensure!(
+            self.origin_store_args
+                .iter()
+                .any(|a| a.starts_with("etcd://")),
+            "a second origin needs the first one's store in etcd"
+        );
+        let sealed = self.work.join(format!("{name}.keys"));
+        let passphrase = self.work.join(format!("{name}.passphrase"));
+        std::fs::write(&passphrase, "a passphrase for the tests\n")?;
+        let origin_bin = self.bins.path("origin");
+        procs::run_to_end(
+            &origin_bin,
+            &[
+                s("keys"),
+                s("export"),
+                s("--dir"),
+                p(&self.origin_dir),
+                s("--to"),
+                p(&sealed),
+                s("--passphrase-file"),
+                p(&passphrase),
+            ],
+        )
+        .await?;
+        let dir = self.work.join(name);
+        procs::run_to_end(
+            &origin_bin,
+            &[
+                s("init"),
+                s("--dir"),
+                p(&dir),
+                s("--join"),
+                p(&sealed),
+                s("--passphrase-file"),
+                p(&passphrase),
+            ],
+        )
+        .await?;
+        let ready = start_origin_named(
+            name,
+            &self.bins,
+            &self.work,
+            &dir,
+            "127.0.0.1:0",
+            &mut self.fleet,
+            &self.origin_store_args,
+        )
+        .await?;
+        Ok((dir, ready))
     }
 
     /// A client of this mesh with a certificate of its own, a `role` (`edge`, `stager`) of

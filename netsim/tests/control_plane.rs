@@ -802,3 +802,181 @@ async fn test_mode_leaves_nothing_behind_after_restarts_on(store: Option<&str>) 
     );
     mesh.shutdown().await;
 }
+
+/// Runs `origin ARGS --dir DIR` for another origin of the mesh, failing unless it succeeds.
+async fn origin_at(mesh: &Testbed, dir: &Path, args: &[&str]) -> String {
+    let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    all.push("--dir".into());
+    all.push(dir.display().to_string());
+    let out = run(&mesh.bins.path("origin"), &all).await;
+    assert!(
+        out.ok,
+        "origin {args:?} at {} failed:\n{}\n{}",
+        dir.display(),
+        out.stdout,
+        out.stderr
+    );
+    out.stdout
+}
+
+/// Node id → (site, class) as `origin nodes --json` lists them.
+fn fleet_view(text: &str) -> Vec<(String, String, String)> {
+    let rows: Vec<Value> = serde_json::from_str(text.trim()).expect("nodes JSON");
+    let mut view: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                node_id(r),
+                r["site"].as_str().unwrap_or_default().to_owned(),
+                r["class"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    view.sort();
+    view
+}
+
+/// Two origins of one mesh on one etcd cluster (issue 14): the second set up with `origin
+/// keys export` and `origin init --join`, as an operator would. Either answers the command
+/// line for the whole fleet, a change made on one shows on the other, the audit log is one,
+/// and the control plane outlives the first origin's kill -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_origin_answers_for_the_same_fleet_and_outlives_the_first() {
+    let Some(cluster) =
+        etcd_cluster("a_joined_origin_answers_for_the_same_fleet_and_outlives_the_first")
+    else {
+        return;
+    };
+    let store = cluster.store_url("stagecoach");
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path();
+    let mut mesh = Testbed::start_on_store(bins(), &w.join("mesh"), 1, 2, &[], &[], Some(&store))
+        .await
+        .expect("mesh");
+    datagen::generate_tree(&w.join("os1"), MIB / 4, 41).expect("tree");
+    mesh.publish(&w.join("os1"), "os", "1").await.expect("os@1");
+    let (second, ready) = mesh
+        .join_origin("origin-2")
+        .await
+        .expect("join a second origin");
+
+    // The same CA, its own certificate: the second origin's identity differs from the first's.
+    let ca = |dir: &Path| std::fs::read(dir.join("ca").join("ca.crt")).expect("CA cert");
+    assert_eq!(ca(&mesh.origin_dir), ca(&second), "one CA for the mesh");
+    let identity = |dir: &Path| {
+        std::fs::read_dir(dir.join("identity"))
+            .expect("identity")
+            .flatten()
+            .map(|e| std::fs::read(e.path()).unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    assert_ne!(identity(&mesh.origin_dir), identity(&second));
+
+    // The fleet enrolled at the first origin; the second lists the same nodes.
+    let first_view = fleet_view(&origin_ok(&mesh, &["nodes", "--json"]).await);
+    assert_eq!(first_view.len(), 2, "{first_view:?}");
+    let second_view = fleet_view(&origin_at(&mesh, &second, &["nodes", "--json"]).await);
+    assert_eq!(first_view, second_view, "both origins see one fleet");
+
+    // A change on either shows on the other.
+    let node = first_view[0].0.clone();
+    origin_at(&mesh, &second, &["class", "set", &node, "canary"]).await;
+    let on_first = fleet_view(&origin_ok(&mesh, &["nodes", "--json"]).await);
+    assert_eq!(on_first[0].2, "canary", "{on_first:?}");
+    let policy = write_policy(
+        w,
+        "policy.toml",
+        "[[rule]]\nid = \"canaries\"\nclass = \"canary\"\nbundles = [\"os@1\"]\n",
+    );
+    // The second origin holds none of the bundle's bytes, but the package record is shared.
+    origin_at(
+        &mesh,
+        &second,
+        &["policy", "load", &policy.display().to_string()],
+    )
+    .await;
+    let check = origin_ok(&mesh, &["policy", "check", "--json"]).await;
+    assert!(check.contains("canaries"), "{check}");
+
+    // One audit log, in one order, with every change once.
+    let audit_first = origin_ok(&mesh, &["audit", "--limit", "100", "--json"]).await;
+    let audit_second = origin_at(&mesh, &second, &["audit", "--limit", "100", "--json"]).await;
+    assert_eq!(audit_first.trim(), audit_second.trim());
+    let records: Vec<Value> = serde_json::from_str(audit_first.trim()).expect("audit JSON");
+    let seqs: Vec<u64> = records.iter().filter_map(|r| r["seq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no gap");
+    for action in ["package.publish", "class.set", "policy.load"] {
+        assert_eq!(
+            records.iter().filter(|r| r["action"] == action).count(),
+            1,
+            "{action} once: {records:#?}"
+        );
+    }
+
+    // Each origin sees both, with their addresses.
+    let first_mesh = mesh.origin.mesh.clone();
+    let status =
+        |text: String| -> Value { serde_json::from_str(text.trim()).expect("status JSON") };
+    let up = |status: &Value| -> Vec<String> {
+        let mut list: Vec<String> = status["origins"]
+            .as_array()
+            .expect("origins")
+            .iter()
+            .filter_map(|o| o["mesh"].as_str().map(str::to_owned))
+            .collect();
+        list.sort();
+        list
+    };
+    let mut both = vec![first_mesh.clone(), ready.mesh.clone()];
+    both.sort();
+    let at_first = status(origin_ok(&mesh, &["status", "--json"]).await);
+    assert_eq!(at_first["backend"], "etcd", "{at_first:#}");
+    assert_eq!(up(&at_first), both, "{at_first:#}");
+    assert_eq!(
+        at_first["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .filter(|m| m.as_str().is_some_and(|m| m.contains(": up,")))
+            .count(),
+        3,
+        "{at_first:#}"
+    );
+    let at_second = status(origin_at(&mesh, &second, &["status", "--json"]).await);
+    assert_eq!(up(&at_second), both, "{at_second:#}");
+
+    // kill -9 the first origin: the second still answers and changes the fleet.
+    mesh.kill_origin().await.expect("kill the first origin");
+    let killed = std::time::Instant::now();
+    origin_at(&mesh, &second, &["class", "set", &node, "web"]).await;
+    let after = fleet_view(&origin_at(&mesh, &second, &["nodes", "--json"]).await);
+    assert_eq!(after[0].2, "web", "{after:?}");
+    let records: Vec<Value> = serde_json::from_str(
+        origin_at(&mesh, &second, &["audit", "--limit", "100", "--json"])
+            .await
+            .trim(),
+    )
+    .expect("audit JSON");
+    assert_eq!(
+        records.last().and_then(|r| r["seq"].as_u64()),
+        Some(seqs.len() as u64 + 1),
+        "the next change has the next number"
+    );
+    // The killed origin drops out of the list once its lease expires (10 s).
+    let gone = wait_until_async(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        async || {
+            let now = status(origin_at(&mesh, &second, &["status", "--json"]).await);
+            up(&now) == vec![ready.mesh.clone()]
+        },
+    )
+    .await;
+    assert!(gone.is_ok(), "the dead origin is still listed after 30 s");
+    println!(
+        "the killed origin left the list of origins {:.1} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+    drop(mesh);
+    drop(cluster);
+}

@@ -107,13 +107,6 @@ impl OriginHome {
             proto::durable::MODE_PRIVATE,
         )?;
         let site = Site::new(ORIGIN_SITE)?;
-        let origin = ca.node_identity(
-            Role::Origin,
-            &site,
-            signing.verifying_key(),
-            DEFAULT_LISTEN.to_owned(),
-        )?;
-        origin.save(&self.identity_dir())?;
         let publisher = ca.node_identity(
             Role::Publisher,
             &site,
@@ -121,8 +114,25 @@ impl OriginHome {
             DEFAULT_LISTEN.to_owned(),
         )?;
         publisher.save(&self.publisher_dir())?;
-        std::fs::create_dir_all(self.tokens_dir())?;
+        self.issue_origin_identity()?;
         Ok(())
+    }
+
+    /// Issues this origin's own identity (its mesh and enrollment certificate) from the CA
+    /// and the publisher's key already in the home (`init`, and `init --join`, where the CA
+    /// and key came from another origin); returns its node id.
+    pub fn issue_origin_identity(&self) -> Result<String> {
+        let ca = CertAuthority::load(&self.ca_dir()).context("cannot load the mesh CA")?;
+        let signing = self.signing_key()?;
+        let origin = ca.node_identity(
+            Role::Origin,
+            &Site::new(ORIGIN_SITE)?,
+            signing.verifying_key(),
+            DEFAULT_LISTEN.to_owned(),
+        )?;
+        origin.save(&self.identity_dir())?;
+        std::fs::create_dir_all(self.tokens_dir())?;
+        Ok(origin.node_id().to_string())
     }
 
     /// Fails with what to run when `origin init` did not run here.

@@ -25,6 +25,7 @@ pub mod console;
 pub mod control;
 pub mod db;
 pub mod home;
+pub mod join;
 pub mod keep;
 pub mod keys;
 pub mod negotiate;

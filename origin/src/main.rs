@@ -43,8 +43,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the mesh: its certificate authority, the publisher's key, an empty store.
-    Init,
+    /// Create the mesh: its certificate authority, the publisher's key, an empty store. With
+    /// `--join`, set up another origin of an existing mesh from its sealed key export
+    /// (`origin keys export`): the same CA, publisher key and content keys, its own identity.
+    Init {
+        /// A key export of an origin of the mesh to join (`origin keys export --to FILE`).
+        #[arg(long)]
+        join: Option<PathBuf>,
+        #[command(flatten)]
+        passphrase: cmd::setup::PassphraseArgs,
+    },
     /// Serve bundles to stagers, uploads from the publisher, and enrollments.
     Serve {
         /// Mesh address (QUIC, mutual TLS).
@@ -220,6 +228,13 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// The running origin's store (backend, each etcd member's health) and the origins that
+    /// share it and are up (asks the running origin).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The control-plane store: its health, and copying one into another.
     Store {
         #[command(subcommand)]
@@ -264,7 +279,14 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let home = OriginHome::new(&cli.dir);
     match cli.command {
-        Command::Init => cmd::setup::init(&home),
+        Command::Init {
+            join: None,
+            passphrase: _,
+        } => cmd::setup::init(&home),
+        Command::Init {
+            join: Some(file),
+            passphrase,
+        } => cmd::setup::join(&home, &file, &passphrase),
         Command::Serve {
             listen,
             enroll_listen,
@@ -369,6 +391,15 @@ async fn main() -> Result<()> {
                 ControlCommand::TestRun { node, bundle },
                 false,
                 "the test run did not start",
+            )
+            .await
+        }
+        Command::Status { json } => {
+            cmd::control::run(
+                &home,
+                ControlCommand::Status,
+                json,
+                "cannot read the origin's status",
             )
             .await
         }

@@ -553,6 +553,7 @@ fn command_name(command: &proto::wire::ControlCommand) -> &'static str {
         C::AccountAdd { .. } => "admin add",
         C::AccountList => "admin list",
         C::AccountRemove { .. } => "admin remove",
+        C::Status => "status",
     }
 }
 
@@ -760,6 +761,17 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         console: console_addr,
     };
     write_json_atomic(&home.serve_file(), &addrs, MODE_READABLE)?;
+    // The other origins sharing the store see this one for as long as it runs.
+    let me = crate::db::OriginRecord {
+        node_id: identity.node_id().to_string(),
+        mesh: addrs.mesh.clone(),
+        enroll: addrs.enroll.clone(),
+        metrics: addrs.metrics.clone(),
+        started_ms: crate::db::now_ms(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    tokio::task::block_in_place(|| origin.control.db().announce_origin(&me))
+        .context("cannot announce this origin in the store")?;
     let tokens_dir = home.tokens_dir();
     tokens::check_dir(&tokens_dir)?;
     let publisher_key = *identity.publisher_key();

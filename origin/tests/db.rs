@@ -690,3 +690,49 @@ fn store_copy_moves_every_record_into_etcd_and_back() {
         Some(AccountRole::Viewer)
     );
 }
+
+fn origin_record(id: &str) -> origin::db::OriginRecord {
+    origin::db::OriginRecord {
+        node_id: id.into(),
+        mesh: format!("127.0.0.1:{}", 7400 + id.len()),
+        enroll: "127.0.0.1:7401".into(),
+        metrics: "127.0.0.1:9400".into(),
+        started_ms: 1,
+        version: "test".into(),
+    }
+}
+
+/// The origins sharing a store see each other while they run, and not once one closed the
+/// store; an announcement is no change (the audit log stays empty).
+#[test]
+fn origins_see_each_other_while_they_run() {
+    for store in both_stores("origins_see_each_other_while_they_run") {
+        let a = store.open();
+        a.announce_origin(&origin_record("origin-a"))
+            .expect("announce");
+        a.announce_origin(&origin_record("origin-a"))
+            .expect("announce again replaces");
+        let listed = |db: &Db| -> Vec<String> {
+            db.origins()
+                .expect("origins")
+                .into_iter()
+                .map(|o| o.node_id)
+                .collect()
+        };
+        assert_eq!(listed(&a), ["origin-a"], "{}", store.name());
+        assert!(a.audit(10).expect("audit").is_empty(), "not audited");
+        if let TestStore::Etcd(..) = store {
+            let b = store.open();
+            b.announce_origin(&origin_record("origin-b"))
+                .expect("announce");
+            assert_eq!(listed(&a), ["origin-a", "origin-b"]);
+            assert_eq!(listed(&b), ["origin-a", "origin-b"]);
+            drop(b);
+            assert_eq!(
+                listed(&a),
+                ["origin-a"],
+                "a closed store's origin is gone at once"
+            );
+        }
+    }
+}

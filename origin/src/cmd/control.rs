@@ -226,6 +226,15 @@ pub async fn rollout(home: &OriginHome, command: RolloutCommand) -> Result<()> {
 
 #[derive(Subcommand)]
 pub enum KeysCommand {
+    /// Seal the keys every origin of the mesh shares (CA, publisher key, content keys) into
+    /// one file for `origin init --join` on another machine; needs no running origin.
+    Export {
+        /// The file to write (mode 0600; it is sealed, but keep it private all the same).
+        #[arg(long)]
+        to: PathBuf,
+        #[command(flatten)]
+        passphrase: super::setup::PassphraseArgs,
+    },
     /// Start a new content-key generation: new encrypted publishes use it; audited.
     Rotate,
     /// The content-key generations with their fingerprints and which is current (never keys).
@@ -269,6 +278,9 @@ pub async fn keys(home: &OriginHome, command: KeysCommand) -> Result<()> {
             false,
             "the generation was not retired",
         ),
+        KeysCommand::Export { to, passphrase } => {
+            return super::setup::export_keys(home, &to, &passphrase);
+        }
     };
     run(home, command, json, failure).await
 }

@@ -110,6 +110,7 @@ impl ControlPlane {
                 self.account_add(peer, &name, &role, &password_hash, who)
             }),
             ControlCommand::AccountList => tokio::task::block_in_place(|| self.account_list(peer)),
+            ControlCommand::Status => tokio::task::block_in_place(|| self.status()),
             ControlCommand::AccountRemove { name } => {
                 tokio::task::block_in_place(|| self.account_remove(peer, &name, who))
             }
@@ -424,6 +425,48 @@ impl ControlPlane {
             ..Change::default()
         })?);
         Ok(puts)
+    }
+
+    /// `origin status`: the store, its members' health, and the origins up.
+    fn status(&self) -> Result<ControlReply, CommandError> {
+        let config = self.db.config();
+        let health = self.db.health()?;
+        let origins = self.db.origins()?;
+        let mut text = format!("store: {} ({})\n", config.backend(), config);
+        for line in &health {
+            text.push_str(&format!("  {line}\n"));
+        }
+        let mut table =
+            vec![["ORIGIN", "MESH", "ENROLL", "METRICS", "UP SINCE", "VERSION"].map(str::to_owned)];
+        for o in &origins {
+            table.push([
+                short(&o.node_id),
+                o.mesh.clone(),
+                o.enroll.clone(),
+                o.metrics.clone(),
+                utc(o.started_ms),
+                o.version.clone(),
+            ]);
+        }
+        text.push_str(&format!("origins up: {}\n", origins.len()));
+        text.push_str(&render_table(&table));
+        #[derive(serde::Serialize)]
+        struct Status<'a> {
+            backend: &'a str,
+            store: String,
+            members: &'a [String],
+            origins: &'a [crate::db::OriginRecord],
+        }
+        Ok(ControlReply {
+            success: true,
+            text,
+            json: to_json(&Status {
+                backend: config.backend(),
+                store: config.to_string(),
+                members: &health,
+                origins: &origins,
+            }),
+        })
     }
 
     fn audit(&self, limit: usize) -> Result<ControlReply, CommandError> {

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient,
-    SortOrder, SortTarget, TlsOptions, Txn, TxnOp,
+    PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp,
 };
 
-use super::{Backend, DbError, Entries, Token, Write, Written};
+use super::{Backend, DbError, Entries, Token, Write, Written, LIVE_TTL};
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "stagecoach";
@@ -120,6 +120,9 @@ impl std::fmt::Display for EtcdConfig {
     }
 }
 
+/// This process's announcements (full key, value), shared with the task that keeps them.
+type Announced = std::sync::Arc<std::sync::Mutex<Vec<(Vec<u8>, Vec<u8>)>>>;
+
 /// A connection to the cluster.
 pub struct EtcdBackend {
     client: Client,
@@ -127,6 +130,10 @@ pub struct EtcdBackend {
     /// Runs the client's requests; shut down in the background on drop (a runtime may not be
     /// dropped from inside another's async context).
     runtime: Option<tokio::runtime::Runtime>,
+    /// The lease of this process's announcements and the task that keeps it alive.
+    lease: std::sync::Mutex<Option<(i64, tokio::task::JoinHandle<()>)>>,
+    /// The announcements, put again under a new lease when the old one was lost.
+    announced: Announced,
 }
 
 impl EtcdBackend {
@@ -158,6 +165,8 @@ impl EtcdBackend {
             client,
             config: config.clone(),
             runtime: Some(runtime),
+            lease: std::sync::Mutex::new(None),
+            announced: std::sync::Arc::default(),
         };
         backend.begin()?;
         Ok(backend)
@@ -231,6 +240,90 @@ impl EtcdBackend {
     fn counter_key(&self) -> Vec<u8> {
         format!("{}/meta/changes", self.config.prefix).into_bytes()
     }
+
+    fn live_prefix(&self) -> Vec<u8> {
+        format!("{}/live/", self.config.prefix).into_bytes()
+    }
+
+    /// The lease announcements live under: granted at the first announcement, and kept alive
+    /// by a task that grants a new one (and puts every announcement again) when it was lost,
+    /// say after the cluster was without quorum for longer than its time to live.
+    fn lease(&self) -> Result<i64, DbError> {
+        let mut slot = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((id, task)) = slot.as_ref() {
+            if !task.is_finished() {
+                return Ok(*id);
+            }
+        }
+        let client = self.client.clone();
+        let id = self.run("grant a lease", || {
+            let mut client = client.clone();
+            async move {
+                Ok(client
+                    .lease_grant(LIVE_TTL.as_secs() as i64, None)
+                    .await?
+                    .id())
+            }
+        })?;
+        let Some(runtime) = &self.runtime else {
+            return Err(DbError::Etcd {
+                op: "grant a lease",
+                message: "the client is shut down".into(),
+            });
+        };
+        let task = runtime.spawn(keep_announcing(
+            self.client.clone(),
+            id,
+            self.announced.clone(),
+        ));
+        *slot = Some((id, task));
+        Ok(id)
+    }
+}
+
+/// Keeps the lease `id` alive; when it is lost, grants another and puts the announcements
+/// again under it, until the backend's runtime stops.
+async fn keep_announcing(mut client: Client, mut id: i64, announced: Announced) {
+    let beat = LIVE_TTL / 3;
+    loop {
+        let kept = async {
+            let (mut keeper, mut answers) = client.lease_keep_alive(id).await?;
+            loop {
+                tokio::time::sleep(beat).await;
+                keeper.keep_alive().await?;
+                match answers.message().await? {
+                    Some(answer) if answer.ttl() > 0 => {}
+                    _ => return Ok::<(), etcd_client::Error>(()),
+                }
+            }
+        }
+        .await;
+        tracing::warn!(lease = id, outcome = ?kept, "etcd lease of this origin's announcement lost; announcing again");
+        loop {
+            tokio::time::sleep(beat).await;
+            let again = async {
+                let lease = client
+                    .lease_grant(LIVE_TTL.as_secs() as i64, None)
+                    .await?
+                    .id();
+                let entries = announced.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                for (key, value) in entries {
+                    client
+                        .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                        .await?;
+                }
+                Ok::<i64, etcd_client::Error>(lease)
+            }
+            .await;
+            match again {
+                Ok(lease) => {
+                    id = lease;
+                    break;
+                }
+                Err(error) => tracing::warn!(%error, "cannot announce this origin again yet"),
+            }
+        }
+    }
 }
 
 /// Runs `future` on `runtime` and waits on this thread for its output, for at most `timeout`
@@ -251,6 +344,15 @@ fn wait_on<T: Send + 'static>(
 
 impl Drop for EtcdBackend {
     fn drop(&mut self) {
+        let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (Some((id, task)), Some(runtime)) = (lease, &self.runtime) {
+            task.abort();
+            // The announcements go at once instead of after the lease's time to live.
+            let mut client = self.client.clone();
+            let _ = wait_on(runtime, Duration::from_secs(1), async move {
+                client.lease_revoke(id).await
+            });
+        }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -480,6 +582,46 @@ impl Backend for EtcdBackend {
         } else {
             Written::Conflict
         })
+    }
+
+    fn announce(&self, key: &str, value: Vec<u8>) -> Result<(), DbError> {
+        let mut full = self.live_prefix();
+        full.extend_from_slice(key.as_bytes());
+        {
+            let mut announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+            announced.retain(|(k, _)| *k != full);
+            announced.push((full.clone(), value.clone()));
+        }
+        let lease = self.lease()?;
+        let kv = self.kv();
+        self.run("announce", || {
+            let (mut kv, key, value) = (kv.clone(), full.clone(), value.clone());
+            async move {
+                kv.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+                    .map(|_| ())
+            }
+        })
+    }
+
+    fn live(&self) -> Result<Entries, DbError> {
+        let prefix = self.live_prefix();
+        let kv = self.kv();
+        let found = self.run("read the live origins", || {
+            let (mut kv, prefix) = (kv.clone(), prefix.clone());
+            async move {
+                let options = GetOptions::new().with_range(range_end(&prefix));
+                let mut response = kv.get(prefix, Some(options)).await?;
+                Ok(response.take_kvs())
+            }
+        })?;
+        Ok(found
+            .into_iter()
+            .map(|kv| {
+                let (key, value) = kv.into_key_value();
+                (key[prefix.len()..].to_vec(), value)
+            })
+            .collect())
     }
 
     fn health(&self) -> Result<Vec<String>, DbError> {

@@ -655,6 +655,33 @@ pub trait Backend: Send + Sync {
     ) -> Result<Written, DbError>;
     /// Its health, for `origin status`: `Ok` with a line per member, or why it is not usable.
     fn health(&self) -> Result<Vec<String>, DbError>;
+    /// Says that this process is up, as `key` with `value`, for as long as it lives: in etcd
+    /// under a lease this backend keeps alive (the entry vanishes [`LIVE_TTL`] after the
+    /// process dies, or at once when it closes the store); in RocksDB, in memory (one origin).
+    /// Not a change: no counter, no audit record. Announcing `key` again replaces its value.
+    fn announce(&self, key: &str, value: Vec<u8>) -> Result<(), DbError>;
+    /// Every live announcement, by key.
+    fn live(&self) -> Result<Entries, DbError>;
+}
+
+/// How long an origin's announcement outlives the origin (etcd's lease time to live).
+pub const LIVE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An origin that serves, as it announces itself to the others sharing its store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginRecord {
+    /// Its node id (from its own certificate).
+    pub node_id: String,
+    /// Its mesh address (QUIC, mutual TLS).
+    pub mesh: String,
+    /// Its enrollment address.
+    pub enroll: String,
+    /// Its metrics address.
+    pub metrics: String,
+    /// When it started serving (ms since the epoch).
+    pub started_ms: u64,
+    /// Its software version.
+    pub version: String,
 }
 
 /// Most times a change is tried again after another origin committed first.
@@ -720,6 +747,21 @@ impl Db {
     /// The backend's health, one line per member (etcd) or the directory (RocksDB).
     pub fn health(&self) -> Result<Vec<String>, DbError> {
         self.backend.health()
+    }
+
+    /// Announces this origin to the others sharing the store, for as long as it runs.
+    pub fn announce_origin(&self, origin: &OriginRecord) -> Result<(), DbError> {
+        self.backend
+            .announce(&origin.node_id, encode("live", origin)?)
+    }
+
+    /// The origins up now (those whose announcement is live), by node id.
+    pub fn origins(&self) -> Result<Vec<OriginRecord>, DbError> {
+        self.backend
+            .live()?
+            .into_iter()
+            .map(|(key, value)| decode("live", &key, &value))
+            .collect()
     }
 
     fn get<T: DeserializeOwned>(

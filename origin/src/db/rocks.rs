@@ -17,6 +17,8 @@ pub struct RocksBackend {
     path: PathBuf,
     /// The last audit sequence number written.
     last_audit: Mutex<u64>,
+    /// This process's announcements (one origin holds the database).
+    live: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
 }
 
 impl RocksBackend {
@@ -40,6 +42,7 @@ impl RocksBackend {
             db,
             path: path.to_owned(),
             last_audit: Mutex::new(0),
+            live: Mutex::default(),
         };
         let last = backend.last_audit_seq()?;
         *backend.lock_last() = last;
@@ -142,6 +145,24 @@ impl Backend for RocksBackend {
 
     fn health(&self) -> Result<Vec<String>, DbError> {
         Ok(vec![format!("rocksdb at {}: open", self.path.display())])
+    }
+
+    fn announce(&self, key: &str, value: Vec<u8>) -> Result<(), DbError> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned(), value);
+        Ok(())
+    }
+
+    fn live(&self) -> Result<Entries, DbError> {
+        Ok(self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
+            .collect())
     }
 }
 

@@ -476,6 +476,8 @@ pub enum ControlCommand {
         #[serde(deserialize_with = "bounds::name")]
         name: String,
     },
+    /// The origin's store (backend, health of its members) and the origins sharing it.
+    Status,
 }
 
 /// An operator's request about the current rollout.
