@@ -33,6 +33,7 @@ pub mod policy;
 pub mod policy_file;
 pub mod publish;
 pub mod remote;
+pub mod replicate;
 pub mod rollout;
 pub mod server;
 pub mod stagers;

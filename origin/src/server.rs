@@ -77,6 +77,43 @@ impl Origin {
         &self.control
     }
 
+    /// The blob store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The publisher's key, which every manifest must be signed with.
+    pub fn publisher_key(&self) -> &ed25519_dalek::VerifyingKey {
+        &self.publisher_key
+    }
+
+    /// The origin's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Makes a bundle whose blobs are all in the store servable: pins it, stores its manifest,
+    /// adds it to the catalog and tells the subscribed stagers (a publish, or a bundle pulled
+    /// from another origin). Returns the catalog entry.
+    pub fn add_bundle(
+        &self,
+        signed: proto::SignedManifest,
+        manifest: &proto::manifest::Manifest,
+        info: BundleInfo,
+    ) -> Result<BundleInfo> {
+        let id = signed.id();
+        tokio::task::block_in_place(|| -> Result<()> {
+            bundles::pin_bundle(&self.store, &id, manifest)?;
+            self.store.put_manifest(&signed)?;
+            Ok(())
+        })?;
+        let info = self.catalog.append(info)?;
+        set_newest_bundle_gauges(&self.metrics, &info);
+        // No subscriber is fine: they catch up from the catalog when they connect.
+        let _ = self.announcements.send(info.clone());
+        Ok(info)
+    }
+
     /// The published bundles.
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
@@ -398,11 +435,6 @@ impl Origin {
             return Err(PublishError::NotUploaded(missing));
         }
         let id = signed.id();
-        tokio::task::block_in_place(|| -> std::result::Result<(), PublishError> {
-            bundles::pin_bundle(&self.store, &id, &manifest)?;
-            self.store.put_manifest(&signed)?;
-            Ok(())
-        })?;
         let info = BundleInfo {
             id,
             name: manifest.name.clone(),
@@ -413,15 +445,14 @@ impl Origin {
             raw_bytes: self.control.raw_bytes(&manifest),
             seq: 0,
         };
-        let info = self.catalog.append(info).map_err(PublishError::Catalog)?;
+        let info = self
+            .add_bundle(signed, &manifest, info)
+            .map_err(PublishError::Catalog)?;
         tokio::task::block_in_place(|| {
             self.control
                 .record_package(&info, &manifest, peer, "package.publish")
         })
         .map_err(PublishError::PackageTable)?;
-        set_newest_bundle_gauges(&self.metrics, &info);
-        // No subscriber is fine: they catch up from the catalog when they connect.
-        let _ = self.announcements.send(info.clone());
         Ok(info)
     }
 
@@ -617,11 +648,8 @@ enum PublishError {
     /// Chunks the manifest names are not in the store.
     #[error("{0} chunks of the bundle were not uploaded")]
     NotUploaded(usize),
-    /// The store cannot pin the bundle or keep its manifest.
-    #[error(transparent)]
-    Store(#[from] proto::store::StoreError),
-    /// The catalog cannot record it.
-    #[error("{0}")]
+    /// The store cannot pin the bundle or keep its manifest, or the catalog cannot record it.
+    #[error("{0:#}")]
     Catalog(anyhow::Error),
     /// Published, but the control plane did not record the package.
     #[error("published, but the package table was not updated: {0}")]
@@ -772,6 +800,15 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     };
     tokio::task::block_in_place(|| origin.control.db().announce_origin(&me))
         .context("cannot announce this origin in the store")?;
+    if matches!(config.store, crate::db::StoreConfig::Etcd(_)) {
+        // Other origins share the store: pull what they published.
+        crate::replicate::spawn(
+            origin.clone(),
+            proto::net::client_endpoint(&identity)
+                .context("cannot start the replication's client endpoint")?,
+            me.node_id.clone(),
+        );
+    }
     let tokens_dir = home.tokens_dir();
     tokens::check_dir(&tokens_dir)?;
     let publisher_key = *identity.publisher_key();

@@ -45,6 +45,11 @@ enum Command {
         /// always go here; data too when no --upstream answers.
         #[arg(long)]
         origin: Option<SocketAddr>,
+        /// Another origin of the mesh (repeatable, in order of preference after --origin):
+        /// control requests and data go to the next one that answers when an origin cannot
+        /// be reached, without refetching verified data.
+        #[arg(long = "also-origin", value_name = "ADDR")]
+        more_origins: Vec<SocketAddr>,
         /// An upstream stager (a region's) to pull bundles through (repeatable, in order of
         /// preference; the origin comes after them).
         #[arg(long = "upstream", value_name = "ADDR")]
@@ -108,6 +113,7 @@ async fn main() -> Result<()> {
         Command::Serve {
             site,
             origin,
+            more_origins,
             upstreams,
             siblings,
             listen,
@@ -125,6 +131,7 @@ async fn main() -> Result<()> {
                 dir: cli.dir,
                 site,
                 origin,
+                more_origins,
                 upstreams,
                 siblings,
                 listen,

@@ -85,6 +85,9 @@ pub struct StagerConfig {
     pub site: Option<String>,
     /// Origin mesh address (default: from enrollment).
     pub origin: Option<SocketAddr>,
+    /// Other origins of the mesh, in order of preference after `origin`: control and data go
+    /// to the next one that answers when an origin cannot be reached.
+    pub more_origins: Vec<SocketAddr>,
     /// Upstream stagers (a region's), in order of preference; the origin comes after them.
     pub upstreams: Vec<SocketAddr>,
     /// The other stagers of this site.
@@ -1058,7 +1061,9 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
         endpoint.clone(),
         watched.clone(),
         &config.upstreams,
-        origin,
+        &std::iter::once(origin)
+            .chain(config.more_origins.iter().copied())
+            .collect::<Vec<_>>(),
         metrics.clone(),
     );
     let siblings = Siblings::new(
@@ -1096,7 +1101,7 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     proto::metrics::spawn_log_summary(metrics.clone(), METRICS_LOG_INTERVAL, "stager");
     // Logged before any task starts, so every line of this run comes after it (tests read the
     // log from the last such line on).
-    tracing::info!(site = %stager.site, %listen, metrics = %metrics_addr, %origin, upstreams = ?config.upstreams, siblings = ?config.siblings, "stager serving");
+    tracing::info!(site = %stager.site, %listen, metrics = %metrics_addr, %origin, more_origins = ?config.more_origins, upstreams = ?config.upstreams, siblings = ?config.siblings, "stager serving");
     tokio::spawn(server::run(endpoint.clone(), stager.clone(), metrics));
     tokio::spawn(stager.clone().follow());
     tokio::spawn(stager.clone().keep_fresh());

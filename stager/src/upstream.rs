@@ -209,21 +209,24 @@ pub struct Upstreams {
     /// Counters per source, in the same order.
     counters: Vec<PeerCounters>,
     metrics: Arc<Metrics>,
+    /// Index of the first origin: the stagers come before it, the other origins after.
+    first_origin: usize,
 }
 
 impl Upstreams {
-    /// Upstreams `stagers` (in order of preference), then `origin`, through `endpoint`;
-    /// `watched` is the client config for stagers (see [`proto::net::watched_client_config`]).
+    /// Upstreams `stagers` (in order of preference), then the `origins` of the mesh (in order
+    /// of preference; at least one), through `endpoint`; `watched` is the client config for
+    /// stagers (see [`proto::net::watched_client_config`]).
     pub fn new(
         endpoint: Endpoint,
         watched: quinn::ClientConfig,
         stagers: &[SocketAddr],
-        origin: SocketAddr,
+        origins: &[SocketAddr],
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let mut sources: Vec<Source> = stagers
             .iter()
-            .filter(|addr| **addr != origin)
+            .filter(|addr| !origins.contains(addr))
             .map(|&addr| Source {
                 addr,
                 kind: UpstreamKind::Stager,
@@ -234,21 +237,36 @@ impl Upstreams {
                 tried: false,
             })
             .collect();
-        sources.push(Source {
-            addr: origin,
-            kind: UpstreamKind::Origin,
-            conn: None,
-            down_until: None,
-            banned_until: None,
-            last_fault: None,
-            tried: false,
-        });
+        let first_origin = sources.len();
+        let mut seen = Vec::new();
+        for &addr in origins {
+            if seen.contains(&addr) {
+                continue;
+            }
+            seen.push(addr);
+            sources.push(Source {
+                addr,
+                kind: UpstreamKind::Origin,
+                conn: None,
+                down_until: None,
+                banned_until: None,
+                last_fault: None,
+                tried: false,
+            });
+        }
         let counters = sources
             .iter()
-            .map(|source| match source.kind {
-                UpstreamKind::Origin => {
+            .enumerate()
+            .map(|(index, source)| match source.kind {
+                // The first origin keeps the plain label dashboards know.
+                UpstreamKind::Origin if index == first_origin => {
                     PeerCounters::new(&metrics, Role::Origin.as_str(), "origin")
                 }
+                UpstreamKind::Origin => PeerCounters::new(
+                    &metrics,
+                    Role::Origin.as_str(),
+                    &format!("origin {}", source.addr),
+                ),
                 UpstreamKind::Stager => PeerCounters::new(
                     &metrics,
                     Role::Stager.as_str(),
@@ -268,17 +286,18 @@ impl Upstreams {
             }),
             counters,
             metrics,
+            first_origin,
         })
     }
 
-    /// The origin's index (always the last).
-    fn origin_index(&self) -> usize {
+    /// The last source's index (an origin: nothing comes after it).
+    fn last_index(&self) -> usize {
         self.counters.len() - 1
     }
 
     /// The counters of upstream `index`.
     pub fn counters(&self, index: usize) -> &PeerCounters {
-        &self.counters[index.min(self.origin_index())]
+        &self.counters[index.min(self.last_index())]
     }
 
     /// Bytes received from upstream stagers and the origin: what crossed the WAN.
@@ -288,6 +307,17 @@ impl Upstreams {
 
     async fn dial(&self, addr: SocketAddr, kind: UpstreamKind) -> Result<Connection, NetError> {
         match kind {
+            // With another origin to go to, a dead one is noticed within the watched idle
+            // timeout instead of the default's.
+            UpstreamKind::Origin if self.first_origin < self.last_index() => {
+                connect_with(
+                    &self.endpoint,
+                    self.watched.clone(),
+                    addr,
+                    proto::net::HANDSHAKE_TIMEOUT,
+                )
+                .await
+            }
             UpstreamKind::Origin => connect(&self.endpoint, addr).await,
             UpstreamKind::Stager => {
                 connect_with(
@@ -301,29 +331,49 @@ impl Upstreams {
         }
     }
 
-    /// The connection to the origin, for control requests. The handshake runs without the
-    /// lock: an origin that does not answer never holds up data from a live upstream stager.
+    /// A connection to an origin, for control requests: the one already connected (the most
+    /// preferred of them), else the first that answers, in order of preference, so control
+    /// goes on through another origin when one dies. The handshakes run without the lock: an
+    /// origin that does not answer never holds up data from a live upstream stager.
     pub async fn origin(&self) -> Result<Connection, NetError> {
-        let index = self.origin_index();
-        let addr = {
+        let addrs: Vec<(usize, SocketAddr)> = {
             let inner = self.inner.lock().await;
-            if let Some(conn) = inner.sources[index].live() {
+            let origins = &inner.sources[self.first_origin..];
+            if let Some(conn) = origins.iter().find_map(Source::live) {
                 return Ok(conn);
             }
-            inner.sources[index].addr
+            origins
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (self.first_origin + i, s.addr))
+                .collect()
         };
-        let conn = self.dial(addr, UpstreamKind::Origin).await?;
-        let mut inner = self.inner.lock().await;
-        let source = &mut inner.sources[index];
-        if let Some(existing) = source.live() {
-            // Another request connected meanwhile: keep one connection.
-            conn.close(0u32.into(), b"duplicate");
-            return Ok(existing);
+        let mut error = None;
+        for (index, addr) in addrs {
+            let conn = match self.dial(addr, UpstreamKind::Origin).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(origin = %addr, error = %e, "origin unreachable");
+                    error = Some(e);
+                    continue;
+                }
+            };
+            let mut inner = self.inner.lock().await;
+            let source = &mut inner.sources[index];
+            if let Some(existing) = source.live() {
+                // Another request connected meanwhile: keep one connection.
+                conn.close(0u32.into(), b"duplicate");
+                return Ok(existing);
+            }
+            tracing::info!(origin = %addr, "connected to the origin");
+            source.conn = Some(conn.clone());
+            source.tried = true;
+            return Ok(conn);
         }
-        tracing::info!(origin = %addr, "connected to the origin");
-        source.conn = Some(conn.clone());
-        source.tried = true;
-        Ok(conn)
+        Err(error.unwrap_or(NetError::Timeout {
+            what: "connecting to an origin",
+            after_ms: 0,
+        }))
     }
 
     /// The most preferred upstream that answers, with its index: for data. The origin is tried
@@ -352,7 +402,7 @@ impl Upstreams {
                 return Ok((conn, index));
             }
         }
-        let last = self.origin_index();
+        let last = self.last_index();
         let mut error = None;
         for index in 0..=last {
             let source = &inner.sources[index];
@@ -474,7 +524,7 @@ impl Upstreams {
     /// origin is never banned, as nothing comes after it).
     pub async fn fault(&self, index: usize, fault: Fault) {
         let mut inner = self.inner.lock().await;
-        let last = self.origin_index();
+        let last = self.last_index();
         let Some(source) = inner.sources.get_mut(index) else {
             return;
         };
@@ -492,7 +542,8 @@ impl Upstreams {
             }
             Fault::BadData(detail) => {
                 tracing::error!(upstream = %source.addr, %detail, "upstream sent data that did not verify");
-                if index < last && !source.banned(now) {
+                // Origins are never banned: they hold the publisher's bundles.
+                if source.kind == UpstreamKind::Stager && !source.banned(now) {
                     tracing::error!(upstream = %source.addr, secs = BAD_DATA_BAN.as_secs(), "upstream stager banned");
                     source.banned_until = Some(now + BAD_DATA_BAN);
                     self.metrics

@@ -41,5 +41,5 @@ pub use identity::{peer_identity, NodeId, NodeIdentity, PeerIdentity, Role, Site
 pub use tls::{
     accept, advertised, client_endpoint, connect, connect_with, connect_within_lan,
     install_crypto_provider, server_endpoint, watched_client_config, CONNECTION_SEND_WINDOW_BYTES,
-    LAN_HANDSHAKE_TIMEOUT, MESH_ALPN, MESH_SERVER_NAME, WATCHED_IDLE_TIMEOUT_MS,
+    HANDSHAKE_TIMEOUT, LAN_HANDSHAKE_TIMEOUT, MESH_ALPN, MESH_SERVER_NAME, WATCHED_IDLE_TIMEOUT_MS,
 };
