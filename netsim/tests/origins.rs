@@ -80,34 +80,29 @@ async fn a_stager_finishes_from_another_origin_when_the_one_it_pulls_from_is_kil
         .await
         .expect("edge daemon");
 
-    // Published at the first origin; the second pulls it, verified.
+    // Published at the first origin: `origin publish` returns once every origin up holds
+    // the bundle (the second pulled it, verified).
+    let publishing = Instant::now();
     let id = mesh.publish(&tree, "os", "1").await.expect("publish");
-    let published = Instant::now();
-    let origin_bin = mesh.bins.path("origin");
-    let second_dir = second.display().to_string();
-    let replicated = wait_for_async(TRANSFER_TIMEOUT, Duration::from_millis(100), async || {
-        let run = netsim::procs::run_cli(
-            &origin_bin,
-            &[
-                "bundles".into(),
-                "--json".into(),
-                "--dir".into(),
-                second_dir.clone(),
-            ],
-        )
-        .await?;
-        let list: Value = serde_json::from_str(run.stdout.trim()).unwrap_or(Value::Null);
-        let held = list
-            .as_array()
-            .is_some_and(|l| l.iter().any(|b| b["id"].as_str() == Some(id.as_str())));
-        anyhow::Ok(held.then_some(()))
-    })
-    .await;
+    let publish_s = publishing.elapsed().as_secs_f64();
+    let run = netsim::procs::run_cli(
+        &mesh.bins.path("origin"),
+        &[
+            "bundles".into(),
+            "--json".into(),
+            "--dir".into(),
+            second.display().to_string(),
+        ],
+    )
+    .await
+    .expect("origin bundles");
+    let list: Value = serde_json::from_str(run.stdout.trim()).expect("bundles JSON");
     assert!(
-        replicated.is_ok(),
-        "the second origin never held the bundle"
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|b| b["id"].as_str() == Some(id.as_str()))),
+        "the publish returned before the second origin held the bundle: {list:#}"
     );
-    let replication_s = published.elapsed().as_secs_f64();
+    let replication_s = publish_s;
     let metrics = mesh.origin_metrics().await.expect("first origin's metrics");
     let bundle = netsim::procs::metric_sum(&metrics, "stagecoach_bundle_stored_bytes", &[]);
     assert!(bundle > 0, "{metrics}");
@@ -145,8 +140,8 @@ async fn a_stager_finishes_from_another_origin_when_the_one_it_pulls_from_is_kil
     let link = wan1.stats().down.forwarded_bytes + wan2.stats().down.forwarded_bytes;
     let payload_ratio = payload as f64 / bundle as f64;
     eprintln!(
-        "two origins: the second held the {bundle} B bundle {replication_s:.2} s after the \
-         publish; the first killed after {at_kill} B crossed its WAN; the stager pulled from the \
+        "two origins: publish (pack, upload, and the second origin pulling it) {replication_s:.2} s \
+         for the {bundle} B bundle; the first killed after {at_kill} B crossed its WAN; the stager pulled from the \
          second {resumed_s:.2} s after the kill; edge done {:.2} s after the fetch began; WAN \
          into the site {payload} B payload ({payload_ratio:.4}× the bundle), {link} B on the \
          links ({:.4}×)",

@@ -132,6 +132,13 @@ enum Command {
         /// makes one): stagers and peers carry it without being able to read it.
         #[arg(long)]
         encrypt: bool,
+        /// The publish is complete once this many origins hold the bundle, verified (the
+        /// others pull it from this one); default: every origin that is up. 1 returns at once.
+        #[arg(long)]
+        replicas: Option<usize>,
+        /// Seconds to wait for the replicas before failing (the bundle stays published).
+        #[arg(long, default_value_t = 600)]
+        replica_timeout_secs: u64,
         /// No progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -343,6 +350,8 @@ async fn main() -> Result<()> {
             selectors,
             dependencies,
             encrypt,
+            replicas,
+            replica_timeout_secs,
             no_progress,
         } => {
             let args = PublishArgs {
@@ -353,6 +362,8 @@ async fn main() -> Result<()> {
                 selectors,
                 dependencies,
                 encrypt,
+                replicas,
+                replica_timeout: std::time::Duration::from_secs(replica_timeout_secs),
                 progress: !no_progress,
             };
             cmd::bundles::publish(&home, args).await

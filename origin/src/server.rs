@@ -69,6 +69,8 @@ pub struct Origin {
     control: ControlPlane,
     corrupt: bool,
     stagers: crate::stagers::StagerBook,
+    /// This origin's node id, as it announces itself and the bundles it holds.
+    node_id: String,
 }
 
 impl Origin {
@@ -92,6 +94,16 @@ impl Origin {
         &self.metrics
     }
 
+    /// Tells the other origins that this one holds bundle `id` (logged when the store
+    /// refuses: the bundle is served all the same, and announced again at the next start).
+    fn announce_held(&self, id: &proto::manifest::BundleId) {
+        if let Err(error) =
+            tokio::task::block_in_place(|| self.control.db().announce_held(&self.node_id, id))
+        {
+            tracing::warn!(bundle = %id, %error, "cannot tell the store this origin holds the bundle");
+        }
+    }
+
     /// Makes a bundle whose blobs are all in the store servable: pins it, stores its manifest,
     /// adds it to the catalog and tells the subscribed stagers (a publish, or a bundle pulled
     /// from another origin). Returns the catalog entry.
@@ -108,6 +120,7 @@ impl Origin {
             Ok(())
         })?;
         let info = self.catalog.append(info)?;
+        self.announce_held(&id);
         set_newest_bundle_gauges(&self.metrics, &info);
         // No subscriber is fine: they catch up from the catalog when they connect.
         let _ = self.announcements.send(info.clone());
@@ -585,6 +598,7 @@ fn command_name(command: &proto::wire::ControlCommand) -> &'static str {
         C::AccountList => "admin list",
         C::AccountRemove { .. } => "admin remove",
         C::Status => "status",
+        C::BundleHolders { .. } => "bundle holders",
     }
 }
 
@@ -754,6 +768,7 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         control,
         corrupt: config.test_corrupt_serving,
         stagers: crate::stagers::StagerBook::default(),
+        node_id: identity.node_id().to_string(),
     });
     if config.test_corrupt_serving {
         tracing::warn!("TEST HOOK: every blob part served will be corrupted");
@@ -800,6 +815,9 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     };
     tokio::task::block_in_place(|| origin.control.db().announce_origin(&me))
         .context("cannot announce this origin in the store")?;
+    for info in origin.catalog.all() {
+        origin.announce_held(&info.id);
+    }
     if matches!(config.store, crate::db::StoreConfig::Etcd(_)) {
         // Other origins share the store: pull what they published.
         crate::replicate::spawn(

@@ -727,11 +727,20 @@ fn origins_see_each_other_while_they_run() {
                 .expect("announce");
             assert_eq!(listed(&a), ["origin-a", "origin-b"]);
             assert_eq!(listed(&b), ["origin-a", "origin-b"]);
+            let id = package("os", "1", &[]).id;
+            a.announce_held("origin-a", &id).expect("held");
+            b.announce_held("origin-b", &id).expect("held");
+            assert_eq!(a.holders(&id).expect("holders"), ["origin-a", "origin-b"]);
             drop(b);
             assert_eq!(
                 listed(&a),
                 ["origin-a"],
                 "a closed store's origin is gone at once"
+            );
+            assert_eq!(
+                a.holders(&id).expect("holders"),
+                ["origin-a"],
+                "and so is what it held"
             );
         }
     }

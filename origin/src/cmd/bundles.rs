@@ -2,11 +2,12 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use origin::home::OriginHome;
 use proto::manifest::{Dependency, Selector};
 use proto::net::{client_endpoint, connect};
 use proto::pack::PackOptions;
+use proto::wire::ControlCommand;
 use proto::BundleKind;
 
 /// What `origin publish` packs and how.
@@ -25,6 +26,10 @@ pub struct PublishArgs<'a> {
     pub dependencies: Vec<(String, String)>,
     /// Encrypt with the newest content-key generation of the origin's key ring.
     pub encrypt: bool,
+    /// How many origins must hold the bundle (`None`: every origin up).
+    pub replicas: Option<usize>,
+    /// How long to wait for them.
+    pub replica_timeout: std::time::Duration,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -59,7 +64,66 @@ pub async fn publish(home: &OriginHome, args: PublishArgs<'_>) -> Result<()> {
         info.raw_bytes,
         info.seq
     );
-    Ok(())
+    wait_for_replicas(
+        home,
+        &info.id,
+        args.replicas,
+        args.replica_timeout,
+        args.progress,
+    )
+    .await
+}
+
+/// Waits until `wanted` origins (every origin up when `None`) hold bundle `id`.
+async fn wait_for_replicas(
+    home: &OriginHome,
+    id: &proto::manifest::BundleId,
+    wanted: Option<usize>,
+    timeout: std::time::Duration,
+    progress: bool,
+) -> Result<()> {
+    if wanted == Some(1) {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let spinner = if progress {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    loop {
+        let reply = origin::admin::run(home, ControlCommand::BundleHolders { id: *id }).await?;
+        anyhow::ensure!(
+            reply.success,
+            "cannot tell which origins hold it: {}",
+            reply.text
+        );
+        let answer: serde_json::Value = serde_json::from_str(&reply.json)?;
+        let count = |field: &str| answer[field].as_array().map_or(0, Vec::len);
+        let (held, up) = (count("holders"), count("up"));
+        let needed = wanted.unwrap_or(up).max(1);
+        spinner.set_message(format!("held by {held} of {needed} origins"));
+        if held >= needed {
+            spinner.finish_and_clear();
+            if needed > 1 {
+                println!(
+                    "held by {held} origins, verified ({:.1} s after the publish)",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            spinner.finish_and_clear();
+            bail!(
+                "published, but held by {held} of the {needed} origins wanted after {:?}: the \
+                 others pull it when they can (`origin status` shows the origins up)",
+                timeout
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 /// `origin bundles`: the published bundles, oldest first; with `json`, as a JSON array.

@@ -111,6 +111,9 @@ impl ControlPlane {
             }),
             ControlCommand::AccountList => tokio::task::block_in_place(|| self.account_list(peer)),
             ControlCommand::Status => tokio::task::block_in_place(|| self.status()),
+            ControlCommand::BundleHolders { id } => {
+                tokio::task::block_in_place(|| self.bundle_holders(&id))
+            }
             ControlCommand::AccountRemove { name } => {
                 tokio::task::block_in_place(|| self.account_remove(peer, &name, who))
             }
@@ -466,6 +469,22 @@ impl ControlPlane {
                 members: &health,
                 origins: &origins,
             }),
+        })
+    }
+
+    /// Which origins up hold bundle `id`: JSON `{"holders": [...], "up": [...]}` (node ids).
+    fn bundle_holders(&self, id: &proto::manifest::BundleId) -> Result<ControlReply, CommandError> {
+        let holders = self.db.holders(id)?;
+        let up: Vec<String> = self.db.origins()?.into_iter().map(|o| o.node_id).collect();
+        let holders: Vec<String> = holders.into_iter().filter(|h| up.contains(h)).collect();
+        Ok(ControlReply {
+            success: true,
+            text: format!(
+                "{id}: held by {} of the {} origins up",
+                holders.len(),
+                up.len()
+            ),
+            json: to_json(&serde_json::json!({ "holders": holders, "up": up })),
         })
     }
 

@@ -664,6 +664,11 @@ pub trait Backend: Send + Sync {
     fn live(&self) -> Result<Entries, DbError>;
 }
 
+/// Announcement keys of origins: `origin/NODE_ID`.
+const LIVE_ORIGIN: &str = "origin/";
+/// Announcement keys of bundles held: `held/BUNDLE_ID/NODE_ID`.
+const LIVE_HELD: &str = "held/";
+
 /// How long an origin's announcement outlives the origin (etcd's lease time to live).
 pub const LIVE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -751,8 +756,10 @@ impl Db {
 
     /// Announces this origin to the others sharing the store, for as long as it runs.
     pub fn announce_origin(&self, origin: &OriginRecord) -> Result<(), DbError> {
-        self.backend
-            .announce(&origin.node_id, encode("live", origin)?)
+        self.backend.announce(
+            &format!("{LIVE_ORIGIN}{}", origin.node_id),
+            encode("live", origin)?,
+        )
     }
 
     /// The origins up now (those whose announcement is live), by node id.
@@ -760,8 +767,30 @@ impl Db {
         self.backend
             .live()?
             .into_iter()
+            .filter(|(key, _)| key.starts_with(LIVE_ORIGIN.as_bytes()))
             .map(|(key, value)| decode("live", &key, &value))
             .collect()
+    }
+
+    /// Announces that origin `node_id` holds bundle `id`, whole and verified, for as long as
+    /// it runs (the bundle catalog of the store: which live origin serves what).
+    pub fn announce_held(&self, node_id: &str, id: &BundleId) -> Result<(), DbError> {
+        self.backend
+            .announce(&format!("{LIVE_HELD}{id}/{node_id}"), vec![VALUE_FORMAT])
+    }
+
+    /// The live origins that hold bundle `id`, by node id.
+    pub fn holders(&self, id: &BundleId) -> Result<Vec<String>, DbError> {
+        let prefix = format!("{LIVE_HELD}{id}/");
+        Ok(self
+            .backend
+            .live()?
+            .into_iter()
+            .filter_map(|(key, _)| {
+                key.strip_prefix(prefix.as_bytes())
+                    .map(|node| String::from_utf8_lossy(node).into_owned())
+            })
+            .collect())
     }
 
     fn get<T: DeserializeOwned>(

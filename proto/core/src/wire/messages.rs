@@ -478,6 +478,11 @@ pub enum ControlCommand {
     },
     /// The origin's store (backend, health of its members) and the origins sharing it.
     Status,
+    /// Which of the origins up hold a bundle (`origin publish --replicas`).
+    BundleHolders {
+        /// The bundle.
+        id: crate::manifest::BundleId,
+    },
 }
 
 /// An operator's request about the current rollout.
