@@ -155,30 +155,9 @@ pub const SIBLINGS_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a condition of the mesh (a log line, a file) is checked while waiting for it.
 const POLL: Duration = Duration::from_millis(100);
 
-/// Starts `origin serve` for the home `origin_dir`, its mesh endpoint on `listen`, and waits
-/// until it is ready.
+/// Starts `origin serve` for the home `origin_dir` as process `name` of the fleet (its log
+/// `logs/NAME.log`), its mesh endpoint on `listen`, and waits until it is ready.
 async fn start_origin(
-    bins: &Binaries,
-    work: &Path,
-    origin_dir: &Path,
-    listen: &str,
-    fleet: &mut Fleet,
-    extra_args: &[String],
-) -> Result<Ready> {
-    start_origin_named(
-        ORIGIN_NAME,
-        bins,
-        work,
-        origin_dir,
-        listen,
-        fleet,
-        extra_args,
-    )
-    .await
-}
-
-/// [`start_origin`] for the origin called `name` in the fleet (its log `logs/NAME.log`).
-async fn start_origin_named(
     name: &str,
     bins: &Binaries,
     work: &Path,
@@ -319,6 +298,7 @@ impl Testbed {
         procs::run_to_end(&origin_bin, &[s("init"), s("--dir"), p(&origin_dir)]).await?;
         let mut fleet = Fleet::default();
         let origin = start_origin(
+            ORIGIN_NAME,
             &bins,
             work,
             &origin_dir,
@@ -623,6 +603,7 @@ impl Testbed {
             .cloned()
             .collect();
         self.origin = start_origin(
+            ORIGIN_NAME,
             &self.bins,
             &self.work,
             &self.origin_dir,
@@ -678,7 +659,7 @@ impl Testbed {
             ],
         )
         .await?;
-        let ready = start_origin_named(
+        let ready = start_origin(
             name,
             &self.bins,
             &self.work,

@@ -8,7 +8,7 @@
 //! tells its subscribed stagers, as a publish does. It looks at start (catching up on what was
 //! published while it was down) and every [`INTERVAL`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,15 +62,13 @@ pub async fn replicate_once(
     replicated: &Counter,
 ) -> Result<usize> {
     let db = origin.control().db();
-    let missing: Vec<BundleId> = tokio::task::block_in_place(|| -> Result<Vec<BundleId>> {
-        let mut missing = Vec::new();
-        for package in db.packages()? {
-            if origin.store().get_manifest(&package.id)?.is_none() {
-                missing.push(package.id);
-            }
-        }
-        Ok(missing)
-    })?;
+    // The catalog is what this origin serves (a publish and a pull both end by adding to it).
+    let held: HashSet<BundleId> = origin.catalog().all().iter().map(|i| i.id).collect();
+    let missing: Vec<BundleId> = tokio::task::block_in_place(|| db.packages())?
+        .into_iter()
+        .map(|package| package.id)
+        .filter(|id| !held.contains(id))
+        .collect();
     if missing.is_empty() {
         return Ok(0);
     }
@@ -98,12 +96,13 @@ pub async fn replicate_once(
                 continue;
             }
         };
-        let listed: HashMap<BundleId, BundleInfo> = list_bundles(&conn)
-            .await
-            .with_context(|| format!("origin {addr}: list its bundles"))?
-            .into_iter()
-            .map(|info| (info.id, info))
-            .collect();
+        let listed: HashMap<BundleId, BundleInfo> = match list_bundles(&conn).await {
+            Ok(list) => list.into_iter().map(|info| (info.id, info)).collect(),
+            Err(error) => {
+                tracing::warn!(origin = %other.node_id, %addr, %error, "replication: cannot list an origin's bundles");
+                continue;
+            }
+        };
         let mut still = Vec::new();
         for id in left {
             let Some(info) = listed.get(&id) else {

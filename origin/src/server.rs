@@ -94,13 +94,13 @@ impl Origin {
         &self.metrics
     }
 
-    /// Tells the other origins that this one holds bundle `id` (logged when the store
-    /// refuses: the bundle is served all the same, and announced again at the next start).
-    fn announce_held(&self, id: &proto::manifest::BundleId) {
+    /// Tells the other origins that this one holds the bundles `ids` (logged when the store
+    /// refuses: the bundles are served all the same, and announced again at the next start).
+    fn announce_held(&self, ids: &[proto::manifest::BundleId]) {
         if let Err(error) =
-            tokio::task::block_in_place(|| self.control.db().announce_held(&self.node_id, id))
+            tokio::task::block_in_place(|| self.control.db().announce_held(&self.node_id, ids))
         {
-            tracing::warn!(bundle = %id, %error, "cannot tell the store this origin holds the bundle");
+            tracing::warn!(bundles = ids.len(), %error, "cannot tell the store this origin holds its bundles");
         }
     }
 
@@ -120,7 +120,7 @@ impl Origin {
             Ok(())
         })?;
         let info = self.catalog.append(info)?;
-        self.announce_held(&id);
+        self.announce_held(&[id]);
         set_newest_bundle_gauges(&self.metrics, &info);
         // No subscriber is fine: they catch up from the catalog when they connect.
         let _ = self.announcements.send(info.clone());
@@ -815,9 +815,9 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     };
     tokio::task::block_in_place(|| origin.control.db().announce_origin(&me))
         .context("cannot announce this origin in the store")?;
-    for info in origin.catalog.all() {
-        origin.announce_held(&info.id);
-    }
+    // One transaction per hundred bundles, not one request each.
+    let held: Vec<_> = origin.catalog.all().iter().map(|info| info.id).collect();
+    origin.announce_held(&held);
     if matches!(config.store, crate::db::StoreConfig::Etcd(_)) {
         // Other origins share the store: pull what they published.
         crate::replicate::spawn(

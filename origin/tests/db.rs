@@ -728,8 +728,8 @@ fn origins_see_each_other_while_they_run() {
             assert_eq!(listed(&a), ["origin-a", "origin-b"]);
             assert_eq!(listed(&b), ["origin-a", "origin-b"]);
             let id = package("os", "1", &[]).id;
-            a.announce_held("origin-a", &id).expect("held");
-            b.announce_held("origin-b", &id).expect("held");
+            a.announce_held("origin-a", &[id]).expect("held");
+            b.announce_held("origin-b", &[id]).expect("held");
             assert_eq!(a.holders(&id).expect("holders"), ["origin-a", "origin-b"]);
             drop(b);
             assert_eq!(

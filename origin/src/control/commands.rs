@@ -476,7 +476,6 @@ impl ControlPlane {
     fn bundle_holders(&self, id: &proto::manifest::BundleId) -> Result<ControlReply, CommandError> {
         let holders = self.db.holders(id)?;
         let up: Vec<String> = self.db.origins()?.into_iter().map(|o| o.node_id).collect();
-        let holders: Vec<String> = holders.into_iter().filter(|h| up.contains(h)).collect();
         Ok(ControlReply {
             success: true,
             text: format!(

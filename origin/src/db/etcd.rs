@@ -13,8 +13,11 @@
 //! The store's API is synchronous (RocksDB's is); requests run on a small runtime of this
 //! backend's own and the caller's thread waits for the answer, as it waits on a RocksDB write.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -120,8 +123,8 @@ impl std::fmt::Display for EtcdConfig {
     }
 }
 
-/// This process's announcements (full key, value), shared with the task that keeps them.
-type Announced = std::sync::Arc<std::sync::Mutex<Vec<(Vec<u8>, Vec<u8>)>>>;
+/// This process's announcements (full key → value), shared with the task that keeps them.
+type Announced = Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>;
 
 /// A connection to the cluster.
 pub struct EtcdBackend {
@@ -130,8 +133,9 @@ pub struct EtcdBackend {
     /// Runs the client's requests; shut down in the background on drop (a runtime may not be
     /// dropped from inside another's async context).
     runtime: Option<tokio::runtime::Runtime>,
-    /// The lease of this process's announcements and the task that keeps it alive.
-    lease: std::sync::Mutex<Option<(i64, tokio::task::JoinHandle<()>)>>,
+    /// The lease announcements are put under (granted at the first one; the keep-alive task
+    /// replaces it when it was lost) and that task.
+    lease: Mutex<Option<(Arc<AtomicI64>, tokio::task::JoinHandle<()>)>>,
     /// The announcements, put again under a new lease when the old one was lost.
     announced: Announced,
 }
@@ -165,8 +169,8 @@ impl EtcdBackend {
             client,
             config: config.clone(),
             runtime: Some(runtime),
-            lease: std::sync::Mutex::new(None),
-            announced: std::sync::Arc::default(),
+            lease: Mutex::new(None),
+            announced: Arc::default(),
         };
         backend.begin()?;
         Ok(backend)
@@ -181,6 +185,17 @@ impl EtcdBackend {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
+        self.run_with(op, true, make)
+    }
+
+    /// [`Self::run`]; with `resend` false, a request that was not sent fails at once (asking
+    /// one member whether it is up: "down" is the answer).
+    fn run_with<T, F, Fut>(&self, op: &'static str, resend: bool, make: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
         let Some(runtime) = &self.runtime else {
             return Err(DbError::Etcd {
                 op,
@@ -189,8 +204,6 @@ impl EtcdBackend {
         };
         let deadline = Instant::now() + REQUEST_TIMEOUT;
         let mut pause = Duration::from_millis(20);
-        // A member's own status is asked once: "down" is the answer there.
-        let resend = op != "status";
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match wait_on(runtime, left, make()) {
@@ -245,47 +258,78 @@ impl EtcdBackend {
         format!("{}/live/", self.config.prefix).into_bytes()
     }
 
-    /// The lease announcements live under: granted at the first announcement, and kept alive
-    /// by a task that grants a new one (and puts every announcement again) when it was lost,
-    /// say after the cluster was without quorum for longer than its time to live.
+    /// The lease announcements are put under now: granted at the first announcement, and kept
+    /// alive by a task that grants a new one (and puts every announcement again) when it was
+    /// lost, say after the cluster was without quorum for longer than its time to live.
     fn lease(&self) -> Result<i64, DbError> {
         let mut slot = self.lease.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((id, task)) = slot.as_ref() {
-            if !task.is_finished() {
-                return Ok(*id);
-            }
+        if let Some((current, _)) = slot.as_ref() {
+            return Ok(current.load(Ordering::Acquire));
         }
-        let client = self.client.clone();
-        let id = self.run("grant a lease", || {
-            let mut client = client.clone();
-            async move {
-                Ok(client
-                    .lease_grant(LIVE_TTL.as_secs() as i64, None)
-                    .await?
-                    .id())
-            }
-        })?;
         let Some(runtime) = &self.runtime else {
             return Err(DbError::Etcd {
                 op: "grant a lease",
                 message: "the client is shut down".into(),
             });
         };
+        let client = self.client.clone();
+        let id = self.run("grant a lease", || grant(client.clone()))?;
+        let current = Arc::new(AtomicI64::new(id));
         let task = runtime.spawn(keep_announcing(
             self.client.clone(),
-            id,
+            current.clone(),
             self.announced.clone(),
         ));
-        *slot = Some((id, task));
+        *slot = Some((current, task));
         Ok(id)
+    }
+
+    /// Puts `entries` under `lease`, in transactions of at most [`ANNOUNCE_BATCH`] puts.
+    fn put_leased(&self, entries: &[(Vec<u8>, Vec<u8>)], lease: i64) -> Result<(), DbError> {
+        for batch in entries.chunks(ANNOUNCE_BATCH) {
+            let kv = self.kv();
+            self.run("announce", || {
+                let (mut kv, txn) = (kv.clone(), leased_puts(batch, lease));
+                async move { kv.txn(txn).await.map(|_| ()) }
+            })?;
+        }
+        Ok(())
     }
 }
 
-/// Keeps the lease `id` alive; when it is lost, grants another and puts the announcements
-/// again under it, until the backend's runtime stops.
-async fn keep_announcing(mut client: Client, mut id: i64, announced: Announced) {
+/// Puts per announcement transaction (below etcd's default --max-txn-ops of 128).
+const ANNOUNCE_BATCH: usize = 100;
+
+/// A transaction that puts `entries` under `lease`.
+fn leased_puts(entries: &[(Vec<u8>, Vec<u8>)], lease: i64) -> Txn {
+    Txn::new().and_then(
+        entries
+            .iter()
+            .map(|(key, value)| {
+                TxnOp::put(
+                    key.clone(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// A new lease of [`LIVE_TTL`].
+async fn grant(mut client: Client) -> Result<i64, etcd_client::Error> {
+    Ok(client
+        .lease_grant(LIVE_TTL.as_secs() as i64, None)
+        .await?
+        .id())
+}
+
+/// Keeps the lease in `current` alive; when it is lost, grants another, puts the announcements
+/// again under it and stores its id in `current`, until the backend's runtime stops.
+async fn keep_announcing(mut client: Client, current: Arc<AtomicI64>, announced: Announced) {
     let beat = LIVE_TTL / 3;
     loop {
+        let id = current.load(Ordering::Acquire);
         let kept = async {
             let (mut keeper, mut answers) = client.lease_keep_alive(id).await?;
             loop {
@@ -298,26 +342,26 @@ async fn keep_announcing(mut client: Client, mut id: i64, announced: Announced) 
             }
         }
         .await;
-        tracing::warn!(lease = id, outcome = ?kept, "etcd lease of this origin's announcement lost; announcing again");
+        tracing::warn!(lease = id, outcome = ?kept, "etcd lease of this origin's announcements lost; announcing again");
         loop {
             tokio::time::sleep(beat).await;
             let again = async {
-                let lease = client
-                    .lease_grant(LIVE_TTL.as_secs() as i64, None)
-                    .await?
-                    .id();
-                let entries = announced.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                for (key, value) in entries {
-                    client
-                        .put(key, value, Some(PutOptions::new().with_lease(lease)))
-                        .await?;
+                let lease = grant(client.clone()).await?;
+                let entries: Vec<(Vec<u8>, Vec<u8>)> = announced
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                for batch in entries.chunks(ANNOUNCE_BATCH) {
+                    client.txn(leased_puts(batch, lease)).await?;
                 }
                 Ok::<i64, etcd_client::Error>(lease)
             }
             .await;
             match again {
                 Ok(lease) => {
-                    id = lease;
+                    current.store(lease, Ordering::Release);
                     break;
                 }
                 Err(error) => tracing::warn!(%error, "cannot announce this origin again yet"),
@@ -345,8 +389,9 @@ fn wait_on<T: Send + 'static>(
 impl Drop for EtcdBackend {
     fn drop(&mut self) {
         let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let (Some((id, task)), Some(runtime)) = (lease, &self.runtime) {
+        if let (Some((current, task)), Some(runtime)) = (lease, &self.runtime) {
             task.abort();
+            let id = current.load(Ordering::Acquire);
             // The announcements go at once instead of after the lease's time to live.
             let mut client = self.client.clone();
             let _ = wait_on(runtime, Duration::from_secs(1), async move {
@@ -584,24 +629,18 @@ impl Backend for EtcdBackend {
         })
     }
 
-    fn announce(&self, key: &str, value: Vec<u8>) -> Result<(), DbError> {
-        let mut full = self.live_prefix();
-        full.extend_from_slice(key.as_bytes());
-        {
-            let mut announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
-            announced.retain(|(k, _)| *k != full);
-            announced.push((full.clone(), value.clone()));
-        }
+    fn announce(&self, entries: &[(String, Vec<u8>)]) -> Result<(), DbError> {
+        let prefix = self.live_prefix();
+        let full: Vec<(Vec<u8>, Vec<u8>)> = entries
+            .iter()
+            .map(|(key, value)| ([prefix.as_slice(), key.as_bytes()].concat(), value.clone()))
+            .collect();
+        self.announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(full.iter().cloned());
         let lease = self.lease()?;
-        let kv = self.kv();
-        self.run("announce", || {
-            let (mut kv, key, value) = (kv.clone(), full.clone(), value.clone());
-            async move {
-                kv.put(key, value, Some(PutOptions::new().with_lease(lease)))
-                    .await
-                    .map(|_| ())
-            }
-        })
+        self.put_leased(&full, lease)
     }
 
     fn live(&self) -> Result<Entries, DbError> {
@@ -628,7 +667,7 @@ impl Backend for EtcdBackend {
         let mut lines = Vec::new();
         let options = connect_options(&self.config)?;
         for url in self.config.urls() {
-            let status = self.run("status", || {
+            let status = self.run_with("status", false, || {
                 let (options, target) = (options.clone(), url.clone());
                 async move {
                     let mut client = Client::connect([target], Some(options)).await?;

@@ -655,11 +655,12 @@ pub trait Backend: Send + Sync {
     ) -> Result<Written, DbError>;
     /// Its health, for `origin status`: `Ok` with a line per member, or why it is not usable.
     fn health(&self) -> Result<Vec<String>, DbError>;
-    /// Says that this process is up, as `key` with `value`, for as long as it lives: in etcd
-    /// under a lease this backend keeps alive (the entry vanishes [`LIVE_TTL`] after the
-    /// process dies, or at once when it closes the store); in RocksDB, in memory (one origin).
-    /// Not a change: no counter, no audit record. Announcing `key` again replaces its value.
-    fn announce(&self, key: &str, value: Vec<u8>) -> Result<(), DbError>;
+    /// Says that this process is up, as each `(key, value)` of `entries`, for as long as it
+    /// lives: in etcd under a lease this backend keeps alive (the entries vanish [`LIVE_TTL`]
+    /// after the process dies, or at once when it closes the store); in RocksDB, in memory
+    /// (one origin). Not a change: no counter, no audit record. Announcing a key again
+    /// replaces its value.
+    fn announce(&self, entries: &[(String, Vec<u8>)]) -> Result<(), DbError>;
     /// Every live announcement, by key.
     fn live(&self) -> Result<Entries, DbError>;
 }
@@ -756,10 +757,10 @@ impl Db {
 
     /// Announces this origin to the others sharing the store, for as long as it runs.
     pub fn announce_origin(&self, origin: &OriginRecord) -> Result<(), DbError> {
-        self.backend.announce(
-            &format!("{LIVE_ORIGIN}{}", origin.node_id),
+        self.backend.announce(&[(
+            format!("{LIVE_ORIGIN}{}", origin.node_id),
             encode("live", origin)?,
-        )
+        )])
     }
 
     /// The origins up now (those whose announcement is live), by node id.
@@ -772,14 +773,18 @@ impl Db {
             .collect()
     }
 
-    /// Announces that origin `node_id` holds bundle `id`, whole and verified, for as long as
-    /// it runs (the bundle catalog of the store: which live origin serves what).
-    pub fn announce_held(&self, node_id: &str, id: &BundleId) -> Result<(), DbError> {
-        self.backend
-            .announce(&format!("{LIVE_HELD}{id}/{node_id}"), vec![VALUE_FORMAT])
+    /// Announces that origin `node_id` holds the bundles `ids`, whole and verified, for as
+    /// long as it runs (the bundle catalog of the store: which live origin serves what).
+    pub fn announce_held(&self, node_id: &str, ids: &[BundleId]) -> Result<(), DbError> {
+        let entries: Vec<(String, Vec<u8>)> = ids
+            .iter()
+            .map(|id| (format!("{LIVE_HELD}{id}/{node_id}"), vec![VALUE_FORMAT]))
+            .collect();
+        self.backend.announce(&entries)
     }
 
-    /// The live origins that hold bundle `id`, by node id.
+    /// The live origins that hold bundle `id`, by node id (an origin's announcements share
+    /// its lease, so a dead origin holds nothing here).
     pub fn holders(&self, id: &BundleId) -> Result<Vec<String>, DbError> {
         let prefix = format!("{LIVE_HELD}{id}/");
         Ok(self

@@ -147,11 +147,11 @@ impl Backend for RocksBackend {
         Ok(vec![format!("rocksdb at {}: open", self.path.display())])
     }
 
-    fn announce(&self, key: &str, value: Vec<u8>) -> Result<(), DbError> {
+    fn announce(&self, entries: &[(String, Vec<u8>)]) -> Result<(), DbError> {
         self.live
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_owned(), value);
+            .extend(entries.iter().cloned());
         Ok(())
     }
 
