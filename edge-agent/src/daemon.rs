@@ -115,7 +115,7 @@ pub struct Daemon {
     /// The machine to swap when the origin asks.
     swap: Option<RemoteSwapConfig>,
     /// Held while a swap runs: one at a time.
-    swapping: tokio::sync::Mutex<()>,
+    swapping: Arc<tokio::sync::Mutex<()>>,
     /// The site's stagers (the first is the default health check's target).
     stagers: Vec<SocketAddr>,
     /// The address peers reach this daemon at.
@@ -481,7 +481,9 @@ impl Daemon {
                 ),
             };
         };
-        let Ok(_one_at_a_time) = self.swapping.try_lock() else {
+        // Owned, and moved into the swap's thread below: a handler dropped mid-swap (its origin
+        // went away) must not let a second swap start while the first still runs.
+        let Ok(one_at_a_time) = self.swapping.clone().try_lock_owned() else {
             return Response::Error {
                 code: ErrorCode::Busy,
                 message: "a swap is already running on this edge".into(),
@@ -524,6 +526,7 @@ impl Daemon {
         };
         let machine = config.machine.clone();
         let outcome = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = one_at_a_time;
             remote_swap::run(&config, &store, &publisher, &keys, &stagers, target, rescue)
         })
         .await;
@@ -997,7 +1000,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         fetching: tokio::sync::Mutex::new(()),
         swap: config.swap.clone(),
-        swapping: tokio::sync::Mutex::new(()),
+        swapping: Arc::new(tokio::sync::Mutex::new(())),
         stagers,
         advertised: config
             .advertise

@@ -152,6 +152,10 @@ async fn swap_one(
             Some(Response::SwapPending { step }) => {
                 return await_rebooted_swap(endpoint, edge, target, bar, &step).await
             }
+            Some(Response::Error {
+                code: proto::wire::ErrorCode::Busy,
+                message,
+            }) => return Err(EdgeBusy(message).into()),
             Some(Response::Error { code, message }) => {
                 return Err(anyhow!("the edge refused ({code:?}): {message}"))
             }
@@ -162,6 +166,51 @@ async fn swap_one(
             None => return Err(anyhow!("the edge closed the stream without an answer")),
         }
     }
+}
+
+/// The edge refused a swap because another one runs there.
+#[derive(Debug, thiserror::Error)]
+#[error("the edge refused: {0}")]
+pub struct EdgeBusy(pub String);
+
+/// Goes on with a swap to `target` that another origin may have asked for before it died
+/// (a rollout taken over): the edge's journal answers first, so a swap that ended is not run
+/// again and one under way is waited for; only an edge with no swap to `target` on record is
+/// asked to swap. An edge busy with a swap (one still fetching its bundles for the dead
+/// origin) is asked again until its journal shows it.
+pub async fn resume_swap(
+    endpoint: &quinn::Endpoint,
+    edge: SocketAddr,
+    target: BundleId,
+    rescue: BundleId,
+) -> Result<(String, Option<String>)> {
+    let started = std::time::Instant::now();
+    let mut last = String::from("no answer yet");
+    while started.elapsed() < SWAP_REBOOT_DEADLINE {
+        match ask_swap_status(endpoint, edge, target).await {
+            Ok(Response::Swapped { outcome, failure }) => {
+                tracing::info!(%edge, %target, %outcome, "the edge's swap ended under the previous driver; not swapping again");
+                return Ok((outcome, failure));
+            }
+            Ok(Response::SwapPending { step }) => last = format!("swapping ({step})"),
+            // No swap to `target` on record: it never started.
+            Ok(Response::Error { .. }) => {
+                match swap_one(endpoint, edge, target, rescue, &ProgressBar::hidden()).await {
+                    Err(error) if error.downcast_ref::<EdgeBusy>().is_some() => {
+                        last = format!("{error:#}")
+                    }
+                    other => return other,
+                }
+            }
+            Ok(other) => return Err(anyhow!("unexpected answer from the edge: {other:?}")),
+            Err(error) => last = format!("{error:#}"),
+        }
+        tokio::time::sleep(SWAP_STATUS_POLL).await;
+    }
+    Err(anyhow!(
+        "the swap under way when the rollout changed hands did not end within {} s ({last})",
+        SWAP_REBOOT_DEADLINE.as_secs()
+    ))
 }
 
 /// How often a rebooting machine's daemon is asked how its swap stands.

@@ -818,6 +818,11 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     // One transaction per hundred bundles, not one request each.
     let held: Vec<_> = origin.catalog.all().iter().map(|info| info.id).collect();
     origin.announce_held(&held);
+    // Exactly one origin sharing the store drives the rollout: the one elected.
+    origin
+        .control
+        .rollouts()
+        .lead(me.node_id.clone(), me.mesh.clone());
     if matches!(config.store, crate::db::StoreConfig::Etcd(_)) {
         // Other origins share the store: pull what they published.
         crate::replicate::spawn(

@@ -745,3 +745,45 @@ fn origins_see_each_other_while_they_run() {
         }
     }
 }
+
+#[test]
+fn one_origin_leads_an_election_until_it_closes_then_the_next_does() {
+    use origin::db::ROLLOUT_ELECTION;
+    use std::time::{Duration, Instant};
+    for store in both_stores("one_origin_leads_an_election_until_it_closes_then_the_next_does") {
+        let a = store.open();
+        let lead = a
+            .campaign(ROLLOUT_ELECTION, b"origin-a", Duration::from_secs(5))
+            .expect("campaign")
+            .expect("the only candidate leads");
+        let (leader, value) = a
+            .leader(ROLLOUT_ELECTION)
+            .expect("leader")
+            .expect("someone leads");
+        assert_eq!((leader, value.as_slice()), (lead, &b"origin-a"[..]));
+        if let TestStore::Etcd(..) = store {
+            let b = store.open();
+            // A second candidate waits while the first leads...
+            let waited = b
+                .campaign(ROLLOUT_ELECTION, b"origin-b", Duration::from_millis(500))
+                .expect("campaign");
+            assert_eq!(waited, None, "two leaders at once");
+            let (_, value) = b.leader(ROLLOUT_ELECTION).expect("leader").expect("one");
+            assert_eq!(value, b"origin-a", "b sees a lead");
+            // ...and leads once the first is gone (its lease revoked as it closes).
+            let handed = std::thread::spawn(move || {
+                let started = Instant::now();
+                let won = b
+                    .campaign(ROLLOUT_ELECTION, b"origin-b", Duration::from_secs(15))
+                    .expect("campaign");
+                (b, won, started.elapsed())
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            drop(a);
+            let (b, won, took) = handed.join().expect("campaign thread");
+            assert!(won.is_some(), "b leads after a closed (waited {took:?})");
+            let (_, value) = b.leader(ROLLOUT_ELECTION).expect("leader").expect("one");
+            assert_eq!(value, b"origin-b");
+        }
+    }
+}

@@ -649,7 +649,7 @@ async fn act_on_rollout(
     }
     let account = session.account.clone();
     let reply = control
-        .rollout_act(action, |what, detail| {
+        .rollout_act(action, &|what, detail| {
             Audit::new(account.as_str(), AUDIT_ROLE, what, detail)
         })
         .await

@@ -16,6 +16,7 @@ use crate::catalog::Catalog;
 use crate::db::{now_ms, Audit, AuditRecord, Commit, DbError, NodeRecord, Put};
 use crate::policy::{self, BundleRef};
 use crate::policy_file;
+use crate::rollout::service::{Driver, RolloutServiceError};
 
 /// A row of `origin nodes --json`.
 #[derive(Clone, Debug, Serialize)]
@@ -83,7 +84,14 @@ impl ControlPlane {
                 )
                 .await
             }
-            ControlCommand::Rollout { action } => self.rollout_act(action, who).await,
+            ControlCommand::Rollout { action } => match self.rollout_act(action, &who).await {
+                // Another origin drives the rollout: it answers, and audits, the request.
+                Err(CommandError::Rollout(RolloutServiceError::DrivenElsewhere(driver))) => {
+                    self.forward(&driver, actor, ControlCommand::Rollout { action })
+                        .await
+                }
+                other => other,
+            },
             ControlCommand::KeysRotate => tokio::task::block_in_place(|| self.keys_rotate(who, "")),
             ControlCommand::KeysList => tokio::task::block_in_place(|| self.keys_list()),
             ControlCommand::KeysRetire { generation, force } => {
@@ -430,17 +438,39 @@ impl ControlPlane {
         Ok(puts)
     }
 
-    /// `origin status`: the store, its members' health, and the origins up.
+    /// `origin status`: the store, its members' health, the origins up with how many
+    /// published bundles each still lacks (its replication lag), and the one that drives
+    /// rollouts.
     fn status(&self) -> Result<ControlReply, CommandError> {
         let config = self.db.config();
         let health = self.db.health()?;
         let origins = self.db.origins()?;
+        let published: std::collections::BTreeSet<String> = self
+            .db
+            .packages()?
+            .into_iter()
+            .map(|p| p.id.to_string())
+            .collect();
+        let mut held: std::collections::BTreeMap<String, usize> = Default::default();
+        for (id, node) in self.db.held()? {
+            if published.contains(&id) {
+                *held.entry(node).or_default() += 1;
+            }
+        }
+        let lacking = |node: &str| {
+            published
+                .len()
+                .saturating_sub(held.get(node).copied().unwrap_or(0))
+        };
+        let driver = self.rollouts.leader()?;
         let mut text = format!("store: {} ({})\n", config.backend(), config);
         for line in &health {
             text.push_str(&format!("  {line}\n"));
         }
-        let mut table =
-            vec![["ORIGIN", "MESH", "ENROLL", "METRICS", "UP SINCE", "VERSION"].map(str::to_owned)];
+        let mut table = vec![[
+            "ORIGIN", "MESH", "ENROLL", "METRICS", "UP SINCE", "VERSION", "LACKS", "ROLLOUTS",
+        ]
+        .map(str::to_owned)];
         for o in &origins {
             table.push([
                 short(&o.node_id),
@@ -449,16 +479,35 @@ impl ControlPlane {
                 o.metrics.clone(),
                 utc(o.started_ms),
                 o.version.clone(),
+                format!("{} of {}", lacking(&o.node_id), published.len()),
+                if driver.as_ref().is_some_and(|d| d.node_id == o.node_id) {
+                    "drives".into()
+                } else {
+                    String::new()
+                },
             ]);
         }
         text.push_str(&format!("origins up: {}\n", origins.len()));
         text.push_str(&render_table(&table));
+        match &driver {
+            Some(d) => text.push_str(&format!("rollouts driven by {}\n", d.node_id)),
+            None => text.push_str("rollouts driven by: none elected\n"),
+        }
+        #[derive(serde::Serialize)]
+        struct OriginRow<'a> {
+            #[serde(flatten)]
+            record: &'a crate::db::OriginRecord,
+            /// Published bundles it does not hold yet.
+            lacks: usize,
+        }
         #[derive(serde::Serialize)]
         struct Status<'a> {
             backend: &'a str,
             store: String,
             members: &'a [String],
-            origins: &'a [crate::db::OriginRecord],
+            origins: Vec<OriginRow<'a>>,
+            published: usize,
+            rollout_driver: Option<Driver>,
         }
         Ok(ControlReply {
             success: true,
@@ -467,7 +516,15 @@ impl ControlPlane {
                 backend: config.backend(),
                 store: config.to_string(),
                 members: &health,
-                origins: &origins,
+                origins: origins
+                    .iter()
+                    .map(|record| OriginRow {
+                        record,
+                        lacks: lacking(&record.node_id),
+                    })
+                    .collect(),
+                published: published.len(),
+                rollout_driver: driver,
             }),
         })
     }
@@ -525,19 +582,31 @@ impl ControlPlane {
         tokio::task::block_in_place(|| {
             self.refuse_plain_rollout(&nodes, selector, &[&target, &rescue])
         })?;
+        let audit = |status: &crate::rollout::plan::RolloutStatus| {
+            who(
+                "rollout.start",
+                format!(
+                    "{}@{} (rescue {}@{}) to `{selector}`: {} waves, at most {max_failures} failures outside canaries",
+                    target.name,
+                    target.version,
+                    rescue.name,
+                    rescue.version,
+                    status.waves.len()
+                ),
+            )
+        };
         let status = self
             .rollouts
-            .start(&nodes, &target, &rescue, selector, max_failures, downgrade)
+            .start(
+                &nodes,
+                &target,
+                &rescue,
+                selector,
+                max_failures,
+                downgrade,
+                audit,
+            )
             .await?;
-        let detail = format!(
-            "{}@{} (rescue {}@{}) to `{selector}`: {} waves, at most {max_failures} failures outside canaries",
-            target.name,
-            target.version,
-            rescue.name,
-            rescue.version,
-            status.waves.len()
-        );
-        tokio::task::block_in_place(|| self.db.commit(&[], Some(who("rollout.start", detail))))?;
         Ok(rollout_reply(&status))
     }
 
@@ -575,7 +644,7 @@ impl ControlPlane {
     pub(crate) async fn rollout_act(
         &self,
         action: proto::wire::RolloutAction,
-        who: impl Fn(&str, String) -> Audit,
+        who: &impl Fn(&str, String) -> Audit,
     ) -> Result<ControlReply, CommandError> {
         use proto::wire::RolloutAction;
         let status = self.rollouts.act(action).await?;
@@ -591,6 +660,49 @@ impl ControlPlane {
             tokio::task::block_in_place(|| self.db.commit(&[], Some(who(what, detail))))?;
         }
         Ok(rollout_reply(&status))
+    }
+}
+
+impl ControlPlane {
+    /// Asks the origin that drives the rollout to run `command` for `actor`, with this
+    /// origin's certificate, and returns its answer.
+    async fn forward(
+        &self,
+        driver: &Driver,
+        actor: &str,
+        command: ControlCommand,
+    ) -> Result<ControlReply, CommandError> {
+        let unreachable = |why: String| {
+            CommandError::Forward(format!(
+                "origin {} at {} drives the rollout and did not answer ({why}); if it died, another origin takes over within {} s: try again",
+                driver.node_id,
+                driver.mesh,
+                crate::db::LIVE_TTL.as_secs()
+            ))
+        };
+        let addr: std::net::SocketAddr = driver
+            .mesh
+            .parse()
+            .map_err(|e| unreachable(format!("bad address: {e}")))?;
+        let conn = proto::net::connect(&self.endpoint, addr)
+            .await
+            .map_err(|e| unreachable(format!("{e:#}")))?;
+        let request = proto::wire::Request::Control {
+            actor: actor.to_owned(),
+            command,
+        };
+        let answer = proto::net::call(&conn, &request, proto::wire::MAX_FRAME_BYTES)
+            .await
+            .map_err(|e| unreachable(format!("{e:#}")));
+        conn.close(0u32.into(), b"done");
+        match answer? {
+            proto::wire::Response::Control(reply) => Ok(reply),
+            proto::wire::Response::Error { code, message } => Err(CommandError::Forward(format!(
+                "origin {} refused ({code:?}): {message}",
+                driver.node_id
+            ))),
+            other => Err(unreachable(format!("unexpected answer {other:?}"))),
+        }
     }
 }
 

@@ -55,6 +55,9 @@ pub enum CommandError {
     /// The rollout service refused.
     #[error(transparent)]
     Rollout(#[from] crate::rollout::service::RolloutServiceError),
+    /// A rollout request for the driving origin could not be passed on.
+    #[error("{0}")]
+    Forward(String),
     /// No node has that id or id prefix.
     #[error("no node `{0}` has reported to this origin; `origin nodes` lists them")]
     NoSuchNode(String),
@@ -135,7 +138,7 @@ pub struct ControlPlane {
     /// files live beside the origin; the store's own changes are serialized by [`Db::change`].
     key_changes: Mutex<()>,
     /// `origin rollout ...`: the running rollout and the saved state of the last.
-    rollouts: crate::rollout::service::RolloutService,
+    rollouts: Arc<crate::rollout::service::RolloutService>,
     /// The content keys (`origin keys ...`).
     keys: crate::keys::OriginKeys,
     /// `origin prepare`: the stored operations and the asks under way.
@@ -155,12 +158,17 @@ impl ControlPlane {
         keys: crate::keys::OriginKeys,
     ) -> Self {
         let db = Arc::new(db);
+        let rollouts = Arc::new(crate::rollout::service::RolloutService::new(
+            db.clone(),
+            home,
+            endpoint.clone(),
+        ));
         Self {
             prepares: Prepares::new(db.clone(), endpoint.clone()),
             db,
             test_runs: Mutex::new(BTreeMap::new()),
             key_changes: Mutex::new(()),
-            rollouts: crate::rollout::service::RolloutService::new(home, endpoint.clone()),
+            rollouts,
             endpoint,
             keys,
             rollout_changed: Arc::new(tokio::sync::Notify::new()),
@@ -183,7 +191,7 @@ impl ControlPlane {
     }
 
     /// The rollouts (`origin rollout ...`, the console's rollout actions).
-    pub fn rollouts(&self) -> &crate::rollout::service::RolloutService {
+    pub fn rollouts(&self) -> &Arc<crate::rollout::service::RolloutService> {
         &self.rollouts
     }
 

@@ -25,7 +25,7 @@ use etcd_client::{
     PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp,
 };
 
-use super::{Backend, DbError, Entries, Token, Write, Written, LIVE_TTL};
+use super::{Backend, DbError, Entries, Leadership, Token, Write, Written, LIVE_TTL};
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "stagecoach";
@@ -248,6 +248,10 @@ impl EtcdBackend {
         let mut full = self.table_prefix(table);
         full.extend_from_slice(key);
         full
+    }
+
+    fn election_name(&self, name: &str) -> Vec<u8> {
+        format!("{}/election/{name}", self.config.prefix).into_bytes()
     }
 
     fn counter_key(&self) -> Vec<u8> {
@@ -661,6 +665,58 @@ impl Backend for EtcdBackend {
                 (key[prefix.len()..].to_vec(), value)
             })
             .collect())
+    }
+
+    fn campaign(
+        &self,
+        name: &str,
+        value: &[u8],
+        wait: Duration,
+    ) -> Result<Option<Leadership>, DbError> {
+        let lease = self.lease()?;
+        let Some(runtime) = &self.runtime else {
+            return Err(DbError::Etcd {
+                op: "campaign",
+                message: "the client is shut down".into(),
+            });
+        };
+        let mut election = self.client.election_client();
+        let (name, value) = (self.election_name(name), value.to_vec());
+        // etcd withdraws the candidacy of a campaign given up (its key is deleted), so one
+        // that waited `wait` in vain leaves nothing behind; the next campaigns again.
+        match wait_on(runtime, wait, async move {
+            election.campaign(name, value, lease).await
+        }) {
+            None => Ok(None),
+            Some(Ok(response)) => Ok(response.leader().map(|leader| Leadership {
+                key: leader.key().to_vec(),
+            })),
+            Some(Err(error)) => Err(etcd_error("campaign", &self.config, error)),
+        }
+    }
+
+    fn leader(&self, name: &str) -> Result<Option<(Leadership, Vec<u8>)>, DbError> {
+        let election = self.client.election_client();
+        let name = self.election_name(name);
+        let answer = self.run("ask who leads", || {
+            let (mut election, name) = (election.clone(), name.clone());
+            async move {
+                match election.leader(name).await {
+                    Ok(mut response) => Ok(response.take_kv()),
+                    // etcd answers "election: no leader" as an error.
+                    Err(etcd_client::Error::GRpcStatus(status))
+                        if status.message().contains("no leader") =>
+                    {
+                        Ok(None)
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+        })?;
+        Ok(answer.map(|kv| {
+            let (key, value) = kv.into_key_value();
+            (Leadership { key }, value)
+        }))
     }
 
     fn health(&self) -> Result<Vec<String>, DbError> {

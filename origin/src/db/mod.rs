@@ -17,6 +17,9 @@
 //!   operation survives a restart of the origin.
 //! - `accounts`: the web console's accounts (issue 17): name, role (admin or viewer) and an
 //!   Argon2id hash of the password (PHC string), by name; never a password.
+//! - `rollouts`: the rollout (issue 14; was `rollout.json` in the origin's home): its waves,
+//!   each node's state, which origin drives it and that driver's epoch, so the origin that
+//!   takes over from a dead one resumes it where it stood.
 //! - `audit`: every change, by a big-endian sequence number, written in the same atomic change
 //!   (a RocksDB `WriteBatch`, an etcd transaction) as the change it describes, so the log never
 //!   misses a change nor records one that did not happen.
@@ -69,10 +72,16 @@ pub const PREPARES: &str = "prepares";
 /// The console's accounts, by name (issue 17).
 pub const ACCOUNTS: &str = "accounts";
 
+/// The rollout (one key), with the origin that drives it (issue 14).
+pub const ROLLOUTS: &str = "rollouts";
+
 /// Every table.
-pub const TABLES: [&str; 9] = [
-    NODES, PACKAGES, CLASSES, OVERRIDES, POLICY, AUDIT, REVOKED, PREPARES, ACCOUNTS,
+pub const TABLES: [&str; 10] = [
+    NODES, PACKAGES, CLASSES, OVERRIDES, POLICY, AUDIT, REVOKED, PREPARES, ACCOUNTS, ROLLOUTS,
 ];
+
+/// The key of the rollout in [`ROLLOUTS`].
+const ROLLOUT_KEY: &[u8] = b"current";
 
 /// Most prepare operations one listing returns (newest first).
 pub const MAX_PREPARE_LISTING: usize = 1_000;
@@ -433,6 +442,8 @@ pub enum Put {
     RemoveAccount(String),
     /// Insert or replace a prepare operation.
     Prepare(Box<PrepareRecord>),
+    /// Replace the rollout.
+    Rollout(Box<crate::rollout::service::RolloutRecord>),
 }
 
 /// Where one node stands in a prepare operation.
@@ -663,7 +674,30 @@ pub trait Backend: Send + Sync {
     fn announce(&self, entries: &[(String, Vec<u8>)]) -> Result<(), DbError>;
     /// Every live announcement, by key.
     fn live(&self) -> Result<Entries, DbError>;
+    /// Campaigns in the election `name` with `value` for at most `wait`: `Some` once this
+    /// process leads it, `None` when `wait` passed first. In etcd, through its election API
+    /// under the lease of this process's announcements (so a dead origin's leadership ends
+    /// [`LIVE_TTL`] after its death, and a lost lease loses it); in RocksDB, at once (one
+    /// origin).
+    fn campaign(
+        &self,
+        name: &str,
+        value: &[u8],
+        wait: std::time::Duration,
+    ) -> Result<Option<Leadership>, DbError>;
+    /// Who leads the election `name` now, and the value it campaigned with.
+    fn leader(&self, name: &str) -> Result<Option<(Leadership, Vec<u8>)>, DbError>;
 }
+
+/// The leadership of an election: the key that stands for it (deleted when it ends).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leadership {
+    /// The election's key of the leader.
+    pub key: Vec<u8>,
+}
+
+/// The election of the origin that drives rollouts.
+pub const ROLLOUT_ELECTION: &str = "rollouts";
 
 /// Announcement keys of origins: `origin/NODE_ID`.
 const LIVE_ORIGIN: &str = "origin/";
@@ -836,6 +870,41 @@ impl Db {
             .into_iter()
             .map(|(_, v)| v)
             .collect())
+    }
+
+    /// Every live holding: (bundle id, node id of the origin that holds it).
+    pub fn held(&self) -> Result<Vec<(String, String)>, DbError> {
+        Ok(self
+            .backend
+            .live()?
+            .into_iter()
+            .filter_map(|(key, _)| {
+                let rest = key.strip_prefix(LIVE_HELD.as_bytes())?;
+                let rest = String::from_utf8_lossy(rest);
+                let (id, node) = rest.split_once('/')?;
+                Some((id.to_owned(), node.to_owned()))
+            })
+            .collect())
+    }
+
+    /// Campaigns in election `name` for at most `wait` (see [`Backend::campaign`]).
+    pub fn campaign(
+        &self,
+        name: &str,
+        value: &[u8],
+        wait: std::time::Duration,
+    ) -> Result<Option<Leadership>, DbError> {
+        self.backend.campaign(name, value, wait)
+    }
+
+    /// Who leads election `name` now, with its value.
+    pub fn leader(&self, name: &str) -> Result<Option<(Leadership, Vec<u8>)>, DbError> {
+        self.backend.leader(name)
+    }
+
+    /// The rollout, if one was ever started.
+    pub fn rollout(&self) -> Result<Option<crate::rollout::service::RolloutRecord>, DbError> {
+        self.get(ROLLOUTS, ROLLOUT_KEY)
     }
 
     /// The node `id`.
@@ -1152,6 +1221,7 @@ pub fn plan(
                 encode(ACCOUNTS, account)?,
             ),
             Put::RemoveAccount(name) => delete(ACCOUNTS, name.as_bytes()),
+            Put::Rollout(record) => put(ROLLOUTS, ROLLOUT_KEY, encode(ROLLOUTS, record)?),
         });
     }
     let record = audit.map(|audit| AuditRecord {

@@ -9,7 +9,7 @@ use rocksdb::{
     ColumnFamilyDescriptor, DBCompressionType, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
-use super::{Backend, DbError, Entries, Token, Write, Written, AUDIT, TABLES};
+use super::{Backend, DbError, Entries, Leadership, Token, Write, Written, AUDIT, TABLES};
 
 /// The embedded RocksDB.
 pub struct RocksBackend {
@@ -19,6 +19,8 @@ pub struct RocksBackend {
     last_audit: Mutex<u64>,
     /// This process's announcements (one origin holds the database).
     live: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
+    /// The elections this process campaigned in (it leads them all: one origin).
+    elections: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
 }
 
 impl RocksBackend {
@@ -43,6 +45,7 @@ impl RocksBackend {
             path: path.to_owned(),
             last_audit: Mutex::new(0),
             live: Mutex::default(),
+            elections: Mutex::default(),
         };
         let last = backend.last_audit_seq()?;
         *backend.lock_last() = last;
@@ -163,6 +166,37 @@ impl Backend for RocksBackend {
             .iter()
             .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
             .collect())
+    }
+
+    fn campaign(
+        &self,
+        name: &str,
+        value: &[u8],
+        _wait: std::time::Duration,
+    ) -> Result<Option<Leadership>, DbError> {
+        self.elections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), value.to_vec());
+        Ok(Some(Leadership {
+            key: name.as_bytes().to_vec(),
+        }))
+    }
+
+    fn leader(&self, name: &str) -> Result<Option<(Leadership, Vec<u8>)>, DbError> {
+        Ok(self
+            .elections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .map(|value| {
+                (
+                    Leadership {
+                        key: name.as_bytes().to_vec(),
+                    },
+                    value.clone(),
+                )
+            }))
     }
 }
 

@@ -25,6 +25,17 @@ pub trait Fleet: Send + Sync + 'static {
     /// node whose new OS fails its health check rolls itself back and reports `Failed`.
     fn install(&self, node: &str, bundle: &BundleRef) -> impl Future<Output = NodeReport> + Send;
 
+    /// Goes on with an install another driver offered before it stopped (a restart, a
+    /// takeover): a swap that already ended must be reported, not run again. By default,
+    /// [`Fleet::install`].
+    fn resume_install(
+        &self,
+        node: &str,
+        bundle: &BundleRef,
+    ) -> impl Future<Output = NodeReport> + Send {
+        self.install(node, bundle)
+    }
+
     /// Makes the version `node` ran before the rollout (`None`: none of this bundle) its
     /// desired version again.
     fn roll_back(
@@ -125,6 +136,15 @@ pub async fn run<F: Fleet, S: SaveRollout>(
     let mut installs: JoinSet<(String, NodeReport)> = JoinSet::new();
     let mut roll_backs: JoinSet<()> = JoinSet::new();
     let mut control_open = true;
+    // Offers a previous driver made and saw no report of (it died, or the origin restarted).
+    for node in rollout.in_flight() {
+        tracing::info!(%node, %bundle, "rollout: resuming an offer made before");
+        let (fleet, bundle) = (fleet.clone(), bundle.clone());
+        installs.spawn(async move {
+            let report = fleet.resume_install(&node, &bundle).await;
+            (node, report)
+        });
+    }
     loop {
         for action in rollout.next_actions() {
             match action {
@@ -241,6 +261,8 @@ mod tests {
         /// Nodes whose install waits until released.
         gate: Option<tokio::sync::Semaphore>,
         installed: Mutex<Vec<String>>,
+        /// Offers a previous driver made, gone on with.
+        resumed: Mutex<Vec<String>>,
         rolled_back: Mutex<Vec<(String, Option<String>)>>,
     }
 
@@ -272,6 +294,68 @@ mod tests {
                 .expect("lock")
                 .push((node.to_owned(), to_version.map(str::to_owned)));
             Ok(())
+        }
+    }
+
+    impl FakeFleet {
+        fn resumed(&self) -> Vec<String> {
+            self.resumed.lock().expect("lock").clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resumed_rollout_goes_on_with_offers_out_and_offers_no_node_twice() {
+        // A driver offered east's canary, then died before its report.
+        let mut before = rollout(&BTreeMap::new());
+        let offered = before.next_actions();
+        assert_eq!(offered.len(), 1, "{offered:?}");
+        assert_eq!(before.in_flight(), ["east-0"]);
+        let stored: Rollout =
+            serde_json::from_str(&serde_json::to_string(&before).expect("encode")).expect("decode");
+        let fleet = Arc::new(ResumeFleet::default());
+        let (_handle, task) = spawn(stored, fleet.clone(), |_: &Rollout| Ok(()));
+        let done = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the rollout ends")
+            .expect("task");
+        assert_eq!(done.phase(), &Phase::Done);
+        assert_eq!(
+            fleet.0.resumed(),
+            ["east-0"],
+            "the canary is asked how it went"
+        );
+        let mut installed = fleet.0.installed.lock().expect("lock").clone();
+        assert!(
+            !installed.contains(&"east-0".to_owned()),
+            "east-0 offered twice"
+        );
+        installed.sort();
+        installed.dedup();
+        assert_eq!(installed.len(), 7, "every other node once: {installed:?}");
+        assert!(done.in_flight().is_empty());
+    }
+
+    /// A fleet that tells resumed offers from new ones.
+    #[derive(Default)]
+    struct ResumeFleet(FakeFleet);
+
+    impl Fleet for ResumeFleet {
+        async fn install(&self, node: &str, bundle: &BundleRef) -> NodeReport {
+            self.0.install(node, bundle).await
+        }
+
+        async fn resume_install(&self, node: &str, _bundle: &BundleRef) -> NodeReport {
+            self.0.resumed.lock().expect("lock").push(node.to_owned());
+            NodeReport::Healthy
+        }
+
+        async fn roll_back(
+            &self,
+            node: &str,
+            bundle: &BundleRef,
+            to_version: Option<&str>,
+        ) -> Result<(), StepError> {
+            self.0.roll_back(node, bundle, to_version).await
         }
     }
 

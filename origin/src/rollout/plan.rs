@@ -508,6 +508,22 @@ impl Rollout {
         }
     }
 
+    /// The nodes offered the bundle that have not reported: after a restart or a takeover,
+    /// their swaps may have ended, be under way or never have started.
+    pub fn in_flight(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|record| record.state == NodeState::Offered)
+            .map(|record| record.node.clone())
+            .collect()
+    }
+
+    /// True while the rollout needs a driver: running, paused, or halted with offers out.
+    pub fn active(&self) -> bool {
+        matches!(self.phase, Phase::Running | Phase::Paused)
+            || self.nodes.iter().any(|r| r.state == NodeState::Offered)
+    }
+
     /// The bundle being rolled out.
     pub fn bundle(&self) -> &BundleRef {
         &self.bundle
