@@ -72,6 +72,25 @@ pub async fn replicate_once(
     if missing.is_empty() {
         return Ok(0);
     }
+    // A publish here whose record committed after its answer (the store timed out, then
+    // recovered) left its chunks and manifest in this store: list it from them.
+    let mut missing_elsewhere = Vec::new();
+    for id in missing {
+        match tokio::task::block_in_place(|| adopt_local(origin, &id)) {
+            Ok(true) => {
+                tracing::info!(bundle = %id, "replication: a recorded bundle whose bytes are here is listed");
+            }
+            Ok(false) => missing_elsewhere.push(id),
+            Err(error) => {
+                tracing::warn!(bundle = %id, error = format!("{error:#}"), "replication: cannot list a bundle from this store");
+                missing_elsewhere.push(id);
+            }
+        }
+    }
+    let missing = missing_elsewhere;
+    if missing.is_empty() {
+        return Ok(0);
+    }
     let others: Vec<_> = tokio::task::block_in_place(|| db.origins())?
         .into_iter()
         .filter(|o| o.node_id != me)
@@ -120,6 +139,36 @@ pub async fn replicate_once(
         left = still;
     }
     Ok(pulled)
+}
+
+/// Lists bundle `id` of the package table from this origin's own store when its manifest
+/// (verified against the publisher key) and every chunk are here; `false` when they are not.
+fn adopt_local(origin: &Origin, id: &BundleId) -> Result<bool> {
+    let Some(signed) = origin.store().get_manifest(id)? else {
+        return Ok(false);
+    };
+    let manifest = signed
+        .verify_as(*id, &[*origin.publisher_key()])
+        .context("the stored manifest does not verify")?;
+    if manifest
+        .chunks
+        .iter()
+        .any(|chunk| !origin.store().has_blob(&chunk.hash))
+    {
+        return Ok(false);
+    }
+    let info = BundleInfo {
+        id: *id,
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        kind: manifest.kind,
+        chunk_count: manifest.chunks.len() as u64,
+        stored_bytes: manifest.total_stored_bytes,
+        raw_bytes: origin.control().raw_bytes(&manifest),
+        seq: 0,
+    };
+    origin.add_bundle(signed, &manifest, info)?;
+    Ok(true)
 }
 
 /// Pulls one bundle over `conn`: manifest, then every blob the store lacks (verified group by

@@ -113,12 +113,28 @@ impl Origin {
         manifest: &proto::manifest::Manifest,
         info: BundleInfo,
     ) -> Result<BundleInfo> {
+        self.keep_bundle(&signed, manifest)?;
+        self.list_bundle(info)
+    }
+
+    /// Pins a bundle whose chunks are all in the store and keeps its manifest there: nothing
+    /// serves or announces it yet ([`Origin::list_bundle`] does).
+    fn keep_bundle(
+        &self,
+        signed: &proto::SignedManifest,
+        manifest: &proto::manifest::Manifest,
+    ) -> Result<()> {
         let id = signed.id();
         tokio::task::block_in_place(|| -> Result<()> {
             bundles::pin_bundle(&self.store, &id, manifest)?;
-            self.store.put_manifest(&signed)?;
+            self.store.put_manifest(signed)?;
             Ok(())
-        })?;
+        })
+    }
+
+    /// Adds a kept bundle to the catalog, announces it in the store and tells the stagers.
+    fn list_bundle(&self, info: BundleInfo) -> Result<BundleInfo> {
+        let id = info.id;
         let info = self.catalog.append(info)?;
         self.announce_held(&[id]);
         set_newest_bundle_gauges(&self.metrics, &info);
@@ -359,16 +375,12 @@ impl Origin {
         };
         let own = peer.node_id.to_string();
         for id in [Some(own.as_str()), relayed].into_iter().flatten() {
-            match tokio::task::block_in_place(|| self.control.is_revoked(id)) {
-                Ok(false) => {}
-                Ok(true) => {
-                    tracing::warn!(%peer, node = id, request = %request.kind(), "refused: the node is revoked");
-                    return Some(Response::Error {
-                        code: ErrorCode::Forbidden,
-                        message: format!("node {id} is revoked"),
-                    });
-                }
-                Err(error) => return Some(internal(error)),
+            if self.control.is_revoked_recently(id) {
+                tracing::warn!(%peer, node = id, request = %request.kind(), "refused: the node is revoked");
+                return Some(Response::Error {
+                    code: ErrorCode::Forbidden,
+                    message: format!("node {id} is revoked"),
+                });
             }
         }
         None
@@ -458,14 +470,17 @@ impl Origin {
             raw_bytes: self.control.raw_bytes(&manifest),
             seq: 0,
         };
-        let info = self
-            .add_bundle(signed, &manifest, info)
+        // The package table first: a publish the store did not record is served by no one
+        // (its chunks and manifest stay here, pinned; should a write that timed out commit
+        // later, replication lists the bundle from them).
+        self.keep_bundle(&signed, &manifest)
             .map_err(PublishError::Catalog)?;
         tokio::task::block_in_place(|| {
             self.control
                 .record_package(&info, &manifest, peer, "package.publish")
         })
         .map_err(PublishError::PackageTable)?;
+        let info = self.list_bundle(info).map_err(PublishError::Catalog)?;
         Ok(info)
     }
 
@@ -665,8 +680,8 @@ enum PublishError {
     /// The store cannot pin the bundle or keep its manifest, or the catalog cannot record it.
     #[error("{0:#}")]
     Catalog(anyhow::Error),
-    /// Published, but the control plane did not record the package.
-    #[error("published, but the package table was not updated: {0}")]
+    /// The control plane did not record the package: nothing was published.
+    #[error("not published: the package table was not updated ({0}); publish again")]
     PackageTable(crate::db::DbError),
 }
 

@@ -34,6 +34,18 @@ impl ControlPlane {
         self.keys.raw_bytes(manifest).unwrap_or(0)
     }
 
+    /// Whether node `id` was revoked, as the store said at most [`super::REVOKED_REFRESH`] ago
+    /// (what the mesh server asks on every request: a store that stops answering, such as an
+    /// etcd cluster without quorum, leaves the last set in force instead of stopping the data
+    /// path). A revocation made on this origin counts at once.
+    pub fn is_revoked_recently(&self, id: &str) -> bool {
+        self.revoked
+            .ids
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
     /// Whether node `id` was revoked.
     pub fn is_revoked(&self, id: &str) -> Result<bool, DbError> {
         Ok(self.db.revoked(id)?.is_some())
@@ -254,6 +266,11 @@ impl ControlPlane {
             }
         };
         tracing::warn!(node = %record.id, "node revoked");
+        self.revoked
+            .ids
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.id.clone());
         let rotated = self.keys_rotate(who, &format!(" after revoking node {}", record.id))?;
         Ok(ControlReply {
             success: true,

@@ -146,6 +146,56 @@ pub struct ControlPlane {
     /// Woken when an operator changes a rollout (CLI or console), so the console's live
     /// pages read the state at once instead of at their next tick.
     rollout_changed: Arc<tokio::sync::Notify>,
+    /// The revoked nodes, read from the store every [`REVOKED_REFRESH`].
+    revoked: Arc<RevokedSet>,
+}
+
+/// How often the set of revoked nodes is read from the store (other origins may revoke).
+pub const REVOKED_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The revoked nodes as last read.
+#[derive(Default)]
+struct RevokedSet {
+    ids: std::sync::RwLock<std::collections::HashSet<String>>,
+}
+
+impl RevokedSet {
+    /// Reads the set now and then every [`REVOKED_REFRESH`] on a thread of its own, until `db`
+    /// is dropped; a read that fails keeps the last set (logged once per outage).
+    fn watch(db: &Arc<Db>) -> Arc<Self> {
+        let set = Arc::new(Self::default());
+        let read = |db: &Db, set: &RevokedSet, failing: &mut bool| match db.revoked_ids() {
+            Ok(ids) => {
+                if *failing {
+                    tracing::info!("the revoked nodes can be read from the store again");
+                }
+                *failing = false;
+                *set.ids.write().unwrap_or_else(|e| e.into_inner()) = ids;
+            }
+            Err(error) => {
+                if !*failing {
+                    tracing::warn!(%error, "cannot read the revoked nodes; the last set read stays in force");
+                }
+                *failing = true;
+            }
+        };
+        let mut failing = false;
+        read(db, &set, &mut failing);
+        let (weak, shared) = (Arc::downgrade(db), set.clone());
+        let spawned = std::thread::Builder::new()
+            .name("revoked-nodes".into())
+            .spawn(move || loop {
+                std::thread::sleep(REVOKED_REFRESH);
+                let Some(db) = weak.upgrade() else {
+                    return;
+                };
+                read(&db, &shared, &mut failing);
+            });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start the thread that reads the revoked nodes");
+        }
+        set
+    }
 }
 
 impl ControlPlane {
@@ -158,6 +208,7 @@ impl ControlPlane {
         keys: crate::keys::OriginKeys,
     ) -> Self {
         let db = Arc::new(db);
+        let revoked = RevokedSet::watch(&db);
         let rollouts = Arc::new(crate::rollout::service::RolloutService::new(
             db.clone(),
             home,
@@ -172,6 +223,7 @@ impl ControlPlane {
             endpoint,
             keys,
             rollout_changed: Arc::new(tokio::sync::Notify::new()),
+            revoked,
         }
     }
 

@@ -209,7 +209,9 @@ impl EtcdBackend {
             match wait_on(runtime, left, make()) {
                 Some(Ok(value)) => return Ok(value),
                 Some(Err(error))
-                    if resend && never_sent(&error) && Instant::now() + pause < deadline =>
+                    if resend
+                        && (never_sent(&error) || (op != "write" && leader_changed(&error)))
+                        && Instant::now() + pause < deadline =>
                 {
                     tracing::debug!(op, %error, "etcd request not sent; trying again");
                     std::thread::sleep(pause);
@@ -439,6 +441,13 @@ fn never_sent(error: &etcd_client::Error) -> bool {
         etcd_client::Error::TransportError(_) => true,
         _ => false,
     }
+}
+
+/// The member dropped the request because the cluster was electing a new leader: a read (or
+/// any request but a change, which might have committed) is sent again.
+fn leader_changed(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.message().contains("leader changed"))
 }
 
 /// etcd's error, with what an operator can do about the common ones.

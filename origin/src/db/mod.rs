@@ -960,6 +960,16 @@ impl Db {
         self.get(REVOKED, id.as_bytes())
     }
 
+    /// The ids of every revoked node.
+    pub fn revoked_ids(&self) -> Result<std::collections::HashSet<String>, DbError> {
+        Ok(self
+            .backend
+            .scan(REVOKED, false, usize::MAX)?
+            .into_iter()
+            .map(|(key, _)| String::from_utf8_lossy(&key).into_owned())
+            .collect())
+    }
+
     /// The console account `name`.
     pub fn account(&self, name: &str) -> Result<Option<AccountRecord>, DbError> {
         self.get(ACCOUNTS, name.as_bytes())
