@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 use proto::keyring::{self, KEYRING_FILE};
 use proto::keys::{KeyGeneration, KeyRing};
 use proto::net::{call, connect, NodeIdentity};
@@ -65,24 +65,43 @@ pub async fn refresh(
     identity: &NodeIdentity,
     dir: &Path,
 ) -> Result<Refreshed> {
-    let origin: SocketAddr = identity.origin_addr().parse().with_context(|| {
-        format!(
+    let origins: Vec<SocketAddr> = identity
+        .origin_addrs()
+        .iter()
+        .filter_map(|addr| addr.parse().ok())
+        .collect();
+    if origins.is_empty() {
+        bail!(
             "this node's identity names no origin address ({:?})",
             identity.origin_addr()
-        )
-    })?;
-    let answer = tokio::time::timeout(REFRESH_TIMEOUT, async {
-        let conn = connect(endpoint, origin).await?;
-        let answer: Result<Response, proto::net::NetError> =
-            call(&conn, &Request::ContentKeys, MAX_FRAME_BYTES).await;
-        conn.close(0u32.into(), b"done");
-        answer
-    })
-    .await
-    .map_err(|_| {
-        anyhow!("the origin {origin} did not answer for content keys within {REFRESH_TIMEOUT:?}")
-    })?
-    .with_context(|| format!("cannot ask the origin {origin} for content keys"))?;
+        );
+    }
+    // The origin enrolled with first, then the others up at enrollment.
+    let mut failures = Vec::new();
+    let mut answered = None;
+    for origin in origins {
+        let asked = tokio::time::timeout(REFRESH_TIMEOUT, async {
+            let conn = connect(endpoint, origin).await?;
+            let answer: Result<Response, proto::net::NetError> =
+                call(&conn, &Request::ContentKeys, MAX_FRAME_BYTES).await;
+            conn.close(0u32.into(), b"done");
+            answer
+        })
+        .await;
+        match asked {
+            Ok(Ok(answer)) => {
+                answered = Some((origin, answer));
+                break;
+            }
+            Ok(Err(error)) => failures.push(format!("origin {origin}: {error}")),
+            Err(_) => failures.push(format!(
+                "origin {origin} did not answer within {REFRESH_TIMEOUT:?}"
+            )),
+        }
+    }
+    let Some((origin, answer)) = answered else {
+        bail!("cannot ask for content keys: {}", failures.join("; "));
+    };
     let path = ring_path(dir);
     let held = keyring::load(&path)?;
     let given = match answer {

@@ -747,6 +747,9 @@ fn cmd_enroll(args: &EnrollArgs) -> Result<ExitCode> {
     if !identity.stagers().is_empty() {
         println!("site stagers {}", identity.stagers().join(", "));
     }
+    if identity.origin_addrs().len() > 1 {
+        println!("origins {}", identity.origin_addrs().join(", "));
+    }
     // The inventory at enrollment; a failure here leaves the node enrolled (it reports again
     // at every start).
     let config = args.facts.config(&args.dir)?;

@@ -142,12 +142,14 @@ pub async fn send_report(
 }
 
 /// Where a node asks the control plane, in order: its stagers (which pass requests on), then
-/// the origin.
+/// the origin it enrolled with, then the other origins up at its enrollment.
 fn upstreams(node: &Node) -> Vec<(SocketAddr, &'static str)> {
     let mut sources: Vec<(SocketAddr, &'static str)> =
         node.stagers.iter().map(|addr| (*addr, "stager")).collect();
-    if let Ok(origin) = node.identity.origin_addr().parse::<SocketAddr>() {
-        sources.push((origin, "origin"));
+    for origin in node.identity.origin_addrs() {
+        if let Ok(origin) = origin.parse::<SocketAddr>() {
+            sources.push((origin, "origin"));
+        }
     }
     sources
 }

@@ -945,6 +945,31 @@ async fn a_joined_origin_answers_for_the_same_fleet_and_outlives_the_first() {
     let at_second = status(origin_at(&mesh, &second, &["status", "--json"]).await);
     assert_eq!(up(&at_second), both, "{at_second:#}");
 
+    // An edge enrolled now learns both origins.
+    let late = mesh
+        .add_edge("site-a", 7)
+        .await
+        .expect("enroll a late edge");
+    let mesh_file: Value = serde_json::from_slice(
+        &std::fs::read(late.dir.join("identity").join("mesh.json")).expect("mesh.json"),
+    )
+    .expect("mesh.json is JSON");
+    let mut learnt: Vec<String> = mesh_file["origins"]
+        .as_array()
+        .expect("the origins up at enrollment")
+        .iter()
+        .filter_map(|o| o.as_str().map(str::to_owned))
+        .collect();
+    learnt.sort();
+    assert_eq!(learnt, both, "{mesh_file:#}");
+    let records: Vec<Value> = serde_json::from_str(
+        origin_at(&mesh, &second, &["audit", "--limit", "100", "--json"])
+            .await
+            .trim(),
+    )
+    .expect("audit JSON");
+    let last_seq = records.last().and_then(|r| r["seq"].as_u64()).unwrap_or(0);
+
     // kill -9 the first origin: the second still answers and changes the fleet.
     mesh.kill_origin().await.expect("kill the first origin");
     let killed = std::time::Instant::now();
@@ -959,7 +984,7 @@ async fn a_joined_origin_answers_for_the_same_fleet_and_outlives_the_first() {
     .expect("audit JSON");
     assert_eq!(
         records.last().and_then(|r| r["seq"].as_u64()),
-        Some(seqs.len() as u64 + 1),
+        Some(last_seq + 1),
         "the next change has the next number"
     );
     // The killed origin drops out of the list once its lease expires (10 s).
@@ -977,6 +1002,47 @@ async fn a_joined_origin_answers_for_the_same_fleet_and_outlives_the_first() {
         "the killed origin left the list of origins {:.1} s after the kill",
         killed.elapsed().as_secs_f64()
     );
+    // The late edge's report reaches the second origin (its stager relays to the dead one).
+    let late_id = {
+        let nodes = fleet_view(&origin_at(&mesh, &second, &["nodes", "--json"]).await);
+        let known: Vec<String> = first_view.iter().map(|n| n.0.clone()).collect();
+        nodes
+            .into_iter()
+            .map(|n| n.0)
+            .find(|id| !known.contains(id))
+            .expect("the late edge reported at enrollment")
+    };
+    let reports_of = |text: String| -> u64 {
+        let rows: Value = serde_json::from_str(text.trim()).expect("nodes JSON");
+        rows.as_array()
+            .and_then(|rows| rows.iter().find(|r| r["id"] == late_id.as_str()))
+            .and_then(|r| r["reports"].as_u64())
+            .unwrap_or(0)
+    };
+    let before = reports_of(origin_at(&mesh, &second, &["nodes", "--json"]).await);
+    let asked = std::time::Instant::now();
+    let negotiated = run(
+        &mesh.bins.path("edge-agent"),
+        &[
+            "negotiate".into(),
+            "--dir".into(),
+            late.dir.display().to_string(),
+        ],
+    )
+    .await;
+    let after = reports_of(origin_at(&mesh, &second, &["nodes", "--json"]).await);
+    assert_eq!(
+        after,
+        before + 1,
+        "the report reached the second origin:\n{}\n{}",
+        negotiated.stdout,
+        negotiated.stderr
+    );
+    println!(
+        "the late edge's report reached the second origin {:.1} s after it began",
+        asked.elapsed().as_secs_f64()
+    );
+
     drop(mesh);
     drop(cluster);
 }

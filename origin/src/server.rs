@@ -853,9 +853,11 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     let origin_addr = mesh_addr.to_string();
     let enrolled = metrics.counter("stagecoach_enrollments_total", "Nodes enrolled", &[]);
     let stager_book = origin.stagers.clone();
+    let enrolling_origin = origin.clone();
     tokio::spawn(serve_enrollment(enroll, move |request| {
         let ca = ca.clone();
         let stager_book = stager_book.clone();
+        let this = enrolling_origin.clone();
         let tokens_dir = tokens_dir.clone();
         let origin_addr = origin_addr.clone();
         let enrolled = enrolled.clone();
@@ -871,8 +873,16 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
                 origin_addr,
             )?;
             grant.stagers = stager_book.site_addrs(site.as_str());
+            // Every origin up, so the node can turn to another when this one is gone.
+            grant.origins = match tokio::task::block_in_place(|| this.control().db().origins()) {
+                Ok(origins) => origins.into_iter().map(|o| o.mesh).collect(),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot list the origins up; the node learns only this one");
+                    Vec::new()
+                }
+            };
             enrolled.inc();
-            tracing::info!(%role, %site, remote = %request.remote, stagers = ?grant.stagers, "enrolled a node");
+            tracing::info!(%role, %site, remote = %request.remote, stagers = ?grant.stagers, origins = ?grant.origins, "enrolled a node");
             Ok(grant)
         }
     }));

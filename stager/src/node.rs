@@ -1061,9 +1061,7 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
         endpoint.clone(),
         watched.clone(),
         &config.upstreams,
-        &std::iter::once(origin)
-            .chain(config.more_origins.iter().copied())
-            .collect::<Vec<_>>(),
+        &origins_in_order(origin, &config.more_origins, &identity),
         metrics.clone(),
     );
     let siblings = Siblings::new(
@@ -1135,6 +1133,26 @@ pub async fn serve(config: StagerConfig) -> Result<()> {
     server::shutdown_signal().await;
     endpoint.close(0u32.into(), b"stager stopping");
     Ok(())
+}
+
+/// The origins a stager turns to, in order: `origin`, the `--also-origin`s, then the other
+/// origins up when it enrolled (from its identity), each once.
+fn origins_in_order(
+    origin: SocketAddr,
+    more: &[SocketAddr],
+    identity: &proto::net::NodeIdentity,
+) -> Vec<SocketAddr> {
+    let mut all = vec![origin];
+    let enrolled = identity
+        .origin_addrs()
+        .into_iter()
+        .filter_map(|addr| addr.parse::<SocketAddr>().ok());
+    for addr in more.iter().copied().chain(enrolled) {
+        if !all.contains(&addr) {
+            all.push(addr);
+        }
+    }
+    all
 }
 
 #[cfg(test)]

@@ -278,6 +278,8 @@ pub struct EnrollGrant {
     /// The node's site's stagers the origin knows to be up (`host:port` each), sent after the
     /// grant as [`Response::SiteStagers`]; empty sends none.
     pub stagers: Vec<String>,
+    /// The mesh addresses of the origins up, sent after the stagers as [`Response::Origins`].
+    pub origins: Vec<String>,
 }
 
 impl EnrollGrant {
@@ -302,6 +304,7 @@ impl EnrollGrant {
             publisher_key: publisher_key.to_bytes(),
             origin_addr,
             stagers: Vec::new(),
+            origins: Vec::new(),
         })
     }
 }
@@ -417,6 +420,7 @@ where
         Err(e) => return Err(e),
     };
     let mut stagers = None;
+    let mut origins = None;
     let answer = match request {
         Request::Enroll { secret, csr_pem } => {
             match handler(EnrollRequest {
@@ -429,6 +433,7 @@ where
                 Ok(grant) => {
                     tracing::info!(%remote, stagers = grant.stagers.len(), "enrollment granted");
                     stagers = Some(Response::SiteStagers(grant.stagers));
+                    origins = Some(Response::Origins(grant.origins));
                     Response::Enrolled {
                         cert_pem: grant.cert_pem,
                         ca_pem: grant.ca_pem,
@@ -456,8 +461,8 @@ where
         },
     };
     write_frame(&mut send, &answer).await?;
-    if let Some(stagers) = &stagers {
-        write_frame(&mut send, stagers).await?;
+    for frame in [&stagers, &origins].into_iter().flatten() {
+        write_frame(&mut send, frame).await?;
     }
     send.finish()?;
     // Dropping the connection before the client has the answer could discard it.
@@ -500,7 +505,7 @@ pub async fn enroll(token: &EnrollToken, dir: &Path) -> Result<NodeIdentity, Net
         after_ms: ENROLL_TIMEOUT.as_millis() as u64,
     }));
     endpoint.close(VarInt::from_u32(0), b"enrolled");
-    let (answer, stagers) = match exchanged {
+    let (answer, stagers, origins) = match exchanged {
         Err(_) if pin_mismatch.load(Ordering::SeqCst) => {
             return Err(NetError::FingerprintMismatch {
                 addr: token.enroll_addr,
@@ -534,8 +539,9 @@ pub async fn enroll(token: &EnrollToken, dir: &Path) -> Result<NodeIdentity, Net
         key: PrivatePkcs8KeyDer::from(key.serialize_der()),
         cert,
     };
-    let identity =
-        NodeIdentity::new(issued, ca_cert, publisher_key, origin_addr)?.with_stagers(stagers);
+    let identity = NodeIdentity::new(issued, ca_cert, publisher_key, origin_addr)?
+        .with_stagers(stagers)
+        .with_origins(origins);
     if identity.role() != token.role || identity.site() != &token.site {
         return Err(NetError::BadCertificate(format!(
             "the origin issued a certificate for {} in {}, but the token is for {} in {}",
@@ -556,7 +562,7 @@ async fn exchange(
     client_config: quinn::ClientConfig,
     token: &EnrollToken,
     csr_pem: String,
-) -> Result<(Response, Vec<String>), NetError> {
+) -> Result<(Response, Vec<String>, Vec<String>), NetError> {
     let addr = token.enroll_addr;
     let conn = endpoint
         .connect_with(client_config, addr, MESH_SERVER_NAME)
@@ -598,8 +604,26 @@ async fn exchange(
         }
         _ => Vec::new(),
     };
+    // Then the origins up (an older origin sends none).
+    let origins = match &answer {
+        Response::Enrolled { .. } => {
+            match read_frame::<Response>(&mut recv, MAX_ENROLL_RESPONSE_BYTES).await {
+                Ok(Some(Response::Origins(origins))) => origins,
+                Ok(None) => Vec::new(),
+                Ok(Some(other)) => {
+                    tracing::warn!(answer = ?other, "the enrollment server sent something else than the origins; enrolled without them");
+                    Vec::new()
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the origins from the enrollment server; enrolled without them");
+                    Vec::new()
+                }
+            }
+        }
+        _ => Vec::new(),
+    };
     conn.close(VarInt::from_u32(0), b"done");
-    Ok((answer, stagers))
+    Ok((answer, stagers, origins))
 }
 
 fn enroll_transport() -> TransportConfig {

@@ -233,6 +233,7 @@ pub struct NodeIdentity {
     publisher_key: VerifyingKey,
     origin_addr: String,
     stagers: Vec<String>,
+    origins: Vec<String>,
     me: PeerIdentity,
 }
 
@@ -246,6 +247,9 @@ struct MeshFile {
     /// The site's stagers the origin named at enrollment (`host:port` each).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     stagers: Vec<String>,
+    /// Every origin up at enrollment (mesh `host:port` each), the enrolling one included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    origins: Vec<String>,
 }
 
 impl NodeIdentity {
@@ -272,6 +276,7 @@ impl NodeIdentity {
             publisher_key,
             origin_addr,
             stagers: Vec::new(),
+            origins: Vec::new(),
             me,
         })
     }
@@ -279,6 +284,12 @@ impl NodeIdentity {
     /// This identity with `stagers` as the site's stagers learnt at enrollment.
     pub fn with_stagers(mut self, stagers: Vec<String>) -> Self {
         self.stagers = stagers;
+        self
+    }
+
+    /// This identity with `origins` as the origins up at enrollment.
+    pub fn with_origins(mut self, origins: Vec<String>) -> Self {
+        self.origins = origins;
         self
     }
 
@@ -312,7 +323,8 @@ impl NodeIdentity {
             publisher_key,
             mesh.origin_addr,
         )?
-        .with_stagers(mesh.stagers))
+        .with_stagers(mesh.stagers)
+        .with_origins(mesh.origins))
     }
 
     /// Saves the identity into `dir` (created if missing), replacing any identity there. The
@@ -324,6 +336,7 @@ impl NodeIdentity {
             publisher_key: hex::encode(self.publisher_key.as_bytes()),
             origin_addr: self.origin_addr.clone(),
             stagers: self.stagers.clone(),
+            origins: self.origins.clone(),
         };
         let mesh_json = serde_json::to_vec_pretty(&mesh)
             .map_err(|e| bad_file(&dir.join(MESH_FILE), e.to_string()))?;
@@ -393,6 +406,17 @@ impl NodeIdentity {
         &self.origin_addr
     }
 
+    /// Every origin to ask, in order: the one enrolled with, then the others up at enrollment.
+    pub fn origin_addrs(&self) -> Vec<String> {
+        let mut all = vec![self.origin_addr.clone()];
+        for origin in &self.origins {
+            if !all.contains(origin) {
+                all.push(origin.clone());
+            }
+        }
+        all
+    }
+
     /// The site's stagers the origin named at enrollment (`host:port` each; empty when it
     /// knew none up, or for an identity enrolled before origins named them).
     pub fn stagers(&self) -> &[String] {
@@ -414,6 +438,7 @@ impl Clone for NodeIdentity {
             publisher_key: self.publisher_key,
             origin_addr: self.origin_addr.clone(),
             stagers: self.stagers.clone(),
+            origins: self.origins.clone(),
             me: self.me.clone(),
         }
     }
@@ -426,6 +451,7 @@ impl fmt::Debug for NodeIdentity {
             .field("me", &self.me)
             .field("origin_addr", &self.origin_addr)
             .field("stagers", &self.stagers)
+            .field("origins", &self.origins)
             .field("publisher_key", &hex::encode(self.publisher_key.as_bytes()))
             .finish_non_exhaustive()
     }

@@ -698,6 +698,10 @@ pub enum Response {
     /// with. A node that reads only the first frame (an older one) ignores it; an older
     /// origin sends none.
     SiteStagers(#[serde(deserialize_with = "bounds::site_stagers")] Vec<String>),
+    /// After [`Response::SiteStagers`], on the same stream: the mesh addresses of every
+    /// origin up (issue 14), for the node to turn to when the one it enrolled with is gone.
+    /// A node that does not read it ignores it; an older origin sends none.
+    Origins(#[serde(deserialize_with = "bounds::site_stagers")] Vec<String>),
 }
 
 #[cfg(test)]
