@@ -128,7 +128,7 @@ async fn killing_the_driving_origin_mid_fan_out_hands_the_rollout_over_without_a
     })
     .await
     .expect("daemons");
-    let (second, _) = mesh
+    let (second, second_ready) = mesh
         .join_origin("origin-2")
         .await
         .expect("join a second origin");
@@ -227,6 +227,19 @@ async fn killing_the_driving_origin_mid_fan_out_hands_the_rollout_over_without_a
         first_id.as_str(),
         "{after:#}"
     );
+    // Its metrics say so, and that it lacks none of the published bundles.
+    let metrics = procs::scrape(&second_ready.metrics)
+        .await
+        .expect("the second origin's metrics");
+    for line in [
+        "stagecoach_origin_drives_rollouts 1",
+        "stagecoach_origin_bundles_lacking 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}`:\n{metrics}"
+        );
+    }
 
     // Each machine swapped exactly once and runs the new OS.
     let edges = mesh.edges.clone();

@@ -37,10 +37,17 @@ pub fn spawn(origin: Arc<Origin>, endpoint: quinn::Endpoint, me: String) {
         "Attempts to pull a bundle from another origin that failed",
         &[],
     );
+    let lacking = origin.metrics().gauge(
+        "stagecoach_origin_bundles_lacking",
+        "Published bundles (in the package table) this origin does not hold yet: its replication lag",
+        &[],
+    );
     let counters = PeerCounters::new(origin.metrics(), "origin", "origin");
     tokio::spawn(async move {
         loop {
-            match replicate_once(&origin, &endpoint, &me, &counters, &replicated).await {
+            let outcome =
+                replicate_once(&origin, &endpoint, &me, &counters, &replicated, &lacking).await;
+            match outcome {
                 Ok(_) => {}
                 Err(error) => {
                     failures.inc();
@@ -60,6 +67,7 @@ pub async fn replicate_once(
     me: &str,
     counters: &PeerCounters,
     replicated: &Counter,
+    lacking: &Counter,
 ) -> Result<usize> {
     let db = origin.control().db();
     // The catalog is what this origin serves (a publish and a pull both end by adding to it).
@@ -69,6 +77,7 @@ pub async fn replicate_once(
         .map(|package| package.id)
         .filter(|id| !held.contains(id))
         .collect();
+    lacking.set(missing.len() as u64);
     if missing.is_empty() {
         return Ok(0);
     }
@@ -88,6 +97,7 @@ pub async fn replicate_once(
         }
     }
     let missing = missing_elsewhere;
+    lacking.set(missing.len() as u64);
     if missing.is_empty() {
         return Ok(0);
     }
@@ -134,6 +144,7 @@ pub async fn replicate_once(
                 .with_context(|| format!("pull {}@{} from {addr}", info.name, info.version))?;
             replicated.inc();
             pulled += 1;
+            lacking.set(lacking.get().saturating_sub(1));
             tracing::info!(bundle = %id, name = %info.name, version = %info.version, from = %addr, bytes, secs = started.elapsed().as_secs_f64(), "replication: bundle pulled from another origin, verified");
         }
         left = still;

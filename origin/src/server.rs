@@ -834,10 +834,15 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     let held: Vec<_> = origin.catalog.all().iter().map(|info| info.id).collect();
     origin.announce_held(&held);
     // Exactly one origin sharing the store drives the rollout: the one elected.
-    origin
-        .control
-        .rollouts()
-        .lead(me.node_id.clone(), me.mesh.clone());
+    origin.control.rollouts().lead(
+        me.node_id.clone(),
+        me.mesh.clone(),
+        origin.metrics().gauge(
+            "stagecoach_origin_drives_rollouts",
+            "1 while this origin is the one elected to drive rollouts",
+            &[],
+        ),
+    );
     if matches!(config.store, crate::db::StoreConfig::Etcd(_)) {
         // Other origins share the store: pull what they published.
         crate::replicate::spawn(

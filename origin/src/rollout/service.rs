@@ -298,11 +298,12 @@ impl RolloutService {
 
     /// Starts campaigning to drive rollouts as origin `node_id` at mesh address `mesh`, and
     /// drives the stored rollout whenever this origin leads.
-    pub fn lead(self: &Arc<Self>, node_id: String, mesh: String) {
+    /// `driving` (a gauge) is 1 while it does.
+    pub fn lead(self: &Arc<Self>, node_id: String, mesh: String, driving: proto::metrics::Counter) {
         if self.me.set(Driver { node_id, mesh }).is_err() {
             return;
         }
-        tokio::spawn(self.clone().leadership());
+        tokio::spawn(self.clone().leadership(driving));
         // Every origin, driving or not, keeps its view of the stored rollout fresh.
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -338,7 +339,7 @@ impl RolloutService {
             .and_then(|(_, value)| serde_json::from_slice(&value).ok()))
     }
 
-    async fn leadership(self: Arc<Self>) {
+    async fn leadership(self: Arc<Self>, driving: proto::metrics::Counter) {
         let Some(me) = self.me.get().cloned() else {
             return;
         };
@@ -364,7 +365,9 @@ impl RolloutService {
                 }
             };
             tracing::info!(origin = %me.node_id, "this origin now drives rollouts");
+            driving.set(1);
             self.hold(&me, &leadership).await;
+            driving.set(0);
             tracing::warn!(origin = %me.node_id, "this origin no longer drives rollouts");
             if let Some(running) = self.running.lock().await.take() {
                 running.task.abort();
