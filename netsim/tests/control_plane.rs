@@ -975,7 +975,8 @@ async fn a_joined_origin_answers_for_the_same_fleet_and_outlives_the_first() {
     let killed = std::time::Instant::now();
     origin_at(&mesh, &second, &["class", "set", &node, "web"]).await;
     let after = fleet_view(&origin_at(&mesh, &second, &["nodes", "--json"]).await);
-    assert_eq!(after[0].2, "web", "{after:?}");
+    let changed = after.iter().find(|n| n.0 == node).expect("the node");
+    assert_eq!(changed.2, "web", "{after:?}");
     let records: Vec<Value> = serde_json::from_str(
         origin_at(&mesh, &second, &["audit", "--limit", "100", "--json"])
             .await
