@@ -1059,6 +1059,31 @@ impl Testbed {
             .with_context(|| format!("origin {}: not JSON:\n{out}", args.join(" ")))
     }
 
+    /// Like [`Testbed::origin_ok`], for the origin whose home is `dir` (one
+    /// [`Testbed::join_origin`] set up).
+    pub async fn origin_ok_at(&self, dir: &Path, args: &[&str]) -> Result<String> {
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        all.push("--dir".into());
+        all.push(dir.display().to_string());
+        let run = procs::run_cli(&self.bins.path("origin"), &all).await?;
+        ensure!(
+            run.ok,
+            "origin {} at {} failed:\n{}{}",
+            args.join(" "),
+            dir.display(),
+            run.stdout,
+            run.stderr
+        );
+        Ok(run.stdout)
+    }
+
+    /// Like [`Testbed::origin_json`], for the origin whose home is `dir`.
+    pub async fn origin_json_at(&self, dir: &Path, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self.origin_ok_at(dir, args).await?;
+        serde_json::from_str(out.trim())
+            .with_context(|| format!("origin {}: not JSON:\n{out}", args.join(" ")))
+    }
+
     /// Loads a policy whose `[encryption] read_classes` are `classes` (`origin policy load`):
     /// edges of those classes receive the content keys.
     pub async fn set_read_classes(&self, classes: &[&str]) -> Result<()> {

@@ -805,18 +805,7 @@ async fn test_mode_leaves_nothing_behind_after_restarts_on(store: Option<&str>) 
 
 /// Runs `origin ARGS --dir DIR` for another origin of the mesh, failing unless it succeeds.
 async fn origin_at(mesh: &Testbed, dir: &Path, args: &[&str]) -> String {
-    let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    all.push("--dir".into());
-    all.push(dir.display().to_string());
-    let out = run(&mesh.bins.path("origin"), &all).await;
-    assert!(
-        out.ok,
-        "origin {args:?} at {} failed:\n{}\n{}",
-        dir.display(),
-        out.stdout,
-        out.stderr
-    );
-    out.stdout
+    mesh.origin_ok_at(dir, args).await.expect("origin")
 }
 
 /// Node id → (site, class) as `origin nodes --json` lists them.

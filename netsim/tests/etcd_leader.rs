@@ -38,21 +38,39 @@ async fn etcd_leader(mesh: &Testbed, cluster: &EtcdCluster) -> Option<usize> {
         .position(|e| line.starts_with(&format!("http://{e}")) || line.starts_with(e.as_str()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_etcd_leader_loses_no_acknowledged_publish_or_report() {
-    let test = "killing_the_etcd_leader_loses_no_acknowledged_publish_or_report";
+/// A 3-member etcd cluster, and a testbed of one site and two edges whose origin keeps its
+/// store there; `None` (a counted skip) where etcd is not installed.
+async fn start(test: &str) -> Option<(EtcdCluster, tempfile::TempDir, Testbed)> {
     if !stagecoach_testing::can_run(test, &[etcd::available()]) {
-        return;
+        return None;
     }
-    let mut cluster = tokio::task::block_in_place(|| {
+    let cluster = tokio::task::block_in_place(|| {
         EtcdCluster::start(3).expect("start a 3-member etcd cluster")
     });
     let store = cluster.store_url("stagecoach");
     let work = tempfile::tempdir().expect("tempdir");
+    let mesh = Testbed::start_on_store(
+        bins(),
+        &work.path().join("mesh"),
+        1,
+        2,
+        &[],
+        &[],
+        Some(&store),
+    )
+    .await
+    .expect("mesh");
+    Some((cluster, work, mesh))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_etcd_leader_loses_no_acknowledged_publish_or_report() {
+    let Some((mut cluster, work, mut mesh)) =
+        start("killing_the_etcd_leader_loses_no_acknowledged_publish_or_report").await
+    else {
+        return;
+    };
     let w = work.path();
-    let mut mesh = Testbed::start_on_store(bins(), &w.join("mesh"), 1, 2, &[], &[], Some(&store))
-        .await
-        .expect("mesh");
 
     // Two edges report in a loop, each counting the reports the origin acknowledged.
     let before = mesh.origin_json(&["nodes", "--json"]).await.expect("nodes");
@@ -244,19 +262,12 @@ async fn killing_the_etcd_leader_loses_no_acknowledged_publish_or_report() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_quorum_the_origin_refuses_changes_but_serves_bundles_and_recovers() {
-    let test = "without_quorum_the_origin_refuses_changes_but_serves_bundles_and_recovers";
-    if !stagecoach_testing::can_run(test, &[etcd::available()]) {
+    let Some((mut cluster, work, mut mesh)) =
+        start("without_quorum_the_origin_refuses_changes_but_serves_bundles_and_recovers").await
+    else {
         return;
-    }
-    let mut cluster = tokio::task::block_in_place(|| {
-        EtcdCluster::start(3).expect("start a 3-member etcd cluster")
-    });
-    let store = cluster.store_url("stagecoach");
-    let work = tempfile::tempdir().expect("tempdir");
+    };
     let w = work.path();
-    let mut mesh = Testbed::start_on_store(bins(), &w.join("mesh"), 1, 2, &[], &[], Some(&store))
-        .await
-        .expect("mesh");
     datagen::generate_tree(&w.join("os"), 4 * 1024 * 1024, 7).expect("tree");
     let bundle = mesh
         .publish(&w.join("os"), "os", "1")

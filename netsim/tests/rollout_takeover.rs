@@ -27,25 +27,11 @@ fn bins() -> Binaries {
 
 /// Runs `origin ARGS --dir DIR` and returns its stdout, failing the test when it fails.
 async fn origin_at(mesh: &Testbed, dir: &Path, args: &[&str]) -> String {
-    let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    all.push("--dir".into());
-    all.push(dir.display().to_string());
-    let out = procs::run_cli(&mesh.bins.path("origin"), &all)
-        .await
-        .expect("run origin");
-    assert!(
-        out.ok,
-        "origin {args:?} at {} failed:\n{}\n{}",
-        dir.display(),
-        out.stdout,
-        out.stderr
-    );
-    out.stdout
+    mesh.origin_ok_at(dir, args).await.expect("origin")
 }
 
 async fn json_at(mesh: &Testbed, dir: &Path, args: &[&str]) -> Value {
-    let text = origin_at(mesh, dir, args).await;
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    mesh.origin_json_at(dir, args).await.expect("origin --json")
 }
 
 /// `stagecoach_swaps_total{outcome=...}` in an edge daemon's metrics.

@@ -22,12 +22,26 @@ pub async fn run(home: &OriginHome, command: ControlCommand) -> Result<ControlRe
         .or_else(|_| std::env::var("USER"))
         .unwrap_or_else(|_| "operator".to_owned());
     let actor: String = actor.chars().take(64).collect();
-    let answer = call(&conn, &Request::Control { actor, command }, MAX_FRAME_BYTES)
-        .await
-        .context("the origin did not answer the command")?;
-    conn.close(0u32.into(), b"done");
+    let answer = ask(&conn, &actor, command).await;
     endpoint.wait_idle().await;
-    match answer {
+    answer
+}
+
+/// Asks the origin at the other end of `conn` to run `command` for `actor`, then closes `conn`
+/// (what `origin` commands do, and what an origin does to pass a rollout request to the one
+/// that drives it).
+pub async fn ask(
+    conn: &quinn::Connection,
+    actor: &str,
+    command: ControlCommand,
+) -> Result<ControlReply> {
+    let request = Request::Control {
+        actor: actor.to_owned(),
+        command,
+    };
+    let answer = call(conn, &request, MAX_FRAME_BYTES).await;
+    conn.close(0u32.into(), b"done");
+    match answer.context("the origin did not answer the command")? {
         Response::Control(reply) => Ok(reply),
         Response::Error { code, message } => bail!("the origin refused ({code:?}): {message}"),
         other => bail!("unexpected answer from the origin: {other:?}"),

@@ -168,16 +168,7 @@ fn adopt_local(origin: &Origin, id: &BundleId) -> Result<bool> {
     {
         return Ok(false);
     }
-    let info = BundleInfo {
-        id: *id,
-        name: manifest.name.clone(),
-        version: manifest.version.clone(),
-        kind: manifest.kind,
-        chunk_count: manifest.chunks.len() as u64,
-        stored_bytes: manifest.total_stored_bytes,
-        raw_bytes: origin.control().raw_bytes(&manifest),
-        seq: 0,
-    };
+    let info = origin.bundle_info(*id, &manifest);
     origin.add_bundle(signed, &manifest, info)?;
     Ok(true)
 }

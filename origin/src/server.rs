@@ -117,6 +117,24 @@ impl Origin {
         self.list_bundle(info)
     }
 
+    /// The catalog entry of bundle `id` (its sequence number is given when it is listed).
+    pub fn bundle_info(
+        &self,
+        id: proto::manifest::BundleId,
+        manifest: &proto::manifest::Manifest,
+    ) -> BundleInfo {
+        BundleInfo {
+            id,
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            kind: manifest.kind,
+            chunk_count: manifest.chunks.len() as u64,
+            stored_bytes: manifest.total_stored_bytes,
+            raw_bytes: self.control.raw_bytes(manifest),
+            seq: 0,
+        }
+    }
+
     /// Pins a bundle whose chunks are all in the store and keeps its manifest there: nothing
     /// serves or announces it yet ([`Origin::list_bundle`] does).
     fn keep_bundle(
@@ -459,17 +477,7 @@ impl Origin {
         if missing > 0 {
             return Err(PublishError::NotUploaded(missing));
         }
-        let id = signed.id();
-        let info = BundleInfo {
-            id,
-            name: manifest.name.clone(),
-            version: manifest.version.clone(),
-            kind: manifest.kind,
-            chunk_count: manifest.chunks.len() as u64,
-            stored_bytes: manifest.total_stored_bytes,
-            raw_bytes: self.control.raw_bytes(&manifest),
-            seq: 0,
-        };
+        let info = self.bundle_info(signed.id(), &manifest);
         // The package table first: a publish the store did not record is served by no one
         // (its chunks and manifest stay here, pinned; should a write that timed out commit
         // later, replication lists the bundle from them).

@@ -672,37 +672,19 @@ impl ControlPlane {
         actor: &str,
         command: ControlCommand,
     ) -> Result<ControlReply, CommandError> {
-        let unreachable = |why: String| {
+        let asked = async {
+            let addr: std::net::SocketAddr = driver.mesh.parse()?;
+            let conn = proto::net::connect(&self.endpoint, addr).await?;
+            crate::admin::ask(&conn, actor, command).await
+        };
+        asked.await.map_err(|error| {
             CommandError::Forward(format!(
-                "origin {} at {} drives the rollout and did not answer ({why}); if it died, another origin takes over within {} s: try again",
+                "origin {} at {} drives the rollout: {error:#}; if it died, another origin takes over within {} s: try again",
                 driver.node_id,
                 driver.mesh,
                 crate::db::LIVE_TTL.as_secs()
             ))
-        };
-        let addr: std::net::SocketAddr = driver
-            .mesh
-            .parse()
-            .map_err(|e| unreachable(format!("bad address: {e}")))?;
-        let conn = proto::net::connect(&self.endpoint, addr)
-            .await
-            .map_err(|e| unreachable(format!("{e:#}")))?;
-        let request = proto::wire::Request::Control {
-            actor: actor.to_owned(),
-            command,
-        };
-        let answer = proto::net::call(&conn, &request, proto::wire::MAX_FRAME_BYTES)
-            .await
-            .map_err(|e| unreachable(format!("{e:#}")));
-        conn.close(0u32.into(), b"done");
-        match answer? {
-            proto::wire::Response::Control(reply) => Ok(reply),
-            proto::wire::Response::Error { code, message } => Err(CommandError::Forward(format!(
-                "origin {} refused ({code:?}): {message}",
-                driver.node_id
-            ))),
-            other => Err(unreachable(format!("unexpected answer {other:?}"))),
-        }
+        })
     }
 }
 

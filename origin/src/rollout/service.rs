@@ -326,8 +326,7 @@ impl RolloutService {
     /// does, or none is elected).
     pub fn driven_elsewhere(&self) -> Option<Driver> {
         let me = self.me.get()?;
-        let (_, value) = self.db.leader(ROLLOUT_ELECTION).ok().flatten()?;
-        let leader: Driver = serde_json::from_slice(&value).ok()?;
+        let leader = self.leader().ok().flatten()?;
         (leader.node_id != me.node_id).then_some(leader)
     }
 
@@ -405,7 +404,9 @@ impl RolloutService {
 
     /// Drives the stored rollout if it needs a driver and this origin does not drive it yet.
     async fn take_up(&self, me: &Driver) -> Result<(), RolloutServiceError> {
-        let stored = tokio::task::block_in_place(|| self.refresh());
+        // The refresher keeps the cache within [`LEADER_CHECK`] of the store (a start here sets
+        // it at once); the takeover below reads the store itself.
+        let stored = self.cached();
         let mut running = self.running.lock().await;
         let Some(stored) = stored else {
             return Ok(());

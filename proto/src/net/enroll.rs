@@ -585,45 +585,44 @@ async fn exchange(
                 "the enrollment server closed the stream without answering".to_owned(),
             )
         })?;
-    // The site's stagers follow a grant (an older origin sends none). The certificate is
-    // issued and the token spent by now, so a list that does not arrive costs only the list.
-    let stagers = match &answer {
-        Response::Enrolled { .. } => {
-            match read_frame::<Response>(&mut recv, MAX_ENROLL_RESPONSE_BYTES).await {
-                Ok(Some(Response::SiteStagers(stagers))) => stagers,
-                Ok(None) => Vec::new(),
-                Ok(Some(other)) => {
-                    tracing::warn!(answer = ?other, "the enrollment server sent something else than the site's stagers; enrolled without them");
-                    Vec::new()
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot read the site's stagers from the enrollment server; enrolled without them");
-                    Vec::new()
-                }
-            }
-        }
-        _ => Vec::new(),
-    };
-    // Then the origins up (an older origin sends none).
-    let origins = match &answer {
-        Response::Enrolled { .. } => {
-            match read_frame::<Response>(&mut recv, MAX_ENROLL_RESPONSE_BYTES).await {
-                Ok(Some(Response::Origins(origins))) => origins,
-                Ok(None) => Vec::new(),
-                Ok(Some(other)) => {
-                    tracing::warn!(answer = ?other, "the enrollment server sent something else than the origins; enrolled without them");
-                    Vec::new()
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot read the origins from the enrollment server; enrolled without them");
-                    Vec::new()
-                }
-            }
-        }
-        _ => Vec::new(),
-    };
+    // The site's stagers, then the origins up, follow a grant (an older origin sends fewer
+    // frames). The certificate is issued and the token spent by now, so a list that does not
+    // arrive costs only the list.
+    let (mut stagers, mut origins) = (Vec::new(), Vec::new());
+    if let Response::Enrolled { .. } = &answer {
+        stagers = read_list(&mut recv, "the site's stagers", |frame| match frame {
+            Response::SiteStagers(list) => Some(std::mem::take(list)),
+            _ => None,
+        })
+        .await;
+        origins = read_list(&mut recv, "the origins", |frame| match frame {
+            Response::Origins(list) => Some(std::mem::take(list)),
+            _ => None,
+        })
+        .await;
+    }
     conn.close(VarInt::from_u32(0), b"done");
     Ok((answer, stagers, origins))
+}
+
+/// Reads one optional frame after a grant: the list `take` finds in it, or none (logged)
+/// when it is missing, unreadable or another answer.
+async fn read_list(
+    recv: &mut quinn::RecvStream,
+    what: &str,
+    take: impl FnOnce(&mut Response) -> Option<Vec<String>>,
+) -> Vec<String> {
+    match read_frame::<Response>(recv, MAX_ENROLL_RESPONSE_BYTES).await {
+        Ok(Some(mut frame)) => take(&mut frame).unwrap_or_else(|| {
+            tracing::warn!(answer = ?frame, "the enrollment server sent something else than {what}; enrolled without them");
+            Vec::new()
+        }),
+        Ok(None) => Vec::new(),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read {what} from the enrollment server; enrolled without them");
+            Vec::new()
+        }
+    }
 }
 
 fn enroll_transport() -> TransportConfig {
