@@ -371,7 +371,7 @@ impl Testbed {
         .await?;
         out.lines()
             .map(str::trim)
-            .find(|l| l.starts_with("sc1-"))
+            .find(|l| l.starts_with(proto::net::enroll::TOKEN_PREFIX))
             .map(str::to_owned)
             .context("origin enroll printed no token")
     }

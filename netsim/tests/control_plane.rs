@@ -1036,3 +1036,317 @@ async fn a_joined_origin_answers_for_the_same_fleet_and_outlives_the_first() {
     drop(mesh);
     drop(cluster);
 }
+
+/// The content-key generations `origin keys list` shows at the origin of home `dir`:
+/// (generation, fingerprint, current).
+async fn keys(mesh: &Testbed, dir: &Path) -> Vec<(u64, String, bool)> {
+    let rows = mesh
+        .origin_json_at(dir, &["keys", "list", "--json"])
+        .await
+        .expect("keys list");
+    rows.as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["generation"].as_u64().unwrap_or_default(),
+                r["fingerprint"].as_str().unwrap_or_default().to_owned(),
+                r["current"].as_bool().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Enrollment tokens and content keys belong to the mesh, not to one origin (issue 14): a
+/// token issued at one origin names every origin and enrolls at another when the first is
+/// down, once; two nodes racing with one token at two origins get one certificate between
+/// them; a key rotation or retirement on either origin reaches the other within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_content_keys_are_the_meshs_not_one_origins() {
+    let Some(cluster) = etcd_cluster("tokens_and_content_keys_are_the_meshs_not_one_origins")
+    else {
+        return;
+    };
+    let store = cluster.store_url("stagecoach");
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path();
+    let mut mesh = Testbed::start_on_store(bins(), &w.join("mesh"), 1, 0, &[], &[], Some(&store))
+        .await
+        .expect("mesh");
+    let (second, ready) = mesh
+        .join_origin("origin-2")
+        .await
+        .expect("join a second origin");
+    let second_enroll = ready
+        .enroll
+        .clone()
+        .expect("the second origin's enrollment address");
+    let first_enroll = mesh
+        .origin
+        .enroll
+        .clone()
+        .expect("the first origin's enrollment address");
+    let edge_agent = bins().path("edge-agent");
+    let enroll_edge = |token: String, dir: PathBuf| {
+        let edge_agent = edge_agent.clone();
+        async move {
+            run(
+                &edge_agent,
+                &[
+                    "enroll".to_owned(),
+                    token,
+                    "--dir".to_owned(),
+                    dir.display().to_string(),
+                ],
+            )
+            .await
+        }
+    };
+
+    // Both content-key rings are one from the start: the second origin took the first's.
+    let first_keys = keys(&mesh, &mesh.origin_dir).await;
+    assert_eq!(first_keys.len(), 1, "{first_keys:?}");
+    assert_eq!(
+        keys(&mesh, &second).await,
+        first_keys,
+        "one ring for the mesh"
+    );
+
+    // A token from the first origin names both; `--json` says what it grants.
+    let issued = mesh
+        .origin_json(&["enroll", "--role", "edge", "--site", "site-a", "--json"])
+        .await
+        .expect("origin enroll");
+    let addrs: Vec<String> = issued["enroll_addrs"]
+        .as_array()
+        .expect("addrs")
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        addrs,
+        vec![first_enroll.clone(), second_enroll.clone()],
+        "{issued:#}"
+    );
+    let from_first = issued["token"].as_str().expect("token").to_owned();
+
+    // Two nodes race with one token, one at each origin: one certificate between them.
+    let raced = mesh
+        .origin_json_at(
+            &second,
+            &["enroll", "--role", "edge", "--site", "site-a", "--json"],
+        )
+        .await
+        .expect("origin enroll at the second");
+    let raced =
+        proto::net::EnrollToken::parse(raced["token"].as_str().expect("token")).expect("a token");
+    assert_eq!(raced.enroll_addrs.len(), 2, "{raced:?}");
+    let mut reversed = raced.clone();
+    reversed.enroll_addrs.reverse();
+    let (a, b) = tokio::join!(
+        enroll_edge(raced.encode(), w.join("race-a")),
+        enroll_edge(reversed.encode(), w.join("race-b")),
+    );
+    assert_eq!(
+        [a.ok, b.ok].iter().filter(|ok| **ok).count(),
+        1,
+        "exactly one enrolls:\n{}\n{}\n{}\n{}",
+        a.stdout,
+        a.stderr,
+        b.stdout,
+        b.stderr
+    );
+    let refused = if a.ok { &b } else { &a };
+    assert!(
+        refused.stderr.contains("already used"),
+        "{}",
+        refused.stderr
+    );
+
+    // kill -9 the first origin: the token it issued enrolls at the second, once.
+    mesh.kill_origin().await.expect("kill the first origin");
+    let started = std::time::Instant::now();
+    let enrolled = enroll_edge(from_first.clone(), w.join("late")).await;
+    assert!(enrolled.ok, "{}\n{}", enrolled.stdout, enrolled.stderr);
+    println!(
+        "a token of the killed origin enrolled at the other in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let again = enroll_edge(from_first, w.join("again")).await;
+    assert!(
+        !again.ok && again.stderr.contains("already used"),
+        "{}",
+        again.stderr
+    );
+    let audit: Vec<Value> = serde_json::from_str(
+        mesh.origin_ok_at(&second, &["audit", "--limit", "100", "--json"])
+            .await
+            .expect("audit")
+            .trim(),
+    )
+    .expect("audit JSON");
+    // The stager's token, then the two for edges: each issued once and redeemed once.
+    let count = |action: &str| audit.iter().filter(|r| r["action"] == action).count();
+    assert_eq!(
+        (count("token.issue"), count("token.redeem")),
+        (3, 3),
+        "{audit:#?}"
+    );
+    let secret: String = raced.secret.iter().map(|b| format!("{b:02x}")).collect();
+    let secrets_in_audit = audit
+        .iter()
+        .any(|r| r["detail"].as_str().is_some_and(|d| d.contains(&secret)));
+    assert!(!secrets_in_audit, "the audit log never holds a secret");
+
+    // Back with the first origin: a rotation on the second reaches it, and a retirement on
+    // the first reaches the second.
+    mesh.restart_origin()
+        .await
+        .expect("restart the first origin");
+    mesh.origin_ok_at(&second, &["keys", "rotate"])
+        .await
+        .expect("rotate at the second");
+    let rotated = keys(&mesh, &second).await;
+    assert_eq!(rotated.len(), 2, "{rotated:?}");
+    let started = std::time::Instant::now();
+    let reached = wait_until_async(Duration::from_secs(15), POLL, async || {
+        keys(&mesh, &mesh.origin_dir).await == rotated
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "the rotation did not reach the first origin: {:?}",
+        keys(&mesh, &mesh.origin_dir).await
+    );
+    println!(
+        "a key rotation on one origin reached the other in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // The file `origin publish --encrypt` reads changed too.
+    let ring = proto::keyring::load(&mesh.origin_dir.join(proto::keyring::KEYRING_FILE))
+        .expect("the first origin's ring file");
+    assert_eq!(ring.generations().count(), 2);
+    // A rotation on the first reaches the second.
+    mesh.origin_ok(&["keys", "rotate"])
+        .await
+        .expect("rotate at the first");
+    let three = keys(&mesh, &mesh.origin_dir).await;
+    assert_eq!(three.len(), 3, "{three:?}");
+    let reached = wait_until_async(Duration::from_secs(15), POLL, async || {
+        keys(&mesh, &second).await == three
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "the rotation did not reach the second origin: {:?}",
+        keys(&mesh, &second).await
+    );
+    // Generation 1 retired on the second while the first is down: the first, restarted with
+    // generation 1 still in its file, takes the retirement instead of bringing it back.
+    mesh.stop_origin().await.expect("stop the first origin");
+    mesh.origin_ok_at(&second, &["keys", "retire", "1"])
+        .await
+        .expect("retire at the second");
+    mesh.restart_origin()
+        .await
+        .expect("restart the first origin");
+    let generations = |rows: Vec<(u64, String, bool)>| rows.iter().map(|k| k.0).collect::<Vec<_>>();
+    assert_eq!(generations(keys(&mesh, &mesh.origin_dir).await), vec![2, 3]);
+    assert_eq!(generations(keys(&mesh, &second).await), vec![2, 3]);
+    let ring = proto::keyring::load(&mesh.origin_dir.join(proto::keyring::KEYRING_FILE))
+        .expect("the first origin's ring file");
+    assert_eq!(
+        ring.generations().count(),
+        2,
+        "the retired key left the file"
+    );
+    mesh.shutdown().await;
+}
+
+/// `origin policy load` on one origin and `origin class set` on another, at the same time and
+/// many times over (issue 14): every change lands once, none overwrites another (a policy load
+/// rewrites every node's record, a class change one node's), and the audit log has each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_loads_and_class_changes_racing_on_two_origins_lose_no_update() {
+    let Some(cluster) =
+        etcd_cluster("policy_loads_and_class_changes_racing_on_two_origins_lose_no_update")
+    else {
+        return;
+    };
+    let store = cluster.store_url("stagecoach");
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path();
+    let mut mesh = Testbed::start_on_store(bins(), &w.join("mesh"), 1, 2, &[], &[], Some(&store))
+        .await
+        .expect("mesh");
+    datagen::generate_tree(&w.join("os1"), MIB / 8, 43).expect("tree");
+    mesh.publish(&w.join("os1"), "os", "1").await.expect("os@1");
+    let (second, _) = mesh.join_origin("origin-2").await.expect("join");
+    let ids: Vec<String> = fleet_view(&origin_ok(&mesh, &["nodes", "--json"]).await)
+        .into_iter()
+        .map(|n| n.0)
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    const ROUNDS: usize = 15;
+    let policies: Vec<PathBuf> = (0..ROUNDS)
+        .map(|i| {
+            write_policy(
+                w,
+                &format!("policy-{i}.toml"),
+                &format!("[[rule]]\nid = \"round-{i}\"\nclass = \"c{i}\"\nbundles = [\"os@1\"]\n"),
+            )
+        })
+        .collect();
+    let loads = async {
+        for policy in &policies {
+            origin_ok(&mesh, &["policy", "load", &policy.display().to_string()]).await;
+        }
+    };
+    let classes = async {
+        for i in 0..ROUNDS {
+            for id in &ids {
+                origin_at(&mesh, &second, &["class", "set", id, &format!("c{i}")]).await;
+            }
+        }
+    };
+    tokio::join!(loads, classes);
+
+    // The last class set on each node, the last policy loaded, on both origins.
+    let last = format!("c{}", ROUNDS - 1);
+    for view in [
+        fleet_view(&origin_ok(&mesh, &["nodes", "--json"]).await),
+        fleet_view(&origin_at(&mesh, &second, &["nodes", "--json"]).await),
+    ] {
+        assert!(view.iter().all(|n| n.2 == last), "{view:?}");
+    }
+    let check = origin_at(&mesh, &second, &["policy", "check", "--json"]).await;
+    assert!(check.contains(&format!("round-{}", ROUNDS - 1)), "{check}");
+    // Both nodes of the last class now want the bundle its rule names: the policy load and the
+    // class changes were computed on each other's results, not on stale copies.
+    let nodes: Vec<Value> =
+        serde_json::from_str(origin_ok(&mesh, &["nodes", "--json"]).await.trim()).expect("JSON");
+    for node in &nodes {
+        assert!(
+            installed(node, "desired")
+                .iter()
+                .any(|b| b.starts_with("os@1")),
+            "{node:#}"
+        );
+    }
+    let audit: Vec<Value> = serde_json::from_str(
+        origin_ok(&mesh, &["audit", "--limit", "1000", "--json"])
+            .await
+            .trim(),
+    )
+    .expect("audit JSON");
+    let seqs: Vec<u64> = audit.iter().filter_map(|r| r["seq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no gap");
+    let count = |action: &str| audit.iter().filter(|r| r["action"] == action).count();
+    assert_eq!(count("policy.load"), ROUNDS, "every policy load once");
+    assert_eq!(
+        count("class.set"),
+        ROUNDS * ids.len(),
+        "every class change once"
+    );
+    mesh.shutdown().await;
+}

@@ -5,16 +5,28 @@
 //! the control commands `origin keys rotate|retire` (each change audited by the caller);
 //! `origin keys list` shows generations and fingerprints, never key bytes.
 //!
+//! The origins sharing a control-plane store share one ring (issue 14): the store keeps it as
+//! a [`SealedRing`], encrypted (XChaCha20-Poly1305) under a key derived from the publisher's
+//! signing key, which every origin of the mesh holds and the store never sees. A rotation or
+//! retirement commits the new ring to the store with its audit record, then writes the file;
+//! every origin reads the store's ring every [`RING_REFRESH`] and adopts a newer one.
+//!
 //! Keys leave the origin only in [`proto::wire::Response::ContentKeys`], over mutual TLS, to an
 //! edge certificate of a node that reported, is not revoked and whose class may read (see
 //! `server`). A stager never receives one.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use proto::keyring::{self, KeyringError, KEYRING_FILE};
 use proto::keys::{ContentKey, KeyError, KeyGeneration, KeyRing};
 use proto::manifest::Manifest;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 /// Why a key command failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +46,132 @@ pub enum KeysError {
     /// A rotation past the last generation number.
     #[error("no generation number is left after {0}")]
     Exhausted(KeyGeneration),
+    /// The store's ring does not open with this origin's key.
+    #[error("the content-key ring in the store does not open with this origin's publisher key: it belongs to another mesh, or it was changed")]
+    Sealed,
+    /// The store's ring opens but does not decode.
+    #[error("the content-key ring in the store is unreadable: {0}")]
+    Corrupt(String),
+}
+
+/// How often an origin reads the ring the store holds (another origin may have changed it).
+pub const RING_REFRESH: Duration = Duration::from_secs(2);
+
+/// The content-key ring as the control-plane store keeps it: sealed, so the store never holds
+/// a key in plain form.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedRing {
+    /// One more with every change: an origin adopts a ring newer than the one it holds.
+    pub version: u64,
+    /// Generations retired, which an origin's own file never brings back.
+    pub retired: Vec<u32>,
+    /// The XChaCha20-Poly1305 nonce.
+    pub nonce: [u8; 24],
+    /// The encoded [`KeyRing`], sealed; the version is the associated data.
+    pub sealed: Vec<u8>,
+}
+
+impl std::fmt::Debug for SealedRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedRing")
+            .field("version", &self.version)
+            .field("retired", &self.retired)
+            .field("sealed_bytes", &self.sealed.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The key that seals the ring in the store: derived from the publisher's signing key, which
+/// every origin of the mesh holds (`origin init --join` copies it) and the store never does.
+pub fn ring_seal_key(publisher: &ed25519_dalek::SigningKey) -> Zeroizing<[u8; 32]> {
+    Zeroizing::new(blake3::derive_key(
+        "stagecoach 2026-12 content-key ring in the control-plane store",
+        &Zeroizing::new(publisher.to_bytes())[..],
+    ))
+}
+
+impl SealedRing {
+    /// `ring` sealed under `key` as `version`, with the generations `retired`.
+    pub fn seal(
+        ring: &KeyRing,
+        version: u64,
+        retired: Vec<u32>,
+        key: &[u8; 32],
+    ) -> Result<Self, KeysError> {
+        let plain = Zeroizing::new(
+            proto::codec::encode(ring).map_err(|e| KeysError::Corrupt(e.to_string()))?,
+        );
+        let mut nonce = [0u8; 24];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let sealed = XChaCha20Poly1305::new(Key::from_slice(key))
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &plain,
+                    aad: &version.to_be_bytes(),
+                },
+            )
+            .map_err(|_| KeysError::Corrupt("cannot seal the ring".to_owned()))?;
+        Ok(SealedRing {
+            version,
+            retired,
+            nonce,
+            sealed,
+        })
+    }
+
+    /// The ring, opened with `key`.
+    pub fn open(&self, key: &[u8; 32]) -> Result<KeyRing, KeysError> {
+        let plain = Zeroizing::new(
+            XChaCha20Poly1305::new(Key::from_slice(key))
+                .decrypt(
+                    XNonce::from_slice(&self.nonce),
+                    Payload {
+                        msg: &self.sealed,
+                        aad: &self.version.to_be_bytes(),
+                    },
+                )
+                .map_err(|_| KeysError::Sealed)?,
+        );
+        proto::codec::decode(&plain, MAX_SEALED_RING_BYTES)
+            .map_err(|e| KeysError::Corrupt(e.to_string()))
+    }
+}
+
+/// Largest ring accepted from the store, in bytes (a full ring is a few KiB).
+const MAX_SEALED_RING_BYTES: usize = 1 << 20;
+
+/// `ring` with a new generation, one more than its newest: the ring, the generation and its
+/// fingerprint.
+pub fn rotated(ring: &KeyRing) -> Result<(KeyRing, KeyGeneration, String), KeysError> {
+    let next = match ring.newest() {
+        None => KeyGeneration(1),
+        Some((newest, _)) => KeyGeneration(
+            newest
+                .0
+                .checked_add(1)
+                .ok_or(KeysError::Exhausted(newest))?,
+        ),
+    };
+    let key = ContentKey::generate();
+    let fingerprint = key.fingerprint();
+    let mut next_ring = ring.clone();
+    next_ring.insert(next, key)?;
+    Ok((next_ring, next, fingerprint))
+}
+
+/// `ring` without `generation` (never the current one), and that generation's fingerprint.
+pub fn retired(ring: &KeyRing, generation: KeyGeneration) -> Result<(KeyRing, String), KeysError> {
+    let fingerprint = match ring.get(generation) {
+        Ok(key) => key.fingerprint(),
+        Err(_) => return Err(KeysError::Unknown(generation)),
+    };
+    if ring.newest().map(|(g, _)| g) == Some(generation) {
+        return Err(KeysError::Current(generation));
+    }
+    let mut next_ring = ring.clone();
+    next_ring.remove(generation);
+    Ok((next_ring, fingerprint))
 }
 
 /// One generation as `origin keys list` shows it.
@@ -50,7 +188,13 @@ pub struct GenerationRow {
 /// The origin's key ring, loaded once by `origin serve` and saved after every change.
 pub struct OriginKeys {
     path: PathBuf,
-    ring: Mutex<KeyRing>,
+    ring: Mutex<Held>,
+}
+
+/// The ring held, and the store version it came from (0: not from the store yet).
+struct Held {
+    ring: KeyRing,
+    version: u64,
 }
 
 impl OriginKeys {
@@ -60,7 +204,7 @@ impl OriginKeys {
         let ring = keyring::load(&path)?;
         Ok(Self {
             path,
-            ring: Mutex::new(ring),
+            ring: Mutex::new(Held { ring, version: 0 }),
         })
     }
 
@@ -68,12 +212,42 @@ impl OriginKeys {
     pub fn in_memory(path: PathBuf) -> Self {
         Self {
             path,
-            ring: Mutex::new(KeyRing::new()),
+            ring: Mutex::new(Held {
+                ring: KeyRing::new(),
+                version: 0,
+            }),
         }
     }
 
-    fn ring(&self) -> MutexGuard<'_, KeyRing> {
+    fn held(&self) -> MutexGuard<'_, Held> {
         self.ring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the ring held.
+    pub fn snapshot(&self) -> KeyRing {
+        self.held().ring.clone()
+    }
+
+    /// The store version of the ring held (0 before it came from the store).
+    pub fn version(&self) -> u64 {
+        self.held().version
+    }
+
+    /// Takes `ring`, the store's `version`, and saves it to the file, unless the ring held is
+    /// already of that version or newer (a slower reader never undoes a newer change). Returns
+    /// whether the keys changed.
+    pub fn adopt(&self, ring: KeyRing, version: u64) -> Result<bool, KeysError> {
+        let mut held = self.held();
+        if held.version >= version && version != 0 {
+            return Ok(false);
+        }
+        let changed = held.ring != ring;
+        if changed {
+            keyring::save(&self.path, &ring)?;
+            held.ring = ring;
+        }
+        held.version = version;
+        Ok(changed)
     }
 
     /// The file.
@@ -83,54 +257,35 @@ impl OriginKeys {
 
     /// Creates generation 1 when the ring is empty; returns it and its fingerprint when it did.
     pub fn ensure_first(&self) -> Result<Option<(KeyGeneration, String)>, KeysError> {
-        if !self.ring().is_empty() {
+        if !self.held().ring.is_empty() {
             return Ok(None);
         }
         self.rotate().map(Some)
     }
 
     /// Starts a new generation (one more than the newest): new publishes use it. Returns it
-    /// and its fingerprint.
+    /// and its fingerprint. (An origin on a shared store rotates the store's ring instead.)
     pub fn rotate(&self) -> Result<(KeyGeneration, String), KeysError> {
-        let mut ring = self.ring();
-        let next = match ring.newest() {
-            None => KeyGeneration(1),
-            Some((newest, _)) => KeyGeneration(
-                newest
-                    .0
-                    .checked_add(1)
-                    .ok_or(KeysError::Exhausted(newest))?,
-            ),
-        };
-        let key = ContentKey::generate();
-        let fingerprint = key.fingerprint();
-        let mut next_ring = ring.clone();
-        next_ring.insert(next, key)?;
+        let mut held = self.held();
+        let (next_ring, next, fingerprint) = rotated(&held.ring)?;
         keyring::save(&self.path, &next_ring)?;
-        *ring = next_ring;
+        held.ring = next_ring;
         Ok((next, fingerprint))
     }
 
     /// Removes `generation` (never the current one). Returns its fingerprint.
     pub fn retire(&self, generation: KeyGeneration) -> Result<String, KeysError> {
-        let mut ring = self.ring();
-        let fingerprint = match ring.get(generation) {
-            Ok(key) => key.fingerprint(),
-            Err(_) => return Err(KeysError::Unknown(generation)),
-        };
-        if ring.newest().map(|(g, _)| g) == Some(generation) {
-            return Err(KeysError::Current(generation));
-        }
-        let mut next_ring = ring.clone();
-        next_ring.remove(generation);
+        let mut held = self.held();
+        let (next_ring, fingerprint) = retired(&held.ring, generation)?;
         keyring::save(&self.path, &next_ring)?;
-        *ring = next_ring;
+        held.ring = next_ring;
         Ok(fingerprint)
     }
 
     /// Every generation, oldest first, with its fingerprint and whether it is current.
     pub fn list(&self) -> Vec<GenerationRow> {
-        let ring = self.ring();
+        let held = self.held();
+        let ring = &held.ring;
         let current = ring.newest().map(|(g, _)| g);
         ring.generations()
             .filter_map(|generation| {
@@ -145,7 +300,8 @@ impl OriginKeys {
 
     /// Every generation and its key, oldest first: what an edge of a class that may read gets.
     pub fn readable(&self) -> Vec<(KeyGeneration, ContentKey)> {
-        let ring = self.ring();
+        let held = self.held();
+        let ring = &held.ring;
         ring.generations()
             .filter_map(|generation| ring.get(generation).ok().map(|k| (generation, k.clone())))
             .collect()
@@ -155,8 +311,8 @@ impl OriginKeys {
     /// opened with the origin's key (the clear manifest carries 0). `None` when the generation
     /// is gone or its key does not open the metadata.
     pub fn raw_bytes(&self, manifest: &Manifest) -> Option<u64> {
-        let ring = self.ring();
-        match proto::pack::unseal(manifest, &ring) {
+        let held = self.held();
+        match proto::pack::unseal(manifest, &held.ring) {
             Ok(unsealed) => Some(proto::pack::raw_bytes_total(manifest, unsealed.as_ref())),
             Err(error) => {
                 tracing::warn!(bundle = %manifest.name, %error, "cannot open the sealed metadata");

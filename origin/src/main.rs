@@ -108,6 +108,9 @@ enum Command {
         /// The node's site (a DNS label).
         #[arg(long)]
         site: String,
+        /// Print the token and what it grants as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Pack a directory tree or an image and publish it to the running origin.
     Publish {
@@ -341,7 +344,7 @@ async fn main() -> Result<()> {
                 cmd::store::copy(&etcd_tls.store(&from, &home)?, &etcd_tls.store(&to, &home)?)
             }
         },
-        Command::Enroll { role, site } => cmd::setup::enroll(&home, role, site),
+        Command::Enroll { role, site, json } => cmd::setup::enroll(&home, role, site, json).await,
         Command::Publish {
             path,
             name,

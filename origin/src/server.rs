@@ -622,6 +622,7 @@ fn command_name(command: &proto::wire::ControlCommand) -> &'static str {
         C::AccountRemove { .. } => "admin remove",
         C::Status => "status",
         C::BundleHolders { .. } => "bundle holders",
+        C::EnrollToken { .. } => "enroll",
     }
 }
 
@@ -751,12 +752,6 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     let metrics_addr = proto::metrics::serve(config.metrics_listen, metrics.clone())
         .await
         .context("cannot start the metrics endpoint")?;
-    // Tokens embed the fingerprint of the certificate the enrollment endpoint presents.
-    write_json_atomic(
-        &home.dir().join("enroll-fingerprint.json"),
-        &hex::encode(cert_fingerprint(identity.cert_der())),
-        MODE_READABLE,
-    )?;
     let (announcements, _) = broadcast::channel(ANNOUNCE_QUEUE);
     home.require_init()?;
     let db = crate::db::Db::open_store(&config.store)
@@ -777,7 +772,12 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
             .context("cannot start the origin's client endpoint")?,
         keys,
     );
-    control.ensure_first_key()?;
+    // The origins sharing the store share the content keys, sealed with a key derived from
+    // the publisher's signing key (which the store never holds).
+    control.share_keys(
+        crate::keys::ring_seal_key(&home.signing_key()?),
+        &identity.node_id().to_string(),
+    )?;
     import_catalog(&control, &catalog, &store, &identity)?;
     // Prepare operations an earlier run left unfinished go on; nodes still pending are asked
     // again now and then.
@@ -860,8 +860,14 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
             me.node_id.clone(),
         );
     }
-    let tokens_dir = home.tokens_dir();
-    tokens::check_dir(&tokens_dir)?;
+    // Tokens printed by an older origin (files) still enroll: they move into the store.
+    tokio::task::block_in_place(|| tokens::import_files(&home.tokens_dir(), origin.control.db()))
+        .context("cannot move the old enrollment token files into the store")?;
+    origin.control.set_enrollment(crate::control::Enrollment {
+        addr: enroll_addr,
+        ca_fingerprint: cert_fingerprint(identity.ca_cert_der()),
+        node_id: me.node_id.clone(),
+    });
     let publisher_key = *identity.publisher_key();
     let origin_addr = mesh_addr.to_string();
     let enrolled = metrics.counter("stagecoach_enrollments_total", "Nodes enrolled", &[]);
@@ -871,12 +877,21 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         let ca = ca.clone();
         let stager_book = stager_book.clone();
         let this = enrolling_origin.clone();
-        let tokens_dir = tokens_dir.clone();
         let origin_addr = origin_addr.clone();
         let enrolled = enrolled.clone();
         async move {
-            let (role, site) = tokens::consume(&tokens_dir, &request.secret)
-                .map_err(|e| EnrollDenied::forbidden(e.to_string()))?;
+            let (role, site) = tokio::task::block_in_place(|| {
+                tokens::redeem(
+                    this.control().db(),
+                    &request.secret,
+                    &this.node_id,
+                    request.remote,
+                )
+            })
+            .map_err(|e| match e {
+                tokens::TokenError::Store(_) => EnrollDenied::internal(e.to_string()),
+                other => EnrollDenied::forbidden(other.to_string()),
+            })?;
             let mut grant = EnrollGrant::issue(
                 &ca,
                 &request.csr_pem,

@@ -13,7 +13,7 @@ use proto::net::identity::NODE_KEY_FILE;
 use proto::net::{
     accept, call, cert_fingerprint, client_endpoint, connect, enroll, enroll_endpoint,
     peer_identity, serve_enrollment, server_endpoint, CertAuthority, EnrollDenied, EnrollGrant,
-    EnrollToken, NetError, NodeIdentity, PeerIdentity, Role, Site,
+    EnrollToken, NetError, NodeIdentity, PeerIdentity, Role, ServerPin, Site,
 };
 use proto::wire::{ErrorCode, Request, Response, MAX_FRAME_BYTES};
 use rustls::pki_types::pem::PemObject;
@@ -54,13 +54,14 @@ impl Origin {
     fn start() -> Origin {
         let ca = Arc::new(CertAuthority::generate().expect("ca"));
         let publisher_key = proto::manifest::generate_signing_key().verifying_key();
+        Origin::serve(ca, publisher_key, Role::Origin)
+    }
+
+    /// An enrollment server whose certificate, from `ca`, has `role` (only an origin's is
+    /// trusted by a token that pins the CA).
+    fn serve(ca: Arc<CertAuthority>, publisher_key: VerifyingKey, role: Role) -> Origin {
         let identity = ca
-            .node_identity(
-                Role::Origin,
-                &site("core"),
-                publisher_key,
-                "unused".to_owned(),
-            )
+            .node_identity(role, &site("core"), publisher_key, "unused".to_owned())
             .expect("origin identity");
         let mesh = server_endpoint(loopback(), &identity).expect("mesh");
         let mesh_addr = mesh.local_addr().expect("addr");
@@ -108,12 +109,23 @@ impl Origin {
 
     /// What `origin enroll --role R --site S` prints.
     fn token(&self, role: Role, site_name: &str) -> String {
-        let token = EnrollToken::new(
-            self.enroll_addr,
-            cert_fingerprint(self.identity.cert_der()),
-            role,
-            site(site_name),
-        );
+        self.token_with(vec![self.enroll_addr], self.ca_pin(), role, site_name)
+    }
+
+    /// A token trusting any origin of this origin's CA.
+    fn ca_pin(&self) -> ServerPin {
+        ServerPin::Ca(cert_fingerprint(self.ca.cert_der()))
+    }
+
+    /// A token naming `addrs` and `pin`, whose secret this origin accepts.
+    fn token_with(
+        &self,
+        addrs: Vec<SocketAddr>,
+        pin: ServerPin,
+        role: Role,
+        site_name: &str,
+    ) -> String {
+        let token = EnrollToken::new(addrs, pin, role, site(site_name));
         self.secrets
             .lock()
             .expect("lock")
@@ -217,7 +229,10 @@ async fn enrolled_node_gets_its_role_and_site_and_joins_the_mesh() {
 async fn token_with_a_wrong_fingerprint_does_not_enroll() {
     let origin = Origin::start();
     let mut token = EnrollToken::parse(&origin.token(Role::Edge, "fra1")).expect("parse");
-    token.server_fingerprint[0] ^= 1;
+    let ServerPin::Ca(pinned) = &mut token.pin else {
+        panic!("tokens pin the CA");
+    };
+    pinned[0] ^= 1;
     let dir = tempfile::tempdir().expect("tempdir");
 
     let err = within("enroll", enroll(&token, dir.path()))
@@ -236,10 +251,112 @@ async fn token_with_a_wrong_fingerprint_does_not_enroll() {
         not_enrolled.to_string().contains("enroll TOKEN"),
         "{not_enrolled}"
     );
-    token.server_fingerprint[0] ^= 1;
+    token.pin = origin.ca_pin();
     within("enroll", enroll(&token, dir.path()))
         .await
         .expect("the secret was not spent by the failed attempt");
+}
+
+#[tokio::test]
+async fn a_token_tries_its_origins_in_turn_and_trusts_only_origins_of_its_ca() {
+    let origin = Origin::start();
+    // A stager of the same mesh, whose certificate the same CA issued, answering enrollments:
+    // it must not be trusted with a secret.
+    let impostor = Origin::serve(origin.ca.clone(), origin.publisher_key, Role::Stager);
+    // An origin that is down: the port is bound, nothing answers.
+    let silent = std::net::UdpSocket::bind(loopback()).expect("bind");
+    let down = silent.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let only_impostor = origin.token_with(
+        vec![impostor.enroll_addr],
+        origin.ca_pin(),
+        Role::Edge,
+        "fra1",
+    );
+    let err = within(
+        "enroll at the impostor",
+        enroll(
+            &EnrollToken::parse(&only_impostor).expect("parse"),
+            &dir.path().join("a"),
+        ),
+    )
+    .await
+    .expect_err("a stager's certificate must not be trusted");
+    assert!(
+        matches!(err, NetError::FingerprintMismatch { addr } if addr == impostor.enroll_addr),
+        "{err:?}"
+    );
+
+    // Down, impostor, origin: the first two are passed over and the third enrolls the node.
+    let started = std::time::Instant::now();
+    let text = origin.token_with(
+        vec![down, impostor.enroll_addr, origin.enroll_addr],
+        origin.ca_pin(),
+        Role::Edge,
+        "fra1",
+    );
+    let enrolled = tokio::time::timeout(
+        Duration::from_secs(20),
+        enroll(
+            &EnrollToken::parse(&text).expect("parse"),
+            &dir.path().join("b"),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("enrolled at the third address");
+    assert_eq!(enrolled.role(), Role::Edge);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "an origin that is down costs one handshake timeout, took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        impostor.secrets.lock().expect("lock").is_empty(),
+        "the impostor never had a secret to check"
+    );
+
+    // A token of the first format (the origin's own certificate pinned) still enrolls.
+    let first = origin.token_with(
+        vec![origin.enroll_addr],
+        ServerPin::Cert(cert_fingerprint(origin.identity.cert_der())),
+        Role::Stager,
+        "fra1",
+    );
+    assert!(first.starts_with("sc1-"), "{first}");
+    within(
+        "enroll with a format-1 token",
+        enroll(
+            &EnrollToken::parse(&first).expect("parse"),
+            &dir.path().join("c"),
+        ),
+    )
+    .await
+    .expect("format 1 still enrolls");
+
+    // A token pinning another mesh's CA trusts none of these origins.
+    let other = Arc::new(CertAuthority::generate().expect("ca"));
+    let foreign = origin.token_with(
+        vec![origin.enroll_addr],
+        ServerPin::Ca(cert_fingerprint(other.cert_der())),
+        Role::Edge,
+        "fra1",
+    );
+    let err = within(
+        "enroll with another CA pinned",
+        enroll(
+            &EnrollToken::parse(&foreign).expect("parse"),
+            &dir.path().join("d"),
+        ),
+    )
+    .await
+    .expect_err("another CA");
+    assert!(
+        matches!(err, NetError::FingerprintMismatch { .. }),
+        "{err:?}"
+    );
+    drop(silent);
 }
 
 #[test]

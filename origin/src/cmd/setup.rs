@@ -1,11 +1,11 @@
 //! `origin init` and `origin enroll`: the mesh's CA and keys, and one-time tokens for nodes.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use origin::home::OriginHome;
-use proto::net::{EnrollToken, Role, Site};
+use proto::net::{Role, Site};
+use proto::wire::ControlCommand;
 
 /// `origin init`.
 pub fn init(home: &OriginHome) -> Result<()> {
@@ -15,20 +15,27 @@ pub fn init(home: &OriginHome) -> Result<()> {
     Ok(())
 }
 
-/// `origin enroll`: prints a one-time token for a node of `role` in `site`.
-pub fn enroll(home: &OriginHome, role: Role, site: String) -> Result<()> {
+/// `origin enroll`: asks the running origin for a one-time token for a node of `role` in
+/// `site` and prints it (it enrolls at any origin sharing the store, once).
+pub async fn enroll(home: &OriginHome, role: Role, site: String, json: bool) -> Result<()> {
     if !matches!(role, Role::Stager | Role::Edge) {
         anyhow::bail!("only stager and edge nodes enroll with tokens");
     }
     let site = Site::new(site)?;
-    let addrs = home.serve_addrs()?;
-    let enroll_addr: SocketAddr = addrs.enroll.parse().context("bad enroll address")?;
-    let identity = home.origin_identity()?;
-    let fingerprint = proto::net::cert_fingerprint(identity.cert_der());
-    let token = EnrollToken::new(enroll_addr, fingerprint, role, site.clone());
-    origin::tokens::record(&home.tokens_dir(), &token.secret, role, &site)?;
-    println!("{}", token.encode());
-    eprintln!("one-time token for a {role} in site {site}; valid 24 h");
+    let reply = origin::admin::run(
+        home,
+        ControlCommand::EnrollToken {
+            role: role.as_str().to_owned(),
+            site: site.as_str().to_owned(),
+        },
+    )
+    .await?;
+    origin::admin::print(&reply, json, "no token was issued")?;
+    if !json {
+        eprintln!(
+            "one-time token for a {role} in site {site}; valid 24 h, at any origin of the mesh"
+        );
+    }
     Ok(())
 }
 

@@ -125,6 +125,9 @@ impl ControlPlane {
             ControlCommand::AccountRemove { name } => {
                 tokio::task::block_in_place(|| self.account_remove(peer, &name, who))
             }
+            ControlCommand::EnrollToken { role, site } => {
+                tokio::task::block_in_place(|| self.enroll_token(peer, &role, &site, who))
+            }
         };
         match result {
             Ok(reply) => bounded(reply),

@@ -14,7 +14,70 @@ use proto::wire::ControlReply;
 
 use super::commands::to_json;
 use super::{render_table, CommandError, ControlPlane};
-use crate::db::{now_ms, Audit, Commit, DbError, Put, RevokedRecord};
+use crate::db::{now_ms, Audit, Commit, Db, DbError, Put, RevokedRecord};
+use crate::keys::{KeysError, OriginKeys, SealedRing, RING_REFRESH};
+
+/// The generations of `ring`, for people: `generations 1, 2, 3`.
+fn generations(ring: &proto::keys::KeyRing) -> String {
+    let list: Vec<String> = ring.generations().map(|g| g.0.to_string()).collect();
+    if list.is_empty() {
+        "no generation".to_owned()
+    } else {
+        format!("generations {}", list.join(", "))
+    }
+}
+
+/// Reads the store's ring every [`RING_REFRESH`] on a thread of its own, until `db` is
+/// dropped, and adopts a newer one (another origin rotated or retired). A failure keeps the
+/// keys held (logged once per outage).
+fn watch_ring(
+    db: &std::sync::Arc<Db>,
+    keys: std::sync::Arc<OriginKeys>,
+    seal: zeroize::Zeroizing<[u8; 32]>,
+) {
+    let weak = std::sync::Arc::downgrade(db);
+    let spawned = std::thread::Builder::new()
+        .name("content-keys".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                std::thread::sleep(RING_REFRESH);
+                let Some(db) = weak.upgrade() else {
+                    return;
+                };
+                let read = db
+                    .keyring()
+                    .map_err(CommandError::from)
+                    .and_then(|stored| match stored {
+                        Some(stored) if stored.version > keys.version() => {
+                            let ring = stored.open(&seal)?;
+                            Ok(Some((keys.adopt(ring, stored.version)?, stored.version)))
+                        }
+                        _ => Ok(None),
+                    });
+                match read {
+                    Ok(adopted) => {
+                        if failing {
+                            tracing::info!("the content keys can be read from the store again");
+                        }
+                        failing = false;
+                        if let Some((true, version)) = adopted {
+                            tracing::info!(version, generations = %generations(&keys.snapshot()), "adopted the content keys another origin changed");
+                        }
+                    }
+                    Err(error) => {
+                        if !failing {
+                            tracing::warn!(%error, "cannot read the content keys from the store; the keys held stay in force");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "cannot start the thread that reads the content keys");
+    }
+}
 
 /// What the origin answers an edge's [`proto::wire::Request::ContentKeys`].
 #[derive(Debug)]
@@ -112,7 +175,8 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Creates the first generation when the origin has none (at `origin serve`), audited.
+    /// Creates the first generation when the origin has none, audited (an origin whose keys
+    /// are not shared through the store: tests of the control plane).
     pub fn ensure_first_key(&self) -> Result<(), CommandError> {
         let _one_change = self.one_key_change();
         if let Some((generation, fingerprint)) = self.keys.ensure_first()? {
@@ -130,16 +194,132 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// At `origin serve`: makes the content-key ring the one the store holds, sealed with
+    /// `seal` (see [`crate::keys::ring_seal_key`]), and keeps it so. The first origin on a
+    /// store puts its ring there (creating generation 1 when it has none); a later one adds the
+    /// generations only its own file holds (never one the store retired) and takes the rest.
+    /// Then the store's ring is read every [`RING_REFRESH`] and a newer one adopted, so a
+    /// rotation or retirement on any origin reaches every other within seconds.
+    pub fn share_keys(
+        &self,
+        seal: zeroize::Zeroizing<[u8; 32]>,
+        origin: &str,
+    ) -> Result<(), CommandError> {
+        let _one_change = self.one_key_change();
+        let local = self.keys.snapshot();
+        let (ring, version) = self.db.change(|| -> Result<_, CommandError> {
+            let Some(stored) = self.db.keyring()? else {
+                let (ring, action, detail) = if local.is_empty() {
+                    let (ring, generation, fingerprint) = crate::keys::rotated(&local)?;
+                    let detail =
+                        format!("{generation} created (fingerprint {fingerprint}); it is current");
+                    (ring, "keys.create", detail)
+                } else {
+                    let detail = format!(
+                        "the content keys of origin {origin} ({}) are shared through the store",
+                        generations(&local)
+                    );
+                    (local.clone(), "keys.share", detail)
+                };
+                let sealed = SealedRing::seal(&ring, 1, Vec::new(), &seal)?;
+                return Ok(Commit::new(
+                    vec![Put::Keyring(Box::new(sealed))],
+                    Some(Audit::new("origin", "origin", action, detail)),
+                    (ring, 1),
+                ));
+            };
+            let mut ring = stored.open(&seal)?;
+            let mut added = proto::keys::KeyRing::new();
+            for generation in local.generations() {
+                let Ok(key) = local.get(generation) else {
+                    continue;
+                };
+                match ring.get(generation) {
+                    _ if stored.retired.contains(&generation.0) => {}
+                    Ok(shared) if shared == key => {}
+                    Ok(_) => tracing::error!(
+                        %generation,
+                        file = %self.keys.path().display(),
+                        "this origin's file holds another key than the store for the same generation; the store's is kept and bundles this origin sealed with its own cannot be read"
+                    ),
+                    Err(_) => {
+                        ring.insert(generation, key.clone()).map_err(KeysError::from)?;
+                        added.insert(generation, key.clone()).map_err(KeysError::from)?;
+                    }
+                }
+            }
+            if added.is_empty() {
+                return Ok(Commit::none((ring, stored.version)));
+            }
+            let version = stored.version + 1;
+            let sealed = SealedRing::seal(&ring, version, stored.retired.clone(), &seal)?;
+            let detail = format!(
+                "{} of origin {origin} added to the content keys the origins share",
+                generations(&added)
+            );
+            Ok(Commit::new(
+                vec![Put::Keyring(Box::new(sealed))],
+                Some(Audit::new("origin", "origin", "keys.merge", detail)),
+                (ring, version),
+            ))
+        })?;
+        self.keys.adopt(ring, version)?;
+        tracing::info!(version, generations = %generations(&self.keys.snapshot()), "content keys shared through the store");
+        let _ = self.ring_seal.set(seal.clone());
+        watch_ring(&self.db, self.keys.clone(), seal);
+        Ok(())
+    }
+
+    /// Changes the ring: `change` gets the ring in force (the store's when shared) and returns
+    /// the new one, its audit record and a value. Shared: committed to the store with the
+    /// audit record, then adopted; otherwise the file first, then the audit record. The caller
+    /// holds `_one_change`.
+    fn change_ring<T: Clone>(
+        &self,
+        _one_change: &std::sync::MutexGuard<'_, ()>,
+        change: impl Fn(&proto::keys::KeyRing) -> Result<(proto::keys::KeyRing, Audit, T), KeysError>,
+        retiring: Option<u32>,
+    ) -> Result<T, CommandError> {
+        let Some(seal) = self.ring_seal.get() else {
+            let (ring, audit, value) = change(&self.keys.snapshot())?;
+            self.keys.adopt(ring, 0)?;
+            self.db.commit(&[], Some(audit))?;
+            return Ok(value);
+        };
+        let (ring, version, value) = self.db.change(|| -> Result<_, CommandError> {
+            let (current, version, mut retired) = match self.db.keyring()? {
+                Some(stored) => (stored.open(seal)?, stored.version, stored.retired),
+                None => (self.keys.snapshot(), 0, Vec::new()),
+            };
+            let (ring, audit, value) = change(&current)?;
+            retired.extend(retiring);
+            let sealed = SealedRing::seal(&ring, version + 1, retired, seal)?;
+            Ok(Commit::new(
+                vec![Put::Keyring(Box::new(sealed))],
+                Some(audit),
+                (ring, version + 1, value),
+            ))
+        })?;
+        self.keys.adopt(ring, version)?;
+        Ok(value)
+    }
+
     pub(super) fn keys_rotate(
         &self,
         who: impl Fn(&str, String) -> Audit,
         why: &str,
     ) -> Result<ControlReply, CommandError> {
-        let _one_change = self.one_key_change();
-        let (generation, fingerprint) = self.keys.rotate()?;
-        let detail = format!("{generation} (fingerprint {fingerprint}) is current{why}");
-        self.db
-            .commit(&[], Some(who("keys.rotate", detail.clone())))?;
+        let one_change = self.one_key_change();
+        let (generation, fingerprint, detail) = self.change_ring(
+            &one_change,
+            |ring| {
+                let (next, generation, fingerprint) = crate::keys::rotated(ring)?;
+                let detail = format!("{generation} (fingerprint {fingerprint}) is current{why}");
+                let audit = who("keys.rotate", detail.clone());
+                Ok((next, audit, (generation, fingerprint, detail)))
+            },
+            None,
+        )?;
         tracing::info!(%generation, fingerprint, "content keys rotated");
         Ok(ControlReply {
             success: true,
@@ -175,7 +355,7 @@ impl ControlPlane {
         force: bool,
         who: impl Fn(&str, String) -> Audit,
     ) -> Result<ControlReply, CommandError> {
-        let _one_change = self.one_key_change();
+        let one_change = self.one_key_change();
         let needing = self.nodes_needing(generation)?;
         if !needing.is_empty() && !force {
             return Err(CommandError::GenerationInUse {
@@ -190,12 +370,18 @@ impl ControlPlane {
             });
         }
         let generation = KeyGeneration(generation);
-        let fingerprint = self.keys.retire(generation)?;
-        let detail = format!(
-            "{generation} (fingerprint {fingerprint}) retired: edges drop it at their next key refresh, and bundles sealed with it can no longer be read"
-        );
-        self.db
-            .commit(&[], Some(who("keys.retire", detail.clone())))?;
+        let (fingerprint, detail) = self.change_ring(
+            &one_change,
+            |ring| {
+                let (next, fingerprint) = crate::keys::retired(ring, generation)?;
+                let detail = format!(
+                    "{generation} (fingerprint {fingerprint}) retired: edges drop it at their next key refresh, and bundles sealed with it can no longer be read"
+                );
+                let audit = who("keys.retire", detail.clone());
+                Ok((next, audit, (fingerprint, detail)))
+            },
+            Some(generation.0),
+        )?;
         tracing::info!(%generation, fingerprint, "content-key generation retired");
         Ok(ControlReply {
             success: true,

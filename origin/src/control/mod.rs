@@ -31,6 +31,7 @@ mod keys;
 mod prepare;
 mod render;
 mod test_run;
+mod tokens;
 
 pub use commands::NodeRow;
 pub use keys::KeysAnswer;
@@ -39,6 +40,7 @@ pub use prepare::{
 };
 pub use render::{render_table, utc};
 pub use test_run::{TestRun, TestRunError, TEST_RUN_TIMEOUT};
+pub use tokens::Enrollment;
 
 /// Why an operator's command failed; the message is the command's answer.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,12 @@ pub enum CommandError {
     /// No console account of this name.
     #[error("no console account `{0}`; `origin admin list` shows them")]
     NoSuchAccount(String),
+    /// Enrollment tokens asked with another certificate than an origin's.
+    #[error("only an origin's own certificate (`origin enroll` on an origin's machine) may issue enrollment tokens")]
+    TokensNeedOrigin,
+    /// An enrollment token cannot be issued.
+    #[error("cannot issue an enrollment token: {0}")]
+    Token(String),
 }
 
 /// The control plane of a running origin.
@@ -140,7 +148,10 @@ pub struct ControlPlane {
     /// `origin rollout ...`: the running rollout and the saved state of the last.
     rollouts: Arc<crate::rollout::service::RolloutService>,
     /// The content keys (`origin keys ...`).
-    keys: crate::keys::OriginKeys,
+    keys: Arc<crate::keys::OriginKeys>,
+    /// The key that seals the ring in the store, once it is shared there
+    /// ([`ControlPlane::share_keys`]).
+    ring_seal: std::sync::OnceLock<zeroize::Zeroizing<[u8; 32]>>,
     /// `origin prepare`: the stored operations and the asks under way.
     prepares: Arc<Prepares>,
     /// Woken when an operator changes a rollout (CLI or console), so the console's live
@@ -148,6 +159,8 @@ pub struct ControlPlane {
     rollout_changed: Arc<tokio::sync::Notify>,
     /// The revoked nodes, read from the store every [`REVOKED_REFRESH`].
     revoked: Arc<RevokedSet>,
+    /// Where this origin enrolls, for `origin enroll` (set once its endpoint listens).
+    enrollment: std::sync::OnceLock<tokens::Enrollment>,
 }
 
 /// How often the set of revoked nodes is read from the store (other origins may revoke).
@@ -221,9 +234,11 @@ impl ControlPlane {
             key_changes: Mutex::new(()),
             rollouts,
             endpoint,
-            keys,
+            keys: Arc::new(keys),
+            ring_seal: std::sync::OnceLock::new(),
             rollout_changed: Arc::new(tokio::sync::Notify::new()),
             revoked,
+            enrollment: std::sync::OnceLock::new(),
         }
     }
 

@@ -75,10 +75,20 @@ pub const ACCOUNTS: &str = "accounts";
 /// The rollout (one key), with the origin that drives it (issue 14).
 pub const ROLLOUTS: &str = "rollouts";
 
+/// One-time enrollment tokens not yet redeemed, by the BLAKE3 of their secret (issue 14).
+pub const TOKENS: &str = "tokens";
+
+/// The content-key ring, sealed with a key only the origins hold (issue 14; one key).
+pub const KEYRING: &str = "keyring";
+
 /// Every table.
-pub const TABLES: [&str; 10] = [
+pub const TABLES: [&str; 12] = [
     NODES, PACKAGES, CLASSES, OVERRIDES, POLICY, AUDIT, REVOKED, PREPARES, ACCOUNTS, ROLLOUTS,
+    TOKENS, KEYRING,
 ];
+
+/// The key of the sealed ring in [`KEYRING`].
+const KEYRING_KEY: &[u8] = b"current";
 
 /// The key of the rollout in [`ROLLOUTS`].
 const ROLLOUT_KEY: &[u8] = b"current";
@@ -444,6 +454,12 @@ pub enum Put {
     Prepare(Box<PrepareRecord>),
     /// Replace the rollout.
     Rollout(Box<crate::rollout::service::RolloutRecord>),
+    /// Record an enrollment token not yet redeemed.
+    Token(Box<crate::tokens::TokenRecord>),
+    /// Remove the token of this key (the BLAKE3 of its secret, hex): redeemed or expired.
+    SpendToken(String),
+    /// Replace the sealed content-key ring.
+    Keyring(Box<crate::keys::SealedRing>),
 }
 
 /// Where one node stands in a prepare operation.
@@ -975,6 +991,16 @@ impl Db {
         self.get(ACCOUNTS, name.as_bytes())
     }
 
+    /// The enrollment token whose key (BLAKE3 of the secret, hex) is `key`, if not redeemed.
+    pub fn token(&self, key: &str) -> Result<Option<crate::tokens::TokenRecord>, DbError> {
+        self.get(TOKENS, key.as_bytes())
+    }
+
+    /// The sealed content-key ring the origins share, if one was stored.
+    pub fn keyring(&self) -> Result<Option<crate::keys::SealedRing>, DbError> {
+        self.get(KEYRING, KEYRING_KEY)
+    }
+
     /// Every console account, by name.
     pub fn accounts(&self) -> Result<Vec<AccountRecord>, DbError> {
         self.values(ACCOUNTS, false, usize::MAX)
@@ -1232,6 +1258,9 @@ pub fn plan(
             ),
             Put::RemoveAccount(name) => delete(ACCOUNTS, name.as_bytes()),
             Put::Rollout(record) => put(ROLLOUTS, ROLLOUT_KEY, encode(ROLLOUTS, record)?),
+            Put::Token(record) => put(TOKENS, record.key.as_bytes(), encode(TOKENS, record)?),
+            Put::SpendToken(key) => delete(TOKENS, key.as_bytes()),
+            Put::Keyring(ring) => put(KEYRING, KEYRING_KEY, encode(KEYRING, ring)?),
         });
     }
     let record = audit.map(|audit| AuditRecord {

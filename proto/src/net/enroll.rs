@@ -1,11 +1,14 @@
 //! Enrollment: how a node without a certificate gets one.
 //!
-//! `origin enroll --role R --site S` makes an [`EnrollToken`]: the enrollment server's address,
-//! the BLAKE3 fingerprint of its certificate, a one-time secret, and the role and site it grants.
-//! `stager enroll TOKEN` / `edge-agent enroll TOKEN` call [`enroll`], which generates the node's
-//! ed25519 key, connects to the enrollment endpoint trusting only a server certificate with the
-//! token's fingerprint (the node has no CA certificate yet), sends [`Request::Enroll`] with the
-//! secret and a CSR, and saves the [`NodeIdentity`] it gets back.
+//! `origin enroll --role R --site S` makes an [`EnrollToken`]: the enrollment addresses of the
+//! origins up, the BLAKE3 fingerprint of the mesh CA's certificate, a one-time secret, and the
+//! role and site it grants (the secret is kept in the control-plane store, so any origin
+//! sharing it redeems the token, once). `stager enroll TOKEN` / `edge-agent enroll TOKEN` call
+//! [`enroll`], which generates the node's ed25519 key, connects to the first enrollment endpoint
+//! that answers, trusting only an origin certificate issued by the CA the token pins (the node
+//! has no CA certificate yet; the server sends it in its chain), sends [`Request::Enroll`] with
+//! the secret and a CSR, and saves the [`NodeIdentity`] it gets back. Tokens of format 1 (one
+//! address, the server certificate's own fingerprint) are still read.
 //!
 //! The enrollment endpoint is a separate UDP port with server authentication only: its clients
 //! have no certificate yet. The origin serves it with [`serve_enrollment`] and a handler that
@@ -45,14 +48,21 @@ use crate::wire::{ErrorCode, Request, Response};
 /// mistaken for the other.
 pub const ENROLL_ALPN: &[u8] = b"stagecoach-enroll/1";
 
-/// What every token starts with: `sc`, the format version, `-`.
-pub const TOKEN_PREFIX: &str = "sc1-";
+/// What every token this build writes starts with: `sc`, the format version, `-`.
+pub const TOKEN_PREFIX: &str = "sc2-";
 
-/// Format version of tokens this build writes and reads.
-pub const TOKEN_VERSION: u32 = 1;
+/// Format version of tokens this build writes (it reads this one and version 1).
+pub const TOKEN_VERSION: u32 = 2;
 
-/// Longest token accepted, in characters (real ones are about 150).
+/// Longest token accepted, in characters (real ones are 170 to 400).
 pub const MAX_TOKEN_CHARS: usize = 1024;
+
+/// Most enrollment addresses one token carries.
+pub const MAX_TOKEN_ADDRS: usize = 8;
+
+/// Longest the QUIC handshake with one enrollment address may take before the next one is
+/// tried (an origin that is down answers nothing).
+pub const ENROLL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Bytes of BLAKE3 checksum at the end of a token, to catch copy-paste damage.
 const TOKEN_CHECKSUM_BYTES: usize = 4;
@@ -72,16 +82,35 @@ pub const MAX_CONCURRENT_ENROLLMENTS: usize = 64;
 /// Idle timeout of enrollment connections, in milliseconds.
 const ENROLL_IDLE_TIMEOUT_MS: u32 = 10_000;
 
+/// Which enrollment servers a token trusts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ServerPin {
+    /// Exactly the certificate with this BLAKE3 fingerprint (format 1: one origin).
+    Cert([u8; 32]),
+    /// Any origin certificate issued by the CA whose certificate has this BLAKE3 fingerprint
+    /// (format 2: every origin of the mesh).
+    Ca([u8; 32]),
+}
+
+impl fmt::Debug for ServerPin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerPin::Cert(fingerprint) => write!(f, "Cert({})", hex::encode(fingerprint)),
+            ServerPin::Ca(fingerprint) => write!(f, "Ca({})", hex::encode(fingerprint)),
+        }
+    }
+}
+
 /// A one-time enrollment token, printed by `origin enroll` and pasted into `... enroll TOKEN`.
 ///
-/// Its text form is [`TOKEN_PREFIX`] followed by lowercase base32 of the encoded fields and a
+/// Its text form is `sc<version>-` followed by lowercase base32 of the encoded fields and a
 /// checksum. Anyone holding it can enroll one node with its role and site, so it is a secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EnrollToken {
-    /// Where the enrollment endpoint listens.
-    pub enroll_addr: SocketAddr,
-    /// BLAKE3 of the enrollment server's certificate (DER); see [`cert_fingerprint`].
-    pub server_fingerprint: [u8; 32],
+    /// Where enrollment endpoints listen, tried in order (at least one).
+    pub enroll_addrs: Vec<SocketAddr>,
+    /// Which servers may answer.
+    pub pin: ServerPin,
     /// The one-time secret the origin checks.
     pub secret: [u8; 32],
     /// The role the certificate will carry.
@@ -90,9 +119,9 @@ pub struct EnrollToken {
     pub site: Site,
 }
 
-/// The encoded fields of a token (its body before the checksum).
+/// The encoded fields of a format-1 token (its body before the checksum).
 #[derive(Serialize, Deserialize)]
-struct TokenBody {
+struct TokenBodyV1 {
     enroll_addr: SocketAddr,
     server_fingerprint: [u8; 32],
     secret: [u8; 32],
@@ -100,41 +129,65 @@ struct TokenBody {
     site: Site,
 }
 
+/// The encoded fields of a format-2 token.
+#[derive(Serialize, Deserialize)]
+struct TokenBodyV2 {
+    enroll_addrs: Vec<SocketAddr>,
+    ca_fingerprint: [u8; 32],
+    secret: [u8; 32],
+    role: Role,
+    site: Site,
+}
+
 impl EnrollToken {
     /// A token with a fresh random secret. The origin stores the secret (with role and site)
-    /// and checks it when the node enrolls.
-    pub fn new(
-        enroll_addr: SocketAddr,
-        server_fingerprint: [u8; 32],
-        role: Role,
-        site: Site,
-    ) -> Self {
+    /// and checks it when the node enrolls. At most [`MAX_TOKEN_ADDRS`] addresses are kept.
+    pub fn new(mut enroll_addrs: Vec<SocketAddr>, pin: ServerPin, role: Role, site: Site) -> Self {
         let mut secret = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut secret);
+        enroll_addrs.truncate(MAX_TOKEN_ADDRS);
         EnrollToken {
-            enroll_addr,
-            server_fingerprint,
+            enroll_addrs,
+            pin,
             secret,
             role,
             site,
         }
     }
 
-    /// The copy-pasteable text form.
+    /// The copy-pasteable text form (format 2, or 1 for a token that pins one certificate).
     pub fn encode(&self) -> String {
-        let body = TokenBody {
-            enroll_addr: self.enroll_addr,
-            server_fingerprint: self.server_fingerprint,
-            secret: self.secret,
-            role: self.role,
-            site: self.site.clone(),
+        // Encoding plain fields and a short string cannot fail; an empty body would be caught
+        // by `parse` as damage, never silently accepted.
+        let (version, mut bytes) = match self.pin {
+            ServerPin::Cert(server_fingerprint) => {
+                let body = TokenBodyV1 {
+                    enroll_addr: self
+                        .enroll_addrs
+                        .first()
+                        .copied()
+                        .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
+                    server_fingerprint,
+                    secret: self.secret,
+                    role: self.role,
+                    site: self.site.clone(),
+                };
+                (1, codec::encode(&body).unwrap_or_default())
+            }
+            ServerPin::Ca(ca_fingerprint) => {
+                let body = TokenBodyV2 {
+                    enroll_addrs: self.enroll_addrs.clone(),
+                    ca_fingerprint,
+                    secret: self.secret,
+                    role: self.role,
+                    site: self.site.clone(),
+                };
+                (TOKEN_VERSION, codec::encode(&body).unwrap_or_default())
+            }
         };
-        // Encoding plain fixed-size fields and a short string cannot fail; an empty body would
-        // be caught by `parse` as damage, never silently accepted.
-        let mut bytes = codec::encode(&body).unwrap_or_default();
         let checksum = blake3::hash(&bytes);
         bytes.extend_from_slice(&checksum.as_bytes()[..TOKEN_CHECKSUM_BYTES]);
-        format!("{TOKEN_PREFIX}{}", BASE32_DNSSEC.encode(&bytes))
+        format!("sc{version}-{}", BASE32_DNSSEC.encode(&bytes))
     }
 
     /// Reads a token's text form (surrounding whitespace is ignored).
@@ -159,12 +212,12 @@ impl EnrollToken {
                  printed"
             )));
         };
-        match version.parse::<u32>() {
-            Ok(TOKEN_VERSION) => {}
+        let version = match version.parse::<u32>() {
+            Ok(version @ (1 | TOKEN_VERSION)) => version,
             Ok(other) => {
                 return Err(NetError::BadToken(format!(
-                    "token format version {other} is not supported (this build reads version \
-                     {TOKEN_VERSION}); use the same Stagecoach version as the origin"
+                    "token format version {other} is not supported (this build reads versions \
+                     1 and {TOKEN_VERSION}); use the same Stagecoach version as the origin"
                 )))
             }
             Err(_) => {
@@ -173,7 +226,7 @@ impl EnrollToken {
                      enroll` printed"
                 )))
             }
-        }
+        };
         let bytes = BASE32_DNSSEC
             .decode(payload.as_bytes())
             .map_err(|e| match e.kind {
@@ -202,15 +255,34 @@ impl EnrollToken {
         if blake3::hash(body).as_bytes()[..TOKEN_CHECKSUM_BYTES] != *checksum {
             return Err(damaged());
         }
-        let body: TokenBody = codec::decode(body, MAX_TOKEN_CHARS)
-            .map_err(|e| NetError::BadToken(format!("unreadable fields: {e}")))?;
-        Ok(EnrollToken {
-            enroll_addr: body.enroll_addr,
-            server_fingerprint: body.server_fingerprint,
-            secret: body.secret,
-            role: body.role,
-            site: body.site,
-        })
+        let unreadable =
+            |e: crate::codec::CodecError| NetError::BadToken(format!("unreadable fields: {e}"));
+        let token = if version == 1 {
+            let body: TokenBodyV1 = codec::decode(body, MAX_TOKEN_CHARS).map_err(unreadable)?;
+            EnrollToken {
+                enroll_addrs: vec![body.enroll_addr],
+                pin: ServerPin::Cert(body.server_fingerprint),
+                secret: body.secret,
+                role: body.role,
+                site: body.site,
+            }
+        } else {
+            let body: TokenBodyV2 = codec::decode(body, MAX_TOKEN_CHARS).map_err(unreadable)?;
+            EnrollToken {
+                enroll_addrs: body.enroll_addrs,
+                pin: ServerPin::Ca(body.ca_fingerprint),
+                secret: body.secret,
+                role: body.role,
+                site: body.site,
+            }
+        };
+        if token.enroll_addrs.is_empty() || token.enroll_addrs.len() > MAX_TOKEN_ADDRS {
+            return Err(NetError::BadToken(format!(
+                "it names {} enrollment addresses (1 to {MAX_TOKEN_ADDRS} are valid)",
+                token.enroll_addrs.len()
+            )));
+        }
+        Ok(token)
     }
 }
 
@@ -232,15 +304,15 @@ impl fmt::Debug for EnrollToken {
     // Never prints the secret.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EnrollToken")
-            .field("enroll_addr", &self.enroll_addr)
-            .field("server_fingerprint", &hex::encode(self.server_fingerprint))
+            .field("enroll_addrs", &self.enroll_addrs)
+            .field("pin", &self.pin)
             .field("role", &self.role)
             .field("site", &self.site)
             .finish_non_exhaustive()
     }
 }
 
-/// BLAKE3 of a certificate's DER: what a token pins.
+/// BLAKE3 of a certificate's DER: what a token pins (the CA's, or for format 1 the server's).
 pub fn cert_fingerprint(cert_der: &[u8]) -> [u8; 32] {
     *blake3::hash(cert_der).as_bytes()
 }
@@ -338,15 +410,19 @@ impl EnrollDenied {
     }
 }
 
-/// An enrollment endpoint on `bind` (its own UDP port), presenting `identity`'s certificate and
-/// asking clients for none. Put [`cert_fingerprint`] of `identity.cert_der()` in the tokens.
+/// An enrollment endpoint on `bind` (its own UDP port), presenting `identity`'s certificate,
+/// followed by the CA's (what format-2 tokens pin), and asking clients for none. Put
+/// [`cert_fingerprint`] of `identity.ca_cert_der()` in the tokens.
 pub fn enroll_endpoint(bind: SocketAddr, identity: &NodeIdentity) -> Result<Endpoint, NetError> {
     install_crypto_provider();
     let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| NetError::TlsConfig(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(vec![identity.cert_der().clone()], identity.private_key())
+        .with_single_cert(
+            vec![identity.cert_der().clone(), identity.ca_cert_der().clone()],
+            identity.private_key(),
+        )
         .map_err(|e| NetError::TlsConfig(e.to_string()))?;
     tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
     let config = quic_server_config(tls, enroll_transport())?;
@@ -486,33 +562,7 @@ pub async fn enroll(token: &EnrollToken, dir: &Path) -> Result<NodeIdentity, Net
     params.distinguished_name = name;
     let csr_pem = params.serialize_request(&key)?.pem()?;
 
-    let pin_mismatch = Arc::new(AtomicBool::new(false));
-    let client_config = pinned_client_config(token.server_fingerprint, pin_mismatch.clone())?;
-    let bind = if token.enroll_addr.is_ipv4() {
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
-    } else {
-        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
-    };
-    let endpoint =
-        Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
-    let exchanged = tokio::time::timeout(
-        ENROLL_TIMEOUT,
-        exchange(&endpoint, client_config, token, csr_pem),
-    )
-    .await
-    .unwrap_or(Err(NetError::Timeout {
-        what: "enrollment",
-        after_ms: ENROLL_TIMEOUT.as_millis() as u64,
-    }));
-    endpoint.close(VarInt::from_u32(0), b"enrolled");
-    let (answer, stagers, origins) = match exchanged {
-        Err(_) if pin_mismatch.load(Ordering::SeqCst) => {
-            return Err(NetError::FingerprintMismatch {
-                addr: token.enroll_addr,
-            })
-        }
-        other => other?,
-    };
+    let (answer, stagers, origins) = ask_in_turn(token, &csr_pem).await?;
 
     let (cert_pem, ca_pem, publisher_key, origin_addr) = match answer {
         Response::Enrolled {
@@ -556,21 +606,113 @@ pub async fn enroll(token: &EnrollToken, dir: &Path) -> Result<NodeIdentity, Net
     Ok(identity)
 }
 
-/// Connects, sends the request and reads the answer.
+/// What one enrollment attempt got: the answer, the site's stagers and the origins up.
+type Exchanged = (Response, Vec<String>, Vec<String>);
+
+/// Asks the token's enrollment addresses in order until one answers. An address that cannot
+/// be reached, does not finish the handshake within [`ENROLL_HANDSHAKE_TIMEOUT`] or shows a
+/// certificate the token does not trust has not seen the secret, so the next one is tried;
+/// once the secret is sent, that server's answer (or failure) is final, since it may have spent
+/// the token.
+async fn ask_in_turn(token: &EnrollToken, csr_pem: &str) -> Result<Exchanged, NetError> {
+    let mut failures: Vec<(SocketAddr, NetError, bool)> = Vec::new();
+    for &addr in &token.enroll_addrs {
+        let mismatch = Arc::new(AtomicBool::new(false));
+        let client_config = pinned_client_config(token.pin, mismatch.clone())?;
+        let bind = if addr.is_ipv4() {
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+        };
+        let endpoint =
+            Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+        let attempt = tokio::time::timeout(
+            ENROLL_TIMEOUT,
+            exchange(&endpoint, client_config, addr, token, csr_pem.to_owned()),
+        )
+        .await
+        .unwrap_or(Err(Attempt::Sent(NetError::Timeout {
+            what: "enrollment",
+            after_ms: ENROLL_TIMEOUT.as_millis() as u64,
+        })));
+        endpoint.close(VarInt::from_u32(0), b"enrolled");
+        match attempt {
+            Ok(exchanged) => return Ok(exchanged),
+            Err(Attempt::Sent(error)) => return Err(error),
+            Err(Attempt::NotSent(error)) => {
+                let refused_pin = mismatch.load(Ordering::SeqCst);
+                tracing::warn!(%addr, %error, refused_pin, "enrollment server not usable; trying the next one");
+                failures.push((addr, error, refused_pin));
+            }
+        }
+    }
+    // A server that showed an untrusted certificate says more than one that was down.
+    if let Some((addr, _, _)) = failures.iter().find(|(_, _, refused_pin)| *refused_pin) {
+        return Err(NetError::FingerprintMismatch { addr: *addr });
+    }
+    match failures.pop() {
+        Some((_, error, _)) if failures.is_empty() => Err(error),
+        Some((addr, error, _)) => Err(NetError::Connect {
+            addr,
+            reason: format!(
+                "no enrollment address of the token answered (the last: {error}; before it: {})",
+                failures
+                    .iter()
+                    .map(|(addr, error, _)| format!("{addr}: {error}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        }),
+        None => Err(NetError::BadToken(
+            "it names no enrollment address".to_owned(),
+        )),
+    }
+}
+
+/// How an enrollment attempt failed: before the secret left (another server may be asked) or
+/// after.
+enum Attempt {
+    NotSent(NetError),
+    Sent(NetError),
+}
+
+/// Connects to `addr`, sends the request and reads the answer.
 async fn exchange(
     endpoint: &Endpoint,
     client_config: quinn::ClientConfig,
+    addr: SocketAddr,
     token: &EnrollToken,
     csr_pem: String,
-) -> Result<(Response, Vec<String>, Vec<String>), NetError> {
-    let addr = token.enroll_addr;
-    let conn = endpoint
+) -> Result<Exchanged, Attempt> {
+    let connecting = endpoint
         .connect_with(client_config, addr, MESH_SERVER_NAME)
-        .map_err(|e| NetError::Connect {
-            addr,
-            reason: e.to_string(),
-        })?
-        .await?;
+        .map_err(|e| {
+            Attempt::NotSent(NetError::Connect {
+                addr,
+                reason: e.to_string(),
+            })
+        })?;
+    let conn = match tokio::time::timeout(ENROLL_HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(error)) => return Err(Attempt::NotSent(error.into())),
+        Err(_) => {
+            return Err(Attempt::NotSent(NetError::Timeout {
+                what: "enrollment handshake",
+                after_ms: ENROLL_HANDSHAKE_TIMEOUT.as_millis() as u64,
+            }))
+        }
+    };
+    exchange_on(conn, token, csr_pem)
+        .await
+        .map_err(Attempt::Sent)
+}
+
+/// Sends the request on `conn` and reads the answer.
+async fn exchange_on(
+    conn: quinn::Connection,
+    token: &EnrollToken,
+    csr_pem: String,
+) -> Result<Exchanged, NetError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let request = Request::Enroll {
         secret: token.secret,
@@ -634,15 +776,15 @@ fn enroll_transport() -> TransportConfig {
     transport
 }
 
-/// A client config that trusts exactly one server certificate: the one whose BLAKE3
-/// fingerprint is `fingerprint`. Sets `mismatch` when the server shows another.
+/// A client config that trusts only what `pin` names: one server certificate, or the origin
+/// certificates of one CA. Sets `mismatch` when the server shows another.
 fn pinned_client_config(
-    fingerprint: [u8; 32],
+    pin: ServerPin,
     mismatch: Arc<AtomicBool>,
 ) -> Result<quinn::ClientConfig, NetError> {
     let provider = crypto_provider();
     let verifier = PinnedServerVerifier {
-        fingerprint: blake3::Hash::from_bytes(fingerprint),
+        pin,
         algorithms: provider.signature_verification_algorithms,
         mismatch,
     };
@@ -670,7 +812,7 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), NetError> 
     let answered = Arc::new(AtomicBool::new(false));
     // An all-zero fingerprint matches no certificate: any server's certificate is refused, and
     // seeing one is the proof that the server answered.
-    let config = pinned_client_config([0u8; 32], answered.clone())?;
+    let config = pinned_client_config(ServerPin::Cert([0u8; 32]), answered.clone())?;
     let bind = if addr.is_ipv4() {
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
     } else {
@@ -701,26 +843,76 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), NetError> 
     }
 }
 
-/// Accepts only the pinned certificate. The handshake signature is still checked against it,
-/// so the server must hold the certificate's key, not just a copy of the certificate.
+/// Accepts only what the pin names: the pinned certificate, or a certificate of the role
+/// origin that chains to the pinned CA (whose certificate the server sends after its own). The
+/// handshake signature is still checked against the certificate, so the server must hold its
+/// key, not just a copy of it.
 #[derive(Debug)]
 struct PinnedServerVerifier {
-    fingerprint: blake3::Hash,
+    pin: ServerPin,
     algorithms: WebPkiSupportedAlgorithms,
     mismatch: Arc<AtomicBool>,
+}
+
+impl PinnedServerVerifier {
+    fn trusted(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        now: UnixTime,
+    ) -> bool {
+        match self.pin {
+            // blake3::Hash compares in constant time.
+            ServerPin::Cert(fingerprint) => {
+                blake3::hash(end_entity.as_ref()) == blake3::Hash::from_bytes(fingerprint)
+            }
+            ServerPin::Ca(fingerprint) => {
+                let pinned = blake3::Hash::from_bytes(fingerprint);
+                let Some(ca) = intermediates
+                    .iter()
+                    .find(|cert| blake3::hash(cert.as_ref()) == pinned)
+                else {
+                    return false;
+                };
+                let Ok(roots) = super::cert::ca_roots(&ca.clone().into_owned()) else {
+                    return false;
+                };
+                let Ok(chain) = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    roots,
+                    crypto_provider(),
+                )
+                .build() else {
+                    return false;
+                };
+                // Issued by the pinned CA, valid now, for the mesh's server name...
+                if chain
+                    .verify_server_cert(end_entity, intermediates, server_name, &[], now)
+                    .is_err()
+                {
+                    return false;
+                }
+                // ...and an origin's: a stager or an edge of the same mesh must not be able to
+                // answer for the origins and take the secret.
+                matches!(
+                    super::identity::PeerIdentity::from_cert_der(end_entity.as_ref()),
+                    Ok(peer) if peer.role == Role::Origin
+                )
+            }
+        }
+    }
 }
 
 impl ServerCertVerifier for PinnedServerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        // blake3::Hash compares in constant time.
-        if blake3::hash(end_entity.as_ref()) == self.fingerprint {
+        if self.trusted(end_entity, intermediates, server_name, now) {
             Ok(ServerCertVerified::assertion())
         } else {
             self.mismatch.store(true, Ordering::SeqCst);
@@ -759,8 +951,12 @@ mod tests {
 
     fn token() -> EnrollToken {
         EnrollToken::new(
-            "127.0.0.1:4434".parse().expect("addr"),
-            [7; 32],
+            vec![
+                "127.0.0.1:4434".parse().expect("addr"),
+                "10.20.30.40:4434".parse().expect("addr"),
+                "[fd00::17]:4434".parse().expect("addr"),
+            ],
+            ServerPin::Ca([7; 32]),
             Role::Edge,
             Site::new("fra1").expect("site"),
         )
@@ -772,7 +968,7 @@ mod tests {
         let text = token.encode();
         assert!(text.starts_with(TOKEN_PREFIX));
         assert!(
-            text.len() < 200,
+            text.len() < 300,
             "{} characters is too long to paste",
             text.len()
         );
@@ -782,9 +978,39 @@ mod tests {
         );
         // Two tokens never share a secret.
         assert_ne!(
-            EnrollToken::new(token.enroll_addr, [7; 32], Role::Edge, token.site.clone()).secret,
+            EnrollToken::new(
+                token.enroll_addrs.clone(),
+                token.pin,
+                Role::Edge,
+                token.site.clone()
+            )
+            .secret,
             token.secret
         );
+        // A token of the first format (one origin, its certificate pinned) still reads.
+        let first = EnrollToken::new(
+            vec!["127.0.0.1:4434".parse().expect("addr")],
+            ServerPin::Cert([9; 32]),
+            Role::Stager,
+            Site::new("ams2").expect("site"),
+        );
+        let text = first.encode();
+        assert!(text.starts_with("sc1-"), "{text}");
+        assert_eq!(EnrollToken::parse(&text).expect("parse"), first);
+        // At most MAX_TOKEN_ADDRS addresses, and never none.
+        let many = EnrollToken::new(
+            vec!["127.0.0.1:1".parse().expect("addr"); 20],
+            ServerPin::Ca([7; 32]),
+            Role::Edge,
+            Site::new("fra1").expect("site"),
+        );
+        assert_eq!(many.enroll_addrs.len(), MAX_TOKEN_ADDRS);
+        let mut none = token.clone();
+        none.enroll_addrs.clear();
+        assert!(EnrollToken::parse(&none.encode())
+            .expect_err("no address")
+            .to_string()
+            .contains("0 enrollment addresses"));
     }
 
     #[test]
@@ -810,17 +1036,17 @@ mod tests {
             .to_string()
             .contains("checksum"));
 
-        let newer = text.replacen("sc1-", "sc2-", 1);
+        let newer = text.replacen("sc2-", "sc3-", 1);
         assert!(EnrollToken::parse(&newer)
             .expect_err("version")
             .to_string()
-            .contains("version 2"));
+            .contains("version 3"));
 
         assert!(EnrollToken::parse("hello")
             .expect_err("junk")
             .to_string()
-            .contains("sc1-"));
-        assert!(EnrollToken::parse("sc1-!!!!!!!!")
+            .contains("sc2-"));
+        assert!(EnrollToken::parse("sc2-!!!!!!!!")
             .expect_err("chars")
             .to_string()
             .contains("damaged"));

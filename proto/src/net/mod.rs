@@ -30,7 +30,7 @@ pub use ca::{CertAuthority, IssuedCert};
 pub use enroll::probe;
 pub use enroll::{
     cert_fingerprint, enroll, enroll_endpoint, serve_enrollment, EnrollDenied, EnrollGrant,
-    EnrollRequest, EnrollToken,
+    EnrollRequest, EnrollToken, ServerPin,
 };
 pub use error::NetError;
 pub use frames::{

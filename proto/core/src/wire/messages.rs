@@ -483,6 +483,17 @@ pub enum ControlCommand {
         /// The bundle.
         id: crate::manifest::BundleId,
     },
+    /// A one-time token that enrolls one node of `role` in `site` at any origin sharing the
+    /// store (`origin enroll`); the reply's text is the token. Only the origin's own
+    /// certificate may.
+    EnrollToken {
+        /// `stager` or `edge`.
+        #[serde(deserialize_with = "bounds::name")]
+        role: String,
+        /// The node's site.
+        #[serde(deserialize_with = "bounds::name")]
+        site: String,
+    },
 }
 
 /// An operator's request about the current rollout.
