@@ -825,29 +825,66 @@ fn fleet_view(text: &str) -> Vec<(String, String, String)> {
     view
 }
 
+/// Two origins of one mesh on a 3-member etcd cluster: the testbed's (one site with `edges`
+/// edges, and `os@1` published when `os` is given, from a tree of that many bytes) and a second
+/// set up with `origin keys export` and `origin init --join`. `None` (a counted skip) where etcd
+/// is not installed. Keep the cluster and the directory for as long as the mesh runs.
+struct TwoOrigins {
+    cluster: EtcdCluster,
+    work: tempfile::TempDir,
+    mesh: Testbed,
+    second: PathBuf,
+    ready: netsim::testbed::Ready,
+}
+
+async fn two_origins(test: &str, edges: usize, os: Option<u64>) -> Option<TwoOrigins> {
+    let cluster = etcd_cluster(test)?;
+    let store = cluster.store_url("stagecoach");
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path();
+    let mut mesh =
+        Testbed::start_on_store(bins(), &w.join("mesh"), 1, edges, &[], &[], Some(&store))
+            .await
+            .expect("mesh");
+    if let Some(bytes) = os {
+        datagen::generate_tree(&w.join("os1"), bytes, 41).expect("tree");
+        mesh.publish(&w.join("os1"), "os", "1").await.expect("os@1");
+    }
+    let (second, ready) = mesh
+        .join_origin("origin-2")
+        .await
+        .expect("join a second origin");
+    Some(TwoOrigins {
+        cluster,
+        work,
+        mesh,
+        second,
+        ready,
+    })
+}
+
 /// Two origins of one mesh on one etcd cluster (issue 14): the second set up with `origin
 /// keys export` and `origin init --join`, as an operator would. Either answers the command
 /// line for the whole fleet, a change made on one shows on the other, the audit log is one,
 /// and the control plane outlives the first origin's kill -9.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joined_origin_answers_for_the_same_fleet_and_outlives_the_first() {
-    let Some(cluster) =
-        etcd_cluster("a_joined_origin_answers_for_the_same_fleet_and_outlives_the_first")
+    let Some(TwoOrigins {
+        cluster,
+        work,
+        mut mesh,
+        second,
+        ready,
+    }) = two_origins(
+        "a_joined_origin_answers_for_the_same_fleet_and_outlives_the_first",
+        2,
+        Some(MIB / 4),
+    )
+    .await
     else {
         return;
     };
-    let store = cluster.store_url("stagecoach");
-    let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
-    let mut mesh = Testbed::start_on_store(bins(), &w.join("mesh"), 1, 2, &[], &[], Some(&store))
-        .await
-        .expect("mesh");
-    datagen::generate_tree(&w.join("os1"), MIB / 4, 41).expect("tree");
-    mesh.publish(&w.join("os1"), "os", "1").await.expect("os@1");
-    let (second, ready) = mesh
-        .join_origin("origin-2")
-        .await
-        .expect("join a second origin");
 
     // The same CA, its own certificate: the second origin's identity differs from the first's.
     let ca = |dir: &Path| std::fs::read(dir.join("ca").join("ca.crt")).expect("CA cert");
@@ -1063,20 +1100,22 @@ async fn keys(mesh: &Testbed, dir: &Path) -> Vec<(u64, String, bool)> {
 /// them; a key rotation or retirement on either origin reaches the other within seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_content_keys_are_the_meshs_not_one_origins() {
-    let Some(cluster) = etcd_cluster("tokens_and_content_keys_are_the_meshs_not_one_origins")
+    let Some(TwoOrigins {
+        cluster,
+        work,
+        mut mesh,
+        second,
+        ready,
+    }) = two_origins(
+        "tokens_and_content_keys_are_the_meshs_not_one_origins",
+        0,
+        None,
+    )
+    .await
     else {
         return;
     };
-    let store = cluster.store_url("stagecoach");
-    let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
-    let mut mesh = Testbed::start_on_store(bins(), &w.join("mesh"), 1, 0, &[], &[], Some(&store))
-        .await
-        .expect("mesh");
-    let (second, ready) = mesh
-        .join_origin("origin-2")
-        .await
-        .expect("join a second origin");
     let second_enroll = ready
         .enroll
         .clone()
@@ -1260,7 +1299,35 @@ async fn tokens_and_content_keys_are_the_meshs_not_one_origins() {
         2,
         "the retired key left the file"
     );
+
+    // An origin told the address other machines reach it at (`--advertise`) announces that
+    // address and puts it in its tokens, not the one it listens on.
+    mesh.stop_origin().await.expect("stop the first origin");
+    mesh.restart_origin_with(&["--advertise".to_owned(), "127.0.0.2".to_owned()])
+        .await
+        .expect("restart the first origin with --advertise");
+    let issued = mesh
+        .origin_json(&["enroll", "--role", "edge", "--site", "site-a", "--json"])
+        .await
+        .expect("origin enroll");
+    let first = issued["enroll_addrs"][0].as_str().unwrap_or_default();
+    assert!(first.starts_with("127.0.0.2:"), "{issued:#}");
+    let status = mesh
+        .origin_json_at(&second, &["status", "--json"])
+        .await
+        .expect("status");
+    let listed: Vec<&str> = status["origins"]
+        .as_array()
+        .expect("origins")
+        .iter()
+        .filter_map(|o| o["mesh"].as_str())
+        .collect();
+    assert!(
+        listed.iter().any(|m| m.starts_with("127.0.0.2:")),
+        "{status:#}"
+    );
     mesh.shutdown().await;
+    drop(cluster);
 }
 
 /// `origin policy load` on one origin and `origin class set` on another, at the same time and
@@ -1268,20 +1335,22 @@ async fn tokens_and_content_keys_are_the_meshs_not_one_origins() {
 /// rewrites every node's record, a class change one node's), and the audit log has each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_loads_and_class_changes_racing_on_two_origins_lose_no_update() {
-    let Some(cluster) =
-        etcd_cluster("policy_loads_and_class_changes_racing_on_two_origins_lose_no_update")
+    let Some(TwoOrigins {
+        cluster,
+        work,
+        mut mesh,
+        second,
+        ..
+    }) = two_origins(
+        "policy_loads_and_class_changes_racing_on_two_origins_lose_no_update",
+        2,
+        Some(MIB / 8),
+    )
+    .await
     else {
         return;
     };
-    let store = cluster.store_url("stagecoach");
-    let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
-    let mut mesh = Testbed::start_on_store(bins(), &w.join("mesh"), 1, 2, &[], &[], Some(&store))
-        .await
-        .expect("mesh");
-    datagen::generate_tree(&w.join("os1"), MIB / 8, 43).expect("tree");
-    mesh.publish(&w.join("os1"), "os", "1").await.expect("os@1");
-    let (second, _) = mesh.join_origin("origin-2").await.expect("join");
     let ids: Vec<String> = fleet_view(&origin_ok(&mesh, &["nodes", "--json"]).await)
         .into_iter()
         .map(|n| n.0)
@@ -1349,4 +1418,5 @@ async fn policy_loads_and_class_changes_racing_on_two_origins_lose_no_update() {
         "every class change once"
     );
     mesh.shutdown().await;
+    drop(cluster);
 }

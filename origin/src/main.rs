@@ -61,6 +61,11 @@ enum Command {
         /// Enrollment address (QUIC).
         #[arg(long, default_value = DEFAULT_ENROLL_LISTEN)]
         enroll_listen: SocketAddr,
+        /// The address other machines reach this origin at, told to the other origins, put in
+        /// enrollment tokens and given to enrolled nodes (with the mesh's and the enrollment
+        /// ports); by default the --listen address.
+        #[arg(long)]
+        advertise: Option<std::net::IpAddr>,
         /// Prometheus metrics address (HTTP).
         #[arg(long, default_value = "127.0.0.1:9400")]
         metrics_listen: SocketAddr,
@@ -300,6 +305,7 @@ async fn main() -> Result<()> {
         Command::Serve {
             listen,
             enroll_listen,
+            advertise,
             metrics_listen,
             console,
             console_tls_cert,
@@ -331,6 +337,7 @@ async fn main() -> Result<()> {
                     console_tls,
                     ready_file,
                     store,
+                    advertise,
                     test_corrupt_serving,
                 },
             )

@@ -54,6 +54,11 @@ pub struct ServeConfig {
     pub ready_file: Option<std::path::PathBuf>,
     /// The control-plane store (`--store`): the embedded RocksDB in the home, or etcd.
     pub store: crate::db::StoreConfig,
+    /// The address other machines reach this origin at (`--advertise`), with the mesh's and
+    /// the enrollment endpoint's ports: what it announces to the other origins, puts in its
+    /// tokens and tells enrolled nodes. `None`: the listen address (loopback for an
+    /// unspecified one).
+    pub advertise: Option<std::net::IpAddr>,
     /// Test hook (`--test-corrupt-serving`, only in a `test-hooks` build): every blob part
     /// served is corrupted, as a lying or tampered upstream would send it.
     pub test_corrupt_serving: bool,
@@ -827,11 +832,23 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
         console: console_addr,
     };
     write_json_atomic(&home.serve_file(), &addrs, MODE_READABLE)?;
+    // What other machines dial: the advertised address, else the bound one.
+    let public = |bound: SocketAddr| match config.advertise {
+        Some(ip) => SocketAddr::new(ip, bound.port()),
+        None => proto::net::advertised(bound),
+    };
+    let (public_mesh, public_enroll) = (public(mesh_addr), public(enroll_addr));
+    if config.advertise.is_none() && mesh_addr.ip().is_unspecified() {
+        tracing::warn!(
+            told = %public_mesh,
+            "listening on every address, but other origins and enrolled nodes are told a loopback address: pass --advertise with the address they reach this machine at"
+        );
+    }
     // The other origins sharing the store see this one for as long as it runs.
     let me = crate::db::OriginRecord {
         node_id: identity.node_id().to_string(),
-        mesh: addrs.mesh.clone(),
-        enroll: addrs.enroll.clone(),
+        mesh: public_mesh.to_string(),
+        enroll: public_enroll.to_string(),
         metrics: addrs.metrics.clone(),
         started_ms: crate::db::now_ms(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -864,12 +881,12 @@ pub async fn serve(home: OriginHome, config: ServeConfig) -> Result<()> {
     tokio::task::block_in_place(|| tokens::import_files(&home.tokens_dir(), origin.control.db()))
         .context("cannot move the old enrollment token files into the store")?;
     origin.control.set_enrollment(crate::control::Enrollment {
-        addr: enroll_addr,
+        addr: public_enroll,
         ca_fingerprint: cert_fingerprint(identity.ca_cert_der()),
         node_id: me.node_id.clone(),
     });
     let publisher_key = *identity.publisher_key();
-    let origin_addr = mesh_addr.to_string();
+    let origin_addr = public_mesh.to_string();
     let enrolled = metrics.counter("stagecoach_enrollments_total", "Nodes enrolled", &[]);
     let stager_book = origin.stagers.clone();
     let enrolling_origin = origin.clone();

@@ -606,6 +606,16 @@ pub async fn enroll(token: &EnrollToken, dir: &Path) -> Result<NodeIdentity, Net
     Ok(identity)
 }
 
+/// A client endpoint of its own on an ephemeral port of `addr`'s address family.
+fn endpoint_towards(addr: SocketAddr) -> Result<Endpoint, NetError> {
+    let bind = if addr.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    };
+    Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })
+}
+
 /// What one enrollment attempt got: the answer, the site's stagers and the origins up.
 type Exchanged = (Response, Vec<String>, Vec<String>);
 
@@ -619,13 +629,7 @@ async fn ask_in_turn(token: &EnrollToken, csr_pem: &str) -> Result<Exchanged, Ne
     for &addr in &token.enroll_addrs {
         let mismatch = Arc::new(AtomicBool::new(false));
         let client_config = pinned_client_config(token.pin, mismatch.clone())?;
-        let bind = if addr.is_ipv4() {
-            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
-        } else {
-            SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
-        };
-        let endpoint =
-            Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+        let endpoint = endpoint_towards(addr)?;
         let attempt = tokio::time::timeout(
             ENROLL_TIMEOUT,
             exchange(&endpoint, client_config, addr, token, csr_pem.to_owned()),
@@ -813,13 +817,7 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), NetError> 
     // An all-zero fingerprint matches no certificate: any server's certificate is refused, and
     // seeing one is the proof that the server answered.
     let config = pinned_client_config(ServerPin::Cert([0u8; 32]), answered.clone())?;
-    let bind = if addr.is_ipv4() {
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
-    } else {
-        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
-    };
-    let endpoint =
-        Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    let endpoint = endpoint_towards(addr)?;
     let connecting = endpoint
         .connect_with(config, addr, MESH_SERVER_NAME)
         .map_err(|e| NetError::Connect {
