@@ -149,6 +149,42 @@ pub fn redeem(
     Ok((role, site))
 }
 
+/// Removes the tokens that expired without being redeemed (one audited change when there are
+/// any), so the table holds only tokens that can still enroll. Returns how many went.
+pub fn prune_expired(db: &Db) -> Result<usize, DbError> {
+    db.change(|| {
+        let now = now_s();
+        let expired: Vec<TokenRecord> = db
+            .tokens()?
+            .into_iter()
+            .filter(|record| now > record.expires_unix_s)
+            .collect();
+        if expired.is_empty() {
+            return Ok(Commit::none(0));
+        }
+        let count = expired.len();
+        let puts = expired
+            .iter()
+            .map(|record| Put::SpendToken(record.key.clone()))
+            .collect();
+        let names: Vec<&str> = expired.iter().take(10).map(TokenRecord::short).collect();
+        Ok(Commit::new(
+            puts,
+            Some(Audit::new(
+                "origin",
+                "origin",
+                "token.prune",
+                format!(
+                    "{count} enrollment tokens expired unredeemed and were removed ({}{})",
+                    names.join(", "),
+                    if count > names.len() { ", ..." } else { "" }
+                ),
+            )),
+            count,
+        ))
+    })
+}
+
 /// What a token file of an older origin held.
 #[derive(Deserialize)]
 struct PendingFile {
@@ -277,6 +313,32 @@ mod tests {
             .collect();
         assert!(actions.contains(&"token.redeem".to_owned()), "{actions:?}");
         assert!(actions.contains(&"token.expired".to_owned()), "{actions:?}");
+    }
+
+    #[test]
+    fn expired_tokens_are_pruned_and_live_ones_kept() {
+        let (_dir, db) = db();
+        let mut old = TokenRecord::new(&[1u8; 32], Role::Edge, &site("fra1"), "o1");
+        old.expires_unix_s = now_s() - 1;
+        let live = TokenRecord::new(&[2u8; 32], Role::Edge, &site("fra1"), "o1");
+        db.commit(
+            &[
+                Put::Token(Box::new(old.clone())),
+                Put::Token(Box::new(live.clone())),
+            ],
+            None,
+        )
+        .expect("issue");
+        assert_eq!(prune_expired(&db).expect("prune"), 1);
+        assert_eq!(db.tokens().expect("tokens"), vec![live]);
+        assert_eq!(prune_expired(&db).expect("again"), 0);
+        let audit = db.audit(10).expect("audit");
+        assert_eq!(
+            audit.iter().filter(|r| r.action == "token.prune").count(),
+            1,
+            "{audit:?}"
+        );
+        assert!(audit.iter().any(|r| r.detail.contains(old.short())));
     }
 
     #[test]

@@ -69,6 +69,10 @@ impl ControlPlane {
                 tracing::warn!(%error, "cannot list the origins up; the token names only this one")
             }
         }
+        // Issuing is when the table grows: what expired unredeemed goes first.
+        if let Err(error) = crate::tokens::prune_expired(&self.db) {
+            tracing::warn!(%error, "cannot remove the expired enrollment tokens; they stay until the next `origin enroll`");
+        }
         let token = EnrollToken::new(
             addrs,
             ServerPin::Ca(enrollment.ca_fingerprint),

@@ -996,6 +996,11 @@ impl Db {
         self.get(TOKENS, key.as_bytes())
     }
 
+    /// Every enrollment token not yet redeemed.
+    pub fn tokens(&self) -> Result<Vec<crate::tokens::TokenRecord>, DbError> {
+        self.values(TOKENS, false, usize::MAX)
+    }
+
     /// The sealed content-key ring the origins share, if one was stored.
     pub fn keyring(&self) -> Result<Option<crate::keys::SealedRing>, DbError> {
         self.get(KEYRING, KEYRING_KEY)
