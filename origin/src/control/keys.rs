@@ -175,25 +175,6 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Creates the first generation when the origin has none, audited (an origin whose keys
-    /// are not shared through the store: tests of the control plane).
-    pub fn ensure_first_key(&self) -> Result<(), CommandError> {
-        let _one_change = self.one_key_change();
-        if let Some((generation, fingerprint)) = self.keys.ensure_first()? {
-            self.db.commit(
-                &[],
-                Some(Audit::new(
-                    "origin",
-                    "origin",
-                    "keys.create",
-                    format!("{generation} created (fingerprint {fingerprint}); it is current"),
-                )),
-            )?;
-            tracing::info!(%generation, fingerprint, "created the first content-key generation");
-        }
-        Ok(())
-    }
-
     /// At `origin serve`: makes the content-key ring the one the store holds, sealed with
     /// `seal` (see [`crate::keys::ring_seal_key`]), and keeps it so. The first origin on a
     /// store puts its ring there (creating generation 1 when it has none); a later one adds the
